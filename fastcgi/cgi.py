@@ -1,0 +1,74 @@
+"""CGI response parsing (RFC 3875 section 6): the header block php-fpm writes to stdout.
+
+The status comes from a ``Status:`` header, defaulting to 200, or to 302 when only a
+``Location:`` is given.  Header lines end with CRLF or a bare LF (PHP writes CRLF; other
+FastCGI apps do not always).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fastcgi.errors import RemoteProtocolError
+
+DEFAULT_MAX_HEADER_SIZE = 64 * 1024
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_STATUS = re.compile(rb"\s*(\d{3})(?:\s+(.*?))?\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class CGIResponse:
+    status: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header called ``name`` (case-insensitive), or None."""
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value
+        return None
+
+
+def parse_cgi_response(
+    stdout: bytes, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+) -> CGIResponse:
+    """Split a complete CGI response into status, headers and body."""
+    match = _HEADER_END.search(stdout, 0, max_header_size + 4)
+    if match is None:
+        if len(stdout) > max_header_size:
+            raise RemoteProtocolError(
+                f"CGI header block exceeds the limit of {max_header_size} bytes"
+            )
+        if not stdout:
+            raise RemoteProtocolError("empty CGI response: no header block")
+        raise RemoteProtocolError("CGI response has no end of headers (blank line)")
+    head, body = stdout[: match.start()], stdout[match.end() :]
+
+    headers: list[tuple[bytes, bytes]] = []
+    status: int | None = None
+    reason = ""
+    for line in head.split(b"\n"):
+        line = line.rstrip(b"\r")
+        name, colon, value = line.partition(b":")
+        name = name.strip()
+        if not colon or not name or b" " in name:
+            raise RemoteProtocolError(f"malformed CGI header line {line[:80]!r}")
+        value = value.strip()
+        if name.lower() == b"status":
+            parsed = _STATUS.fullmatch(value)
+            if parsed is None or not 100 <= int(parsed.group(1)) <= 599:
+                raise RemoteProtocolError(f"malformed CGI Status header {value[:80]!r}")
+            status = int(parsed.group(1))
+            reason = (parsed.group(2) or b"").decode("latin-1")
+            continue
+        headers.append((name, value))
+
+    if status is None:
+        has_location = any(key.lower() == b"location" for key, _ in headers)
+        status = 302 if has_location else 200
+    return CGIResponse(status, reason, tuple(headers), body)

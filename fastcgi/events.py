@@ -1,0 +1,122 @@
+"""Events of a FastCGI client connection: what the client sends, and what it receives.
+
+Events are frozen dataclasses validated when built, so a bad value fails where it is made,
+not somewhere inside the encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from fastcgi.errors import LocalProtocolError
+from fastcgi.spec import ProtocolStatus, Role
+
+Pair = tuple[bytes, bytes]
+
+
+def _check_pairs(pairs: tuple[Pair, ...]) -> None:
+    for pair in pairs:
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not isinstance(pair[0], bytes)
+            or not isinstance(pair[1], bytes)
+        ):
+            raise LocalProtocolError(f"name-value pairs must be (bytes, bytes), got {pair!r}")
+
+
+# -- sent by the client ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BeginRequest:
+    role: Role = Role.RESPONDER
+    keep_conn: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """The whole parameter set of a request; encoding appends the end-of-stream record."""
+
+    pairs: tuple[Pair, ...]
+
+    def __post_init__(self) -> None:
+        _check_pairs(self.pairs)
+
+    @classmethod
+    def of(cls, params: Mapping[bytes, bytes] | Iterable[Pair]) -> Params:
+        items = params.items() if isinstance(params, Mapping) else params
+        return cls(tuple(items))
+
+
+@dataclass(frozen=True, slots=True)
+class Stdin:
+    """A piece of the request body; ``end_stream`` closes the body (the usual case)."""
+
+    data: bytes
+    end_stream: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """FILTER role only: a piece of the file data stream sent after stdin."""
+
+    data: bytes
+    end_stream: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GetValues:
+    """Management query (request id 0) for variables such as FCGI_MAX_CONNS."""
+
+    names: tuple[bytes, ...]
+
+
+# -- received from the server ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stdout:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Stderr:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndRequest:
+    app_status: int
+    protocol_status: int
+
+    @property
+    def complete(self) -> bool:
+        return self.protocol_status == ProtocolStatus.REQUEST_COMPLETE
+
+
+@dataclass(frozen=True, slots=True)
+class GetValuesResult:
+    values: tuple[Pair, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownType:
+    """The server did not understand a management record type we sent."""
+
+    record_type: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The server closed the connection at a point where that is allowed."""
+
+
+ClientEvent = BeginRequest | Params | Stdin | Data | AbortRequest | GetValues
+ServerEvent = Stdout | Stderr | EndRequest | GetValuesResult | UnknownType | ConnectionClosed

@@ -1,0 +1,167 @@
+"""The FastCGI record layer: framing, padding, and the fixed-size record bodies.
+
+A record is an 8-byte header (version, type, request id, content length, padding length),
+the content, and padding.  Streams (PARAMS, STDIN, STDOUT, STDERR, DATA) are sequences of
+records ended by one with empty content.  Nothing here knows about request state; that is
+``connection``'s job.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from fastcgi.errors import LocalProtocolError, RemoteProtocolError
+from fastcgi.spec import HEADER_LEN, KEEP_CONN, MAX_CONTENT_LEN, VERSION_1, RecordType
+
+_HEADER = struct.Struct("!BBHHBx")
+_BEGIN_REQUEST_BODY = struct.Struct("!HB5x")
+_END_REQUEST_BODY = struct.Struct("!IB3x")
+_UNKNOWN_TYPE_BODY = struct.Struct("!B7x")
+
+#: Stream data is cut into chunks of this size: the largest multiple of 8 that fits in the
+#: 16-bit length field, so full chunks need no padding.
+STREAM_CHUNK = MAX_CONTENT_LEN - MAX_CONTENT_LEN % 8
+
+_PADDING = bytes(8)
+
+#: Record types whose content has a fixed length; anything else from the peer is impossible.
+_FIXED_CONTENT_LEN = {
+    RecordType.BEGIN_REQUEST: _BEGIN_REQUEST_BODY.size,
+    RecordType.END_REQUEST: _END_REQUEST_BODY.size,
+    RecordType.UNKNOWN_TYPE: _UNKNOWN_TYPE_BODY.size,
+    RecordType.ABORT_REQUEST: 0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One decoded record.  ``type`` stays an ``int`` so unknown types survive decoding."""
+
+    type: int
+    request_id: int
+    content: bytes
+
+
+def encode_record(record_type: int, request_id: int, content: bytes = b"") -> bytes:
+    """Encode one record, padded to a multiple of 8 bytes."""
+    length = len(content)
+    if length > MAX_CONTENT_LEN:
+        raise LocalProtocolError(f"record content of {length} bytes exceeds {MAX_CONTENT_LEN}")
+    if not 0 <= request_id <= 0xFFFF:
+        raise LocalProtocolError(f"request id {request_id} out of range")
+    padding = -length % 8
+    return b"".join(
+        (
+            _HEADER.pack(VERSION_1, record_type, request_id, length, padding),
+            content,
+            _PADDING[:padding],
+        )
+    )
+
+
+def encode_stream(record_type: int, request_id: int, data: bytes) -> bytes:
+    """Encode ``data`` as as many stream records as it takes; empty data encodes to nothing.
+
+    The end-of-stream marker is a separate empty record (``encode_record(type, id)``), so a
+    caller can stream a body in several pieces.
+    """
+    if len(data) <= STREAM_CHUNK:
+        return encode_record(record_type, request_id, data) if data else b""
+    view = memoryview(data)
+    return b"".join(
+        encode_record(record_type, request_id, bytes(view[i : i + STREAM_CHUNK]))
+        for i in range(0, len(data), STREAM_CHUNK)
+    )
+
+
+def begin_request_body(role: int, keep_conn: bool) -> bytes:
+    return _BEGIN_REQUEST_BODY.pack(role, KEEP_CONN if keep_conn else 0)
+
+
+def parse_begin_request_body(content: bytes) -> tuple[int, bool]:
+    role, flags = _BEGIN_REQUEST_BODY.unpack(content)
+    return role, bool(flags & KEEP_CONN)
+
+
+def end_request_body(app_status: int, protocol_status: int) -> bytes:
+    return _END_REQUEST_BODY.pack(app_status, protocol_status)
+
+
+def parse_end_request_body(content: bytes) -> tuple[int, int]:
+    app_status, protocol_status = _END_REQUEST_BODY.unpack(content)
+    return app_status, protocol_status
+
+
+def unknown_type_body(record_type: int) -> bytes:
+    return _UNKNOWN_TYPE_BODY.pack(record_type)
+
+
+def parse_unknown_type_body(content: bytes) -> int:
+    (record_type,) = _UNKNOWN_TYPE_BODY.unpack(content)
+    return int(record_type)
+
+
+class RecordReader:
+    """Incremental decoder: feed bytes in any split, take whole records out.
+
+    The buffer never holds more than one incomplete record (at most 8 + 65535 + 255 bytes)
+    beyond what the caller has not yet taken, so the reader itself needs no size limit; the
+    limits on what a *response* may add up to live in ``connection``.
+    """
+
+    __slots__ = ("_buffer", "_eof")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._eof = False
+
+    def feed(self, data: bytes) -> None:
+        if self._eof and data:
+            raise RemoteProtocolError("data received after end of stream")
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as records."""
+        return len(self._buffer)
+
+    def next_record(self) -> Record | None:
+        """Return the next whole record, or None if more bytes are needed.
+
+        Raises ``RemoteProtocolError`` for a bad version, an impossible length, or a stream
+        that ended in the middle of a record.
+        """
+        buffer = self._buffer
+        if len(buffer) < HEADER_LEN:
+            if self._eof and buffer:
+                raise RemoteProtocolError(
+                    f"connection closed inside a record header ({len(buffer)} of 8 bytes)"
+                )
+            return None
+        version, record_type, request_id, length, padding = _HEADER.unpack_from(buffer)
+        if version != VERSION_1:
+            raise RemoteProtocolError(f"unsupported FastCGI version {version} (expected 1)")
+        expected = _FIXED_CONTENT_LEN.get(record_type)
+        if expected is not None and length != expected:
+            raise RemoteProtocolError(
+                f"{RecordType(record_type).name} record with content length {length}"
+                f" (must be {expected})"
+            )
+        end = HEADER_LEN + length
+        total = end + padding
+        if len(buffer) < total:
+            if self._eof:
+                raise RemoteProtocolError(
+                    f"connection closed inside a record ({len(buffer)} of {total} bytes)"
+                )
+            return None
+        content = bytes(buffer[HEADER_LEN:end])
+        del buffer[:total]
+        return Record(record_type, request_id, content)

@@ -1,0 +1,1 @@
+"""busgate daemon."""

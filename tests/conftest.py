@@ -1,0 +1,73 @@
+"""Shared fixtures: real php-fpm pools and the flup sample backend on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastcgi.address import Address
+from tests.support.phpfpm import PhpFpm
+from tests.support.ports import wait_connectable
+
+
+@pytest.fixture(scope="session")
+def php_fpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PhpFpm]:
+    """One php-fpm pool on a free 127.0.0.1 port (8 static children) for the session."""
+    fpm = PhpFpm(tmp_path_factory.mktemp("fpm-tcp"))
+    fpm.start()
+    yield fpm
+    fpm.stop()
+
+
+@pytest.fixture(scope="session")
+def php_fpm_unix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PhpFpm]:
+    """The same pool on a unix socket."""
+    fpm = PhpFpm(tmp_path_factory.mktemp("fpm-unix"), unix=True)
+    fpm.start()
+    yield fpm
+    fpm.stop()
+
+
+class SampleBackend:
+    """The flup sample backend (gateway.sample_backend) in a subprocess."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.socket = workdir / "sample.sock"
+        self.record = workdir / "received.jsonl"
+        self.address = Address(path=str(self.socket))
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.sample_backend",
+                "--socket",
+                str(self.socket),
+                "--record",
+                str(self.record),
+            ],
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("the flup sample backend did not start")
+            time.sleep(0.02)
+        wait_connectable(str(self.socket))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def sample_backend(tmp_path: Path) -> Iterator[SampleBackend]:
+    backend = SampleBackend(tmp_path)
+    yield backend
+    backend.stop()

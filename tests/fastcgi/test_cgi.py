@@ -1,0 +1,56 @@
+"""CGI response parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastcgi.cgi import parse_cgi_response
+from fastcgi.errors import RemoteProtocolError
+
+
+def test_php_style_response() -> None:
+    raw = (
+        b"Status: 503 Service Unavailable\r\nX-Powered-By: PHP/8.2\r\n"
+        b"Retry-After: 30\r\nContent-type: text/html; charset=UTF-8\r\n\r\nbusy"
+    )
+    response = parse_cgi_response(raw)
+    assert response.status == 503
+    assert response.reason == "Service Unavailable"
+    assert response.header(b"retry-after") == b"30"
+    assert response.header(b"Content-Type") == b"text/html; charset=UTF-8"
+    assert response.body == b"busy"
+    assert all(name.lower() != b"status" for name, _ in response.headers)
+
+
+def test_status_defaults() -> None:
+    assert parse_cgi_response(b"Content-Type: text/plain\n\nok").status == 200
+    assert parse_cgi_response(b"Location: /next\r\n\r\n").status == 302
+    assert parse_cgi_response(b"Status: 201\r\n\r\n").reason == ""
+
+
+def test_body_may_contain_blank_lines_and_binary() -> None:
+    body = b"\r\n\r\n\x00\xff"
+    assert parse_cgi_response(b"Content-Type: a/b\r\n\r\n" + body).body == body
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "empty"),
+        (b"Content-Type: text/plain\r\nno end", "no end of headers"),
+        (b"Status: abc\r\n\r\n", "malformed CGI Status"),
+        (b"Status: 999 Nope\r\n\r\n", "malformed CGI Status"),
+        (b"not a header\r\n\r\n", "malformed CGI header"),
+        (b"Bad Name: x\r\n\r\n", "malformed CGI header"),
+    ],
+)
+def test_malformed_responses(raw: bytes, message: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=message):
+        parse_cgi_response(raw)
+
+
+def test_header_block_limit() -> None:
+    raw = b"X-Big: " + b"a" * 200 + b"\r\n\r\nbody"
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit of 100"):
+        parse_cgi_response(raw, max_header_size=100)
+    assert parse_cgi_response(raw, max_header_size=300).body == b"body"

@@ -1,0 +1,197 @@
+"""The pool against backends that lie, hang or crash: a scripted trio server on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import pytest
+import trio
+
+from fastcgi.address import Address
+from fastcgi.errors import ConnectionLost, RemoteProtocolError, RequestRejected, WriteTimeout
+from fastcgi.pool import ConnectionPool, PoolLimits, Timeouts
+from fastcgi.records import RecordReader, encode_record, end_request_body
+from fastcgi.spec import ProtocolStatus, RecordType
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def read_request(stream: trio.SocketStream) -> None:
+    """Consume one request, up to its empty STDIN record."""
+    reader = RecordReader()
+    while True:
+        while (record := reader.next_record()) is not None:
+            if record.type == RecordType.STDIN and not record.content:
+                return
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        reader.feed(data)
+
+
+def ok_response(body: bytes = b"ok") -> bytes:
+    return (
+        encode_record(RecordType.STDOUT, 1, b"Status: 200\r\n\r\n" + body)
+        + encode_record(RecordType.STDOUT, 1)
+        + encode_record(RecordType.END_REQUEST, 1, end_request_body(0, 0))
+    )
+
+
+async def serve(nursery: trio.Nursery, handler: Handler) -> Address:
+    async def tolerant(stream: trio.SocketStream) -> None:
+        # The pool hangs up on a lying backend; that must not crash the test server.
+        try:
+            await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, tolerant, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    return Address(host="127.0.0.1", port=port)
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "message"),
+    [
+        (b"\x02" + ok_response()[1:], RemoteProtocolError, "version 2"),
+        (encode_record(RecordType.END_REQUEST, 1, b"xyz"), RemoteProtocolError, "content length"),
+        (ok_response()[:20], RemoteProtocolError, "closed inside a record"),
+        (b"", RemoteProtocolError, "closed before END_REQUEST"),
+        (b"HTTP/1.1 200 OK\r\n\r\n", RemoteProtocolError, "version 72"),
+        (
+            encode_record(RecordType.STDOUT, 1, b"no headers at all")
+            + encode_record(RecordType.END_REQUEST, 1, end_request_body(0, 0)),
+            RemoteProtocolError,
+            "no end of headers",
+        ),
+        (
+            encode_record(
+                RecordType.END_REQUEST, 1, end_request_body(0, ProtocolStatus.OVERLOADED)
+            ),
+            RequestRejected,
+            "OVERLOADED",
+        ),
+    ],
+)
+async def test_broken_backends_give_typed_errors_and_lose_the_connection(
+    reply: bytes, error: type[Exception], message: str
+) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(reply)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        async with ConnectionPool(address) as pool:
+            with pytest.raises(error, match=message) as caught:
+                await pool.request({}, b"job")
+            assert str(address) in str(caught.value)
+            stats = pool.statistics()
+            assert (stats.open, stats.in_use, stats.failures_total) == (0, 0, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_overloaded_is_flagged() -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        body = end_request_body(0, ProtocolStatus.OVERLOADED)
+        await stream.send_all(encode_record(RecordType.END_REQUEST, 1, body))
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        async with ConnectionPool(address) as pool:
+            with pytest.raises(RequestRejected) as caught:
+                await pool.request({})
+            assert caught.value.overloaded
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_connection_closed_by_the_server_is_not_reused() -> None:
+    served = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal served
+        await read_request(stream)
+        served += 1
+        await stream.send_all(ok_response())
+        await stream.aclose()  # ignores FCGI_KEEP_CONN, as a recycled worker would
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        async with ConnectionPool(address) as pool:
+            for _ in range(5):
+                assert (await pool.request({})).body == b"ok"
+                await trio.sleep(0.01)  # let the FIN arrive before the next reuse check
+            stats = pool.statistics()
+            assert stats.failures_total == 0 and stats.opened_total == 5
+        nursery.cancel_scope.cancel()
+    assert served == 5
+
+
+async def test_bytes_after_end_request_discard_the_connection() -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        while True:
+            await read_request(stream)
+            await stream.send_all(ok_response() + b"junk")
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        async with ConnectionPool(address) as pool:
+            await pool.request({})
+            await pool.request({})
+            assert pool.statistics().opened_total == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_backend_that_never_reads_gives_a_write_timeout() -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        timeouts = Timeouts(write=0.2)
+        async with ConnectionPool(address, timeouts=timeouts) as pool:
+            with pytest.raises(WriteTimeout):
+                await pool.request({}, b"x" * 50_000_000)
+            assert pool.statistics().open == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_reset_mid_response_is_connection_lost_or_protocol_error() -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(ok_response()[:12])
+        # SO_LINGER 0 turns close() into a TCP RST.
+        stream.socket.setsockopt(
+            trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0"
+        )
+        stream.socket.close()
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        async with ConnectionPool(address) as pool:
+            with pytest.raises((ConnectionLost, RemoteProtocolError)):
+                await pool.request({})
+            assert pool.statistics().open == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_pool_timeout_when_every_connection_is_busy() -> None:
+    from fastcgi.errors import PoolTimeout
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await trio.sleep(1)
+        await stream.send_all(ok_response())
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        limits = PoolLimits(max_connections=1)
+        async with ConnectionPool(address, limits=limits, timeouts=Timeouts(pool=0.1)) as pool:
+            nursery.start_soon(pool.request, {})
+            await trio.sleep(0.05)
+            with pytest.raises(PoolTimeout, match="1 in use"):
+                await pool.request({})
+        nursery.cancel_scope.cancel()

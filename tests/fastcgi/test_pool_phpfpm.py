@@ -1,0 +1,222 @@
+"""The connection pool against a real php-fpm master, over TCP and a unix socket."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import trio
+
+from fastcgi.address import Address
+from fastcgi.errors import ConnectError, ReadTimeout
+from fastcgi.pool import ConnectionPool, PoolLimits, Timeouts
+from tests.fastcgi.cgi_env import cgi_env
+from tests.support.phpfpm import PhpFpm
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def fpm(request: pytest.FixtureRequest) -> PhpFpm:
+    name = "php_fpm" if request.param == "tcp" else "php_fpm_unix"
+    fpm: PhpFpm = request.getfixturevalue(name)
+    return fpm
+
+
+@pytest.mark.parametrize("size", [0, 1024, 200 * 1024, 5 * 1024 * 1024])
+async def test_bodies_arrive_byte_exact(fpm: PhpFpm, size: int) -> None:
+    body = os.urandom(size)
+    digest = hashlib.sha256(body).hexdigest()
+    async with ConnectionPool(fpm.address) as pool:
+        response = await pool.request(
+            cgi_env(fpm.script("echo.php"), body, x_expect_sha256=digest), body
+        )
+    assert response.status == 200
+    report = json.loads(response.body)
+    assert report["length"] == size
+    assert report["match"] is True
+    assert report["server"]["CONTENT_LENGTH"] == str(size)
+
+
+async def test_warnings_come_back_on_stderr_not_in_the_body(fpm: PhpFpm) -> None:
+    async with ConnectionPool(fpm.address) as pool:
+        response = await pool.request(cgi_env(fpm.script("warn.php")))
+    assert response.status == 200
+    assert response.body == b"body after warnings"
+    assert b"PHP Warning:  careful with that job" in response.stderr
+    assert b"written with error_log" in response.stderr
+    assert b"careful" not in response.body
+
+
+async def test_failure_statuses(fpm: PhpFpm) -> None:
+    async with ConnectionPool(fpm.address) as pool:
+        failed = await pool.request(cgi_env(fpm.script("status500.php")))
+        exited = await pool.request(cgi_env(fpm.script("exit1.php")))
+        fatal = await pool.request(cgi_env(fpm.script("fatal.php")))
+        missing = await pool.request(cgi_env(fpm.script("no-such-script.php")))
+        stats = pool.statistics()
+    assert (failed.status, failed.body) == (500, b"failed on purpose")
+    # php-fpm does not pass exit codes on: exit(1) is a normal 200 response.
+    assert (exited.status, exited.body, exited.app_status) == (200, b"exiting with 1", 0)
+    assert fatal.status == 500
+    assert b"PHP Fatal error:  Uncaught Error: Call to undefined function" in fatal.stderr
+    assert missing.status == 404
+    assert b"Primary script unknown" in missing.stderr
+    # None of these broke the connection: all four went over one kept-alive socket.
+    assert stats.opened_total == 1 and stats.open == 1
+
+
+async def test_timeout_closes_the_connection_and_the_pool_keeps_working(fpm: PhpFpm) -> None:
+    async with ConnectionPool(fpm.address, timeouts=Timeouts(read=0.3)) as pool:
+        with pytest.raises(ReadTimeout, match=r"no complete response within 0.3s") as caught:
+            await pool.request(cgi_env(fpm.script("sleep.php"), x_sleep_ms="3000"))
+        assert str(fpm.address) in str(caught.value)
+        stats = pool.statistics()
+        assert (stats.open, stats.in_use, stats.timeouts_total) == (0, 0, 1)
+        response = await pool.request(cgi_env(fpm.script("echo.php")))
+        assert response.status == 200
+        # A per-request read timeout overrides the pool's.
+        slow = await pool.request(
+            cgi_env(fpm.script("sleep.php"), x_sleep_ms="500"), read_timeout=5
+        )
+        assert slow.body == b"slept"
+
+
+async def test_connection_cap_holds_under_load(fpm: PhpFpm) -> None:
+    limits = PoolLimits(max_connections=3)
+    peak_open = 0
+    peak_waiting = 0
+    async with ConnectionPool(fpm.address, limits=limits) as pool:
+
+        async def one() -> None:
+            response = await pool.request(cgi_env(fpm.script("sleep.php"), x_sleep_ms="50"))
+            assert response.status == 200
+
+        async def watch() -> None:
+            nonlocal peak_open, peak_waiting
+            while True:
+                stats = pool.statistics()
+                peak_open = max(peak_open, stats.open)
+                peak_waiting = max(peak_waiting, stats.waiting)
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as workers:
+                for _ in range(15):
+                    workers.start_soon(one)
+            nursery.cancel_scope.cancel()
+        stats = pool.statistics()
+    assert peak_open == 3
+    assert peak_waiting > 0
+    assert stats.opened_total == 3
+    assert stats.requests_total == 15 and stats.failures_total == 0
+
+
+async def test_max_requests_and_max_age_recycle_connections(php_fpm: PhpFpm) -> None:
+    async with ConnectionPool(php_fpm.address, limits=PoolLimits(max_requests=3)) as pool:
+        for _ in range(10):
+            await pool.request(cgi_env(php_fpm.script("noop.php")))
+        assert pool.statistics().opened_total == 4  # 3 + 3 + 3 + 1
+    async with ConnectionPool(php_fpm.address, limits=PoolLimits(max_age=0.1)) as pool:
+        await pool.request(cgi_env(php_fpm.script("noop.php")))
+        await trio.sleep(0.15)
+        await pool.request(cgi_env(php_fpm.script("noop.php")))
+        assert pool.statistics().opened_total == 2
+
+
+async def test_idle_connections_are_closed_by_the_reaper(php_fpm: PhpFpm) -> None:
+    async with (
+        ConnectionPool(php_fpm.address, limits=PoolLimits(idle_timeout=0.2)) as pool,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(pool.run)
+        async with trio.open_nursery() as burst:
+            for _ in range(4):
+                burst.start_soon(
+                    pool.request, cgi_env(php_fpm.script("sleep.php"), x_sleep_ms="20")
+                )
+        assert pool.statistics().idle == 4
+        await trio.sleep(0.5)
+        stats = pool.statistics()
+        assert (stats.open, stats.closed_total) == (0, 4)
+        await pool.aclose()
+
+
+async def test_cancelled_request_discards_its_connection(php_fpm: PhpFpm) -> None:
+    async with ConnectionPool(php_fpm.address) as pool:
+        with trio.move_on_after(0.2):
+            await pool.request(cgi_env(php_fpm.script("sleep.php"), x_sleep_ms="1000"))
+        stats = pool.statistics()
+        assert (stats.open, stats.in_use, stats.closed_total) == (0, 0, 1)
+        assert (await pool.request(cgi_env(php_fpm.script("noop.php")))).status == 200
+
+
+async def test_ten_thousand_requests_over_eight_connections(php_fpm: PhpFpm) -> None:
+    total, workers = 10_000, 8
+    async with ConnectionPool(php_fpm.address, limits=PoolLimits(max_connections=8)) as pool:
+        env = cgi_env(php_fpm.script("noop.php"))
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                response = await pool.request(env)
+                assert response.status == 200
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(worker, total // workers)
+        assert pool.statistics().idle == 8
+    stats = pool.statistics()  # after aclose(): nothing may be left open
+    assert stats.requests_total == total and stats.failures_total == 0
+    assert stats.opened_total == 8 and stats.open == 0 and stats.closed_total == 8
+
+
+async def test_pool_reconnects_after_php_fpm_restarts(tmp_path: os.PathLike[str]) -> None:
+    from pathlib import Path
+
+    fpm = PhpFpm(Path(tmp_path) / "restart")
+    fpm.start()
+    try:
+        async with ConnectionPool(fpm.address, timeouts=Timeouts(connect=1)) as pool:
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(
+                        pool.request, cgi_env(fpm.script("sleep.php"), x_sleep_ms="20")
+                    )
+            assert pool.statistics().idle == 4
+            await trio.to_thread.run_sync(fpm.stop)
+            with pytest.raises(ConnectError, match=str(fpm.address.port)):
+                await pool.request(cgi_env(fpm.script("noop.php")))
+            await trio.to_thread.run_sync(fpm.start)
+            # The four idle sockets are dead (EOF); the pool notices before reuse.
+            for _ in range(20):
+                response = await pool.request(cgi_env(fpm.script("noop.php")))
+                assert response.status == 200
+            stats = pool.statistics()
+            assert stats.failures_total == 1
+            assert stats.closed_total >= 4
+    finally:
+        fpm.stop()
+
+
+async def test_backend_not_listening_names_the_address(tmp_path: os.PathLike[str]) -> None:
+    from tests.support.ports import free_port
+
+    port = free_port()
+    async with ConnectionPool(Address(host="127.0.0.1", port=port)) as pool:
+        with pytest.raises(ConnectError, match=rf"fastcgi://127\.0\.0\.1:{port}: cannot connect"):
+            await pool.request({})
+    path = f"{tmp_path}/nobody.sock"
+    async with ConnectionPool(Address(path=path)) as pool:
+        with pytest.raises(ConnectError, match=rf"fastcgi\+unix://{path}: cannot connect"):
+            await pool.request({})
+        assert pool.statistics().open == 0
+
+
+async def test_get_values_from_php_fpm(php_fpm: PhpFpm) -> None:
+    async with ConnectionPool(php_fpm.address) as pool:
+        values = await pool.get_values([b"FCGI_MPXS_CONNS"])
+        assert values == {b"FCGI_MPXS_CONNS": b"0"}  # php-fpm does not multiplex
+        # The connection is still good for requests afterwards.
+        assert (await pool.request(cgi_env(php_fpm.script("noop.php")))).status == 200
+        assert pool.statistics().opened_total == 1

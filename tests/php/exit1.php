@@ -1,0 +1,3 @@
+<?php
+echo 'exiting with 1';
+exit(1);
