@@ -1,0 +1,122 @@
+"""The storage contract: one async interface, implemented by the SQLite and Redis adapters.
+
+At-least-once is the rule every method keeps: a job leaves the store only when its outcome
+is recorded, and every step that moves a job between states is atomic.  Leases are guarded
+by the attempt number: an ``ack`` (or retry, bury, extend) for an attempt the store no
+longer has leased — because the lease expired and the job went back to ready — changes
+nothing and returns False.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from adapters.storage.doorbell import Doorbells
+from adapters.storage.fanout import Filter
+from adapters.storage.jobs import Attempt, Job, JobRecord, NewJob, PushResult, TopicStats
+
+#: (topic name, its fan-out filter), in configuration order.
+Route = tuple[str, Filter]
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """What a maintenance step did, and when (unix seconds) it has work again."""
+
+    count: int
+    next_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much finished history (done or dead jobs) a topic keeps."""
+
+    max_count: int
+    max_age: float  # seconds
+
+    def __post_init__(self) -> None:
+        if self.max_count < 0 or self.max_age < 0:
+            raise ValueError("retention limits must not be negative")
+
+
+class Store(abc.ABC):
+    """A job store.  Methods raise ``StoreError`` subclasses; nothing else on purpose."""
+
+    def __init__(self) -> None:
+        self.doorbells = Doorbells()
+
+    # -- producers ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def push(self, queue: str, routes: Sequence[Route], jobs: Sequence[NewJob]) -> PushResult:
+        """Store ``jobs`` atomically, each copied to every route whose filter matches.
+
+        A job with ``topic`` set goes to that topic only.  A job with an explicit ``id`` that
+        still has a pending (ready, delayed or leased) copy in the queue is skipped and
+        counted as a duplicate.  Returns only after the jobs are durable.
+        """
+
+    @abc.abstractmethod
+    async def depth(self, queue: str, topics: Sequence[str]) -> int:
+        """Ready jobs across ``topics`` of ``queue`` (``LLEN``)."""
+
+    # -- dispatchers --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
+        """Lease up to ``limit`` ready jobs for ``lease`` seconds; high > normal > low, 3:2:1."""
+
+    async def wait_for_jobs(self, queue: str, topic: str, deadline: float = math.inf) -> bool:
+        """Wait (trio time ``deadline``) until a push may have made jobs ready."""
+        return await self.doorbells[queue, topic].wait(deadline)
+
+    @abc.abstractmethod
+    async def ack(self, job: Job, attempt: Attempt) -> bool:
+        """The job is done: keep it in the completed history."""
+
+    @abc.abstractmethod
+    async def retry(self, job: Job, attempt: Attempt, run_at: float, *, spend: bool = True) -> bool:
+        """Deliver again at ``run_at``; ``spend=False`` gives the attempt back (overloaded)."""
+
+    @abc.abstractmethod
+    async def bury(self, job: Job, attempt: Attempt) -> bool:
+        """The job is dead: keep it, with its history, in the dead-letter list."""
+
+    @abc.abstractmethod
+    async def extend(self, job: Job, lease: float) -> bool:
+        """Push the lease of a job still being delivered ``lease`` seconds past now."""
+
+    @abc.abstractmethod
+    async def release(self, jobs: Sequence[Job]) -> int:
+        """Give leased jobs back to ready without spending their attempt (shutdown)."""
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def recover_expired(self, queue: str, topic: str, max_attempts: int) -> Due:
+        """Return jobs whose lease ran out to ready (an attempt spent), or dead past the limit."""
+
+    @abc.abstractmethod
+    async def promote_due(self, queue: str, topic: str) -> Due:
+        """Make delayed jobs whose time has come ready."""
+
+    @abc.abstractmethod
+    async def prune(self, queue: str, topic: str, done: Retention, dead: Retention) -> int:
+        """Drop finished history beyond the retention limits; returns rows removed."""
+
+    # -- operators ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def stats(self, queue: str, topic: str) -> TopicStats:
+        """Depths by state and lifetime counters of one topic."""
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str) -> list[JobRecord]:
+        """Every topic copy of a job, with its attempts (empty if unknown or pruned)."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Flush and close; the store is unusable afterwards."""

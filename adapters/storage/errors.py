@@ -1,0 +1,15 @@
+"""Store errors.  A producer seeing any of these was told nothing was acknowledged."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base of store failures."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or written now (Redis down, SQLite file unwritable)."""
+
+
+class StoreCorrupt(StoreError):
+    """The store's data cannot be read (a corrupt SQLite file, unexpected Redis types)."""

@@ -1,0 +1,155 @@
+"""What the store holds: jobs, their attempts, and the records the store answers with."""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+#: Excerpts of a backend's body and stderr kept per attempt.
+EXCERPT_BYTES = 1024
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_EXPLICIT_ID = re.compile(r"[A-Za-z0-9_.:@+=-]{1,128}")
+
+
+class Priority(enum.IntEnum):
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, text: str) -> Priority:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            raise ValueError(f"priority must be high, normal or low, not {text!r}") from None
+
+
+class State(enum.IntEnum):
+    READY = 0
+    DELAYED = 1  # waiting for run_at (delayed push, or a retry's backoff)
+    LEASED = 2  # reserved by a dispatcher until lease_until
+    DEAD = 3
+    DONE = 4
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    RETRY = "retry"
+    DEAD = "dead"
+    EXPIRED = "expired"  # the lease ran out before an outcome was recorded
+    RELEASED = "released"  # given back unfinished at shutdown; no attempt spent
+
+
+def new_job_id(now: float | None = None) -> str:
+    """A 26-character, time-ordered id (ULID layout: 48-bit ms timestamp, 80 random bits)."""
+    ms = int((time.time() if now is None else now) * 1000)
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def check_job_id(job_id: str) -> str:
+    """Validate an id given by a producer (an idempotency key)."""
+    if not _EXPLICIT_ID.fullmatch(job_id):
+        raise ValueError("a job id is 1-128 characters of letters, digits and _ . : @ + = -")
+    return job_id
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job as a producer pushes it, before it is copied to topics."""
+
+    payload: bytes
+    id: str | None = None  # explicit id: idempotency key while a copy is pending
+    topic: str | None = None  # `queue/topic`: this topic only, no fan-out
+    priority: Priority = Priority.NORMAL
+    run_at: float | None = None  # unix seconds; None or past means now
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    trace_id: str | None = None  # 32 hex digits; generated when absent
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One topic's copy of a pushed job, as reserved for delivery."""
+
+    id: str
+    queue: str
+    topic: str
+    payload: bytes
+    attributes: Mapping[str, str]
+    priority: Priority
+    attempt: int  # 1-based number of the delivery this reservation is for
+    enqueued_at: float
+    run_at: float
+    trace_id: str
+    lease_until: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one delivery attempt did; the store keeps every one with its job."""
+
+    attempt: int
+    started_at: float
+    duration: float
+    outcome: Outcome
+    status: int | None = None  # HTTP/CGI status, None when no response came
+    error: str | None = None  # why it failed, in words (timeout, refused, protocol error)
+    body: bytes = b""  # first KiB of the response body
+    stderr: bytes = b""  # first KiB of FastCGI stderr
+
+    def __post_init__(self) -> None:
+        if len(self.body) > EXCERPT_BYTES or len(self.stderr) > EXCERPT_BYTES:
+            raise ValueError(f"attempt excerpts are limited to {EXCERPT_BYTES} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job with its state and full attempt history (``GET /v1/jobs/{id}``)."""
+
+    id: str
+    queue: str
+    topic: str
+    state: State
+    payload: bytes
+    attributes: Mapping[str, str]
+    priority: Priority
+    attempt: int
+    enqueued_at: float
+    run_at: float
+    trace_id: str
+    finished_at: float | None
+    attempts: tuple[Attempt, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    ids: tuple[str, ...]  # one per pushed job, in order
+    copies: int  # topic copies written
+    unmatched: int  # jobs no topic's filter accepted (counted, not errors)
+    duplicates: int  # jobs skipped because a copy with that id is still pending
+
+
+@dataclass(frozen=True, slots=True)
+class TopicStats:
+    queue: str
+    topic: str
+    ready: int
+    delayed: int
+    leased: int
+    dead: int
+    done: int  # completed jobs still kept in history
+    pushed_total: int
+    done_total: int
+    retried_total: int
+    dead_total: int
+    expired_total: int
+    unmatched_total: int  # per queue; repeated on each of its topics

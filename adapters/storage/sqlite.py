@@ -1,0 +1,768 @@
+"""The embedded store: one SQLite file in WAL mode, for a single host.
+
+One writer connection lives in its own thread.  Operations queue up for it and are committed
+together (group commit): whatever arrived while the previous transaction was being synced
+goes into the next one, so many producers share one fsync.  ``synchronous=FULL`` makes each
+commit durable before any producer is acknowledged.  If one operation of a group fails, the
+group is rolled back and its operations are redone one transaction each, so a bad operation
+cannot take its neighbours down with it.
+
+Depth per (queue, topic, state) is kept in its own table and updated in the same transaction
+as every state change, so stats never count rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue as queue_module
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import outcome
+import trio
+
+from adapters.storage.base import Due, Retention, Route, Store
+from adapters.storage.errors import StoreCorrupt, StoreError, StoreUnavailable
+from adapters.storage.fanout import route
+from adapters.storage.jobs import (
+    Attempt,
+    Job,
+    JobRecord,
+    NewJob,
+    Outcome,
+    Priority,
+    PushResult,
+    State,
+    TopicStats,
+    new_job_id,
+)
+from adapters.storage.priority import PriorityScheduler
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], T]
+
+_MAX_GROUP = 1024  # operations per transaction
+_PENDING = (State.READY, State.DELAYED, State.LEASED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- FIFO order within a priority
+    id          TEXT    NOT NULL,
+    queue       TEXT    NOT NULL,
+    topic       TEXT    NOT NULL,
+    state       INTEGER NOT NULL,
+    priority    INTEGER NOT NULL,
+    payload     BLOB    NOT NULL,
+    attributes  TEXT,                               -- JSON object, NULL when empty
+    attempt     INTEGER NOT NULL DEFAULT 0,
+    enqueued_at REAL    NOT NULL,
+    run_at      REAL    NOT NULL,
+    lease_until REAL,
+    finished_at REAL,
+    trace_id    TEXT    NOT NULL,
+    last_status INTEGER,
+    last_error  TEXT,
+    UNIQUE (queue, topic, id)
+);
+CREATE INDEX IF NOT EXISTS jobs_ready    ON jobs (queue, topic, state, priority, seq);
+CREATE INDEX IF NOT EXISTS jobs_timed    ON jobs (queue, topic, state, run_at);
+CREATE INDEX IF NOT EXISTS jobs_leases   ON jobs (queue, topic, state, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (queue, topic, state, finished_at);
+CREATE INDEX IF NOT EXISTS jobs_id       ON jobs (id);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_seq    INTEGER NOT NULL,
+    attempt    INTEGER NOT NULL,
+    started_at REAL    NOT NULL,
+    duration   REAL    NOT NULL,
+    outcome    TEXT    NOT NULL,
+    status     INTEGER,
+    error      TEXT,
+    body       BLOB,
+    stderr     BLOB
+);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_seq);
+CREATE TABLE IF NOT EXISTS depths (
+    queue TEXT NOT NULL, topic TEXT NOT NULL, state INTEGER NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (queue, topic, state)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    queue TEXT NOT NULL, topic TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (queue, topic, name)
+) WITHOUT ROWID;
+"""
+
+_JOB_COLUMNS = (
+    "seq, id, queue, topic, state, priority, payload, attributes, attempt,"
+    " enqueued_at, run_at, lease_until, finished_at, trace_id"
+)
+
+
+class SQLiteStore(Store):
+    """Open with ``await SQLiteStore.open(path)``; close with ``aclose()``."""
+
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self.path = path
+        self._clock = clock
+        self._writer = _Writer(path)
+        self._schedulers: dict[tuple[str, str], PriorityScheduler] = {}
+
+    @classmethod
+    async def open(cls, path: str, *, clock: Callable[[], float] = time.time) -> SQLiteStore:
+        store = cls(path, clock=clock)
+        await store._writer.start()
+        return store
+
+    async def aclose(self) -> None:
+        await self._writer.stop()
+
+    # -- producers ----------------------------------------------------------------------------
+
+    async def push(self, queue: str, routes: Sequence[Route], jobs: Sequence[NewJob]) -> PushResult:
+        now = self._clock()
+        plan = [_plan_copies(job, routes, now) for job in jobs]
+
+        def op(conn: sqlite3.Connection) -> tuple[PushResult, set[str]]:
+            ids: list[str] = []
+            copies = unmatched = duplicates = 0
+            ready_topics: set[str] = set()
+            moves: dict[tuple[str, State], int] = {}
+            pushed: dict[str, int] = {}
+            for job, (job_id, topics, run_at, trace_id) in zip(jobs, plan, strict=True):
+                ids.append(job_id)
+                if not topics:
+                    unmatched += 1
+                    continue
+                if job.id is not None and _has_pending_copy(conn, queue, job_id):
+                    duplicates += 1
+                    continue
+                state = State.DELAYED if run_at > now else State.READY
+                attributes = json.dumps(dict(job.attributes)) if job.attributes else None
+                for topic in topics:
+                    if job.id is not None:
+                        _forget_finished(conn, queue, topic, job_id, moves)
+                    conn.execute(
+                        "INSERT INTO jobs (id, queue, topic, state, priority, payload, attributes,"
+                        " enqueued_at, run_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            job_id,
+                            queue,
+                            topic,
+                            state,
+                            job.priority,
+                            job.payload,
+                            attributes,
+                            now,
+                            run_at,
+                            trace_id,
+                        ),
+                    )
+                    moves[topic, state] = moves.get((topic, state), 0) + 1
+                    pushed[topic] = pushed.get(topic, 0) + 1
+                    copies += 1
+                    if state is State.READY:
+                        ready_topics.add(topic)
+            for (topic, state), n in moves.items():
+                _add_depth(conn, queue, topic, state, n)
+            for topic, n in pushed.items():
+                _count(conn, queue, topic, "pushed", n)
+            if unmatched:
+                _count(conn, queue, "", "unmatched", unmatched)
+            return PushResult(tuple(ids), copies, unmatched, duplicates), ready_topics
+
+        result, ready_topics = await self._writer.run(op)
+        for topic in ready_topics:
+            self.doorbells.ring(queue, topic)
+        return result
+
+    async def depth(self, queue: str, topics: Sequence[str]) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return sum(_depth(conn, queue, topic, State.READY) for topic in topics)
+
+        return await self._writer.run(op)
+
+    # -- dispatchers --------------------------------------------------------------------------
+
+    async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
+        scheduler = self._schedulers.setdefault((queue, topic), PriorityScheduler())
+
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            now = self._clock()
+            candidates = {
+                priority: [
+                    seq
+                    for (seq,) in conn.execute(
+                        "SELECT seq FROM jobs WHERE queue=? AND topic=? AND state=? AND priority=?"
+                        " ORDER BY seq LIMIT ?",
+                        (queue, topic, State.READY, priority, limit),
+                    )
+                ]
+                for priority in Priority
+            }
+            plan = scheduler.plan({p: len(seqs) for p, seqs in candidates.items()}, limit)
+            if not plan:
+                return []
+            taken = {p: iter(seqs) for p, seqs in candidates.items()}
+            order = [next(taken[p]) for p in plan]
+            lease_until = now + lease
+            rows = {
+                row[0]: row
+                for row in conn.execute(
+                    f"UPDATE jobs SET state=?, attempt=attempt+1, lease_until=?"
+                    f" WHERE seq IN ({','.join('?' * len(order))}) RETURNING {_JOB_COLUMNS}",
+                    (State.LEASED, lease_until, *order),
+                )
+            }
+            _add_depth(conn, queue, topic, State.READY, -len(order))
+            _add_depth(conn, queue, topic, State.LEASED, len(order))
+            return [_job(rows[seq]) for seq in order]
+
+        return await self._writer.run(op)
+
+    async def ack(self, job: Job, attempt: Attempt) -> bool:
+        return await self._finish(job, attempt, State.DONE, "done")
+
+    async def bury(self, job: Job, attempt: Attempt) -> bool:
+        return await self._finish(job, attempt, State.DEAD, "dead")
+
+    async def _finish(self, job: Job, attempt: Attempt, state: State, counter: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            seq = _leased_seq(conn, job)
+            if seq is None:
+                return False
+            conn.execute(
+                "UPDATE jobs SET state=?, finished_at=?, lease_until=NULL, last_status=?,"
+                " last_error=? WHERE seq=?",
+                (state, self._clock(), attempt.status, attempt.error, seq),
+            )
+            _record_attempt(conn, seq, attempt)
+            _add_depth(conn, job.queue, job.topic, State.LEASED, -1)
+            _add_depth(conn, job.queue, job.topic, state, 1)
+            _count(conn, job.queue, job.topic, counter, 1)
+            return True
+
+        return await self._writer.run(op)
+
+    async def retry(self, job: Job, attempt: Attempt, run_at: float, *, spend: bool = True) -> bool:
+        def op(conn: sqlite3.Connection) -> State | None:
+            seq = _leased_seq(conn, job)
+            if seq is None:
+                return None
+            state = State.DELAYED if run_at > self._clock() else State.READY
+            conn.execute(
+                "UPDATE jobs SET state=?, run_at=?, lease_until=NULL, attempt=attempt-?,"
+                " last_status=?, last_error=? WHERE seq=?",
+                (state, run_at, 0 if spend else 1, attempt.status, attempt.error, seq),
+            )
+            _record_attempt(conn, seq, attempt)
+            _add_depth(conn, job.queue, job.topic, State.LEASED, -1)
+            _add_depth(conn, job.queue, job.topic, state, 1)
+            _count(conn, job.queue, job.topic, "retried", 1)
+            return state
+
+        state = await self._writer.run(op)
+        if state is State.READY:
+            self.doorbells.ring(job.queue, job.topic)
+        return state is not None
+
+    async def extend(self, job: Job, lease: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE jobs SET lease_until=? WHERE queue=? AND topic=? AND id=? AND state=?"
+                " AND attempt=?",
+                (self._clock() + lease, job.queue, job.topic, job.id, State.LEASED, job.attempt),
+            )
+            return cursor.rowcount == 1
+
+        return await self._writer.run(op)
+
+    async def release(self, jobs: Sequence[Job]) -> int:
+        def op(conn: sqlite3.Connection) -> tuple[int, set[tuple[str, str]]]:
+            released = 0
+            touched: set[tuple[str, str]] = set()
+            for job in jobs:
+                seq = _leased_seq(conn, job)
+                if seq is None:
+                    continue
+                conn.execute(
+                    "UPDATE jobs SET state=?, lease_until=NULL, attempt=attempt-1 WHERE seq=?",
+                    (State.READY, seq),
+                )
+                _add_depth(conn, job.queue, job.topic, State.LEASED, -1)
+                _add_depth(conn, job.queue, job.topic, State.READY, 1)
+                released += 1
+                touched.add((job.queue, job.topic))
+            return released, touched
+
+        released, touched = await self._writer.run(op)
+        for queue, topic in touched:
+            self.doorbells.ring(queue, topic)
+        return released
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    async def recover_expired(self, queue: str, topic: str, max_attempts: int) -> Due:
+        def op(conn: sqlite3.Connection) -> Due:
+            now = self._clock()
+            expired = conn.execute(
+                "SELECT seq, attempt, lease_until FROM jobs WHERE queue=? AND topic=? AND state=?"
+                " AND lease_until<=?",
+                (queue, topic, State.LEASED, now),
+            ).fetchall()
+            for seq, attempt, lease_until in expired:
+                state = State.DEAD if attempt >= max_attempts else State.READY
+                error = "lease expired before an outcome was recorded"
+                conn.execute(
+                    "UPDATE jobs SET state=?, lease_until=NULL, finished_at=?, last_status=NULL,"
+                    " last_error=? WHERE seq=?",
+                    (state, now if state is State.DEAD else None, error, seq),
+                )
+                _record_attempt(
+                    conn, seq, Attempt(attempt, lease_until, 0.0, Outcome.EXPIRED, error=error)
+                )
+                _add_depth(conn, queue, topic, State.LEASED, -1)
+                _add_depth(conn, queue, topic, state, 1)
+                if state is State.DEAD:
+                    _count(conn, queue, topic, "dead", 1)
+            if expired:
+                _count(conn, queue, topic, "expired", len(expired))
+            (next_at,) = conn.execute(
+                "SELECT MIN(lease_until) FROM jobs WHERE queue=? AND topic=? AND state=?",
+                (queue, topic, State.LEASED),
+            ).fetchone()
+            return Due(len(expired), next_at)
+
+        due = await self._writer.run(op)
+        if due.count:
+            self.doorbells.ring(queue, topic)
+        return due
+
+    async def promote_due(self, queue: str, topic: str) -> Due:
+        def op(conn: sqlite3.Connection) -> Due:
+            now = self._clock()
+            promoted = conn.execute(
+                "UPDATE jobs SET state=? WHERE queue=? AND topic=? AND state=? AND run_at<=?",
+                (State.READY, queue, topic, State.DELAYED, now),
+            ).rowcount
+            if promoted:
+                _add_depth(conn, queue, topic, State.DELAYED, -promoted)
+                _add_depth(conn, queue, topic, State.READY, promoted)
+            (next_at,) = conn.execute(
+                "SELECT MIN(run_at) FROM jobs WHERE queue=? AND topic=? AND state=?",
+                (queue, topic, State.DELAYED),
+            ).fetchone()
+            return Due(promoted, next_at)
+
+        due = await self._writer.run(op)
+        if due.count:
+            self.doorbells.ring(queue, topic)
+        return due
+
+    async def prune(self, queue: str, topic: str, done: Retention, dead: Retention) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            now = self._clock()
+            removed = 0
+            for state, keep in ((State.DONE, done), (State.DEAD, dead)):
+                seqs = [
+                    seq
+                    for (seq,) in conn.execute(
+                        "SELECT seq FROM jobs WHERE queue=? AND topic=? AND state=?"
+                        " AND (finished_at < ? OR seq NOT IN (SELECT seq FROM jobs WHERE queue=?"
+                        " AND topic=? AND state=? ORDER BY finished_at DESC LIMIT ?))",
+                        (
+                            queue,
+                            topic,
+                            state,
+                            now - keep.max_age,
+                            queue,
+                            topic,
+                            state,
+                            keep.max_count,
+                        ),
+                    )
+                ]
+                _delete_jobs(conn, seqs)
+                _add_depth(conn, queue, topic, state, -len(seqs))
+                removed += len(seqs)
+            return removed
+
+        return await self._writer.run(op)
+
+    # -- operators ----------------------------------------------------------------------------
+
+    async def stats(self, queue: str, topic: str) -> TopicStats:
+        def op(conn: sqlite3.Connection) -> TopicStats:
+            depths = dict(
+                conn.execute(
+                    "SELECT state, n FROM depths WHERE queue=? AND topic=?", (queue, topic)
+                ).fetchall()
+            )
+            counters = dict(
+                conn.execute(
+                    "SELECT name, n FROM counters WHERE queue=? AND topic=?", (queue, topic)
+                ).fetchall()
+            )
+            (unmatched,) = conn.execute(
+                "SELECT COALESCE(SUM(n), 0) FROM counters WHERE queue=? AND topic=''"
+                " AND name='unmatched'",
+                (queue,),
+            ).fetchone()
+            return TopicStats(
+                queue=queue,
+                topic=topic,
+                ready=depths.get(State.READY, 0),
+                delayed=depths.get(State.DELAYED, 0),
+                leased=depths.get(State.LEASED, 0),
+                dead=depths.get(State.DEAD, 0),
+                done=depths.get(State.DONE, 0),
+                pushed_total=counters.get("pushed", 0),
+                done_total=counters.get("done", 0),
+                retried_total=counters.get("retried", 0),
+                dead_total=counters.get("dead", 0),
+                expired_total=counters.get("expired", 0),
+                unmatched_total=unmatched,
+            )
+
+        return await self._writer.run(op)
+
+    async def get_job(self, job_id: str) -> list[JobRecord]:
+        def op(conn: sqlite3.Connection) -> list[JobRecord]:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=? ORDER BY seq", (job_id,)
+            ).fetchall()
+            return [_job_record(conn, row) for row in rows]
+
+        return await self._writer.run(op)
+
+
+# -- helpers run on the writer thread --------------------------------------------------------
+
+
+def _plan_copies(
+    job: NewJob, routes: Sequence[Route], now: float
+) -> tuple[str, list[str], float, str]:
+    """Decide, outside the writer thread, the id, topics, run time and trace of a job."""
+    job_id = job.id or new_job_id(now)
+    topics = [job.topic] if job.topic is not None else route(job.payload, routes)
+    run_at = job.run_at if job.run_at is not None and job.run_at > now else now
+    return job_id, topics, run_at, job.trace_id or os.urandom(16).hex()
+
+
+def _has_pending_copy(conn: sqlite3.Connection, queue: str, job_id: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM jobs WHERE id=? AND queue=? AND state IN (?,?,?) LIMIT 1",
+        (job_id, queue, *_PENDING),
+    ).fetchone()
+    return row is not None
+
+
+def _forget_finished(
+    conn: sqlite3.Connection,
+    queue: str,
+    topic: str,
+    job_id: str,
+    moves: dict[tuple[str, State], int],
+) -> None:
+    """An explicit id may be reused once its earlier job finished: drop the old history."""
+    row = conn.execute(
+        "SELECT seq, state FROM jobs WHERE queue=? AND topic=? AND id=?", (queue, topic, job_id)
+    ).fetchone()
+    if row is not None:
+        _delete_jobs(conn, [row[0]])
+        state = State(row[1])
+        moves[topic, state] = moves.get((topic, state), 0) - 1
+
+
+def _delete_jobs(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        conn.execute(f"DELETE FROM attempts WHERE job_seq IN ({marks})", chunk)
+        conn.execute(f"DELETE FROM jobs WHERE seq IN ({marks})", chunk)
+
+
+def _leased_seq(conn: sqlite3.Connection, job: Job) -> int | None:
+    row = conn.execute(
+        "SELECT seq FROM jobs WHERE queue=? AND topic=? AND id=? AND state=? AND attempt=?",
+        (job.queue, job.topic, job.id, State.LEASED, job.attempt),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _record_attempt(conn: sqlite3.Connection, seq: int, attempt: Attempt) -> None:
+    conn.execute(
+        "INSERT INTO attempts (job_seq, attempt, started_at, duration, outcome, status, error,"
+        " body, stderr) VALUES (?,?,?,?,?,?,?,?,?)",
+        (
+            seq,
+            attempt.attempt,
+            attempt.started_at,
+            attempt.duration,
+            attempt.outcome.value,
+            attempt.status,
+            attempt.error,
+            attempt.body,
+            attempt.stderr,
+        ),
+    )
+
+
+def _add_depth(conn: sqlite3.Connection, queue: str, topic: str, state: State, n: int) -> None:
+    if n:
+        conn.execute(
+            "INSERT INTO depths (queue, topic, state, n) VALUES (?,?,?,?)"
+            " ON CONFLICT (queue, topic, state) DO UPDATE SET n = n + excluded.n",
+            (queue, topic, state, n),
+        )
+
+
+def _depth(conn: sqlite3.Connection, queue: str, topic: str, state: State) -> int:
+    row = conn.execute(
+        "SELECT n FROM depths WHERE queue=? AND topic=? AND state=?", (queue, topic, state)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _count(conn: sqlite3.Connection, queue: str, topic: str, name: str, n: int) -> None:
+    conn.execute(
+        "INSERT INTO counters (queue, topic, name, n) VALUES (?,?,?,?)"
+        " ON CONFLICT (queue, topic, name) DO UPDATE SET n = n + excluded.n",
+        (queue, topic, name, n),
+    )
+
+
+def _attributes(text: str | None) -> Mapping[str, str]:
+    return {} if text is None else dict(json.loads(text))
+
+
+def _job(row: Sequence[Any]) -> Job:
+    (
+        _seq,
+        job_id,
+        queue,
+        topic,
+        _state,
+        priority,
+        payload,
+        attributes,
+        attempt,
+        enqueued_at,
+        run_at,
+        lease_until,
+        _finished_at,
+        trace_id,
+    ) = row
+    return Job(
+        id=job_id,
+        queue=queue,
+        topic=topic,
+        payload=bytes(payload),
+        attributes=_attributes(attributes),
+        priority=Priority(priority),
+        attempt=attempt,
+        enqueued_at=enqueued_at,
+        run_at=run_at,
+        trace_id=trace_id,
+        lease_until=lease_until or 0.0,
+    )
+
+
+def _job_record(conn: sqlite3.Connection, row: Sequence[Any]) -> JobRecord:
+    (
+        seq,
+        job_id,
+        queue,
+        topic,
+        state,
+        priority,
+        payload,
+        attributes,
+        attempt,
+        enqueued_at,
+        run_at,
+        _lease_until,
+        finished_at,
+        trace_id,
+    ) = row
+    attempts = tuple(
+        Attempt(
+            attempt=a[0],
+            started_at=a[1],
+            duration=a[2],
+            outcome=Outcome(a[3]),
+            status=a[4],
+            error=a[5],
+            body=bytes(a[6] or b""),
+            stderr=bytes(a[7] or b""),
+        )
+        for a in conn.execute(
+            "SELECT attempt, started_at, duration, outcome, status, error, body, stderr"
+            " FROM attempts WHERE job_seq=? ORDER BY rowid",
+            (seq,),
+        )
+    )
+    return JobRecord(
+        id=job_id,
+        queue=queue,
+        topic=topic,
+        state=State(state),
+        payload=bytes(payload),
+        attributes=_attributes(attributes),
+        priority=Priority(priority),
+        attempt=attempt,
+        enqueued_at=enqueued_at,
+        run_at=run_at,
+        trace_id=trace_id,
+        finished_at=finished_at,
+        attempts=attempts,
+    )
+
+
+# -- the writer thread -----------------------------------------------------------------------
+
+
+class _Writer:
+    """Runs operations on the one writer connection, committing them in groups."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._queue: queue_module.SimpleQueue[
+            tuple[Operation[Any], Callable[[outcome.Outcome[Any]], None]] | None
+        ] = queue_module.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._failed: StoreError | None = None
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="busgate-sqlite", daemon=True)
+        self._thread.start()
+        await self.run(_ready)  # raises the open/initialise error, naming the file
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        thread, self._thread = self._thread, None
+        await trio.to_thread.run_sync(thread.join)
+
+    async def run(self, operation: Operation[T]) -> T:
+        if self._thread is None:
+            raise StoreUnavailable(f"{self.path}: the store is closed")
+        if self._failed is not None:
+            raise self._failed
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[outcome.Outcome[T]] = []
+
+        def finish(result: outcome.Outcome[T]) -> None:
+            box.append(result)
+            token.run_sync_soon(done.set)
+
+        self._queue.put((operation, finish))
+        # If this task is cancelled the operation still runs (it may already be committed);
+        # its result is dropped.  Callers treat an unanswered write as "maybe done".
+        await done.wait()
+        try:
+            return box[0].unwrap()
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, exc) from exc
+
+    def _main(self) -> None:
+        try:
+            conn = _connect(self.path)
+        except (sqlite3.Error, OSError) as exc:
+            self._failed = _store_error(self.path, exc)
+            conn = None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            group = [item]
+            stop = False
+            while len(group) < _MAX_GROUP:
+                try:
+                    more = self._queue.get_nowait()
+                except queue_module.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                group.append(more)
+            if conn is None:
+                assert self._failed is not None
+                for _, finish in group:
+                    finish(outcome.Error(self._failed))
+            else:
+                self._commit_group(conn, group)
+            if stop:
+                break
+        if conn is not None:
+            conn.close()
+
+    def _commit_group(
+        self,
+        conn: sqlite3.Connection,
+        group: list[tuple[Operation[Any], Callable[[outcome.Outcome[Any]], None]]],
+    ) -> None:
+        results: list[outcome.Outcome[Any]]
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [outcome.Value(operation(conn)) for operation, _ in group]
+            conn.execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [self._alone(conn, operation) for operation, _ in group]
+        for (_, finish), result in zip(group, results, strict=True):
+            finish(result)
+
+    @staticmethod
+    def _alone(conn: sqlite3.Connection, operation: Operation[Any]) -> outcome.Outcome[Any]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            value = operation(conn)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return outcome.Error(exc)
+        return outcome.Value(value)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    is_uri = path.startswith("file:")  # e.g. file:/srv/busgate.db?mode=ro
+    if path != ":memory:" and not is_uri:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, uri=is_uri)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal" and path != ":memory:":
+            raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
+        # FULL: a commit is on disk before the producer is acknowledged.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.executescript(_SCHEMA)
+        (check,) = conn.execute("PRAGMA quick_check").fetchone()
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _ready(conn: sqlite3.Connection) -> None:
+    """A no-op: the writer answers it once the file is open and the schema in place."""
+
+
+def _store_error(path: str, exc: BaseException) -> StoreError:
+    text = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "not a database" in text or "malformed" in text or "integrity" in text
+    ):
+        return StoreCorrupt(f"{path}: the SQLite file is corrupt or not a database ({text})")
+    return StoreUnavailable(f"{path}: {text}")

@@ -1,0 +1,227 @@
+"""The storage contract, run against every store."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+
+from adapters.storage.base import Retention, Store
+from adapters.storage.fanout import FieldCondition, Filter
+from adapters.storage.jobs import Attempt, Job, NewJob, Outcome, Priority, State
+from tests.storage.conftest import FakeClock
+
+NO_FILTER = Filter()
+ROUTES = [("email", NO_FILTER)]
+
+
+def attempt_of(job: Job, outcome: Outcome = Outcome.DONE, status: int | None = 200) -> Attempt:
+    return Attempt(job.attempt, 1.0, 0.01, outcome, status=status)
+
+
+async def test_push_reserve_ack(store: Store) -> None:
+    result = await store.push("orders", ROUTES, [NewJob(b'{"n":1}'), NewJob(b'{"n":2}')])
+    assert len(result.ids) == 2 and result.copies == 2
+    assert await store.depth("orders", ["email"]) == 2
+    jobs = await store.reserve("orders", "email", 10, lease=30)
+    assert [j.payload for j in jobs] == [b'{"n":1}', b'{"n":2}']
+    assert [j.id for j in jobs] == list(result.ids)
+    assert all(j.attempt == 1 and j.queue == "orders" and j.topic == "email" for j in jobs)
+    assert len(jobs[0].trace_id) == 32
+    assert await store.reserve("orders", "email", 10, lease=30) == []
+    stats = await store.stats("orders", "email")
+    assert (stats.ready, stats.leased) == (0, 2)
+    assert await store.ack(jobs[0], attempt_of(jobs[0]))
+    assert not await store.ack(jobs[0], attempt_of(jobs[0]))  # already acknowledged
+    stats = await store.stats("orders", "email")
+    assert (stats.leased, stats.done, stats.done_total, stats.pushed_total) == (1, 1, 1, 2)
+    (record,) = await store.get_job(jobs[0].id)
+    assert record.state is State.DONE
+    assert record.attempts[0].outcome is Outcome.DONE and record.attempts[0].status == 200
+
+
+async def test_fan_out_with_filters_is_counted(store: Store) -> None:
+    routes = [
+        ("all", NO_FILTER),
+        ("opened", Filter((FieldCondition("state", ("opened",)),))),
+        (
+            "eu",
+            Filter((FieldCondition("country", ("fr", "de")), FieldCondition("vip", present=False))),
+        ),
+    ]
+    result = await store.push(
+        "orders",
+        routes,
+        [
+            NewJob(b'{"state": "opened", "country": "fr"}'),
+            NewJob(b'{"state": "closed", "country": "de", "vip": true}'),
+            NewJob(b"not json"),
+        ],
+    )
+    assert result.copies == 3 + 1 + 1
+    assert await store.depth("orders", ["all"]) == 3
+    assert await store.depth("orders", ["opened"]) == 1
+    assert await store.depth("orders", ["eu"]) == 1
+    assert await store.depth("orders", ["all", "opened", "eu"]) == 5
+    only = await store.push("orders", routes[1:], [NewJob(b'{"state": "closed"}')])
+    assert (only.copies, only.unmatched) == (0, 1)
+    assert (await store.stats("orders", "opened")).unmatched_total == 1
+    targeted = await store.push("orders", routes, [NewJob(b"x", topic="opened")])
+    assert targeted.copies == 1
+    assert await store.depth("orders", ["opened"]) == 2
+
+
+async def test_explicit_id_is_an_idempotency_key(store: Store) -> None:
+    first = await store.push("orders", ROUTES, [NewJob(b"a", id="order-42")])
+    again = await store.push("orders", ROUTES, [NewJob(b"b", id="order-42")])
+    assert first.ids == again.ids == ("order-42",)
+    assert (again.copies, again.duplicates) == (0, 1)
+    (job,) = await store.reserve("orders", "email", 5, lease=30)
+    leased_again = await store.push("orders", ROUTES, [NewJob(b"c", id="order-42")])
+    assert leased_again.duplicates == 1  # leased still counts as pending
+    await store.ack(job, attempt_of(job))
+    after = await store.push("orders", ROUTES, [NewJob(b"d", id="order-42")])
+    assert after.copies == 1  # finished jobs do not block a new push with the same id
+    (job,) = await store.reserve("orders", "email", 5, lease=30)
+    assert job.payload == b"d" and job.attempt == 1
+    stats = await store.stats("orders", "email")
+    assert (stats.ready, stats.leased, stats.done) == (0, 1, 0)
+
+
+async def test_delayed_jobs_wait_for_their_time(store: Store, clock: FakeClock) -> None:
+    await store.push("orders", ROUTES, [NewJob(b"later", run_at=clock.now + 60), NewJob(b"now")])
+    assert [j.payload for j in await store.reserve("orders", "email", 5, 30)] == [b"now"]
+    due = await store.promote_due("orders", "email")
+    assert (due.count, due.next_at) == (0, clock.now + 60)
+    clock.advance(61)
+    due = await store.promote_due("orders", "email")
+    assert (due.count, due.next_at) == (1, None)
+    assert [j.payload for j in await store.reserve("orders", "email", 5, 30)] == [b"later"]
+
+
+async def test_retry_spends_an_attempt_unless_told_not_to(store: Store, clock: FakeClock) -> None:
+    await store.push("orders", ROUTES, [NewJob(b"x")])
+    (job,) = await store.reserve("orders", "email", 1, 30)
+    assert await store.retry(job, attempt_of(job, Outcome.RETRY, 500), clock.now)
+    (job,) = await store.reserve("orders", "email", 1, 30)
+    assert job.attempt == 2
+    assert await store.retry(job, attempt_of(job, Outcome.RETRY, None), clock.now, spend=False)
+    (job,) = await store.reserve("orders", "email", 1, 30)
+    assert job.attempt == 2  # the overloaded attempt was given back
+    assert await store.retry(job, attempt_of(job, Outcome.RETRY, 503), clock.now + 10)
+    assert await store.reserve("orders", "email", 1, 30) == []
+    assert (await store.stats("orders", "email")).delayed == 1
+    clock.advance(10)
+    await store.promote_due("orders", "email")
+    (job,) = await store.reserve("orders", "email", 1, 30)
+    assert job.attempt == 3
+    assert await store.bury(job, attempt_of(job, Outcome.DEAD, 404))
+    (record,) = await store.get_job(job.id)
+    assert record.state is State.DEAD
+    assert [(a.attempt, a.outcome, a.status) for a in record.attempts] == [
+        (1, Outcome.RETRY, 500),
+        (2, Outcome.RETRY, None),
+        (2, Outcome.RETRY, 503),
+        (3, Outcome.DEAD, 404),
+    ]
+    stats = await store.stats("orders", "email")
+    assert (stats.dead, stats.dead_total, stats.retried_total) == (1, 1, 3)
+
+
+async def test_expired_leases_come_back_then_die(store: Store, clock: FakeClock) -> None:
+    await store.push("orders", ROUTES, [NewJob(b"x")])
+    (job,) = await store.reserve("orders", "email", 1, lease=30)
+    due = await store.recover_expired("orders", "email", max_attempts=2)
+    assert (due.count, due.next_at) == (0, clock.now + 30)
+    clock.advance(20)
+    assert await store.extend(job, 30)  # now expires at +50
+    clock.advance(20)
+    assert (await store.recover_expired("orders", "email", 2)).count == 0
+    clock.advance(11)
+    assert (await store.recover_expired("orders", "email", 2)).count == 1
+    assert not await store.ack(job, attempt_of(job))  # the stale holder is refused
+    (again,) = await store.reserve("orders", "email", 1, lease=30)
+    assert again.attempt == 2
+    clock.advance(31)
+    assert (await store.recover_expired("orders", "email", 2)).count == 1
+    (record,) = await store.get_job(job.id)
+    assert record.state is State.DEAD
+    assert [a.outcome for a in record.attempts] == [Outcome.EXPIRED, Outcome.EXPIRED]
+    stats = await store.stats("orders", "email")
+    assert (stats.dead, stats.expired_total, stats.leased, stats.ready) == (1, 2, 0, 0)
+
+
+async def test_release_gives_jobs_back_without_an_attempt(store: Store) -> None:
+    await store.push("orders", ROUTES, [NewJob(b"a"), NewJob(b"b")])
+    jobs = await store.reserve("orders", "email", 2, 30)
+    assert await store.release(jobs) == 2
+    again = await store.reserve("orders", "email", 2, 30)
+    assert [j.attempt for j in again] == [1, 1]
+    assert sorted(j.payload for j in again) == [b"a", b"b"]
+
+
+async def test_priorities_share_three_two_one(store: Store) -> None:
+    jobs = [NewJob(f"{p.name}{i}".encode(), priority=p) for p in Priority for i in range(60)]
+    await store.push("orders", ROUTES, jobs)
+    first = await store.reserve("orders", "email", 60, 30)
+    counts = {p: sum(j.priority is p for j in first) for p in Priority}
+    assert counts == {Priority.HIGH: 30, Priority.NORMAL: 20, Priority.LOW: 10}
+    # One at a time, low still gets its share while high and normal are busy.
+    singles = [(await store.reserve("orders", "email", 1, 30))[0].priority for _ in range(12)]
+    assert singles.count(Priority.LOW) == 2
+    # FIFO within a priority.
+    assert [j.payload for j in first if j.priority is Priority.LOW][:3] == [
+        b"LOW0",
+        b"LOW1",
+        b"LOW2",
+    ]
+
+
+async def test_push_wakes_a_waiting_dispatcher_at_once(store: Store) -> None:
+    assert await store.reserve("orders", "email", 1, 30) == []
+    woke_after = math.inf
+
+    async def dispatcher() -> None:
+        nonlocal woke_after
+        start = trio.current_time()
+        assert await store.wait_for_jobs("orders", "email", trio.current_time() + 5)
+        woke_after = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher)
+        await trio.sleep(0.05)
+        await store.push("orders", ROUTES, [NewJob(b"x")])
+    assert woke_after < 0.5
+    # A ring with nobody waiting is remembered.
+    await store.push("orders", ROUTES, [NewJob(b"y")])
+    assert await store.wait_for_jobs("orders", "email", trio.current_time() + 5)
+
+
+async def test_prune_keeps_history_bounded(store: Store, clock: FakeClock) -> None:
+    await store.push("orders", ROUTES, [NewJob(str(i).encode()) for i in range(30)])
+    for job in await store.reserve("orders", "email", 30, 30):
+        if int(job.payload) % 3:
+            await store.ack(job, attempt_of(job))
+        else:
+            await store.bury(job, attempt_of(job, Outcome.DEAD, 400))
+    removed = await store.prune("orders", "email", Retention(5, 3600), Retention(100, 3600))
+    assert removed == 20 - 5
+    stats = await store.stats("orders", "email")
+    assert (stats.done, stats.dead) == (5, 10)
+    clock.advance(3601)
+    await store.prune("orders", "email", Retention(5, 3600), Retention(100, 3600))
+    stats = await store.stats("orders", "email")
+    assert (stats.done, stats.dead, stats.done_total) == (0, 0, 20)
+
+
+async def test_get_job_unknown_is_empty(store: Store) -> None:
+    assert await store.get_job("nope") == []
+
+
+@pytest.mark.parametrize("count", [1, 250])
+async def test_concurrent_pushes_are_all_durable(store: Store, count: int) -> None:
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(store.push, "orders", ROUTES, [NewJob(str(i).encode())])
+    assert await store.depth("orders", ["email"]) == count

@@ -1,0 +1,65 @@
+"""SQLite-only behaviour: durability across reopen, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from adapters.storage.errors import StoreCorrupt, StoreUnavailable
+from adapters.storage.fanout import Filter
+from adapters.storage.jobs import NewJob
+from adapters.storage.sqlite import SQLiteStore
+
+ROUTES = [("email", Filter())]
+
+
+async def test_jobs_survive_a_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "db" / "busgate.db")  # the parent directory is created
+    store = await SQLiteStore.open(path)
+    pushed = await store.push("orders", ROUTES, [NewJob(b"kept", id="k1")])
+    (leased,) = await store.reserve("orders", "email", 1, lease=0.0)  # lease already expired
+    assert leased.id == "k1"
+    await store.aclose()
+
+    store = await SQLiteStore.open(path)
+    try:
+        assert (await store.recover_expired("orders", "email", 5)).count == 1
+        (job,) = await store.reserve("orders", "email", 1, lease=30)
+        assert (job.id, job.payload, job.attempt) == (pushed.ids[0], b"kept", 2)
+        assert os.path.exists(path + "-wal")  # WAL mode
+    finally:
+        await store.aclose()
+
+
+async def test_corrupt_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "busgate.db"
+    path.write_bytes(b"this is not a sqlite database at all" * 100)
+    with pytest.raises(StoreCorrupt, match=rf"{path}: the SQLite file is corrupt"):
+        await SQLiteStore.open(str(path))
+
+
+async def test_unopenable_path_names_the_file(tmp_path: Path) -> None:
+    # Fails for root as well as for a service user: a directory, or a file as parent.
+    path = tmp_path / "is-a-directory"
+    path.mkdir()
+    with pytest.raises(StoreUnavailable, match=str(path)):
+        await SQLiteStore.open(str(path))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreUnavailable, match=str(blocker / "busgate.db")):
+        await SQLiteStore.open(str(blocker / "busgate.db"))
+
+
+async def test_read_only_file_rejects_writes_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "ro.db"
+    store = await SQLiteStore.open(str(path))
+    await store.aclose()
+    # Reopen through a read-only URI: every write fails, naming the file, and nothing is lost.
+    store = await SQLiteStore.open(f"file:{path}?mode=ro")
+    try:
+        with pytest.raises(StoreUnavailable, match="readonly"):
+            await store.push("orders", ROUTES, [NewJob(b"x")])
+    finally:
+        await store.aclose()
