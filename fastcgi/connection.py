@@ -174,7 +174,7 @@ class ClientConnection:
         """Bytes received but not yet turned into events (a reuse hazard after END_REQUEST)."""
         return self._reader.buffered
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed received bytes; ``b""`` means the server closed the connection."""
         self._reader.feed(data)
 

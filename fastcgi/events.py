@@ -26,7 +26,7 @@ def _check_pairs(pairs: tuple[Pair, ...]) -> None:
             raise LocalProtocolError(f"name-value pairs must be (bytes, bytes), got {pair!r}")
 
 
-# -- sent by the client ---------------------------------------------------------------------
+# -- sent by the client ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +78,7 @@ class GetValues:
     names: tuple[bytes, ...]
 
 
-# -- received from the server ---------------------------------------------------------------
+# -- received from the server ----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

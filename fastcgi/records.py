@@ -116,7 +116,7 @@ class RecordReader:
         self._buffer = bytearray()
         self._eof = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._eof and data:
             raise RemoteProtocolError("data received after end of stream")
         if not data:

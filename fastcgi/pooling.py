@@ -1,0 +1,230 @@
+"""Connection-pool bookkeeping that does not depend on the protocol spoken on the connections.
+
+The FastCGI pool (``fastcgi.pool``) and the HTTP delivery adapter both keep kept-alive
+connections to one backend under a hard cap; this module is that part, once:
+
+* at most ``max_connections`` open (connecting, in use or idle) — a FIFO semaphore hands out
+  the right to hold one, so waiters are served in arrival order;
+* idle connections are a stack (the warmest is reused), closed after ``idle_timeout``, after
+  ``max_requests`` exchanges or ``max_age`` seconds;
+* before reuse, a socket that became readable while idle (EOF from a restarted server, or
+  stray bytes) is closed instead;
+* bookkeeping is synchronous: a connection moves between idle stack, caller and closed with
+  no ``await`` in between, so cancellation cannot leave it counted twice or lost.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+from fastcgi.errors import BackendError, PoolTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    max_connections: int = 8
+    idle_timeout: float = 60.0
+    max_requests: int | None = None  # exchanges per connection, then it is closed
+    max_age: float | None = None  # seconds a connection may live, then it is closed
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    address: str
+    max_connections: int
+    open: int  # connected or connecting
+    idle: int
+    in_use: int
+    waiting: int  # callers queued for a free connection
+    opened_total: int
+    closed_total: int
+    requests_total: int
+    failures_total: int  # requests that ended in an exception
+    timeouts_total: int
+
+
+class PooledStream:
+    """A pooled connection: its stream, its socket, and what the pool tracks about it.
+
+    Subclasses add the protocol state and say, through ``reusable``, whether the exchange
+    left the connection fit for another one.
+    """
+
+    __slots__ = ("created_at", "idle_since", "requests", "socket", "stream")
+
+    def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, now: float) -> None:
+        self.stream = stream
+        self.socket = socket
+        self.created_at = now
+        self.idle_since = now
+        self.requests = 0
+
+    def reusable(self) -> bool:
+        """Called after a successful exchange: may this connection serve another?"""
+        return True
+
+    def close(self) -> None:
+        # Closing the socket synchronously keeps the pool's bookkeeping free of awaits; a
+        # TLS close_notify is not worth a round trip on a connection we are dropping.
+        self.socket.close()
+
+    def has_unread_input(self) -> bool:
+        """True if the idle socket has something to read: EOF from a closed server, or junk."""
+        poller = select.poll()
+        poller.register(self.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+
+C = TypeVar("C", bound=PooledStream)
+
+
+class Pool(Generic[C]):
+    def __init__(
+        self,
+        name: str,
+        connect: Callable[[], Awaitable[C]],
+        *,
+        limits: PoolLimits = PoolLimits(),
+        pool_timeout: float | None = None,
+    ) -> None:
+        self.name = name
+        self.limits = limits
+        self.pool_timeout = pool_timeout
+        self._connect = connect
+        self._slots = trio.Semaphore(limits.max_connections)
+        self._idle: list[C] = []
+        self._in_use = 0
+        self._closed = False
+        self._idle_changed = trio.Event()
+        self.opened_total = 0
+        self.closed_total = 0
+        self.requests_total = 0
+        self.failures_total = 0
+        self.timeouts_total = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            address=self.name,
+            max_connections=self.limits.max_connections,
+            open=len(self._idle) + self._in_use,
+            idle=len(self._idle),
+            in_use=self._in_use,
+            waiting=self._slots.statistics().tasks_waiting,
+            opened_total=self.opened_total,
+            closed_total=self.closed_total,
+            requests_total=self.requests_total,
+            failures_total=self.failures_total,
+            timeouts_total=self.timeouts_total,
+        )
+
+    async def acquire(self) -> C:
+        """A connection for one exchange: an idle one if it is still good, else a new one."""
+        if self._closed:
+            raise BackendError(self.name, "the connection pool is closed")
+        with trio.move_on_after(_none_inf(self.pool_timeout)) as scope:
+            await self._slots.acquire()
+        if scope.cancelled_caught:
+            self.timeouts_total += 1
+            raise PoolTimeout(
+                self.name,
+                f"no free connection within {self.pool_timeout}s"
+                f" ({self.limits.max_connections} in use)",
+            )
+        try:
+            conn = self._take_idle()
+            if conn is None:
+                conn = await self._connect()
+                self.opened_total += 1
+        except BaseException:
+            self._slots.release()
+            raise
+        self._in_use += 1
+        conn.requests += 1
+        return conn
+
+    def release(self, conn: C) -> None:
+        """Give back a connection after a successful exchange: to the idle stack, or closed."""
+        self._in_use -= 1
+        self._slots.release()
+        now = trio.current_time()
+        if self._closed or not conn.reusable() or self._worn_out(conn, now):
+            self._close(conn)
+            return
+        conn.idle_since = now
+        self._idle.append(conn)
+        if len(self._idle) == 1:
+            self._idle_changed.set()  # the reaper may be sleeping with no deadline
+
+    def discard(self, conn: C) -> None:
+        """Close a connection whose exchange failed: unread bytes may still be on its way."""
+        self._in_use -= 1
+        self._slots.release()
+        self._close(conn)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close idle connections as they expire, until the pool is closed."""
+        task_status.started()
+        while not self._closed:
+            now = trio.current_time()
+            keep = []
+            for conn in self._idle:
+                if now - conn.idle_since >= self.limits.idle_timeout:
+                    self._close(conn)
+                else:
+                    keep.append(conn)
+            self._idle = keep
+            deadline = min(
+                (c.idle_since + self.limits.idle_timeout for c in self._idle), default=math.inf
+            )
+            self._idle_changed = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._idle_changed.wait()
+
+    async def aclose(self) -> None:
+        """Close idle connections now; in-use ones are closed when their exchange ends."""
+        self._closed = True
+        while self._idle:
+            self._close(self._idle.pop())
+        self._idle_changed.set()
+        await trio.lowlevel.checkpoint()
+
+    def _take_idle(self) -> C | None:
+        now = trio.current_time()
+        while self._idle:
+            conn = self._idle.pop()
+            expired = now - conn.idle_since >= self.limits.idle_timeout
+            if expired or self._worn_out(conn, now) or conn.has_unread_input():
+                self._close(conn)
+                continue
+            return conn
+        return None
+
+    def _worn_out(self, conn: C, now: float) -> bool:
+        limits = self.limits
+        return (limits.max_requests is not None and conn.requests >= limits.max_requests) or (
+            limits.max_age is not None and now - conn.created_at >= limits.max_age
+        )
+
+    def _close(self, conn: C) -> None:
+        conn.close()
+        self.closed_total += 1
+
+
+def _none_inf(value: float | None) -> float:
+    return math.inf if value is None else value
