@@ -38,16 +38,21 @@ def parse_cgi_response(
     stdout: bytes, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE
 ) -> CGIResponse:
     """Split a complete CGI response into status, headers and body."""
-    match = _HEADER_END.search(stdout, 0, max_header_size + 4)
-    if match is None:
-        if len(stdout) > max_header_size:
-            raise RemoteProtocolError(
-                f"CGI header block exceeds the limit of {max_header_size} bytes"
-            )
-        if not stdout:
-            raise RemoteProtocolError("empty CGI response: no header block")
-        raise RemoteProtocolError("CGI response has no end of headers (blank line)")
-    head, body = stdout[: match.start()], stdout[match.end() :]
+    limit = max_header_size + 4
+    end = stdout.find(b"\r\n\r\n", 0, limit)  # what PHP writes: skip the regex
+    if end >= 0 and b"\n\n" not in stdout[:end] and b"\n\r\n" not in stdout[:end]:
+        head, body = stdout[:end], stdout[end + 4 :]
+    else:
+        match = _HEADER_END.search(stdout, 0, limit)
+        if match is None:
+            if len(stdout) > max_header_size:
+                raise RemoteProtocolError(
+                    f"CGI header block exceeds the limit of {max_header_size} bytes"
+                )
+            if not stdout:
+                raise RemoteProtocolError("empty CGI response: no header block")
+            raise RemoteProtocolError("CGI response has no end of headers (blank line)")
+        head, body = stdout[: match.start()], stdout[match.end() :]
 
     headers: list[tuple[bytes, bytes]] = []
     status: int | None = None

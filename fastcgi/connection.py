@@ -14,6 +14,7 @@ After ``EndRequest`` a kept-alive connection goes back to ``IDLE`` with
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -56,6 +57,16 @@ class _NeedData(enum.Enum):
 
 #: Returned by ``next_event`` when the buffered bytes hold no complete event.
 NEED_DATA: Final = _NeedData.NEED_DATA
+
+
+@functools.cache
+def _begin_request_record(request_id: int, role: Role, keep_conn: bool) -> bytes:
+    return encode_record(RecordType.BEGIN_REQUEST, request_id, begin_request_body(role, keep_conn))
+
+
+@functools.cache
+def _end_of_stream(record_type: RecordType, request_id: int) -> bytes:
+    return encode_record(record_type, request_id)
 
 
 class State(enum.Enum):
@@ -117,18 +128,17 @@ class ClientConnection:
             self.keep_conn = event.keep_conn
             self._role = event.role
             self._stdout_bytes = self._stderr_bytes = 0
-            body = begin_request_body(event.role, event.keep_conn)
-            return encode_record(RecordType.BEGIN_REQUEST, rid, body)
+            return _begin_request_record(rid, event.role, event.keep_conn)
         if isinstance(event, Params):
             self._expect(State.SEND_PARAMS, event)
             self.state = State.SEND_STDIN
             encoded = encode_stream(RecordType.PARAMS, rid, encode_pairs(event.pairs))
-            return encoded + encode_record(RecordType.PARAMS, rid)
+            return encoded + _end_of_stream(RecordType.PARAMS, rid)
         if isinstance(event, Stdin):
             self._expect(State.SEND_STDIN, event)
             out = encode_stream(RecordType.STDIN, rid, event.data)
             if event.end_stream:
-                out += encode_record(RecordType.STDIN, rid)
+                out += _end_of_stream(RecordType.STDIN, rid)
                 self.state = State.SEND_DATA if self._role is Role.FILTER else State.AWAIT_END
             return out
         if isinstance(event, Data):

@@ -18,10 +18,10 @@ Pair = tuple[bytes, bytes]
 def _check_pairs(pairs: tuple[Pair, ...]) -> None:
     for pair in pairs:
         if (
-            not isinstance(pair, tuple)
+            type(pair) is not tuple
             or len(pair) != 2
-            or not isinstance(pair[0], bytes)
-            or not isinstance(pair[1], bytes)
+            or type(pair[0]) is not bytes
+            or (type(pair[1]) is not bytes)
         ):
             raise LocalProtocolError(f"name-value pairs must be (bytes, bytes), got {pair!r}")
 

@@ -16,20 +16,27 @@ _MAX_LEN = 0x7FFFFFFF
 
 def _encode_length(length: int) -> bytes:
     if length < 0x80:
-        return bytes((length,))
+        return _SHORT[length]
     if length > _MAX_LEN:
         raise LocalProtocolError(f"name or value of {length} bytes exceeds {_MAX_LEN}")
     return _LONG.pack(length | 0x80000000)
 
 
+_SHORT = [bytes((n,)) for n in range(0x80)]
+
+
 def encode_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
-    out = bytearray()
+    parts: list[bytes] = []
+    append = parts.append
     for name, value in pairs:
-        out += _encode_length(len(name))
-        out += _encode_length(len(value))
-        out += name
-        out += value
-    return bytes(out)
+        name_len, value_len = len(name), len(value)
+        if name_len < 0x80 and value_len < 0x80:
+            append(bytes((name_len, value_len)))
+        else:
+            append(_encode_length(name_len) + _encode_length(value_len))
+        append(name)
+        append(value)
+    return b"".join(parts)
 
 
 def _decode_length(data: bytes | memoryview, offset: int) -> tuple[int, int]:

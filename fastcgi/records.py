@@ -51,12 +51,8 @@ def encode_record(record_type: int, request_id: int, content: bytes = b"") -> by
     if not 0 <= request_id <= 0xFFFF:
         raise LocalProtocolError(f"request id {request_id} out of range")
     padding = -length % 8
-    return b"".join(
-        (
-            _HEADER.pack(VERSION_1, record_type, request_id, length, padding),
-            content,
-            _PADDING[:padding],
-        )
+    return _HEADER.pack(VERSION_1, record_type, request_id, length, padding) + (
+        content + _PADDING[:padding] if padding else content
     )
 
 
@@ -107,13 +103,15 @@ class RecordReader:
 
     The buffer never holds more than one incomplete record (at most 8 + 65535 + 255 bytes)
     beyond what the caller has not yet taken, so the reader itself needs no size limit; the
-    limits on what a *response* may add up to live in ``connection``.
+    limits on what a *response* may add up to live in ``connection``.  Consumed bytes are
+    skipped with an offset and dropped once per ``feed``, not once per record.
     """
 
-    __slots__ = ("_buffer", "_eof")
+    __slots__ = ("_buffer", "_eof", "_pos")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._pos = 0
         self._eof = False
 
     def feed(self, data: bytes | bytearray) -> None:
@@ -121,6 +119,10 @@ class RecordReader:
             raise RemoteProtocolError("data received after end of stream")
         if not data:
             self._eof = True
+            return
+        if self._pos:
+            del self._buffer[: self._pos]
+            self._pos = 0
         self._buffer += data
 
     @property
@@ -130,7 +132,7 @@ class RecordReader:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as records."""
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     def next_record(self) -> Record | None:
         """Return the next whole record, or None if more bytes are needed.
@@ -138,14 +140,15 @@ class RecordReader:
         Raises ``RemoteProtocolError`` for a bad version, an impossible length, or a stream
         that ended in the middle of a record.
         """
-        buffer = self._buffer
-        if len(buffer) < HEADER_LEN:
-            if self._eof and buffer:
+        buffer, pos = self._buffer, self._pos
+        available = len(buffer) - pos
+        if available < HEADER_LEN:
+            if self._eof and available:
                 raise RemoteProtocolError(
-                    f"connection closed inside a record header ({len(buffer)} of 8 bytes)"
+                    f"connection closed inside a record header ({available} of 8 bytes)"
                 )
             return None
-        version, record_type, request_id, length, padding = _HEADER.unpack_from(buffer)
+        version, record_type, request_id, length, padding = _HEADER.unpack_from(buffer, pos)
         if version != VERSION_1:
             raise RemoteProtocolError(f"unsupported FastCGI version {version} (expected 1)")
         expected = _FIXED_CONTENT_LEN.get(record_type)
@@ -154,14 +157,14 @@ class RecordReader:
                 f"{RecordType(record_type).name} record with content length {length}"
                 f" (must be {expected})"
             )
-        end = HEADER_LEN + length
-        total = end + padding
-        if len(buffer) < total:
+        total = HEADER_LEN + length + padding
+        if available < total:
             if self._eof:
                 raise RemoteProtocolError(
-                    f"connection closed inside a record ({len(buffer)} of {total} bytes)"
+                    f"connection closed inside a record ({available} of {total} bytes)"
                 )
             return None
-        content = bytes(buffer[HEADER_LEN:end])
-        del buffer[:total]
+        start = pos + HEADER_LEN
+        content = bytes(buffer[start : start + length]) if length else b""
+        self._pos = pos + total
         return Record(record_type, request_id, content)

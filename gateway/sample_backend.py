@@ -79,6 +79,15 @@ def make_app(record_path: str | None) -> Callable[[dict[str, Any], StartResponse
     return app
 
 
+class _Server(WSGIServer):  # type: ignore[misc]
+    def _sanitizeEnv(self, environ: dict[str, Any]) -> None:
+        # A front controller gets SCRIPT_NAME=/index.php and REQUEST_URI=/jobs/...; flup
+        # warns about that on every request unless PATH_INFO is already set.
+        if not environ.get("PATH_INFO"):
+            environ["PATH_INFO"] = environ.get("REQUEST_URI", "/").split("?", 1)[0]
+        super()._sanitizeEnv(environ)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--socket", required=True, help="unix socket path to listen on")
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # flup's thread pool stalls a connection once more than maxSpare are open at a time
     # (seen with 6 kept-alive connections at the default of 5); keep plenty of spares.
-    server = WSGIServer(
+    server = _Server(
         make_app(args.record), bindAddress=args.socket, umask=0o077, minSpare=8, maxSpare=64
     )
     print(f"sample backend listening on {args.socket} (pid {os.getpid()})", flush=True)

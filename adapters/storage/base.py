@@ -46,7 +46,10 @@ class Store(abc.ABC):
     """A job store.  Methods raise ``StoreError`` subclasses; nothing else on purpose."""
 
     def __init__(self) -> None:
+        #: Rung when a topic gets ready jobs (its dispatcher reserves).
         self.doorbells = Doorbells()
+        #: Rung when a topic gets a delayed job (its scheduler recomputes when to wake).
+        self.timers = Doorbells()
 
     # -- producers ----------------------------------------------------------------------------
 

@@ -127,10 +127,11 @@ class SQLiteStore(Store):
         now = self._clock()
         plan = [_plan_copies(job, routes, now) for job in jobs]
 
-        def op(conn: sqlite3.Connection) -> tuple[PushResult, set[str]]:
+        def op(conn: sqlite3.Connection) -> tuple[PushResult, set[str], set[str]]:
             ids: list[str] = []
             copies = unmatched = duplicates = 0
             ready_topics: set[str] = set()
+            delayed_topics: set[str] = set()
             moves: dict[tuple[str, State], int] = {}
             pushed: dict[str, int] = {}
             for job, (job_id, topics, run_at, trace_id) in zip(jobs, plan, strict=True):
@@ -165,19 +166,21 @@ class SQLiteStore(Store):
                     moves[topic, state] = moves.get((topic, state), 0) + 1
                     pushed[topic] = pushed.get(topic, 0) + 1
                     copies += 1
-                    if state is State.READY:
-                        ready_topics.add(topic)
+                    (ready_topics if state is State.READY else delayed_topics).add(topic)
             for (topic, state), n in moves.items():
                 _add_depth(conn, queue, topic, state, n)
             for topic, n in pushed.items():
                 _count(conn, queue, topic, "pushed", n)
             if unmatched:
                 _count(conn, queue, "", "unmatched", unmatched)
-            return PushResult(tuple(ids), copies, unmatched, duplicates), ready_topics
+            result = PushResult(tuple(ids), copies, unmatched, duplicates)
+            return result, ready_topics, delayed_topics
 
-        result, ready_topics = await self._writer.run(op)
+        result, ready_topics, delayed_topics = await self._writer.run(op)
         for topic in ready_topics:
             self.doorbells.ring(queue, topic)
+        for topic in delayed_topics:
+            self.timers.ring(queue, topic)
         return result
 
     async def depth(self, queue: str, topics: Sequence[str]) -> int:
@@ -268,6 +271,8 @@ class SQLiteStore(Store):
         state = await self._writer.run(op)
         if state is State.READY:
             self.doorbells.ring(job.queue, job.topic)
+        elif state is State.DELAYED:
+            self.timers.ring(job.queue, job.topic)
         return state is not None
 
     async def extend(self, job: Job, lease: float) -> bool:

@@ -1,0 +1,68 @@
+"""What a delivery adapter returns, whatever the backend protocol.
+
+An adapter never raises for a backend's misbehaviour: a refused connection, a timeout or a
+lying server is a ``Delivery`` with a ``failure`` kind, so the dispatcher's policy decides what
+it means.  Only cancellation and programming errors propagate.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from adapters.storage.jobs import Job
+
+
+class Failure(enum.Enum):
+    """Why no usable response came back."""
+
+    CONNECT = "connect"  # refused, no such socket, unreachable: the job never reached it
+    OVERLOADED = "overloaded"  # the backend said so (FCGI_OVERLOADED): it never ran the job
+    POOL_TIMEOUT = "pool-timeout"  # no free connection in time: the job never left
+    TIMEOUT = "timeout"  # no complete response within the topic's timeout
+    CONNECTION_LOST = "connection-lost"  # reset or closed mid-request
+    PROTOCOL = "protocol"  # the backend's bytes broke the protocol
+
+    @property
+    def job_never_ran(self) -> bool:
+        """The backend provably did not start the job, so no attempt is spent."""
+        return self in (Failure.CONNECT, Failure.OVERLOADED, Failure.POOL_TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The result of one delivery attempt."""
+
+    duration: float  # seconds, the job's processing time as the backend saw it
+    status: int | None = None  # response status; None when ``failure`` is set
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+    stderr: bytes = b""  # FastCGI only
+    failure: Failure | None = None
+    message: str = ""  # the failure in words, naming the backend
+
+    def header(self, name: bytes) -> bytes | None:
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value
+        return None
+
+
+class Backend(Protocol):
+    """A topic's delivery adapter."""
+
+    description: str  # where it delivers, for logs: "fastcgi://127.0.0.1:9000 /srv/index.php"
+
+    async def deliver(self, job: Job) -> Delivery:
+        """One attempt, bounded by the topic's timeout; never raises for backend failures."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Background upkeep (closing idle connections) until cancelled."""
+
+    async def aclose(self) -> None: ...
+
+    def statistics(self) -> Any: ...

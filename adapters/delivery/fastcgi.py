@@ -1,0 +1,162 @@
+"""Delivering a job to php-fpm (or any FastCGI responder) as an ordinary POST request.
+
+The script sees what it would see behind nginx: ``SCRIPT_FILENAME`` is the topic's script,
+``REQUEST_URI`` the topic's ``uri`` (so a front controller routes the job to a normal route),
+the payload is the request body byte for byte, and the job headers arrive as ``HTTP_*``.
+In ``form`` mode the payload is sent urlencoded as the field ``payload``, so scripts that read
+``$_POST['payload']`` work untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import quote_from_bytes, urlsplit
+
+import trio
+
+from adapters.delivery.base import Delivery, Failure
+from adapters.delivery.headers import SERVER_SOFTWARE, cgi_name, job_headers
+from adapters.storage.jobs import Job
+from fastcgi.address import Address
+from fastcgi.errors import (
+    BackendError,
+    ConnectError,
+    ConnectionLost,
+    PoolTimeout,
+    ReadTimeout,
+    RemoteProtocolError,
+    RequestRejected,
+    WriteTimeout,
+)
+from fastcgi.pool import ConnectionPool, PoolLimits, PoolStatistics, Timeouts
+
+FORM = "form"
+_FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True, slots=True)
+class FastCGITarget:
+    address: Address
+    script: str
+    uri: str = "/"
+    document_root: str | None = None  # default: the script's directory
+    content_type: str = "application/json"  # or "form"
+    timeout: float = 30.0  # the whole attempt: connection wait, write, the script's run
+    host: str = "localhost"  # HTTP_HOST / SERVER_NAME the application sees
+    max_connections: int = 4  # never more: each open connection pins a php-fpm worker
+    connect_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    extra_params: tuple[tuple[str, str], ...] = field(default=())
+
+
+class FastCGIBackend:
+    def __init__(self, target: FastCGITarget) -> None:
+        self.target = target
+        self.description = f"{target.address} {target.script}"
+        self.pool = ConnectionPool(
+            target.address,
+            limits=PoolLimits(
+                max_connections=target.max_connections, idle_timeout=target.idle_timeout
+            ),
+            timeouts=Timeouts(connect=target.connect_timeout, write=None, read=None),
+        )
+        self._static = _static_params(target)
+
+    def params(self, job: Job, body: bytes) -> list[tuple[bytes, bytes]]:
+        """The CGI environment for one delivery (``busgate curl`` prints the same)."""
+        params = list(self._static)
+        params.append((b"CONTENT_LENGTH", str(len(body)).encode()))
+        for name, value in job_headers(job):
+            params.append((cgi_name(name), value.encode("utf-8")))
+        return params
+
+    def body(self, job: Job) -> bytes:
+        if self.target.content_type == FORM:
+            return b"payload=" + quote_from_bytes(job.payload, safe="").encode("ascii")
+        return job.payload
+
+    async def deliver(self, job: Job) -> Delivery:
+        timeout = self.target.timeout
+        body = self.body(job)
+        started = trio.current_time()
+        # One deadline for the whole attempt; the pool's connect deadline sits inside it.
+        try:
+            with trio.fail_after(timeout):
+                response = await self.pool.request(self.params(job, body), body)
+        except trio.TooSlowError:
+            return Delivery(
+                trio.current_time() - started,
+                failure=Failure.TIMEOUT,
+                message=f"{self.target.address}: no response within {timeout:g}s",
+            )
+        except (BackendError, RemoteProtocolError) as exc:
+            return Delivery(
+                trio.current_time() - started, failure=_failure_of(exc), message=str(exc)
+            )
+        return Delivery(
+            duration=response.elapsed,
+            status=response.status,
+            headers=response.headers,
+            body=response.body,
+            stderr=response.stderr,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.pool.run(task_status=task_status)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    def statistics(self) -> PoolStatistics:
+        return self.pool.statistics()
+
+
+def _failure_of(exc: Exception) -> Failure:
+    if isinstance(exc, RequestRejected):
+        return Failure.OVERLOADED if exc.overloaded else Failure.PROTOCOL
+    if isinstance(exc, PoolTimeout):
+        return Failure.POOL_TIMEOUT
+    if isinstance(exc, ConnectError):  # ConnectTimeout included
+        return Failure.CONNECT
+    if isinstance(exc, ReadTimeout | WriteTimeout):
+        return Failure.TIMEOUT
+    if isinstance(exc, ConnectionLost):
+        return Failure.CONNECTION_LOST
+    return Failure.PROTOCOL
+
+
+def _static_params(target: FastCGITarget) -> list[tuple[bytes, bytes]]:
+    """The part of the environment that is the same for every job of a topic."""
+    document_root = target.document_root or os.path.dirname(target.script)
+    parts = urlsplit(target.uri)
+    script_name = target.script
+    if script_name.startswith(document_root.rstrip("/") + "/"):
+        script_name = script_name[len(document_root.rstrip("/")) :]
+    content_type = _FORM_CONTENT_TYPE if target.content_type == FORM else target.content_type
+    if target.address.is_unix:
+        server_addr, server_port = "127.0.0.1", "80"
+    else:
+        server_addr, server_port = target.address.host, "80"
+    pairs = [
+        ("GATEWAY_INTERFACE", "CGI/1.1"),
+        ("SERVER_SOFTWARE", SERVER_SOFTWARE),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+        ("SERVER_NAME", target.host),
+        ("SERVER_ADDR", server_addr),
+        ("SERVER_PORT", server_port),
+        ("REMOTE_ADDR", "127.0.0.1"),
+        ("REMOTE_PORT", "0"),
+        ("REQUEST_METHOD", "POST"),
+        ("REQUEST_SCHEME", "http"),
+        ("SCRIPT_FILENAME", target.script),
+        ("SCRIPT_NAME", script_name),
+        ("DOCUMENT_ROOT", document_root),
+        ("DOCUMENT_URI", parts.path or "/"),
+        ("REQUEST_URI", target.uri),
+        ("QUERY_STRING", parts.query),
+        ("CONTENT_TYPE", content_type),
+        ("HTTP_HOST", target.host),
+        *target.extra_params,
+    ]
+    return [(name.encode(), value.encode("utf-8")) for name, value in pairs]

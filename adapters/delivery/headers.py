@@ -1,0 +1,49 @@
+"""The job headers every backend receives, FastCGI and HTTP alike (the delivery contract)."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime
+
+from adapters.storage.jobs import Job
+
+SERVER_SOFTWARE = "busgate"
+
+_TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+def enqueued_at_text(timestamp: float) -> str:
+    """RFC 3339 in UTC with milliseconds: what PHP's strtotime and every JSON parser read."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def traceparent(trace_id: str, span_id: str | None = None) -> str:
+    """W3C trace context: the job's trace, a fresh span per attempt, sampled."""
+    return f"00-{trace_id}-{span_id or os.urandom(8).hex()}-01"
+
+
+def job_headers(job: Job) -> list[tuple[str, str]]:
+    """Header names and values for a delivery of ``job``.
+
+    Producer attributes whose names are header tokens travel as ``X-Busgate-Attr-<name>``;
+    others stay in the store, visible through the admin API.
+    """
+    headers = [
+        ("X-Busgate-Job-Id", job.id),
+        ("X-Busgate-Queue", job.queue),
+        ("X-Busgate-Topic", job.topic),
+        ("X-Busgate-Attempt", str(job.attempt)),
+        ("X-Busgate-Enqueued-At", enqueued_at_text(job.enqueued_at)),
+        ("traceparent", traceparent(job.trace_id)),
+    ]
+    for name, value in job.attributes.items():
+        if _TOKEN.fullmatch(name) and "\r" not in value and "\n" not in value:
+            headers.append((f"X-Busgate-Attr-{name}", value))
+    return headers
+
+
+def cgi_name(header: str) -> bytes:
+    """``X-Busgate-Job-Id`` -> ``HTTP_X_BUSGATE_JOB_ID``."""
+    return b"HTTP_" + header.upper().replace("-", "_").encode("latin-1")

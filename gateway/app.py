@@ -1,0 +1,140 @@
+"""The daemon: the store, the producer servers and one dispatcher per topic, in one nursery.
+
+    App.run
+      ├── producer server (RESP)
+      └── dispatchers nursery: one Dispatcher per topic (each with its backend pool)
+
+``reload(config)`` swaps the producers' view of the queues in one assignment and starts,
+stops or replaces only the dispatchers whose topic changed, so pushes never fail during a
+reload and unchanged topics keep delivering.  ``shutdown()`` stops accepting producers and
+reserving jobs, lets in-flight deliveries finish until ``shutdown_timeout``, and releases
+whatever is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from adapters.delivery.base import Backend
+from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
+from adapters.storage.base import Store
+from adapters.storage.sqlite import SQLiteStore
+from fastcgi.address import parse_address
+from gateway.config import Config, StoreConfig, TopicConfig
+from gateway.dispatcher import Dispatcher, DispatcherStatistics
+from gateway.producer import Directory, ProducerService
+from gateway.resp_server import RespServer, RespStatistics
+
+log = logging.getLogger("busgate")
+
+
+class StartupError(Exception):
+    """The daemon cannot start with this configuration (the message says why)."""
+
+
+async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.time) -> Store:
+    if config.kind == "sqlite":
+        assert config.path is not None
+        return await SQLiteStore.open(config.path, clock=clock)
+    raise StartupError(f"store {config.url}: the {config.kind} store is not available yet")
+
+
+def build_backend(topic: TopicConfig) -> Backend:
+    if topic.kind == "fastcgi":
+        assert topic.script is not None
+        return FastCGIBackend(
+            FastCGITarget(
+                address=parse_address(topic.backend),
+                script=topic.script,
+                uri=topic.uri,
+                document_root=topic.document_root,
+                content_type=topic.content_type,
+                timeout=topic.timeout,
+                max_connections=topic.concurrency,
+            )
+        )
+    raise StartupError(
+        f"topic {topic.queue}/{topic.name}: {topic.kind} backends are not available yet"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AppStatistics:
+    resp: RespStatistics
+    dispatchers: tuple[DispatcherStatistics, ...]
+
+
+class App:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self.store: Store | None = None
+        self.service: ProducerService | None = None
+        self.resp: RespServer | None = None
+        self.resp_address = ""
+        self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
+        self._dispatcher_nursery: trio.Nursery | None = None
+        self._producers: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+
+    def statistics(self) -> AppStatistics:
+        assert self.resp is not None
+        return AppStatistics(
+            resp=self.resp.statistics(),
+            dispatchers=tuple(d.statistics() for d in self._dispatchers.values()),
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        self.store = store = await open_store(config.store, clock=self._clock)
+        try:
+            self.service = ProducerService(store, Directory(config), clock=self._clock)
+            self.resp = RespServer(self.service, config.listen_resp, config.producer)
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as dispatchers:
+                    self._dispatcher_nursery = dispatchers
+                    for queue in config.queues.values():
+                        for topic in queue.topics:
+                            await self._start_dispatcher(topic)
+                    self._producers = trio.CancelScope()
+                    self.resp_address = await nursery.start(self._run_producers)
+                    log.info(
+                        "busgate running: %d queues, %d topics, store %s",
+                        len(config.queues),
+                        len(self._dispatchers),
+                        config.store.url,
+                    )
+                    task_status.started(self)
+                    await self._stopped.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+    async def _run_producers(self, *, task_status: trio.TaskStatus[str]) -> None:
+        assert self._producers is not None and self.resp is not None
+        with self._producers:
+            await self.resp.run(task_status=task_status)
+
+    async def _start_dispatcher(self, topic: TopicConfig) -> None:
+        assert self.store is not None and self._dispatcher_nursery is not None
+        dispatcher = Dispatcher(self.store, topic, build_backend(topic), clock=self._clock)
+        self._dispatchers[dispatcher.key] = dispatcher
+        await self._dispatcher_nursery.start(dispatcher.run)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting and reserving now; cancel deliveries still running after ``timeout``."""
+        grace = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
+        log.info("shutting down: draining in-flight deliveries for up to %gs", grace)
+        if self._producers is not None:
+            self._producers.cancel()
+        for dispatcher in self._dispatchers.values():
+            dispatcher.stop(deadline)
+        self._stopped.set()

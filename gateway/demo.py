@@ -1,0 +1,106 @@
+"""``busgate demo``: the whole path on one machine with nothing but pip.
+
+Starts the bundled flup sample backend on a unix socket, runs the daemon on an embedded
+SQLite store in a temporary directory with one queue (``demo``, no password), pushes one
+job over the Redis protocol, and shows the sample backend receiving it.  Then it keeps
+running so more jobs can be pushed with any Redis client, until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from gateway import resp
+from gateway.app import App
+from gateway.config import Config, load_config
+
+_CONFIG = """\
+store: sqlite:{db}
+listen:
+  resp: 127.0.0.1:{port}
+  http: 127.0.0.1:0
+include: conf.d/*.yaml
+shutdown_timeout: 5s
+"""
+
+_QUEUE = """\
+queue: demo
+topics:
+  hello:
+    backend: fastcgi+unix://{socket}
+    script: /srv/demo/public/index.php
+    uri: /jobs/hello
+    concurrency: 4
+    timeout: 10s
+    retry: {{max_attempts: 3, backoff: 500ms, max_backoff: 5s}}
+"""
+
+
+def run_demo(*, once: bool, port: int) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="busgate-demo-"))
+    socket = workdir / "sample.sock"
+    record = workdir / "received.jsonl"
+    (workdir / "conf.d").mkdir()
+    (workdir / "busgate.yaml").write_text(_CONFIG.format(db=workdir / "busgate.db", port=port))
+    (workdir / "conf.d" / "demo.yaml").write_text(_QUEUE.format(socket=socket))
+    backend = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.sample_backend",
+            "--socket",
+            str(socket),
+            "--record",
+            str(record),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists():
+            if backend.poll() is not None or time.monotonic() > deadline:
+                print("busgate demo: the sample backend did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.02)
+        config = load_config(workdir / "busgate.yaml")
+        trio.run(_demo, config, record, once)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        backend.terminate()
+        backend.wait(10)
+    return 0
+
+
+async def _demo(config: Config, record: Path, once: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        app: App = await nursery.start(App(config).run)
+        host, _, port = app.resp_address.rpartition(":")
+        print(f"busgate demo: daemon up, Redis protocol on {app.resp_address}", flush=True)
+        payload = b'{"hello": "world", "sent_by": "busgate demo"}'
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(resp.encode_command(b"LPUSH", b"demo", payload))
+        reply = await stream.receive_some(1024)
+        await stream.aclose()
+        print(
+            f"busgate demo: LPUSH demo {payload.decode()} -> {reply.decode().strip()}", flush=True
+        )
+        received = trio.Path(record)
+        with trio.fail_after(15):
+            # Another process writes this file: polling it is the simplest honest wait.
+            while not await received.exists() or not (await received.read_text()).strip():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        print("busgate demo: the sample backend received the job (its line is above).", flush=True)
+        if once:
+            app.shutdown()
+            return
+        print(
+            f"busgate demo: push more with  redis-cli -p {port} LPUSH demo '{{\"n\": 1}}'\n"
+            "busgate demo: Ctrl-C to stop.",
+            flush=True,
+        )

@@ -1,0 +1,92 @@
+"""What a delivery's result means for its job: done, retry (when, and whether it counts), dead.
+
+Pure functions of the result and the topic's policy, so every rule is tested without I/O.
+
+    2xx                                  -> done
+    429 / 503 with a valid Retry-After   -> retry at that time
+    a status in dead_on (400 404 410 422) -> dead at once
+    any other status, timeout, reset      -> retry with exponential backoff and jitter
+    connect refused, overloaded, no free
+    connection (the job never ran)        -> retry with backoff, no attempt spent
+    attempts exhausted                    -> dead
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from adapters.delivery.base import Delivery
+from adapters.storage.jobs import Outcome
+
+#: A backend's Retry-After is honoured up to this long.
+MAX_RETRY_AFTER = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    backoff: float  # first delay, seconds
+    max_backoff: float
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Exponential in the attempt number, capped, with "equal jitter" (50-100%)."""
+        base = min(self.max_backoff, self.backoff * 2.0 ** max(attempt - 1, 0))
+        return base * (0.5 + rng.random() / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome  # DONE, RETRY or DEAD
+    reason: str
+    run_at: float | None = None  # for RETRY: unix seconds
+    spend: bool = True  # for RETRY: whether this attempt counts against max_attempts
+
+
+def decide(
+    delivery: Delivery,
+    *,
+    attempt: int,
+    max_attempts: int,
+    backoff: Backoff,
+    dead_on: frozenset[int],
+    now: float,
+    rng: random.Random,
+) -> Decision:
+    exhausted = attempt >= max_attempts
+
+    def retry(reason: str, delay: float, *, spend: bool = True) -> Decision:
+        if spend and exhausted:
+            return Decision(Outcome.DEAD, f"{reason}; {max_attempts} attempts used")
+        return Decision(Outcome.RETRY, reason, now + delay, spend)
+
+    if delivery.failure is not None:
+        reason = f"{delivery.failure.value}: {delivery.message}"
+        spend = not delivery.failure.job_never_ran
+        return retry(reason, backoff.delay(attempt, rng), spend=spend)
+
+    status = delivery.status
+    assert status is not None
+    if 200 <= status < 300:
+        return Decision(Outcome.DONE, f"status {status}")
+    if status in (429, 503):
+        after = retry_after(delivery.header(b"retry-after"), now)
+        if after is not None:
+            return retry(f"status {status}, Retry-After {after:g}s", after)
+    if status in dead_on:
+        return Decision(Outcome.DEAD, f"status {status} is in dead_on")
+    return retry(f"status {status}", backoff.delay(attempt, rng))
+
+
+def retry_after(value: bytes | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        return min(float(text), MAX_RETRY_AFTER)
+    try:
+        when = parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return min(max(when - now, 0.0), MAX_RETRY_AFTER)

@@ -1,0 +1,134 @@
+"""The producer service: what both producer front ends (RESP and HTTP) ask of the gateway.
+
+It checks a push against the live configuration (queue exists, topic exists, password,
+payload size) and hands it to the store.  The configuration it reads is an immutable
+snapshot swapped whole on reload, so a push sees either the old or the new queues, never
+half of each.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from adapters.storage.base import Route, Store
+from adapters.storage.jobs import NewJob, PushResult
+from gateway.config import Config, QueueConfig
+
+
+class ProducerError(Exception):
+    """A push refused before anything was stored; ``code`` is the RESP error prefix."""
+
+    code = "ERR"
+
+
+class UnknownQueue(ProducerError):
+    pass
+
+
+class UnknownTopic(ProducerError):
+    pass
+
+
+class AuthRequired(ProducerError):
+    code = "NOAUTH"
+
+
+class WrongPassword(ProducerError):
+    code = "WRONGPASS"
+
+
+class PayloadTooLarge(ProducerError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    config: QueueConfig
+    routes: tuple[Route, ...]  # (topic, filter) in configuration order
+    topics: tuple[str, ...]
+
+
+class Directory:
+    """An immutable view of the configured queues, built once per (re)load."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.queues: Mapping[str, QueueEntry] = {
+            name: QueueEntry(
+                queue,
+                tuple((t.name, t.filter) for t in queue.topics),
+                tuple(t.name for t in queue.topics),
+            )
+            for name, queue in config.queues.items()
+        }
+        self.max_payload = max((q.max_payload for q in config.queues.values()), default=0)
+
+    def entry(self, queue: str) -> QueueEntry:
+        entry = self.queues.get(queue)
+        if entry is None:
+            raise UnknownQueue(f"unknown queue '{queue}'")
+        return entry
+
+
+def split_target(target: str) -> tuple[str, str | None]:
+    """``orders`` -> (orders, None); ``orders/email`` -> (orders, email)."""
+    queue, slash, topic = target.partition("/")
+    return queue, (topic if slash else None)
+
+
+class ProducerService:
+    def __init__(
+        self, store: Store, directory: Directory, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.directory = directory
+        #: The wall clock delays are measured against (the store's clock).
+        self.clock = clock
+
+    def reload(self, directory: Directory) -> None:
+        self.directory = directory
+
+    def check_password(self, queue: str, password: str) -> None:
+        """Raise ``WrongPassword`` unless ``password`` opens ``queue``."""
+        entry = self.directory.queues.get(queue)
+        expected = None if entry is None else entry.config.password
+        # Unknown queue and wrong password look the same, as Redis does for users.
+        if entry is None or (
+            expected is not None and not hmac.compare_digest(expected.encode(), password.encode())
+        ):
+            raise WrongPassword("invalid username-password pair or user is disabled.")
+
+    def queues_opened_by(self, password: str) -> list[str]:
+        """Queues whose password is ``password`` (the one-argument ``AUTH`` form)."""
+        return [
+            name
+            for name, entry in self.directory.queues.items()
+            if entry.config.password is not None
+            and hmac.compare_digest(entry.config.password.encode(), password.encode())
+        ]
+
+    def resolve(self, target: str, authenticated: frozenset[str] | set[str]) -> QueueEntry:
+        """Check that a push to ``queue`` or ``queue/topic`` is allowed; return the queue."""
+        queue, topic = split_target(target)
+        entry = self.directory.entry(queue)
+        if entry.config.password is not None and queue not in authenticated:
+            raise AuthRequired("Authentication required.")
+        if topic is not None and topic not in entry.topics:
+            raise UnknownTopic(f"unknown topic '{topic}' in queue '{queue}'")
+        return entry
+
+    def check_sizes(self, entry: QueueEntry, payloads: Sequence[bytes]) -> None:
+        limit = entry.config.max_payload
+        for payload in payloads:
+            if len(payload) > limit:
+                raise PayloadTooLarge(
+                    f"payload of {len(payload)} bytes exceeds max_payload of {limit} bytes"
+                    f" for queue '{entry.config.name}'"
+                )
+
+    async def push(self, entry: QueueEntry, jobs: Sequence[NewJob]) -> PushResult:
+        """Store ``jobs`` (already resolved and size-checked); returns once durable."""
+        return await self.store.push(entry.config.name, entry.routes, jobs)

@@ -1,0 +1,336 @@
+"""The Redis-protocol command table: one producer connection's commands, turned into replies.
+
+Sans-IO in spirit: ``execute(args)`` takes a parsed command and returns the encoded reply;
+the server around it owns the socket.  Replies have the types clients expect (integers for
+pushes, a bulk string id for XADD), one reply per command, and an acknowledgement only once
+the store has the job.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from adapters.storage.errors import StoreError
+from adapters.storage.jobs import NewJob, Priority, check_job_id
+from gateway import resp
+from gateway.producer import ProducerError, ProducerService, WrongPassword
+
+SERVER_NAME = "busgate"
+#: What INFO and HELLO report as redis_version: clients gate features on it.
+COMPATIBLE_REDIS_VERSION = "7.2.0"
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_XADD_TRIM = {b"MAXLEN", b"MINID"}
+
+Handler = Callable[["RespSession", tuple[bytes, ...]], Awaitable[bytes]]
+
+
+class CommandError(Exception):
+    """A reply-level error for one command; the connection carries on."""
+
+    def __init__(self, message: str, code: str = "ERR") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    handler: Handler
+    arity: int  # Redis convention: N exactly, -N at least N (command name included)
+
+
+def _text(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError(f"{what} must be UTF-8") from None
+
+
+def _integer(value: bytes, what: str = "value") -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise CommandError(f"{what} is not an integer or out of range") from None
+
+
+class RespSession:
+    """The state of one producer connection: whom it is authenticated for, its name."""
+
+    commands: ClassVar[dict[bytes, Spec]] = {}
+
+    def __init__(self, service: ProducerService, client_id: int) -> None:
+        self.service = service
+        self.client_id = client_id
+        self.authenticated: set[str] = set()
+        self.name = b""
+        self.protocol = 2  # HELLO 3 switches to RESP3
+        self.closing = False  # set by QUIT: the server closes after sending the reply
+
+    async def execute(self, args: tuple[bytes, ...]) -> bytes:
+        name = args[0].upper()
+        spec = self.commands.get(name)
+        if spec is None:
+            shown = " ".join(f"'{a[:40].decode('utf-8', 'replace')}'" for a in args[1:4])
+            return resp.error(
+                f"ERR unknown command '{args[0][:40].decode('utf-8', 'replace')}',"
+                f" with args beginning with: {shown}"
+            )
+        if (spec.arity >= 0 and len(args) != spec.arity) or len(args) < -spec.arity:
+            return resp.error(
+                f"ERR wrong number of arguments for '{name.decode().lower()}' command"
+            )
+        try:
+            return await spec.handler(self, args)
+        except CommandError as exc:
+            return resp.error(f"{exc.code} {exc}")
+        except ProducerError as exc:
+            return resp.error(f"{exc.code} {exc}")
+        except StoreError as exc:
+            return resp.error(f"TRYAGAIN store unavailable, nothing was acknowledged: {exc}")
+
+    # -- pushes -------------------------------------------------------------------------------
+
+    async def _push(self, target: bytes, jobs: list[NewJob]) -> int:
+        entry = self.service.resolve(_text(target, "queue name"), self.authenticated)
+        self.service.check_sizes(entry, [job.payload for job in jobs])
+        await self.service.push(entry, jobs)
+        return len(jobs)
+
+    async def lpush(self, args: tuple[bytes, ...]) -> bytes:
+        topic = _topic_of(args[1])
+        return resp.integer(await self._push(args[1], [NewJob(p, topic=topic) for p in args[2:]]))
+
+    async def zadd(self, args: tuple[bytes, ...]) -> bytes:
+        rest = list(args[2:])
+        while rest and rest[0].upper() in (b"NX", b"XX", b"GT", b"LT", b"CH"):
+            rest.pop(0)  # every job is a new member: these flags change nothing
+        if rest and rest[0].upper() == b"INCR":
+            raise CommandError("INCR is not supported: ZADD schedules jobs")
+        if not rest or len(rest) % 2:
+            raise CommandError("syntax error")
+        topic = _topic_of(args[1])
+        jobs = []
+        for i in range(0, len(rest), 2):
+            try:
+                run_at = float(rest[i])
+            except ValueError:
+                raise CommandError("value is not a valid float") from None
+            if not math.isfinite(run_at):
+                raise CommandError("the score (unix seconds to run at) must be finite")
+            jobs.append(NewJob(rest[i + 1], topic=topic, run_at=run_at))
+        return resp.integer(await self._push(args[1], jobs))
+
+    async def xadd(self, args: tuple[bytes, ...]) -> bytes:
+        i = 2
+        # Stream options some clients always send; a job stream has nothing to trim.
+        while i < len(args):
+            word = args[i].upper()
+            if word == b"NOMKSTREAM":
+                i += 1
+            elif word in _XADD_TRIM:
+                i += 1
+                if i < len(args) and args[i] in (b"=", b"~"):
+                    i += 1
+                i += 1
+                if i < len(args) and args[i].upper() == b"LIMIT":
+                    i += 2
+            else:
+                break
+        fields = args[i + 1 :]
+        if i >= len(args) or not fields or len(fields) % 2:
+            raise CommandError("wrong number of arguments for 'xadd' command")
+        job_id = None
+        if args[i] != b"*":
+            try:
+                job_id = check_job_id(_text(args[i], "job id"))
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+        payload: bytes | None = None
+        priority = Priority.NORMAL
+        run_at: float | None = None
+        trace_id: str | None = None
+        attributes: dict[str, str] = {}
+        for key, value in zip(fields[::2], fields[1::2], strict=True):
+            name = _text(key, "field name").lower()
+            if name == "payload":
+                payload = value
+            elif name == "delay":
+                delay_ms = _integer(value, "delay")
+                if delay_ms < 0:
+                    raise CommandError("delay must not be negative")
+                run_at = self.service.clock() + delay_ms / 1000
+            elif name == "priority":
+                try:
+                    priority = Priority.parse(_text(value, "priority"))
+                except ValueError as exc:
+                    raise CommandError(str(exc)) from None
+            elif name == "traceparent":
+                match = _TRACEPARENT.fullmatch(_text(value, "traceparent"))
+                if match is None:
+                    raise CommandError("traceparent is not a W3C trace context")
+                trace_id = match.group(1)
+            else:
+                attributes[_text(key, "field name")] = _text(value, f"attribute {name}")
+        if payload is None:
+            raise CommandError("XADD needs a 'payload' field")
+        job = NewJob(
+            payload,
+            id=job_id,
+            topic=_topic_of(args[1]),
+            priority=priority,
+            run_at=run_at,
+            attributes=attributes,
+            trace_id=trace_id,
+        )
+        entry = self.service.resolve(_text(args[1], "queue name"), self.authenticated)
+        self.service.check_sizes(entry, [payload])
+        result = await self.service.push(entry, [job])
+        return resp.bulk_string(result.ids[0].encode())
+
+    async def llen(self, args: tuple[bytes, ...]) -> bytes:
+        entry = self.service.resolve(_text(args[1], "queue name"), self.authenticated)
+        topic = _topic_of(args[1])
+        topics = [topic] if topic is not None else list(entry.topics)
+        return resp.integer(await self.service.store.depth(entry.config.name, topics))
+
+    # -- connection ---------------------------------------------------------------------------
+
+    async def auth(self, args: tuple[bytes, ...]) -> bytes:
+        if len(args) == 2:
+            password = _text(args[1], "password")
+            opened = self.service.queues_opened_by(password)
+            if not opened:
+                raise WrongPassword("invalid username-password pair or user is disabled.")
+            self.authenticated.update(opened)
+            return resp.OK
+        if len(args) == 3 and args[1] == b"default":
+            # Redis's name for "no user": clients send it with a password-only login.
+            return await self.auth((b"AUTH", args[2]))
+        if len(args) == 3:
+            queue = _text(args[1], "queue name")
+            self.service.check_password(queue, _text(args[2], "password"))
+            self.authenticated.add(queue)
+            return resp.OK
+        raise CommandError("syntax error")
+
+    async def hello(self, args: tuple[bytes, ...]) -> bytes:
+        protocol = self.protocol
+        i = 1
+        if len(args) > 1:
+            if not args[1].isdigit():
+                raise CommandError("Protocol version is not an integer or out of range")
+            protocol = int(args[1])
+            if protocol not in (2, 3):
+                raise CommandError("unsupported protocol version", code="NOPROTO")
+            i = 2
+        while i < len(args):
+            option = args[i].upper()
+            if option == b"AUTH" and i + 2 < len(args):
+                await self.auth((b"AUTH", args[i + 1], args[i + 2]))
+                i += 3
+            elif option == b"SETNAME" and i + 1 < len(args):
+                self.name = args[i + 1]
+                i += 2
+            else:
+                shown = option.decode(errors="replace")
+                raise CommandError(f"syntax error in HELLO option '{shown}'")
+        self.protocol = protocol
+        fields = [
+            (b"server", resp.bulk_string(SERVER_NAME.encode())),
+            (b"version", resp.bulk_string(COMPATIBLE_REDIS_VERSION.encode())),
+            (b"proto", resp.integer(protocol)),
+            (b"id", resp.integer(self.client_id)),
+            (b"mode", resp.bulk_string(b"standalone")),
+            (b"role", resp.bulk_string(b"master")),
+            (b"modules", resp.array([])),
+        ]
+        return resp.mapping([(resp.bulk_string(k), v) for k, v in fields], protocol)
+
+    async def ping(self, args: tuple[bytes, ...]) -> bytes:
+        if len(args) > 2:
+            raise CommandError("wrong number of arguments for 'ping' command")
+        return resp.PONG if len(args) == 1 else resp.bulk_string(args[1])
+
+    async def echo(self, args: tuple[bytes, ...]) -> bytes:
+        return resp.bulk_string(args[1])
+
+    async def quit(self, args: tuple[bytes, ...]) -> bytes:
+        self.closing = True
+        return resp.OK
+
+    async def select(self, args: tuple[bytes, ...]) -> bytes:
+        if _integer(args[1]) != 0:
+            raise CommandError("DB index is out of range")
+        return resp.OK
+
+    async def client(self, args: tuple[bytes, ...]) -> bytes:
+        sub = args[1].upper()
+        if sub == b"SETNAME" and len(args) == 3:
+            self.name = args[2]
+            return resp.OK
+        if sub == b"GETNAME" and len(args) == 2:
+            return resp.bulk_string(self.name) if self.name else resp.null(self.protocol)
+        if sub == b"ID" and len(args) == 2:
+            return resp.integer(self.client_id)
+        if sub == b"SETINFO" and len(args) == 4:
+            return resp.OK
+        raise CommandError(
+            f"unknown subcommand '{args[1].decode(errors='replace')}'. Try SETNAME, GETNAME,"
+            " ID or SETINFO."
+        )
+
+    async def command(self, args: tuple[bytes, ...]) -> bytes:
+        # redis-cli asks for COMMAND DOCS to offer hints; an empty answer means "no hints".
+        if len(args) > 1 and args[1].upper() == b"COUNT":
+            return resp.integer(len(self.commands))
+        return resp.array([])
+
+    async def config(self, args: tuple[bytes, ...]) -> bytes:
+        # redis-benchmark reads CONFIG GET save/appendonly on start; we have no such knobs.
+        if args[1].upper() == b"GET":
+            return resp.array([])
+        raise CommandError("CONFIG is read-only on busgate: only CONFIG GET is answered")
+
+    async def info(self, args: tuple[bytes, ...]) -> bytes:
+        directory = self.service.directory
+        lines = [
+            "# Server",
+            f"redis_version:{COMPATIBLE_REDIS_VERSION}",
+            f"busgate_server:{SERVER_NAME}",
+            "redis_mode:standalone",
+            "# Persistence",
+            "loading:0",
+            "# Replication",
+            "role:master",
+            "# Keyspace",
+            *(f"queue_{name}:topics={len(e.topics)}" for name, e in directory.queues.items()),
+        ]
+        return resp.bulk_string(("\r\n".join(lines) + "\r\n").encode())
+
+
+def _topic_of(target: bytes) -> str | None:
+    _, slash, topic = target.partition(b"/")
+    return topic.decode("utf-8", "replace") if slash else None
+
+
+RespSession.commands = {
+    b"AUTH": Spec(RespSession.auth, -2),
+    b"LPUSH": Spec(RespSession.lpush, -3),
+    b"RPUSH": Spec(RespSession.lpush, -3),
+    b"ZADD": Spec(RespSession.zadd, -4),
+    b"XADD": Spec(RespSession.xadd, -5),
+    b"LLEN": Spec(RespSession.llen, 2),
+    b"PING": Spec(RespSession.ping, -1),
+    b"ECHO": Spec(RespSession.echo, 2),
+    b"QUIT": Spec(RespSession.quit, -1),
+    b"SELECT": Spec(RespSession.select, 2),
+    b"CLIENT": Spec(RespSession.client, -2),
+    b"HELLO": Spec(RespSession.hello, -1),
+    b"COMMAND": Spec(RespSession.command, -1),
+    b"CONFIG": Spec(RespSession.config, -3),
+    b"INFO": Spec(RespSession.info, -1),
+}
