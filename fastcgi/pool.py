@@ -42,7 +42,7 @@ from fastcgi.events import (
     Stdout,
     UnknownType,
 )
-from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics
+from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason
 
 __all__ = ["ConnectionPool", "PoolLimits", "PoolStatistics", "Response", "Timeouts"]
 
@@ -300,8 +300,7 @@ class ConnectionPool:
                 else:
                     stream = await trio.open_tcp_stream(address.host, address.port)
             except OSError as exc:
-                reason = exc.strerror or str(exc)
-                raise ConnectError(self._name, f"cannot connect: {reason}") from exc
+                raise ConnectError(self._name, f"cannot connect: {os_reason(exc)}") from exc
         if scope.cancelled_caught:
             raise ConnectTimeout(self._name, f"not connected within {self.timeouts.connect}s")
         return FastCGIConnection(stream, self.response_limits, trio.current_time())

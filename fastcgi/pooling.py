@@ -16,6 +16,7 @@ connections to one backend under a hard cap; this module is that part, once:
 from __future__ import annotations
 
 import math
+import os
 import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -231,6 +232,25 @@ class Pool(Generic[C]):
     def _close(self, conn: C) -> None:
         conn.close()
         self.closed_total += 1
+
+
+def os_reason(exc: BaseException) -> str:
+    """The operating system's words for a failed connect ("Connection refused").
+
+    trio's open_tcp_stream raises a summary ("all attempts to connect to ... failed") whose
+    cause is a group of the per-address errors; those are what an operator needs.
+    """
+    pending: list[BaseException] = [exc]
+    while pending:
+        seen = pending.pop(0)
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        if isinstance(seen, BaseExceptionGroup):
+            pending.extend(seen.exceptions)
+        for linked in (seen.__cause__, seen.__context__):
+            if linked is not None:
+                pending.append(linked)
+    return str(exc)
 
 
 def _none_inf(value: float | None) -> float:

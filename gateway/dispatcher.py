@@ -57,6 +57,7 @@ class DispatcherStatistics:
     dead_total: int
     store_errors_total: int
     stopping: bool
+    paused: bool
 
 
 AttemptListener = Callable[[Job, Attempt, Decision, Delivery], None]
@@ -83,6 +84,8 @@ class Dispatcher:
         self.lease = min(topic.timeout, MAX_LEASE) + LEASE_MARGIN
         self._in_flight: dict[str, Job] = {}
         self._slot_freed = trio.Event()
+        self._paused = topic.paused
+        self._resumed = trio.Event()
         self._stopping = False
         self._deliveries: trio.CancelScope | None = None
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
@@ -103,6 +106,7 @@ class Dispatcher:
             dead_total=self._dead,
             store_errors_total=self._store_errors,
             stopping=self._stopping,
+            paused=self._paused,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -122,11 +126,24 @@ class Dispatcher:
                 await self._release_unfinished()
                 await self.backend.aclose()
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Stop reserving; deliveries in flight finish.  Producers can still push."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._resumed.set()
+
     def stop(self, deadline: float = math.inf) -> None:
         """Stop reserving; cancel deliveries still running at ``deadline`` (trio time)."""
         self._stopping = True
         self.store.doorbells.ring(*self.key)
         self._slot_freed.set()
+        self._resumed.set()
         if self._deliveries is not None:
             self._deliveries.deadline = min(self._deliveries.deadline, deadline)
 
@@ -152,6 +169,10 @@ class Dispatcher:
         queue, topic = self.key
         concurrency = self.topic.concurrency
         while not self._stopping:
+            if self._paused:
+                self._resumed = trio.Event()
+                await self._resumed.wait()
+                continue
             free = concurrency - len(self._in_flight)
             if free <= 0:
                 self._slot_freed = trio.Event()

@@ -25,7 +25,7 @@ from fastcgi.errors import (
     ConnectTimeout,
     PoolTimeout,
 )
-from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics
+from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason
 
 _RECEIVE_SIZE = 64 * 1024
 #: Response bodies are kept up to this size; the rest is read (to keep the connection
@@ -204,7 +204,7 @@ class HTTPBackend:
             try:
                 tcp = await trio.open_tcp_stream(self._host, self._port)
             except OSError as exc:
-                raise ConnectError(name, f"cannot connect: {exc.strerror or exc}") from exc
+                raise ConnectError(name, f"cannot connect: {os_reason(exc)}") from exc
             stream: trio.abc.Stream = tcp
             if self._ssl_context is not None:
                 tls = trio.SSLStream(tcp, self._ssl_context, server_hostname=self._host)

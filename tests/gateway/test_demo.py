@@ -1,0 +1,20 @@
+"""The README's first command, run as a user would run it."""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+
+async def test_busgate_demo_delivers_a_job() -> None:
+    done = await trio.run_process(
+        [sys.executable, "-m", "gateway.cli", "demo", "--once", "--port", "0"],
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+    out = done.stdout.decode()
+    assert "LPUSH demo" in out and "-> :1" in out
+    assert "sample backend: job " in out and "queue=demo topic=hello attempt=1" in out
+    assert "the sample backend received the job" in out
+    assert "outcome=done status=200" in done.stderr.decode()
