@@ -63,7 +63,7 @@ class PooledStream:
     left the connection fit for another one.
     """
 
-    __slots__ = ("created_at", "idle_since", "requests", "socket", "stream")
+    __slots__ = ("_poller", "created_at", "idle_since", "requests", "socket", "stream")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, now: float) -> None:
         self.stream = stream
@@ -71,6 +71,9 @@ class PooledStream:
         self.created_at = now
         self.idle_since = now
         self.requests = 0
+        # Registered once: the check before every reuse is then a single poll(0) call.
+        self._poller = select.poll()
+        self._poller.register(socket.fileno(), select.POLLIN)
 
     def reusable(self) -> bool:
         """Called after a successful exchange: may this connection serve another?"""
@@ -83,9 +86,7 @@ class PooledStream:
 
     def has_unread_input(self) -> bool:
         """True if the idle socket has something to read: EOF from a closed server, or junk."""
-        poller = select.poll()
-        poller.register(self.socket.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        return bool(self._poller.poll(0))
 
 
 C = TypeVar("C", bound=PooledStream)

@@ -24,6 +24,10 @@ import trio
 from adapters.delivery.base import Backend
 from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
 from adapters.storage.base import Store
+from adapters.storage.errors import StoreError
+from adapters.storage.redis_client import RedisAddress, RedisClient
+from adapters.storage.redis_routing import Cluster, Router, Standalone
+from adapters.storage.redis_store import RedisStore
 from adapters.storage.sqlite import SQLiteStore
 from fastcgi.address import parse_address
 from gateway.config import Config, StoreConfig, TopicConfig
@@ -42,7 +46,30 @@ async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.t
     if config.kind == "sqlite":
         assert config.path is not None
         return await SQLiteStore.open(config.path, clock=clock)
-    raise StartupError(f"store {config.url}: the {config.kind} store is not available yet")
+
+    def client(address: RedisAddress) -> RedisClient:
+        return RedisClient(
+            address,
+            username=config.username,
+            password=config.password,
+            db=config.db,
+            tls=config.tls,
+        )
+
+    addresses = [RedisAddress(host, port) for host, port in config.nodes]
+    router: Router
+    if config.kind == "redis-cluster":
+        router = Cluster(addresses, client)
+    else:
+        router = Standalone(client(addresses[0]))
+    store = RedisStore(router, clock=clock)
+    try:
+        # Fail at startup, naming the server, rather than at the first push.
+        await router.execute_everywhere("PING")
+    except StoreError:
+        await store.aclose()
+        raise
+    return store
 
 
 def build_backend(topic: TopicConfig) -> Backend:
@@ -97,6 +124,7 @@ class App:
             self.service = ProducerService(store, Directory(config), clock=self._clock)
             self.resp = RespServer(self.service, config.listen_resp, config.producer)
             async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
                 async with trio.open_nursery() as dispatchers:
                     self._dispatcher_nursery = dispatchers
                     for queue in config.queues.values():

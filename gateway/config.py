@@ -72,6 +72,7 @@ class TopicConfig:
     content_type: str = "application/json"
     concurrency: int = 4
     timeout: float = 30.0
+    lease: float | None = None  # None: min(timeout, 60s) + 15s
     rate_limit: Rate | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     dead_on: frozenset[int] = frozenset({400, 404, 410, 422})
@@ -602,6 +603,11 @@ def _topic(reader: _Reader, queue: str, name: str, node: _Node) -> TopicConfig:
         if timeout <= 0:
             raise reader.error(item, "must be positive")
         values["timeout"] = timeout
+    if (item := section.get("lease")) is not None:
+        lease = reader.duration(item)
+        if lease < 1:
+            raise reader.error(item, "must be at least 1s")
+        values["lease"] = lease
     if (item := section.get("rate_limit")) is not None:
         values["rate_limit"] = reader.rate(item)
     if (item := section.get("retry")) is not None:
@@ -716,6 +722,7 @@ def _render_topic(topic: TopicConfig) -> dict[str, Any]:
         content_type=topic.content_type,
         concurrency=topic.concurrency,
         timeout=format_duration(topic.timeout),
+        lease=None if topic.lease is None else format_duration(topic.lease),
         rate_limit=None if topic.rate_limit is None else str(topic.rate_limit),
         retry={
             "max_attempts": topic.retry.max_attempts,

@@ -40,6 +40,8 @@ LEASE_MARGIN = 15.0
 #: Redis store do not ring our timers).
 SCHEDULER_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
+#: An idle dispatcher reserves at least this often even if no doorbell rang.
+RECHECK = 5.0
 #: Recording an outcome may take this long after shutdown began.
 RECORD_GRACE = 10.0
 STORE_ERROR_PAUSE = 1.0
@@ -81,7 +83,7 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._listeners = listeners
         self._backoff = Backoff(topic.retry.backoff, topic.retry.max_backoff)
-        self.lease = min(topic.timeout, MAX_LEASE) + LEASE_MARGIN
+        self.lease = topic.lease or min(topic.timeout, MAX_LEASE) + LEASE_MARGIN
         self._in_flight: dict[str, Job] = {}
         self._slot_freed = trio.Event()
         self._paused = topic.paused
@@ -186,7 +188,9 @@ class Dispatcher:
                 await trio.sleep(STORE_ERROR_PAUSE)
                 continue
             if not jobs:
-                await self.store.wait_for_jobs(queue, topic)
+                # The doorbell rings on every push; the recheck covers a missed notification
+                # (a Redis subscription reconnecting), so a job is never stuck for long.
+                await self.store.wait_for_jobs(queue, topic, trio.current_time() + RECHECK)
                 continue
             for job in jobs:
                 self._in_flight[job.id] = job

@@ -14,6 +14,7 @@ import pytest
 from fastcgi.address import Address
 from tests.support.phpfpm import PhpFpm
 from tests.support.ports import wait_connectable
+from tests.support.redis import RedisCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +72,37 @@ def sample_backend(tmp_path: Path) -> Iterator[SampleBackend]:
     backend = SampleBackend(tmp_path)
     yield backend
     backend.stop()
+
+
+@pytest.fixture(scope="session")
+def recording_fpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PhpFpm]:
+    """php-fpm whose record.php appends every request it gets to BUSGATE_RECORD."""
+    workdir = tmp_path_factory.mktemp("fpm-record")
+    fpm = PhpFpm(workdir, env={"BUSGATE_RECORD": str(workdir / "received.jsonl")})
+    fpm.start()
+    yield fpm
+    fpm.stop()
+
+
+@pytest.fixture
+def record(recording_fpm: PhpFpm) -> Path:
+    """The recording file, emptied for this test."""
+    path = Path(recording_fpm.env["BUSGATE_RECORD"])
+    path.unlink(missing_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()

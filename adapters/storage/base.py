@@ -14,9 +14,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import trio
+
 from adapters.storage.doorbell import Doorbells
 from adapters.storage.fanout import Filter
-from adapters.storage.jobs import Attempt, Job, JobRecord, NewJob, PushResult, TopicStats
+from adapters.storage.jobs import (
+    Attempt,
+    DeadFilter,
+    DeadPage,
+    Job,
+    JobRecord,
+    NewJob,
+    PushResult,
+    TopicStats,
+)
 
 #: (topic name, its fan-out filter), in configuration order.
 Route = tuple[str, Filter]
@@ -121,5 +132,43 @@ class Store(abc.ABC):
         """Every topic copy of a job, with its attempts (empty if unknown or pruned)."""
 
     @abc.abstractmethod
+    async def list_dead(
+        self, queue: str, topic: str, where: DeadFilter, cursor: str | None, limit: int
+    ) -> DeadPage:
+        """Dead jobs matching ``where``, newest first, ``limit`` at most per page.
+
+        A page may hold fewer than ``limit`` jobs while ``cursor`` is not None: the store
+        examines a bounded number of dead jobs per call so a selective filter cannot stall it.
+        """
+
+    @abc.abstractmethod
+    async def replay_dead(self, queue: str, topic: str, ids: Sequence[str]) -> int:
+        """Make these dead jobs ready again with a fresh set of attempts; history is kept."""
+
+    @abc.abstractmethod
+    async def delete_dead(self, queue: str, topic: str, ids: Sequence[str]) -> int:
+        """Forget these dead jobs."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background upkeep the store needs while open (connections, notifications)."""
+        task_status.started()
+
+    @abc.abstractmethod
     async def aclose(self) -> None:
         """Flush and close; the store is unusable afterwards."""
+
+
+#: Dead jobs examined per ``list_dead`` call, whatever the filter.
+DEAD_SCAN_LIMIT = 5000
+
+
+def dead_cursor(died_at: float, job_id: str) -> str:
+    return f"{died_at!r}/{job_id}"
+
+
+def parse_dead_cursor(cursor: str) -> tuple[float, str]:
+    """Raises ``ValueError`` for a cursor this store did not hand out."""
+    died_at, slash, job_id = cursor.partition("/")
+    if not slash or not job_id:
+        raise ValueError(f"invalid cursor {cursor!r}")
+    return float(died_at), job_id

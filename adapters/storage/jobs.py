@@ -152,4 +152,52 @@ class TopicStats:
     retried_total: int
     dead_total: int
     expired_total: int
+    replayed_total: int
     unmatched_total: int  # per queue; repeated on each of its topics
+
+
+@dataclass(frozen=True, slots=True)
+class DeadFilter:
+    """Which dead jobs an operator means; every given criterion must hold."""
+
+    status: int | None = None  # last status (None: any)
+    error: str | None = None  # substring of the last error, case-insensitive
+    since: float | None = None  # died at or after (unix seconds)
+    until: float | None = None  # died before
+    attribute: tuple[str, str] | None = None  # (name, value) among the job's attributes
+
+    def matches(
+        self, status: int | None, error: str | None, died_at: float, attributes: Mapping[str, str]
+    ) -> bool:
+        if self.status is not None and status != self.status:
+            return False
+        if self.error is not None and self.error.lower() not in (error or "").lower():
+            return False
+        if self.since is not None and died_at < self.since:
+            return False
+        if self.until is not None and died_at >= self.until:
+            return False
+        if self.attribute is not None:
+            name, value = self.attribute
+            if attributes.get(name) != value:
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class DeadJob:
+    id: str
+    queue: str
+    topic: str
+    payload: bytes
+    attributes: Mapping[str, str]
+    attempt: int
+    died_at: float
+    status: int | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadPage:
+    jobs: tuple[DeadJob, ...]
+    cursor: str | None  # pass back for the next page; None when there is no more

@@ -26,11 +26,22 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-from adapters.storage.base import Due, Retention, Route, Store
+from adapters.storage.base import (
+    DEAD_SCAN_LIMIT,
+    Due,
+    Retention,
+    Route,
+    Store,
+    dead_cursor,
+    parse_dead_cursor,
+)
 from adapters.storage.errors import StoreCorrupt, StoreError, StoreUnavailable
 from adapters.storage.fanout import route
 from adapters.storage.jobs import (
     Attempt,
+    DeadFilter,
+    DeadJob,
+    DeadPage,
     Job,
     JobRecord,
     NewJob,
@@ -430,6 +441,7 @@ class SQLiteStore(Store):
                 retried_total=counters.get("retried", 0),
                 dead_total=counters.get("dead", 0),
                 expired_total=counters.get("expired", 0),
+                replayed_total=counters.get("replayed", 0),
                 unmatched_total=unmatched,
             )
 
@@ -441,6 +453,86 @@ class SQLiteStore(Store):
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=? ORDER BY seq", (job_id,)
             ).fetchall()
             return [_job_record(conn, row) for row in rows]
+
+        return await self._writer.run(op)
+
+    async def list_dead(
+        self, queue: str, topic: str, where: DeadFilter, cursor: str | None, limit: int
+    ) -> DeadPage:
+        after = None if cursor is None else parse_dead_cursor(cursor)
+
+        def op(conn: sqlite3.Connection) -> DeadPage:
+            sql = (
+                "SELECT id, payload, attributes, attempt, finished_at, last_status, last_error"
+                " FROM jobs WHERE queue=? AND topic=? AND state=?"
+            )
+            params: list[Any] = [queue, topic, State.DEAD]
+            if after is not None:
+                sql += " AND (finished_at < ? OR (finished_at = ? AND id < ?))"
+                params += [after[0], after[0], after[1]]
+            sql += " ORDER BY finished_at DESC, id DESC LIMIT ?"
+            rows = conn.execute(sql, (*params, DEAD_SCAN_LIMIT)).fetchall()
+            found: list[DeadJob] = []
+            last: tuple[float, str] | None = None
+            for job_id, payload, attributes, attempt, died_at, status, error in rows:
+                last = (died_at, job_id)
+                attrs = _attributes(attributes)
+                if where.matches(status, error, died_at, attrs):
+                    found.append(
+                        DeadJob(
+                            job_id,
+                            queue,
+                            topic,
+                            bytes(payload),
+                            attrs,
+                            attempt,
+                            died_at,
+                            status,
+                            error,
+                        )
+                    )
+                    if len(found) == limit:
+                        break
+            more = len(found) == limit or len(rows) == DEAD_SCAN_LIMIT
+            next_cursor = dead_cursor(*last) if more and last is not None else None
+            return DeadPage(tuple(found), next_cursor)
+
+        return await self._writer.run(op)
+
+    async def replay_dead(self, queue: str, topic: str, ids: Sequence[str]) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            replayed = 0
+            for job_id in ids:
+                cursor = conn.execute(
+                    "UPDATE jobs SET state=?, attempt=0, run_at=?, finished_at=NULL"
+                    " WHERE queue=? AND topic=? AND id=? AND state=?",
+                    (State.READY, self._clock(), queue, topic, job_id, State.DEAD),
+                )
+                replayed += cursor.rowcount
+            if replayed:
+                _add_depth(conn, queue, topic, State.DEAD, -replayed)
+                _add_depth(conn, queue, topic, State.READY, replayed)
+                _count(conn, queue, topic, "replayed", replayed)
+            return replayed
+
+        replayed = await self._writer.run(op)
+        if replayed:
+            self.doorbells.ring(queue, topic)
+        return replayed
+
+    async def delete_dead(self, queue: str, topic: str, ids: Sequence[str]) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            seqs = []
+            for job_id in ids:
+                row = conn.execute(
+                    "SELECT seq FROM jobs WHERE queue=? AND topic=? AND id=? AND state=?",
+                    (queue, topic, job_id, State.DEAD),
+                ).fetchone()
+                if row is not None:
+                    seqs.append(int(row[0]))
+            _delete_jobs(conn, seqs)
+            _add_depth(conn, queue, topic, State.DEAD, -len(seqs))
+            return len(seqs)
 
         return await self._writer.run(op)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,6 @@ from adapters.storage.jobs import State, TopicStats
 from gateway.app import App
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
-
-
-@pytest.fixture(scope="module")
-def recording_fpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PhpFpm]:
-    workdir = tmp_path_factory.mktemp("fpm-record")
-    fpm = PhpFpm(workdir, env={"BUSGATE_RECORD": str(workdir / "received.jsonl")})
-    fpm.start()
-    yield fpm
-    fpm.stop()
-
-
-@pytest.fixture
-def record(recording_fpm: PhpFpm) -> Path:
-    path = Path(recording_fpm.env["BUSGATE_RECORD"])
-    path.unlink(missing_ok=True)
-    return path
 
 
 def orders_queue(fpm: PhpFpm, *, password: str | None = None, max_attempts: int = 3) -> str:

@@ -6,9 +6,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from adapters.storage.base import Store
+from adapters.storage.redis_client import RedisClient
+from adapters.storage.redis_routing import Cluster, Standalone
+from adapters.storage.redis_store import RedisStore
 from adapters.storage.sqlite import SQLiteStore
+from tests.support.redis import RedisCluster, RedisServer
 
 
 class FakeClock:
@@ -29,12 +34,25 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[Store]:
-    opened = await SQLiteStore.open(str(tmp_path / "busgate.db"), clock=clock)
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
+    opened: Store
+    if request.param == "sqlite":
+        opened = await SQLiteStore.open(str(tmp_path / "busgate.db"), clock=clock)
+    elif request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.cli("FLUSHALL")
+        opened = RedisStore(Standalone(RedisClient(server.address)), clock=clock)
+    else:
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        opened = RedisStore(Cluster(cluster.seeds, RedisClient), clock=clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(opened.run)
+        try:
+            yield opened
+        finally:
+            await opened.aclose()
+            nursery.cancel_scope.cancel()

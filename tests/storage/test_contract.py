@@ -225,3 +225,76 @@ async def test_concurrent_pushes_are_all_durable(store: Store, count: int) -> No
         for i in range(count):
             nursery.start_soon(store.push, "orders", ROUTES, [NewJob(str(i).encode())])
     assert await store.depth("orders", ["email"]) == count
+
+
+async def _kill(
+    store: Store,
+    payloads: list[bytes],
+    status: int,
+    clock: FakeClock,
+    attributes: dict[str, str] | None = None,
+) -> list[str]:
+    await store.push("orders", ROUTES, [NewJob(p, attributes=attributes or {}) for p in payloads])
+    jobs = await store.reserve("orders", "email", len(payloads), 30)
+    for job in jobs:
+        attempt = Attempt(
+            job.attempt,
+            clock.now,
+            0.5,
+            Outcome.DEAD,
+            status=status,
+            error=f"status {status} is in dead_on",
+            body=b"nope",
+        )
+        assert await store.bury(job, attempt)
+        clock.advance(1)
+    return [job.id for job in jobs]
+
+
+async def test_dead_jobs_are_listed_filtered_and_paged(store: Store, clock: FakeClock) -> None:
+    from adapters.storage.jobs import DeadFilter
+
+    first = clock.now
+    gone = await _kill(store, [b"a", b"b", b"c"], 404, clock)
+    bad = await _kill(store, [b"d", b"e"], 400, clock, {"tenant": "acme"})
+    page = await store.list_dead("orders", "email", DeadFilter(), None, 10)
+    assert [j.id for j in page.jobs] == list(reversed(gone + bad))  # newest first
+    assert page.cursor is None
+    assert page.jobs[0].payload == b"e" and page.jobs[0].status == 400
+    assert page.jobs[0].attributes == {"tenant": "acme"}
+    # Cursor paging walks every job exactly once.
+    seen, cursor = [], None
+    while True:
+        page = await store.list_dead("orders", "email", DeadFilter(), cursor, 2)
+        seen += [j.id for j in page.jobs]
+        if page.cursor is None:
+            break
+        cursor = page.cursor
+    assert seen == list(reversed(gone + bad))
+    by_status = await store.list_dead("orders", "email", DeadFilter(status=404), None, 10)
+    assert {j.id for j in by_status.jobs} == set(gone)
+    by_text = await store.list_dead("orders", "email", DeadFilter(error="IN DEAD_ON"), None, 10)
+    assert len(by_text.jobs) == 5
+    by_attr = await store.list_dead(
+        "orders", "email", DeadFilter(attribute=("tenant", "acme")), None, 10
+    )
+    assert {j.id for j in by_attr.jobs} == set(bad)
+    window = await store.list_dead(
+        "orders", "email", DeadFilter(since=first + 1, until=first + 3), None, 10
+    )
+    assert [j.id for j in window.jobs] == [gone[2], gone[1]]
+
+
+async def test_replay_and_delete_dead_jobs(store: Store, clock: FakeClock) -> None:
+    ids = await _kill(store, [b"a", b"b", b"c"], 404, clock)
+    assert await store.replay_dead("orders", "email", [ids[0], ids[1], "unknown"]) == 2
+    assert await store.replay_dead("orders", "email", [ids[0]]) == 0  # no longer dead
+    again = await store.reserve("orders", "email", 5, 30)
+    assert sorted(j.id for j in again) == sorted(ids[:2])
+    assert all(j.attempt == 1 for j in again)  # a fresh set of attempts
+    (record,) = await store.get_job(ids[0])
+    assert [a.outcome for a in record.attempts] == [Outcome.DEAD]  # history kept
+    assert await store.delete_dead("orders", "email", [ids[2], ids[0]]) == 1
+    assert await store.get_job(ids[2]) == []
+    stats = await store.stats("orders", "email")
+    assert (stats.dead, stats.leased, stats.replayed_total) == (0, 2, 2)

@@ -1,0 +1,237 @@
+"""A small trio Redis client on hiredis: pipelining, a capped pool, reconnect, deadlines.
+
+redis-py has no trio support, so the Redis store talks through this.  hiredis does the RESP
+work in C both ways (``pack_command`` and ``Reader``); the pool is the same bookkeeping as the
+FastCGI pool (``fastcgi.pooling``).  Every call has a deadline; a connection that timed out or
+broke is closed, never reused.  Connecting retries with backoff until the call's deadline, so a
+Redis restart costs the calls made during it an error, and the ones after it nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+import trio
+
+from adapters.storage.errors import StoreError, StoreUnavailable
+from fastcgi.errors import BackendError
+from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason
+
+Arg = bytes | str | int | float
+Command = Sequence[Arg]
+
+_RECEIVE_SIZE = 64 * 1024
+_BACKOFF_START = 0.05
+_BACKOFF_MAX = 1.0
+
+
+class ServerError(StoreError):
+    """An error reply from Redis (``-ERR ...``, ``-NOSCRIPT ...``, ``-MOVED ...``)."""
+
+    @property
+    def code(self) -> str:
+        return str(self).split(" ", 1)[0]
+
+
+class _Reply(Exception):
+    """What hiredis builds for an error reply; converted to ``ServerError`` by us."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class RedisConnection(PooledStream):
+    __slots__ = ("reader",)
+
+    def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, now: float) -> None:
+        super().__init__(stream, socket, now)
+        self.reader = hiredis.Reader(replyError=_Reply)
+
+    async def roundtrip(self, payload: bytes, count: int) -> list[Any]:
+        await self.stream.send_all(payload)
+        replies: list[Any] = []
+        reader = self.reader
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is False:
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    raise trio.BrokenResourceError("Redis closed the connection")
+                reader.feed(bytes(data))
+                continue
+            replies.append(_convert(reply))
+        return replies
+
+
+def pack(command: Command) -> bytes:
+    # hiredis's stub types the argument as a 1-tuple; any tuple of arguments is accepted.
+    packed: bytes = hiredis.pack_command(tuple(command))  # type: ignore[arg-type]
+    return packed
+
+
+def _convert(reply: Any) -> Any:
+    if isinstance(reply, _Reply):
+        return ServerError(str(reply))
+    if isinstance(reply, list):
+        return [_convert(item) for item in reply]
+    return reply
+
+
+class Script:
+    """A Lua script sent by SHA once it is cached (EVALSHA, then EVAL on NOSCRIPT)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class RedisClient:
+    """Connections to one Redis server."""
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        db: int = 0,
+        tls: bool = False,
+        max_connections: int = 32,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        self.address = address
+        self.name = f"redis://{address}"
+        self.username = username
+        self.password = password
+        self.db = db
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._ssl = ssl.create_default_context() if tls else None
+        self._pool: Pool[RedisConnection] = Pool(
+            self.name,
+            self._connect,
+            limits=PoolLimits(max_connections=max_connections, idle_timeout=idle_timeout),
+        )
+
+    def statistics(self) -> PoolStatistics:
+        return self._pool.statistics()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._pool.run(task_status=task_status)
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def execute(self, *args: Arg) -> Any:
+        """One command; an error reply is raised as ``ServerError``."""
+        (reply,) = await self.pipeline([args])
+        if isinstance(reply, ServerError):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        """Send commands in one write and read their replies; error replies are returned.
+
+        Raises ``StoreUnavailable`` when Redis cannot be reached or does not answer in time.
+        """
+        payload = b"".join([pack(command) for command in commands])
+        limit = self.command_timeout
+        deadline = trio.current_time() + limit
+        pool = self._pool
+        pool.requests_total += 1
+        with trio.move_on_at(deadline):
+            conn = await self._acquire(deadline)
+            try:
+                replies = await conn.roundtrip(payload, len(commands))
+            except BaseException as exc:
+                pool.discard(conn)
+                if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
+                    pool.failures_total += 1
+                    raise StoreUnavailable(f"{self.name}: connection lost: {exc}") from exc
+                if isinstance(exc, hiredis.ProtocolError):
+                    pool.failures_total += 1
+                    raise StoreUnavailable(f"{self.name}: protocol error: {exc}") from exc
+                raise
+            pool.release(conn)
+            return replies
+        pool.failures_total += 1
+        pool.timeouts_total += 1
+        raise StoreUnavailable(f"{self.name}: no answer within {limit:g}s")
+
+    # -- connections --------------------------------------------------------------------------
+
+    async def _acquire(self, deadline: float) -> RedisConnection:
+        """A connection, retrying the connect with backoff until ``deadline``."""
+        delay = _BACKOFF_START
+        while True:
+            try:
+                return await self._pool.acquire()
+            except (StoreUnavailable, BackendError) as exc:
+                if trio.current_time() + delay >= deadline:
+                    raise StoreUnavailable(str(exc)) from exc
+                await trio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def connect_dedicated(self) -> RedisConnection:
+        """A connection outside the pool (a subscription); the caller closes it."""
+        return await self._connect()
+
+    async def _connect(self) -> RedisConnection:
+        address = self.address
+        with trio.move_on_after(self.connect_timeout):
+            try:
+                tcp = await trio.open_tcp_stream(address.host, address.port)
+            except OSError as exc:
+                raise StoreUnavailable(f"{self.name}: cannot connect: {os_reason(exc)}") from exc
+            stream: trio.abc.Stream = tcp
+            if self._ssl is not None:
+                tls = trio.SSLStream(tcp, self._ssl, server_hostname=address.host)
+                try:
+                    await tls.do_handshake()
+                except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                    tcp.socket.close()
+                    raise StoreUnavailable(f"{self.name}: TLS handshake failed: {exc}") from exc
+                stream = tls
+            conn = RedisConnection(stream, tcp.socket, trio.current_time())
+            try:
+                await self._handshake(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        raise StoreUnavailable(f"{self.name}: not connected within {self.connect_timeout:g}s")
+
+    async def _handshake(self, conn: RedisConnection) -> None:
+        commands: list[tuple[Arg, ...]] = []
+        if self.password is not None:
+            if self.username:
+                commands.append(("AUTH", self.username, self.password))
+            else:
+                commands.append(("AUTH", self.password))
+        if self.db:
+            commands.append(("SELECT", self.db))
+        commands.append(("CLIENT", "SETNAME", "busgate"))
+        payload = b"".join(pack(c) for c in commands)
+        try:
+            replies = await conn.roundtrip(payload, len(commands))
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise StoreUnavailable(f"{self.name}: connection lost during login: {exc}") from exc
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, ServerError):
+                what = str(command[0])
+                raise StoreUnavailable(f"{self.name}: {what} failed: {reply}")

@@ -1,0 +1,299 @@
+"""Where a Redis command goes: one server, or the Redis Cluster node owning the key's slot.
+
+The store sends every command of an operation with one routing key (all keys of a queue share
+the hash tag ``{queue}``, hence one slot), so a pipeline or a script always runs on one node.
+The cluster router keeps a slot map from ``CLUSTER SLOTS``; ``MOVED`` refreshes it and retries,
+``ASK`` (a slot being migrated) sends ``ASKING`` and the commands to the named node once.
+Both commands are safe to repeat: a node that answers MOVED or ASK executed nothing.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import hiredis
+import trio
+
+from adapters.storage.errors import StoreUnavailable
+from adapters.storage.redis_client import (
+    Arg,
+    Command,
+    RedisAddress,
+    RedisClient,
+    Script,
+    ServerError,
+    pack,
+)
+
+log = logging.getLogger("busgate.redis")
+
+SLOTS = 16384
+_MAX_REDIRECTS = 5
+_LISTEN_BACKOFF_MAX = 2.0
+
+MessageHandler = Callable[[bytes, bytes], None]
+
+
+def key_slot(key: bytes) -> int:
+    """Redis Cluster's slot: CRC16 (XMODEM) of the key, or of its ``{hash tag}``."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key, 0) % SLOTS
+
+
+class Router(Protocol):
+    async def pipeline(self, key: bytes, commands: Sequence[Command]) -> list[Any]: ...
+
+    async def eval(self, key: bytes, script: Script, args: Sequence[Arg]) -> Any: ...
+
+    async def execute_everywhere(self, *args: Arg) -> list[Any]: ...
+
+    async def listen(
+        self, pattern: bytes, handler: MessageHandler, *, task_status: trio.TaskStatus[None]
+    ) -> None: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def _eval_on(
+    client: RedisClient,
+    key: bytes,
+    script: Script,
+    args: Sequence[Arg],
+    prefix: Sequence[Command] = (),
+) -> Any:
+    """EVALSHA, falling back to EVAL when the node has not cached the script yet."""
+    for command in (("EVALSHA", script.sha, 1, key, *args), ("EVAL", script.source, 1, key, *args)):
+        replies = await client.pipeline([*prefix, command])
+        reply = replies[-1]
+        if isinstance(reply, ServerError) and reply.code == "NOSCRIPT":
+            continue
+        return reply
+    raise AssertionError("unreachable: EVAL does not answer NOSCRIPT")
+
+
+class Standalone:
+    """One Redis server (with its connection pool)."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+
+    async def pipeline(self, key: bytes, commands: Sequence[Command]) -> list[Any]:
+        return await self.client.pipeline(commands)
+
+    async def eval(self, key: bytes, script: Script, args: Sequence[Arg]) -> Any:
+        reply = await _eval_on(self.client, key, script, args)
+        if isinstance(reply, ServerError):
+            raise reply
+        return reply
+
+    async def execute_everywhere(self, *args: Arg) -> list[Any]:
+        return [await self.client.execute(*args)]
+
+    async def listen(
+        self,
+        pattern: bytes,
+        handler: MessageHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await listen(self.client, pattern, handler, task_status=task_status)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.client.run(task_status=task_status)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class Cluster:
+    """A Redis Cluster: a client per master, a slot map, redirections followed."""
+
+    def __init__(
+        self, seeds: Sequence[RedisAddress], make_client: Callable[[RedisAddress], RedisClient]
+    ) -> None:
+        if not seeds:
+            raise ValueError("a cluster needs at least one seed node")
+        self.seeds = list(seeds)
+        self._make_client = make_client
+        self._clients: dict[RedisAddress, RedisClient] = {}
+        self._slots: list[RedisAddress | None] = [None] * SLOTS
+        self._nursery: trio.Nursery | None = None
+        self._refreshing: trio.Event | None = None
+
+    def client(self, address: RedisAddress) -> RedisClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = self._make_client(address)
+            if self._nursery is not None:
+                self._nursery.start_soon(client.run)
+        return client
+
+    async def refresh(self) -> None:
+        """Reload the slot map from the first node that answers (one refresh at a time)."""
+        if self._refreshing is not None:
+            await self._refreshing.wait()
+            return
+        self._refreshing = trio.Event()
+        try:
+            candidates = list(dict.fromkeys([*self._clients, *self.seeds]))
+            errors = []
+            for address in candidates:
+                try:
+                    ranges = await self.client(address).execute("CLUSTER", "SLOTS")
+                except (StoreUnavailable, ServerError) as exc:
+                    errors.append(f"{address}: {exc}")
+                    continue
+                slots: list[RedisAddress | None] = [None] * SLOTS
+                for start, end, master, *_replicas in ranges:
+                    host = master[0].decode() if master[0] else address.host
+                    owner = RedisAddress(host, int(master[1]))
+                    for slot in range(int(start), int(end) + 1):
+                        slots[slot] = owner
+                self._slots = slots
+                return
+            raise StoreUnavailable("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
+        finally:
+            self._refreshing.set()
+            self._refreshing = None
+
+    async def _owner(self, key: bytes) -> RedisClient:
+        owner = self._slots[key_slot(key)]
+        if owner is None:
+            await self.refresh()
+            owner = self._slots[key_slot(key)]
+            if owner is None:
+                raise StoreUnavailable(f"no cluster node serves slot {key_slot(key)}")
+        return self.client(owner)
+
+    async def pipeline(self, key: bytes, commands: Sequence[Command]) -> list[Any]:
+        return await self._redirected(
+            key, lambda client, asking: self._send(client, commands, asking)
+        )
+
+    async def eval(self, key: bytes, script: Script, args: Sequence[Arg]) -> Any:
+        async def call(client: RedisClient, asking: bool) -> list[Any]:
+            return [await _eval_on(client, key, script, args, [("ASKING",)] if asking else [])]
+
+        (reply,) = await self._redirected(key, call)
+        if isinstance(reply, ServerError):
+            raise reply
+        return reply
+
+    @staticmethod
+    async def _send(client: RedisClient, commands: Sequence[Command], asking: bool) -> list[Any]:
+        if not asking:
+            return await client.pipeline(commands)
+        # ASKING applies to the next command only: one before each, all on one connection.
+        interleaved: list[Command] = []
+        for command in commands:
+            interleaved += [("ASKING",), command]
+        return (await client.pipeline(interleaved))[1::2]
+
+    async def _redirected(self, key: bytes, call: Callable[[RedisClient, bool], Any]) -> list[Any]:
+        client = await self._owner(key)
+        asking = False
+        for _ in range(_MAX_REDIRECTS):
+            replies: list[Any] = await call(client, asking)
+            redirect = next(
+                (r for r in replies if isinstance(r, ServerError) and r.code in ("MOVED", "ASK")),
+                None,
+            )
+            if redirect is None:
+                return replies
+            _code, _slot, target = str(redirect).split(" ", 2)
+            host, _, port = target.rpartition(":")
+            address = RedisAddress(host or client.address.host, int(port))
+            if redirect.code == "MOVED":
+                await self.refresh()
+                client, asking = self.client(address), False
+            else:
+                client, asking = self.client(address), True
+        raise StoreUnavailable(f"too many cluster redirections for key {key!r}")
+
+    async def execute_everywhere(self, *args: Arg) -> list[Any]:
+        if all(owner is None for owner in self._slots):
+            await self.refresh()
+        masters = {owner for owner in self._slots if owner is not None}
+        return [await self.client(address).execute(*args) for address in sorted(masters, key=str)]
+
+    async def listen(
+        self,
+        pattern: bytes,
+        handler: MessageHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # PUBLISH is broadcast over the cluster bus: one subscription on any node hears all.
+        await listen(self.client(self.seeds[0]), pattern, handler, task_status=task_status)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for client in self._clients.values():
+                nursery.start_soon(client.run)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+
+
+async def listen(
+    client: RedisClient,
+    pattern: bytes,
+    handler: MessageHandler,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """PSUBSCRIBE on a dedicated connection, calling ``handler(channel, data)`` per message.
+
+    Reconnects with backoff until cancelled.  Messages published while disconnected are lost;
+    callers must not depend on them for correctness (the dispatcher also rechecks on a timer).
+    """
+    started = False
+    delay = 0.05
+    while True:
+        try:
+            conn = await client.connect_dedicated()
+        except StoreUnavailable as exc:
+            if not started:
+                raise
+            log.warning("notification subscription lost, retrying in %.2fs: %s", delay, exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, _LISTEN_BACKOFF_MAX)
+            continue
+        try:
+            await conn.stream.send_all(pack(("PSUBSCRIBE", pattern)))
+            reader = conn.reader
+            while True:
+                message = reader.gets()
+                if message is False:
+                    data = await conn.stream.receive_some(65536)
+                    if not data:
+                        raise trio.BrokenResourceError("Redis closed the subscription")
+                    reader.feed(bytes(data))
+                    continue
+                kind = message[0]
+                if kind == b"psubscribe":
+                    delay = 0.05
+                    if not started:
+                        started = True
+                        task_status.started()
+                elif kind == b"pmessage":
+                    handler(message[2], message[3])
+        except (trio.BrokenResourceError, OSError, hiredis.ProtocolError) as exc:
+            log.warning("notification subscription broke, reconnecting: %s", exc)
+        finally:
+            conn.close()
+        await trio.sleep(delay)
+        delay = min(delay * 2, _LISTEN_BACKOFF_MAX)

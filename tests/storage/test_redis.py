@@ -1,0 +1,192 @@
+"""Redis-only behaviour against real servers: cluster redirections, wake-ups across hosts,
+authentication, and Redis going away and coming back."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from adapters.storage.errors import StoreUnavailable
+from adapters.storage.fanout import Filter
+from adapters.storage.jobs import NewJob
+from adapters.storage.redis_client import RedisAddress, RedisClient
+from adapters.storage.redis_routing import SLOTS, Cluster, Router, Standalone, key_slot
+from adapters.storage.redis_store import RedisStore, prefix_of
+from tests.support.ports import free_port
+from tests.support.redis import RedisCluster, RedisServer
+
+ROUTES = [("email", Filter())]
+
+
+@asynccontextmanager
+async def opened(router: Router) -> AsyncIterator[RedisStore]:
+    store = RedisStore(router)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        try:
+            yield store
+        finally:
+            await store.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def test_key_slot_matches_redis(redis_cluster: RedisCluster) -> None:
+    node = redis_cluster.nodes[0]
+    for key in (b"orders", b"bg:{orders}:n", b"{user1000}.following", b"foo{}{bar}", b"a{b"):
+        assert key_slot(key) == int(node.cli("CLUSTER", "KEYSLOT", key.decode()))
+    assert key_slot(b"bg:{orders}:n") == key_slot(b"bg:{orders}:j:email:x")
+
+
+async def test_queues_spread_over_the_cluster(redis_cluster: RedisCluster) -> None:
+    redis_cluster.flush()
+    async with opened(Cluster(redis_cluster.seeds, RedisClient)) as store:
+        for i in range(30):
+            await store.push(f"queue{i}", ROUTES, [NewJob(b"x")])
+        for i in range(30):
+            (job,) = await store.reserve(f"queue{i}", "email", 1, 30)
+            assert job.payload == b"x"
+    sizes = [int(node.cli("DBSIZE")) for node in redis_cluster.nodes]
+    assert all(size > 0 for size in sizes), sizes
+
+
+async def test_moved_refreshes_a_stale_slot_map(redis_cluster: RedisCluster) -> None:
+    redis_cluster.flush()
+    cluster = Cluster(redis_cluster.seeds, RedisClient)
+    async with opened(cluster) as store:
+        await cluster.refresh()
+        # Pretend every slot lives on the first node: most queues get MOVED.
+        wrong = redis_cluster.seeds[0]
+        cluster._slots = [wrong] * SLOTS
+        for i in range(10):
+            result = await store.push(f"moved{i}", ROUTES, [NewJob(b"m")])
+            assert result.copies == 1
+        assert len({cluster._slots[key_slot(prefix_of(f"moved{i}") + b"n")] for i in range(10)}) > 1
+
+
+async def test_ask_during_slot_migration(redis_cluster: RedisCluster) -> None:
+    redis_cluster.flush()
+    queue = "migrating"
+    slot = key_slot(prefix_of(queue) + b"n")
+    ids = {n.port: n.cli("CLUSTER", "MYID").strip() for n in redis_cluster.nodes}
+    owner = next(
+        n
+        for n in redis_cluster.nodes
+        if any(
+            "myself" in line and _serves(line, slot)
+            for line in n.cli("CLUSTER", "NODES").splitlines()
+        )
+    )
+    target = next(n for n in redis_cluster.nodes if n is not owner)
+    target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[owner.port])
+    owner.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target.port])
+    try:
+        async with opened(Cluster(redis_cluster.seeds, RedisClient)) as store:
+            # The queue's keys do not exist on the owner yet: it answers ASK, and the
+            # script runs on the importing node after ASKING.
+            await store.push(queue, ROUTES, [NewJob(b"asked")])
+            assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 0
+            assert int(owner.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
+            for node in redis_cluster.nodes:
+                node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", ids[target.port])
+            (job,) = await store.reserve(queue, "email", 1, 30)  # MOVED to the new owner
+            assert job.payload == b"asked"
+    finally:
+        for node in redis_cluster.nodes:
+            node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+
+
+def _serves(line: str, slot: int) -> bool:
+    """Whether a CLUSTER NODES line lists ``slot`` among its ranges."""
+    for part in line.split()[8:]:
+        if part.startswith("["):
+            continue
+        start, _, end = part.partition("-")
+        if int(start) <= slot <= int(end or start):
+            return True
+    return False
+
+
+async def test_push_on_one_host_wakes_a_dispatcher_on_another(
+    redis_server: RedisServer,
+) -> None:
+    redis_server.cli("FLUSHALL")
+    async with (
+        opened(Standalone(RedisClient(redis_server.address))) as host_a,
+        opened(Standalone(RedisClient(redis_server.address))) as host_b,
+    ):
+        woke_after = math.inf
+
+        async def dispatcher_on_b() -> None:
+            nonlocal woke_after
+            start = trio.current_time()
+            assert await host_b.wait_for_jobs("orders", "email", start + 5)
+            woke_after = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dispatcher_on_b)
+            await trio.sleep(0.1)
+            await host_a.push("orders", ROUTES, [NewJob(b"from a")])
+        (job,) = await host_b.reserve("orders", "email", 1, 30)
+    assert job.payload == b"from a"
+    assert woke_after < 0.6  # pushed after 0.1 s; a wake-up, not a poll
+
+
+async def test_redis_down_at_push_is_an_error_and_nothing_is_acknowledged() -> None:
+    client = RedisClient(RedisAddress("127.0.0.1", free_port()), command_timeout=0.5)
+    store = RedisStore(Standalone(client))
+    with pytest.raises(StoreUnavailable, match=r"cannot connect: Connection refused"):
+        await store.push("orders", ROUTES, [NewJob(b"lost?")])
+    await store.aclose()
+
+
+async def test_authentication(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="hunter2")
+    server.start()
+    try:
+        good = RedisStore(Standalone(RedisClient(server.address, password="hunter2")))
+        assert (await good.push("orders", ROUTES, [NewJob(b"x")])).copies == 1
+        await good.aclose()
+        server.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all")
+        user = RedisStore(
+            Standalone(RedisClient(server.address, username="app", password="s3cret"))
+        )
+        assert await user.depth("orders", ["email"]) == 1
+        await user.aclose()
+        bad = RedisClient(server.address, password="wrong", command_timeout=0.5)
+        with pytest.raises(StoreUnavailable, match="AUTH failed: WRONGPASS"):
+            await bad.execute("PING")
+        await bad.aclose()
+    finally:
+        server.stop()
+
+
+async def test_redis_restart_with_aof_loses_no_acknowledged_job(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, appendonly=True)
+    server.start()
+    try:
+        client = RedisClient(server.address, command_timeout=10)
+        async with opened(Standalone(client)) as store:
+            pushed: set[str] = set()
+            for i in range(50):
+                pushed.update((await store.push("orders", ROUTES, [NewJob(b"%d" % i)])).ids)
+            await trio.to_thread.run_sync(lambda: server.stop(hard=True))
+
+            async def come_back() -> None:
+                await trio.sleep(0.5)
+                await trio.to_thread.run_sync(server.start)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(come_back)
+                # Issued while Redis is down: the client reconnects with backoff by itself.
+                for i in range(50, 100):
+                    pushed.update((await store.push("orders", ROUTES, [NewJob(b"%d" % i)])).ids)
+            reserved = await store.reserve("orders", "email", 200, 30)
+        assert {job.id for job in reserved} == pushed
+        assert len(pushed) == 100
+    finally:
+        server.stop()

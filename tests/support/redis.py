@@ -1,0 +1,128 @@
+"""Real redis-server processes for the tests: a standalone server and a 3-master cluster.
+
+The cluster is built the way an operator builds one: three ``redis-server --cluster-enabled
+yes`` nodes joined by ``redis-cli --cluster create``.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from adapters.storage.redis_client import RedisAddress
+from tests.support.ports import free_port, wait_connectable
+
+
+class RedisServer:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        cluster: bool = False,
+        appendonly: bool = False,
+        password: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.cluster = cluster
+        self.appendonly = appendonly
+        self.password = password
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> RedisAddress:
+        return RedisAddress("127.0.0.1", self.port)
+
+    def start(self) -> None:
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.workdir / "redis.log"),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+        ]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        if self.cluster:
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.workdir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+            ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        try:
+            wait_connectable("127.0.0.1", self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def stop(self, *, hard: bool = False) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+        self.process.wait(10)
+        self.process = None
+
+    def cli(self, *args: str) -> str:
+        command = ["redis-cli", "-p", str(self.port)]
+        if self.password is not None:
+            command += ["--no-auth-warning", "-a", self.password]
+        return subprocess.run([*command, *args], check=True, capture_output=True, text=True).stdout
+
+
+class RedisCluster:
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        self.nodes = [RedisServer(workdir / f"node{i}", cluster=True) for i in range(masters)]
+
+    @property
+    def seeds(self) -> list[RedisAddress]:
+        return [node.address for node in self.nodes]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + 20
+        while not all("cluster_state:ok" in node.cli("CLUSTER", "INFO") for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            node.cli("FLUSHALL")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
