@@ -45,7 +45,10 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 async def test_sigkill_mid_run_then_restart_delivers_every_job(
-    store: str, recording_fpm: PhpFpm, record: Path, tmp_path: Path,
+    store: str,
+    recording_fpm: PhpFpm,
+    record: Path,
+    tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
     port = free_port()
@@ -57,9 +60,11 @@ async def test_sigkill_mid_run_then_restart_delivers_every_job(
         store_line = f"store: sqlite:{tmp_path / 'crash.db'}\n"
     config = write_config(tmp_path, {"crash": queue_file(recording_fpm)})
     text = config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}")
-    config.write_text(store_line + "\n".join(
-        line for line in text.splitlines() if not line.startswith("store:")
-    ) + "\n")
+    config.write_text(
+        store_line
+        + "\n".join(line for line in text.splitlines() if not line.startswith("store:"))
+        + "\n"
+    )
     log = tmp_path / "daemon.log"
 
     daemon = start_daemon(config, log)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,147 +19,350 @@ from gateway.resp import (
     encode_command,
 )
 
+Event = Command | OversizedCommand
 
-def parse_all(parser: RequestParser) -> list[Command | OversizedCommand]:
-    events: list[Command | OversizedCommand] = []
+
+def drain(parser: RequestParser) -> list[Event]:
+    events: list[Event] = []
     while (event := parser.next_event()) is not None:
         events.append(event)
     return events
 
 
-def commands_of(data: bytes, **limits: int) -> list[Command | OversizedCommand]:
+def parse(data: bytes, **limits: int) -> list[Event]:
     parser = RequestParser(**limits)
     parser.feed(data)
-    return parse_all(parser)
+    return drain(parser)
+
+
+def parse_in_pieces(pieces: list[bytes], **limits: int) -> list[Event]:
+    parser = RequestParser(**limits)
+    events: list[Event] = []
+    for piece in pieces:
+        parser.feed(piece)
+        events += drain(parser)
+    assert parser.buffered == 0
+    return events
+
+
+def splits(data: bytes) -> list[list[bytes]]:
+    """The data cut in two at every index, and byte by byte."""
+    cut_once = [[data[:i], data[i:]] for i in range(len(data) + 1)]
+    return [*cut_once, [data[i : i + 1] for i in range(len(data))]]
+
+
+def protocol_error(data: bytes, **limits: int) -> str:
+    with pytest.raises(RESPProtocolError) as caught:
+        parse(data, **limits)
+    return str(caught.value)
 
 
 PIPELINE = (
     encode_command("AUTH", "orders", "s3cret")
-    + encode_command("LPUSH", "orders", b'{"a": 1}', b"\r\n\x00")
-    + encode_command("PING")
+    + encode_command("LPUSH", "orders", b'{"a": 1}', b"\r\n\x00", b"")
+    + encode_command("ping")
 )
 EXPECTED = [
     Command((b"AUTH", b"orders", b"s3cret")),
-    Command((b"LPUSH", b"orders", b'{"a": 1}', b"\r\n\x00")),
-    Command((b"PING",)),
+    Command((b"LPUSH", b"orders", b'{"a": 1}', b"\r\n\x00", b"")),
+    Command((b"ping",)),
 ]
 
 
-def test_pipelined_commands() -> None:
-    assert commands_of(PIPELINE) == EXPECTED
-    assert EXPECTED[1].name == b"LPUSH"
+# -- multibulk requests ------------------------------------------------------------------------
 
 
-def test_every_split_point() -> None:
-    for split in range(len(PIPELINE) + 1):
-        parser = RequestParser()
-        parser.feed(PIPELINE[:split])
-        events = parse_all(parser)
-        parser.feed(PIPELINE[split:])
-        events += parse_all(parser)
-        assert events == EXPECTED, split
+def test_pipelined_commands_in_one_feed() -> None:
+    assert parse(PIPELINE) == EXPECTED
+    assert [event.name for event in EXPECTED] == [b"AUTH", b"LPUSH", b"PING"]
 
 
-def test_byte_at_a_time() -> None:
+def test_pipeline_of_many_commands() -> None:
+    wire = b"".join(encode_command("LPUSH", "q", str(i)) for i in range(1000))
+    assert parse(wire) == [Command((b"LPUSH", b"q", str(i).encode())) for i in range(1000)]
+
+
+@pytest.mark.parametrize("pieces", splits(PIPELINE))
+def test_every_split_point(pieces: list[bytes]) -> None:
+    assert parse_in_pieces(pieces) == EXPECTED
+
+
+def test_partial_input_is_held_until_complete() -> None:
     parser = RequestParser()
-    events = []
-    for i in range(len(PIPELINE)):
-        parser.feed(PIPELINE[i : i + 1])
-        events += parse_all(parser)
-    assert events == EXPECTED
+    parser.feed(PIPELINE[:-3])
+    assert drain(parser) == EXPECTED[:2]
+    assert 0 < parser.buffered < len(encode_command("ping"))
+    parser.feed(PIPELINE[-3:])
+    assert drain(parser) == EXPECTED[2:]
     assert parser.buffered == 0
 
 
-def test_empty_multibulk_is_ignored() -> None:
-    assert commands_of(b"*0\r\n*-1\r\n" + encode_command("PING")) == [Command((b"PING",))]
+@pytest.mark.parametrize("empty", [b"*0\r\n", b"*-1\r\n", b"*-10\r\n"])
+def test_empty_multibulk_is_ignored(empty: bytes) -> None:
+    for pieces in splits(empty + encode_command("PING")):
+        assert parse_in_pieces(pieces) == [Command((b"PING",))]
 
 
-def test_inline_commands() -> None:
-    data = b"PING\r\nLPUSH q \"a b\\x41\\n\" 'it\\'s'\n\r\nECHO  x\t y\r\n"
-    assert commands_of(data) == [
-        Command((b"PING",)),
-        Command((b"LPUSH", b"q", b"a bA\n", b"it's")),
-        Command((b"ECHO", b"x", b"y")),
-    ]
+def test_multibulk_count_limit() -> None:
+    assert parse(encode_command(*"abc"), max_multibulk_len=3) == [Command((b"a", b"b", b"c"))]
+    assert protocol_error(encode_command(*"abcd"), max_multibulk_len=3) == (
+        "Protocol error: invalid multibulk length"
+    )
+    assert protocol_error(b"*2000000\r\n") == "Protocol error: invalid multibulk length"
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
         (b"*x\r\n", "invalid multibulk length"),
-        (b"*2000000\r\n", "invalid multibulk length"),
+        (b"*\r\n", "invalid multibulk length"),
+        (b"* 1\r\n", "invalid multibulk length"),
+        (b"*+1\r\n", "invalid multibulk length"),
+        (b"*1_0\r\n", "invalid multibulk length"),
+        (b"*-\r\n", "invalid multibulk length"),
         (b"*1\r\n$-3\r\n", "invalid bulk length"),
         (b"*1\r\n$abc\r\n", "invalid bulk length"),
+        (b"*1\r\n$\r\n", "invalid bulk length"),
+        (b"*1\r\n$+4\r\nPING\r\n", "invalid bulk length"),
+        (b"*1\r\n$" + b"9" * 5000 + b"\r\n", "invalid bulk length"),
         (b"*1\r\n+PING\r\n", "expected '$', got '+'"),
-        (b"*1\r\n$4\r\nPINGxx", "not terminated by CRLF"),
-        (b'LPUSH q "open\r\n', "unbalanced quotes"),
-        (b'LPUSH q "a"b\r\n', "unbalanced quotes"),
-        (b"P" * 70000, "too big inline request"),
+        (b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\nfooz\r\n", "expected '$', got 'f'"),
+        (b"*1\r\n\x01\r\n", "expected '$', got '\\x01'"),
+        (b"*1\r\n$4\r\nPINGxx", "bulk string not terminated by CRLF"),
         (b"*" + b"1" * 70000, "too big mbulk count string"),
+        (b"*" + b"1" * 70000 + b"\r\n", "too big mbulk count string"),
+        (b"*1\r\n$" + b"1" * 70000, "too big bulk count string"),
+        (b"P" * 70000, "too big inline request"),
+        (b'LPUSH q "open\r\n', "unbalanced quotes in request"),
     ],
 )
 def test_malformed_streams(data: bytes, message: str) -> None:
-    with pytest.raises(RESPProtocolError) as caught:
-        commands_of(data)
-    assert str(caught.value).startswith("Protocol error: ")
-    assert message in str(caught.value)
+    assert protocol_error(data) == f"Protocol error: {message}"
 
 
-def test_oversized_argument_is_skipped_without_buffering() -> None:
-    parser = RequestParser(max_bulk_len=1000)
-    size = 10 * 1024 * 1024
-    head = b"*3\r\n$5\r\nLPUSH\r\n$6\r\norders\r\n$%d\r\n" % size
-    parser.feed(head)
-    assert parse_all(parser) == []
-    chunk = b"x" * 65536
-    sent = 0
-    while sent < size:
-        piece = chunk[: min(len(chunk), size - sent)]
-        parser.feed(piece)
-        sent += len(piece)
-        assert parse_all(parser) == []
-        assert parser.buffered < 4096
-    parser.feed(b"\r\n" + encode_command("PING"))
-    assert parse_all(parser) == [OversizedCommand(b"LPUSH", size, 1000), Command((b"PING",))]
-
-
-def test_oversized_argument_in_the_middle_and_all_at_once() -> None:
-    data = encode_command("LPUSH", "q", b"y" * 50, "after") + encode_command("PING")
-    assert commands_of(data, max_bulk_len=10) == [
-        OversizedCommand(b"LPUSH", 50, 10),
-        Command((b"PING",)),
-    ]
-    assert commands_of(encode_command(b"z" * 20), max_bulk_len=10) == [
-        OversizedCommand(None, 20, 10)
-    ]
-
-
-@given(
-    st.lists(st.lists(st.binary(max_size=64), min_size=1, max_size=20), min_size=1, max_size=5),
-    st.integers(1, 50),
-)
-def test_round_trip_in_any_chunking(commands: list[list[bytes]], chunk: int) -> None:
-    wire = b"".join(encode_command(*args) for args in commands)
+def test_a_broken_stream_stays_broken() -> None:
     parser = RequestParser()
-    events = []
-    for i in range(0, len(wire), chunk):
-        parser.feed(wire[i : i + chunk])
-        events += parse_all(parser)
-    assert events == [Command(tuple(args)) for args in commands]
+    parser.feed(b"*x\r\n" + encode_command("PING"))
+    for _ in range(2):
+        with pytest.raises(RESPProtocolError, match="invalid multibulk length"):
+            parser.next_event()
+
+
+def test_negative_limits_are_refused() -> None:
+    with pytest.raises(ValueError):
+        RequestParser(max_bulk_len=-1)
+
+
+# -- oversized arguments -----------------------------------------------------------------------
+
+
+def test_oversized_argument_streams_through_without_buffering() -> None:
+    size = 10 * 1024 * 1024
+    wire = (
+        b"*4\r\n$5\r\nLPUSH\r\n$6\r\norders\r\n$%d\r\n" % size
+        + b"x" * size
+        + b"\r\n$5\r\nafter\r\n"
+        + encode_command("PING")
+    )
+    parser = RequestParser(max_bulk_len=1000)
+    events: list[Event] = []
+    for i in range(0, len(wire), 64 * 1024):
+        parser.feed(wire[i : i + 64 * 1024])
+        if i:  # the first piece holds the length line: the parser learns the size from it
+            assert parser.buffered <= 4096
+        events += drain(parser)
+        assert parser.buffered <= 4096
+    assert events == [OversizedCommand(b"LPUSH", size, 1000), Command((b"PING",))]
+    assert parser.buffered == 0
+
+
+OVERSIZED_WIRE = (
+    encode_command("lpush", "q", b"y" * 50, "after", b"z" * 60, b"")
+    + encode_command(b"n" * 20, "q")
+    + encode_command("LPUSH", "q", b"fits in10!")
+)
+OVERSIZED_EXPECTED = [
+    OversizedCommand(b"LPUSH", 50, 10),
+    OversizedCommand(None, 20, 10),
+    Command((b"LPUSH", b"q", b"fits in10!")),
+]
+
+
+@pytest.mark.parametrize("pieces", splits(OVERSIZED_WIRE))
+def test_oversized_commands_at_every_split_point(pieces: list[bytes]) -> None:
+    assert parse_in_pieces(pieces, max_bulk_len=10) == OVERSIZED_EXPECTED
+
+
+def test_oversized_argument_as_last_argument() -> None:
+    wire = encode_command("LPUSH", "q", b"y" * 11) + encode_command("PING")
+    for pieces in splits(wire):
+        assert parse_in_pieces(pieces, max_bulk_len=10) == [
+            OversizedCommand(b"LPUSH", 11, 10),
+            Command((b"PING",)),
+        ]
+
+
+def args_strategy(max_size: int) -> st.SearchStrategy[list[bytes]]:
+    return st.lists(st.binary(max_size=max_size), min_size=1, max_size=20)
+
+
+@st.composite
+def chunked(draw: st.DrawFn, wire: bytes) -> list[bytes]:
+    cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=12)))
+    bounds = [0, *cuts, len(wire)]
+    return [wire[a:b] for a, b in pairwise(bounds)]
+
+
+@given(st.lists(args_strategy(64), min_size=1, max_size=5), st.data())
+def test_round_trip_in_any_chunking(commands: list[list[bytes]], data: st.DataObject) -> None:
+    wire = b"".join(encode_command(*args) for args in commands)
+    pieces = data.draw(chunked(wire))
+    assert parse_in_pieces(pieces) == [Command(tuple(args)) for args in commands]
+
+
+@given(st.lists(args_strategy(24), min_size=1, max_size=5), st.integers(0, 16), st.data())
+def test_oversized_in_any_chunking(
+    commands: list[list[bytes]], limit: int, data: st.DataObject
+) -> None:
+    def expected(args: list[bytes]) -> Event:
+        for i, arg in enumerate(args):
+            if len(arg) > limit:
+                return OversizedCommand(args[0].upper() if i else None, len(arg), limit)
+        return Command(tuple(args))
+
+    wire = b"".join(encode_command(*args) for args in commands)
+    pieces = data.draw(chunked(wire))
+    events = parse_in_pieces(pieces, max_bulk_len=limit)
+    assert events == [expected(args) for args in commands]
+
+
+def test_argument_of_exactly_the_limit_fits() -> None:
+    assert parse(encode_command("ECHO", b"x" * 10), max_bulk_len=10) == [
+        Command((b"ECHO", b"x" * 10))
+    ]
+
+
+# -- inline requests ---------------------------------------------------------------------------
+
+
+INLINE = b"PING\r\nLPUSH q \"a b\\x41\\n\" 'it\\'s'\n\r\n  \t \nECHO  x\t y\r\n"
+
+
+@pytest.mark.parametrize("pieces", splits(INLINE))
+def test_inline_commands_at_every_split_point(pieces: list[bytes]) -> None:
+    assert parse_in_pieces(pieces) == [
+        Command((b"PING",)),
+        Command((b"LPUSH", b"q", b"a bA\n", b"it's")),
+        Command((b"ECHO", b"x", b"y")),
+    ]
+
+
+def test_inline_and_multibulk_mixed() -> None:
+    wire = b"PING\n" + encode_command("ECHO", "x y") + b"ECHO z\r\n"
+    assert parse(wire) == [
+        Command((b"PING",)),
+        Command((b"ECHO", b"x y")),
+        Command((b"ECHO", b"z")),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "args"),
+    [
+        (b"set k v", [b"set", b"k", b"v"]),
+        (b"  set\tk  ", [b"set", b"k"]),
+        (b'"\\n\\r\\t\\b\\a\\\\\\"\\q"', [b'\n\r\t\b\a\\"q']),
+        (b'"\\x00\\xfF\\x4"', [b"\x00\xff" + b"x4"]),
+        (b'"\\X41"', [b"X41"]),
+        (b"'a\\'b\\n\"c'", [b"a'b\\n\"c"]),
+        (b"\"\" ''", [b"", b""]),
+        (b'a"b c"', [b"ab c"]),
+        (b"a'b c' d", [b"ab c", b"d"]),
+        (b'"a"\x0bb', [b"a", b"b"]),
+        (b"a\x0bb \x0c c", [b"a\x0bb", b"c"]),
+        (b"set k v\x00 ignored", [b"set", b"k", b"v"]),
+        (b"\x00set", []),
+    ],
+)
+def test_inline_quoting(line: bytes, args: list[bytes]) -> None:
+    expected = [Command(tuple(args))] if args else []
+    assert parse(line + b"\r\n") == expected
+    assert parse(line + b"\n") == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b'set "k', b"set 'k", b'set "k"v', b"set 'k'v", b'"a\\"', b"'a\\'", b'"a\x00"'],
+)
+def test_inline_unbalanced_quotes(line: bytes) -> None:
+    assert protocol_error(line + b"\r\n") == "Protocol error: unbalanced quotes in request"
+
+
+def test_inline_length_limit_is_the_same_at_every_split_point() -> None:
+    fits = b"E" * 32 + b"\r\n"
+    for pieces in splits(fits):
+        assert parse_in_pieces(pieces, max_inline_len=32) == [Command((b"E" * 32,))]
+    too_long = b"E" * 33 + b"\r\n"
+    for pieces in splits(too_long):
+        parser = RequestParser(max_inline_len=32)
+        with pytest.raises(RESPProtocolError, match=r"^Protocol error: too big inline request$"):
+            for piece in pieces:
+                parser.feed(piece)
+                drain(parser)
+
+
+def test_long_inline_line_in_small_pieces() -> None:
+    line = b"ECHO " + b"x" * 60000 + b"\r\n"
+    pieces = [line[i : i + 7] for i in range(0, len(line), 7)]
+    assert parse_in_pieces(pieces) == [Command((b"ECHO", b"x" * 60000))]
+
+
+# -- replies -----------------------------------------------------------------------------------
 
 
 def test_reply_encoders() -> None:
-    assert resp.simple_string("OK") == resp.OK
+    assert resp.simple_string("OK") == resp.OK == b"+OK\r\n"
+    assert resp.simple_string("PONG") == resp.PONG
     assert resp.error("ERR bad\r\nthing") == b"-ERR bad  thing\r\n"
+    assert resp.error("WRONGPASS invalid\nusername") == b"-WRONGPASS invalid username\r\n"
     assert resp.integer(-3) == b":-3\r\n"
+    assert resp.integer(0) == b":0\r\n"
     assert resp.bulk_string(b"a\r\nb") == b"$4\r\na\r\nb\r\n"
+    assert resp.bulk_string(b"") == b"$0\r\n\r\n"
     assert resp.bulk_string(None) == b"$-1\r\n"
     assert resp.array([resp.integer(1), resp.OK]) == b"*2\r\n:1\r\n+OK\r\n"
+    assert resp.array([]) == b"*0\r\n"
     assert resp.array(None) == b"*-1\r\n"
-    assert resp.encode([b"a", 1, None, ["x"], SimpleString("OK"), ErrorReply("ERR e")]) == (
-        b"*6\r\n$1\r\na\r\n:1\r\n$-1\r\n*1\r\n$1\r\nx\r\n+OK\r\n-ERR e\r\n"
-    )
-    with pytest.raises(TypeError):
-        resp.encode(True)
     with pytest.raises(ValueError):
         resp.simple_string("a\nb")
+    with pytest.raises(ValueError):
+        resp.simple_string("a\rb")
+
+
+def test_resp3_variants() -> None:
+    assert resp.null(2) == b"$-1\r\n"
+    assert resp.null(3) == b"_\r\n"
+    pairs = [(resp.bulk_string(b"proto"), resp.integer(3))]
+    assert resp.mapping(pairs, 3) == b"%1\r\n$5\r\nproto\r\n:3\r\n"
+    assert resp.mapping(pairs, 2) == b"*2\r\n$5\r\nproto\r\n:3\r\n"
+
+
+def test_generic_encode() -> None:
+    value: resp.Value = [b"a", 1, None, ("x", "é"), SimpleString("OK"), ErrorReply("ERR e\n")]
+    assert resp.encode(value) == (
+        b"*6\r\n$1\r\na\r\n:1\r\n$-1\r\n*2\r\n$1\r\nx\r\n$2\r\n\xc3\xa9\r\n+OK\r\n-ERR e \r\n"
+    )
+    assert resp.encode([]) == b"*0\r\n"
+    with pytest.raises(TypeError):
+        resp.encode(True)
+    with pytest.raises(TypeError):
+        resp.encode(1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SimpleString("two\r\nlines")
+
+
+def test_encode_command() -> None:
+    assert encode_command("SET", b"k", 12) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
+    assert encode_command("ECHO", "é") == b"*2\r\n$4\r\nECHO\r\n$2\r\n\xc3\xa9\r\n"
+    with pytest.raises(TypeError):
+        encode_command("SET", "k", True)
