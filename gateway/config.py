@@ -1,31 +1,44 @@
 """Configuration: the main file plus one YAML drop-in per queue, validated into frozen records.
 
-Every error names the file, the line and the key (``conf.d/orders.yaml:7: topics.email.timeout:
-'30 seconds' is not a duration``).  To know lines, the YAML is composed into nodes and walked
-here rather than loaded into plain dicts.  ``${VAR}`` and ``${VAR:-default}`` in values come
-from the environment (``$$`` is a literal dollar).  Only safe YAML is read.
+Every error names the file, the line and the dotted key::
+
+    conf.d/orders.yaml:12: topics.email.timeout: '30 seconds' is not a duration; write …
+
+To know lines, the YAML is composed into nodes (safe tags only) and walked here instead of
+being loaded into dicts and lists.  Scalars are kept as the text that was written and read by
+the key that wants them: ``0123`` stays ``"0123"`` as a password, and ``1:30`` is not a
+duration, although YAML 1.1 would read them as numbers.
+
+``${VAR}`` and ``${VAR:-default}`` in values come from the environment (as in a shell, the
+default also replaces an empty value); ``$$`` is a literal ``$``.  ``<<`` merge keys work.
+
+The records validate themselves when built (`InvalidField` names the attribute); the loader
+maps a record's complaint back to the YAML node that supplied the value, so a rule is written
+once and still reported with its file and line.
 """
 
 from __future__ import annotations
 
 import difflib
 import glob
+import math
 import os
+import posixpath
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import yaml
 
-from adapters.storage.fanout import FieldCondition, Filter
+from adapters.storage.fanout import FieldCondition, Filter, JSONScalar
 from fastcgi.address import parse_address
 from gateway.units import (
     Rate,
     format_duration,
+    format_rate,
     format_size,
     parse_duration,
     parse_rate,
@@ -33,67 +46,288 @@ from gateway.units import (
 )
 
 DEFAULT_STORE = "sqlite:///var/lib/busgate/busgate.db"
+DEFAULT_LISTEN_RESP = "127.0.0.1:12018"
+DEFAULT_LISTEN_HTTP = "127.0.0.1:12019"
+DEFAULT_INCLUDE = "conf.d/*.yaml"
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+MAX_PAYLOAD_LIMIT = 512 * 1024 * 1024  # Redis's own bulk-string ceiling
 REDACTED = "********"
-U = TypeVar("U")
-_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: ``content_type: form`` sends the payload urlencoded as ``payload=…`` (PHP's ``$_POST``).
+FORM = "form"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+FASTCGI_ONLY = "only applies to FastCGI backends (fastcgi://, fastcgi+unix://)"
+HTTPS_ONLY = "only applies to https:// backends"
+
+KindName = Literal["fastcgi", "http"]
+StoreKind = Literal["sqlite", "redis", "redis-cluster"]
+_T = TypeVar("_T")
 
 
 class ConfigError(Exception):
+    """A configuration file is wrong: where (file, line, dotted key) and what."""
+
     def __init__(self, path: str, line: int | None, key: str | None, message: str) -> None:
+        super().__init__(path, line, key, message)
         self.path = path
         self.line = line
         self.key = key
         self.message = message
-        where = path + (f":{line}" if line is not None else "")
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return ": ".join(part for part in (where, self.key, self.message) if part)
 
 
-# -- the records -----------------------------------------------------------------------------
+class InvalidField(ValueError):
+    """A record was built with a value its rules refuse; ``field`` names the attribute."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+# -- rules shared by the records ---------------------------------------------------------------
+
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+_MEDIA_TYPE = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|\"[^\"\x00-\x1f\x7f]*\"))*"
+)
+_VISIBLE = re.compile(r"[^\x00-\x20\x7f]+")  # no spaces or control characters (header safe)
+
+
+def _check_name(value: object, field: str, what: str) -> None:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise InvalidField(
+            field,
+            f"{value!r} is not a valid {what} name: 1 to 100 letters, digits, '_', '.', ':'"
+            " or '-' ('/' separates queue/topic, braces are Redis hash tags)",
+        )
+
+
+def _check_integer(value: object, field: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(field, f"must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise InvalidField(field, f"must be between {low} and {high}, not {value}")
+
+
+def _check_seconds(value: object, field: str, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidField(field, f"must be a duration in seconds, not {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise InvalidField(field, "must be longer than 0s" if positive else "must not be negative")
+
+
+def _check_boolean(value: object, field: str) -> None:
+    if not isinstance(value, bool):
+        raise InvalidField(field, f"must be true or false, not {value!r}")
+
+
+def _check_absolute(value: object, field: str) -> None:
+    if not isinstance(value, str) or not value.startswith("/") or "\x00" in value:
+        raise InvalidField(field, f"{value!r} must be an absolute path")
+
+
+def _check_visible(value: object, field: str, *, absolute: bool = False) -> None:
+    if not isinstance(value, str) or not _VISIBLE.fullmatch(value):
+        raise InvalidField(field, f"{value!r} must be non-empty, without spaces or control codes")
+    if absolute and not value.startswith("/"):
+        raise InvalidField(field, f"{value!r} must start with /")
+
+
+def _check_status(value: object, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
+        raise InvalidField(field, f"{value!r} is not an HTTP status (100..599)")
+
+
+def backend_kind(url: str) -> KindName:
+    """``fastcgi`` or ``http`` for a backend URL; ``ValueError`` says what is wrong with it."""
+    if not isinstance(url, str) or not _VISIBLE.fullmatch(url):
+        raise ValueError(f"{url!r}: a backend URL has no spaces or control characters")
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme in ("fastcgi", "fastcgi+unix"):
+        parse_address(url)
+        return "fastcgi"
+    if scheme in ("http", "https"):
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            raise ValueError(
+                "a backend URL cannot carry credentials (user:password@); they would not be sent"
+            )
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as exc:
+            raise ValueError(f"{url!r}: {exc}") from None
+        if not parts.hostname:
+            raise ValueError(f"{url!r}: expected {scheme}://host[:port]/path")
+        return "http"
+    raise ValueError(
+        f"{url!r}: expected fastcgi://host:port, fastcgi+unix:///path/to.sock,"
+        " http://host[:port]/path or https://host[:port]/path"
+    )
+
+
+# -- the records -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
+    """Attempts per job, and the exponential backoff between them (capped)."""
+
     max_attempts: int = 5
     backoff: float = 1.0
     max_backoff: float = 600.0
 
+    def __post_init__(self) -> None:
+        _check_integer(self.max_attempts, "max_attempts", 1, 10_000)
+        _check_seconds(self.backoff, "backoff")
+        _check_seconds(self.max_backoff, "max_backoff")
+        if self.max_backoff < self.backoff:
+            raise InvalidField(
+                "max_backoff",
+                f"max_backoff ({format_duration(self.max_backoff)}) is shorter than backoff"
+                f" ({format_duration(self.backoff)})",
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class TopicConfig:
+    """One subscription of a queue: where its jobs go and how they are delivered."""
+
     queue: str
     name: str
-    backend: str
-    kind: Literal["fastcgi", "http"]
-    script: str | None = None
-    uri: str = "/"
-    document_root: str | None = None
-    host: str = "localhost"
-    content_type: str = "application/json"
-    concurrency: int = 4
+    backend: str  # the URL as written (after ${VAR} substitution)
+    kind: KindName  # from the backend's scheme
+    script: str | None = None  # FastCGI: SCRIPT_FILENAME (required); absent for HTTP
+    uri: str = "/"  # FastCGI: REQUEST_URI, so a front controller routes the job
+    document_root: str | None = None  # FastCGI: default the script's directory
+    content_type: str = "application/json"  # any media type, or "form"
+    concurrency: int = 4  # also the cap on open connections to the backend
     timeout: float = 30.0
-    lease: float | None = None  # None: min(timeout, 60s) + 15s
+    lease: float | None = None  # how long a reserved job is held; None: min(timeout, 60s) + 15s
     rate_limit: Rate | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     dead_on: frozenset[int] = frozenset({400, 404, 410, 422})
     filter: Filter = field(default_factory=Filter)
-    status_path: str | None = None
-    verify_tls: bool = True
-    ca_file: str | None = None
-    dead_max_count: int = 10000
+    status_path: str | None = None  # FastCGI: php-fpm's pm.status_path, for health
+    dead_max_count: int = 10_000
     dead_max_age: float = 7 * 86400.0
     completed_max_count: int = 1000
     completed_max_age: float = 3600.0
     paused: bool = False
+    host: str = "localhost"  # FastCGI: HTTP_HOST / SERVER_NAME the application sees
+    verify_tls: bool = True  # https: check the server's certificate
+    ca_file: str | None = None  # https: trust these CAs instead of the system's
+
+    def __post_init__(self) -> None:
+        _check_name(self.queue, "queue", "queue")
+        _check_name(self.name, "name", "topic")
+        try:
+            kind = backend_kind(self.backend)
+        except ValueError as exc:
+            raise InvalidField("backend", str(exc)) from None
+        if self.kind != kind:
+            raise InvalidField("kind", f"is {self.kind!r}, but {self.backend!r} is {kind}")
+        if kind == "fastcgi":
+            if self.script is None:
+                raise InvalidField(
+                    "script", "is required for a FastCGI backend (it is the SCRIPT_FILENAME)"
+                )
+            _check_absolute(self.script, "script")
+            if self.document_root is None:
+                object.__setattr__(self, "document_root", posixpath.dirname(self.script))
+            _check_absolute(self.document_root, "document_root")
+            _check_visible(self.uri, "uri", absolute=True)
+            _check_visible(self.host, "host")
+            if self.status_path is not None:
+                _check_visible(self.status_path, "status_path", absolute=True)
+        else:
+            fastcgi_only = {
+                "script": self.script is not None,
+                "uri": self.uri != "/",
+                "document_root": self.document_root is not None,
+                "status_path": self.status_path is not None,
+                "host": self.host != "localhost",
+            }
+            for name, set_ in fastcgi_only.items():
+                if set_:
+                    raise InvalidField(name, FASTCGI_ONLY)
+        _check_boolean(self.verify_tls, "verify_tls")
+        if self.ca_file is not None:
+            _check_absolute(self.ca_file, "ca_file")
+        if not self.backend.lower().startswith("https:"):
+            if not self.verify_tls:
+                raise InvalidField("verify_tls", HTTPS_ONLY)
+            if self.ca_file is not None:
+                raise InvalidField("ca_file", HTTPS_ONLY)
+        if self.content_type != FORM and not (
+            isinstance(self.content_type, str) and _MEDIA_TYPE.fullmatch(self.content_type)
+        ):
+            raise InvalidField(
+                "content_type",
+                f"{self.content_type!r} is not a media type (like application/json) or 'form'",
+            )
+        _check_integer(self.concurrency, "concurrency", 1, 1024)
+        _check_seconds(self.timeout, "timeout", positive=True)
+        if self.lease is not None:
+            _check_seconds(self.lease, "lease")
+            if self.lease < 1:
+                raise InvalidField("lease", "must be at least 1s")
+        if self.rate_limit is not None and not isinstance(self.rate_limit, Rate):
+            raise InvalidField("rate_limit", f"must be a Rate, not {self.rate_limit!r}")
+        if not isinstance(self.retry, RetryPolicy):
+            raise InvalidField("retry", f"must be a RetryPolicy, not {self.retry!r}")
+        if not isinstance(self.dead_on, frozenset):
+            raise InvalidField("dead_on", f"must be a frozenset, not {self.dead_on!r}")
+        for status in sorted(self.dead_on):
+            _check_status(status, "dead_on")
+        if not isinstance(self.filter, Filter):
+            raise InvalidField("filter", f"must be a Filter, not {self.filter!r}")
+        _check_integer(self.dead_max_count, "dead_max_count", 0, 1_000_000_000)
+        _check_seconds(self.dead_max_age, "dead_max_age")
+        _check_integer(self.completed_max_count, "completed_max_count", 0, 1_000_000_000)
+        _check_seconds(self.completed_max_age, "completed_max_age")
+        _check_boolean(self.paused, "paused")
 
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
+    """A queue: what producers push to, its password, and its topics (fan-out)."""
+
     name: str
     password: str | None
     max_payload: int
     topics: tuple[TopicConfig, ...]
-    source: str
+    source: str  # the file it came from
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name", "queue")
+        if self.password is not None and (not isinstance(self.password, str) or not self.password):
+            raise InvalidField(
+                "password", "is empty; leave the key out for a queue without a password"
+            )
+        if isinstance(self.max_payload, bool) or not isinstance(self.max_payload, int):
+            raise InvalidField("max_payload", f"must be a size in bytes, not {self.max_payload!r}")
+        if not 0 < self.max_payload <= MAX_PAYLOAD_LIMIT:
+            raise InvalidField(
+                "max_payload",
+                f"must be between 1B and {format_size(MAX_PAYLOAD_LIMIT)},"
+                f" not {format_size(max(self.max_payload, 0))}",
+            )
+        if not isinstance(self.topics, tuple) or not self.topics:
+            raise InvalidField("topics", "a queue needs at least one topic")
+        seen: set[str] = set()
+        for topic in self.topics:
+            if not isinstance(topic, TopicConfig) or topic.queue != self.name:
+                raise InvalidField("topics", f"{topic!r} is not a topic of queue {self.name!r}")
+            if topic.name in seen:
+                raise InvalidField("topics", f"topic {topic.name!r} is defined twice")
+            seen.add(topic.name)
 
     def topic(self, name: str) -> TopicConfig | None:
         return next((t for t in self.topics if t.name == name), None)
@@ -101,26 +335,52 @@ class QueueConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    url: str
-    kind: Literal["sqlite", "redis", "redis-cluster"]
-    path: str | None = None
-    nodes: tuple[tuple[str, int], ...] = ()
+    """Where jobs live: an SQLite file, one Redis server, or a Redis Cluster."""
+
+    url: str  # as written; may hold the password, print `redacted_url` instead
+    kind: StoreKind
+    path: str | None = None  # sqlite: absolute file path
+    nodes: tuple[tuple[str, int], ...] = ()  # redis: (host, port), one unless a cluster
     username: str | None = None
     password: str | None = None
     db: int = 0
     tls: bool = False
 
+    def __post_init__(self) -> None:
+        if self.kind == "sqlite":
+            _check_absolute(self.path, "path")
+            if self.nodes or self.username or self.password or self.db or self.tls:
+                raise InvalidField("kind", "an SQLite store has no hosts, credentials or db")
+            return
+        if self.kind not in ("redis", "redis-cluster"):
+            raise InvalidField("kind", f"{self.kind!r} is not sqlite, redis or redis-cluster")
+        if self.path is not None:
+            raise InvalidField("path", "only an SQLite store has a file")
+        if not self.nodes:
+            raise InvalidField("nodes", "a Redis store needs host:port")
+        for host, port in self.nodes:
+            if not host or not isinstance(port, int) or not 0 < port < 65536:
+                raise InvalidField("nodes", f"{host}:{port} is not a host and port")
+        if self.kind == "redis" and len(self.nodes) != 1:
+            raise InvalidField("nodes", "several hosts need redis+cluster://")
+        _check_integer(self.db, "db", 0, 1_000_000)
+        if self.kind == "redis-cluster" and self.db != 0:
+            raise InvalidField("db", "a Redis Cluster has only database 0")
+
     @property
     def redacted_url(self) -> str:
-        if self.password is None:
-            return self.url
-        return self.url.replace(f":{self.password}@", f":{REDACTED}@", 1)
+        """The URL with its password replaced by ``********``."""
+        return _redact_url(self.url)
 
 
 @dataclass(frozen=True, slots=True)
 class Listen:
     host: str
-    port: int
+    port: int  # 0: any free port (tests)
+
+    def __post_init__(self) -> None:
+        _check_visible(self.host, "host")
+        _check_integer(self.port, "port", 0, 65535)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -128,13 +388,20 @@ class Listen:
 
 @dataclass(frozen=True, slots=True)
 class ProducerLimits:
-    max_connections: int = 10000
-    max_pipeline: int = 10000
+    max_connections: int = 10_000
+    max_pipeline: int = 10_000
     idle_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check_integer(self.max_connections, "max_connections", 1, 1_000_000)
+        _check_integer(self.max_pipeline, "max_pipeline", 1, 1_000_000)
+        _check_seconds(self.idle_timeout, "idle_timeout", positive=True)
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The whole configuration.  Equal configurations compare equal (reload diffs on it)."""
+
     path: str
     store: StoreConfig
     listen_resp: Listen
@@ -143,146 +410,246 @@ class Config:
     include: str
     shutdown_timeout: float
     producer: ProducerLimits
-    queues: Mapping[str, QueueConfig]
+    queues: Mapping[str, QueueConfig]  # read-only, in load order
+
+    def __post_init__(self) -> None:
+        _check_seconds(self.shutdown_timeout, "shutdown_timeout")
+        if self.admin_token_file is not None:
+            _check_absolute(self.admin_token_file, "admin_token_file")
+        resp, http = self.listen_resp, self.listen_http
+        if (resp.host, resp.port) == (http.host, http.port) and resp.port != 0:
+            raise InvalidField("listen_http", f"listen.resp and listen.http are both {http}")
+        queues = MappingProxyType(dict(self.queues))
+        for name, queue in queues.items():
+            if queue.name != name:
+                raise InvalidField("queues", f"queue {queue.name!r} is filed under {name!r}")
+        object.__setattr__(self, "queues", queues)
 
     def queue(self, name: str) -> QueueConfig | None:
         return self.queues.get(name)
 
 
-# -- YAML with lines -------------------------------------------------------------------------
+# -- YAML with lines ---------------------------------------------------------------------------
+
+_TAG = "tag:yaml.org,2002:"
+_SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
+_NULL_TAG = _TAG + "null"
+_MAP_TAG = _TAG + "map"
+_SEQ_TAG = _TAG + "seq"
+_MERGE_TAG = _TAG + "merge"
+#: Aliases can make a small file expand exponentially ("billion laughs"); no config is this big.
+_MAX_VALUES = 100_000
+_REFERENCE = re.compile(r"\$\$|\$\{([^}]*)(\})?")
+_VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+_INTEGER = re.compile(r"[-+]?[0-9]+(?:_[0-9]+)*")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_TRUE = frozenset({"true", "yes", "on"})
+_FALSE = frozenset({"false", "no", "off"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Node:
-    """A YAML value with where it came from."""
+    """A YAML value with the line of its key (of itself in a list) and its dotted key."""
 
-    value: Any  # a scalar, dict[str, _Node] or list[_Node]
     line: int
-    key: str  # dotted path, "" at the top
+    key: str
+    kind: Literal["null", "scalar", "mapping", "sequence"]
+    text: str = ""  # scalars, after ${VAR} substitution
+    plain: bool = False  # unquoted and not from the environment: YAML would type it
+    entries: dict[str, _Node] = field(default_factory=dict)
+    items: list[_Node] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.kind == "scalar":
+            return repr(self.text)
+        return {"null": "empty", "mapping": "a mapping", "sequence": "a list"}[self.kind]
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
 
 
 class _Reader:
-    def __init__(self, path: Path, environ: Mapping[str, str]) -> None:
-        self.path = path
-        self.file = str(path)
-        self.environ = environ
-        self._constructor = yaml.constructor.SafeConstructor()
-        self._resolver = yaml.resolver.Resolver()
+    """One file: YAML composed into `_Node`s, and typed reads that fail with file and line."""
 
-    def error(self, node: _Node | None, message: str, key: str | None = None) -> ConfigError:
-        return ConfigError(
-            self.file,
-            None if node is None else node.line,
-            key or (node.key if node else None) or None,
-            message,
-        )
+    def __init__(self, path: str, environ: Mapping[str, str]) -> None:
+        self.path = path
+        self.environ = environ
+        self._values = 0
+        self._open: set[int] = set()  # collection nodes being converted (alias cycles)
+
+    def error(self, node: _Node, message: str) -> ConfigError:
+        return ConfigError(self.path, node.line, node.key or None, message)
 
     def read(self) -> _Node:
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(self.file, None, None, f"cannot read: {exc}") from None
+            with open(self.path, encoding="utf-8-sig") as file:
+                text = file.read()
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise ConfigError(self.path, line, None, "is not UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(
+                self.path, None, None, f"cannot read: {exc.strerror or exc}"
+            ) from None
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark is not None else None
-            problem = exc.problem or exc.context or "invalid YAML"
-            raise ConfigError(self.file, line, None, f"invalid YAML: {problem}") from None
+            message = f"invalid YAML: {exc.problem or exc.context}"
+            if exc.context and exc.problem and exc.context_mark is not None:
+                message += f" ({exc.context} on line {exc.context_mark.line + 1})"
+            at = None if mark is None else mark.line + 1
+            raise ConfigError(self.path, at, None, message) from None
+        except yaml.reader.ReaderError as exc:
+            line = text.count("\n", 0, exc.position) + 1
+            raise ConfigError(self.path, line, None, f"invalid YAML: {exc.reason}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(self.file, None, None, f"invalid YAML: {exc}") from None
-        if root is None:
-            return _Node({}, 1, "")
-        return self._convert(root, "")
+            raise ConfigError(self.path, None, None, f"invalid YAML: {exc}") from None
+        if root is None:  # an empty file (or only comments)
+            return _Node(1, "", "mapping")
+        return self._convert(root, "", root.start_mark.line + 1)
 
-    def _convert(self, node: yaml.Node, key: str) -> _Node:
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            out: dict[str, _Node] = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    raise ConfigError(
-                        self.file,
-                        key_node.start_mark.line + 1,
-                        key or None,
-                        "keys must be plain strings",
-                    )
-                name = key_node.value
-                path = f"{key}.{name}" if key else name
-                if name in out:
-                    raise ConfigError(
-                        self.file,
-                        key_node.start_mark.line + 1,
-                        path,
-                        f"duplicate key (first on line {out[name].line})",
-                    )
-                out[name] = self._convert(value_node, path)
-            return _Node(out, line, key)
-        if isinstance(node, yaml.SequenceNode):
-            return _Node(
-                [self._convert(item, f"{key}[{i}]") for i, item in enumerate(node.value)],
-                line,
-                key,
-            )
-        assert isinstance(node, yaml.ScalarNode)
-        raw = node.value
-        if "$" in raw:
-            raw = self._substitute(raw, line, key)
-            if node.style is None:  # unquoted: "${N}" may stand for a number
-                tag = self._resolver.resolve(  # type: ignore[no-untyped-call]
-                    yaml.ScalarNode, raw, (True, False)
-                )
-                node = yaml.ScalarNode(tag, raw, node.start_mark, node.end_mark, node.style)
-            else:
-                node = yaml.ScalarNode(node.tag, raw, node.start_mark, node.end_mark, node.style)
+    def _convert(self, node: yaml.Node, key: str, line: int) -> _Node:
+        self._values += 1
+        if self._values > _MAX_VALUES:
+            raise ConfigError(self.path, line, key or None, "too many values (runaway aliases?)")
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, key, line)
+        if id(node) in self._open:
+            raise ConfigError(self.path, line, key or None, "an alias refers to its own parent")
+        self._open.add(id(node))
         try:
-            value = self._constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
-            raise ConfigError(self.file, line, key, f"invalid value: {exc}") from None
-        return _Node(value, line, key)
+            if isinstance(node, yaml.SequenceNode):
+                self._check_tag(node, _SEQ_TAG, key, line)
+                items = [
+                    self._convert(item, f"{key}[{index}]", item.start_mark.line + 1)
+                    for index, item in enumerate(node.value)
+                ]
+                return _Node(line, key, "sequence", items=items)
+            assert isinstance(node, yaml.MappingNode)
+            self._check_tag(node, _MAP_TAG, key, line)
+            return _Node(line, key, "mapping", entries=self._entries(node, key))
+        finally:
+            self._open.discard(id(node))
 
-    def _substitute(self, text: str, line: int, key: str) -> str:
+    def _entries(self, node: yaml.MappingNode, key: str) -> dict[str, _Node]:
+        entries: dict[str, _Node] = {}
+        merges: list[tuple[yaml.Node, int]] = []
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == _MERGE_TAG:
+                sources = (
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                )
+                merges.extend((source, line) for source in sources)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _SCALAR_TAGS:
+                raise ConfigError(self.path, line, key or None, "a key must be a plain word")
+            name = key_node.value
+            path = _join(key, name)
+            if name in entries:
+                raise ConfigError(
+                    self.path,
+                    line,
+                    path,
+                    f"duplicate key; first given on line {entries[name].line}",
+                )
+            entries[name] = self._convert(value_node, path, line)
+        # Keys written here win over merged ones; of the merged, the first source wins.
+        for source, line in merges:
+            merged = self._convert(source, key, line)
+            if merged.kind != "mapping":
+                raise ConfigError(self.path, line, key or None, "'<<' merges mappings only")
+            for name, value in merged.entries.items():
+                entries.setdefault(name, value)
+        return entries
+
+    def _check_tag(self, node: yaml.Node, expected: str, key: str, line: int) -> None:
+        if node.tag != expected:
+            raise ConfigError(self.path, line, key or None, f"unsupported YAML tag {node.tag}")
+
+    def _scalar(self, node: yaml.ScalarNode, key: str, line: int) -> _Node:
+        if node.tag not in _SCALAR_TAGS:
+            raise ConfigError(self.path, line, key or None, f"unsupported YAML tag {node.tag}")
+        if node.tag == _NULL_TAG:
+            return _Node(line, key, "null")
+        text: str = node.value
+        from_environment = False
+        if "$" in text:
+            text, from_environment = self._substitute(text, line, key)
+        plain = node.style is None and not from_environment
+        return _Node(line, key, "scalar", text=text, plain=plain)
+
+    def _substitute(self, text: str, line: int, key: str) -> tuple[str, bool]:
+        used = False
+
         def replace(match: re.Match[str]) -> str:
+            nonlocal used
             if match.group(0) == "$$":
                 return "$"
-            name, default = match.group(1), match.group(2)
+            reference = _VARIABLE.fullmatch(match.group(1)) if match.group(2) else None
+            if reference is None:
+                raise ConfigError(
+                    self.path,
+                    line,
+                    key or None,
+                    f"{match.group(0)!r} is not a variable reference; write ${{NAME}} or"
+                    " ${NAME:-default} (and $$ for a literal $)",
+                )
+            used = True
+            name, default = reference.group(1), reference.group(2)
             value = self.environ.get(name)
-            if value is None:
-                if default is None:
-                    raise ConfigError(
-                        self.file, line, key, f"environment variable {name} is not set"
-                    )
+            if value:
+                return value
+            if default is not None:
                 return default
+            if value is None:
+                raise ConfigError(
+                    self.path,
+                    line,
+                    key or None,
+                    f"environment variable {name} is not set"
+                    f" (write ${{{name}:-default}} to give a default)",
+                )
             return value
 
-        return _ENV.sub(replace, text)
+        return _REFERENCE.sub(replace, text), used
 
-    # -- typed access -------------------------------------------------------------------------
+    # -- typed reads --------------------------------------------------------------------------
 
-    def mapping(self, node: _Node) -> _Section:
-        if not isinstance(node.value, dict):
-            raise self.error(node, f"must be a mapping, not {_kind(node.value)}")
+    def mapping(self, node: _Node, known: tuple[str, ...] | None) -> _Section:
+        """``known``: the keys allowed here (None: any); unknown keys fail before anything."""
+        if node.kind != "mapping":
+            raise self.error(node, f"must be a mapping, not {node.describe()}")
+        if known is not None:
+            for name, item in node.entries.items():
+                if name not in known:
+                    close = difflib.get_close_matches(name, known, n=1)
+                    hint = f"did you mean '{close[0]}'?" if close else f"use {', '.join(known)}"
+                    raise self.error(item, f"unknown key; {hint}")
         return _Section(self, node)
 
-    def string(self, node: _Node) -> str:
-        if isinstance(node.value, str):
-            return node.value
-        if isinstance(node.value, int | float) and not isinstance(node.value, bool):
-            return str(node.value)
-        raise self.error(node, f"must be a string, not {_kind(node.value)}")
+    def sequence(self, node: _Node) -> list[_Node]:
+        if node.kind != "sequence":
+            raise self.error(node, f"must be a list, not {node.describe()}")
+        return node.items
 
-    def integer(self, node: _Node, low: int, high: int) -> int:
-        value = node.value
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self.error(node, f"must be an integer, not {_kind(value)}")
-        if not low <= value <= high:
-            raise self.error(node, f"{value} is out of range {low}..{high}")
-        return value
+    def text(self, node: _Node) -> str:
+        if node.kind != "scalar":
+            raise self.error(node, f"must be a string, not {node.describe()}")
+        return node.text
+
+    def integer(self, node: _Node) -> int:
+        if node.kind != "scalar" or not _INTEGER.fullmatch(node.text.strip()):
+            raise self.error(node, f"must be an integer, not {node.describe()}")
+        return int(node.text.strip().replace("_", ""))
 
     def boolean(self, node: _Node) -> bool:
-        if not isinstance(node.value, bool):
-            raise self.error(node, f"must be true or false, not {_kind(node.value)}")
-        return node.value
+        word = node.text.strip().lower() if node.kind == "scalar" else ""
+        if word not in _TRUE | _FALSE:
+            raise self.error(node, f"must be true or false, not {node.describe()}")
+        return word in _TRUE
 
     def duration(self, node: _Node) -> float:
         return self._unit(node, parse_duration)
@@ -293,395 +660,464 @@ class _Reader:
     def rate(self, node: _Node) -> Rate:
         return self._unit(node, parse_rate)
 
-    def _unit(self, node: _Node, parse: Callable[[Any], U]) -> U:
-        if isinstance(node.value, bool) or node.value is None:
-            raise self.error(node, f"must be a value, not {_kind(node.value)}")
+    def _unit(self, node: _Node, parse: Callable[[str], _T]) -> _T:
         try:
-            return parse(node.value)
+            return parse(self.text(node))
         except ValueError as exc:
             raise self.error(node, str(exc)) from None
 
-    def name(self, node: _Node, what: str) -> str:
-        text = self.string(node)
-        if not _NAME.fullmatch(text):
-            raise self.error(
-                node,
-                f"{text!r} is not a valid {what} name (letters, digits, _ . : -; no / or braces)",
-            )
-        return text
+    def json_scalar(self, node: _Node) -> JSONScalar:
+        """A filter value, read as JSON would: only true/false are booleans, ``01`` is text."""
+        if node.kind == "null":
+            return None
+        if node.kind != "scalar":
+            raise self.error(node, f"must be a plain value, not {node.describe()}")
+        if not node.plain:
+            return node.text
+        if node.text.lower() in ("true", "false"):
+            return node.text.lower() == "true"
+        number = _JSON_NUMBER.fullmatch(node.text)
+        if number is None:
+            return node.text
+        if number.group(1) is None and number.group(2) is None:
+            return int(node.text)
+        value = float(node.text)
+        if not math.isfinite(value):
+            raise self.error(node, f"{node.text} is out of range")
+        return value
 
 
 class _Section:
-    """A mapping being validated: keys taken are checked off; the rest are unknown keys."""
+    """A mapping whose keys are known to be allowed."""
 
     def __init__(self, reader: _Reader, node: _Node) -> None:
         self.reader = reader
         self.node = node
-        self.items: dict[str, _Node] = node.value
-        self._taken: set[str] = set()
 
-    def get(self, key: str) -> _Node | None:
-        self._taken.add(key)
-        node = self.items.get(key)
-        return None if node is None or node.value is None else node
+    def get(self, name: str) -> _Node | None:
+        """The value of ``name``; None when absent or empty (the default applies)."""
+        item = self.node.entries.get(name)
+        return None if item is None or item.kind == "null" else item
 
-    def required(self, key: str) -> _Node:
-        node = self.get(key)
-        if node is None:
-            path = f"{self.node.key}.{key}" if self.node.key else key
-            raise ConfigError(self.reader.file, self.node.line, path, "is required")
-        return node
-
-    def finish(self) -> None:
-        for key, node in self.items.items():
-            if key not in self._taken:
-                close = difflib.get_close_matches(key, sorted(self._taken), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                known = ", ".join(sorted(self._taken))
-                raise ConfigError(
-                    self.reader.file, node.line, node.key, f"unknown key{hint}; known keys: {known}"
-                )
+    def required(self, name: str, why: str = "") -> _Node:
+        item = self.node.entries.get(name)
+        if item is not None and item.kind == "null":
+            raise self.reader.error(item, "must have a value" + why)
+        if item is None:
+            path = _join(self.node.key, name)
+            raise ConfigError(self.reader.path, self.node.line, path, "is required" + why)
+        return item
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "empty"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, int | float):
-        return "a number"
-    return f"{type(value).__name__} {value!r}"
+Given = dict[str, tuple[object, _Node]]
 
 
-# -- loading ---------------------------------------------------------------------------------
+def _build(
+    reader: _Reader,
+    record: Callable[..., _T],
+    where: _Node,
+    given: Given,
+    fixed: Mapping[str, object] | None = None,
+    keys: Mapping[str, str] | None = None,
+    partners: Mapping[str, str] | None = None,
+) -> _T:
+    """Build ``record`` from values read off nodes, and report its complaint at its node.
+
+    A complaint about a value the file did not give lands on its partner in a rule between
+    two values (``partners``) if that one was given, else on the enclosing mapping under the
+    YAML key of that attribute (``keys`` maps attribute names that differ).
+    """
+    try:
+        return record(**(fixed or {}), **{name: value for name, (value, _) in given.items()})
+    except InvalidField as exc:
+        blamed = exc.field
+        if blamed not in given and (partners or {}).get(blamed) in given:
+            blamed = (partners or {})[blamed]
+        if blamed in given:
+            raise reader.error(given[blamed][1], exc.message) from None
+        key = _join(where.key, (keys or {}).get(exc.field, exc.field))
+        raise ConfigError(reader.path, where.line, key, exc.message) from None
+
+
+# -- the main file -----------------------------------------------------------------------------
+
+_MAIN_KEYS = ("store", "listen", "admin_token_file", "include", "shutdown_timeout", "producer")
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read the main file and its drop-ins; raise ``ConfigError`` on the first problem."""
-    main_path = Path(path)
+    """Read the main file and every drop-in it includes; raise `ConfigError` on any mistake."""
     env = os.environ if environ is None else environ
+    main_path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(main_path))
     reader = _Reader(main_path, env)
-    root = reader.mapping(reader.read())
-    base = main_path.resolve().parent
+    root_node = reader.read()
+    root = reader.mapping(root_node, _MAIN_KEYS)
+    given: Given = {}
+    fixed: dict[str, object] = {
+        "path": main_path,
+        "store": parse_store(DEFAULT_STORE, directory),
+        "listen_resp": parse_listen(DEFAULT_LISTEN_RESP),
+        "listen_http": parse_listen(DEFAULT_LISTEN_HTTP),
+        "admin_token_file": None,
+        "include": DEFAULT_INCLUDE,
+        "shutdown_timeout": DEFAULT_SHUTDOWN_TIMEOUT,
+        "producer": ProducerLimits(),
+    }
+    if (item := root.get("store")) is not None:
+        try:
+            given["store"] = (parse_store(reader.text(item), directory), item)
+        except ValueError as exc:
+            raise reader.error(item, str(exc)) from None
+    if (item := root.get("listen")) is not None:
+        listen = reader.mapping(item, ("resp", "http"))
+        for name in ("resp", "http"):
+            if (address := listen.get(name)) is not None:
+                given[f"listen_{name}"] = (_listen(reader, address), address)
+    if (item := root.get("admin_token_file")) is not None:
+        token_file = os.path.normpath(os.path.join(directory, reader.text(item)))
+        given["admin_token_file"] = (token_file, item)
+    if (item := root.get("include")) is not None:
+        given["include"] = (reader.text(item), item)
+    if (item := root.get("shutdown_timeout")) is not None:
+        given["shutdown_timeout"] = (reader.duration(item), item)
+    if (item := root.get("producer")) is not None:
+        given["producer"] = (_producer(reader, item), item)
+    for name in given:
+        fixed.pop(name, None)
+    keys = {"listen_resp": "listen.resp", "listen_http": "listen.http"}
+    partners = {"listen_http": "listen_resp"}
+    # The main file is checked whole before any drop-in is read.
+    config = _build(reader, Config, root_node, given, {**fixed, "queues": {}}, keys, partners)
+    return replace(config, queues=_load_queues(main_path, config.include, env))
 
-    store_node = root.get("store")
-    store = _store(reader, store_node, base)
-    listen = root.get("listen")
-    listen_resp, listen_http = Listen("127.0.0.1", 12018), Listen("127.0.0.1", 12019)
-    if listen is not None:
-        section = reader.mapping(listen)
-        if (node := section.get("resp")) is not None:
-            listen_resp = _listen(reader, node)
-        if (node := section.get("http")) is not None:
-            listen_http = _listen(reader, node)
-        section.finish()
-    token_node = root.get("admin_token_file")
-    admin_token_file = None
-    if token_node is not None:
-        admin_token_file = str(base / reader.string(token_node))
-    include_node = root.get("include")
-    include = "conf.d/*.yaml" if include_node is None else reader.string(include_node)
-    timeout_node = root.get("shutdown_timeout")
-    shutdown_timeout = 30.0 if timeout_node is None else reader.duration(timeout_node)
-    producer = ProducerLimits()
-    if (node := root.get("producer")) is not None:
-        producer = _producer(reader, node)
-    root.finish()
 
+def _load_queues(
+    main_path: str, include: str, environ: Mapping[str, str]
+) -> dict[str, QueueConfig]:
+    pattern = os.path.join(os.path.dirname(main_path), include)
+    main = os.path.abspath(main_path)
+    files = sorted(
+        name for name in glob.glob(pattern, recursive=True) if os.path.abspath(name) != main
+    )
     queues: dict[str, QueueConfig] = {}
-    for file in sorted(glob.glob(str(base / include))):
-        queue = _queue_file(Path(file), env)
+    first_lines: dict[str, int] = {}
+    for file in files:
+        queue, queue_node = _load_queue(file, environ)
         if queue.name in queues:
             raise ConfigError(
                 file,
-                None,
+                queue_node.line,
                 "queue",
-                f"queue '{queue.name}' is already defined in {queues[queue.name].source}",
+                f"queue {queue.name!r} is already defined in"
+                f" {queues[queue.name].source}:{first_lines[queue.name]}",
             )
         queues[queue.name] = queue
-
-    return Config(
-        path=str(main_path),
-        store=store,
-        listen_resp=listen_resp,
-        listen_http=listen_http,
-        admin_token_file=admin_token_file,
-        include=include,
-        shutdown_timeout=shutdown_timeout,
-        producer=producer,
-        queues=MappingProxyType(queues),
-    )
+        first_lines[queue.name] = queue_node.line
+    return queues
 
 
 def _listen(reader: _Reader, node: _Node) -> Listen:
-    text = reader.string(node)
-    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    if node.kind == "sequence":  # [::1]:12018 unquoted starts a YAML list
+        raise reader.error(node, 'must be host:port; quote IPv6 addresses: "[::1]:12018"')
+    try:
+        return parse_listen(reader.text(node))
+    except ValueError as exc:
+        raise reader.error(node, str(exc)) from None
+
+
+_LISTEN = re.compile(
+    r"\[(?P<v6>[0-9A-Za-z:.%_-]+)\]:(?P<port6>[0-9]+)|(?P<host>[^\s:\[\]]+):(?P<port>[0-9]+)"
+)
+
+
+def parse_listen(text: str) -> Listen:
+    """``host:port`` or ``[v6-address]:port``."""
+    match = _LISTEN.fullmatch(text.strip())
     if match is None:
-        raise reader.error(node, f"{text!r} is not host:port (or [v6-address]:port)")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
+        raise ValueError(f"{text!r} is not host:port (or [ipv6-address]:port)")
+    port = int(match.group("port6") or match.group("port"))
     if port > 65535:
-        raise reader.error(node, f"port {port} is out of range 0..65535")
-    return Listen(host, port)
+        raise ValueError(f"{text!r}: port {port} is out of range 0..65535")
+    return Listen(match.group("v6") or match.group("host"), port)
 
 
 def _producer(reader: _Reader, node: _Node) -> ProducerLimits:
-    section = reader.mapping(node)
-    defaults = ProducerLimits()
-    max_connections = defaults.max_connections
-    max_pipeline = defaults.max_pipeline
-    idle_timeout = defaults.idle_timeout
-    if (item := section.get("max_connections")) is not None:
-        max_connections = reader.integer(item, 1, 1_000_000)
-    if (item := section.get("max_pipeline")) is not None:
-        max_pipeline = reader.integer(item, 1, 1_000_000)
+    section = reader.mapping(node, ("max_connections", "max_pipeline", "idle_timeout"))
+    given: Given = {}
+    for name in ("max_connections", "max_pipeline"):
+        if (item := section.get(name)) is not None:
+            given[name] = (reader.integer(item), item)
     if (item := section.get("idle_timeout")) is not None:
-        idle_timeout = reader.duration(item)
-    section.finish()
-    return ProducerLimits(max_connections, max_pipeline, idle_timeout)
+        given["idle_timeout"] = (reader.duration(item), item)
+    return _build(reader, ProducerLimits, node, given)
 
 
-def _store(reader: _Reader, node: _Node | None, base: Path) -> StoreConfig:
-    url = DEFAULT_STORE if node is None else reader.string(node)
+_STORE_FORMS = (
+    "expected sqlite:///absolute/path.db, sqlite:relative/path.db,"
+    " redis://[user:password@]host:port/db, rediss://… (TLS)"
+    " or redis+cluster://host:port,host:port"
+)
 
-    def fail(message: str) -> ConfigError:
-        return ConfigError(
-            reader.file, None if node is None else node.line, "store", f"{url!r}: {message}"
-        )
 
-    if url.startswith("sqlite:"):
-        rest = url[len("sqlite:") :]
-        if rest.startswith("///"):
-            path = rest[2:]
-        elif rest.startswith("//"):
-            raise fail("use sqlite:///absolute/path.db or sqlite:relative/path.db")
-        elif rest:
-            path = str(base / rest)
-        else:
-            raise fail("the SQLite file path is missing")
+def parse_store(url: str, directory: str) -> StoreConfig:
+    """A store URL; a relative SQLite path is taken from ``directory``."""
+    shown = _redact_url(url)
+    scheme, _, rest = url.partition(":")
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        if rest.startswith("//"):
+            if not rest.startswith("///"):
+                raise ValueError(f"{shown!r}: {_STORE_FORMS} (an SQLite URL has no host)")
+            rest = rest[2:]
+        if not rest or rest == ":memory:":
+            raise ValueError(f"{shown!r}: the SQLite file path is missing")
+        path = os.path.normpath(os.path.join(directory, rest))
         return StoreConfig(url=url, kind="sqlite", path=path)
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        raise fail(
-            "expected sqlite:…, redis://host:port/db, rediss://… or"
-            " redis+cluster://host:port,host:port"
-        )
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    username = password = None
-    if userinfo:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
-        if not colon:  # redis://secret@host: a password alone, as redis-cli reads it
-            username, password = None, unquote(user)
-    nodes = []
-    for host_port in hosts.split(","):
-        host, colon, port = host_port.rpartition(":")
-        if not colon or not port.isdigit() or not host:
-            raise fail(f"{host_port!r} is not host:port")
-        nodes.append((host.strip("[]"), int(port)))
-    cluster = parts.scheme.endswith("+cluster")
-    if not cluster and len(nodes) != 1:
-        raise fail("several hosts need redis+cluster://")
-    db = 0
-    path = parts.path.strip("/")
-    if path:
-        if cluster or not path.isdigit():
-            raise fail("the database number must be an integer (and 0 on a cluster)")
-        db = int(path)
-    return StoreConfig(
-        url=url,
-        kind="redis-cluster" if cluster else "redis",
-        nodes=tuple(nodes),
-        username=username,
-        password=password,
-        db=db,
-        tls=parts.scheme.startswith("rediss"),
-    )
-
-
-def _queue_file(path: Path, environ: Mapping[str, str]) -> QueueConfig:
-    reader = _Reader(path, environ)
-    root = reader.mapping(reader.read())
-    name = reader.name(root.required("queue"), "queue")
-    password_node = root.get("password")
-    password = None if password_node is None else reader.string(password_node)
-    size_node = root.get("max_payload")
-    max_payload = 1024 * 1024 if size_node is None else reader.size(size_node)
-    if size_node is not None and not 0 < max_payload <= 512 * 1024 * 1024:
-        raise reader.error(size_node, "must be between 1B and 512MiB")
-    topics_node = root.required("topics")
-    topics_section = reader.mapping(topics_node)
-    if not topics_section.items:
-        raise reader.error(topics_node, "a queue needs at least one topic")
-    topics = []
-    for topic_name, topic_node in topics_section.items.items():
-        topics_section.get(topic_name)
-        checked = reader.name(_Node(topic_name, topic_node.line, topic_node.key), "topic")
-        topics.append(_topic(reader, name, checked, topic_node))
-    root.finish()
-    return QueueConfig(name, password, max_payload, tuple(topics), str(path))
-
-
-def _topic(reader: _Reader, queue: str, name: str, node: _Node) -> TopicConfig:
-    section = reader.mapping(node)
-    backend_node = section.required("backend")
-    backend = reader.string(backend_node)
-    scheme = urlsplit(backend).scheme
-    kind: Literal["fastcgi", "http"]
-    if scheme in ("fastcgi", "fastcgi+unix"):
-        kind = "fastcgi"
-        try:
-            parse_address(backend)
-        except ValueError as exc:
-            raise reader.error(backend_node, str(exc)) from None
-    elif scheme in ("http", "https"):
-        kind = "http"
-        if not urlsplit(backend).hostname:
-            raise reader.error(backend_node, f"{backend!r}: expected http(s)://host[:port]/path")
-    else:
-        raise reader.error(
-            backend_node,
-            f"{backend!r}: expected fastcgi://host:port, fastcgi+unix:///path, http:// or https://",
-        )
-    values: dict[str, Any] = {}
-
-    def fastcgi_only(key: str) -> _Node | None:
-        item = section.get(key)
-        if item is not None and kind != "fastcgi":
-            raise reader.error(item, f"only applies to FastCGI backends, not {scheme}://")
-        return item
-
-    def http_only(key: str) -> _Node | None:
-        item = section.get(key)
-        if item is not None and kind != "http":
-            raise reader.error(item, f"only applies to HTTP backends, not {scheme}://")
-        return item
-
-    script_node = fastcgi_only("script")
-    if kind == "fastcgi":
-        if script_node is None:
-            raise ConfigError(
-                reader.file,
-                node.line,
-                f"{node.key}.script",
-                "is required for a FastCGI backend (the SCRIPT_FILENAME)",
-            )
-        script = reader.string(script_node)
-        if not script.startswith("/"):
-            raise reader.error(script_node, f"{script!r} must be an absolute path")
-        values["script"] = script
-    if (item := fastcgi_only("uri")) is not None:
-        uri = reader.string(item)
-        if not uri.startswith("/"):
-            raise reader.error(item, f"{uri!r} must start with /")
-        values["uri"] = uri
-    if (item := fastcgi_only("document_root")) is not None:
-        values["document_root"] = reader.string(item)
-    if (item := fastcgi_only("host")) is not None:
-        values["host"] = reader.string(item)
-    if (item := fastcgi_only("status_path")) is not None:
-        values["status_path"] = reader.string(item)
-    if (item := http_only("verify_tls")) is not None:
-        values["verify_tls"] = reader.boolean(item)
-    if (item := http_only("ca_file")) is not None:
-        values["ca_file"] = reader.string(item)
-    if (item := section.get("content_type")) is not None:
-        content_type = reader.string(item)
-        if content_type != "form" and "/" not in content_type:
-            raise reader.error(item, f"{content_type!r} is not a media type (or the word form)")
-        values["content_type"] = content_type
-    if (item := section.get("concurrency")) is not None:
-        values["concurrency"] = reader.integer(item, 1, 1024)
-    if (item := section.get("timeout")) is not None:
-        timeout = reader.duration(item)
-        if timeout <= 0:
-            raise reader.error(item, "must be positive")
-        values["timeout"] = timeout
-    if (item := section.get("lease")) is not None:
-        lease = reader.duration(item)
-        if lease < 1:
-            raise reader.error(item, "must be at least 1s")
-        values["lease"] = lease
-    if (item := section.get("rate_limit")) is not None:
-        values["rate_limit"] = reader.rate(item)
-    if (item := section.get("retry")) is not None:
-        values["retry"] = _retry(reader, item)
-    if (item := section.get("dead_on")) is not None:
-        if not isinstance(item.value, list):
-            raise reader.error(item, "must be a list of HTTP statuses")
-        values["dead_on"] = frozenset(reader.integer(s, 100, 599) for s in item.value)
-    if (item := section.get("filter")) is not None:
-        values["filter"] = _filter(reader, item)
-    if (item := section.get("paused")) is not None:
-        values["paused"] = reader.boolean(item)
-    for key, count_field, age_field in (
-        ("dead", "dead_max_count", "dead_max_age"),
-        ("completed", "completed_max_count", "completed_max_age"),
+    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster") or not rest.startswith(
+        "//"
     ):
+        raise ValueError(f"{shown!r}: {_STORE_FORMS}")
+    userinfo, at, location = rest[2:].rpartition("@")  # a password may hold '@' or '/'
+    if "?" in location or "#" in location:
+        raise ValueError(f"{shown!r}: options after '?' are not supported")
+    hosts, _, database = location.partition("/")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        if colon:
+            username, password = unquote(user) or None, unquote(secret) or None
+        else:  # redis://secret@host: a password alone, as redis-cli reads it
+            password = unquote(user) or None
+    nodes = tuple(_host_port(shown, host) for host in hosts.split(","))
+    cluster = scheme.endswith("+cluster")
+    if not cluster and len(nodes) > 1:
+        raise ValueError(f"{shown!r}: several hosts need redis+cluster://")
+    if database and not database.isdigit():
+        raise ValueError(f"{shown!r}: the database must be a number, not {database!r}")
+    db = int(database or "0")
+    if cluster and db:
+        raise ValueError(f"{shown!r}: a Redis Cluster has only database 0")
+    try:
+        return StoreConfig(
+            url=url,
+            kind="redis-cluster" if cluster else "redis",
+            nodes=nodes,
+            username=username,
+            password=password,
+            db=db,
+            tls=scheme.startswith("rediss"),
+        )
+    except InvalidField as exc:
+        raise ValueError(f"{shown!r}: {exc.message}") from None
+
+
+def _host_port(shown: str, text: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[([^\]]+)\](?::([0-9]+))?|([^:\[\]]+)(?::([0-9]+))?", text)
+    if match is None:
+        raise ValueError(f"{shown!r}: {text!r} is not host:port (IPv6 in brackets)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4) or 6379)
+    if not 0 < port < 65536:
+        raise ValueError(f"{shown!r}: port {port} is out of range 1..65535")
+    return host, port
+
+
+def _redact_url(url: str) -> str:
+    """``scheme://user:********@host…``: the password of a URL hidden (as written or not)."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, location = rest.rpartition("@")
+    if not separator or not at or not scheme.lower().startswith("redis"):
+        return url
+    user, colon, _ = userinfo.partition(":")
+    hidden = f"{user}:{REDACTED}" if colon else REDACTED
+    return f"{scheme}://{hidden}@{location}"
+
+
+# -- queue drop-ins ----------------------------------------------------------------------------
+
+_QUEUE_KEYS = ("queue", "password", "max_payload", "topics")
+_TOPIC_KEYS = (
+    "backend",
+    "script",
+    "uri",
+    "document_root",
+    "host",
+    "status_path",
+    "content_type",
+    "concurrency",
+    "timeout",
+    "lease",
+    "rate_limit",
+    "retry",
+    "dead_on",
+    "filter",
+    "dead",
+    "completed",
+    "paused",
+    "verify_tls",
+    "ca_file",
+)
+_FASTCGI_KEYS = ("script", "uri", "document_root", "host", "status_path")
+_HTTPS_KEYS = ("verify_tls", "ca_file")
+_TOPIC_FIELD_KEYS = {
+    "dead_max_count": "dead.max_count",
+    "dead_max_age": "dead.max_age",
+    "completed_max_count": "completed.max_count",
+    "completed_max_age": "completed.max_age",
+}
+
+
+def _load_queue(path: str, environ: Mapping[str, str]) -> tuple[QueueConfig, _Node]:
+    reader = _Reader(path, environ)
+    root_node = reader.read()
+    root = reader.mapping(root_node, _QUEUE_KEYS)
+    queue_node = root.required("queue")
+    name = reader.text(queue_node)
+    given: Given = {"name": (name, queue_node)}
+    if (item := root.get("password")) is not None:
+        given["password"] = (reader.text(item), item)
+    if (item := root.get("max_payload")) is not None:
+        given["max_payload"] = (reader.size(item), item)
+    topics_node = root.required("topics", " (a queue needs at least one topic)")
+    topic_nodes = reader.mapping(topics_node, None).node.entries
+    directory = os.path.dirname(os.path.abspath(path))
+    topics = tuple(
+        _topic(reader, (name, queue_node), topic_name, node, directory)
+        for topic_name, node in topic_nodes.items()
+    )
+    given["topics"] = (topics, topics_node)
+    fixed: dict[str, object] = {
+        "source": path,
+        "password": None,
+        "max_payload": DEFAULT_MAX_PAYLOAD,
+    }
+    for field_name in given:
+        fixed.pop(field_name, None)
+    return _build(reader, QueueConfig, root_node, given, fixed), queue_node
+
+
+def _topic(
+    reader: _Reader, queue: tuple[str, _Node], name: str, node: _Node, directory: str
+) -> TopicConfig:
+    section = reader.mapping(node, _TOPIC_KEYS)
+    backend_node = section.required("backend")
+    backend = reader.text(backend_node)
+    try:
+        kind = backend_kind(backend)
+    except ValueError as exc:
+        raise reader.error(backend_node, str(exc)) from None
+    scheme = backend.partition("://")[0].lower()
+    for key in _FASTCGI_KEYS:
+        if kind != "fastcgi" and (item := section.get(key)) is not None:
+            raise reader.error(item, f"{FASTCGI_ONLY}, not {scheme}://")
+    for key in _HTTPS_KEYS:
+        if scheme != "https" and (item := section.get(key)) is not None:
+            raise reader.error(item, f"{HTTPS_ONLY}, not {scheme}://")
+
+    given: Given = {
+        "queue": queue,
+        "name": (name, node),
+        "backend": (backend, backend_node),
+        "kind": (kind, backend_node),
+    }
+    reads: dict[str, Callable[[_Node], object]] = {
+        "script": reader.text,
+        "uri": reader.text,
+        "document_root": reader.text,
+        "host": reader.text,
+        "status_path": reader.text,
+        "content_type": reader.text,
+        "concurrency": reader.integer,
+        "timeout": reader.duration,
+        "lease": reader.duration,
+        "rate_limit": reader.rate,
+        "retry": lambda item: _retry(reader, item),
+        "dead_on": lambda item: _statuses(reader, item),
+        "filter": lambda item: _filter(reader, item),
+        "paused": reader.boolean,
+        "verify_tls": reader.boolean,
+        "ca_file": lambda item: os.path.normpath(os.path.join(directory, reader.text(item))),
+    }
+    for key, read in reads.items():
         if (item := section.get(key)) is not None:
-            keep = reader.mapping(item)
+            given[key] = (read(item), item)
+    for key in ("dead", "completed"):
+        if (item := section.get(key)) is not None:
+            keep = reader.mapping(item, ("max_count", "max_age"))
             if (count := keep.get("max_count")) is not None:
-                values[count_field] = reader.integer(count, 0, 100_000_000)
+                given[f"{key}_max_count"] = (reader.integer(count), count)
             if (age := keep.get("max_age")) is not None:
-                values[age_field] = reader.duration(age)
-            keep.finish()
-    section.finish()
-    return TopicConfig(queue=queue, name=name, backend=backend, kind=kind, **values)
+                given[f"{key}_max_age"] = (reader.duration(age), age)
+    return _build(reader, TopicConfig, node, given, keys=_TOPIC_FIELD_KEYS)
 
 
 def _retry(reader: _Reader, node: _Node) -> RetryPolicy:
-    section = reader.mapping(node)
-    defaults = RetryPolicy()
-    max_attempts, backoff, max_backoff = (
-        defaults.max_attempts,
-        defaults.backoff,
-        defaults.max_backoff,
-    )
+    section = reader.mapping(node, ("max_attempts", "backoff", "max_backoff"))
+    given: Given = {}
     if (item := section.get("max_attempts")) is not None:
-        max_attempts = reader.integer(item, 1, 1000)
-    if (item := section.get("backoff")) is not None:
-        backoff = reader.duration(item)
-    if (item := section.get("max_backoff")) is not None:
-        max_backoff = reader.duration(item)
-        if max_backoff < backoff:
-            raise reader.error(item, "must not be shorter than backoff")
-    section.finish()
-    return RetryPolicy(max_attempts, backoff, max_backoff)
+        given["max_attempts"] = (reader.integer(item), item)
+    for name in ("backoff", "max_backoff"):
+        if (item := section.get(name)) is not None:
+            given[name] = (reader.duration(item), item)
+    return _build(reader, RetryPolicy, node, given, partners={"max_backoff": "backoff"})
+
+
+def _statuses(reader: _Reader, node: _Node) -> frozenset[int]:
+    statuses = set()
+    for item in reader.sequence(node):
+        status = reader.integer(item)
+        try:
+            _check_status(status, "dead_on")
+        except InvalidField as exc:
+            raise reader.error(item, exc.message) from None
+        statuses.add(status)
+    return frozenset(statuses)
 
 
 def _filter(reader: _Reader, node: _Node) -> Filter:
-    section = reader.mapping(node)
+    """``{state: opened, country: [fr, de], coupon: {present: true}}``: all must hold."""
     conditions = []
-    for field_name, item in section.items.items():
-        section.get(field_name)
-        value = item.value
-        if isinstance(value, dict):
-            spec = reader.mapping(item)
-            present = spec.required("present")
-            conditions.append(FieldCondition(field_name, present=reader.boolean(present)))
-            spec.finish()
-        elif isinstance(value, list):
-            if not value or any(isinstance(v.value, dict | list) for v in value):
-                raise reader.error(item, "an any-of list needs one or more plain values")
-            conditions.append(FieldCondition(field_name, tuple(v.value for v in value)))
+    for name, item in reader.mapping(node, None).node.entries.items():
+        if item.kind == "mapping":
+            spec = reader.mapping(item, ("present",))
+            present = reader.boolean(spec.required("present"))
+            conditions.append(FieldCondition(name, present=present))
+        elif item.kind == "sequence":
+            if not item.items:
+                raise reader.error(item, "an any-of list needs at least one value")
+            values = tuple(reader.json_scalar(value) for value in item.items)
+            conditions.append(FieldCondition(name, values))
         else:
-            conditions.append(FieldCondition(field_name, (value,)))
+            conditions.append(FieldCondition(name, (reader.json_scalar(item),)))
     return Filter(tuple(conditions))
 
 
-# -- printing --------------------------------------------------------------------------------
+# -- printing ----------------------------------------------------------------------------------
+
+
+class _Quoted(str):
+    """A string printed in quotes, so that ``"01"`` or ``"true"`` is not read as a number."""
+
+    __slots__ = ()
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_quoted(dumper: yaml.SafeDumper, data: _Quoted) -> yaml.ScalarNode:
+    return dumper.represent_scalar(_TAG + "str", str(data), style='"')
+
+
+_Dumper.add_representer(_Quoted, _represent_quoted)
 
 
 def render_effective(config: Config) -> str:
     """The configuration with every default filled in and secrets redacted, as YAML."""
+    store = config.store
     document: dict[str, Any] = {
-        "store": config.store.redacted_url,
+        "store": f"sqlite://{store.path}" if store.kind == "sqlite" else store.redacted_url,
         "listen": {"resp": str(config.listen_resp), "http": str(config.listen_http)},
         "admin_token_file": config.admin_token_file,
         "include": config.include,
@@ -691,18 +1127,26 @@ def render_effective(config: Config) -> str:
             "max_pipeline": config.producer.max_pipeline,
             "idle_timeout": format_duration(config.producer.idle_timeout),
         },
-        "queues": [_render_queue(q) for q in config.queues.values()],
+        "queues": [_render_queue(queue) for queue in config.queues.values()],
     }
-    return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    body = yaml.dump(
+        document,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=None,  # short lists and mappings of plain values on one line
+        allow_unicode=True,
+        width=100,
+    )
+    return f"# busgate: effective configuration of {config.path}\n{body}"
 
 
 def _render_queue(queue: QueueConfig) -> dict[str, Any]:
     return {
-        "queue": queue.name,
         "source": queue.source,
+        "queue": queue.name,
         "password": None if queue.password is None else REDACTED,
         "max_payload": format_size(queue.max_payload),
-        "topics": {t.name: _render_topic(t) for t in queue.topics},
+        "topics": {topic.name: _render_topic(topic) for topic in queue.topics},
     }
 
 
@@ -716,29 +1160,33 @@ def _render_topic(topic: TopicConfig) -> dict[str, Any]:
             host=topic.host,
             status_path=topic.status_path,
         )
-    else:
+    if topic.backend.lower().startswith("https:"):
         out.update(verify_tls=topic.verify_tls, ca_file=topic.ca_file)
     out.update(
         content_type=topic.content_type,
         concurrency=topic.concurrency,
         timeout=format_duration(topic.timeout),
         lease=None if topic.lease is None else format_duration(topic.lease),
-        rate_limit=None if topic.rate_limit is None else str(topic.rate_limit),
+        rate_limit=None if topic.rate_limit is None else format_rate(topic.rate_limit),
         retry={
             "max_attempts": topic.retry.max_attempts,
             "backoff": format_duration(topic.retry.backoff),
             "max_backoff": format_duration(topic.retry.max_backoff),
         },
         dead_on=sorted(topic.dead_on),
-        filter={
-            c.field: ({"present": c.present} if c.present is not None else list(c.any_of))
-            for c in topic.filter.conditions
-        },
-        paused=topic.paused,
+        filter={c.field: _render_condition(c) for c in topic.filter.conditions},
         dead={"max_count": topic.dead_max_count, "max_age": format_duration(topic.dead_max_age)},
         completed={
             "max_count": topic.completed_max_count,
             "max_age": format_duration(topic.completed_max_age),
         },
+        paused=topic.paused,
     )
     return out
+
+
+def _render_condition(condition: FieldCondition) -> object:
+    if condition.present is not None:
+        return {"present": condition.present}
+    values = [_Quoted(v) if isinstance(v, str) else v for v in condition.any_of]
+    return values[0] if len(values) == 1 else values

@@ -8,8 +8,9 @@ and the command is reported as ``OversizedCommand``: the server answers it with 
 the connection stays in step.  A malformed stream raises ``RESPProtocolError``, worded as Redis
 words it; the server sends that text and closes the connection.
 
-Parsing 100k ``LPUSH mylist xxx`` requests fed 16 at a time runs at about 310k commands/s
-(CPython 3.11 on the 2-core development machine), so the parser is not what limits ingest.
+Measured: 100k ``*3 LPUSH mylist xxx`` requests fed 16 per ``feed`` parse at 290k-325k
+commands/s (median of 7 runs; about 3.3 us each) with CPython 3.11 on the shared 2-core
+development machine, so the parser is not what limits ingest.
 
 Replies are RESP2.  The reply types busgate sends (simple strings, errors, integers, bulk
 strings, arrays) mean the same in RESP3, so a client that switched to RESP3 with ``HELLO 3``

@@ -139,6 +139,7 @@ def format_rate(rate: Rate) -> str:
 
 def _plain(number: float) -> str:
     """The shortest decimal that reads back as ``number``, never in exponent notation."""
+    number = float(number)
     if number.is_integer():
         return str(int(number))
     text = repr(number)

@@ -25,6 +25,7 @@ from adapters.storage.jobs import (
     Job,
     JobRecord,
     NewJob,
+    Outcome,
     PushResult,
     TopicStats,
 )
@@ -39,6 +40,21 @@ class Due:
 
     count: int
     next_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The outcome of one delivery attempt, to be recorded."""
+
+    job: Job
+    attempt: Attempt
+    outcome: Outcome  # DONE, RETRY or DEAD
+    run_at: float = 0.0  # RETRY: when to deliver again (unix seconds)
+    spend: bool = True  # RETRY: whether the attempt counts against max_attempts
+
+    def __post_init__(self) -> None:
+        if self.outcome not in (Outcome.DONE, Outcome.RETRY, Outcome.DEAD):
+            raise ValueError(f"cannot finish a job as {self.outcome.value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +104,27 @@ class Store(abc.ABC):
         return await self.doorbells[queue, topic].wait(deadline)
 
     @abc.abstractmethod
+    async def finish(self, items: Sequence[Finish]) -> list[bool]:
+        """Record outcomes of leased jobs, many at once; True where the lease still held.
+
+        Dispatchers batch outcomes through this (one store round trip for many jobs);
+        ``ack``, ``retry`` and ``bury`` are the one-job forms.
+        """
+
     async def ack(self, job: Job, attempt: Attempt) -> bool:
         """The job is done: keep it in the completed history."""
+        (recorded,) = await self.finish([Finish(job, attempt, Outcome.DONE)])
+        return recorded
 
-    @abc.abstractmethod
     async def retry(self, job: Job, attempt: Attempt, run_at: float, *, spend: bool = True) -> bool:
         """Deliver again at ``run_at``; ``spend=False`` gives the attempt back (overloaded)."""
+        (recorded,) = await self.finish([Finish(job, attempt, Outcome.RETRY, run_at, spend)])
+        return recorded
 
-    @abc.abstractmethod
     async def bury(self, job: Job, attempt: Attempt) -> bool:
         """The job is dead: keep it, with its history, in the dead-letter list."""
+        (recorded,) = await self.finish([Finish(job, attempt, Outcome.DEAD)])
+        return recorded
 
     @abc.abstractmethod
     async def extend(self, job: Job, lease: float) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-import os
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -45,15 +45,27 @@ class Outcome(enum.Enum):
     RELEASED = "released"  # given back unfinished at shutdown; no attempt spent
 
 
+# Ids and trace ids need to be unique, not unguessable: a Mersenne Twister seeded from the OS
+# (per process, as the random module does) costs no system call per job, os.urandom does.
+_random = random.Random()
+#: Every pair of base32 symbols, indexed by the 10-bit value they encode.
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+
+
 def new_job_id(now: float | None = None) -> str:
-    """A 26-character, time-ordered id (ULID layout: 48-bit ms timestamp, 80 random bits)."""
+    """A 26-character, time-ordered id: a 48-bit ms timestamp and 80 random bits in base32.
+
+    Crockford's alphabet keeps the characters in the same order as the values they stand for,
+    so ids sort by creation time.
+    """
     ms = int((time.time() if now is None else now) * 1000)
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    value = (ms << 80) | _random.getrandbits(80)  # 128 bits, written as 130 (26 symbols)
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -1, -10)])
+
+
+def new_trace_id() -> str:
+    """32 hex digits, a W3C trace id."""
+    return f"{_random.getrandbits(128):032x}"
 
 
 def check_job_id(job_id: str) -> str:

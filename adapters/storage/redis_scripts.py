@@ -4,18 +4,22 @@ Keys of queue Q all start with ``bg:{Q}:`` (the prefix, ARGV[1]), so they share 
 and every script runs unchanged on Redis Cluster; KEYS[1] is always a key of that slot so the
 cluster routes the call.  Layout, per topic T:
 
-    j:T:<id>       hash   the job: p payload, a attributes (JSON), r priority (0 high .. 2 low),
-                          n attempt, e enqueued_at, t run_at, tr trace id, s state
-                          (0 ready, 1 delayed, 2 leased, 3 dead, 4 done), l lease_until,
-                          f finished_at, ls last status, le last error
-    r:T:<p>        list   ready ids of priority p, FIFO
-    d:T            zset   delayed ids by run_at
-    l:T            zset   leased ids by lease_until
-    x:T / c:T      zset   dead / completed ids by finished_at
-    h:T:<id>       list   attempts, one JSON object each (created by the first attempt)
-    n:T            hash   counters: pushed, done, retried, dead, expired, replayed
-    n              hash   queue counters: unmatched
-    wake           channel  PUBLISHed topic names ("~T" for a delayed job) after a change
+    J:T        hash   id -> the job as pushed, packed (``redis_store.pack_record``): priority
+                      byte first, then enqueue and run times, trace id, attributes, payload
+    S:T        hash   id -> "state|attempt|run_at|lease_until|finished_at|status|error", only
+                      once the job has been reserved; a job without it is ready or delayed
+                      (state 0 ready, 1 delayed, 2 leased, 3 dead, 4 done)
+    r:T:<p>    list   ready ids of priority p, FIFO
+    d:T        zset   delayed ids by run_at
+    l:T        zset   leased ids by lease_until
+    x:T / c:T  zset   dead / completed ids by finished_at
+    H:T        hash   id -> attempts, one JSON object per line (from the first attempt on)
+    n:T        hash   counters: pushed, done, retried, dead, expired, replayed
+    n          hash   queue counters: unmatched
+    wake       channel  PUBLISHed topic names ("~T" for a delayed job) after a change
+
+A pending job costs one hash field (its packed record) and one list entry: no key of its
+own, which is what keeps Redis memory close to the payload size.
 """
 
 from __future__ import annotations
@@ -24,15 +28,38 @@ from adapters.storage.redis_client import Script
 
 _COMMON = """
 local prefix = ARGV[1]
-local function jkey(topic, id) return prefix .. 'j:' .. topic .. ':' .. id end
-local function leased(key, attempt)
-  local f = redis.call('HMGET', key, 's', 'n')
-  return f[1] == '2' and f[2] == attempt
+local function K(kind, topic) return prefix .. kind .. ':' .. topic end
+local function get_state(topic, id)
+  local v = redis.call('HGET', K('S', topic), id)
+  if not v then return nil end
+  local s, n, t, l, f, ls, le =
+    string.match(v, '^(%d)|(%d*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  return {s = s, n = n, t = t, l = l, f = f, ls = ls, le = le}
+end
+local function put_state(topic, id, st)
+  redis.call('HSET', K('S', topic), id,
+    table.concat({st.s, st.n, st.t, st.l, st.f, st.ls, st.le}, '|'))
+end
+local function new_state() return {s = '0', n = '0', t = '', l = '', f = '', ls = '', le = ''} end
+local function ready_list(topic, id)
+  local record = redis.call('HGET', K('J', topic), id)
+  return prefix .. 'r:' .. topic .. ':' .. string.byte(record, 1)
+end
+local function leased(topic, id, attempt)
+  local st = get_state(topic, id)
+  if st and st.s == '2' and st.n == attempt then return st end
+  return nil
+end
+local function add_attempt(topic, id, record)
+  local history = redis.call('HGET', K('H', topic), id)
+  redis.call('HSET', K('H', topic), id, history and (history .. '\\n' .. record) or record)
 end
 local function forget(topic, id)
-  redis.call('DEL', jkey(topic, id), prefix .. 'h:' .. topic .. ':' .. id)
-  redis.call('ZREM', prefix .. 'x:' .. topic, id)
-  redis.call('ZREM', prefix .. 'c:' .. topic, id)
+  redis.call('HDEL', K('J', topic), id)
+  redis.call('HDEL', K('S', topic), id)
+  redis.call('HDEL', K('H', topic), id)
+  redis.call('ZREM', K('x', topic), id)
+  redis.call('ZREM', K('c', topic), id)
 end
 """
 
@@ -52,17 +79,18 @@ for _ = 1, njobs do
   i = i + 3
   local topics = {}
   for k = 1, nt do topics[k] = ARGV[i]; i = i + 1 end
-  local payload, attrs, prio = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local run_at, trace = ARGV[i + 3], ARGV[i + 4]
-  i = i + 5
+  local record, prio, run_at = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  i = i + 3
   if nt == 0 then
     unmatched = unmatched + 1
   else
     local dup = false
     if explicit == '1' then
       for _, t in ipairs(all) do
-        local s = redis.call('HGET', jkey(t, id), 's')
-        if s == '0' or s == '1' or s == '2' then dup = true; break end
+        if redis.call('HEXISTS', K('J', t), id) == 1 then
+          local st = get_state(t, id)
+          if not st or st.s == '0' or st.s == '1' or st.s == '2' then dup = true; break end
+        end
       end
     end
     if dup then
@@ -70,13 +98,10 @@ for _ = 1, njobs do
     else
       local is_delayed = tonumber(run_at) > now
       for _, t in ipairs(topics) do
-        local key = jkey(t, id)
         if explicit == '1' then forget(t, id) end
-        redis.call('HSET', key, 'p', payload, 'r', prio, 'n', 0, 'e', ARGV[2], 't', run_at,
-                   'tr', trace, 's', is_delayed and '1' or '0')
-        if attrs ~= '' then redis.call('HSET', key, 'a', attrs) end
+        redis.call('HSET', K('J', t), id, record)
         if is_delayed then
-          redis.call('ZADD', prefix .. 'd:' .. t, run_at, id); delayed[t] = true
+          redis.call('ZADD', K('d', t), run_at, id); delayed[t] = true
         else
           redis.call('RPUSH', prefix .. 'r:' .. t .. ':' .. prio, id); ready[t] = true
         end
@@ -86,7 +111,7 @@ for _ = 1, njobs do
     end
   end
 end
-for t, n in pairs(pushed) do redis.call('HINCRBY', prefix .. 'n:' .. t, 'pushed', n) end
+for t, n in pairs(pushed) do redis.call('HINCRBY', K('n', t), 'pushed', n) end
 if unmatched > 0 then redis.call('HINCRBY', prefix .. 'n', 'unmatched', unmatched) end
 local ready_list, delayed_list = {}, {}
 for t in pairs(ready) do
@@ -113,59 +138,68 @@ for c = 1, #plan do
     end
   end
   if not id then break end
-  local key = jkey(topic, id)
-  if redis.call('EXISTS', key) == 1 then
-    local n = redis.call('HINCRBY', key, 'n', 1)
-    redis.call('HSET', key, 's', '2', 'l', lease_until)
-    redis.call('ZADD', prefix .. 'l:' .. topic, lease_until, id)
-    local f = redis.call('HMGET', key, 'p', 'a', 'r', 'e', 't', 'tr')
-    table.insert(out, {id, f[1], f[2] or '', f[3], n, f[4], f[5], f[6]})
+  local record = redis.call('HGET', K('J', topic), id)
+  if record then
+    local st = get_state(topic, id) or new_state()
+    st.s, st.n, st.l = '2', tostring((tonumber(st.n) or 0) + 1), lease_until
+    put_state(topic, id, st)
+    redis.call('ZADD', K('l', topic), lease_until, id)
+    table.insert(out, {id, record, st.n, st.t})
   end
 end
-return out
+local counts = {}
+for p = 0, 2 do counts[p + 1] = redis.call('LLEN', prefix .. 'r:' .. topic .. ':' .. p) end
+return {out, counts}
 """
 )
 
 FINISH = Script(
     _COMMON
     + """
-local topic, id, attempt, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local status, err, record, final, counter = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local key = jkey(topic, id)
-if not leased(key, attempt) then return 0 end
-redis.call('ZREM', prefix .. 'l:' .. topic, id)
-redis.call('HDEL', key, 'l')
-redis.call('HSET', key, 's', final, 'f', now, 'ls', status, 'le', err)
-redis.call('ZADD', prefix .. (final == '4' and 'c:' or 'x:') .. topic, now, id)
-redis.call('RPUSH', prefix .. 'h:' .. topic .. ':' .. id, record)
-redis.call('HINCRBY', prefix .. 'n:' .. topic, counter, 1)
-return 1
-"""
-)
-
-RETRY = Script(
-    _COMMON
-    + """
-local topic, id, attempt, now, run_at = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local spend, status, err, record = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local key = jkey(topic, id)
-if not leased(key, attempt) then return 0 end
-redis.call('ZREM', prefix .. 'l:' .. topic, id)
-redis.call('HDEL', key, 'l')
-if spend == '0' then redis.call('HINCRBY', key, 'n', -1) end
-redis.call('HSET', key, 't', run_at, 'ls', status, 'le', err)
-redis.call('RPUSH', prefix .. 'h:' .. topic .. ':' .. id, record)
-redis.call('HINCRBY', prefix .. 'n:' .. topic, 'retried', 1)
-if tonumber(run_at) > tonumber(now) then
-  redis.call('HSET', key, 's', '1')
-  redis.call('ZADD', prefix .. 'd:' .. topic, run_at, id)
-  redis.call('PUBLISH', prefix .. 'wake', '~' .. topic)
-  return 2
+local topic, now = ARGV[2], ARGV[3]
+local results = {}
+local counts = {done = 0, dead = 0, retried = 0}
+local woke_ready, woke_delayed = false, false
+for i = 4, #ARGV, 8 do
+  local id, attempt, kind, run_at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local spend, status, err, record = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local st = leased(topic, id, attempt)
+  if not st then
+    table.insert(results, 0)
+  else
+    redis.call('ZREM', K('l', topic), id)
+    add_attempt(topic, id, record)
+    st.l, st.ls, st.le = '', status, err
+    if kind == 'retry' then
+      if spend == '0' then st.n = tostring(tonumber(st.n) - 1) end
+      st.t = run_at
+      if tonumber(run_at) > tonumber(now) then
+        st.s = '1'
+        redis.call('ZADD', K('d', topic), run_at, id)
+        woke_delayed = true
+        table.insert(results, 2)
+      else
+        st.s = '0'
+        redis.call('RPUSH', ready_list(topic, id), id)
+        woke_ready = true
+        table.insert(results, 1)
+      end
+      counts.retried = counts.retried + 1
+    else
+      st.s, st.f = (kind == 'done') and '4' or '3', now
+      redis.call('ZADD', K((kind == 'done') and 'c' or 'x', topic), now, id)
+      counts[kind] = counts[kind] + 1
+      table.insert(results, 3)
+    end
+    put_state(topic, id, st)
+  end
 end
-redis.call('HSET', key, 's', '0')
-redis.call('RPUSH', prefix .. 'r:' .. topic .. ':' .. redis.call('HGET', key, 'r'), id)
-redis.call('PUBLISH', prefix .. 'wake', topic)
-return 1
+for name, n in pairs(counts) do
+  if n > 0 then redis.call('HINCRBY', K('n', topic), name, n) end
+end
+if woke_ready then redis.call('PUBLISH', prefix .. 'wake', topic) end
+if woke_delayed then redis.call('PUBLISH', prefix .. 'wake', '~' .. topic) end
+return results
 """
 )
 
@@ -173,10 +207,11 @@ EXTEND = Script(
     _COMMON
     + """
 local topic, id, attempt, lease_until = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local key = jkey(topic, id)
-if not leased(key, attempt) then return 0 end
-redis.call('HSET', key, 'l', lease_until)
-redis.call('ZADD', prefix .. 'l:' .. topic, 'XX', lease_until, id)
+local st = leased(topic, id, attempt)
+if not st then return 0 end
+st.l = lease_until
+put_state(topic, id, st)
+redis.call('ZADD', K('l', topic), 'XX', lease_until, id)
 return 1
 """
 )
@@ -187,15 +222,14 @@ RELEASE = Script(
 local topic = ARGV[2]
 local released = 0
 for i = 3, #ARGV, 2 do
-  local id, attempt = ARGV[i], ARGV[i + 1]
-  local key = jkey(topic, id)
-  if leased(key, attempt) then
-    redis.call('ZREM', prefix .. 'l:' .. topic, id)
-    redis.call('HDEL', key, 'l')
-    redis.call('HINCRBY', key, 'n', -1)
-    redis.call('HSET', key, 's', '0')
+  local id = ARGV[i]
+  local st = leased(topic, id, ARGV[i + 1])
+  if st then
+    redis.call('ZREM', K('l', topic), id)
+    st.s, st.l, st.n = '0', '', tostring(tonumber(st.n) - 1)
+    put_state(topic, id, st)
     -- to the front: these were next in line before the shutdown
-    redis.call('LPUSH', prefix .. 'r:' .. topic .. ':' .. redis.call('HGET', key, 'r'), id)
+    redis.call('LPUSH', ready_list(topic, id), id)
     released = released + 1
   end
 end
@@ -208,32 +242,31 @@ RECOVER = Script(
     _COMMON
     + """
 local topic, now, max_attempts, limit = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-local lkey = prefix .. 'l:' .. topic
+local lkey = K('l', topic)
 local expired = redis.call('ZRANGEBYSCORE', lkey, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
 local count, dead = 0, 0
 local reason = 'lease expired before an outcome was recorded'
 for i = 1, #expired, 2 do
   local id, lease = expired[i], expired[i + 1]
-  local key = jkey(topic, id)
-  local n = tonumber(redis.call('HGET', key, 'n') or '0')
+  local st = get_state(topic, id) or new_state()
+  local n = tonumber(st.n) or 0
   redis.call('ZREM', lkey, id)
-  redis.call('HDEL', key, 'l')
-  redis.call('RPUSH', prefix .. 'h:' .. topic .. ':' .. id, cjson.encode(
-    {n = n, s = tonumber(lease), d = 0, o = 'expired', e = reason}))
-  redis.call('HSET', key, 'ls', '', 'le', reason)
+  local expiry = {n = n, s = tonumber(lease), d = 0, o = 'expired', e = reason}
+  add_attempt(topic, id, cjson.encode(expiry))
+  st.l, st.ls, st.le = '', '', reason
   if n >= max_attempts then
-    redis.call('HSET', key, 's', '3', 'f', now)
-    redis.call('ZADD', prefix .. 'x:' .. topic, now, id)
+    st.s, st.f = '3', now
+    redis.call('ZADD', K('x', topic), now, id)
     dead = dead + 1
   else
-    redis.call('HSET', key, 's', '0')
-    redis.call('RPUSH', prefix .. 'r:' .. topic .. ':' .. redis.call('HGET', key, 'r'), id)
+    st.s = '0'
+    redis.call('RPUSH', ready_list(topic, id), id)
   end
+  put_state(topic, id, st)
   count = count + 1
 end
-local counters = prefix .. 'n:' .. topic
-if count > 0 then redis.call('HINCRBY', counters, 'expired', count) end
-if dead > 0 then redis.call('HINCRBY', counters, 'dead', dead) end
+if count > 0 then redis.call('HINCRBY', K('n', topic), 'expired', count) end
+if dead > 0 then redis.call('HINCRBY', K('n', topic), 'dead', dead) end
 if count > dead then redis.call('PUBLISH', prefix .. 'wake', topic) end
 local first = redis.call('ZRANGE', lkey, 0, 0, 'WITHSCORES')
 return {count, first[2] or ''}
@@ -244,13 +277,13 @@ PROMOTE = Script(
     _COMMON
     + """
 local topic, now, limit = ARGV[2], ARGV[3], ARGV[4]
-local dkey = prefix .. 'd:' .. topic
+local dkey = K('d', topic)
 local due = redis.call('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(due) do
-  local key = jkey(topic, id)
   redis.call('ZREM', dkey, id)
-  redis.call('HSET', key, 's', '0')
-  redis.call('RPUSH', prefix .. 'r:' .. topic .. ':' .. redis.call('HGET', key, 'r'), id)
+  local st = get_state(topic, id)
+  if st then st.s = '0'; put_state(topic, id, st) end
+  redis.call('RPUSH', ready_list(topic, id), id)
 end
 if #due > 0 then redis.call('PUBLISH', prefix .. 'wake', topic) end
 local first = redis.call('ZRANGE', dkey, 0, 0, 'WITHSCORES')
@@ -263,19 +296,15 @@ PRUNE = Script(
     + """
 local topic, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local removed = 0
-local function drop(zkey, ids)
-  for _, id in ipairs(ids) do
-    redis.call('DEL', jkey(topic, id), prefix .. 'h:' .. topic .. ':' .. id)
-    redis.call('ZREM', zkey, id)
-    removed = removed + 1
-  end
+local function drop(ids)
+  for _, id in ipairs(ids) do forget(topic, id); removed = removed + 1 end
 end
 for k, letter in ipairs({'c', 'x'}) do
-  local zkey = prefix .. letter .. ':' .. topic
+  local zkey = K(letter, topic)
   local max_count, max_age = tonumber(ARGV[3 + 2 * k]), tonumber(ARGV[4 + 2 * k])
-  drop(zkey, redis.call('ZRANGEBYSCORE', zkey, '-inf', '(' .. (now - max_age), 'LIMIT', 0, limit))
+  drop(redis.call('ZRANGEBYSCORE', zkey, '-inf', '(' .. (now - max_age), 'LIMIT', 0, limit))
   local extra = redis.call('ZCARD', zkey) - max_count
-  if extra > 0 then drop(zkey, redis.call('ZRANGE', zkey, 0, math.min(extra, limit) - 1)) end
+  if extra > 0 then drop(redis.call('ZRANGE', zkey, 0, math.min(extra, limit) - 1)) end
 end
 return removed
 """
@@ -288,17 +317,17 @@ local topic, now = ARGV[2], ARGV[3]
 local replayed = 0
 for i = 4, #ARGV do
   local id = ARGV[i]
-  local key = jkey(topic, id)
-  if redis.call('HGET', key, 's') == '3' then
-    redis.call('ZREM', prefix .. 'x:' .. topic, id)
-    redis.call('HDEL', key, 'f')
-    redis.call('HSET', key, 's', '0', 'n', 0, 't', now)
-    redis.call('RPUSH', prefix .. 'r:' .. topic .. ':' .. redis.call('HGET', key, 'r'), id)
+  local st = get_state(topic, id)
+  if st and st.s == '3' then
+    redis.call('ZREM', K('x', topic), id)
+    st.s, st.n, st.t, st.f = '0', '0', now, ''
+    put_state(topic, id, st)
+    redis.call('RPUSH', ready_list(topic, id), id)
     replayed = replayed + 1
   end
 end
 if replayed > 0 then
-  redis.call('HINCRBY', prefix .. 'n:' .. topic, 'replayed', replayed)
+  redis.call('HINCRBY', K('n', topic), 'replayed', replayed)
   redis.call('PUBLISH', prefix .. 'wake', topic)
 end
 return replayed
@@ -311,7 +340,8 @@ DELETE = Script(
 local topic = ARGV[2]
 local deleted = 0
 for i = 3, #ARGV do
-  if redis.call('HGET', jkey(topic, ARGV[i]), 's') == '3' then
+  local st = get_state(topic, ARGV[i])
+  if st and st.s == '3' then
     forget(topic, ARGV[i])
     deleted = deleted + 1
   end

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -22,6 +23,7 @@ from adapters.storage import redis_scripts as scripts
 from adapters.storage.base import (
     DEAD_SCAN_LIMIT,
     Due,
+    Finish,
     Retention,
     Route,
     Store,
@@ -44,6 +46,7 @@ from adapters.storage.jobs import (
     State,
     TopicStats,
     new_job_id,
+    new_trace_id,
 )
 from adapters.storage.priority import PriorityScheduler
 from adapters.storage.redis_client import Script, ServerError
@@ -52,6 +55,7 @@ from adapters.storage.redis_routing import Router
 #: Jobs moved per maintenance script call (promotion, recovery, pruning).
 _BATCH = 1000
 _REGISTRY = b"bg:topics"
+_FINISH_KIND = {Outcome.DONE: "done", Outcome.DEAD: "dead", Outcome.RETRY: "retry"}
 _WAKE_PATTERN = b"bg:{*}:wake"
 
 
@@ -59,30 +63,90 @@ def prefix_of(queue: str) -> bytes:
     return b"bg:{" + queue.encode() + b"}:"
 
 
+_RECORD_HEAD = struct.Struct("!BQQ16sI")
+
+
+def pack_record(job: NewJob, enqueued_at: float, run_at: float, trace_id: str) -> bytes:
+    """A job as pushed, in one string: the priority byte first (scripts read it), then
+    enqueue and run times in ms, the trace id, the attributes (JSON) and the payload."""
+    attributes = json.dumps(dict(job.attributes)).encode() if job.attributes else b""
+    head = _RECORD_HEAD.pack(
+        int(job.priority),
+        round(enqueued_at * 1000),
+        round(run_at * 1000),
+        bytes.fromhex(trace_id),
+        len(attributes),
+    )
+    return head + attributes + job.payload
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    priority: Priority
+    enqueued_at: float
+    run_at: float
+    trace_id: str
+    attributes: Mapping[str, str]
+    payload: bytes
+
+
+def unpack_record(raw: bytes) -> _Record:
+    priority, enqueued_ms, run_ms, trace, attrs_len = _RECORD_HEAD.unpack_from(raw)
+    start = _RECORD_HEAD.size
+    attributes = json.loads(raw[start : start + attrs_len]) if attrs_len else {}
+    return _Record(
+        Priority(priority),
+        enqueued_ms / 1000,
+        run_ms / 1000,
+        trace.hex(),
+        attributes,
+        raw[start + attrs_len :],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """The mutable part of a reserved job: "state|attempt|run_at|lease|finished|status|error"."""
+
+    state: State
+    attempt: int
+    run_at: float | None
+    finished_at: float | None
+    status: int | None
+    error: str | None
+
+    @classmethod
+    def parse(cls, raw: bytes) -> _State:
+        state, attempt, run_at, _lease, finished, status, error = raw.decode().split("|", 6)
+        return cls(
+            State(int(state)),
+            int(attempt or 0),
+            float(run_at) if run_at else None,
+            float(finished) if finished else None,
+            int(status) if status else None,
+            error or None,
+        )
+
+
 def _stamp(value: float) -> str:
     return f"{value:.3f}"
 
 
-def _text(value: bytes | None) -> str:
-    return "" if value is None else value.decode()
-
-
 def encode_attempt(attempt: Attempt) -> str:
-    record: dict[str, Any] = {
-        "n": attempt.attempt,
-        "s": attempt.started_at,
-        "d": attempt.duration,
-        "o": attempt.outcome.value,
-    }
+    """One line of JSON (json.dumps escapes newlines, so lines separate attempts)."""
+    text = (
+        f'{{"n":{attempt.attempt},"s":{attempt.started_at!r},"d":{attempt.duration!r},'
+        f'"o":"{attempt.outcome.value}"'
+    )
     if attempt.status is not None:
-        record["st"] = attempt.status
+        text += f',"st":{attempt.status}'
     if attempt.error:
-        record["e"] = attempt.error
+        text += ',"e":' + json.dumps(attempt.error)
     if attempt.body:
-        record["b"] = base64.b64encode(attempt.body).decode()
+        text += ',"b":"' + base64.b64encode(attempt.body).decode() + '"'
     if attempt.stderr:
-        record["x"] = base64.b64encode(attempt.stderr).decode()
-    return json.dumps(record, separators=(",", ":"))
+        text += ',"x":"' + base64.b64encode(attempt.stderr).decode() + '"'
+    return text + "}"
 
 
 def decode_attempt(raw: bytes) -> Attempt:
@@ -105,6 +169,7 @@ class RedisStore(Store):
         self.router = router
         self._clock = clock
         self._schedulers: dict[tuple[str, str], PriorityScheduler] = {}
+        self._ready_counts: dict[tuple[str, str], list[int]] = {}
         self._registered: set[tuple[str, str]] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -156,21 +221,25 @@ class RedisStore(Store):
         now = self._clock()
         all_topics = [name for name, _ in routes]
         await self._register(queue, all_topics)
-        args: list[Any] = [_stamp(now), len(all_topics), *all_topics, len(jobs)]
+        now_stamp = _stamp(now)
+        args: list[Any] = [now_stamp, len(all_topics), *all_topics, len(jobs)]
+        # Without filters every job goes to every topic: route once, not per job.
+        everyone = all_topics if all(f.accepts_all for _, f in routes) else None
         ids = []
         for job in jobs:
             job_id = job.id or new_job_id(now)
             ids.append(job_id)
-            topics = [job.topic] if job.topic is not None else route(job.payload, routes)
-            run_at = job.run_at if job.run_at is not None and job.run_at > now else now
+            if job.topic is not None:
+                topics = [job.topic]
+            else:
+                topics = everyone if everyone is not None else route(job.payload, routes)
+            if job.run_at is not None and job.run_at > now:
+                run_at, run_stamp = job.run_at, _stamp(job.run_at)
+            else:
+                run_at, run_stamp = now, now_stamp
+            trace_id = job.trace_id or new_trace_id()
             args += [job_id, "1" if job.id is not None else "0", len(topics), *topics]
-            args += [
-                job.payload,
-                json.dumps(dict(job.attributes)) if job.attributes else "",
-                int(job.priority),
-                _stamp(run_at),
-                job.trace_id or os.urandom(16).hex(),
-            ]
+            args += [pack_record(job, now, run_at, trace_id), int(job.priority), run_stamp]
         copies, unmatched, duplicates, ready, delayed = await self._eval(queue, scripts.PUSH, *args)
         for topic in ready:
             self.doorbells.ring(queue, topic.decode())
@@ -188,76 +257,75 @@ class RedisStore(Store):
     # -- dispatchers --------------------------------------------------------------------------
 
     async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
-        prefix = prefix_of(queue)
-        counts = await self._pipeline(
-            queue, [("LLEN", prefix + f"r:{topic}:{int(p)}".encode()) for p in Priority]
-        )
-        scheduler = self._schedulers.setdefault((queue, topic), PriorityScheduler())
+        key = (queue, topic)
+        scheduler = self._schedulers.setdefault(key, PriorityScheduler())
+        # The previous reserve returned the ready counts per priority: under load, plan from
+        # those rather than spend a round trip asking again.  Ask only when there are none,
+        # or the topic was empty last time (then a push woke us and the counts are stale).
+        counts = self._ready_counts.get(key)
+        if not counts or not any(counts):
+            prefix = prefix_of(queue)
+            counts = await self._pipeline(
+                queue, [("LLEN", prefix + f"r:{topic}:{int(p)}".encode()) for p in Priority]
+            )
         plan = scheduler.plan(dict(zip(Priority, counts, strict=True)), limit)
         if not plan:
+            self._ready_counts[key] = [0, 0, 0]
             return []
         lease_until = self._clock() + lease
-        rows = await self._eval(
+        rows, fresh_counts = await self._eval(
             queue, scripts.RESERVE, topic, _stamp(lease_until), "".join(str(int(p)) for p in plan)
         )
-        return [
-            Job(
-                id=job_id.decode(),
-                queue=queue,
-                topic=topic,
-                payload=payload,
-                attributes=json.loads(attrs) if attrs else {},
-                priority=Priority(int(priority)),
-                attempt=int(attempt),
-                enqueued_at=float(enqueued_at),
-                run_at=float(run_at),
-                trace_id=trace.decode(),
-                lease_until=lease_until,
+        self._ready_counts[key] = [int(n) for n in fresh_counts]
+        jobs = []
+        for job_id, raw, attempt, run_at in rows:
+            record = unpack_record(raw)
+            jobs.append(
+                Job(
+                    id=job_id.decode(),
+                    queue=queue,
+                    topic=topic,
+                    payload=record.payload,
+                    attributes=record.attributes,
+                    priority=record.priority,
+                    attempt=int(attempt),
+                    enqueued_at=record.enqueued_at,
+                    run_at=float(run_at) if run_at else record.run_at,
+                    trace_id=record.trace_id,
+                    lease_until=lease_until,
+                )
             )
-            for job_id, payload, attrs, priority, attempt, enqueued_at, run_at, trace in rows
-        ]
+        return jobs
 
-    async def ack(self, job: Job, attempt: Attempt) -> bool:
-        return await self._finish(job, attempt, State.DONE, "done")
-
-    async def bury(self, job: Job, attempt: Attempt) -> bool:
-        return await self._finish(job, attempt, State.DEAD, "dead")
-
-    async def _finish(self, job: Job, attempt: Attempt, state: State, counter: str) -> bool:
-        done = await self._eval(
-            job.queue,
-            scripts.FINISH,
-            job.topic,
-            job.id,
-            job.attempt,
-            _stamp(self._clock()),
-            "" if attempt.status is None else attempt.status,
-            attempt.error or "",
-            encode_attempt(attempt),
-            int(state),
-            counter,
-        )
-        return bool(done)
-
-    async def retry(self, job: Job, attempt: Attempt, run_at: float, *, spend: bool = True) -> bool:
-        result = await self._eval(
-            job.queue,
-            scripts.RETRY,
-            job.topic,
-            job.id,
-            job.attempt,
-            _stamp(self._clock()),
-            _stamp(run_at),
-            "1" if spend else "0",
-            "" if attempt.status is None else attempt.status,
-            attempt.error or "",
-            encode_attempt(attempt),
-        )
-        if result == 1:
-            self.doorbells.ring(job.queue, job.topic)
-        elif result == 2:
-            self.timers.ring(job.queue, job.topic)
-        return bool(result)
+    async def finish(self, items: Sequence[Finish]) -> list[bool]:
+        now = self._clock()
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault((item.job.queue, item.job.topic), []).append(index)
+        recorded = [False] * len(items)
+        for (queue, topic), indexes in groups.items():
+            args: list[Any] = [topic, _stamp(now)]
+            for index in indexes:
+                item = items[index]
+                attempt = item.attempt
+                args += [
+                    item.job.id,
+                    item.job.attempt,
+                    _FINISH_KIND[item.outcome],
+                    _stamp(item.run_at),
+                    "1" if item.spend else "0",
+                    "" if attempt.status is None else attempt.status,
+                    attempt.error or "",
+                    encode_attempt(attempt),
+                ]
+            results = await self._eval(queue, scripts.FINISH, *args)
+            for index, result in zip(indexes, results, strict=True):
+                recorded[index] = bool(result)
+            if 1 in results:
+                self.doorbells.ring(queue, topic)
+            if 2 in results:
+                self.timers.ring(queue, topic)
+        return recorded
 
     async def extend(self, job: Job, lease: float) -> bool:
         extended = await self._eval(
@@ -365,15 +433,28 @@ class RedisStore(Store):
         for member in sorted(members):
             queue, _, topic = member.decode().partition("/")
             prefix = prefix_of(queue)
-            fields, attempts = await self._pipeline(
+            raw, state, delayed_at, history = await self._pipeline(
                 queue,
                 [
-                    ("HGETALL", prefix + f"j:{topic}:{job_id}".encode()),
-                    ("LRANGE", prefix + f"h:{topic}:{job_id}".encode(), 0, -1),
+                    ("HGET", prefix + f"J:{topic}".encode(), job_id),
+                    ("HGET", prefix + f"S:{topic}".encode(), job_id),
+                    ("ZSCORE", prefix + f"d:{topic}".encode(), job_id),
+                    ("HGET", prefix + f"H:{topic}".encode(), job_id),
                 ],
             )
-            if fields:
-                records.append(_job_record(job_id, queue, topic, _pairs(fields), attempts))
+            if raw is not None:
+                parsed = None if state is None else _State.parse(state)
+                records.append(
+                    _job_record(
+                        job_id,
+                        queue,
+                        topic,
+                        unpack_record(raw),
+                        parsed,
+                        delayed_at is not None,
+                        history.split(b"\n") if history else [],
+                    )
+                )
         return records
 
     async def list_dead(
@@ -411,40 +492,32 @@ class RedisStore(Store):
                 for job_id, died in candidates
                 if died < after[0] - 0.0005 or job_id < after[1]
             ]
-        details = (
-            await self._pipeline(
-                queue,
-                [
-                    ("HMGET", prefix + f"j:{topic}:{job_id}".encode(), "p", "a", "n", "ls", "le")
-                    for job_id, _ in candidates
-                ],
-            )
-            if candidates
-            else []
+        job_key, state_key = prefix + f"J:{topic}".encode(), prefix + f"S:{topic}".encode()
+        ids = [job_id for job_id, _ in candidates]
+        raws, states = (
+            await self._pipeline(queue, [("HMGET", job_key, *ids), ("HMGET", state_key, *ids)])
+            if ids
+            else ([], [])
         )
         found: list[DeadJob] = []
         last: tuple[float, str] | None = None
-        for (job_id, died_at), (payload, attrs, attempt, status, error) in zip(
-            candidates, details, strict=True
-        ):
+        for (job_id, died_at), raw, state_raw in zip(candidates, raws, states, strict=True):
             last = (died_at, job_id)
-            if payload is None:
+            if raw is None or state_raw is None:
                 continue
-            attributes = json.loads(attrs) if attrs else {}
-            status_code = int(status) if status else None
-            error_text = error.decode() if error else None
-            if where.matches(status_code, error_text, died_at, attributes):
+            record, state = unpack_record(raw), _State.parse(state_raw)
+            if where.matches(state.status, state.error, died_at, record.attributes):
                 found.append(
                     DeadJob(
                         job_id,
                         queue,
                         topic,
-                        payload,
-                        attributes,
-                        int(attempt or 0),
+                        record.payload,
+                        record.attributes,
+                        state.attempt,
                         died_at,
-                        status_code,
-                        error_text,
+                        state.status,
+                        state.error,
                     )
                 )
                 if len(found) == limit:
@@ -466,26 +539,29 @@ class RedisStore(Store):
         return int(await self._eval(queue, scripts.DELETE, topic, *ids))
 
 
-def _pairs(flat: Sequence[bytes]) -> Mapping[str, bytes]:
-    return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
-
-
 def _job_record(
-    job_id: str, queue: str, topic: str, fields: Mapping[str, bytes], attempts: Sequence[bytes]
+    job_id: str,
+    queue: str,
+    topic: str,
+    record: _Record,
+    state: _State | None,
+    delayed: bool,
+    attempts: Sequence[bytes],
 ) -> JobRecord:
-    finished = fields.get("f")
+    if state is None:  # never reserved: ready, or waiting in the delayed set
+        state = _State(State.DELAYED if delayed else State.READY, 0, None, None, None, None)
     return JobRecord(
         id=job_id,
         queue=queue,
         topic=topic,
-        state=State(int(fields["s"])),
-        payload=fields.get("p", b""),
-        attributes=json.loads(fields["a"]) if fields.get("a") else {},
-        priority=Priority(int(fields.get("r", b"1"))),
-        attempt=int(fields.get("n", b"0")),
-        enqueued_at=float(fields.get("e", b"0")),
-        run_at=float(fields.get("t", b"0")),
-        trace_id=_text(fields.get("tr")),
-        finished_at=float(finished) if finished else None,
+        state=state.state,
+        payload=record.payload,
+        attributes=record.attributes,
+        priority=record.priority,
+        attempt=state.attempt,
+        enqueued_at=record.enqueued_at,
+        run_at=state.run_at or record.run_at,
+        trace_id=record.trace_id,
+        finished_at=state.finished_at,
         attempts=tuple(decode_attempt(raw) for raw in attempts),
     )

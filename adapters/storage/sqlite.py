@@ -14,7 +14,6 @@ as every state change, so stats never count rows.
 from __future__ import annotations
 
 import json
-import os
 import queue as queue_module
 import sqlite3
 import threading
@@ -29,6 +28,7 @@ import trio
 from adapters.storage.base import (
     DEAD_SCAN_LIMIT,
     Due,
+    Finish,
     Retention,
     Route,
     Store,
@@ -51,6 +51,7 @@ from adapters.storage.jobs import (
     State,
     TopicStats,
     new_job_id,
+    new_trace_id,
 )
 from adapters.storage.priority import PriorityScheduler
 
@@ -238,53 +239,17 @@ class SQLiteStore(Store):
 
         return await self._writer.run(op)
 
-    async def ack(self, job: Job, attempt: Attempt) -> bool:
-        return await self._finish(job, attempt, State.DONE, "done")
+    async def finish(self, items: Sequence[Finish]) -> list[bool]:
+        def op(conn: sqlite3.Connection) -> list[State | None]:
+            return [_finish_one(conn, item, self._clock()) for item in items]
 
-    async def bury(self, job: Job, attempt: Attempt) -> bool:
-        return await self._finish(job, attempt, State.DEAD, "dead")
-
-    async def _finish(self, job: Job, attempt: Attempt, state: State, counter: str) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            seq = _leased_seq(conn, job)
-            if seq is None:
-                return False
-            conn.execute(
-                "UPDATE jobs SET state=?, finished_at=?, lease_until=NULL, last_status=?,"
-                " last_error=? WHERE seq=?",
-                (state, self._clock(), attempt.status, attempt.error, seq),
-            )
-            _record_attempt(conn, seq, attempt)
-            _add_depth(conn, job.queue, job.topic, State.LEASED, -1)
-            _add_depth(conn, job.queue, job.topic, state, 1)
-            _count(conn, job.queue, job.topic, counter, 1)
-            return True
-
-        return await self._writer.run(op)
-
-    async def retry(self, job: Job, attempt: Attempt, run_at: float, *, spend: bool = True) -> bool:
-        def op(conn: sqlite3.Connection) -> State | None:
-            seq = _leased_seq(conn, job)
-            if seq is None:
-                return None
-            state = State.DELAYED if run_at > self._clock() else State.READY
-            conn.execute(
-                "UPDATE jobs SET state=?, run_at=?, lease_until=NULL, attempt=attempt-?,"
-                " last_status=?, last_error=? WHERE seq=?",
-                (state, run_at, 0 if spend else 1, attempt.status, attempt.error, seq),
-            )
-            _record_attempt(conn, seq, attempt)
-            _add_depth(conn, job.queue, job.topic, State.LEASED, -1)
-            _add_depth(conn, job.queue, job.topic, state, 1)
-            _count(conn, job.queue, job.topic, "retried", 1)
-            return state
-
-        state = await self._writer.run(op)
-        if state is State.READY:
-            self.doorbells.ring(job.queue, job.topic)
-        elif state is State.DELAYED:
-            self.timers.ring(job.queue, job.topic)
-        return state is not None
+        states = await self._writer.run(op)
+        for item, state in zip(items, states, strict=True):
+            if state is State.READY:
+                self.doorbells.ring(item.job.queue, item.job.topic)
+            elif state is State.DELAYED:
+                self.timers.ring(item.job.queue, item.job.topic)
+        return [state is not None for state in states]
 
     async def extend(self, job: Job, lease: float) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -547,7 +512,38 @@ def _plan_copies(
     job_id = job.id or new_job_id(now)
     topics = [job.topic] if job.topic is not None else route(job.payload, routes)
     run_at = job.run_at if job.run_at is not None and job.run_at > now else now
-    return job_id, topics, run_at, job.trace_id or os.urandom(16).hex()
+    return job_id, topics, run_at, job.trace_id or new_trace_id()
+
+
+_FINAL_STATE = {Outcome.DONE: State.DONE, Outcome.DEAD: State.DEAD}
+_COUNTER = {Outcome.DONE: "done", Outcome.DEAD: "dead", Outcome.RETRY: "retried"}
+
+
+def _finish_one(conn: sqlite3.Connection, item: Finish, now: float) -> State | None:
+    """Record one outcome; the job's new state, or None if its lease was gone."""
+    job, attempt = item.job, item.attempt
+    seq = _leased_seq(conn, job)
+    if seq is None:
+        return None
+    if item.outcome is Outcome.RETRY:
+        state = State.DELAYED if item.run_at > now else State.READY
+        conn.execute(
+            "UPDATE jobs SET state=?, run_at=?, lease_until=NULL, attempt=attempt-?,"
+            " last_status=?, last_error=? WHERE seq=?",
+            (state, item.run_at, 0 if item.spend else 1, attempt.status, attempt.error, seq),
+        )
+    else:
+        state = _FINAL_STATE[item.outcome]
+        conn.execute(
+            "UPDATE jobs SET state=?, finished_at=?, lease_until=NULL, last_status=?,"
+            " last_error=? WHERE seq=?",
+            (state, now, attempt.status, attempt.error, seq),
+        )
+    _record_attempt(conn, seq, attempt)
+    _add_depth(conn, job.queue, job.topic, State.LEASED, -1)
+    _add_depth(conn, job.queue, job.topic, state, 1)
+    _count(conn, job.queue, job.topic, _COUNTER[item.outcome], 1)
+    return state
 
 
 def _has_pending_copy(conn: sqlite3.Connection, queue: str, job_id: str) -> bool:

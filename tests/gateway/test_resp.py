@@ -141,10 +141,12 @@ def test_malformed_streams(data: bytes, message: str) -> None:
 
 
 def test_a_broken_stream_stays_broken() -> None:
+    # The bad line is consumed before it is found bad: a parser that carried on would go on to
+    # read the PING after it.
     parser = RequestParser()
-    parser.feed(b"*x\r\n" + encode_command("PING"))
+    parser.feed(b'LPUSH q "open\r\n' + encode_command("PING"))
     for _ in range(2):
-        with pytest.raises(RESPProtocolError, match="invalid multibulk length"):
+        with pytest.raises(RESPProtocolError, match="unbalanced quotes"):
             parser.next_event()
 
 
@@ -255,6 +257,15 @@ def test_inline_commands_at_every_split_point(pieces: list[bytes]) -> None:
         Command((b"LPUSH", b"q", b"a bA\n", b"it's")),
         Command((b"ECHO", b"x", b"y")),
     ]
+
+
+def test_empty_inline_line_first_in_the_buffer() -> None:
+    # The byte before the line end belongs to this line only if the line is not empty.
+    parser = RequestParser()
+    parser.feed(b"\nECHO a\r")
+    assert drain(parser) == []
+    parser.feed(b"\n")
+    assert drain(parser) == [Command((b"ECHO", b"a"))]
 
 
 def test_inline_and_multibulk_mixed() -> None:
