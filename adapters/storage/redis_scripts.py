@@ -128,27 +128,37 @@ RESERVE = Script(
     _COMMON
     + """
 local topic, lease_until, plan = ARGV[2], ARGV[3], ARGV[4]
+local jobs_key, states_key, leases_key = K('J', topic), K('S', topic), K('l', topic)
+local ready_prefix = prefix .. 'r:' .. topic .. ':'
 local out = {}
 for c = 1, #plan do
-  local id = redis.call('LPOP', prefix .. 'r:' .. topic .. ':' .. string.sub(plan, c, c))
+  local id = redis.call('LPOP', ready_prefix .. string.sub(plan, c, c))
   if not id then  -- the plan was made from counts that may have changed: take what is there
     for _, p in ipairs({'0', '1', '2'}) do
-      id = redis.call('LPOP', prefix .. 'r:' .. topic .. ':' .. p)
+      id = redis.call('LPOP', ready_prefix .. p)
       if id then break end
     end
   end
   if not id then break end
-  local record = redis.call('HGET', K('J', topic), id)
+  local record = redis.call('HGET', jobs_key, id)
   if record then
-    local st = get_state(topic, id) or new_state()
-    st.s, st.n, st.l = '2', tostring((tonumber(st.n) or 0) + 1), lease_until
-    put_state(topic, id, st)
-    redis.call('ZADD', K('l', topic), lease_until, id)
-    table.insert(out, {id, record, st.n, st.t})
+    local attempt, run_at = '1', ''
+    local old = redis.call('HGET', states_key, id)
+    local st
+    if old then
+      st = get_state(topic, id)
+      st.s, st.n, st.l = '2', tostring((tonumber(st.n) or 0) + 1), lease_until
+      attempt, run_at = st.n, st.t
+      put_state(topic, id, st)
+    else  -- first reservation: the common case, written without parsing
+      redis.call('HSET', states_key, id, '2|1||' .. lease_until .. '|||')
+    end
+    redis.call('ZADD', leases_key, lease_until, id)
+    table.insert(out, {id, record, attempt, run_at})
   end
 end
 local counts = {}
-for p = 0, 2 do counts[p + 1] = redis.call('LLEN', prefix .. 'r:' .. topic .. ':' .. p) end
+for p = 0, 2 do counts[p + 1] = redis.call('LLEN', ready_prefix .. p) end
 return {out, counts}
 """
 )
@@ -157,6 +167,7 @@ FINISH = Script(
     _COMMON
     + """
 local topic, now = ARGV[2], ARGV[3]
+local leases_key, history_key = K('l', topic), K('H', topic)
 local results = {}
 local counts = {done = 0, dead = 0, retried = 0}
 local woke_ready, woke_delayed = false, false
@@ -167,8 +178,9 @@ for i = 4, #ARGV, 8 do
   if not st then
     table.insert(results, 0)
   else
-    redis.call('ZREM', K('l', topic), id)
-    add_attempt(topic, id, record)
+    redis.call('ZREM', leases_key, id)
+    local history = redis.call('HGET', history_key, id)
+    redis.call('HSET', history_key, id, history and (history .. '\\n' .. record) or record)
     st.l, st.ls, st.le = '', status, err
     if kind == 'retry' then
       if spend == '0' then st.n = tostring(tonumber(st.n) - 1) end

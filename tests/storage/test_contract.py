@@ -298,3 +298,31 @@ async def test_replay_and_delete_dead_jobs(store: Store, clock: FakeClock) -> No
     assert await store.get_job(ids[2]) == []
     stats = await store.stats("orders", "email")
     assert (stats.dead, stats.leased, stats.replayed_total) == (0, 2, 2)
+
+
+async def test_bulk_replay_by_filter_at_a_rate_and_delete_all(
+    store: Store, clock: FakeClock
+) -> None:
+    from adapters.storage.bulk import delete_where, replay_where
+    from adapters.storage.jobs import DeadFilter
+
+    gone = await _kill(store, [b"%d" % i for i in range(30)], 404, clock)
+    bad = await _kill(store, [b"x%d" % i for i in range(5)], 400, clock)
+    seen: list[tuple[int, int]] = []
+    started = trio.current_time()
+    replayed = await replay_where(
+        store,
+        "orders",
+        "email",
+        DeadFilter(status=404),
+        rate=100.0,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    elapsed = trio.current_time() - started
+    assert replayed == 30
+    assert seen[-1] == (30, 30) and len(seen) == 1  # 100/s: one chunk of 30
+    assert elapsed >= 0.29  # paced: 30 jobs at 100 per second
+    assert {j.id for j in await store.reserve("orders", "email", 100, 30)} == set(gone)
+    assert await replay_where(store, "orders", "email", DeadFilter(status=500)) == 0
+    assert await delete_where(store, "orders", "email", DeadFilter()) == len(bad)
+    assert (await store.stats("orders", "email")).dead == 0
