@@ -23,6 +23,7 @@ import trio
 
 from adapters.delivery.base import Backend
 from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
+from adapters.delivery.http import HTTPBackend, HTTPTarget
 from adapters.storage.base import Store
 from adapters.storage.errors import StoreError
 from adapters.storage.redis_client import RedisAddress, RedisClient
@@ -86,8 +87,15 @@ def build_backend(topic: TopicConfig) -> Backend:
                 max_connections=topic.concurrency,
             )
         )
-    raise StartupError(
-        f"topic {topic.queue}/{topic.name}: {topic.kind} backends are not available yet"
+    return HTTPBackend(
+        HTTPTarget(
+            url=topic.backend,
+            timeout=topic.timeout,
+            content_type=topic.content_type,
+            max_connections=topic.concurrency,
+            verify_tls=topic.verify_tls,
+            ca_file=topic.ca_file,
+        )
     )
 
 

@@ -219,6 +219,8 @@ class TopicConfig:
     dead_max_age: float = 7 * 86400.0
     completed_max_count: int = 1000
     completed_max_age: float = 3600.0
+    circuit_failures: int = 5  # consecutive backend failures that open the circuit
+    circuit_cooldown: float = 10.0  # seconds open before one probe delivery is let through
     paused: bool = False
     host: str = "localhost"  # FastCGI: HTTP_HOST / SERVER_NAME the application sees
     verify_tls: bool = True  # https: check the server's certificate
@@ -292,6 +294,8 @@ class TopicConfig:
         _check_seconds(self.dead_max_age, "dead_max_age")
         _check_integer(self.completed_max_count, "completed_max_count", 0, 1_000_000_000)
         _check_seconds(self.completed_max_age, "completed_max_age")
+        _check_integer(self.circuit_failures, "circuit_failures", 1, 10_000)
+        _check_seconds(self.circuit_cooldown, "circuit_cooldown", positive=True)
         _check_boolean(self.paused, "paused")
 
 
@@ -953,6 +957,7 @@ _TOPIC_KEYS = (
     "filter",
     "dead",
     "completed",
+    "circuit",
     "paused",
     "verify_tls",
     "ca_file",
@@ -964,6 +969,8 @@ _TOPIC_FIELD_KEYS = {
     "dead_max_age": "dead.max_age",
     "completed_max_count": "completed.max_count",
     "completed_max_age": "completed.max_age",
+    "circuit_failures": "circuit.failures",
+    "circuit_cooldown": "circuit.cooldown",
 }
 
 
@@ -1048,6 +1055,12 @@ def _topic(
                 given[f"{key}_max_count"] = (reader.integer(count), count)
             if (age := keep.get("max_age")) is not None:
                 given[f"{key}_max_age"] = (reader.duration(age), age)
+    if (item := section.get("circuit")) is not None:
+        circuit = reader.mapping(item, ("failures", "cooldown"))
+        if (failures := circuit.get("failures")) is not None:
+            given["circuit_failures"] = (reader.integer(failures), failures)
+        if (cooldown := circuit.get("cooldown")) is not None:
+            given["circuit_cooldown"] = (reader.duration(cooldown), cooldown)
     return _build(reader, TopicConfig, node, given, keys=_TOPIC_FIELD_KEYS)
 
 
@@ -1179,6 +1192,10 @@ def _render_topic(topic: TopicConfig) -> dict[str, Any]:
         completed={
             "max_count": topic.completed_max_count,
             "max_age": format_duration(topic.completed_max_age),
+        },
+        circuit={
+            "failures": topic.circuit_failures,
+            "cooldown": format_duration(topic.circuit_cooldown),
         },
         paused=topic.paused,
     )

@@ -28,8 +28,10 @@ from adapters.delivery.base import Backend, Delivery
 from adapters.storage.base import Retention, Store
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import EXCERPT_BYTES, Attempt, Job, Outcome
+from gateway.circuit import CircuitBreaker, CircuitStatistics
 from gateway.config import TopicConfig
 from gateway.policy import Backoff, Decision, decide
+from gateway.ratelimit import TokenBucket
 
 log = logging.getLogger("busgate.dispatch")
 
@@ -60,6 +62,8 @@ class DispatcherStatistics:
     store_errors_total: int
     stopping: bool
     paused: bool
+    circuit: CircuitStatistics
+    rate_limit: float | None  # deliveries per second, when limited
 
 
 AttemptListener = Callable[[Job, Attempt, Decision, Delivery], None]
@@ -88,6 +92,16 @@ class Dispatcher:
         self._slot_freed = trio.Event()
         self._paused = topic.paused
         self._resumed = trio.Event()
+        self.circuit = CircuitBreaker(
+            failures=topic.circuit_failures,
+            cooldown=topic.circuit_cooldown,
+            clock=trio.current_time,
+        )
+        self._bucket = (
+            None
+            if topic.rate_limit is None
+            else TokenBucket(topic.rate_limit.per_second, clock=trio.current_time)
+        )
         self._stopping = False
         self._deliveries: trio.CancelScope | None = None
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
@@ -109,6 +123,8 @@ class Dispatcher:
             store_errors_total=self._store_errors,
             stopping=self._stopping,
             paused=self._paused,
+            circuit=self.circuit.statistics(),
+            rate_limit=None if self._bucket is None else self._bucket.rate,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -175,13 +191,23 @@ class Dispatcher:
                 self._resumed = trio.Event()
                 await self._resumed.wait()
                 continue
-            free = concurrency - len(self._in_flight)
-            if free <= 0:
-                self._slot_freed = trio.Event()
-                await self._slot_freed.wait()
+            limit = concurrency - len(self._in_flight)
+            allowance = self.circuit.allowance()
+            if allowance is not None:
+                limit = min(limit, allowance)
+            if self._bucket is not None and limit > 0:
+                tokens = self._bucket.available()
+                if tokens == 0:
+                    await self._wait_for_slot(trio.current_time() + self._bucket.wait_time())
+                    continue
+                limit = min(limit, tokens)
+            if limit <= 0:
+                # Full, or the circuit is open: a finished delivery, the probe time or a
+                # stop wakes us.
+                await self._wait_for_slot(self.circuit.reopen_at)
                 continue
             try:
-                jobs = await self.store.reserve(queue, topic, free, self.lease)
+                jobs = await self.store.reserve(queue, topic, limit, self.lease)
             except StoreError as exc:
                 self._store_errors += 1
                 log.error("reserve failed queue=%s topic=%s error=%s", queue, topic, exc)
@@ -192,9 +218,17 @@ class Dispatcher:
                 # (a Redis subscription reconnecting), so a job is never stuck for long.
                 await self.store.wait_for_jobs(queue, topic, trio.current_time() + RECHECK)
                 continue
+            if self._bucket is not None:
+                self._bucket.take(len(jobs))
             for job in jobs:
+                self.circuit.started()
                 self._in_flight[job.id] = job
                 deliveries.start_soon(self._deliver, job)
+
+    async def _wait_for_slot(self, deadline: float) -> None:
+        self._slot_freed = trio.Event()
+        with trio.move_on_at(deadline):
+            await self._slot_freed.wait()
 
     # -- delivering ---------------------------------------------------------------------------
 
@@ -205,6 +239,7 @@ class Dispatcher:
                 nursery.start_soon(self._keep_leased, job)
             delivery = await self.backend.deliver(job)
             nursery.cancel_scope.cancel()
+        self.circuit.record(delivery)
         decision = decide(
             delivery,
             attempt=job.attempt,

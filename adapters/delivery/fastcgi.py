@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from urllib.parse import quote_from_bytes, urlsplit
+from urllib.parse import urlsplit
 
 import trio
 
 from adapters.delivery.base import Delivery, Failure
-from adapters.delivery.headers import SERVER_SOFTWARE, cgi_name, job_headers
+from adapters.delivery.headers import SERVER_SOFTWARE, cgi_name, job_headers, request_body
 from adapters.storage.jobs import Job
 from fastcgi.address import Address
 from fastcgi.errors import (
@@ -30,9 +30,6 @@ from fastcgi.errors import (
     WriteTimeout,
 )
 from fastcgi.pool import ConnectionPool, PoolLimits, PoolStatistics, Timeouts
-
-FORM = "form"
-_FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +69,7 @@ class FastCGIBackend:
         return params
 
     def body(self, job: Job) -> bytes:
-        if self.target.content_type == FORM:
-            return b"payload=" + quote_from_bytes(job.payload, safe="").encode("ascii")
-        return job.payload
+        return request_body(self.target.content_type, job.payload)[1]
 
     async def deliver(self, job: Job) -> Delivery:
         timeout = self.target.timeout
@@ -133,7 +128,7 @@ def _static_params(target: FastCGITarget) -> list[tuple[bytes, bytes]]:
     script_name = target.script
     if script_name.startswith(document_root.rstrip("/") + "/"):
         script_name = script_name[len(document_root.rstrip("/")) :]
-    content_type = _FORM_CONTENT_TYPE if target.content_type == FORM else target.content_type
+    content_type = request_body(target.content_type, b"")[0]
     if target.address.is_unix:
         server_addr, server_port = "127.0.0.1", "80"
     else:

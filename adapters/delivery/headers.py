@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 import re
 from datetime import UTC, datetime
+from urllib.parse import quote_from_bytes
 
 from adapters.storage.jobs import Job
 
 SERVER_SOFTWARE = "busgate"
+
+#: The ``content_type`` word that sends the payload as an HTML form field.
+FORM = "form"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 _TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
 
@@ -47,3 +52,15 @@ def job_headers(job: Job) -> list[tuple[str, str]]:
 def cgi_name(header: str) -> bytes:
     """``X-Busgate-Job-Id`` -> ``HTTP_X_BUSGATE_JOB_ID``."""
     return b"HTTP_" + header.upper().replace("-", "_").encode("latin-1")
+
+
+def request_body(content_type: str, payload: bytes) -> tuple[str, bytes]:
+    """The Content-Type and body for a delivery.
+
+    ``form`` sends ``payload=<urlencoded payload>`` so a script that reads
+    ``$_POST['payload']`` (or a servlet's request parameter) works untouched; any other
+    media type sends the payload byte for byte.
+    """
+    if content_type == FORM:
+        return FORM_CONTENT_TYPE, b"payload=" + quote_from_bytes(payload, safe="").encode("ascii")
+    return content_type, payload

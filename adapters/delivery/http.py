@@ -16,7 +16,7 @@ import h11
 import trio
 
 from adapters.delivery.base import Delivery, Failure
-from adapters.delivery.headers import SERVER_SOFTWARE, job_headers
+from adapters.delivery.headers import SERVER_SOFTWARE, job_headers, request_body
 from adapters.storage.jobs import Job
 from fastcgi.errors import (
     BackendError,
@@ -103,15 +103,17 @@ class HTTPBackend:
             ),
         )
 
-    def request_headers(self, job: Job, body: bytes) -> list[tuple[str, str]]:
-        """The request's headers (``busgate curl`` prints the same)."""
-        return [
+    def request(self, job: Job) -> tuple[list[tuple[str, str]], bytes]:
+        """The request's headers and body (``busgate curl`` prints the same)."""
+        content_type, body = request_body(self.target.content_type, job.payload)
+        headers = [
             ("Host", self._host_header),
             ("User-Agent", SERVER_SOFTWARE),
-            ("Content-Type", self.target.content_type),
+            ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             *job_headers(job),
         ]
+        return headers, body
 
     async def deliver(self, job: Job) -> Delivery:
         timeout = self.target.timeout
@@ -148,17 +150,11 @@ class HTTPBackend:
         )
 
     async def _exchange(self, conn: HTTPConnection, job: Job) -> _Answer:
-        body = job.payload
+        request_headers, body = self.request(job)
         protocol = conn.h11
         try:
-            wire = (
-                protocol.send(
-                    h11.Request(
-                        method="POST", target=self._path, headers=self.request_headers(job, body)
-                    )
-                )
-                or b""
-            )
+            request = h11.Request(method="POST", target=self._path, headers=request_headers)
+            wire = protocol.send(request) or b""
             wire += protocol.send(h11.Data(data=body)) or b""
             wire += protocol.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError as exc:

@@ -1,0 +1,118 @@
+"""A circuit breaker per topic backend: stop sending to a backend that keeps failing.
+
+    closed ──(N consecutive failures)──> open ──(cooldown)──> half-open
+      ^                                    ^                      │ one probe delivery
+      └──────────────(probe succeeds)──────┴──(probe fails)───────┘
+
+While open, the dispatcher reserves nothing, so jobs wait in the store instead of burning
+attempts against a dead backend; the probe decides, by itself, when deliveries resume.
+Each failed probe doubles the cooldown, up to ``max_cooldown``.  A backend "failure" is a
+delivery that got no usable response (refused, timeout, reset, protocol garbage) or a 5xx:
+4xx answers are the job's problem, not the backend's.  No I/O here: the dispatcher feeds
+outcomes in and asks whether it may reserve.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from adapters.delivery.base import Delivery
+
+
+class CircuitState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitStatistics:
+    state: CircuitState
+    consecutive_failures: int
+    opened_total: int
+    reopen_at: float | None  # clock time of the next probe while open
+
+
+def backend_failed(delivery: Delivery) -> bool:
+    return delivery.failure is not None or (delivery.status or 0) >= 500
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        *,
+        failures: int,
+        cooldown: float,
+        clock: Callable[[], float],
+        max_cooldown: float = 300.0,
+    ) -> None:
+        if failures < 1 or cooldown <= 0:
+            raise ValueError("a circuit needs failures >= 1 and a positive cooldown")
+        self.threshold = failures
+        self.base_cooldown = cooldown
+        self.max_cooldown = max(max_cooldown, cooldown)
+        self._clock = clock
+        self.state = CircuitState.CLOSED
+        self._failures = 0
+        self._cooldown = cooldown
+        self._reopen_at = math.inf
+        self._probing = False
+        self._opened_total = 0
+
+    def statistics(self) -> CircuitStatistics:
+        return CircuitStatistics(
+            state=self.state,
+            consecutive_failures=self._failures,
+            opened_total=self._opened_total,
+            reopen_at=None if self.state is CircuitState.CLOSED else self._reopen_at,
+        )
+
+    def allowance(self) -> int | None:
+        """How many jobs may be reserved now: None for no limit, 0 for none, 1 for a probe."""
+        if self.state is CircuitState.CLOSED:
+            return None
+        if self.state is CircuitState.OPEN and self._clock() >= self._reopen_at:
+            self.state = CircuitState.HALF_OPEN
+        if self.state is CircuitState.HALF_OPEN and not self._probing:
+            return 1
+        return 0
+
+    def started(self) -> None:
+        """A delivery began; in half-open it is the probe."""
+        if self.state is CircuitState.HALF_OPEN:
+            self._probing = True
+
+    @property
+    def reopen_at(self) -> float:
+        """When an open circuit lets a probe through (clock time); inf otherwise."""
+        return self._reopen_at if self.state is CircuitState.OPEN else math.inf
+
+    def record(self, delivery: Delivery) -> None:
+        if backend_failed(delivery):
+            self._failure()
+        else:
+            self._success()
+
+    def _success(self) -> None:
+        self._failures = 0
+        self._cooldown = self.base_cooldown
+        self._probing = False
+        self.state = CircuitState.CLOSED
+        self._reopen_at = math.inf
+
+    def _failure(self) -> None:
+        self._failures += 1
+        if self.state is CircuitState.HALF_OPEN:
+            self._probing = False
+            self._cooldown = min(self._cooldown * 2, self.max_cooldown)
+            self._open()
+        elif self.state is CircuitState.CLOSED and self._failures >= self.threshold:
+            self._open()
+
+    def _open(self) -> None:
+        self.state = CircuitState.OPEN
+        self._opened_total += 1
+        self._reopen_at = self._clock() + self._cooldown

@@ -1,0 +1,167 @@
+"""The daemon against backends that are down, hang or lie, a rate-limited topic, and a
+producer that vanishes mid-pipeline."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from adapters.storage.jobs import DeadFilter, Outcome, State
+from gateway.app import App
+from gateway.circuit import CircuitState
+from gateway.resp import encode_command
+from tests.support.daemon import running_daemon, wait_received, write_config
+from tests.support.phpfpm import PhpFpm
+
+
+def topic_yaml(backend: str, script: str, extra: str = "") -> str:
+    return f"""\
+        queue: q
+        topics:
+          t:
+            backend: {backend}
+            script: {script}
+            concurrency: 4
+            timeout: 500ms
+            retry: {{max_attempts: 2, backoff: 50ms, max_backoff: 100ms}}
+            circuit: {{failures: 3, cooldown: 300ms}}
+{extra}"""
+
+
+async def push(app: App, *payloads: bytes) -> None:
+    host, _, port = app.resp_address.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(encode_command("RPUSH", "q", *payloads))
+    assert await stream.receive_some(100) == b":%d\r\n" % len(payloads)
+    await stream.aclose()
+
+
+async def test_backend_down_opens_the_circuit_and_recovers_by_itself(tmp_path: Path) -> None:
+    record = tmp_path / "fpm" / "received.jsonl"
+    fpm = PhpFpm(tmp_path / "fpm", env={"BUSGATE_RECORD": str(record)})  # port chosen, not started
+    config = write_config(
+        tmp_path / "daemon",
+        {"q": topic_yaml(f"fastcgi://127.0.0.1:{fpm.address.port}", fpm.script("record.php"))},
+    )
+    try:
+        async with running_daemon(config) as app:
+            await push(app, *(b'{"n": %d}' % i for i in range(20)))
+            dispatcher = app._dispatchers["q", "t"]
+            with trio.fail_after(10):
+                while dispatcher.circuit.statistics().opened_total < 2:
+                    await trio.sleep(0.02)  # opened, probed, opened again
+            assert app.store is not None
+            stats = await app.store.stats("q", "t")
+            assert (stats.dead, stats.dead_total) == (0, 0)  # refused: no attempt spent
+            assert stats.ready + stats.delayed + stats.leased == 20
+            await trio.to_thread.run_sync(fpm.start)
+            received = await wait_received(record, 20, timeout=20)
+            assert sorted(json.loads(r.body)["n"] for r in received) == list(range(20))
+            assert all(r.attempt == 1 for r in received)  # the refusals were not attempts
+            assert dispatcher.circuit.statistics().state is CircuitState.CLOSED
+    finally:
+        fpm.stop()
+
+
+async def test_hanging_backend_times_out_then_dies(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "q": topic_yaml(
+                f"fastcgi://127.0.0.1:{recording_fpm.address.port}",
+                recording_fpm.script("record.php"),
+            )
+        },
+    )
+    async with running_daemon(config) as app:
+        await push(app, b'{"sleep_ms": 3000}')
+        (first,) = await wait_received(record, 1)
+        assert app.store is not None
+        with trio.fail_after(10):
+            while (job := (await app.store.get_job(first.job_id))[0]).state is not State.DEAD:
+                await trio.sleep(0.05)
+    assert [a.outcome for a in job.attempts] == [Outcome.RETRY, Outcome.DEAD]
+    assert all(a.status is None and "timeout" in (a.error or "") for a in job.attempts)
+    assert all(0.45 < a.duration < 1.5 for a in job.attempts)
+
+
+async def garbage_fastcgi(stream: trio.SocketStream) -> None:
+    try:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await stream.aclose()
+    except trio.BrokenResourceError:
+        pass
+
+
+async def test_lying_backend_gives_a_typed_error_and_retries(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, garbage_fastcgi, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        config = write_config(tmp_path, {"q": topic_yaml(f"fastcgi://127.0.0.1:{port}", "/x.php")})
+        async with running_daemon(config) as app:
+            await push(app, b"job")
+            assert app.store is not None
+            with trio.fail_after(10):
+                while (await app.store.stats("q", "t")).dead == 0:
+                    await trio.sleep(0.05)
+            page = await app.store.list_dead(
+                "q",
+                "t",
+                DeadFilter(),
+                None,
+                10,
+            )
+        nursery.cancel_scope.cancel()
+    (dead,) = page.jobs
+    assert dead.attempt == 2
+    assert dead.error is not None and "unsupported FastCGI version 72" in dead.error
+
+
+async def test_rate_limit_spreads_deliveries(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "q": topic_yaml(
+                f"fastcgi://127.0.0.1:{recording_fpm.address.port}",
+                recording_fpm.script("record.php"),
+                "            rate_limit: 10/s\n",
+            )
+        },
+    )
+    async with running_daemon(config) as app:
+        started = trio.current_time()
+        await push(app, *(b"%d" % i for i in range(25)))
+        await wait_received(record, 25)
+        elapsed = trio.current_time() - started
+    # A burst of 10, then 15 more at 10 per second.
+    assert 1.3 < elapsed < 6
+
+
+async def test_producer_vanishing_mid_pipeline_stores_only_whole_commands(
+    tmp_path: Path,
+) -> None:
+    # Paused: jobs stay in the store, where the test counts them.
+    queue = topic_yaml("fastcgi://127.0.0.1:9", "/x.php", "            paused: true\n")
+    async with running_daemon(write_config(tmp_path, {"q": queue})) as app:
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        pipeline = b"".join(encode_command("LPUSH", "q", b"job-%d" % i) for i in range(100))
+        cut = encode_command("LPUSH", "q", b"x" * 500)[:40]  # a command cut in half
+        await stream.send_all(pipeline + cut)
+        await stream.aclose()  # gone without reading a single reply
+        assert app.store is not None
+        with trio.fail_after(5):
+            while await app.store.depth("q", ["t"]) < 100:
+                await trio.sleep(0.02)
+        await trio.sleep(0.2)
+        assert await app.store.depth("q", ["t"]) == 100

@@ -1,0 +1,133 @@
+"""Outcome policy, circuit breaker and rate limit: pure logic on fake clocks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from adapters.delivery.base import Delivery, Failure
+from adapters.storage.jobs import Outcome
+from gateway.circuit import CircuitBreaker, CircuitState
+from gateway.policy import Backoff, decide, retry_after
+from gateway.ratelimit import TokenBucket
+
+NOW = 1_800_000_000.0
+DEAD_ON = frozenset({400, 404, 410, 422})
+BACKOFF = Backoff(1.0, 600.0)
+
+
+def verdict(delivery: Delivery, attempt: int = 1, max_attempts: int = 5) -> tuple[object, ...]:
+    d = decide(
+        delivery,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        backoff=BACKOFF,
+        dead_on=DEAD_ON,
+        now=NOW,
+        rng=random.Random(7),
+    )
+    delay = None if d.run_at is None else round(d.run_at - NOW, 3)
+    return d.outcome, delay, d.spend
+
+
+def answer(status: int, retry: str | None = None) -> Delivery:
+    headers = () if retry is None else ((b"Retry-After", retry.encode()),)
+    return Delivery(0.01, status=status, headers=headers)
+
+
+def test_statuses() -> None:
+    assert verdict(answer(200))[0] is Outcome.DONE
+    assert verdict(answer(204))[0] is Outcome.DONE
+    assert verdict(answer(404))[:1] == (Outcome.DEAD,)
+    assert verdict(answer(422))[0] is Outcome.DEAD
+    outcome, delay, spend = verdict(answer(500))
+    assert outcome is Outcome.RETRY and spend and delay is not None and 0.5 <= delay <= 1.0
+    assert verdict(answer(503, "30")) == (Outcome.RETRY, 30.0, True)
+    assert verdict(answer(429, "Wed, 15 Jan 2027 08:00:10 GMT")) == (Outcome.RETRY, 10.0, True)
+    assert verdict(answer(503, "soon"))[0] is Outcome.RETRY  # unreadable: normal backoff
+    assert verdict(answer(500), attempt=5)[0] is Outcome.DEAD
+    assert verdict(answer(503, "30"), attempt=5)[0] is Outcome.DEAD
+
+
+@pytest.mark.parametrize("failure", [Failure.CONNECT, Failure.OVERLOADED, Failure.POOL_TIMEOUT])
+def test_failures_where_the_job_never_ran_spend_nothing(failure: Failure) -> None:
+    outcome, _delay, spend = verdict(Delivery(0.0, failure=failure, message="x"), attempt=5)
+    assert (outcome, spend) == (Outcome.RETRY, False)  # even past max_attempts
+
+
+@pytest.mark.parametrize("failure", [Failure.TIMEOUT, Failure.CONNECTION_LOST, Failure.PROTOCOL])
+def test_failures_where_the_job_may_have_run_spend_an_attempt(failure: Failure) -> None:
+    assert verdict(Delivery(1.0, failure=failure, message="x"))[::2] == (Outcome.RETRY, True)
+    assert verdict(Delivery(1.0, failure=failure, message="x"), attempt=5)[0] is Outcome.DEAD
+
+
+def test_backoff_grows_caps_and_jitters() -> None:
+    rng = random.Random(1)
+    backoff = Backoff(1.0, 60.0)
+    for attempt, base in [(1, 1.0), (2, 2.0), (3, 4.0), (7, 60.0), (30, 60.0)]:
+        delays = [backoff.delay(attempt, rng) for _ in range(200)]
+        assert base * 0.5 <= min(delays) and max(delays) <= base
+        assert max(delays) - min(delays) > base * 0.3  # jittered, not constant
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after(b"120", NOW) == 120
+    assert retry_after(b"99999999", NOW) == 24 * 3600
+    assert retry_after(b"Wed, 15 Jan 2027 07:00:00 GMT", NOW) == 0  # in the past
+    assert retry_after(None, NOW) is None and retry_after(b"later", NOW) is None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_circuit_opens_probes_and_closes() -> None:
+    clock = Clock()
+    circuit = CircuitBreaker(failures=3, cooldown=10, clock=clock)
+    down = Delivery(0.0, failure=Failure.CONNECT, message="refused")
+    for _ in range(2):
+        circuit.record(down)
+    circuit.record(answer(404))  # the backend answered: not its failure
+    assert circuit.state is CircuitState.CLOSED
+    for _ in range(3):
+        circuit.record(down)
+    assert circuit.state is CircuitState.OPEN and circuit.allowance() == 0
+    assert circuit.reopen_at == 110
+    clock.now = 110
+    assert circuit.allowance() == 1  # half-open: one probe
+    circuit.started()
+    assert circuit.allowance() == 0  # only one
+    circuit.record(answer(502))
+    assert circuit.state is CircuitState.OPEN and circuit.reopen_at == 130  # cooldown doubled
+    clock.now = 130
+    assert circuit.allowance() == 1
+    circuit.started()
+    circuit.record(answer(200))
+    stats = circuit.statistics()
+    assert (stats.state, stats.opened_total, stats.consecutive_failures) == (
+        CircuitState.CLOSED,
+        2,
+        0,
+    )
+    assert circuit.allowance() is None
+
+
+def test_token_bucket() -> None:
+    clock = Clock()
+    bucket = TokenBucket(5, clock=clock)
+    assert bucket.available() == 5
+    bucket.take(5)
+    assert bucket.available() == 0 and bucket.wait_time() == pytest.approx(0.2)
+    clock.now += 0.5
+    assert bucket.available() == 2
+    clock.now += 100
+    assert bucket.available() == 5  # a burst never exceeds a second's worth
+    slow = TokenBucket(0.5, clock=clock)  # 30/m
+    assert slow.available() == 1
+    slow.take(1)
+    assert slow.wait_time() == pytest.approx(2.0)
