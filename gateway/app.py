@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -41,6 +41,30 @@ log = logging.getLogger("busgate")
 
 class StartupError(Exception):
     """The daemon cannot start with this configuration (the message says why)."""
+
+
+class ReloadRefused(Exception):
+    """The new configuration cannot be applied to the running daemon; the old one stays."""
+
+
+TopicKey = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    added: tuple[TopicKey, ...]
+    removed: tuple[TopicKey, ...]
+    changed: tuple[TopicKey, ...]  # restarted with the new settings
+    toggled: tuple[TopicKey, ...]  # only paused/resumed
+
+    def __str__(self) -> str:
+        def names(keys: tuple[TopicKey, ...]) -> str:
+            return ",".join(f"{q}/{t}" for q, t in keys) or "-"
+
+        return (
+            f"added={names(self.added)} removed={names(self.removed)}"
+            f" changed={names(self.changed)} paused/resumed={names(self.toggled)}"
+        )
 
 
 async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.time) -> Store:
@@ -163,6 +187,63 @@ class App:
         dispatcher = Dispatcher(self.store, topic, build_backend(topic), clock=self._clock)
         self._dispatchers[dispatcher.key] = dispatcher
         await self._dispatcher_nursery.start(dispatcher.run)
+
+    async def reload(self, new: Config) -> ReloadReport:
+        """Apply a new configuration without stopping pushes or losing a delivery.
+
+        Producers switch to the new queues in one assignment.  A removed or changed topic's
+        dispatcher stops reserving and drains its in-flight deliveries (up to
+        ``shutdown_timeout``) before a changed topic's new dispatcher starts, so a FastCGI
+        pool is never open twice.  Raises ``ReloadRefused`` for changes that need a restart.
+        """
+        old = self.config
+        refused = [
+            what
+            for what, before, after in (
+                ("store", old.store, new.store),
+                ("listen.resp", old.listen_resp, new.listen_resp),
+                ("listen.http", old.listen_http, new.listen_http),
+            )
+            if before != after
+        ]
+        if refused:
+            raise ReloadRefused(f"{', '.join(refused)} changed: restart busgate to apply")
+        assert self.service is not None
+        new_topics = {(q.name, t.name): t for q in new.queues.values() for t in q.topics}
+        old_topics = {(q.name, t.name): t for q in old.queues.values() for t in q.topics}
+        removed = [key for key in old_topics if key not in new_topics]
+        added = [key for key in new_topics if key not in old_topics]
+        changed, toggled = [], []
+        for key in new_topics.keys() & old_topics.keys():
+            before, after = old_topics[key], new_topics[key]
+            if before == after:
+                continue
+            if replace(before, paused=after.paused) == after:
+                toggled.append(key)
+            else:
+                changed.append(key)
+        self.config = new
+        self.service.reload(Directory(new))
+        for key in toggled:
+            dispatcher = self._dispatchers[key]
+            dispatcher.topic = new_topics[key]
+            if new_topics[key].paused:
+                dispatcher.pause()
+            else:
+                dispatcher.resume()
+        deadline = trio.current_time() + new.shutdown_timeout
+        stopping = [self._dispatchers.pop(key) for key in removed + changed]
+        for dispatcher in stopping:
+            dispatcher.stop(deadline)
+        for key in added:
+            await self._start_dispatcher(new_topics[key])
+        for dispatcher in stopping:
+            await dispatcher.finished.wait()
+        for key in changed:
+            await self._start_dispatcher(new_topics[key])
+        report = ReloadReport(tuple(added), tuple(removed), tuple(changed), tuple(toggled))
+        log.info("configuration reloaded: %s", report)
+        return report
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting and reserving now; cancel deliveries still running after ``timeout``."""

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import trio
 
 from adapters.storage.errors import StoreError
-from gateway.app import App, StartupError
-from gateway.config import Config, ConfigError, load_config, render_effective
+from gateway.app import App, ReloadRefused, StartupError
+from gateway.config import ConfigError, load_config, render_effective
 
 log = logging.getLogger("busgate")
 
@@ -33,22 +33,33 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def serve(config: Config) -> None:
-    """Run the daemon until SIGTERM or SIGINT; reload on SIGHUP."""
+async def serve(config_path: str) -> None:
+    """Run the daemon until SIGTERM or SIGINT; reload the configuration on SIGHUP."""
+    config = load_config(config_path)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             app: App = await nursery.start(App(config).run)
             async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.warning("SIGHUP: reload is not supported yet; restart to apply changes")
-                    continue
-                app.shutdown()
-                break
+                if signum != signal.SIGHUP:
+                    app.shutdown()
+                    break
+                await reload(app, config_path)
+
+
+async def reload(app: App, config_path: str) -> bool:
+    """Load and apply the configuration file; on any error keep running the old one."""
+    log.info("SIGHUP: reloading %s", config_path)
+    try:
+        new = load_config(config_path)
+        await app.reload(new)
+    except (ConfigError, ReloadRefused, StartupError) as exc:
+        log.error("reload rejected, the running configuration stays: %s", exc)
+        return False
+    return True
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    trio.run(serve, config)
+    trio.run(serve, args.config)
     return 0
 
 
@@ -62,6 +73,37 @@ def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     return run_demo(once=args.once, port=args.port)
+
+
+def _curl(args: argparse.Namespace) -> int:
+    from adapters.storage.jobs import JobRecord
+    from gateway.app import open_store
+    from gateway.reproduce import ReproduceError, choose_copy, reproduce_command, topic_of
+
+    config = load_config(args.config)
+    store_config = config.store
+    if store_config.kind == "sqlite" and not os.path.exists(str(store_config.path)):
+        # Opening it would create an empty store; say where we looked instead.
+        print(f"busgate: curl: no store at {store_config.path}", file=sys.stderr)
+        return 1
+
+    async def copies() -> list[JobRecord]:
+        store = await open_store(store_config)
+        try:
+            return await store.get_job(args.job_id)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+    records = trio.run(copies)
+    try:
+        record = choose_copy(args.job_id, records, args.topic)
+        command = reproduce_command(topic_of(config, record), record)
+    except ReproduceError as exc:
+        print(f"busgate: curl: {exc}", file=sys.stderr)
+        return 1
+    print(command)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,6 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--once", action="store_true", help="exit after the first job is delivered")
     demo.add_argument("--port", type=int, default=12018, help="Redis-protocol port (0: any)")
     demo.set_defaults(handler=_demo)
+
+    curl = commands.add_parser(
+        "curl", help="print a command (curl or cgi-fcgi) that delivers a stored job again"
+    )
+    curl.add_argument("job_id", metavar="JOB_ID")
+    curl.add_argument("--topic", help="NAME or QUEUE/NAME, when the job went to several topics")
+    curl.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    curl.set_defaults(handler=_curl)
 
     args = parser.parse_args(argv)
     setup_logging(args.log_level)

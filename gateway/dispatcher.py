@@ -104,6 +104,8 @@ class Dispatcher:
         )
         self._stopping = False
         self._deliveries: trio.CancelScope | None = None
+        #: Set once run() has returned: deliveries drained, unfinished jobs released.
+        self.finished = trio.Event()
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
 
     @property
@@ -143,6 +145,7 @@ class Dispatcher:
             with trio.CancelScope(shield=True):
                 await self._release_unfinished()
                 await self.backend.aclose()
+            self.finished.set()
 
     @property
     def paused(self) -> bool:

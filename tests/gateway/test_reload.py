@@ -1,0 +1,169 @@
+"""SIGHUP reload: topics added, removed and changed under a steady stream of pushes, with no
+failed push and no lost delivery; a broken or unappliable config leaves the old one running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.app import App, ReloadRefused
+from gateway.config import load_config
+from gateway.resp import encode_command
+from tests.support.daemon import read_received, running_daemon, wait_received, write_config
+from tests.support.phpfpm import PhpFpm
+from tests.support.ports import free_port, wait_connectable
+
+
+def queue(fpm: PhpFpm, topics: dict[str, str]) -> str:
+    body = "".join(
+        f"""\
+  {name}:
+    backend: fastcgi://127.0.0.1:{fpm.address.port}
+    script: {fpm.script("record.php")}
+    uri: {uri}
+    concurrency: 4
+    timeout: 5s
+"""
+        for name, uri in topics.items()
+    )
+    return "queue: q\ntopics:\n" + body
+
+
+def set_topics(directory: Path, fpm: PhpFpm, topics: dict[str, str]) -> None:
+    (directory / "conf.d" / "q.yaml").write_text(queue(fpm, topics))
+
+
+async def producer(app: App, count: int, replies: list[bytes]) -> None:
+    host, _, port = app.resp_address.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    for i in range(count):
+        await stream.send_all(encode_command("LPUSH", "q", b'{"n": %d}' % i))
+        replies.append(await stream.receive_some(100))
+        await trio.sleep(0.002)
+    await stream.aclose()
+
+
+async def test_topics_come_and_go_without_a_failed_push(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a"})})
+    async with running_daemon(config) as app:
+        replies: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer, app, 300, replies)
+            await trio.sleep(0.1)
+            set_topics(tmp_path, recording_fpm, {"a": "/a", "b": "/b"})
+            report = await app.reload(load_config(config))
+            assert (report.added, report.removed, report.changed) == ((("q", "b"),), (), ())
+            await trio.sleep(0.1)
+            set_topics(tmp_path, recording_fpm, {"a": "/a-v2", "b": "/b"})  # a changes
+            report = await app.reload(load_config(config))
+            assert report.changed == (("q", "a"),)
+            await trio.sleep(0.1)
+            set_topics(tmp_path, recording_fpm, {"a": "/a-v2"})  # b goes
+            report = await app.reload(load_config(config))
+            assert report.removed == (("q", "b"),)
+        assert replies == [b":1\r\n"] * 300  # every push acknowledged, across three reloads
+        assert app.store is not None
+        with trio.fail_after(20):
+            while (await app.store.stats("q", "a")).done_total < 300:
+                await trio.sleep(0.05)
+    received = read_received(record)
+    uris = {r.server["REQUEST_URI"] for r in received}
+    assert uris == {"/a", "/a-v2", "/b"}
+    by_topic: dict[str, set[bytes]] = {}
+    for r in received:
+        by_topic.setdefault(r.server["HTTP_X_BUSGATE_TOPIC"], set()).add(r.body)
+    assert len(by_topic["a"]) == 300  # topic a got every job, before and after its change
+
+
+async def test_in_flight_delivery_finishes_when_its_topic_changes(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/old"})})
+    async with running_daemon(config) as app:
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(encode_command("LPUSH", "q", b'{"sleep_ms": 500}'))
+        await stream.receive_some(100)
+        (slow,) = await wait_received(record, 1)  # recorded, now sleeping in php
+        set_topics(tmp_path, recording_fpm, {"a": "/new"})
+        await app.reload(load_config(config))  # waits for the old dispatcher to drain
+        assert app.store is not None
+        (job,) = await app.store.get_job(slow.job_id)
+        assert job.state.name == "DONE" and len(job.attempts) == 1
+        await stream.send_all(encode_command("LPUSH", "q", b"after"))
+        await stream.receive_some(100)
+        received = await wait_received(record, 2)
+    assert received[1].server["REQUEST_URI"] == "/new"
+
+
+async def test_pausing_by_reload_keeps_jobs_and_resuming_delivers(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a"})})
+    async with running_daemon(config) as app:
+        text = queue(recording_fpm, {"a": "/a"}) + "    paused: true\n"
+        (tmp_path / "conf.d" / "q.yaml").write_text(text)
+        report = await app.reload(load_config(config))
+        assert report.toggled == (("q", "a"),) and report.changed == ()
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(encode_command("LPUSH", "q", b"held"))
+        await stream.receive_some(100)
+        await trio.sleep(0.3)
+        assert read_received(record) == []
+        set_topics(tmp_path, recording_fpm, {"a": "/a"})
+        await app.reload(load_config(config))
+        (received,) = await wait_received(record, 1)
+    assert received.body == b"held"
+
+
+async def test_store_or_listen_changes_are_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {})
+    async with running_daemon(config) as app:
+        text = config.read_text().replace("resp: 127.0.0.1:0", "resp: 127.0.0.1:1")
+        config.write_text(text)
+        with pytest.raises(ReloadRefused, match=r"listen\.resp changed: restart"):
+            await app.reload(load_config(config))
+
+
+async def test_sighup_with_broken_yaml_keeps_the_old_config(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a"})})
+    config.write_text(config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}"))
+    log = tmp_path / "daemon.log"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+        stderr=log.open("wb"),
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
+        (tmp_path / "conf.d" / "q.yaml").write_text("queue: q\ntopics:\n  a: [broken\n")
+        daemon.send_signal(signal.SIGHUP)
+        with trio.fail_after(10):
+            while "reload rejected" not in log.read_text():
+                await trio.sleep(0.05)
+        done = await trio.run_process(
+            ["redis-cli", "-p", str(port), "LPUSH", "q", "still running"], capture_stdout=True
+        )
+        assert done.stdout.strip() == b"1"
+        (received,) = await wait_received(record, 1)
+        assert received.body == b"still running"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(15)
+    text = log.read_text()
+    assert f"{tmp_path / 'conf.d' / 'q.yaml'}:4" in text  # file and line of the YAML error
+    assert daemon.returncode == 0
+    assert "shutting down" in textwrap.shorten(text, 100_000)
