@@ -27,13 +27,16 @@ from adapters.delivery.http import HTTPBackend, HTTPTarget
 from adapters.storage.base import Store
 from adapters.storage.errors import StoreError
 from adapters.storage.redis_client import RedisAddress, RedisClient
-from adapters.storage.redis_routing import Cluster, Router, Standalone
+from adapters.storage.redis_routing import Cluster, Standalone
+from adapters.storage.redis_routing import Router as RedisRouter
 from adapters.storage.redis_store import RedisStore
 from adapters.storage.sqlite import SQLiteStore
 from fastcgi.address import parse_address
 from gateway.config import Config, StoreConfig, TopicConfig
 from gateway.dispatcher import Dispatcher, DispatcherStatistics
+from gateway.http_server import HTTPServer, Request, Response, Router
 from gateway.producer import Directory, ProducerService
+from gateway.producer_http import add_producer_routes
 from gateway.resp_server import RespServer, RespStatistics
 
 log = logging.getLogger("busgate")
@@ -82,7 +85,7 @@ async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.t
         )
 
     addresses = [RedisAddress(host, port) for host, port in config.nodes]
-    router: Router
+    router: RedisRouter
     if config.kind == "redis-cluster":
         router = Cluster(addresses, client)
     else:
@@ -106,6 +109,7 @@ def build_backend(topic: TopicConfig) -> Backend:
                 script=topic.script,
                 uri=topic.uri,
                 document_root=topic.document_root,
+                host=topic.host,
                 content_type=topic.content_type,
                 timeout=topic.timeout,
                 max_connections=topic.concurrency,
@@ -137,6 +141,9 @@ class App:
         self.service: ProducerService | None = None
         self.resp: RespServer | None = None
         self.resp_address = ""
+        self.http_address = ""
+        self.http: HTTPServer | None = None
+        self._draining = False
         self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self._dispatcher_nursery: trio.Nursery | None = None
         self._producers: trio.CancelScope | None = None
@@ -155,6 +162,7 @@ class App:
         try:
             self.service = ProducerService(store, Directory(config), clock=self._clock)
             self.resp = RespServer(self.service, config.listen_resp, config.producer)
+            self.http = HTTPServer(self._routes(), config.listen_http.host, config.listen_http.port)
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
                 async with trio.open_nursery() as dispatchers:
@@ -164,6 +172,7 @@ class App:
                             await self._start_dispatcher(topic)
                     self._producers = trio.CancelScope()
                     self.resp_address = await nursery.start(self._run_producers)
+                    self.http_address = await nursery.start(self.http.run)
                     log.info(
                         "busgate running: %d queues, %d topics, store %s",
                         len(config.queues),
@@ -176,6 +185,29 @@ class App:
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
+
+    def _routes(self) -> Router:
+        assert self.service is not None
+        router = Router()
+        add_producer_routes(router, self.service)
+        router.add("GET", "/healthz", self._healthz)
+        router.add("GET", "/readyz", self._readyz)
+        return router
+
+    async def _healthz(self, request: Request) -> Response:
+        return Response.json({"status": "ok"})
+
+    async def _readyz(self, request: Request) -> Response:
+        """Ready: the store answers and the daemon is not draining."""
+        assert self.store is not None
+        if self._draining:
+            return Response.json({"status": "draining"}, 503)
+        try:
+            with trio.fail_after(2):
+                await self.store.check()
+        except (StoreError, trio.TooSlowError) as exc:
+            return Response.json({"status": "store unavailable", "error": str(exc)}, 503)
+        return Response.json({"status": "ready"})
 
     async def _run_producers(self, *, task_status: trio.TaskStatus[str]) -> None:
         assert self._producers is not None and self.resp is not None
@@ -250,6 +282,7 @@ class App:
         grace = self.config.shutdown_timeout if timeout is None else timeout
         deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
         log.info("shutting down: draining in-flight deliveries for up to %gs", grace)
+        self._draining = True
         if self._producers is not None:
             self._producers.cancel()
         for dispatcher in self._dispatchers.values():

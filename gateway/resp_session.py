@@ -28,6 +28,8 @@ _XADD_TRIM = {b"MAXLEN", b"MINID"}
 
 Handler = Callable[["RespSession", tuple[bytes, ...]], Awaitable[bytes]]
 
+_CONFIG_VALUES = {b"save": b"", b"appendonly": b"no", b"databases": b"1"}
+
 
 class CommandError(Exception):
     """A reply-level error for one command; the connection carries on."""
@@ -290,10 +292,17 @@ class RespSession:
         return resp.array([])
 
     async def config(self, args: tuple[bytes, ...]) -> bytes:
-        # redis-benchmark reads CONFIG GET save/appendonly on start; we have no such knobs.
-        if args[1].upper() == b"GET":
-            return resp.array([])
-        raise CommandError("CONFIG is read-only on busgate: only CONFIG GET is answered")
+        # redis-benchmark reads CONFIG GET save/appendonly on start and reads element [1] of
+        # each reply: answer [name, value] pairs as Redis does.  Persistence is the store's
+        # business, so these are the answers of a server without its own RDB/AOF.
+        if args[1].upper() != b"GET":
+            raise CommandError("CONFIG is read-only on busgate: only CONFIG GET is answered")
+        pairs: list[bytes] = []
+        for name in args[2:]:
+            value = _CONFIG_VALUES.get(name.lower())
+            if value is not None:
+                pairs += [resp.bulk_string(name.lower()), resp.bulk_string(value)]
+        return resp.array(pairs)
 
     async def info(self, args: tuple[bytes, ...]) -> bytes:
         directory = self.service.directory

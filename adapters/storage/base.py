@@ -176,6 +176,10 @@ class Store(abc.ABC):
     async def delete_dead(self, queue: str, topic: str, ids: Sequence[str]) -> int:
         """Forget these dead jobs."""
 
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Raise ``StoreError`` unless the store answers now (readiness)."""
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background upkeep the store needs while open (connections, notifications)."""
         task_status.started()

@@ -190,6 +190,9 @@ class RedisStore(Store):
     async def aclose(self) -> None:
         await self.router.aclose()
 
+    async def check(self) -> None:
+        await self.router.execute_everywhere("PING")
+
     async def _eval(self, queue: str, script: Script, *args: Any) -> Any:
         prefix = prefix_of(queue)
         try:

@@ -133,6 +133,9 @@ class SQLiteStore(Store):
     async def aclose(self) -> None:
         await self._writer.stop()
 
+    async def check(self) -> None:
+        await self._writer.run(_ready)
+
     # -- producers ----------------------------------------------------------------------------
 
     async def push(self, queue: str, routes: Sequence[Route], jobs: Sequence[NewJob]) -> PushResult:

@@ -1,0 +1,356 @@
+"""The HTTP server on ``listen.http``: h11 over trio, kept-alive connections, a route table.
+
+It carries the producer HTTP API, the admin API, the dashboard, ``/metrics`` and the live
+WebSocket.  Every wait has a deadline: a request must arrive whole within
+``REQUEST_TIMEOUT``, an idle kept-alive connection is closed after ``IDLE_TIMEOUT``, and a
+response the client does not read within ``SEND_TIMEOUT`` ends the connection.  Bodies are
+limited per route (``Route.max_body``): an oversized one is refused with 413 before it is
+read, so memory stays bounded whatever a client sends.  A WebSocket upgrade is handed, with
+the bytes already read, to trio-websocket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+log = logging.getLogger("busgate.http")
+
+REQUEST_TIMEOUT = 30.0
+IDLE_TIMEOUT = 60.0
+SEND_TIMEOUT = 30.0
+MAX_HEADERS = 64 * 1024
+DEFAULT_MAX_BODY = 1024 * 1024
+_RECEIVE_SIZE = 64 * 1024
+
+
+class HTTPError(Exception):
+    """Ends a request with this status and a JSON ``{"error": message}`` body."""
+
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = tuple(headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+    params: Mapping[str, str] = field(default_factory=dict)  # from the route pattern
+    peer: str = ""
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def arg(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"the body is not valid JSON: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "application/json"
+
+    @classmethod
+    def json(
+        cls, document: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()
+    ) -> Response:
+        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        return cls(status, body, tuple(headers))
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+WebSocketHandler = Callable[[trio.abc.Stream, "Request"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+    max_body: int = DEFAULT_MAX_BODY
+
+
+class Router:
+    """Routes by method and a path template like ``/v1/queues/{queue}/jobs``."""
+
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+        self.websockets: dict[str, WebSocketHandler] = {}
+
+    def add(
+        self, method: str, template: str, handler: Handler, *, max_body: int = DEFAULT_MAX_BODY
+    ) -> None:
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
+        self.routes.append(Route(method, re.compile(f"{regex}$"), handler, max_body))
+
+    def websocket(self, path: str, handler: WebSocketHandler) -> None:
+        self.websockets[path] = handler
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed = []
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found is None:
+                continue
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
+                return route, found.groupdict()
+            allowed.append(route.method)
+        if allowed:
+            raise HTTPError(
+                405, f"{method} is not allowed here", [("Allow", ", ".join(sorted(set(allowed))))]
+            )
+        raise HTTPError(404, f"no such endpoint: {path}")
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPStatistics:
+    address: str
+    connections: int
+    connections_total: int
+    requests_total: int
+    errors_total: int  # 4xx and 5xx answers
+
+
+class HTTPServer:
+    def __init__(self, router: Router, host: str, port: int) -> None:
+        self.router = router
+        self.host = host
+        self.port = port
+        self.address = ""
+        self._connections = 0
+        self._connections_total = 0
+        self._requests = 0
+        self._errors = 0
+
+    def statistics(self) -> HTTPStatistics:
+        return HTTPStatistics(
+            self.address, self._connections, self._connections_total, self._requests, self._errors
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        host, port = listeners[0].socket.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("HTTP: producer API, admin API and dashboard on http://%s/", self.address)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._serve, listeners)
+            task_status.started(self.address)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        self._connections += 1
+        self._connections_total += 1
+        try:
+            peer = stream.socket.getpeername()
+            await self._converse(stream, f"{peer[0]}:{peer[1]}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            pass
+        finally:
+            self._connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _converse(self, stream: trio.SocketStream, peer: str) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        while True:
+            raw: list[bytes] = []  # what this request's head arrived as (for upgrades)
+            with trio.move_on_after(
+                IDLE_TIMEOUT if conn.their_state is h11.IDLE else REQUEST_TIMEOUT
+            ) as idle:
+                head = await self._next(conn, stream, raw)
+            if idle.cancelled_caught or not isinstance(head, h11.Request):
+                return
+            self._requests += 1
+            if _is_websocket(head) and head.target.decode().split("?")[0] in self.router.websockets:
+                await self._upgrade(stream, head, raw, conn, peer)
+                return
+            response = await self._handle(conn, stream, head, peer)
+            if response.status >= 400:
+                self._errors += 1
+            unread = conn.their_state is h11.SEND_BODY  # answered before reading the body
+            keep = await self._respond(conn, stream, head, response, close=unread)
+            if unread:
+                await _lingering_close(stream)
+                return
+            if not keep or conn.our_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return  # the client had not finished sending its body
+
+    async def _next(
+        self, conn: h11.Connection, stream: trio.SocketStream, raw: list[bytes]
+    ) -> h11.Event | type[h11.PAUSED]:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                # h11's sentinels are classes; mypy cannot narrow `is not` on them.
+                return cast("h11.Event | type[h11.PAUSED]", event)
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            raw.append(bytes(data))
+            conn.receive_data(bytes(data))
+
+    async def _handle(
+        self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, peer: str
+    ) -> Response:
+        target = urlsplit(head.target.decode("latin-1"))
+        method = head.method.decode()
+        headers: dict[str, str] = {}
+        for name, value in head.headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        try:
+            route, params = self.router.match(method, target.path)
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > route.max_body:
+                raise HTTPError(
+                    413, f"the body of {length} bytes is over the limit of {route.max_body} bytes"
+                )
+            with trio.fail_after(REQUEST_TIMEOUT):
+                body = await self._read_body(conn, stream, route.max_body)
+            request = Request(
+                method, target.path, parse_qs(target.query), headers, body, params, peer
+            )
+            return await route.handler(request)
+        except HTTPError as exc:
+            return Response.json({"error": exc.message}, exc.status, exc.headers)
+        except trio.TooSlowError:
+            return Response.json({"error": "the request body did not arrive in time"}, 408)
+
+    async def _read_body(
+        self, conn: h11.Connection, stream: trio.SocketStream, limit: int
+    ) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._next(conn, stream, [])
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise HTTPError(413, f"the body is over the limit of {limit} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise HTTPError(400, "the request ended before its body")
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        head: h11.Request,
+        response: Response,
+        *,
+        close: bool = False,
+    ) -> bool:
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            *response.headers,
+        ]
+        if close:
+            headers.append(("Connection", "close"))
+        body = b"" if head.method == b"HEAD" else response.body
+        try:
+            data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+            if body:
+                data += conn.send(h11.Data(data=body)) or b""
+            data += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            return False
+        with trio.move_on_after(SEND_TIMEOUT) as scope:
+            await stream.send_all(data)
+        return not scope.cancelled_caught
+
+    async def _upgrade(
+        self,
+        stream: trio.SocketStream,
+        head: h11.Request,
+        raw: list[bytes],
+        conn: h11.Connection,
+        peer: str,
+    ) -> None:
+        target = urlsplit(head.target.decode("latin-1"))
+        handler = self.router.websockets[target.path]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
+        request = Request("GET", target.path, parse_qs(target.query), headers, b"", {}, peer)
+        # trio-websocket performs the handshake itself: give it the request bytes again.
+        await handler(_Replay(stream, b"".join(raw)), request)
+
+
+#: After answering a request whose body we did not read, keep reading (and dropping) what
+#: the client still sends for this long, at most this much: closing with unread input makes
+#: the kernel send a reset, and the client would lose our answer (nginx's lingering_close).
+LINGER_TIME = 2.0
+LINGER_BYTES = 64 * 1024 * 1024
+
+
+async def _lingering_close(stream: trio.SocketStream) -> None:
+    try:
+        await stream.send_eof()
+        drained = 0
+        with trio.move_on_after(LINGER_TIME):
+            while drained < LINGER_BYTES:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def _is_websocket(head: h11.Request) -> bool:
+    for name, value in head.headers:
+        if name.lower() == b"upgrade" and value.lower() == b"websocket":
+            return True
+    return False
+
+
+class _Replay(trio.abc.Stream):
+    """A stream that first yields bytes already read from it, then reads on."""
+
+    def __init__(self, stream: trio.SocketStream, replay: bytes) -> None:
+        self._stream = stream
+        self._replay = replay
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._replay:
+            size = len(self._replay) if max_bytes is None else max_bytes
+            data, self._replay = self._replay[:size], self._replay[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

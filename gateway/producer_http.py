@@ -1,0 +1,178 @@
+"""The producer HTTP API: ``POST /v1/queues/{queue}[/{topic}]/jobs``.
+
+The same checks and the same store call as a Redis-protocol push (``ProducerService``):
+
+* a JSON body ``{"payload": …, "id": …, "delay_ms": …, "priority": …, "attributes": {…},
+  "traceparent": …}`` or ``{"jobs": [ {…}, … ]}`` pushes one or many jobs; a ``payload``
+  that is a string is sent as its UTF-8 bytes, anything else as compact JSON;
+* any other content type pushes the raw body as one payload, with the options as query
+  parameters (``?id=&delay_ms=&priority=``);
+* the queue's password comes as ``Authorization: Bearer <password>`` or HTTP Basic with the
+  queue as the user.
+
+Answers ``202 {"ids": […], "duplicates": n}`` once the jobs are durable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from adapters.storage.errors import StoreError
+from adapters.storage.jobs import NewJob, Priority, check_job_id
+from gateway.http_server import HTTPError, Request, Response, Router
+from gateway.producer import (
+    AuthRequired,
+    PayloadTooLarge,
+    ProducerError,
+    ProducerService,
+    UnknownQueue,
+    UnknownTopic,
+    WrongPassword,
+)
+
+#: A batch may carry this many jobs.
+MAX_BATCH = 1000
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def add_producer_routes(router: Router, service: ProducerService) -> None:
+    async def push(request: Request) -> Response:
+        return await _push(service, request)
+
+    # Bodies up to the largest queue's max_payload per job, times a generous batch margin;
+    # each payload is checked against its own queue's limit afterwards.
+    limit = max(service.directory.max_payload, 1024 * 1024) * 8
+    router.add("POST", "/v1/queues/{queue}/jobs", push, max_body=limit)
+    router.add("POST", "/v1/queues/{queue}/{topic}/jobs", push, max_body=limit)
+
+
+async def _push(service: ProducerService, request: Request) -> Response:
+    queue = request.params["queue"]
+    topic = request.params.get("topic")
+    target = queue if topic is None else f"{queue}/{topic}"
+    try:
+        service.directory.entry(queue)  # unknown queue: 404 before any password check
+        authenticated = _authenticate(service, queue, request)
+        entry = service.resolve(target, authenticated)
+        jobs = _jobs_of(service, request, topic)
+        service.check_sizes(entry, [job.payload for job in jobs])
+        result = await service.push(entry, jobs)
+    except UnknownQueue as exc:
+        raise HTTPError(404, str(exc)) from None
+    except UnknownTopic as exc:
+        raise HTTPError(404, str(exc)) from None
+    except (AuthRequired, WrongPassword) as exc:
+        raise HTTPError(401, str(exc), [("WWW-Authenticate", f'Basic realm="{queue}"')]) from None
+    except PayloadTooLarge as exc:
+        raise HTTPError(413, str(exc)) from None
+    except ProducerError as exc:
+        raise HTTPError(400, str(exc)) from None
+    except StoreError as exc:
+        raise HTTPError(503, f"store unavailable, nothing was acknowledged: {exc}") from None
+    return Response.json({"ids": list(result.ids), "duplicates": result.duplicates}, 202)
+
+
+def _authenticate(service: ProducerService, queue: str, request: Request) -> set[str]:
+    header = request.header("authorization")
+    if header is None:
+        return set()
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer":
+        password = credentials.strip()
+    elif scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise HTTPError(400, "malformed Basic credentials") from None
+        if user not in ("", queue):
+            raise WrongPassword(f"credentials are for queue '{user}', not '{queue}'")
+    else:
+        raise HTTPError(400, f"unsupported Authorization scheme {scheme!r}: use Bearer or Basic")
+    service.check_password(queue, password)
+    return {queue}
+
+
+def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> list[NewJob]:
+    content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        options: dict[str, Any] = {name: values[-1] for name, values in request.query.items()}
+        if "traceparent" not in options and request.header("traceparent"):
+            options["traceparent"] = request.header("traceparent")
+        return [_job(service, request.body, options, topic)]
+    document = request.json()
+    if isinstance(document, dict) and "jobs" in document:
+        items = document["jobs"]
+        if not isinstance(items, list) or not items:
+            raise HTTPError(400, "'jobs' must be a non-empty list")
+        if len(items) > MAX_BATCH:
+            raise HTTPError(413, f"{len(items)} jobs in one request; the limit is {MAX_BATCH}")
+    else:
+        items = [document]
+    batch = isinstance(document, dict) and "jobs" in document
+    jobs = []
+    for index, item in enumerate(items):
+        where = f"jobs[{index}]: " if batch else ""
+        if not isinstance(item, dict) or "payload" not in item:
+            raise HTTPError(400, f"{where}each job is an object with a 'payload'")
+        payload = item["payload"]
+        data = (
+            payload
+            if isinstance(payload, str)
+            else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        ).encode()
+        try:
+            jobs.append(_job(service, data, item, topic))
+        except HTTPError as exc:
+            raise HTTPError(exc.status, where + exc.message) from None
+    return jobs
+
+
+def _job(
+    service: ProducerService, payload: bytes, options: dict[str, Any], topic: str | None
+) -> NewJob:
+    unknown = set(options) - {"payload", "id", "delay_ms", "priority", "attributes", "traceparent"}
+    if unknown:
+        raise HTTPError(400, f"unknown job field(s): {', '.join(sorted(unknown))}")
+    job_id = options.get("id")
+    if job_id is not None:
+        try:
+            job_id = check_job_id(str(job_id))
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+    run_at = None
+    if "delay_ms" in options:
+        try:
+            delay = int(options["delay_ms"])
+        except (TypeError, ValueError):
+            raise HTTPError(400, "delay_ms must be an integer") from None
+        if delay < 0:
+            raise HTTPError(400, "delay_ms must not be negative")
+        run_at = service.clock() + delay / 1000
+    try:
+        priority = Priority.parse(str(options.get("priority", "normal")))
+    except ValueError as exc:
+        raise HTTPError(400, str(exc)) from None
+    attributes = options.get("attributes", {})
+    if not isinstance(attributes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
+    ):
+        raise HTTPError(400, "attributes must be an object of strings")
+    trace_id = None
+    if "traceparent" in options:
+        match = _TRACEPARENT.fullmatch(str(options["traceparent"]))
+        if match is None:
+            raise HTTPError(400, "traceparent is not a W3C trace context")
+        trace_id = match.group(1)
+    return NewJob(
+        payload,
+        id=job_id,
+        topic=topic,
+        priority=priority,
+        run_at=run_at,
+        attributes=attributes,
+        trace_id=trace_id,
+    )
