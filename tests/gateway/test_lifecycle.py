@@ -1,0 +1,104 @@
+"""SIGTERM: stop accepting and reserving, let in-flight deliveries finish until
+shutdown_timeout, release the rest so nothing stays leased."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from adapters.storage.jobs import State
+from adapters.storage.sqlite import SQLiteStore
+from tests.support.daemon import read_received, wait_received, write_config
+from tests.support.phpfpm import PhpFpm
+from tests.support.ports import free_port, wait_connectable
+
+
+def configure(tmp_path: Path, fpm: PhpFpm, shutdown_timeout: str) -> tuple[Path, int]:
+    port = free_port()
+    queue = f"""\
+        queue: q
+        topics:
+          t:
+            backend: fastcgi://127.0.0.1:{fpm.address.port}
+            script: {fpm.script("record.php")}
+            concurrency: 1
+            timeout: 10s
+        """
+    config = write_config(tmp_path, {"q": queue})
+    text = config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}")
+    config.write_text(text.replace("shutdown_timeout: 5s", f"shutdown_timeout: {shutdown_timeout}"))
+    return config, port
+
+
+def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+        stderr=log.open("ab"),
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+
+
+async def push(port: int, *payloads: str) -> None:
+    done = await trio.run_process(
+        ["redis-cli", "-p", str(port), "RPUSH", "q", *payloads], capture_stdout=True
+    )
+    assert done.stdout.strip() == str(len(payloads)).encode()
+
+
+async def test_sigterm_finishes_in_flight_work_and_leaves_the_rest_ready(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    config, port = configure(tmp_path, recording_fpm, "10s")
+    daemon = start(config, tmp_path / "daemon.log")
+    await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
+    await push(port, '{"sleep_ms": 800}', "second", "third")
+    (slow,) = await wait_received(record, 1)  # in flight, sleeping in php
+    daemon.send_signal(signal.SIGTERM)
+    code = await trio.to_thread.run_sync(daemon.wait, 20)
+    assert code == 0
+    assert [r.body for r in read_received(record)] == [b'{"sleep_ms": 800}']
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    try:
+        (job,) = await store.get_job(slow.job_id)
+        stats = await store.stats("q", "t")
+    finally:
+        await store.aclose()
+    assert job.state is State.DONE  # the in-flight delivery was allowed to finish
+    assert (stats.ready, stats.leased, stats.done) == (2, 0, 1)  # the rest waits, unleased
+    log = (tmp_path / "daemon.log").read_text()
+    assert "shutting down: draining in-flight deliveries for up to 10s" in log
+
+
+async def test_delivery_past_the_shutdown_timeout_is_released_without_an_attempt(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    config, port = configure(tmp_path, recording_fpm, "300ms")
+    log = tmp_path / "daemon.log"
+    daemon = start(config, log)
+    await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
+    await push(port, '{"sleep_ms": 3000}')
+    (first,) = await wait_received(record, 1)
+    started = trio.current_time()
+    daemon.send_signal(signal.SIGTERM)
+    assert await trio.to_thread.run_sync(daemon.wait, 20) == 0
+    assert trio.current_time() - started < 2.5  # did not wait for the 3 s script
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    try:
+        (job,) = await store.get_job(first.job_id)
+    finally:
+        await store.aclose()
+    assert (job.state, job.attempt, job.attempts) == (State.READY, 0, ())
+    # Restarted, the daemon delivers it again as attempt 1: the cut-short one did not count.
+    daemon = start(config, log)
+    try:
+        received = await wait_received(record, 2)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        await trio.to_thread.run_sync(daemon.wait, 20)
+    assert received[1].job_id == first.job_id and received[1].attempt == 1
+    assert "released queue=q topic=t jobs=1" in log.read_text()
