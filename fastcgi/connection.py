@@ -132,7 +132,9 @@ class ClientConnection:
         if isinstance(event, Params):
             self._expect(State.SEND_PARAMS, event)
             self.state = State.SEND_STDIN
-            encoded = encode_stream(RecordType.PARAMS, rid, encode_pairs(event.pairs))
+            encoded = encode_stream(
+                RecordType.PARAMS, rid, event.encoded + encode_pairs(event.pairs)
+            )
             return encoded + _end_of_stream(RecordType.PARAMS, rid)
         if isinstance(event, Stdin):
             self._expect(State.SEND_STDIN, event)

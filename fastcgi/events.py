@@ -37,12 +37,20 @@ class BeginRequest:
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """The whole parameter set of a request; encoding appends the end-of-stream record."""
+    """The whole parameter set of a request; encoding appends the end-of-stream record.
+
+    ``encoded`` is a block of name-value pairs already encoded (``pairs.encode_pairs``) and
+    sent before ``pairs``: a client whose parameters are mostly the same on every request
+    (busgate's per-topic CGI environment) encodes and checks that part once.
+    """
 
     pairs: tuple[Pair, ...]
+    encoded: bytes = b""
 
     def __post_init__(self) -> None:
         _check_pairs(self.pairs)
+        if type(self.encoded) is not bytes:
+            raise LocalProtocolError("pre-encoded parameters must be bytes")
 
     @classmethod
     def of(cls, params: Mapping[bytes, bytes] | Iterable[Pair]) -> Params:

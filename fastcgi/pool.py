@@ -158,7 +158,7 @@ class ConnectionPool:
 
     async def request(
         self,
-        params: Mapping[bytes, bytes] | Iterable[Pair],
+        params: Params | Mapping[bytes, bytes] | Iterable[Pair],
         body: bytes = b"",
         *,
         read_timeout: float | None = None,
@@ -169,7 +169,9 @@ class ConnectionPool:
         Raises a ``BackendError`` subclass or ``RemoteProtocolError``; in either case the
         connection used has been closed.
         """
-        protocol_events = (BeginRequest(keep_conn=True), Params.of(params), Stdin(body))
+        if not isinstance(params, Params):
+            params = Params.of(params)
+        protocol_events = (BeginRequest(keep_conn=True), params, Stdin(body))
         read = self.timeouts.read if read_timeout is None else read_timeout
         pool = self._pool
         pool.requests_total += 1

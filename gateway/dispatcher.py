@@ -1,15 +1,21 @@
 """One dispatcher per topic: reserve jobs, deliver them, record what happened.
 
-    reserve loop   waits on the topic's doorbell (rung by every push), reserves as many jobs
-                   as there are free delivery slots, and starts one task per job;
-    delivery       calls the backend under the topic's timeout, decides the outcome, and
-                   records it (shielded, so a shutdown cannot lose a finished attempt);
-    scheduler      promotes delayed jobs when due, recovers expired leases, prunes history;
-                   it sleeps until the next due time or until a delayed push rings its timer.
+    fetcher     waits on the topic's doorbell (rung by every push) and keeps a small buffer of
+                leased jobs topped up, reserving in batches: one store call for many jobs;
+    workers     ``concurrency`` tasks, each delivering one job at a time under the topic's
+                timeout and deciding its outcome;
+    recorder    writes outcomes to the store in batches (one call for every outcome that
+                arrived while the previous call ran), shielded so a shutdown cannot lose a
+                finished attempt;
+    scheduler   promotes delayed jobs when due, recovers expired leases, prunes history; it
+                sleeps until the next due time or until a delayed push rings its timer.
 
-A lease is short (so a crashed daemon's jobs come back quickly) and is extended while a long
-delivery runs.  On shutdown ``stop()`` stops reserving; in-flight deliveries may finish until
-the deadline, after which they are cancelled and their jobs released without spending an
+Batching is what makes the store cheap per job: SQLite commits (and fsyncs) once per batch,
+Redis runs one script per batch.  A lease is short, so a crashed daemon's jobs come back
+quickly; it is extended while a long delivery runs, and before a buffered job starts if its
+wait ate into it.  The circuit breaker and the rate limit gate the fetcher.  On shutdown
+``stop()`` ends reserving; buffered jobs are released at once, in-flight deliveries may finish
+until the deadline, then they are cancelled and their jobs released without spending an
 attempt.
 """
 
@@ -25,10 +31,10 @@ from dataclasses import dataclass
 import trio
 
 from adapters.delivery.base import Backend, Delivery
-from adapters.storage.base import Retention, Store
+from adapters.storage.base import Finish, Retention, Store
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import EXCERPT_BYTES, Attempt, Job, Outcome
-from gateway.circuit import CircuitBreaker, CircuitStatistics
+from gateway.circuit import CircuitBreaker, CircuitState, CircuitStatistics
 from gateway.config import TopicConfig
 from gateway.policy import Backoff, Decision, decide
 from gateway.ratelimit import TokenBucket
@@ -44,7 +50,7 @@ SCHEDULER_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
 #: An idle dispatcher reserves at least this often even if no doorbell rang.
 RECHECK = 5.0
-#: Recording an outcome may take this long after shutdown began.
+#: Recording outcomes may take this long after shutdown began.
 RECORD_GRACE = 10.0
 STORE_ERROR_PAUSE = 1.0
 
@@ -54,7 +60,8 @@ class DispatcherStatistics:
     queue: str
     topic: str
     concurrency: int
-    in_flight: int
+    in_flight: int  # deliveries running now
+    buffered: int  # leased, waiting for a worker
     delivered_total: int  # attempts that got a response or a failure
     done_total: int
     retried_total: int
@@ -67,6 +74,14 @@ class DispatcherStatistics:
 
 
 AttemptListener = Callable[[Job, Attempt, Decision, Delivery], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    job: Job
+    attempt: Attempt
+    decision: Decision
+    delivery: Delivery
 
 
 class Dispatcher:
@@ -88,10 +103,6 @@ class Dispatcher:
         self._listeners = listeners
         self._backoff = Backoff(topic.retry.backoff, topic.retry.max_backoff)
         self.lease = topic.lease or min(topic.timeout, MAX_LEASE) + LEASE_MARGIN
-        self._in_flight: dict[str, Job] = {}
-        self._slot_freed = trio.Event()
-        self._paused = topic.paused
-        self._resumed = trio.Event()
         self.circuit = CircuitBreaker(
             failures=topic.circuit_failures,
             cooldown=topic.circuit_cooldown,
@@ -102,7 +113,18 @@ class Dispatcher:
             if topic.rate_limit is None
             else TokenBucket(topic.rate_limit.per_second, clock=trio.current_time)
         )
+        # Every job we hold a lease on and have not recorded: buffered, in flight, or with
+        # its outcome on the way to the store.  What is left at the end is released.
+        self._held: dict[str, Job] = {}
+        self._jobs_in, self._jobs_out = trio.open_memory_channel[Job](math.inf)
+        self._in_flight = 0
+        self._capacity = trio.Event()  # set when a held job is let go
+        self._outcomes: list[_Outcome] = []
+        self._outcome_ready = trio.Event()
+        self._paused = topic.paused
+        self._resumed = trio.Event()
         self._stopping = False
+        self._workers_done = False
         self._deliveries: trio.CancelScope | None = None
         #: Set once run() has returned: deliveries drained, unfinished jobs released.
         self.finished = trio.Event()
@@ -117,7 +139,8 @@ class Dispatcher:
             queue=self.topic.queue,
             topic=self.topic.name,
             concurrency=self.topic.concurrency,
-            in_flight=len(self._in_flight),
+            in_flight=self._in_flight,
+            buffered=self._jobs_out.statistics().current_buffer_used,
             delivered_total=self._delivered,
             done_total=self._done,
             retried_total=self._retried,
@@ -136,10 +159,18 @@ class Dispatcher:
             async with trio.open_nursery() as upkeep:
                 await upkeep.start(self.backend.run)
                 upkeep.start_soon(self._schedule)
+                recorder_done = trio.Event()
+                upkeep.start_soon(self._record_loop, recorder_done)
                 task_status.started()
-                async with trio.open_nursery() as deliveries:
-                    self._deliveries = deliveries.cancel_scope
-                    await self._reserve_loop(deliveries)
+                async with trio.open_nursery() as workers:
+                    self._deliveries = workers.cancel_scope
+                    for _ in range(self.topic.concurrency):
+                        workers.start_soon(self._work)
+                    await self._fetch_loop()
+                    self._jobs_in.close()  # workers finish what they hold, then leave
+                self._workers_done = True
+                self._outcome_ready.set()  # the recorder flushes the last outcomes and ends
+                await recorder_done.wait()
                 upkeep.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -152,7 +183,7 @@ class Dispatcher:
         return self._paused
 
     def pause(self) -> None:
-        """Stop reserving; deliveries in flight finish.  Producers can still push."""
+        """Stop reserving; buffered and in-flight deliveries finish.  Producers can push."""
         self._paused = True
 
     def resume(self) -> None:
@@ -163,15 +194,16 @@ class Dispatcher:
         """Stop reserving; cancel deliveries still running at ``deadline`` (trio time)."""
         self._stopping = True
         self.store.doorbells.ring(*self.key)
-        self._slot_freed.set()
+        self._capacity.set()
         self._resumed.set()
         if self._deliveries is not None:
             self._deliveries.deadline = min(self._deliveries.deadline, deadline)
 
     async def _release_unfinished(self) -> None:
-        if not self._in_flight:
+        if not self._held:
             return
-        jobs = list(self._in_flight.values())
+        jobs = list(self._held.values())
+        self._held.clear()
         with trio.move_on_after(RECORD_GRACE):
             try:
                 released = await self.store.release(jobs)
@@ -182,32 +214,44 @@ class Dispatcher:
                 )
             else:
                 log.info("released queue=%s topic=%s jobs=%d", *self.key, released)
-        self._in_flight.clear()
 
-    # -- reserving ----------------------------------------------------------------------------
+    # -- fetching -----------------------------------------------------------------------------
 
-    async def _reserve_loop(self, deliveries: trio.Nursery) -> None:
+    async def _fetch_loop(self) -> None:
         queue, topic = self.key
         concurrency = self.topic.concurrency
+        # Keep every worker busy and as many jobs ready next.  Jobs whose outcome is on its way
+        # to the store do not count against that (the recorder's round trip must not starve
+        # the workers), but their backlog is bounded too, should the store slow down.
+        most = 2 * concurrency
         while not self._stopping:
             if self._paused:
                 self._resumed = trio.Event()
                 await self._resumed.wait()
                 continue
-            limit = concurrency - len(self._in_flight)
+            active = self._in_flight + self._buffered()
+            recording = len(self._held) - active
+            room = most - active
+            # Refill in batches, but never keep an idle worker waiting for a batch to form.
+            if recording > 4 * concurrency or (
+                room < max(1, concurrency // 2) and active >= concurrency
+            ):
+                await self._wait_for_capacity(math.inf)
+                continue
+            limit = room
             allowance = self.circuit.allowance()
             if allowance is not None:
                 limit = min(limit, allowance)
             if self._bucket is not None and limit > 0:
                 tokens = self._bucket.available()
                 if tokens == 0:
-                    await self._wait_for_slot(trio.current_time() + self._bucket.wait_time())
+                    await self._wait_for_capacity(trio.current_time() + self._bucket.wait_time())
                     continue
                 limit = min(limit, tokens)
             if limit <= 0:
-                # Full, or the circuit is open: a finished delivery, the probe time or a
-                # stop wakes us.
-                await self._wait_for_slot(self.circuit.reopen_at)
+                # The circuit is open (or its probe is out): its reopen time, a finished
+                # delivery or a stop wakes us.
+                await self._wait_for_capacity(self.circuit.reopen_at)
                 continue
             try:
                 jobs = await self.store.reserve(queue, topic, limit, self.lease)
@@ -225,23 +269,70 @@ class Dispatcher:
                 self._bucket.take(len(jobs))
             for job in jobs:
                 self.circuit.started()
-                self._in_flight[job.id] = job
-                deliveries.start_soon(self._deliver, job)
+                self._held[job.id] = job
+                self._jobs_in.send_nowait(job)
 
-    async def _wait_for_slot(self, deadline: float) -> None:
-        self._slot_freed = trio.Event()
+    def _buffered(self) -> int:
+        return self._jobs_out.statistics().current_buffer_used
+
+    async def _wait_for_capacity(self, deadline: float) -> None:
+        self._capacity = trio.Event()
         with trio.move_on_at(deadline):
-            await self._slot_freed.wait()
+            await self._capacity.wait()
+
+    def _let_go(self, job: Job) -> None:
+        self._held.pop(job.id, None)
+        self._capacity.set()
 
     # -- delivering ---------------------------------------------------------------------------
 
+    async def _work(self) -> None:
+        async for job in self._jobs_out:
+            if self._stopping:
+                continue  # buffered: released at the end, no attempt spent
+            if self.circuit.state is CircuitState.OPEN:
+                # Reserved before the circuit opened: give it back rather than burn an attempt
+                # on a backend known to be down.
+                await self._give_back(job)
+                continue
+            if not await self._lease_covers_an_attempt(job):
+                continue
+            self._in_flight += 1
+            try:
+                await self._deliver(job)
+            finally:
+                self._in_flight -= 1
+                self._capacity.set()  # a worker is free: the fetcher may refill
+
+    async def _lease_covers_an_attempt(self, job: Job) -> bool:
+        """Extend the lease of a job that waited in the buffer if an attempt could outlast it."""
+        if job.lease_until - self._clock() > min(self.topic.timeout, self.lease) + 1:
+            return True
+        try:
+            if await self.store.extend(job, self.lease):
+                return True
+        except StoreError as exc:
+            log.warning("lease extension failed job=%s error=%s", job.id, exc)
+            return True  # deliver anyway: at worst the job is delivered twice, never lost
+        self._let_go(job)  # the lease was lost: the job belongs to someone else now
+        return False
+
+    async def _give_back(self, job: Job) -> None:
+        try:
+            await self.store.release([job])
+        except StoreError as exc:
+            log.warning("release failed job=%s error=%s", job.id, exc)
+        self._let_go(job)
+
     async def _deliver(self, job: Job) -> None:
         started_at = self._clock()
-        async with trio.open_nursery() as nursery:
-            if self.topic.timeout + LEASE_MARGIN > self.lease:
+        if self.topic.timeout + LEASE_MARGIN > self.lease:
+            async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_leased, job)
+                delivery = await self.backend.deliver(job)
+                nursery.cancel_scope.cancel()
+        else:  # the lease outlasts any attempt: no keeper task to start and stop
             delivery = await self.backend.deliver(job)
-            nursery.cancel_scope.cancel()
         self.circuit.record(delivery)
         decision = decide(
             delivery,
@@ -262,52 +353,9 @@ class Dispatcher:
             body=delivery.body[:EXCERPT_BYTES],
             stderr=delivery.stderr[:EXCERPT_BYTES],
         )
-        # The attempt happened; record it even if shutdown is cancelling us.
-        with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
-            await self._record(job, attempt, decision)
-        self._delivered += 1
-        for listener in self._listeners:
-            listener(job, attempt, decision, delivery)
-        _log_attempt(job, attempt, decision, delivery)
-
-    async def _record(self, job: Job, attempt: Attempt, decision: Decision) -> None:
-        try:
-            if decision.outcome is Outcome.DONE:
-                recorded = await self.store.ack(job, attempt)
-                self._done += 1
-            elif decision.outcome is Outcome.RETRY:
-                assert decision.run_at is not None
-                recorded = await self.store.retry(
-                    job, attempt, decision.run_at, spend=decision.spend
-                )
-                self._retried += 1
-            else:
-                recorded = await self.store.bury(job, attempt)
-                self._dead += 1
-        except StoreError as exc:
-            # The job stays leased; when the lease expires it is delivered again.
-            self._store_errors += 1
-            log.error(
-                "recording failed job=%s queue=%s topic=%s attempt=%d error=%s",
-                job.id,
-                job.queue,
-                job.topic,
-                job.attempt,
-                exc,
-            )
-        else:
-            if not recorded:
-                log.warning(
-                    "outcome not recorded job=%s queue=%s topic=%s attempt=%d: the lease had"
-                    " expired and the job was handed out again",
-                    job.id,
-                    job.queue,
-                    job.topic,
-                    job.attempt,
-                )
-        finally:
-            self._in_flight.pop(job.id, None)
-            self._slot_freed.set()
+        # Handed over without an await: a cancellation from here on cannot lose the attempt.
+        self._outcomes.append(_Outcome(job, attempt, decision, delivery))
+        self._outcome_ready.set()
 
     async def _keep_leased(self, job: Job) -> None:
         while True:
@@ -316,6 +364,63 @@ class Dispatcher:
                 await self.store.extend(job, self.lease)
             except StoreError as exc:
                 log.warning("lease extension failed job=%s error=%s", job.id, exc)
+
+    # -- recording ----------------------------------------------------------------------------
+
+    async def _record_loop(self, done: trio.Event) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready = trio.Event()
+            batch, self._outcomes = self._outcomes, []
+            if batch:
+                with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
+                    await self._record(batch)
+            if self._workers_done and not self._outcomes:
+                done.set()
+                return
+
+    async def _record(self, batch: list[_Outcome]) -> None:
+        items = [
+            Finish(o.job, o.attempt, o.decision.outcome, o.decision.run_at or 0.0, o.decision.spend)
+            for o in batch
+        ]
+        try:
+            recorded = await self.store.finish(items)
+        except StoreError as exc:
+            # The jobs stay leased; when their leases expire they are delivered again.
+            self._store_errors += 1
+            log.error(
+                "recording %d outcomes failed queue=%s topic=%s error=%s",
+                len(batch),
+                *self.key,
+                exc,
+            )
+            recorded = [False] * len(batch)
+            answered = False
+        else:
+            answered = True
+        for outcome, ok in zip(batch, recorded, strict=True):
+            job, decision = outcome.job, outcome.decision
+            self._let_go(job)
+            self._delivered += 1
+            if decision.outcome is Outcome.DONE:
+                self._done += 1
+            elif decision.outcome is Outcome.RETRY:
+                self._retried += 1
+            else:
+                self._dead += 1
+            if answered and not ok:
+                log.warning(
+                    "outcome not recorded job=%s queue=%s topic=%s attempt=%d: the lease had"
+                    " expired and the job was handed out again",
+                    job.id,
+                    job.queue,
+                    job.topic,
+                    job.attempt,
+                )
+            for listener in self._listeners:
+                listener(job, outcome.attempt, decision, outcome.delivery)
+            _log_attempt(job, outcome.attempt, decision, outcome.delivery)
 
     # -- scheduling ---------------------------------------------------------------------------
 

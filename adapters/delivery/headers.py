@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import functools
 import re
-from datetime import UTC, datetime
+import time
 from urllib.parse import quote_from_bytes
 
-from adapters.storage.jobs import Job
+from adapters.storage.jobs import Job, new_span_id
 
 SERVER_SOFTWARE = "busgate"
 
@@ -20,13 +20,16 @@ _TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 def enqueued_at_text(timestamp: float) -> str:
     """RFC 3339 in UTC with milliseconds: what PHP's strtotime and every JSON parser read."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    seconds = int(timestamp)
+    millis = round((timestamp - seconds) * 1000)
+    if millis == 1000:
+        seconds, millis = seconds + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def traceparent(trace_id: str, span_id: str | None = None) -> str:
     """W3C trace context: the job's trace, a fresh span per attempt, sampled."""
-    return f"00-{trace_id}-{span_id or os.urandom(8).hex()}-01"
+    return f"00-{trace_id}-{span_id or new_span_id()}-01"
 
 
 def job_headers(job: Job) -> list[tuple[str, str]]:
@@ -49,6 +52,7 @@ def job_headers(job: Job) -> list[tuple[str, str]]:
     return headers
 
 
+@functools.lru_cache(maxsize=4096)
 def cgi_name(header: str) -> bytes:
     """``X-Busgate-Job-Id`` -> ``HTTP_X_BUSGATE_JOB_ID``."""
     return b"HTTP_" + header.upper().replace("-", "_").encode("latin-1")

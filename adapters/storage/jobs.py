@@ -68,6 +68,11 @@ def new_trace_id() -> str:
     return f"{_random.getrandbits(128):032x}"
 
 
+def new_span_id() -> str:
+    """16 hex digits, a W3C span (parent) id."""
+    return f"{_random.getrandbits(64):016x}"
+
+
 def check_job_id(job_id: str) -> str:
     """Validate an id given by a producer (an idempotency key)."""
     if not _EXPLICIT_ID.fullmatch(job_id):

@@ -17,7 +17,9 @@ DEAD_ON = frozenset({400, 404, 410, 422})
 BACKOFF = Backoff(1.0, 600.0)
 
 
-def verdict(delivery: Delivery, attempt: int = 1, max_attempts: int = 5) -> tuple[object, ...]:
+def verdict(
+    delivery: Delivery, attempt: int = 1, max_attempts: int = 5
+) -> tuple[Outcome, float | None, bool]:
     d = decide(
         delivery,
         attempt=attempt,
@@ -96,14 +98,15 @@ def test_circuit_opens_probes_and_closes() -> None:
     assert circuit.state is CircuitState.CLOSED
     for _ in range(3):
         circuit.record(down)
-    assert circuit.state is CircuitState.OPEN and circuit.allowance() == 0
+    assert circuit.statistics().state is CircuitState.OPEN and circuit.allowance() == 0
     assert circuit.reopen_at == 110
     clock.now = 110
     assert circuit.allowance() == 1  # half-open: one probe
     circuit.started()
     assert circuit.allowance() == 0  # only one
     circuit.record(answer(502))
-    assert circuit.state is CircuitState.OPEN and circuit.reopen_at == 130  # cooldown doubled
+    assert circuit.statistics().state is CircuitState.OPEN
+    assert circuit.reopen_at == 130  # cooldown doubled
     clock.now = 130
     assert circuit.allowance() == 1
     circuit.started()

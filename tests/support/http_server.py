@@ -39,12 +39,13 @@ class RecordingServer:
         return f"{scheme}://127.0.0.1:{self.port}/hooks/job"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
+        tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = tcp[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp)
         if self.ssl_context is not None:
             listeners = [
                 trio.SSLListener(listener, self.ssl_context, https_compatible=True)
-                for listener in listeners
+                for listener in tcp
             ]
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(trio.serve_listeners, self._serve, listeners))

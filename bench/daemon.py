@@ -1,0 +1,365 @@
+"""Benchmarks of the whole daemon, each against a raw baseline measured in the same run.
+
+    e2e      jobs pushed over RESP -> store -> php-fpm no-op (8 static children) -> ack,
+             against a raw trio FastCGI client driving the same pool with 8 connections
+    ingest   redis-benchmark -t lpush (50 clients) against the gateway (queue "mylist",
+             topic paused) and against redis-server, unpipelined and with -P 16
+    latency  push -> the backend's first byte at 1,000 jobs/s: p50 and p99
+    rss      daemon RSS with 100 topics and 1,000,000 pending jobs
+
+The daemon runs in this process (as in production, one process); producers run in separate
+processes, as real ones do.
+
+    .venv/bin/python -m bench.daemon [e2e|ingest|latency|rss ...] [--store sqlite|redis|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from adapters.storage.base import Store
+from bench.fastcgi_pool import encoded_request, request_env, run_raw
+from gateway.app import App
+from gateway.config import load_config
+from tests.support.phpfpm import PhpFpm
+from tests.support.redis import RedisServer
+
+CHILDREN = 8
+HERE = Path(__file__).resolve().parent
+PUSHER = HERE / "pusher.py"
+
+
+def write_config(directory: Path, store: str, queues: dict[str, str]) -> Path:
+    (directory / "conf.d").mkdir(parents=True, exist_ok=True)
+    main = directory / "busgate.yaml"
+    main.write_text(
+        f"store: {store}\nlisten: {{resp: '127.0.0.1:0', http: '127.0.0.1:0'}}\n"
+        "shutdown_timeout: 5s\n"
+    )
+    for name, text in queues.items():
+        (directory / "conf.d" / f"{name}.yaml").write_text(textwrap.dedent(text))
+    return main
+
+
+@asynccontextmanager
+async def daemon(config: Path) -> AsyncIterator[App]:
+    async with trio.open_nursery() as nursery:
+        app: App = await nursery.start(App(load_config(config)).run)
+        try:
+            yield app
+        finally:
+            app.shutdown(timeout=5)
+
+
+@asynccontextmanager
+async def stores(kind: str, tmp: Path) -> AsyncIterator[str]:
+    """A store URL: a fresh SQLite file, or a fresh redis-server."""
+    if kind == "sqlite":
+        yield f"sqlite:{tmp / 'bench.db'}"
+        return
+    server = RedisServer(tmp / "redis")
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()
+
+
+def pusher(port: int, queue: str, count: int, *, rate: float = 0, batch: int = 100) -> list[str]:
+    return [sys.executable, str(PUSHER), str(port), queue, str(count), str(rate), str(batch)]
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 600) -> None:
+    with trio.fail_after(timeout):
+        while not await check():
+            await trio.sleep(0.02)
+
+
+# -- e2e ---------------------------------------------------------------------------------------
+
+
+async def bench_e2e(kinds: list[str], jobs: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        fpm = PhpFpm(tmp / "fpm", max_children=CHILDREN)
+        fpm.start()
+        try:
+            env = request_env(fpm.script("noop.php"))
+            await run_raw(fpm.address, encoded_request(env), 2000)  # warm opcache
+            raw = await run_raw(fpm.address, encoded_request(env), jobs)
+            results = {}
+            for kind in kinds:
+                async with stores(kind, tmp / kind) as url:
+                    queue = f"""\
+                        queue: e2e
+                        topics:
+                          noop:
+                            backend: fastcgi://127.0.0.1:{fpm.address.port}
+                            script: {fpm.script("noop.php")}
+                            concurrency: {CHILDREN}
+                            timeout: 10s
+                        """
+                    config = write_config(tmp / kind, url, {"e2e": queue})
+                    async with daemon(config) as app:
+                        port = int(app.resp_address.rpartition(":")[2])
+                        assert app.store is not None
+                        store = app.store
+                        start = time.perf_counter()
+                        await trio.run_process(pusher(port, "e2e", jobs))
+
+                        async def all_done(store: Store = store) -> bool:
+                            return (await store.stats("e2e", "noop")).done_total >= jobs
+
+                        await until(all_done)
+                        results[kind] = jobs / (time.perf_counter() - start)
+        finally:
+            fpm.stop()
+    print(
+        f"e2e: RESP push -> store -> php-fpm no-op ({CHILDREN} static children) -> ack, {jobs} jobs"
+    )
+    print(f"  raw trio FastCGI client, {CHILDREN} connections: {raw:8.0f} req/s")
+    for kind, rate in results.items():
+        print(
+            f"  busgate, {kind:6} store            : {rate:8.0f} jobs/s = {rate / raw:.2f}x"
+            " (target >= 0.5x on redis)"
+        )
+
+
+# -- ingest ------------------------------------------------------------------------------------
+
+
+def redis_benchmark(port: int, pipeline: int, requests: int) -> float:
+    out = subprocess.run(
+        [
+            "redis-benchmark",
+            "-p",
+            str(port),
+            "-t",
+            "lpush",
+            "-c",
+            "50",
+            "-n",
+            str(requests),
+            "-P",
+            str(pipeline),
+            "-q",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    match = re.search(r"LPUSH.*?: ([\d.]+) requests per second", out.replace("\r", "\n"))
+    if match is None:
+        raise RuntimeError(f"unexpected redis-benchmark output: {out!r}")
+    return float(match.group(1))
+
+
+async def bench_ingest(kinds: list[str], requests: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        baseline = RedisServer(tmp / "baseline")
+        baseline.start()
+        try:
+            raw = {p: redis_benchmark(baseline.port, p, requests) for p in (1, 16)}
+        finally:
+            baseline.stop()
+        results: dict[str, dict[int, float]] = {}
+        for kind in kinds:
+            async with stores(kind, tmp / kind) as url:
+                queue = """\
+                    queue: mylist
+                    topics:
+                      held:
+                        backend: fastcgi://127.0.0.1:9
+                        script: /srv/none.php
+                        paused: true
+                    """
+                config = write_config(tmp / kind, url, {"mylist": queue})
+                async with daemon(config) as app:
+                    port = int(app.resp_address.rpartition(":")[2])
+                    results[kind] = {
+                        p: await trio.to_thread.run_sync(redis_benchmark, port, p, requests)
+                        for p in (1, 16)
+                    }
+    print(f"ingest: redis-benchmark -t lpush -c 50 -n {requests}")
+    for pipeline, target in ((1, 0.5), (16, 0.1)):
+        print(f"  -P {pipeline:2}: redis-server {raw[pipeline]:9.0f}/s")
+        for kind, rates in results.items():
+            rate = rates[pipeline]
+            print(
+                f"         busgate ({kind:6}) {rate:9.0f}/s = {rate / raw[pipeline]:.2f}x"
+                f" (target >= {target}x)"
+            )
+
+
+# -- latency -----------------------------------------------------------------------------------
+
+LATENCY_PHP = """<?php
+// Appends "job-id request-start-time" once per delivery: the backend's first moment.
+file_put_contents(getenv('BUSGATE_RECORD'),
+    $_SERVER['HTTP_X_BUSGATE_JOB_ID'] . ' ' . $_SERVER['REQUEST_TIME_FLOAT'] . "\\n",
+    FILE_APPEND | LOCK_EX);
+"""
+
+
+async def bench_latency(kinds: list[str], jobs: int, rate: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        script = tmp / "latency.php"
+        script.write_text(LATENCY_PHP)
+        record = tmp / "starts.txt"
+        fpm = PhpFpm(tmp / "fpm", max_children=CHILDREN, env={"BUSGATE_RECORD": str(record)})
+        fpm.start()
+        results = {}
+        try:
+            for kind in kinds:
+                record.unlink(missing_ok=True)
+                async with stores(kind, tmp / kind) as url:
+                    queue = f"""\
+                        queue: lat
+                        topics:
+                          t:
+                            backend: fastcgi://127.0.0.1:{fpm.address.port}
+                            script: {script}
+                            concurrency: {CHILDREN}
+                        """
+                    config = write_config(tmp / kind, url, {"lat": queue})
+                    async with daemon(config) as app:
+                        port = int(app.resp_address.rpartition(":")[2])
+                        done = await trio.run_process(
+                            pusher(port, "lat", jobs, rate=rate, batch=1), capture_stdout=True
+                        )
+                        sent = json.loads(done.stdout)  # job id -> time the push was sent
+                        await until(lambda: _recorded(record, jobs), 60)
+                starts = dict(line.split() for line in record.read_text().splitlines())
+                latencies = sorted(float(starts[i]) - t for i, t in sent.items())
+                p50 = statistics.median(latencies)
+                p99 = latencies[int(len(latencies) * 0.99)]
+                results[kind] = (p50, p99)
+        finally:
+            fpm.stop()
+    print(f"latency: push sent -> php-fpm request start, {jobs} jobs at {rate:.0f} jobs/s")
+    for kind, (p50, p99) in results.items():
+        print(
+            f"  {kind:6}: p50 {p50 * 1000:6.2f} ms (target <= 2), p99 {p99 * 1000:6.2f} ms"
+            " (target <= 10)"
+        )
+
+
+async def _recorded(path: Path, count: int) -> bool:
+    return path.exists() and path.read_text().count("\n") >= count
+
+
+# -- rss ---------------------------------------------------------------------------------------
+
+
+def rss_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def bench_rss(kinds: list[str], jobs: int, topics: int) -> None:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for kind in kinds:
+            async with stores(kind, tmp / kind) as url:
+                queues = {
+                    f"q{i}": f"""\
+                        queue: q{i}
+                        topics:
+                          t:
+                            backend: fastcgi://127.0.0.1:9
+                            script: /srv/none.php
+                            paused: true
+                        """
+                    for i in range(topics)
+                }
+                config = write_config(tmp / kind, url, queues)
+                # A separate daemon process, so its RSS is the daemon's alone.
+                port = _free_port()
+                text = config.read_text().replace(
+                    "resp: '127.0.0.1:0'", f"resp: '127.0.0.1:{port}'"
+                )
+                config.write_text(text)
+                process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "gateway.cli",
+                        "--log-level",
+                        "error",
+                        "run",
+                        "-c",
+                        str(config),
+                    ],
+                    env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+                )
+                try:
+                    await trio.to_thread.run_sync(_wait_port, port)
+                    idle = rss_of(process.pid)
+                    per_queue = jobs // topics
+                    async with trio.open_nursery() as nursery:
+                        for i in range(topics):
+                            nursery.start_soon(trio.run_process, pusher(port, f"q{i}", per_queue))
+                    await trio.sleep(2)
+                    results[kind] = (idle, rss_of(process.pid))
+                finally:
+                    process.terminate()
+                    process.wait(30)
+    print(f"rss: daemon with {topics} topics (paused) and {jobs} pending jobs")
+    for kind, (idle, loaded) in results.items():
+        print(
+            f"  {kind:6}: {idle / 2**20:6.1f} MB idle, {loaded / 2**20:6.1f} MB with the"
+            " jobs pending (target <= 100 MB)"
+        )
+
+
+def _free_port() -> int:
+    from tests.support.ports import free_port
+
+    return free_port()
+
+
+def _wait_port(port: int) -> None:
+    from tests.support.ports import wait_connectable
+
+    wait_connectable("127.0.0.1", port, timeout=60)
+
+
+async def main(args: argparse.Namespace) -> None:
+    kinds = ["sqlite", "redis"] if args.store == "both" else [args.store]
+    for which in args.which or ["e2e", "ingest", "latency", "rss"]:
+        if which == "e2e":
+            await bench_e2e(kinds, args.jobs)
+        elif which == "ingest":
+            await bench_ingest(kinds, 100_000)
+        elif which == "latency":
+            await bench_latency(kinds, 5000, 1000.0)
+        elif which == "rss":
+            await bench_rss(kinds, args.pending, 100)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("which", nargs="*", choices=["e2e", "ingest", "latency", "rss", []])
+    parser.add_argument("--store", choices=["sqlite", "redis", "both"], default="both")
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--pending", type=int, default=1_000_000)
+    trio.run(main, parser.parse_args())
