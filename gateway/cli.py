@@ -19,6 +19,7 @@ import trio
 from adapters.storage.errors import StoreError
 from gateway.app import App, ReloadRefused, StartupError
 from gateway.config import ConfigError, load_config, render_effective
+from gateway.systemd import Notifier, run_watchdog, watchdog_interval
 
 log = logging.getLogger("busgate")
 
@@ -34,16 +35,37 @@ def setup_logging(level: str) -> None:
 
 
 async def serve(config_path: str) -> None:
-    """Run the daemon until SIGTERM or SIGINT; reload the configuration on SIGHUP."""
+    """Run the daemon until SIGTERM or SIGINT; reload the configuration on SIGHUP.
+
+    Under systemd (``$NOTIFY_SOCKET``) it reports READY once producers are served,
+    RELOADING/READY around a reload, STOPPING on shutdown, and pings the watchdog.
+    """
     config = load_config(config_path)
+    notifier = Notifier.from_environ()
+    interval = watchdog_interval()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            app: App = await nursery.start(App(config).run)
-            async for signum in signals:
-                if signum != signal.SIGHUP:
-                    app.shutdown()
-                    break
-                await reload(app, config_path)
+        async with trio.open_nursery() as outer:
+            if interval is not None:
+                # Outside the App's nursery: it keeps pinging while in-flight work drains.
+                await outer.start(run_watchdog, notifier, interval)
+            async with trio.open_nursery() as nursery:
+                app: App = await nursery.start(App(config).run)
+                await notifier.ready(_status(app))
+                async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        await notifier.stopping("draining in-flight deliveries")
+                        app.shutdown()
+                        break
+                    await notifier.reloading()
+                    await reload(app, config_path)
+                    await notifier.ready(_status(app))
+            outer.cancel_scope.cancel()
+
+
+def _status(app: App) -> str:
+    queues = len(app.config.queues)
+    topics = sum(len(q.topics) for q in app.config.queues.values())
+    return f"{queues} queues, {topics} topics; redis protocol on {app.resp_address}"
 
 
 async def reload(app: App, config_path: str) -> bool:
