@@ -1,1 +1,3 @@
 """busgate daemon."""
+
+__version__ = "0.1.0"

@@ -32,12 +32,18 @@ from adapters.storage.redis_routing import Router as RedisRouter
 from adapters.storage.redis_store import RedisStore
 from adapters.storage.sqlite import SQLiteStore
 from fastcgi.address import parse_address
+from gateway.admin import AdminAPI, read_token
 from gateway.config import Config, StoreConfig, TopicConfig
 from gateway.dispatcher import Dispatcher, DispatcherStatistics
+from gateway.health import BackendHealth
 from gateway.http_server import HTTPServer, Request, Response, Router
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import registry_for
+from gateway.metrics import render as render_metrics
 from gateway.producer import Directory, ProducerService
 from gateway.producer_http import add_producer_routes
 from gateway.resp_server import RespServer, RespStatistics
+from gateway.telemetry import Telemetry
 
 log = logging.getLogger("busgate")
 
@@ -149,6 +155,16 @@ class App:
         self._producers: trio.CancelScope | None = None
         self._stopped = trio.Event()
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
+    def dispatcher(self, queue: str, topic: str) -> Dispatcher:
+        return self._dispatchers[queue, topic]
+
+    def dispatcher_statistics(self) -> dict[tuple[str, str], DispatcherStatistics]:
+        return {key: d.statistics() for key, d in self._dispatchers.items()}
+
     def statistics(self) -> AppStatistics:
         assert self.resp is not None
         return AppStatistics(
@@ -158,13 +174,27 @@ class App:
 
     async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
+        try:
+            token = read_token(config.admin_token_file)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"admin_token_file: {exc}") from None
         self.store = store = await open_store(config.store, clock=self._clock)
         try:
             self.service = ProducerService(store, Directory(config), clock=self._clock)
+            self.health = BackendHealth(self._topics)
+            self.telemetry = Telemetry(
+                store,
+                lambda: self.config,
+                self.dispatcher_statistics,
+                self.health.current,
+                clock=self._clock,
+            )
+            self.admin = AdminAPI(self, self.telemetry, token)
             self.resp = RespServer(self.service, config.listen_resp, config.producer)
             self.http = HTTPServer(self._routes(), config.listen_http.host, config.listen_http.port)
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
+                await nursery.start(self.health.run)
                 async with trio.open_nursery() as dispatchers:
                     self._dispatcher_nursery = dispatchers
                     for queue in config.queues.values():
@@ -173,6 +203,7 @@ class App:
                     self._producers = trio.CancelScope()
                     self.resp_address = await nursery.start(self._run_producers)
                     self.http_address = await nursery.start(self.http.run)
+                    await nursery.start(self.telemetry.run)
                     log.info(
                         "busgate running: %d queues, %d topics, store %s",
                         len(config.queues),
@@ -186,13 +217,23 @@ class App:
             with trio.CancelScope(shield=True):
                 await store.aclose()
 
+    def _topics(self) -> list[TopicConfig]:
+        return [t for q in self.config.queues.values() for t in q.topics]
+
     def _routes(self) -> Router:
         assert self.service is not None
         router = Router()
         add_producer_routes(router, self.service)
         router.add("GET", "/healthz", self._healthz)
         router.add("GET", "/readyz", self._readyz)
+        router.add("GET", "/metrics", self._metrics)
+        self.admin.routes(router)
+        self._registry = registry_for(self.telemetry)
         return router
+
+    async def _metrics(self, request: Request) -> Response:
+        self.admin.authorize(request)
+        return Response(200, render_metrics(self._registry), content_type=METRICS_CONTENT_TYPE)
 
     async def _healthz(self, request: Request) -> Response:
         return Response.json({"status": "ok"})
@@ -216,7 +257,13 @@ class App:
 
     async def _start_dispatcher(self, topic: TopicConfig) -> None:
         assert self.store is not None and self._dispatcher_nursery is not None
-        dispatcher = Dispatcher(self.store, topic, build_backend(topic), clock=self._clock)
+        dispatcher = Dispatcher(
+            self.store,
+            topic,
+            build_backend(topic),
+            clock=self._clock,
+            listeners=(self.telemetry.record,),
+        )
         self._dispatchers[dispatcher.key] = dispatcher
         await self._dispatcher_nursery.start(dispatcher.run)
 
@@ -240,6 +287,10 @@ class App:
         ]
         if refused:
             raise ReloadRefused(f"{', '.join(refused)} changed: restart busgate to apply")
+        try:
+            token = read_token(new.admin_token_file)
+        except (OSError, ValueError) as exc:
+            raise ReloadRefused(f"admin_token_file: {exc}") from None
         assert self.service is not None
         new_topics = {(q.name, t.name): t for q in new.queues.values() for t in q.topics}
         old_topics = {(q.name, t.name): t for q in old.queues.values() for t in q.topics}
@@ -256,6 +307,7 @@ class App:
                 changed.append(key)
         self.config = new
         self.service.reload(Directory(new))
+        self.admin.token = token
         for key in toggled:
             dispatcher = self._dispatchers[key]
             dispatcher.topic = new_topics[key]

@@ -1128,6 +1128,19 @@ _Dumper.add_representer(_Quoted, _represent_quoted)
 
 def render_effective(config: Config) -> str:
     """The configuration with every default filled in and secrets redacted, as YAML."""
+    body = yaml.dump(
+        effective_document(config),
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=None,  # short lists and mappings of plain values on one line
+        allow_unicode=True,
+        width=100,
+    )
+    return f"# busgate: effective configuration of {config.path}\n{body}"
+
+
+def effective_document(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets redacted (admin API, YAML)."""
     store = config.store
     document: dict[str, Any] = {
         "store": f"sqlite://{store.path}" if store.kind == "sqlite" else store.redacted_url,
@@ -1142,15 +1155,7 @@ def render_effective(config: Config) -> str:
         },
         "queues": [_render_queue(queue) for queue in config.queues.values()],
     }
-    body = yaml.dump(
-        document,
-        Dumper=_Dumper,
-        sort_keys=False,
-        default_flow_style=None,  # short lists and mappings of plain values on one line
-        allow_unicode=True,
-        width=100,
-    )
-    return f"# busgate: effective configuration of {config.path}\n{body}"
+    return document
 
 
 def _render_queue(queue: QueueConfig) -> dict[str, Any]:

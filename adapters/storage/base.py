@@ -154,6 +154,10 @@ class Store(abc.ABC):
     async def stats(self, queue: str, topic: str) -> TopicStats:
         """Depths by state and lifetime counters of one topic."""
 
+    async def stats_many(self, topics: Sequence[tuple[str, str]]) -> list[TopicStats]:
+        """``stats`` for many (queue, topic) pairs; stores answer in one round trip."""
+        return [await self.stats(queue, topic) for queue, topic in topics]
+
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> list[JobRecord]:
         """Every topic copy of a job, with its attempts (empty if unknown or pruned)."""

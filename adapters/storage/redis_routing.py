@@ -52,6 +52,12 @@ class Router(Protocol):
 
     async def eval(self, key: bytes, script: Script, args: Sequence[Arg]) -> Any: ...
 
+    async def pipelines(
+        self, batches: Sequence[tuple[bytes, Sequence[Command]]]
+    ) -> list[list[Any]]:
+        """Several keys' command lists, sent as one pipeline per server."""
+        ...
+
     async def execute_everywhere(self, *args: Arg) -> list[Any]: ...
 
     async def listen(
@@ -94,6 +100,12 @@ class Standalone:
         if isinstance(reply, ServerError):
             raise reply
         return reply
+
+    async def pipelines(
+        self, batches: Sequence[tuple[bytes, Sequence[Command]]]
+    ) -> list[list[Any]]:
+        replies = await self.client.pipeline([c for _, commands in batches for c in commands])
+        return _split(replies, [len(commands) for _, commands in batches])
 
     async def execute_everywhere(self, *args: Arg) -> list[Any]:
         return [await self.client.execute(*args)]
@@ -188,6 +200,26 @@ class Cluster:
             raise reply
         return reply
 
+    async def pipelines(
+        self, batches: Sequence[tuple[bytes, Sequence[Command]]]
+    ) -> list[list[Any]]:
+        # Group by owning node: one pipeline per node; a redirected batch is redone alone.
+        owners: dict[RedisAddress, list[int]] = {}
+        for index, (key, _) in enumerate(batches):
+            client = await self._owner(key)
+            owners.setdefault(client.address, []).append(index)
+        results: list[list[Any]] = [[] for _ in batches]
+        for address, indexes in owners.items():
+            commands = [c for i in indexes for c in batches[i][1]]
+            replies = await self.client(address).pipeline(commands)
+            for i, part in zip(
+                indexes, _split(replies, [len(batches[i][1]) for i in indexes]), strict=True
+            ):
+                if any(isinstance(r, ServerError) and r.code in ("MOVED", "ASK") for r in part):
+                    part = await self.pipeline(batches[i][0], batches[i][1])
+                results[i] = part
+        return results
+
     @staticmethod
     async def _send(client: RedisClient, commands: Sequence[Command], asking: bool) -> list[Any]:
         if not asking:
@@ -246,6 +278,14 @@ class Cluster:
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+
+
+def _split(replies: list[Any], sizes: Sequence[int]) -> list[list[Any]]:
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(replies[start : start + size])
+        start += size
+    return parts
 
 
 async def listen(

@@ -391,44 +391,61 @@ class RedisStore(Store):
     # -- operators ----------------------------------------------------------------------------
 
     async def stats(self, queue: str, topic: str) -> TopicStats:
-        prefix = prefix_of(queue)
+        (stats,) = await self.stats_many([(queue, topic)])
+        return stats
 
-        def key(suffix: str) -> bytes:
-            return prefix + suffix.encode()
+    async def stats_many(self, topics: Sequence[tuple[str, str]]) -> list[TopicStats]:
+        batches = []
+        for queue, topic in topics:
+            prefix = prefix_of(queue)
 
-        replies = await self._pipeline(
-            queue,
-            [
-                *(("LLEN", key(f"r:{topic}:{int(p)}")) for p in Priority),
-                ("ZCARD", key(f"d:{topic}")),
-                ("ZCARD", key(f"l:{topic}")),
-                ("ZCARD", key(f"x:{topic}")),
-                ("ZCARD", key(f"c:{topic}")),
-                ("HGETALL", key(f"n:{topic}")),
-                ("HGET", key("n"), "unmatched"),
-            ],
-        )
-        r0, r1, r2, delayed, leased, dead, done, counter_list, unmatched = replies
-        counters = {
-            counter_list[i].decode(): int(counter_list[i + 1])
-            for i in range(0, len(counter_list), 2)
-        }
-        return TopicStats(
-            queue=queue,
-            topic=topic,
-            ready=r0 + r1 + r2,
-            delayed=delayed,
-            leased=leased,
-            dead=dead,
-            done=done,
-            pushed_total=counters.get("pushed", 0),
-            done_total=counters.get("done", 0),
-            retried_total=counters.get("retried", 0),
-            dead_total=counters.get("dead", 0),
-            expired_total=counters.get("expired", 0),
-            replayed_total=counters.get("replayed", 0),
-            unmatched_total=int(unmatched or 0),
-        )
+            def key(suffix: str, prefix: bytes = prefix) -> bytes:
+                return prefix + suffix.encode()
+
+            batches.append(
+                (
+                    key("n"),
+                    [
+                        *(("LLEN", key(f"r:{topic}:{int(p)}")) for p in Priority),
+                        ("ZCARD", key(f"d:{topic}")),
+                        ("ZCARD", key(f"l:{topic}")),
+                        ("ZCARD", key(f"x:{topic}")),
+                        ("ZCARD", key(f"c:{topic}")),
+                        ("HGETALL", key(f"n:{topic}")),
+                        ("HGET", key("n"), "unmatched"),
+                    ],
+                )
+            )
+        results = await self.router.pipelines(batches)
+        out = []
+        for (queue, topic), replies in zip(topics, results, strict=True):
+            for reply in replies:
+                if isinstance(reply, ServerError):
+                    raise StoreUnavailable(f"queue {queue}: Redis refused: {reply}")
+            r0, r1, r2, delayed, leased, dead, done, counter_list, unmatched = replies
+            counters = {
+                counter_list[i].decode(): int(counter_list[i + 1])
+                for i in range(0, len(counter_list), 2)
+            }
+            out.append(
+                TopicStats(
+                    queue=queue,
+                    topic=topic,
+                    ready=r0 + r1 + r2,
+                    delayed=delayed,
+                    leased=leased,
+                    dead=dead,
+                    done=done,
+                    pushed_total=counters.get("pushed", 0),
+                    done_total=counters.get("done", 0),
+                    retried_total=counters.get("retried", 0),
+                    dead_total=counters.get("dead", 0),
+                    expired_total=counters.get("expired", 0),
+                    replayed_total=counters.get("replayed", 0),
+                    unmatched_total=int(unmatched or 0),
+                )
+            )
+        return out
 
     async def get_job(self, job_id: str) -> list[JobRecord]:
         (members,) = await self.router.pipeline(_REGISTRY, [("SMEMBERS", _REGISTRY)])

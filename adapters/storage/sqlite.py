@@ -380,38 +380,28 @@ class SQLiteStore(Store):
     # -- operators ----------------------------------------------------------------------------
 
     async def stats(self, queue: str, topic: str) -> TopicStats:
-        def op(conn: sqlite3.Connection) -> TopicStats:
-            depths = dict(
-                conn.execute(
-                    "SELECT state, n FROM depths WHERE queue=? AND topic=?", (queue, topic)
-                ).fetchall()
-            )
-            counters = dict(
-                conn.execute(
-                    "SELECT name, n FROM counters WHERE queue=? AND topic=?", (queue, topic)
-                ).fetchall()
-            )
-            (unmatched,) = conn.execute(
-                "SELECT COALESCE(SUM(n), 0) FROM counters WHERE queue=? AND topic=''"
-                " AND name='unmatched'",
-                (queue,),
-            ).fetchone()
-            return TopicStats(
-                queue=queue,
-                topic=topic,
-                ready=depths.get(State.READY, 0),
-                delayed=depths.get(State.DELAYED, 0),
-                leased=depths.get(State.LEASED, 0),
-                dead=depths.get(State.DEAD, 0),
-                done=depths.get(State.DONE, 0),
-                pushed_total=counters.get("pushed", 0),
-                done_total=counters.get("done", 0),
-                retried_total=counters.get("retried", 0),
-                dead_total=counters.get("dead", 0),
-                expired_total=counters.get("expired", 0),
-                replayed_total=counters.get("replayed", 0),
-                unmatched_total=unmatched,
-            )
+        (stats,) = await self.stats_many([(queue, topic)])
+        return stats
+
+    async def stats_many(self, topics: Sequence[tuple[str, str]]) -> list[TopicStats]:
+        def op(conn: sqlite3.Connection) -> list[TopicStats]:
+            # Both tables hold a few rows per topic: read them whole rather than per topic.
+            depths: dict[tuple[str, str], dict[int, int]] = {}
+            for queue, topic, state, n in conn.execute("SELECT queue, topic, state, n FROM depths"):
+                depths.setdefault((queue, topic), {})[state] = n
+            counters: dict[tuple[str, str], dict[str, int]] = {}
+            for queue, topic, name, n in conn.execute("SELECT queue, topic, name, n FROM counters"):
+                counters.setdefault((queue, topic), {})[name] = n
+            return [
+                _topic_stats(
+                    queue,
+                    topic,
+                    depths.get((queue, topic), {}),
+                    counters.get((queue, topic), {}),
+                    counters.get((queue, ""), {}).get("unmatched", 0),
+                )
+                for queue, topic in topics
+            ]
 
         return await self._writer.run(op)
 
@@ -547,6 +537,31 @@ def _finish_one(conn: sqlite3.Connection, item: Finish, now: float) -> State | N
     _add_depth(conn, job.queue, job.topic, state, 1)
     _count(conn, job.queue, job.topic, _COUNTER[item.outcome], 1)
     return state
+
+
+def _topic_stats(
+    queue: str,
+    topic: str,
+    depths: Mapping[int, int],
+    counters: Mapping[str, int],
+    unmatched: int,
+) -> TopicStats:
+    return TopicStats(
+        queue=queue,
+        topic=topic,
+        ready=depths.get(State.READY, 0),
+        delayed=depths.get(State.DELAYED, 0),
+        leased=depths.get(State.LEASED, 0),
+        dead=depths.get(State.DEAD, 0),
+        done=depths.get(State.DONE, 0),
+        pushed_total=counters.get("pushed", 0),
+        done_total=counters.get("done", 0),
+        retried_total=counters.get("retried", 0),
+        dead_total=counters.get("dead", 0),
+        expired_total=counters.get("expired", 0),
+        replayed_total=counters.get("replayed", 0),
+        unmatched_total=unmatched,
+    )
 
 
 def _has_pending_copy(conn: sqlite3.Connection, queue: str, job_id: str) -> bool:

@@ -1,0 +1,498 @@
+"""The admin API: stats, jobs, dead letters, pause/resume, test delivery, config, live events.
+
+Every endpoint but ``/healthz`` and ``/readyz`` takes ``Authorization: Bearer <token>`` with
+the token from ``admin_token_file``.  There is no cookie or other ambient credential, so a
+page on another site cannot make a browser call these endpoints with the operator's rights
+(no CSRF); mutations also insist on a JSON body, which a cross-site form cannot send without
+a CORS preflight this server never grants.  Without ``admin_token_file`` the admin API is
+off (403).  The WebSocket (``/v1/live``) authenticates with its first message,
+``{"token": "…"}``, as browsers cannot set headers on a WebSocket.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import mimetypes
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+import trio_websocket
+
+from adapters.storage.base import Store
+from adapters.storage.bulk import delete_where, matching_dead_ids, replay_where
+from adapters.storage.errors import StoreError
+from adapters.storage.jobs import DeadFilter, DeadJob, Job, JobRecord, Priority
+from gateway.config import Config, TopicConfig, effective_document
+from gateway.http_server import HTTPError, Request, Response, Router
+from gateway.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from gateway.app import App
+
+log = logging.getLogger("busgate.admin")
+
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+AUTH_TIMEOUT = 5.0
+TEST_PAYLOAD_LIMIT = 16 * 1024 * 1024
+
+
+def read_token(path: str | None) -> str | None:
+    """The admin token, or None when the admin API is not configured.
+
+    Raises ``OSError``/``ValueError`` with the file named for a missing or empty file: the
+    daemon refuses to start rather than run an admin API nobody can use.
+    """
+    if path is None:
+        return None
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if len(token) < 16:
+        raise ValueError(f"{path}: the admin token must be at least 16 characters")
+    return token
+
+
+def payload_fields(payload: bytes) -> dict[str, Any]:
+    """A payload for JSON: as text when it is UTF-8, else base64 (said which)."""
+    try:
+        return {"payload": payload.decode("utf-8"), "payload_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"payload": base64.b64encode(payload).decode(), "payload_encoding": "base64"}
+
+
+def job_document(record: JobRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "queue": record.queue,
+        "topic": record.topic,
+        "state": record.state.name.lower(),
+        **payload_fields(record.payload),
+        "attributes": dict(record.attributes),
+        "priority": record.priority.name.lower(),
+        "attempt": record.attempt,
+        "enqueued_at": record.enqueued_at,
+        "run_at": record.run_at,
+        "finished_at": record.finished_at,
+        "trace_id": record.trace_id,
+        "attempts": [
+            {
+                "attempt": a.attempt,
+                "started_at": a.started_at,
+                "duration_ms": round(a.duration * 1000, 3),
+                "outcome": a.outcome.value,
+                "status": a.status,
+                "error": a.error,
+                "body": a.body.decode("utf-8", "replace"),
+                "stderr": a.stderr.decode("utf-8", "replace"),
+            }
+            for a in record.attempts
+        ],
+    }
+
+
+def dead_document(job: DeadJob) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        **payload_fields(job.payload),
+        "attributes": dict(job.attributes),
+        "attempt": job.attempt,
+        "died_at": job.died_at,
+        "status": job.status,
+        "error": job.error,
+    }
+
+
+def dead_filter(source: Mapping[str, Any]) -> DeadFilter:
+    """A filter from query parameters or a JSON object; 400 for anything unreadable."""
+
+    def number(name: str, kind: Callable[[str], Any]) -> Any:
+        value = source.get(name)
+        if value is None or value == "":
+            return None
+        try:
+            return kind(str(value))
+        except ValueError:
+            raise HTTPError(400, f"{name} must be a number, not {value!r}") from None
+
+    attribute = source.get("attribute")
+    pair = None
+    if attribute:
+        name, sep, value = str(attribute).partition(":")
+        if not sep or not name:
+            raise HTTPError(400, "attribute must read name:value")
+        pair = (name, value)
+    unknown = set(source) - {"status", "error", "since", "until", "attribute", "cursor", "limit"}
+    if unknown:
+        raise HTTPError(400, f"unknown filter field(s): {', '.join(sorted(unknown))}")
+    return DeadFilter(
+        status=number("status", int),
+        error=str(source["error"]) if source.get("error") else None,
+        since=number("since", float),
+        until=number("until", float),
+        attribute=pair,
+    )
+
+
+class AdminAPI:
+    def __init__(self, app: App, telemetry: Telemetry, token: str | None) -> None:
+        self.app = app
+        self.telemetry = telemetry
+        self.token = token
+
+    @property
+    def store(self) -> Store:
+        assert self.app.store is not None
+        return self.app.store
+
+    @property
+    def config(self) -> Config:
+        return self.app.config
+
+    def routes(self, router: Router) -> None:
+        def guarded(
+            handler: Callable[[Request], Awaitable[Response]],
+        ) -> Callable[[Request], Awaitable[Response]]:
+            async def call(request: Request) -> Response:
+                self.authorize(request)
+                return await handler(request)
+
+            return call
+
+        topic = "/v1/queues/{queue}/topics/{topic}"
+        router.add("GET", "/v1/stats", guarded(self.stats))
+        router.add("GET", topic, guarded(self.topic))
+        router.add("GET", "/v1/jobs/{job_id}", guarded(self.job))
+        router.add("GET", topic + "/dead", guarded(self.dead))
+        router.add("POST", topic + "/dead/replay", guarded(self.replay))
+        router.add("POST", topic + "/dead/delete", guarded(self.delete))
+        router.add("POST", topic + "/pause", guarded(self.pause))
+        router.add("POST", topic + "/resume", guarded(self.resume))
+        router.add(
+            "POST",
+            topic + "/test-delivery",
+            guarded(self.test_delivery),
+            max_body=TEST_PAYLOAD_LIMIT,
+        )
+        router.add("GET", "/v1/config", guarded(self.effective_config))
+        router.add("GET", "/openapi.json", self.openapi)
+        router.add("GET", "/", self.dashboard)
+        router.add("GET", "/ui/{name}", self.static)
+        router.websocket("/v1/live", self.live)
+
+    def authorize(self, request: Request) -> None:
+        if self.token is None:
+            raise HTTPError(403, "the admin API is off: set admin_token_file in busgate.yaml")
+        header = request.header("authorization") or ""
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        ):
+            raise HTTPError(
+                401,
+                "missing or wrong admin token (Authorization: Bearer <token>)",
+                [("WWW-Authenticate", 'Bearer realm="busgate"')],
+            )
+
+    def _topic_config(self, request: Request) -> TopicConfig:
+        queue = self.config.queue(request.params["queue"])
+        if queue is None:
+            raise HTTPError(404, f"unknown queue '{request.params['queue']}'")
+        topic = queue.topic(request.params["topic"])
+        if topic is None:
+            raise HTTPError(
+                404, f"unknown topic '{request.params['topic']}' in queue '{queue.name}'"
+            )
+        return topic
+
+    @staticmethod
+    def _json_body(request: Request) -> dict[str, Any]:
+        content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise HTTPError(415, "send the request as application/json")
+        document = request.json() if request.body else {}
+        if not isinstance(document, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        return document
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def stats(self, request: Request) -> Response:
+        return Response.json(self.telemetry.snapshot())
+
+    async def topic(self, request: Request) -> Response:
+        topic = self._topic_config(request)
+        for queue in self.telemetry.snapshot()["queues"]:
+            for entry in queue["topics"]:
+                if entry["queue"] == topic.queue and entry["topic"] == topic.name:
+                    recent = self.telemetry.recent_failures(topic.queue, topic.name)
+                    return Response.json({**entry, "recent_failures": recent})
+        raise HTTPError(503, "no stats sampled for this topic yet; try again in a second")
+
+    async def job(self, request: Request) -> Response:
+        job_id = request.params["job_id"]
+        try:
+            records = await self.store.get_job(job_id)
+        except StoreError as exc:
+            raise HTTPError(503, f"store unavailable: {exc}") from None
+        if not records:
+            raise HTTPError(404, f"no job '{job_id}' (unknown, or pruned from history)")
+        return Response.json({"id": job_id, "copies": [job_document(r) for r in records]})
+
+    async def dead(self, request: Request) -> Response:
+        topic = self._topic_config(request)
+        args = {name: values[-1] for name, values in request.query.items()}
+        where = dead_filter(args)
+        limit = self._limit(args.get("limit"))
+        try:
+            page = await self.store.list_dead(
+                topic.queue, topic.name, where, args.get("cursor") or None, limit
+            )
+        except ValueError as exc:
+            raise HTTPError(400, f"cursor: {exc}") from None
+        except StoreError as exc:
+            raise HTTPError(503, f"store unavailable: {exc}") from None
+        return Response.json({"jobs": [dead_document(j) for j in page.jobs], "cursor": page.cursor})
+
+    @staticmethod
+    def _limit(raw: str | None) -> int:
+        if raw is None or raw == "":
+            return DEFAULT_PAGE
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+            raise HTTPError(400, f"limit must be between 1 and {MAX_PAGE}, not {raw!r}")
+        return int(raw)
+
+    async def effective_config(self, request: Request) -> Response:
+        return Response.json(effective_document(self.config))
+
+    # -- changing -------------------------------------------------------------------------------
+
+    def _selection(self, body: dict[str, Any]) -> tuple[list[str] | None, DeadFilter | None]:
+        """``{"ids": [...]}``, ``{"filter": {...}}`` or ``{"all": true}``: exactly one."""
+        given = [key for key in ("ids", "filter", "all") if key in body]
+        if len(given) != 1:
+            raise HTTPError(
+                400, 'name the dead jobs with exactly one of "ids", "filter" or "all": true'
+            )
+        if "ids" in body:
+            ids = body["ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or not ids:
+                raise HTTPError(400, '"ids" must be a non-empty list of job ids')
+            return ids, None
+        if "all" in body:
+            if body["all"] is not True:
+                raise HTTPError(400, '"all" must be true')
+            return None, DeadFilter()
+        if not isinstance(body["filter"], dict):
+            raise HTTPError(400, '"filter" must be an object')
+        return None, dead_filter(body["filter"])
+
+    async def replay(self, request: Request) -> Response:
+        topic = self._topic_config(request)
+        body = self._json_body(request)
+        unknown = set(body) - {"ids", "filter", "all", "dry_run", "rate"}
+        if unknown:
+            raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+        ids, where = self._selection(body)
+        rate = body.get("rate")
+        if rate is not None and (not isinstance(rate, int | float) or rate <= 0):
+            raise HTTPError(400, '"rate" must be a positive number of jobs per second')
+        try:
+            if ids is None:
+                assert where is not None
+                matched = len(await matching_dead_ids(self.store, topic.queue, topic.name, where))
+                if matched == 0:
+                    raise HTTPError(404, "no dead job matches that filter")
+                if body.get("dry_run"):
+                    return Response.json({"matched": matched, "replayed": 0, "dry_run": True})
+                replayed = await replay_where(self.store, topic.queue, topic.name, where, rate=rate)
+            else:
+                matched = len(ids)
+                if body.get("dry_run"):
+                    return Response.json({"matched": matched, "replayed": 0, "dry_run": True})
+                replayed = await self.store.replay_dead(topic.queue, topic.name, ids)
+        except StoreError as exc:
+            raise HTTPError(503, f"store unavailable: {exc}") from None
+        log.info("replayed queue=%s topic=%s jobs=%d", topic.queue, topic.name, replayed)
+        return Response.json({"matched": matched, "replayed": replayed})
+
+    async def delete(self, request: Request) -> Response:
+        topic = self._topic_config(request)
+        body = self._json_body(request)
+        unknown = set(body) - {"ids", "filter", "all", "dry_run"}
+        if unknown:
+            raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+        ids, where = self._selection(body)
+        try:
+            if ids is None:
+                assert where is not None
+                matched = len(await matching_dead_ids(self.store, topic.queue, topic.name, where))
+                if matched == 0:
+                    raise HTTPError(404, "no dead job matches that filter")
+                if body.get("dry_run"):
+                    return Response.json({"matched": matched, "deleted": 0, "dry_run": True})
+                deleted = await delete_where(self.store, topic.queue, topic.name, where)
+            else:
+                matched = len(ids)
+                if body.get("dry_run"):
+                    return Response.json({"matched": matched, "deleted": 0, "dry_run": True})
+                deleted = await self.store.delete_dead(topic.queue, topic.name, ids)
+        except StoreError as exc:
+            raise HTTPError(503, f"store unavailable: {exc}") from None
+        return Response.json({"matched": matched, "deleted": deleted})
+
+    async def pause(self, request: Request) -> Response:
+        return self._set_paused(request, True)
+
+    async def resume(self, request: Request) -> Response:
+        return self._set_paused(request, False)
+
+    def _set_paused(self, request: Request, paused: bool) -> Response:
+        topic = self._topic_config(request)
+        if request.body:
+            self._json_body(request)  # a cross-site form post cannot get past this
+        elif (request.header("content-type") or "").startswith(
+            ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+        ):
+            raise HTTPError(415, "send the request as application/json")
+        dispatcher = self.app.dispatcher(topic.queue, topic.name)
+        if paused:
+            dispatcher.pause()
+        else:
+            dispatcher.resume()
+        log.info("%s queue=%s topic=%s", "paused" if paused else "resumed", topic.queue, topic.name)
+        return Response.json({"queue": topic.queue, "topic": topic.name, "paused": paused})
+
+    async def test_delivery(self, request: Request) -> Response:
+        """Send a payload to the topic's backend now, outside the queue; nothing is stored."""
+        topic = self._topic_config(request)
+        body = self._json_body(request)
+        if "payload" in body and "payload_base64" in body:
+            raise HTTPError(400, 'give "payload" or "payload_base64", not both')
+        if "payload_base64" in body:
+            try:
+                payload = base64.b64decode(str(body["payload_base64"]), validate=True)
+            except ValueError:
+                raise HTTPError(400, '"payload_base64" is not base64') from None
+        elif "payload" in body:
+            value = body["payload"]
+            payload = (
+                value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+            ).encode()
+        else:
+            raise HTTPError(400, 'the body needs "payload" (text or JSON) or "payload_base64"')
+        attributes = body.get("attributes", {})
+        if not isinstance(attributes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
+        ):
+            raise HTTPError(400, '"attributes" must be an object of strings')
+        from adapters.storage.jobs import new_job_id, new_trace_id
+        from gateway.app import build_backend
+
+        now = self.app.clock()
+        job = Job(
+            id="test-" + new_job_id(now),
+            queue=topic.queue,
+            topic=topic.name,
+            payload=payload,
+            attributes=attributes,
+            priority=Priority.NORMAL,
+            attempt=1,
+            enqueued_at=now,
+            run_at=now,
+            trace_id=new_trace_id(),
+        )
+        backend = build_backend(topic)
+        try:
+            delivery = await backend.deliver(job)
+        finally:
+            await backend.aclose()
+        return Response.json(
+            {
+                "job_id": job.id,
+                "status": delivery.status,
+                "duration_ms": round(delivery.duration * 1000, 3),
+                "headers": [
+                    [k.decode("latin-1"), v.decode("latin-1")] for k, v in delivery.headers
+                ],
+                "body": delivery.body.decode("utf-8", "replace"),
+                "stderr": delivery.stderr.decode("utf-8", "replace"),
+                "failure": None if delivery.failure is None else delivery.failure.value,
+                "message": delivery.message or None,
+            }
+        )
+
+    # -- documents and the dashboard ------------------------------------------------------------
+
+    async def openapi(self, request: Request) -> Response:
+        from gateway.openapi import document
+
+        return Response.json(document())
+
+    async def dashboard(self, request: Request) -> Response:
+        return self._file("index.html")
+
+    async def static(self, request: Request) -> Response:
+        return self._file(request.params["name"])
+
+    @staticmethod
+    def _file(name: str) -> Response:
+        path = (UI_DIR / name).resolve()
+        if path.parent != UI_DIR or not path.is_file():
+            raise HTTPError(404, f"no such file: {name}")
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        return Response(
+            200,
+            path.read_bytes(),
+            (
+                (
+                    "Content-Security-Policy",
+                    "default-src 'self'; connect-src 'self' ws: wss:;"
+                    " img-src 'self' data:; style-src 'self'; frame-ancestors 'none'",
+                ),
+                ("X-Frame-Options", "DENY"),
+            ),
+            content_type,
+        )
+
+    # -- live -----------------------------------------------------------------------------------
+
+    async def live(self, stream: trio.abc.Stream, request: Request) -> None:
+        async with trio.open_nursery() as nursery:
+            handshake = await trio_websocket.wrap_server_stream(nursery, stream)
+            socket = await handshake.accept()
+            try:
+                if not await self._live_login(socket):
+                    return
+                subscriber = self.telemetry.subscribe()
+                try:
+                    async for message in subscriber.messages:
+                        await socket.send_message(json.dumps(message, separators=(",", ":")))
+                    await socket.aclose(code=1008, reason="too slow: events were dropped")
+                finally:
+                    subscriber.close()
+            except trio_websocket.ConnectionClosed:
+                pass
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _live_login(self, socket: trio_websocket.WebSocketConnection) -> bool:
+        if self.token is None:
+            await socket.aclose(code=1008, reason="the admin API is off")
+            return False
+        with trio.move_on_after(AUTH_TIMEOUT):
+            message = await socket.get_message()
+            try:
+                given = json.loads(message).get("token", "")
+            except (ValueError, AttributeError):
+                given = ""
+            if isinstance(given, str) and hmac.compare_digest(given.encode(), self.token.encode()):
+                return True
+        await socket.aclose(code=1008, reason='send {"token": "<admin token>"} first')
+        return False

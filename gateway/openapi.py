@@ -1,0 +1,556 @@
+"""``/openapi.json``: the HTTP API, described for people and for tools (OpenAPI 3.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+
+_TOPIC_PARAMS = [
+    {"name": "queue", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}},
+]
+_ERROR = {
+    "description": "What is wrong, in words",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(code): _ERROR for code in codes}
+
+
+def _selection(action: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": f'Which dead jobs to {action}: exactly one of "ids", "filter", "all".',
+        "properties": {
+            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "filter": _ref("DeadFilter"),
+            "all": {"type": "boolean", "const": True},
+            "dry_run": {"type": "boolean", "description": "Count the matches, change nothing."},
+        },
+        "additionalProperties": False,
+    }
+
+
+def document() -> dict[str, Any]:
+    admin: list[dict[str, list[str]]] = [{"bearer": []}]
+    topic = "/v1/queues/{queue}/topics/{topic}"
+    replay_body = _selection("replay")
+    replay_body["properties"]["rate"] = {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "description": "Jobs per second; the call returns when all are replayed.",
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "busgate",
+            "version": __version__,
+            "description": "Producer, admin and operator API of a busgate daemon.",
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The token in admin_token_file.",
+                },
+                "queue": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "User: the queue; password: its password. A Bearer"
+                    " header with the queue's password works too.",
+                },
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                },
+                "NewJob": {
+                    "type": "object",
+                    "required": ["payload"],
+                    "properties": {
+                        "payload": {
+                            "description": "A string is sent as its UTF-8 bytes;"
+                            " anything else as compact JSON."
+                        },
+                        "id": {"type": "string", "description": "Idempotency key."},
+                        "delay_ms": {"type": "integer", "minimum": 0},
+                        "priority": {"enum": ["high", "normal", "low"]},
+                        "attributes": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "traceparent": {"type": "string"},
+                    },
+                    "additionalProperties": False,
+                },
+                "DeadFilter": {
+                    "type": "object",
+                    "properties": {
+                        "status": {"type": "integer"},
+                        "error": {"type": "string", "description": "Substring, any case."},
+                        "since": {"type": "number", "description": "Unix seconds."},
+                        "until": {"type": "number", "description": "Unix seconds."},
+                        "attribute": {"type": "string", "description": "name:value"},
+                    },
+                    "additionalProperties": False,
+                },
+                "Attempt": {
+                    "type": "object",
+                    "properties": {
+                        "attempt": {"type": "integer"},
+                        "started_at": {"type": "number"},
+                        "duration_ms": {"type": "number"},
+                        "outcome": {"enum": ["done", "retry", "dead", "expired", "released"]},
+                        "status": {"type": ["integer", "null"]},
+                        "error": {"type": ["string", "null"]},
+                        "body": {"type": "string", "description": "First KiB."},
+                        "stderr": {"type": "string", "description": "First KiB (FastCGI)."},
+                    },
+                },
+                "Job": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "queue": {"type": "string"},
+                        "topic": {"type": "string"},
+                        "state": {"enum": ["ready", "delayed", "leased", "dead", "done"]},
+                        "payload": {"type": "string"},
+                        "payload_encoding": {"enum": ["utf-8", "base64"]},
+                        "attributes": {"type": "object"},
+                        "priority": {"enum": ["high", "normal", "low"]},
+                        "attempt": {"type": "integer"},
+                        "enqueued_at": {"type": "number"},
+                        "run_at": {"type": "number"},
+                        "finished_at": {"type": ["number", "null"]},
+                        "trace_id": {"type": "string"},
+                        "attempts": {"type": "array", "items": _ref("Attempt")},
+                    },
+                },
+                "DeadJob": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "payload": {"type": "string"},
+                        "payload_encoding": {"enum": ["utf-8", "base64"]},
+                        "attributes": {"type": "object"},
+                        "attempt": {"type": "integer"},
+                        "died_at": {"type": "number"},
+                        "status": {"type": ["integer", "null"]},
+                        "error": {"type": ["string", "null"]},
+                    },
+                },
+                "TopicStats": {
+                    "type": "object",
+                    "description": "One topic in the stats snapshot (refreshed every second).",
+                    "properties": {
+                        "queue": {"type": "string"},
+                        "topic": {"type": "string"},
+                        "backend": {"type": "string"},
+                        "kind": {"enum": ["fastcgi", "http"]},
+                        "concurrency": {"type": "integer"},
+                        "in_flight": {"type": "integer"},
+                        "buffered": {"type": "integer"},
+                        "paused": {"type": "boolean"},
+                        "circuit": {
+                            "type": "object",
+                            "properties": {
+                                "state": {"enum": ["closed", "open", "half-open"]},
+                                "opened_total": {"type": "integer"},
+                                "consecutive_failures": {"type": "integer"},
+                            },
+                        },
+                        "rate_limit": {"type": ["number", "null"]},
+                        "depth": {
+                            "type": "object",
+                            "properties": {
+                                k: {"type": "integer"}
+                                for k in ("ready", "delayed", "leased", "dead", "done_kept")
+                            },
+                        },
+                        "totals": {
+                            "type": "object",
+                            "properties": {
+                                k: {"type": "integer"}
+                                for k in (
+                                    "pushed",
+                                    "done",
+                                    "retried",
+                                    "dead",
+                                    "failed",
+                                    "expired",
+                                    "replayed",
+                                    "unmatched",
+                                )
+                            },
+                        },
+                        "rates": {
+                            "type": "object",
+                            "properties": {
+                                k: {"type": "number"}
+                                for k in (
+                                    "in_per_second",
+                                    "in_per_minute",
+                                    "out_per_second",
+                                    "out_per_minute",
+                                )
+                            },
+                        },
+                        "duration_ms": {
+                            "type": "object",
+                            "properties": {
+                                "p50": {"type": ["number", "null"]},
+                                "p95": {"type": ["number", "null"]},
+                                "p99": {"type": ["number", "null"]},
+                                "samples": {"type": "integer"},
+                            },
+                        },
+                        "backend_errors": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                        "backend_health": {
+                            "type": ["object", "null"],
+                            "description": "php-fpm status (status_path).",
+                        },
+                    },
+                },
+            },
+        },
+        "paths": {
+            "/v1/queues/{queue}/jobs": {
+                "post": {
+                    "summary": "Push jobs (producer API)",
+                    "security": [{"queue": []}],
+                    "parameters": [_TOPIC_PARAMS[0]],
+                    "requestBody": {
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        _ref("NewJob"),
+                                        {
+                                            "type": "object",
+                                            "required": ["jobs"],
+                                            "properties": {
+                                                "jobs": {
+                                                    "type": "array",
+                                                    "items": _ref("NewJob"),
+                                                    "maxItems": 1000,
+                                                }
+                                            },
+                                        },
+                                    ]
+                                }
+                            },
+                            "application/octet-stream": {
+                                "schema": {
+                                    "type": "string",
+                                    "format": "binary",
+                                    "description": "One job; options as query parameters.",
+                                }
+                            },
+                        }
+                    },
+                    "responses": {
+                        "202": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "ids": {"type": "array", "items": {"type": "string"}},
+                                    "duplicates": {"type": "integer"},
+                                },
+                            },
+                            "Stored durably",
+                        ),
+                        **_errors(400, 401, 404, 413, 503),
+                    },
+                },
+            },
+            "/v1/queues/{queue}/{topic}/jobs": {
+                "post": {
+                    "summary": "Push jobs to one topic only (no fan-out)",
+                    "security": [{"queue": []}],
+                    "parameters": _TOPIC_PARAMS,
+                    "responses": {
+                        "202": {"description": "Stored durably"},
+                        **_errors(400, 401, 404, 413, 503),
+                    },
+                },
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "The process is up",
+                    "security": [],
+                    "responses": {"200": {"description": "ok"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "The store answers and the daemon is not draining",
+                    "security": [],
+                    "responses": {"200": {"description": "ready"}, **_errors(503)},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": admin,
+                    "responses": {"200": {"description": "text format 0.0.4"}, **_errors(401, 403)},
+                }
+            },
+            "/v1/stats": {
+                "get": {
+                    "summary": "Every queue and topic: depths, rates, durations, circuit",
+                    "security": admin,
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "generated_at": {"type": ["number", "null"]},
+                                    "uptime": {"type": "number"},
+                                    "queues": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "name": {"type": "string"},
+                                                "password": {"type": "boolean"},
+                                                "topics": {
+                                                    "type": "array",
+                                                    "items": _ref("TopicStats"),
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            }
+                        ),
+                        **_errors(401, 403),
+                    },
+                }
+            },
+            topic: {
+                "get": {
+                    "summary": "One topic's stats with its recent failures",
+                    "security": admin,
+                    "parameters": _TOPIC_PARAMS,
+                    "responses": {
+                        "200": {"description": "TopicStats plus recent_failures"},
+                        **_errors(401, 403, 404),
+                    },
+                }
+            },
+            "/v1/jobs/{job_id}": {
+                "get": {
+                    "summary": "A job by id: every topic copy with every attempt",
+                    "security": admin,
+                    "parameters": [
+                        {
+                            "name": "job_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "copies": {"type": "array", "items": _ref("Job")},
+                                },
+                            }
+                        ),
+                        **_errors(401, 403, 404, 503),
+                    },
+                }
+            },
+            topic + "/dead": {
+                "get": {
+                    "summary": "Dead jobs, newest first, filtered and paged",
+                    "security": admin,
+                    "parameters": [
+                        *_TOPIC_PARAMS,
+                        *(
+                            {"name": name, "in": "query", "schema": schema}
+                            for name, schema in (
+                                ("status", {"type": "integer"}),
+                                ("error", {"type": "string"}),
+                                ("since", {"type": "number"}),
+                                ("until", {"type": "number"}),
+                                ("attribute", {"type": "string"}),
+                                ("cursor", {"type": "string"}),
+                                ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+                            )
+                        ),
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "jobs": {"type": "array", "items": _ref("DeadJob")},
+                                    "cursor": {
+                                        "type": ["string", "null"],
+                                        "description": "Pass back for the next page.",
+                                    },
+                                },
+                            }
+                        ),
+                        **_errors(400, 401, 403, 404, 503),
+                    },
+                }
+            },
+            topic + "/dead/replay": {
+                "post": {
+                    "summary": "Replay dead jobs: by ids, by filter, or all; optionally at a rate",
+                    "security": admin,
+                    "parameters": _TOPIC_PARAMS,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": replay_body}},
+                    },
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "matched": {"type": "integer"},
+                                    "replayed": {"type": "integer"},
+                                    "dry_run": {"type": "boolean"},
+                                },
+                            }
+                        ),
+                        **_errors(400, 401, 403, 404, 415, 503),
+                    },
+                }
+            },
+            topic + "/dead/delete": {
+                "post": {
+                    "summary": "Delete dead jobs: by ids, by filter, or all",
+                    "security": admin,
+                    "parameters": _TOPIC_PARAMS,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _selection("delete")}},
+                    },
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "matched": {"type": "integer"},
+                                    "deleted": {"type": "integer"},
+                                },
+                            }
+                        ),
+                        **_errors(400, 401, 403, 404, 415, 503),
+                    },
+                }
+            },
+            topic + "/pause": {
+                "post": {
+                    "summary": "Stop reserving jobs for this topic (pushes still accepted)",
+                    "security": admin,
+                    "parameters": _TOPIC_PARAMS,
+                    "responses": {"200": {"description": "paused"}, **_errors(401, 403, 404, 415)},
+                }
+            },
+            topic + "/resume": {
+                "post": {
+                    "summary": "Resume delivering",
+                    "security": admin,
+                    "parameters": _TOPIC_PARAMS,
+                    "responses": {"200": {"description": "resumed"}, **_errors(401, 403, 404, 415)},
+                }
+            },
+            topic + "/test-delivery": {
+                "post": {
+                    "summary": "Send a payload to the topic's backend now; nothing is stored",
+                    "security": admin,
+                    "parameters": _TOPIC_PARAMS,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "payload": {},
+                                        "payload_base64": {"type": "string"},
+                                        "attributes": {
+                                            "type": "object",
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "job_id": {"type": "string"},
+                                    "status": {"type": ["integer", "null"]},
+                                    "duration_ms": {"type": "number"},
+                                    "headers": {"type": "array", "items": {"type": "array"}},
+                                    "body": {"type": "string"},
+                                    "stderr": {"type": "string"},
+                                    "failure": {"type": ["string", "null"]},
+                                    "message": {"type": ["string", "null"]},
+                                },
+                            }
+                        ),
+                        **_errors(400, 401, 403, 404, 415),
+                    },
+                }
+            },
+            "/v1/config": {
+                "get": {
+                    "summary": "The effective configuration, secrets redacted",
+                    "security": admin,
+                    "responses": {"200": {"description": "as JSON"}, **_errors(401, 403)},
+                }
+            },
+            "/v1/live": {
+                "get": {
+                    "summary": 'WebSocket: send {"token": …} first; then a "stats" message every'
+                    ' second and "attempt" events (at most 50 per second)',
+                    "security": [],
+                    "responses": {"101": {"description": "Switching protocols"}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {"200": {"description": "OpenAPI 3.1"}},
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The dashboard",
+                    "security": [],
+                    "responses": {"200": {"description": "HTML"}},
+                }
+            },
+        },
+    }
