@@ -1,0 +1,64 @@
+"""The live broker: sampled events, bounded buffers, slow subscribers dropped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from adapters.storage.sqlite import SQLiteStore
+from gateway.telemetry import EVENTS_PER_SECOND, SUBSCRIBER_BUFFER, Telemetry, percentile
+
+
+async def telemetry(tmp_path: Any) -> tuple[Telemetry, SQLiteStore]:
+    store = await SQLiteStore.open(str(tmp_path / "t.db"))
+    from gateway.config import load_config
+    from tests.support.daemon import write_config
+
+    config = load_config(write_config(tmp_path, {}))
+    return Telemetry(store, lambda: config, dict), store
+
+
+async def test_events_are_sampled_per_second(tmp_path: Any) -> None:
+    t, store = await telemetry(tmp_path)
+    subscriber = t.subscribe()
+    for n in range(EVENTS_PER_SECOND * 2):
+        subscriber.offer_event({"type": "attempt", "n": n})
+    assert subscriber.sampled_out == EVENTS_PER_SECOND
+    received = []
+    while True:
+        try:
+            received.append(subscriber.messages.receive_nowait())
+        except trio.WouldBlock:
+            break
+    assert len(received) == 1 + EVENTS_PER_SECOND  # the first snapshot, then the events
+    await trio.sleep(1.01)
+    subscriber.offer_event({"type": "attempt"})
+    assert subscriber.messages.receive_nowait()["type"] == "attempt"
+    await store.aclose()
+
+
+async def test_a_subscriber_that_does_not_read_is_dropped(tmp_path: Any) -> None:
+    t, store = await telemetry(tmp_path)
+    slow = t.subscribe()
+    fast = t.subscribe()
+    for _ in range(SUBSCRIBER_BUFFER + 5):
+        await t.sample()
+        while True:
+            try:
+                fast.messages.receive_nowait()
+            except trio.WouldBlock:
+                break
+    assert slow.dropped and not fast.dropped
+    assert t.subscribers == 1
+    await store.aclose()
+
+
+def test_percentiles() -> None:
+    ordered = [float(n) for n in range(1, 101)]
+    assert (percentile(ordered, 0.5), percentile(ordered, 0.95), percentile(ordered, 0.99)) == (
+        50.0,
+        95.0,
+        99.0,
+    )
+    assert percentile([], 0.5) is None and percentile([7.0], 0.99) == 7.0
