@@ -94,7 +94,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(once=args.once, port=args.port)
+    return run_demo(once=args.once, port=args.port, http_port=args.http_port)
 
 
 def _curl(args: argparse.Namespace) -> int:
@@ -148,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run the daemon with the bundled sample backend")
     demo.add_argument("--once", action="store_true", help="exit after the first job is delivered")
     demo.add_argument("--port", type=int, default=12018, help="Redis-protocol port (0: any)")
+    demo.add_argument(
+        "--http-port", type=int, default=12019, help="dashboard and HTTP API port (0: any)"
+    )
     demo.set_defaults(handler=_demo)
 
     curl = commands.add_parser(

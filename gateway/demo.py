@@ -8,6 +8,7 @@ running so more jobs can be pushed with any Redis client, until Ctrl-C.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,8 @@ _CONFIG = """\
 store: sqlite:{db}
 listen:
   resp: 127.0.0.1:{port}
-  http: 127.0.0.1:0
+  http: 127.0.0.1:{http_port}
+admin_token_file: admin.token
 include: conf.d/*.yaml
 shutdown_timeout: 5s
 """
@@ -42,12 +44,15 @@ topics:
 """
 
 
-def run_demo(*, once: bool, port: int) -> int:
+def run_demo(*, once: bool, port: int, http_port: int) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="busgate-demo-"))
     socket = workdir / "sample.sock"
     record = workdir / "received.jsonl"
     (workdir / "conf.d").mkdir()
-    (workdir / "busgate.yaml").write_text(_CONFIG.format(db=workdir / "busgate.db", port=port))
+    (workdir / "admin.token").write_text(secrets.token_urlsafe(24) + "\n")
+    (workdir / "busgate.yaml").write_text(
+        _CONFIG.format(db=workdir / "busgate.db", port=port, http_port=http_port)
+    )
     (workdir / "conf.d" / "demo.yaml").write_text(_QUEUE.format(socket=socket))
     backend = subprocess.Popen(
         [
@@ -99,8 +104,10 @@ async def _demo(config: Config, record: Path, once: bool) -> None:
         if once:
             app.shutdown()
             return
+        token = (record.parent / "admin.token").read_text().strip()
         print(
             f"busgate demo: push more with  redis-cli -p {port} LPUSH demo '{{\"n\": 1}}'\n"
+            f"busgate demo: dashboard at http://{app.http_address}/  (admin token: {token})\n"
             "busgate demo: Ctrl-C to stop.",
             flush=True,
         )

@@ -9,7 +9,7 @@ import trio
 
 async def test_busgate_demo_delivers_a_job() -> None:
     done = await trio.run_process(
-        [sys.executable, "-m", "gateway.cli", "demo", "--once", "--port", "0"],
+        [sys.executable, "-m", "gateway.cli", "demo", "--once", "--port", "0", "--http-port", "0"],
         capture_stdout=True,
         capture_stderr=True,
     )
