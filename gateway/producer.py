@@ -13,7 +13,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import trio
+
 from adapters.storage.base import Route, Store
+from adapters.storage.errors import StoreUnavailable
 from adapters.storage.jobs import NewJob, PushResult
 from gateway.config import Config, QueueConfig
 
@@ -87,6 +90,7 @@ class ProducerService:
         self.directory = directory
         #: The wall clock delays are measured against (the store's clock).
         self.clock = clock
+        self._batchers: dict[str, _Batcher] = {}
 
     def reload(self, directory: Directory) -> None:
         self.directory = directory
@@ -130,5 +134,89 @@ class ProducerService:
                 )
 
     async def push(self, entry: QueueEntry, jobs: Sequence[NewJob]) -> PushResult:
-        """Store ``jobs`` (already resolved and size-checked); returns once durable."""
-        return await self.store.push(entry.config.name, entry.routes, jobs)
+        """Store ``jobs`` (already resolved and size-checked); returns once durable.
+
+        Pushes to one queue that arrive while an earlier store call is under way are merged
+        into the next call (group commit): fifty producers pushing one job each cost a
+        handful of store round trips, not fifty.  The caller that finds no call under way
+        makes it, for everyone waiting; nothing else runs in the background.
+        """
+        batcher = self._batchers.get(entry.config.name)
+        if batcher is None:
+            batcher = self._batchers[entry.config.name] = _Batcher(self.store)
+        return await batcher.push(entry, jobs)
+
+
+#: Jobs merged into one store call at most.
+MAX_BATCH = 5000
+#: A merged store call may take this long, shielded from cancellation (its waiters depend on
+#: it even if the task making it was cancelled).
+FLUSH_GRACE = 30.0
+
+
+class _Waiter:
+    __slots__ = ("done", "error", "jobs", "result")
+
+    def __init__(self, jobs: Sequence[NewJob]) -> None:
+        self.jobs = jobs
+        self.done = trio.Event()
+        self.result: PushResult | None = None
+        self.error: BaseException | None = None
+
+
+class _Batcher:
+    """Group commit for one queue's pushes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._waiting: list[_Waiter] = []
+        self._sending: list[_Waiter] = []  # the batch in the store call under way
+        self._flushing = False
+
+    async def push(self, entry: QueueEntry, jobs: Sequence[NewJob]) -> PushResult:
+        waiter = _Waiter(jobs)
+        self._waiting.append(waiter)
+        if self._flushing:
+            await waiter.done.wait()
+        else:
+            self._flushing = True
+            try:
+                with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_GRACE):
+                    await self._flush_all(entry)
+            finally:
+                self._flushing = False
+                # Out of time (or broken): whoever has no answer yet gets an error, not a hang.
+                for stranded in [*self._sending, *self._waiting]:
+                    stranded.done.set()
+                self._sending.clear()
+                self._waiting.clear()
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.result is None:  # the flush ran out of time before this push was sent
+            raise StoreUnavailable("the store did not answer in time; nothing acknowledged")
+        return waiter.result
+
+    async def _flush_all(self, entry: QueueEntry) -> None:
+        while self._waiting:
+            batch: list[_Waiter] = []
+            size = 0
+            while self._waiting and (not batch or size + len(self._waiting[0].jobs) <= MAX_BATCH):
+                waiter = self._waiting.pop(0)
+                batch.append(waiter)
+                size += len(waiter.jobs)
+            jobs = [job for waiter in batch for job in waiter.jobs]
+            self._sending = batch  # if the deadline cancels the call, these are the stranded
+            try:
+                result = await self.store.push(entry.config.name, entry.routes, jobs)
+            except Exception as exc:
+                self._sending = []
+                for waiter in batch:
+                    waiter.error = exc
+                    waiter.done.set()
+                continue
+            self._sending = []
+            start = 0
+            for waiter in batch:
+                waiter.result = result.part(start, start + len(waiter.jobs))
+                start += len(waiter.jobs)
+                waiter.done.set()

@@ -43,6 +43,25 @@ class RespStatistics:
     idle_closed_total: int
 
 
+_PUSHES = frozenset({b"LPUSH", b"RPUSH", b"XADD", b"ZADD"})
+
+
+def _next_group(
+    events: list[resp.Command | resp.OversizedCommand],
+) -> list[resp.Command | resp.OversizedCommand]:
+    """The next run of push commands (which may run together), or the next single command."""
+    first = events[0]
+    if not isinstance(first, resp.Command) or first.name not in _PUSHES:
+        return [first]
+    run = 1
+    while run < len(events):
+        event = events[run]
+        if not isinstance(event, resp.Command) or event.name not in _PUSHES:
+            break
+        run += 1
+    return events[:run]
+
+
 class RespServer:
     def __init__(self, service: ProducerService, listen: Listen, limits: ProducerLimits) -> None:
         self.service = service
@@ -109,35 +128,66 @@ class RespServer:
             if not data:
                 return
             parser.feed(data)
-            replies: list[bytes] = []
+            events: list[resp.Command | resp.OversizedCommand] = []
+            broken: resp.RESPProtocolError | None = None
             try:
-                while (event := parser.next_event()) is not None:
-                    if isinstance(event, resp.OversizedCommand):
-                        reply = resp.error(
-                            f"ERR payload of {event.size} bytes is over the limit of"
-                            f" {event.limit} bytes"
-                        )
-                    else:
-                        reply = await session.execute(event.args)
-                    self._commands += 1
-                    if reply[:1] == b"-":
-                        self._errors += 1
-                    replies.append(reply)
-                    if session.closing:
-                        break
-                    if len(replies) >= max_pipeline:
-                        await self._send(stream, replies)
-                        replies = []
+                while len(events) < max_pipeline and (event := parser.next_event()) is not None:
+                    events.append(event)
             except resp.RESPProtocolError as exc:
-                self._protocol_errors += 1
-                replies.append(resp.error(f"ERR {exc}"))
-                await self._send(stream, replies)
-                log.info("closed a producer connection: %s", exc)
-                return
+                broken = exc  # answer what came before it, then the error, then close
+            replies: list[bytes] = []
+            while events:
+                group = _next_group(events)
+                del events[: len(group)]
+                replies += await self._run_group(session, group)
+                if session.closing:
+                    break
+                if not events and broken is None and parser.buffered:
+                    # Past max_pipeline: answer what we have, then parse the rest.
+                    await self._send(stream, replies)
+                    replies = []
+                    try:
+                        while (
+                            len(events) < max_pipeline
+                            and (event := parser.next_event()) is not None
+                        ):
+                            events.append(event)
+                    except resp.RESPProtocolError as exc:
+                        broken = exc
             if replies:
                 await self._send(stream, replies)
             if session.closing:
                 return
+            if broken is not None:
+                self._protocol_errors += 1
+                await self._send(stream, [resp.error(f"ERR {broken}")])
+                log.info("closed a producer connection: %s", broken)
+                return
+
+    async def _run_group(
+        self, session: RespSession, group: list[resp.Command | resp.OversizedCommand]
+    ) -> list[bytes]:
+        """Run commands in order; a run of pushes runs concurrently, so the producer service
+        merges them into one store call (their replies still go out in order)."""
+        replies: list[bytes] = [b""] * len(group)
+
+        async def run(index: int, event: resp.Command | resp.OversizedCommand) -> None:
+            if isinstance(event, resp.OversizedCommand):
+                replies[index] = resp.error(
+                    f"ERR payload of {event.size} bytes is over the limit of {event.limit} bytes"
+                )
+            else:
+                replies[index] = await session.execute(event.args)
+
+        if len(group) == 1:
+            await run(0, group[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for index, event in enumerate(group):
+                    nursery.start_soon(run, index, event)
+        self._commands += len(group)
+        self._errors += sum(reply[:1] == b"-" for reply in replies)
+        return replies
 
     @staticmethod
     async def _send(stream: trio.SocketStream, replies: list[bytes]) -> None:

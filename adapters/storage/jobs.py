@@ -147,12 +147,37 @@ class JobRecord:
     attempts: tuple[Attempt, ...]
 
 
+class Pushed(enum.IntEnum):
+    """What became of one pushed job."""
+
+    STORED = 0  # copied to one or more topics
+    DUPLICATE = 1  # skipped: a copy with its explicit id is still pending
+    UNMATCHED = 2  # no topic's filter accepted it (counted, not an error)
+
+
 @dataclass(frozen=True, slots=True)
 class PushResult:
     ids: tuple[str, ...]  # one per pushed job, in order
-    copies: int  # topic copies written
-    unmatched: int  # jobs no topic's filter accepted (counted, not errors)
-    duplicates: int  # jobs skipped because a copy with that id is still pending
+    outcomes: tuple[Pushed, ...]  # one per pushed job
+    copies_each: tuple[int, ...]  # topic copies written, per job
+
+    @property
+    def copies(self) -> int:
+        return sum(self.copies_each)
+
+    @property
+    def unmatched(self) -> int:
+        return self.outcomes.count(Pushed.UNMATCHED)
+
+    @property
+    def duplicates(self) -> int:
+        return self.outcomes.count(Pushed.DUPLICATE)
+
+    def part(self, start: int, end: int) -> PushResult:
+        """The result for the jobs ``start:end`` of a push that merged several requests."""
+        return PushResult(
+            self.ids[start:end], self.outcomes[start:end], self.copies_each[start:end]
+        )
 
 
 @dataclass(frozen=True, slots=True)

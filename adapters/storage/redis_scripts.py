@@ -72,7 +72,8 @@ local all = {}
 for k = 1, ntopics do all[k] = ARGV[3 + k] end
 local i = 4 + ntopics
 local njobs = tonumber(ARGV[i]); i = i + 1
-local copies, unmatched, duplicates = 0, 0, 0
+local outcomes = {}  -- per job: 0 stored, 1 duplicate, 2 unmatched; then its copies
+local unmatched = 0
 local ready, delayed, pushed = {}, {}, {}
 for _ = 1, njobs do
   local id, explicit, nt = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -83,6 +84,7 @@ for _ = 1, njobs do
   i = i + 3
   if nt == 0 then
     unmatched = unmatched + 1
+    table.insert(outcomes, 2); table.insert(outcomes, 0)
   else
     local dup = false
     if explicit == '1' then
@@ -94,7 +96,7 @@ for _ = 1, njobs do
       end
     end
     if dup then
-      duplicates = duplicates + 1
+      table.insert(outcomes, 1); table.insert(outcomes, 0)
     else
       local is_delayed = tonumber(run_at) > now
       for _, t in ipairs(topics) do
@@ -106,8 +108,8 @@ for _ = 1, njobs do
           redis.call('RPUSH', prefix .. 'r:' .. t .. ':' .. prio, id); ready[t] = true
         end
         pushed[t] = (pushed[t] or 0) + 1
-        copies = copies + 1
       end
+      table.insert(outcomes, 0); table.insert(outcomes, #topics)
     end
   end
 end
@@ -120,7 +122,7 @@ end
 for t in pairs(delayed) do
   table.insert(delayed_list, t); redis.call('PUBLISH', prefix .. 'wake', '~' .. t)
 end
-return {copies, unmatched, duplicates, ready_list, delayed_list}
+return {outcomes, ready_list, delayed_list}
 """
 )
 

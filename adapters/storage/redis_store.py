@@ -42,6 +42,7 @@ from adapters.storage.jobs import (
     NewJob,
     Outcome,
     Priority,
+    Pushed,
     PushResult,
     State,
     TopicStats,
@@ -243,12 +244,16 @@ class RedisStore(Store):
             trace_id = job.trace_id or new_trace_id()
             args += [job_id, "1" if job.id is not None else "0", len(topics), *topics]
             args += [pack_record(job, now, run_at, trace_id), int(job.priority), run_stamp]
-        copies, unmatched, duplicates, ready, delayed = await self._eval(queue, scripts.PUSH, *args)
+        outcomes, ready, delayed = await self._eval(queue, scripts.PUSH, *args)
         for topic in ready:
             self.doorbells.ring(queue, topic.decode())
         for topic in delayed:
             self.timers.ring(queue, topic.decode())
-        return PushResult(tuple(ids), int(copies), int(unmatched), int(duplicates))
+        return PushResult(
+            tuple(ids),
+            tuple(Pushed(int(code)) for code in outcomes[0::2]),
+            tuple(int(n) for n in outcomes[1::2]),
+        )
 
     async def depth(self, queue: str, topics: Sequence[str]) -> int:
         prefix = prefix_of(queue)

@@ -47,6 +47,7 @@ from adapters.storage.jobs import (
     NewJob,
     Outcome,
     Priority,
+    Pushed,
     PushResult,
     State,
     TopicStats,
@@ -144,7 +145,8 @@ class SQLiteStore(Store):
 
         def op(conn: sqlite3.Connection) -> tuple[PushResult, set[str], set[str]]:
             ids: list[str] = []
-            copies = unmatched = duplicates = 0
+            outcomes: list[Pushed] = []
+            copies_each: list[int] = []
             ready_topics: set[str] = set()
             delayed_topics: set[str] = set()
             moves: dict[tuple[str, State], int] = {}
@@ -152,10 +154,12 @@ class SQLiteStore(Store):
             for job, (job_id, topics, run_at, trace_id) in zip(jobs, plan, strict=True):
                 ids.append(job_id)
                 if not topics:
-                    unmatched += 1
+                    outcomes.append(Pushed.UNMATCHED)
+                    copies_each.append(0)
                     continue
                 if job.id is not None and _has_pending_copy(conn, queue, job_id):
-                    duplicates += 1
+                    outcomes.append(Pushed.DUPLICATE)
+                    copies_each.append(0)
                     continue
                 state = State.DELAYED if run_at > now else State.READY
                 attributes = json.dumps(dict(job.attributes)) if job.attributes else None
@@ -180,15 +184,17 @@ class SQLiteStore(Store):
                     )
                     moves[topic, state] = moves.get((topic, state), 0) + 1
                     pushed[topic] = pushed.get(topic, 0) + 1
-                    copies += 1
                     (ready_topics if state is State.READY else delayed_topics).add(topic)
+                outcomes.append(Pushed.STORED)
+                copies_each.append(len(topics))
             for (topic, state), n in moves.items():
                 _add_depth(conn, queue, topic, state, n)
             for topic, n in pushed.items():
                 _count(conn, queue, topic, "pushed", n)
+            unmatched = outcomes.count(Pushed.UNMATCHED)
             if unmatched:
                 _count(conn, queue, "", "unmatched", unmatched)
-            result = PushResult(tuple(ids), copies, unmatched, duplicates)
+            result = PushResult(tuple(ids), tuple(outcomes), tuple(copies_each))
             return result, ready_topics, delayed_topics
 
         result, ready_topics, delayed_topics = await self._writer.run(op)
