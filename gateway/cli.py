@@ -3,6 +3,9 @@
 busgate run -c busgate.yaml            run the daemon (SIGHUP reloads, SIGTERM drains)
 busgate check-config -c busgate.yaml   validate and print the effective configuration
 busgate demo                           the daemon plus the bundled sample backend
+busgate curl JOB_ID                    a command that repeats a job's delivery
+busgate stats | jobs show | dead list|replay|delete | pause | resume | push
+                                       operator commands over the admin and producer APIs
 """
 
 from __future__ import annotations
@@ -17,13 +20,12 @@ from collections.abc import Sequence
 import trio
 
 from adapters.storage.errors import StoreError
+from gateway.admin_cli import add_admin_commands
 from gateway.app import App, ReloadRefused, StartupError
-from gateway.config import ConfigError, load_config, render_effective
+from gateway.config import DEFAULT_CONFIG, ConfigError, load_config, render_effective
 from gateway.systemd import Notifier, run_watchdog, watchdog_interval
 
 log = logging.getLogger("busgate")
-
-DEFAULT_CONFIG = "/etc/busgate/busgate.yaml"
 
 
 def setup_logging(level: str) -> None:
@@ -160,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     curl.add_argument("--topic", help="NAME or QUEUE/NAME, when the job went to several topics")
     curl.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     curl.set_defaults(handler=_curl)
+
+    add_admin_commands(commands)
 
     args = parser.parse_args(argv)
     setup_logging(args.log_level)

@@ -45,6 +45,8 @@ from gateway.units import (
     parse_size,
 )
 
+#: Where ``busgate run`` and the operator commands look for the main file by default.
+DEFAULT_CONFIG = "/etc/busgate/busgate.yaml"
 DEFAULT_STORE = "sqlite:///var/lib/busgate/busgate.db"
 DEFAULT_LISTEN_RESP = "127.0.0.1:12018"
 DEFAULT_LISTEN_HTTP = "127.0.0.1:12019"

@@ -17,7 +17,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 import trio
@@ -116,7 +116,7 @@ class Router:
             if found is None:
                 continue
             if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return route, found.groupdict()
+                return route, {name: unquote(value) for name, value in found.groupdict().items()}
             allowed.append(route.method)
         if allowed:
             raise HTTPError(

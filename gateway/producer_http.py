@@ -6,7 +6,7 @@ The same checks and the same store call as a Redis-protocol push (``ProducerServ
   "traceparent": …}`` or ``{"jobs": [ {…}, … ]}`` pushes one or many jobs; a ``payload``
   that is a string is sent as its UTF-8 bytes, anything else as compact JSON;
 * any other content type pushes the raw body as one payload, with the options as query
-  parameters (``?id=&delay_ms=&priority=``);
+  parameters (``?id=&delay_ms=&priority=&attr.tenant=acme``);
 * the queue's password comes as ``Authorization: Bearer <password>`` or HTTP Basic with the
   queue as the user.
 
@@ -99,7 +99,19 @@ def _authenticate(service: ProducerService, queue: str, request: Request) -> set
 def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> list[NewJob]:
     content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
     if content_type != "application/json":
-        options: dict[str, Any] = {name: values[-1] for name, values in request.query.items()}
+        # A raw body carries its options in the query; attributes as attr.NAME=value.
+        options: dict[str, Any] = {
+            name: values[-1]
+            for name, values in request.query.items()
+            if not name.startswith("attr.")
+        }
+        attributes = {
+            name[len("attr.") :]: values[-1]
+            for name, values in request.query.items()
+            if name.startswith("attr.")
+        }
+        if attributes:
+            options["attributes"] = attributes
         if "traceparent" not in options and request.header("traceparent"):
             options["traceparent"] = request.header("traceparent")
         return [_job(service, request.body, options, topic)]

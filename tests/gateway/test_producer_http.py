@@ -115,7 +115,7 @@ async def test_raw_body_with_curl_and_basic_auth(app: App, tmp_path: Path) -> No
             "Content-Type: application/octet-stream",
             "-H",
             "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            f"http://{app.http_address}/v1/queues/orders/email/jobs?priority=low",
+            f"http://{app.http_address}/v1/queues/orders/email/jobs?priority=low&attr.tenant=acme",
         ],
         capture_stdout=True,
     )
@@ -124,6 +124,7 @@ async def test_raw_body_with_curl_and_basic_auth(app: App, tmp_path: Path) -> No
     (record,) = await app.store.get_job(job_id)
     assert record.payload == b"\x00\x01binary\xff"
     assert record.priority is Priority.LOW
+    assert record.attributes == {"tenant": "acme"}
     assert record.trace_id == "0af7651916cd43dd8448eb211c80319c"
 
 

@@ -1,0 +1,649 @@
+"""Operator commands against a running daemon, over its admin API and producer HTTP API.
+
+busgate stats                                   every topic: depths, rates, p95, circuit, paused
+busgate jobs show ID                            every topic copy of a job with its attempts
+busgate dead list QUEUE/TOPIC [filters]         dead jobs, newest first
+busgate dead replay QUEUE/TOPIC (--ids … | filters | --all) [--rate N]
+busgate dead delete QUEUE/TOPIC (--ids … | filters | --all)
+busgate pause QUEUE/TOPIC, busgate resume QUEUE/TOPIC
+busgate push QUEUE[/TOPIC] PAYLOAD              prints the job id; PAYLOAD - reads stdin
+
+Each finds the daemon through ``-c busgate.yaml`` (``listen.http``, ``admin_token_file``) or
+``--url``/``--token-file``/``$BUSGATE_ADMIN_TOKEN``.  ``--json`` prints the server's JSON.
+Exit status: 0 done, 1 the server or the connection failed, 2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+from gateway.admin_client import (
+    MAX_PAGE,
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    AdminClient,
+    BadRequest,
+    ClientError,
+    Selection,
+    Settings,
+    SetupError,
+    chunked,
+)
+from gateway.config import DEFAULT_CONFIG, ConfigError
+from gateway.units import parse_duration
+
+#: Dead jobs `dead list` shows unless told otherwise (the server's default page).
+DEFAULT_LIMIT = 50
+#: Ids per replay call when the rate does not ask for smaller steps.
+REPLAY_CHUNK = 100
+BAR_WIDTH = 30
+_UNIX_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+Handler = Callable[[argparse.Namespace], int]
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+class UsageError(ClientError):
+    """The command line asks for something that cannot work (exit status 2)."""
+
+
+def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the operator commands on ``busgate``'s subcommand parser."""
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "-c",
+        "--config",
+        metavar="CONFIG",
+        help=f"busgate.yaml: where the daemon listens, its admin token (default {DEFAULT_CONFIG})",
+    )
+    where.add_argument(
+        "--url", help="the daemon's address, e.g. http://127.0.0.1:12019 (default: listen.http)"
+    )
+    where.add_argument("--json", action="store_true", help="print the server's JSON")
+    admin = argparse.ArgumentParser(add_help=False, parents=[where])
+    admin.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help=f"the admin token (default: ${TOKEN_ENV}, then the config's admin_token_file)",
+    )
+    filters = argparse.ArgumentParser(add_help=False)
+    group = filters.add_argument_group("filters")
+    group.add_argument("--status", type=int, metavar="N", help="the last attempt's HTTP status")
+    group.add_argument("--error", metavar="TEXT", help="text in the error, any case")
+    group.add_argument(
+        "--since", metavar="T", help="died at or after T: unix seconds, ISO-8601, or 1h (ago)"
+    )
+    group.add_argument("--until", metavar="T", help="died before T (same forms as --since)")
+    group.add_argument("--attribute", metavar="NAME:VALUE", help="an attribute's value")
+    selection = argparse.ArgumentParser(add_help=False, parents=[filters])
+    selection.add_argument(
+        "--ids", nargs="+", metavar="ID", help="these dead jobs (after QUEUE/TOPIC)"
+    )
+    selection.add_argument("--all", action="store_true", help="every dead job of the topic")
+    selection.add_argument("--dry-run", action="store_true", help="count the matches only")
+    selection.add_argument(
+        "-y", "--yes", action="store_true", help="do not ask (required when stdin is no terminal)"
+    )
+
+    stats = commands.add_parser("stats", parents=[admin], help="every topic's depths and rates")
+    stats.set_defaults(handler=_handler(_stats))
+
+    jobs = commands.add_parser("jobs", help="look up jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="show")
+    show = jobs_commands.add_parser(
+        "show", parents=[admin], help="every topic copy of a job, with its attempts"
+    )
+    show.add_argument("job_id", metavar="ID")
+    show.set_defaults(handler=_handler(_jobs_show))
+
+    dead = commands.add_parser("dead", help="dead jobs: list, replay, delete")
+    dead_commands = dead.add_subparsers(
+        dest="dead_command", required=True, metavar="{list,replay,delete}"
+    )
+    listing = dead_commands.add_parser(
+        "list", parents=[admin, filters], help="dead jobs of a topic, newest first"
+    )
+    listing.add_argument("target", metavar="QUEUE/TOPIC")
+    listing.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help=f"show at most N (default {DEFAULT_LIMIT}); with --all-pages, the page size",
+    )
+    listing.add_argument("--cursor", help="continue where a previous listing stopped")
+    listing.add_argument("--all-pages", action="store_true", help="every matching dead job")
+    listing.set_defaults(handler=_handler(_dead_list))
+
+    replay = dead_commands.add_parser(
+        "replay", parents=[admin, selection], help="deliver dead jobs again, with fresh attempts"
+    )
+    replay.add_argument("target", metavar="QUEUE/TOPIC")
+    replay.add_argument("--rate", type=_positive, metavar="N", help="at most N jobs per second")
+    replay.set_defaults(handler=_handler(_dead_replay))
+
+    delete = dead_commands.add_parser("delete", parents=[admin, selection], help="forget dead jobs")
+    delete.add_argument("target", metavar="QUEUE/TOPIC")
+    delete.set_defaults(handler=_handler(_dead_delete))
+
+    for name, summary in (
+        ("pause", "stop delivering a topic (pushes are still accepted)"),
+        ("resume", "deliver a paused topic again"),
+    ):
+        command = commands.add_parser(name, parents=[admin], help=summary)
+        command.add_argument("target", metavar="QUEUE/TOPIC")
+        command.set_defaults(handler=_handler(_pause if name == "pause" else _resume))
+
+    push = commands.add_parser(
+        "push", parents=[where], help="push a job through the producer HTTP API"
+    )
+    push.add_argument("target", metavar="QUEUE[/TOPIC]", help="a topic: that topic only")
+    push.add_argument("payload", metavar="PAYLOAD", help="the payload; - reads bytes from stdin")
+    push.add_argument("--id", dest="job_id", help="an explicit id (idempotency key)")
+    push.add_argument("--delay-ms", type=int, metavar="N", help="deliver N ms from now")
+    push.add_argument("--priority", choices=["high", "normal", "low"])
+    push.add_argument(
+        "--attr",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an attribute (repeatable)",
+    )
+    push.add_argument(
+        "--password",
+        help=f"the queue's password (default: ${PASSWORD_ENV}, then the queue's config)",
+    )
+    push.set_defaults(handler=_handler(_push))
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _handler(command: Command) -> Handler:
+    """Run a command; map its failures to a ``busgate: …`` line and an exit status."""
+
+    def handle(args: argparse.Namespace) -> int:
+        settings = Settings(args.config, url=args.url, token_file=getattr(args, "token_file", None))
+        try:
+            return command(args, settings)
+        except (SetupError, UsageError, BadRequest) as exc:
+            return _fail(str(exc), 2)
+        except ClientError as exc:
+            return _fail(str(exc), 1)
+        except ConfigError as exc:
+            return _fail(f"configuration error: {exc} (or give --url and --token-file)", 2)
+        except BrokenPipeError:
+            # The reader went away (| head): say nothing more, and let exit flush nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+
+    return handle
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"busgate: {message}", file=sys.stderr)
+    return code
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _stats(args: argparse.Namespace, settings: Settings) -> int:
+    document = settings.admin_client().stats()
+    if args.json:
+        _print_json(document)
+        return 0
+    rows = []
+    for queue in document.get("queues", []):
+        for topic in queue.get("topics", []):
+            depth, rates = topic["depth"], topic["rates"]
+            p95 = topic["duration_ms"]["p95"]
+            rows.append(
+                [
+                    f"{topic['queue']}/{topic['topic']}",
+                    str(depth["ready"]),
+                    str(depth["delayed"]),
+                    str(depth["leased"]),
+                    str(depth["dead"]),
+                    f"{rates['in_per_second']:.1f}",
+                    f"{rates['out_per_second']:.1f}",
+                    "-" if p95 is None else f"{p95:.1f}",
+                    str(topic["totals"]["failed"]),
+                    topic["circuit"]["state"],
+                    "yes" if topic["paused"] else "no",
+                ]
+            )
+    if document.get("generated_at") is None:
+        print("no stats yet: the daemon has not read its store; try again in a second")
+    elif not rows:
+        print("no topics configured")
+    else:
+        header = ["QUEUE/TOPIC", "READY", "DELAYED", "LEASED", "DEAD", "IN/S", "OUT/S"]
+        header += ["P95 MS", "FAILED", "CIRCUIT", "PAUSED"]
+        print(_table(header, rows, right=set(range(1, 9))))
+    return 0
+
+
+def _jobs_show(args: argparse.Namespace, settings: Settings) -> int:
+    document = settings.admin_client().job(args.job_id)
+    if args.json:
+        _print_json(document)
+        return 0
+    copies = document.get("copies", [])
+    copies_text = _count(len(copies), "topic copy", "topic copies")
+    print(f"job {document.get('id', args.job_id)}: {copies_text}")
+    for copy in copies:
+        print()
+        print(
+            f"{copy['queue']}/{copy['topic']}: {copy['state']}, attempt {copy['attempt']},"
+            f" priority {copy['priority']}"
+        )
+        fields = [
+            ("enqueued", _when(copy.get("enqueued_at"))),
+            ("run at", _when(copy.get("run_at"))),
+            ("finished", _when(copy.get("finished_at"))),
+            ("trace", copy.get("trace_id") or "-"),
+        ]
+        attributes = copy.get("attributes") or {}
+        if attributes:
+            fields.append(("attributes", " ".join(f"{k}={v}" for k, v in attributes.items())))
+        fields.append(("payload", _payload(copy)))
+        for name, value in fields:
+            print(f"  {name:<11}{value}")
+        attempts = copy.get("attempts") or []
+        if not attempts:
+            print("  no attempts yet")
+            continue
+        rows = [
+            [
+                str(a["attempt"]),
+                _when(a.get("started_at")),
+                a["outcome"],
+                "-" if a.get("status") is None else str(a["status"]),
+                f"{a['duration_ms']:.1f} ms",
+                _oneline(a.get("error") or "", 80) or "-",
+            ]
+            for a in attempts
+        ]
+        header = ["ATTEMPT", "STARTED", "OUTCOME", "STATUS", "DURATION", "ERROR"]
+        print(_table(header, rows, right={0, 3, 4}, indent="  "))
+        for a in attempts:
+            if a.get("stderr"):
+                print(f"  attempt {a['attempt']} stderr: {_oneline(a['stderr'], 200)}")
+    return 0
+
+
+def _dead_list(args: argparse.Namespace, settings: Settings) -> int:
+    queue, topic = _topic(args.target)
+    where = _filter(args)
+    client = settings.admin_client()
+    if args.all_pages:
+        jobs: list[dict[str, Any]] = []
+        pages = client.dead_pages(
+            queue, topic, where, cursor=args.cursor, limit=args.limit or MAX_PAGE
+        )
+        for page in pages:
+            jobs += page["jobs"]
+        document: dict[str, Any] = {"jobs": jobs, "cursor": None}
+    else:
+        document = _dead_up_to(client, queue, topic, where, args.cursor, args.limit)
+    if args.json:
+        _print_json(document)
+        return 0
+    jobs = document["jobs"]
+    if not jobs:
+        print("no dead jobs match")
+    else:
+        rows = [
+            [
+                job["id"],
+                _when(job.get("died_at")),
+                str(job["attempt"]),
+                "-" if job.get("status") is None else str(job["status"]),
+                _oneline(job.get("error") or "", 50) or "-",
+                _payload(job, 40),
+            ]
+            for job in jobs
+        ]
+        header = ["ID", "DIED", "ATTEMPTS", "STATUS", "ERROR", "PAYLOAD"]
+        print(_table(header, rows, right={2, 3}))
+    if document["cursor"]:
+        print(
+            f"busgate: more dead jobs: --cursor {document['cursor']} continues, --all-pages"
+            " shows every one",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _dead_up_to(
+    client: AdminClient,
+    queue: str,
+    topic: str,
+    where: Mapping[str, Any],
+    cursor: str | None,
+    limit: int | None,
+) -> dict[str, Any]:
+    """Up to ``limit`` dead jobs, following cursors past the short pages a store may give."""
+    wanted = DEFAULT_LIMIT if limit is None else limit
+    jobs: list[dict[str, Any]] = []
+    while True:
+        # A limit below 1 goes to the server as given: it says what the valid range is.
+        page = client.dead_page(
+            queue, topic, where, cursor=cursor, limit=min(wanted - len(jobs), MAX_PAGE)
+        )
+        jobs += page["jobs"]
+        cursor = page.get("cursor")
+        if not cursor or len(jobs) >= wanted:
+            return {"jobs": jobs, "cursor": cursor}
+
+
+# -- changing -----------------------------------------------------------------------------------
+
+
+def _dead_replay(args: argparse.Namespace, settings: Settings) -> int:
+    queue, topic = _topic(args.target)
+    selection = _selection(args)
+    client = settings.admin_client()
+    counted = client.replay(queue, topic, selection, dry_run=True)
+    if args.dry_run:
+        return _dry_run(args, counted, f"{queue}/{topic}", "replayed")
+    if not _confirmed(args, counted["matched"], f"{queue}/{topic}", "replay"):
+        return _fail("nothing replayed", 1)
+    ids = list(selection.ids) or _matching_ids(client, queue, topic, selection)
+    if not ids:
+        raise ClientError("no dead job matches any more: nothing replayed")
+    size = REPLAY_CHUNK if args.rate is None else max(1, min(REPLAY_CHUNK, int(args.rate)))
+    bar = ProgressBar(len(ids), sys.stderr)
+    replayed = done = 0
+    try:
+        bar.show(0)
+        for chunk in chunked(ids, size):
+            replayed += client.replay(queue, topic, Selection(ids=tuple(chunk)))["replayed"]
+            done += len(chunk)
+            if args.rate is not None:
+                # Wait out this chunk's share of time, counting the call itself: N jobs take
+                # N/rate seconds in all, and the bar shows the rate actually kept.
+                delay = bar.started + done / args.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            bar.show(done)
+    except (ClientError, KeyboardInterrupt):
+        bar.close()
+        print(f"busgate: stopped after replaying {replayed} of {len(ids)}", file=sys.stderr)
+        raise
+    bar.close()
+    if args.json:
+        _print_json({"matched": len(ids), "replayed": replayed})
+        return 0
+    elapsed = time.monotonic() - bar.started
+    line = (
+        f"replayed {replayed} of {_count(len(ids), 'dead job')} of {queue}/{topic}"
+        f" in {elapsed:.1f}s ({replayed / elapsed if elapsed > 0 else 0:.0f}/s)"
+    )
+    if replayed < len(ids):
+        line += f"; {len(ids) - replayed} were no longer dead"
+    print(line)
+    return 0
+
+
+def _matching_ids(client: AdminClient, queue: str, topic: str, selection: Selection) -> list[str]:
+    """Every id the filter selects, collected before any is replayed (a replay changes the
+    dead list the cursor walks)."""
+    where = selection.filter or {}
+    ids: dict[str, None] = {}
+    for page in client.dead_pages(queue, topic, where):
+        ids.update((job["id"], None) for job in page["jobs"])
+    return list(ids)
+
+
+def _dead_delete(args: argparse.Namespace, settings: Settings) -> int:
+    queue, topic = _topic(args.target)
+    selection = _selection(args)
+    client = settings.admin_client()
+    counted = client.delete(queue, topic, selection, dry_run=True)
+    if args.dry_run:
+        return _dry_run(args, counted, f"{queue}/{topic}", "deleted")
+    if not _confirmed(args, counted["matched"], f"{queue}/{topic}", "delete"):
+        return _fail("nothing deleted", 1)
+    result = client.delete(queue, topic, selection)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"deleted {_count(result['deleted'], 'dead job')} of {queue}/{topic}")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, counted: dict[str, Any], where: str, verb: str) -> int:
+    if args.json:
+        _print_json(counted)
+    else:
+        print(f"{_count(counted['matched'], 'dead job')} of {where} would be {verb} (dry run)")
+    return 0
+
+
+def _confirmed(args: argparse.Namespace, count: int, where: str, verb: str) -> bool:
+    if args.yes:
+        return True
+    jobs = _count(count, "dead job")
+    if not sys.stdin.isatty():
+        raise UsageError(f"{verb} {jobs} of {where}? stdin is not a terminal to ask on: add --yes")
+    sys.stderr.write(f"{verb.capitalize()} {jobs} of {where}? [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _pause(args: argparse.Namespace, settings: Settings) -> int:
+    queue, topic = _topic(args.target)
+    return _paused(args, settings.admin_client().pause(queue, topic))
+
+
+def _resume(args: argparse.Namespace, settings: Settings) -> int:
+    queue, topic = _topic(args.target)
+    return _paused(args, settings.admin_client().resume(queue, topic))
+
+
+def _paused(args: argparse.Namespace, document: dict[str, Any]) -> int:
+    if args.json:
+        _print_json(document)
+    else:
+        state = "paused" if document["paused"] else "resumed"
+        print(f"{state} {document['queue']}/{document['topic']}")
+    return 0
+
+
+def _push(args: argparse.Namespace, settings: Settings) -> int:
+    queue, topic = _topic(args.target) if "/" in args.target else (args.target, None)
+    if not queue:
+        raise UsageError("name a queue, or QUEUE/TOPIC")
+    attributes = {}
+    for item in args.attr:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--attr {item!r}: write NAME=VALUE")
+        attributes[name] = value
+    payload: bytes | str = sys.stdin.buffer.read() if args.payload == "-" else args.payload
+    if isinstance(payload, bytes) and attributes:
+        # The producer API reads attributes only from a JSON body; text can go there intact.
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(
+                "--attr needs a UTF-8 payload: the producer API takes attributes only in a"
+                " JSON body, and a binary payload goes as the raw body"
+            ) from None
+    client = settings.producer_client()
+    password = args.password or settings.environ.get(PASSWORD_ENV) or None
+    if password is None and (settings.config_given or settings.url is None):
+        queue_config = settings.config.queue(queue)
+        password = None if queue_config is None else queue_config.password
+    document = client.push(
+        queue,
+        topic,
+        payload,
+        password=password,
+        job_id=args.job_id,
+        delay_ms=args.delay_ms,
+        priority=args.priority,
+        attributes=attributes,
+    )
+    if args.json:
+        _print_json(document)
+        return 0
+    for job_id in document["ids"]:
+        print(job_id)
+    if document.get("duplicates"):
+        print("busgate: a job with this id is still pending: not enqueued again", file=sys.stderr)
+    return 0
+
+
+# -- pieces -------------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """``[#####     ] 500/1000 jobs, 100/s`` redrawn in place, only on a terminal."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total = total
+        self.stream = stream
+        self.live = stream.isatty()
+        self.started = time.monotonic()
+        self._drawn = False
+
+    def show(self, done: int) -> None:
+        if not self.live:
+            return
+        filled = BAR_WIDTH * done // self.total if self.total else BAR_WIDTH
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        bar = "#" * filled + " " * (BAR_WIDTH - filled)
+        self.stream.write(f"\r[{bar}] {done}/{self.total} jobs, {rate:.0f}/s")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+def _topic(target: str) -> tuple[str, str]:
+    queue, sep, topic = target.partition("/")
+    if not sep or not queue or not topic or "/" in topic:
+        raise UsageError(f"{target!r}: write QUEUE/TOPIC")
+    return queue, topic
+
+
+def _filter(args: argparse.Namespace) -> dict[str, Any]:
+    """The dead-job filter the server reads (``DeadFilter``), from the command line."""
+    now = time.time()
+    where: dict[str, Any] = {}
+    if args.status is not None:
+        where["status"] = args.status
+    if args.error:
+        where["error"] = args.error
+    if args.since is not None:
+        where["since"] = parse_when(args.since, "--since", now)
+    if args.until is not None:
+        where["until"] = parse_when(args.until, "--until", now)
+    if args.attribute is not None:
+        where["attribute"] = args.attribute
+    return where
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    where = _filter(args)
+    given = [bool(args.ids), bool(where), args.all]
+    if sum(given) != 1:
+        raise UsageError(
+            "name the dead jobs with one of --ids ID…, a filter (--status, --error, --since,"
+            " --until, --attribute) or --all"
+        )
+    if args.ids:
+        return Selection(ids=tuple(args.ids))
+    if where:
+        return Selection(filter=where)
+    return Selection(all=True)
+
+
+def parse_when(text: str, option: str, now: float) -> float:
+    """Unix seconds from unix seconds, ISO-8601 (local time unless it says), or ``1h`` ago."""
+    value = text.strip()
+    if _UNIX_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(
+            f"{option} {text!r}: write unix seconds, an ISO-8601 time (2024-05-01T12:00)"
+            " or how long ago (90s, 30m, 1h, 7d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # the operator's local time
+    return moment.timestamp()
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    right: set[int] | None = None,
+    indent: str = "",
+) -> str:
+    right = right or set(range(1, len(header)))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append(indent + "  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _when(moment: float | None) -> str:
+    if moment is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment))
+
+
+def _oneline(text: str, limit: int) -> str:
+    flat = text.strip().replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _payload(job: Mapping[str, Any], limit: int = 120) -> str:
+    if job.get("payload_encoding") == "base64":
+        size = len(job["payload"]) * 3 // 4 - job["payload"][-2:].count("=")
+        return f"(binary, {_count(size, 'byte')}) base64:{_oneline(job['payload'], limit)}"
+    return _oneline(job.get("payload", ""), limit)
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {plural or noun + 's'}"
