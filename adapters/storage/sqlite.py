@@ -2,8 +2,9 @@
 
 One writer connection lives in its own thread.  Operations queue up for it and are committed
 together (group commit): whatever arrived while the previous transaction was being synced
-goes into the next one, so many producers share one fsync.  ``synchronous=FULL`` makes each
-commit durable before any producer is acknowledged.  If one operation of a group fails, the
+goes into the next one, so many producers share one fsync.  A group with a push is synced
+(``synchronous=FULL``) before any producer is acknowledged; other groups are not (see
+``_Writer``).  If one operation of a group fails, the
 group is rolled back and its operations are redone one transaction each, so a bad operation
 cannot take its neighbours down with it.
 
@@ -197,7 +198,7 @@ class SQLiteStore(Store):
             result = PushResult(tuple(ids), tuple(outcomes), tuple(copies_each))
             return result, ready_topics, delayed_topics
 
-        result, ready_topics, delayed_topics = await self._writer.run(op)
+        result, ready_topics, delayed_topics = await self._writer.run(op, durable=True)
         for topic in ready_topics:
             self.doorbells.ring(queue, topic)
         for topic in delayed_topics:
@@ -743,16 +744,25 @@ def _job_record(conn: sqlite3.Connection, row: Sequence[Any]) -> JobRecord:
 # -- the writer thread -----------------------------------------------------------------------
 
 
+_Item = tuple[Operation[Any], Callable[[outcome.Outcome[Any]], None], bool]
+
+
 class _Writer:
-    """Runs operations on the one writer connection, committing them in groups."""
+    """Runs operations on the one writer connection, committing them in groups.
+
+    Only a group holding a ``durable`` operation (a push: a producer is about to be told the
+    job is safe) is synced to disk before it is answered (``synchronous=FULL``).  Leases,
+    outcomes and maintenance commit without an fsync (``NORMAL``): WAL keeps them through a
+    crash of the process; a power cut could lose the last of them, which redelivers a job —
+    at-least-once still holds — and saves an fsync on every reserve and every batch of acks.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._queue: queue_module.SimpleQueue[
-            tuple[Operation[Any], Callable[[outcome.Outcome[Any]], None]] | None
-        ] = queue_module.SimpleQueue()
+        self._queue: queue_module.SimpleQueue[_Item | None] = queue_module.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._failed: StoreError | None = None
+        self._synchronous = "FULL"
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="busgate-sqlite", daemon=True)
@@ -766,7 +776,7 @@ class _Writer:
         thread, self._thread = self._thread, None
         await trio.to_thread.run_sync(thread.join)
 
-    async def run(self, operation: Operation[T]) -> T:
+    async def run(self, operation: Operation[T], *, durable: bool = False) -> T:
         if self._thread is None:
             raise StoreUnavailable(f"{self.path}: the store is closed")
         if self._failed is not None:
@@ -779,7 +789,7 @@ class _Writer:
             box.append(result)
             token.run_sync_soon(done.set)
 
-        self._queue.put((operation, finish))
+        self._queue.put((operation, finish, durable))
         # If this task is cancelled the operation still runs (it may already be committed);
         # its result is dropped.  Callers treat an unanswered write as "maybe done".
         await done.wait()
@@ -811,7 +821,7 @@ class _Writer:
                 group.append(more)
             if conn is None:
                 assert self._failed is not None
-                for _, finish in group:
+                for _, finish, _durable in group:
                     finish(outcome.Error(self._failed))
             else:
                 self._commit_group(conn, group)
@@ -820,21 +830,21 @@ class _Writer:
         if conn is not None:
             conn.close()
 
-    def _commit_group(
-        self,
-        conn: sqlite3.Connection,
-        group: list[tuple[Operation[Any], Callable[[outcome.Outcome[Any]], None]]],
-    ) -> None:
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Item]) -> None:
+        synchronous = "FULL" if any(durable for _, _, durable in group) else "NORMAL"
+        if synchronous != self._synchronous:  # outside a transaction, as SQLite requires
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self._synchronous = synchronous
         results: list[outcome.Outcome[Any]]
         try:
             conn.execute("BEGIN IMMEDIATE")
-            results = [outcome.Value(operation(conn)) for operation, _ in group]
+            results = [outcome.Value(operation(conn)) for operation, _, _ in group]
             conn.execute("COMMIT")
         except Exception:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [self._alone(conn, operation) for operation, _ in group]
-        for (_, finish), result in zip(group, results, strict=True):
+            results = [self._alone(conn, operation) for operation, _, _ in group]
+        for (_, finish, _), result in zip(group, results, strict=True):
             finish(result)
 
     @staticmethod
@@ -860,7 +870,7 @@ def _connect(path: str) -> sqlite3.Connection:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal" and path != ":memory:":
             raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
-        # FULL: a commit is on disk before the producer is acknowledged.
+        # FULL until a group says otherwise (see _Writer).
         conn.execute("PRAGMA synchronous = FULL")
         conn.executescript(_SCHEMA)
         (check,) = conn.execute("PRAGMA quick_check").fetchone()

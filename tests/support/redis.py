@@ -70,10 +70,14 @@ class RedisServer:
             ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         try:
-            wait_connectable("127.0.0.1", self.port)
+            wait_connectable("127.0.0.1", self.port, timeout=30)
         except TimeoutError:
+            log = self.workdir / "redis.log"
             self.stop()
-            raise
+            raise RuntimeError(
+                f"redis-server on port {self.port} did not start:\n"
+                + (log.read_text()[-2000:] if log.exists() else "(no log)")
+            ) from None
 
     def stop(self, *, hard: bool = False) -> None:
         if self.process is None:
