@@ -222,7 +222,7 @@ class AdminAPI:
     # -- reading --------------------------------------------------------------------------------
 
     async def stats(self, request: Request) -> Response:
-        return Response.json(self.telemetry.snapshot())
+        return Response(200, self.telemetry.snapshot_json())
 
     async def topic(self, request: Request) -> Response:
         topic = self._topic_config(request)
@@ -305,10 +305,10 @@ class AdminAPI:
             if ids is None:
                 assert where is not None
                 matched = len(await matching_dead_ids(self.store, topic.queue, topic.name, where))
-                if matched == 0:
-                    raise HTTPError(404, "no dead job matches that filter")
                 if body.get("dry_run"):
                     return Response.json({"matched": matched, "replayed": 0, "dry_run": True})
+                if matched == 0:
+                    raise HTTPError(404, "no dead job matches that filter")
                 replayed = await replay_where(self.store, topic.queue, topic.name, where, rate=rate)
             else:
                 matched = len(ids)
@@ -331,10 +331,10 @@ class AdminAPI:
             if ids is None:
                 assert where is not None
                 matched = len(await matching_dead_ids(self.store, topic.queue, topic.name, where))
-                if matched == 0:
-                    raise HTTPError(404, "no dead job matches that filter")
                 if body.get("dry_run"):
                     return Response.json({"matched": matched, "deleted": 0, "dry_run": True})
+                if matched == 0:
+                    raise HTTPError(404, "no dead job matches that filter")
                 deleted = await delete_where(self.store, topic.queue, topic.name, where)
             else:
                 matched = len(ids)
@@ -473,7 +473,7 @@ class AdminAPI:
                 subscriber = self.telemetry.subscribe()
                 try:
                     async for message in subscriber.messages:
-                        await socket.send_message(json.dumps(message, separators=(",", ":")))
+                        await socket.send_message(message.decode())
                     await socket.aclose(code=1008, reason="too slow: events were dropped")
                 finally:
                     subscriber.close()

@@ -362,6 +362,8 @@ def _dead_replay(args: argparse.Namespace, settings: Settings) -> int:
     counted = client.replay(queue, topic, selection, dry_run=True)
     if args.dry_run:
         return _dry_run(args, counted, f"{queue}/{topic}", "replayed")
+    if counted["matched"] == 0:
+        raise ClientError("no dead job matches that filter")
     if not _confirmed(args, counted["matched"], f"{queue}/{topic}", "replay"):
         return _fail("nothing replayed", 1)
     ids = list(selection.ids) or _matching_ids(client, queue, topic, selection)

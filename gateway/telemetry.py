@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import json
 import logging
 import math
 import time
@@ -110,6 +111,9 @@ class Telemetry:
         self._clock = clock
         self._topics: dict[tuple[str, str], _TopicRecord] = {}
         self._snapshot: dict[str, Any] = {"generated_at": None, "queues": []}
+        # Encoded once per sample: every request and every live client gets the same bytes.
+        self._snapshot_json = _encode(self._snapshot)
+        self._snapshot_message = _encode({"type": "stats", **self._snapshot})
         self._stats: dict[tuple[str, str], TopicStats] = {}
         self._subscribers: set[Subscriber] = set()
         self.sample_errors = 0
@@ -146,13 +150,19 @@ class Telemetry:
             }
             record.recent_failures.appendleft(failure)
             event = failure
-        for subscriber in list(self._subscribers):
-            subscriber.offer_event(event)
+        if self._subscribers:
+            message = _encode(event)
+            for subscriber in list(self._subscribers):
+                subscriber.offer_event(message)
 
     # -- the snapshot ---------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
         return self._snapshot
+
+    def snapshot_json(self) -> bytes:
+        """The snapshot as JSON, encoded once per sample."""
+        return self._snapshot_json
 
     def recent_failures(self, queue: str, topic: str) -> list[dict[str, Any]]:
         record = self._topics.get((queue, topic))
@@ -187,8 +197,10 @@ class Telemetry:
         now = trio.current_time()
         self._stats = dict(zip(keys, stats, strict=True))
         self._snapshot = self._build(config, now)
+        self._snapshot_json = _encode(self._snapshot)
+        self._snapshot_message = _encode({"type": "stats", **self._snapshot})
         for subscriber in list(self._subscribers):
-            subscriber.offer_snapshot(self._snapshot)
+            subscriber.offer(self._snapshot_message)
 
     def _build(self, config: Config, now: float) -> dict[str, Any]:
         dispatchers = self._dispatchers()
@@ -293,7 +305,7 @@ class Telemetry:
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber(self)
         self._subscribers.add(subscriber)
-        subscriber.offer_snapshot(self._snapshot)
+        subscriber.offer(self._snapshot_message)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
@@ -304,21 +316,22 @@ class Telemetry:
         return len(self._subscribers)
 
 
+def _encode(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 class Subscriber:
     """One live client: a bounded buffer of messages; overflow drops the client."""
 
     def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
-        self._send, self.messages = trio.open_memory_channel[dict[str, Any]](SUBSCRIBER_BUFFER)
+        self._send, self.messages = trio.open_memory_channel[bytes](SUBSCRIBER_BUFFER)
         self._window_start = 0.0
         self._window_events = 0
         self.sampled_out = 0  # events skipped to stay within EVENTS_PER_SECOND
         self.dropped = False
 
-    def offer_snapshot(self, snapshot: dict[str, Any]) -> None:
-        self._offer({"type": "stats", **snapshot})
-
-    def offer_event(self, event: dict[str, Any]) -> None:
+    def offer_event(self, event: bytes) -> None:
         now = trio.current_time()
         if now - self._window_start >= 1.0:
             self._window_start, self._window_events = now, 0
@@ -326,9 +339,10 @@ class Subscriber:
             self.sampled_out += 1
             return
         self._window_events += 1
-        self._offer(event)
+        self.offer(event)
 
-    def _offer(self, message: dict[str, Any]) -> None:
+    def offer(self, message: bytes) -> None:
+        """Queue an encoded JSON message; a full buffer drops this subscriber."""
         if self.dropped:
             return
         try:

@@ -23,7 +23,7 @@ async def test_events_are_sampled_per_second(tmp_path: Any) -> None:
     t, store = await telemetry(tmp_path)
     subscriber = t.subscribe()
     for n in range(EVENTS_PER_SECOND * 2):
-        subscriber.offer_event({"type": "attempt", "n": n})
+        subscriber.offer_event(b'{"type":"attempt","n":%d}' % n)
     assert subscriber.sampled_out == EVENTS_PER_SECOND
     received = []
     while True:
@@ -33,8 +33,8 @@ async def test_events_are_sampled_per_second(tmp_path: Any) -> None:
             break
     assert len(received) == 1 + EVENTS_PER_SECOND  # the first snapshot, then the events
     await trio.sleep(1.01)
-    subscriber.offer_event({"type": "attempt"})
-    assert subscriber.messages.receive_nowait()["type"] == "attempt"
+    subscriber.offer_event(b'{"type":"attempt"}')
+    assert subscriber.messages.receive_nowait() == b'{"type":"attempt"}'
     await store.aclose()
 
 
