@@ -8,6 +8,7 @@ FastCGI apps do not always).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fastcgi.errors import RemoteProtocolError
@@ -26,12 +27,16 @@ class CGIResponse:
     body: bytes
 
     def header(self, name: bytes) -> bytes | None:
-        """The first header called ``name`` (case-insensitive), or None."""
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return find_header(self.headers, name)
+
+
+def find_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first header called ``name`` (case-insensitive), or None."""
+    wanted = name.lower()
+    for key, value in headers:
+        if key.lower() == wanted:
+            return value
+    return None
 
 
 def parse_cgi_response(

@@ -19,7 +19,7 @@ from types import TracebackType
 import trio
 
 from fastcgi.address import Address
-from fastcgi.cgi import DEFAULT_MAX_HEADER_SIZE, parse_cgi_response
+from fastcgi.cgi import DEFAULT_MAX_HEADER_SIZE, find_header, parse_cgi_response
 from fastcgi.connection import NEED_DATA, ClientConnection, Limits, State
 from fastcgi.errors import (
     ConnectError,
@@ -79,11 +79,7 @@ class Response:
     elapsed: float  # seconds from the first byte written to END_REQUEST
 
     def header(self, name: bytes) -> bytes | None:
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return find_header(self.headers, name)
 
 
 class FastCGIConnection(PooledStream):

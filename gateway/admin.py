@@ -292,58 +292,50 @@ class AdminAPI:
         return None, dead_filter(body["filter"])
 
     async def replay(self, request: Request) -> Response:
+        return await self._bulk(request, "replayed")
+
+    async def delete(self, request: Request) -> Response:
+        return await self._bulk(request, "deleted")
+
+    async def _bulk(self, request: Request, done: str) -> Response:
+        """Replay or delete dead jobs named by ids, a filter, or all of them."""
         topic = self._topic_config(request)
         body = self._json_body(request)
-        unknown = set(body) - {"ids", "filter", "all", "dry_run", "rate"}
+        allowed = {"ids", "filter", "all", "dry_run"} | ({"rate"} if done == "replayed" else set())
+        unknown = set(body) - allowed
         if unknown:
             raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
         ids, where = self._selection(body)
         rate = body.get("rate")
         if rate is not None and (not isinstance(rate, int | float) or rate <= 0):
             raise HTTPError(400, '"rate" must be a positive number of jobs per second')
+        store, queue, name = self.store, topic.queue, topic.name
         try:
             if ids is None:
                 assert where is not None
-                matched = len(await matching_dead_ids(self.store, topic.queue, topic.name, where))
-                if body.get("dry_run"):
-                    return Response.json({"matched": matched, "replayed": 0, "dry_run": True})
-                if matched == 0:
-                    raise HTTPError(404, "no dead job matches that filter")
-                replayed = await replay_where(self.store, topic.queue, topic.name, where, rate=rate)
+                matched = len(await matching_dead_ids(store, queue, name, where))
             else:
                 matched = len(ids)
-                if body.get("dry_run"):
-                    return Response.json({"matched": matched, "replayed": 0, "dry_run": True})
-                replayed = await self.store.replay_dead(topic.queue, topic.name, ids)
-        except StoreError as exc:
-            raise HTTPError(503, f"store unavailable: {exc}") from None
-        log.info("replayed queue=%s topic=%s jobs=%d", topic.queue, topic.name, replayed)
-        return Response.json({"matched": matched, "replayed": replayed})
-
-    async def delete(self, request: Request) -> Response:
-        topic = self._topic_config(request)
-        body = self._json_body(request)
-        unknown = set(body) - {"ids", "filter", "all", "dry_run"}
-        if unknown:
-            raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
-        ids, where = self._selection(body)
-        try:
-            if ids is None:
-                assert where is not None
-                matched = len(await matching_dead_ids(self.store, topic.queue, topic.name, where))
-                if body.get("dry_run"):
-                    return Response.json({"matched": matched, "deleted": 0, "dry_run": True})
-                if matched == 0:
-                    raise HTTPError(404, "no dead job matches that filter")
-                deleted = await delete_where(self.store, topic.queue, topic.name, where)
+            if body.get("dry_run"):
+                return Response.json({"matched": matched, done: 0, "dry_run": True})
+            if matched == 0:
+                raise HTTPError(404, "no dead job matches that filter")
+            if done == "replayed":
+                count = (
+                    await store.replay_dead(queue, name, ids)
+                    if ids is not None
+                    else await replay_where(store, queue, name, where or DeadFilter(), rate=rate)
+                )
             else:
-                matched = len(ids)
-                if body.get("dry_run"):
-                    return Response.json({"matched": matched, "deleted": 0, "dry_run": True})
-                deleted = await self.store.delete_dead(topic.queue, topic.name, ids)
+                count = (
+                    await store.delete_dead(queue, name, ids)
+                    if ids is not None
+                    else await delete_where(store, queue, name, where or DeadFilter())
+                )
         except StoreError as exc:
             raise HTTPError(503, f"store unavailable: {exc}") from None
-        return Response.json({"matched": matched, "deleted": deleted})
+        log.info("%s queue=%s topic=%s jobs=%d", done, queue, name, count)
+        return Response.json({"matched": matched, done: count})
 
     async def pause(self, request: Request) -> Response:
         return self._set_paused(request, True)

@@ -14,6 +14,17 @@ from typing import Any, Protocol
 import trio
 
 from adapters.storage.jobs import Job
+from fastcgi.cgi import find_header
+from fastcgi.errors import (
+    BackendError,
+    ConnectError,
+    ConnectionLost,
+    PoolTimeout,
+    ReadTimeout,
+    RemoteProtocolError,
+    RequestRejected,
+    WriteTimeout,
+)
 
 
 class Failure(enum.Enum):
@@ -45,11 +56,22 @@ class Delivery:
     message: str = ""  # the failure in words, naming the backend
 
     def header(self, name: bytes) -> bytes | None:
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return find_header(self.headers, name)
+
+
+def failure_of(exc: BackendError | RemoteProtocolError) -> Failure:
+    """What kind of failure a transport error was (FastCGI and HTTP alike)."""
+    if isinstance(exc, RequestRejected):
+        return Failure.OVERLOADED if exc.overloaded else Failure.PROTOCOL
+    if isinstance(exc, PoolTimeout):
+        return Failure.POOL_TIMEOUT
+    if isinstance(exc, ConnectError):  # ConnectTimeout included
+        return Failure.CONNECT
+    if isinstance(exc, ReadTimeout | WriteTimeout):
+        return Failure.TIMEOUT
+    if isinstance(exc, ConnectionLost):
+        return Failure.CONNECTION_LOST
+    return Failure.PROTOCOL
 
 
 class Backend(Protocol):

@@ -15,19 +15,13 @@ from urllib.parse import urlsplit
 
 import trio
 
-from adapters.delivery.base import Delivery, Failure
+from adapters.delivery.base import Delivery, Failure, failure_of
 from adapters.delivery.headers import SERVER_SOFTWARE, cgi_name, job_headers, request_body
 from adapters.storage.jobs import Job
 from fastcgi.address import Address
 from fastcgi.errors import (
     BackendError,
-    ConnectError,
-    ConnectionLost,
-    PoolTimeout,
-    ReadTimeout,
     RemoteProtocolError,
-    RequestRejected,
-    WriteTimeout,
 )
 from fastcgi.events import Params
 from fastcgi.pairs import encode_pairs
@@ -93,7 +87,7 @@ class FastCGIBackend:
             )
         except (BackendError, RemoteProtocolError) as exc:
             return Delivery(
-                trio.current_time() - started, failure=_failure_of(exc), message=str(exc)
+                trio.current_time() - started, failure=failure_of(exc), message=str(exc)
             )
         return Delivery(
             duration=response.elapsed,
@@ -111,20 +105,6 @@ class FastCGIBackend:
 
     def statistics(self) -> PoolStatistics:
         return self.pool.statistics()
-
-
-def _failure_of(exc: Exception) -> Failure:
-    if isinstance(exc, RequestRejected):
-        return Failure.OVERLOADED if exc.overloaded else Failure.PROTOCOL
-    if isinstance(exc, PoolTimeout):
-        return Failure.POOL_TIMEOUT
-    if isinstance(exc, ConnectError):  # ConnectTimeout included
-        return Failure.CONNECT
-    if isinstance(exc, ReadTimeout | WriteTimeout):
-        return Failure.TIMEOUT
-    if isinstance(exc, ConnectionLost):
-        return Failure.CONNECTION_LOST
-    return Failure.PROTOCOL
 
 
 def _static_params(target: FastCGITarget) -> list[tuple[bytes, bytes]]:

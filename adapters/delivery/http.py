@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from adapters.delivery.base import Delivery, Failure
+from adapters.delivery.base import Delivery, Failure, failure_of
 from adapters.delivery.headers import SERVER_SOFTWARE, job_headers, request_body
 from adapters.storage.jobs import Job
 from fastcgi.errors import (
@@ -23,7 +23,6 @@ from fastcgi.errors import (
     ConnectError,
     ConnectionLost,
     ConnectTimeout,
-    PoolTimeout,
 )
 from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason
 
@@ -140,7 +139,7 @@ class HTTPBackend:
         except BackendError as exc:
             pool.failures_total += 1
             return Delivery(
-                trio.current_time() - started, failure=_failure_of(exc), message=str(exc)
+                trio.current_time() - started, failure=failure_of(exc), message=str(exc)
             )
         return Delivery(
             duration=trio.current_time() - started,
@@ -222,13 +221,3 @@ class HTTPBackend:
 
     def statistics(self) -> PoolStatistics:
         return self.pool.statistics()
-
-
-def _failure_of(exc: BackendError) -> Failure:
-    if isinstance(exc, PoolTimeout):
-        return Failure.POOL_TIMEOUT
-    if isinstance(exc, ConnectError):
-        return Failure.CONNECT
-    if isinstance(exc, ConnectionLost):
-        return Failure.CONNECTION_LOST
-    return Failure.PROTOCOL
