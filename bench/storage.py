@@ -194,7 +194,7 @@ async def bench_sqlite(jobs: int, payload: bytes) -> None:
             latency = await wake_latency(store, store, "wake")
         finally:
             await store.aclose()
-    print("sqlite (WAL, synchronous=FULL, group commit):")
+    print("sqlite (WAL, group commit, pushes fsynced before they are answered):")
     print(f"  push, batches of {BATCH}, {WORKERS} tasks : {pushed:8.0f} jobs/s (target >= 20000)")
     print(f"  reserve {BATCH} + ack {BATCH}, {WORKERS} tasks: {acked:8.0f} jobs/s (target >= 5000)")
     print(f"  push -> reserve on an idle topic, p50: {latency * 1000:.2f} ms (target <= 5 ms)")
