@@ -120,7 +120,9 @@ class RespServer:
         parser = resp.RequestParser(max_bulk_len=self.service.directory.max_payload + _PARSER_SLACK)
         max_pipeline = self.limits.max_pipeline
         while True:
-            with trio.move_on_after(self.limits.idle_timeout) as idle:
+            # CancelScope(deadline=) rather than move_on_after: same effect without the
+            # contextlib wrapper, which showed in profiles of unpipelined traffic.
+            with trio.CancelScope(deadline=trio.current_time() + self.limits.idle_timeout) as idle:
                 data = await stream.receive_some(_RECEIVE_SIZE)
             if idle.cancelled_caught:
                 self._idle_closed += 1
@@ -191,7 +193,7 @@ class RespServer:
 
     @staticmethod
     async def _send(stream: trio.SocketStream, replies: list[bytes]) -> None:
-        with trio.move_on_after(SEND_TIMEOUT) as scope:
+        with trio.CancelScope(deadline=trio.current_time() + SEND_TIMEOUT) as scope:
             await stream.send_all(b"".join(replies))
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("the producer stopped reading its replies")

@@ -76,18 +76,18 @@ class FastCGIBackend:
         started = trio.current_time()
         # One deadline for the whole attempt; the pool's connect deadline sits inside it.
         try:
-            with trio.fail_after(timeout):
+            with trio.CancelScope(deadline=started + timeout) as scope:
                 params = Params(tuple(self._job_params(job, body)), self._static_encoded)
                 response = await self.pool.request(params, body)
-        except trio.TooSlowError:
+        except (BackendError, RemoteProtocolError) as exc:
+            return Delivery(
+                trio.current_time() - started, failure=failure_of(exc), message=str(exc)
+            )
+        if scope.cancelled_caught:
             return Delivery(
                 trio.current_time() - started,
                 failure=Failure.TIMEOUT,
                 message=f"{self.target.address}: no response within {timeout:g}s",
-            )
-        except (BackendError, RemoteProtocolError) as exc:
-            return Delivery(
-                trio.current_time() - started, failure=failure_of(exc), message=str(exc)
             )
         return Delivery(
             duration=response.elapsed,

@@ -120,7 +120,7 @@ class HTTPBackend:
         pool = self.pool
         pool.requests_total += 1
         try:
-            with trio.fail_after(timeout):
+            with trio.CancelScope(deadline=started + timeout) as scope:
                 conn = await pool.acquire()
                 try:
                     answer = await self._exchange(conn, job)
@@ -128,18 +128,18 @@ class HTTPBackend:
                     pool.discard(conn)
                     raise
                 pool.release(conn)
-        except trio.TooSlowError:
+        except BackendError as exc:
+            pool.failures_total += 1
+            return Delivery(
+                trio.current_time() - started, failure=failure_of(exc), message=str(exc)
+            )
+        if scope.cancelled_caught:
             pool.failures_total += 1
             pool.timeouts_total += 1
             return Delivery(
                 trio.current_time() - started,
                 failure=Failure.TIMEOUT,
                 message=f"{self._origin}: no response within {timeout:g}s",
-            )
-        except BackendError as exc:
-            pool.failures_total += 1
-            return Delivery(
-                trio.current_time() - started, failure=failure_of(exc), message=str(exc)
             )
         return Delivery(
             duration=trio.current_time() - started,

@@ -154,7 +154,7 @@ class RedisClient:
         deadline = trio.current_time() + limit
         pool = self._pool
         pool.requests_total += 1
-        with trio.move_on_at(deadline):
+        with trio.CancelScope(deadline=deadline):
             conn = await self._acquire(deadline)
             try:
                 replies = await conn.roundtrip(payload, len(commands))
