@@ -51,8 +51,9 @@ local function leased(topic, id, attempt)
   return nil
 end
 local function add_attempt(topic, id, record)
-  local history = redis.call('HGET', K('H', topic), id)
-  redis.call('HSET', K('H', topic), id, history and (history .. '\\n' .. record) or record)
+  if redis.call('HSETNX', K('H', topic), id, record) == 0 then
+    redis.call('HSET', K('H', topic), id, redis.call('HGET', K('H', topic), id) .. '\\n' .. record)
+  end
 end
 local function forget(topic, id)
   redis.call('HDEL', K('J', topic), id)
@@ -169,47 +170,52 @@ FINISH = Script(
     _COMMON
     + """
 local topic, now = ARGV[2], ARGV[3]
-local leases_key, history_key = K('l', topic), K('H', topic)
+local states_key, leases_key, history_key = K('S', topic), K('l', topic), K('H', topic)
 local results = {}
 local counts = {done = 0, dead = 0, retried = 0}
 local woke_ready, woke_delayed = false, false
 for i = 4, #ARGV, 8 do
   local id, attempt, kind, run_at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local spend, status, err, record = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  local st = leased(topic, id, attempt)
-  if not st then
+  -- Only state, attempt and run_at survive a finish: parse those, not the whole string.
+  local state, n, t = string.match(redis.call('HGET', states_key, id) or '',
+                                   '^(%d)|(%d*)|([^|]*)|')
+  if state ~= '2' or n ~= attempt then
     table.insert(results, 0)
   else
     redis.call('ZREM', leases_key, id)
-    local history = redis.call('HGET', history_key, id)
-    redis.call('HSET', history_key, id, history and (history .. '\\n' .. record) or record)
-    st.l, st.ls, st.le = '', status, err
+    -- The first attempt's history needs one command; later ones append.
+    if redis.call('HSETNX', history_key, id, record) == 0 then
+      redis.call('HSET', history_key, id, redis.call('HGET', history_key, id) .. '\\n' .. record)
+    end
+    local new_state, finished = '', ''
     if kind == 'retry' then
-      if spend == '0' then st.n = tostring(tonumber(st.n) - 1) end
-      st.t = run_at
+      if spend == '0' then n = tostring(tonumber(n) - 1) end
+      t = run_at
       if tonumber(run_at) > tonumber(now) then
-        st.s = '1'
+        new_state = '1'
         redis.call('ZADD', K('d', topic), run_at, id)
         woke_delayed = true
         table.insert(results, 2)
       else
-        st.s = '0'
+        new_state = '0'
         redis.call('RPUSH', ready_list(topic, id), id)
         woke_ready = true
         table.insert(results, 1)
       end
       counts.retried = counts.retried + 1
     else
-      st.s, st.f = (kind == 'done') and '4' or '3', now
+      new_state, finished = (kind == 'done') and '4' or '3', now
       redis.call('ZADD', K((kind == 'done') and 'c' or 'x', topic), now, id)
       counts[kind] = counts[kind] + 1
       table.insert(results, 3)
     end
-    put_state(topic, id, st)
+    redis.call('HSET', states_key, id,
+               table.concat({new_state, n, t, '', finished, status, err}, '|'))
   end
 end
-for name, n in pairs(counts) do
-  if n > 0 then redis.call('HINCRBY', K('n', topic), name, n) end
+for name, count in pairs(counts) do
+  if count > 0 then redis.call('HINCRBY', K('n', topic), name, count) end
 end
 if woke_ready then redis.call('PUBLISH', prefix .. 'wake', topic) end
 if woke_delayed then redis.call('PUBLISH', prefix .. 'wake', '~' .. topic) end

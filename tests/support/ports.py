@@ -12,6 +12,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_pair(offset: int, *, below: int = 55536) -> int:
+    """A free port whose ``port + offset`` is free too, below ``below``.
+
+    Redis Cluster listens on its port and on port + 10000 (the cluster bus), and refuses a
+    port above 55535; ephemeral ports the kernel hands out often are.
+    """
+    for _ in range(1000):
+        port = free_port()
+        if port + offset >= 65536 or port >= below:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below {below} with a free port {offset} above it")
+
+
 def wait_connectable(host: str, port: int | None = None, *, timeout: float = 10.0) -> None:
     """Block until a TCP port (or, with ``port=None``, a unix socket path) accepts."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from adapters.storage.redis_client import RedisAddress
-from tests.support.ports import free_port, wait_connectable
+from tests.support.ports import free_port, free_port_pair, wait_connectable
 
 
 class RedisServer:
@@ -27,7 +27,8 @@ class RedisServer:
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        # A cluster node also listens on port + 10000 and must stay at or below 55535.
+        self.port = port or (free_port_pair(10000) if cluster else free_port())
         self.cluster = cluster
         self.appendonly = appendonly
         self.password = password
