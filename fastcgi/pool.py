@@ -11,7 +11,6 @@ never reused: bytes still in flight on it would be read as the next response.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -42,7 +41,7 @@ from fastcgi.events import (
     Stdout,
     UnknownType,
 )
-from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason
+from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, none_inf, os_reason
 
 __all__ = ["ConnectionPool", "PoolLimits", "PoolStatistics", "Response", "Timeouts"]
 
@@ -193,7 +192,7 @@ class ConnectionPool:
         """Ask the backend for management variables (e.g. ``FCGI_MAX_CONNS``)."""
         conn = await self._pool.acquire()
         try:
-            with trio.move_on_after(_none_inf(self.timeouts.read)) as scope:
+            with trio.move_on_after(none_inf(self.timeouts.read)) as scope:
                 result = await self._query_values(conn, tuple(names))
             if scope.cancelled_caught:
                 raise ReadTimeout(self._name, "no GET_VALUES_RESULT before the read deadline")
@@ -233,9 +232,9 @@ class ConnectionPool:
         # One cancel scope for the exchange (a scope per phase costs more than the phase on a
         # fast backend); its deadline moves from the write limit to the read limit.
         writing = True
-        with trio.CancelScope(deadline=started + _none_inf(write)) as scope:
+        with trio.CancelScope(deadline=started + none_inf(write)) as scope:
             await self._send_all(conn, wire)
-            scope.deadline = trio.current_time() + _none_inf(read)
+            scope.deadline = trio.current_time() + none_inf(read)
             writing = False
             stdout, stderr, end = await self._read_response(conn)
         if scope.cancelled_caught:
@@ -291,7 +290,7 @@ class ConnectionPool:
 
     async def _connect(self) -> FastCGIConnection:
         address = self.address
-        with trio.move_on_after(_none_inf(self.timeouts.connect)) as scope:
+        with trio.move_on_after(none_inf(self.timeouts.connect)) as scope:
             try:
                 if address.is_unix:
                     stream = await trio.open_unix_socket(address.path)
@@ -302,7 +301,3 @@ class ConnectionPool:
         if scope.cancelled_caught:
             raise ConnectTimeout(self._name, f"not connected within {self.timeouts.connect}s")
         return FastCGIConnection(stream, self.response_limits, trio.current_time())
-
-
-def _none_inf(value: float | None) -> float:
-    return math.inf if value is None else value

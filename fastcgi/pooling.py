@@ -157,7 +157,7 @@ class Pool(Generic[C]):
         return conn
 
     async def _wait_for_slot(self) -> None:
-        with trio.move_on_after(_none_inf(self.pool_timeout)) as scope:
+        with trio.move_on_after(none_inf(self.pool_timeout)) as scope:
             await self._slots.acquire()
         if scope.cancelled_caught:
             self.timeouts_total += 1
@@ -254,5 +254,6 @@ def os_reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def _none_inf(value: float | None) -> float:
+def none_inf(value: float | None) -> float:
+    """A deadline length where None means no deadline."""
     return math.inf if value is None else value

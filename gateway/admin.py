@@ -26,9 +26,18 @@ import trio_websocket
 from adapters.storage.base import Store
 from adapters.storage.bulk import delete_where, matching_dead_ids, replay_where
 from adapters.storage.errors import StoreError
-from adapters.storage.jobs import DeadFilter, DeadJob, Job, JobRecord, Priority
+from adapters.storage.jobs import (
+    DeadFilter,
+    DeadJob,
+    Job,
+    JobRecord,
+    Priority,
+    new_job_id,
+    new_trace_id,
+)
 from gateway.config import Config, TopicConfig, effective_document
 from gateway.http_server import HTTPError, Request, Response, Router
+from gateway.producer_http import attributes_of, payload_bytes
 from gateway.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -371,19 +380,11 @@ class AdminAPI:
             except ValueError:
                 raise HTTPError(400, '"payload_base64" is not base64') from None
         elif "payload" in body:
-            value = body["payload"]
-            payload = (
-                value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-            ).encode()
+            payload = payload_bytes(body["payload"])
         else:
             raise HTTPError(400, 'the body needs "payload" (text or JSON) or "payload_base64"')
-        attributes = body.get("attributes", {})
-        if not isinstance(attributes, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
-        ):
-            raise HTTPError(400, '"attributes" must be an object of strings')
-        from adapters.storage.jobs import new_job_id, new_trace_id
-        from gateway.app import build_backend
+        attributes = attributes_of(body.get("attributes", {}))
+        from gateway.app import build_backend  # app imports this module
 
         now = self.app.clock()
         job = Job(

@@ -18,9 +18,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from typing import Any
 
+from adapters.delivery.headers import trace_id_of
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import NewJob, Priority, check_job_id
 from gateway.http_server import HTTPError, Request, Response, Router
@@ -36,7 +36,6 @@ from gateway.producer import (
 
 #: A batch may carry this many jobs.
 MAX_BATCH = 1000
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def add_producer_routes(router: Router, service: ProducerService) -> None:
@@ -74,6 +73,25 @@ async def _push(service: ProducerService, request: Request) -> Response:
     except StoreError as exc:
         raise HTTPError(503, f"store unavailable, nothing was acknowledged: {exc}") from None
     return Response.json({"ids": list(result.ids), "duplicates": result.duplicates}, 202)
+
+
+def payload_bytes(value: Any) -> bytes:
+    """A JSON ``payload`` field as job bytes: a string as its UTF-8, anything else as JSON."""
+    text = (
+        value
+        if isinstance(value, str)
+        else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    )
+    return text.encode()
+
+
+def attributes_of(value: Any) -> dict[str, str]:
+    """A JSON ``attributes`` field, checked: an object of strings (400 otherwise)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise HTTPError(400, "attributes must be an object of strings")
+    return value
 
 
 def _authenticate(service: ProducerService, queue: str, request: Request) -> set[str]:
@@ -130,14 +148,8 @@ def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> l
         where = f"jobs[{index}]: " if batch else ""
         if not isinstance(item, dict) or "payload" not in item:
             raise HTTPError(400, f"{where}each job is an object with a 'payload'")
-        payload = item["payload"]
-        data = (
-            payload
-            if isinstance(payload, str)
-            else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-        ).encode()
         try:
-            jobs.append(_job(service, data, item, topic))
+            jobs.append(_job(service, payload_bytes(item["payload"]), item, topic))
         except HTTPError as exc:
             raise HTTPError(exc.status, where + exc.message) from None
     return jobs
@@ -168,17 +180,12 @@ def _job(
         priority = Priority.parse(str(options.get("priority", "normal")))
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from None
-    attributes = options.get("attributes", {})
-    if not isinstance(attributes, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
-    ):
-        raise HTTPError(400, "attributes must be an object of strings")
+    attributes = attributes_of(options.get("attributes", {}))
     trace_id = None
     if "traceparent" in options:
-        match = _TRACEPARENT.fullmatch(str(options["traceparent"]))
-        if match is None:
+        trace_id = trace_id_of(str(options["traceparent"]))
+        if trace_id is None:
             raise HTTPError(400, "traceparent is not a W3C trace context")
-        trace_id = match.group(1)
     return NewJob(
         payload,
         id=job_id,

@@ -9,11 +9,11 @@ the store has the job.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from adapters.delivery.headers import trace_id_of
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import NewJob, Priority, check_job_id
 from gateway import resp
@@ -23,7 +23,6 @@ SERVER_NAME = "busgate"
 #: What INFO and HELLO report as redis_version: clients gate features on it.
 COMPATIBLE_REDIS_VERSION = "7.2.0"
 
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 _XADD_TRIM = {b"MAXLEN", b"MINID"}
 
 Handler = Callable[["RespSession", tuple[bytes, ...]], Awaitable[bytes]]
@@ -171,10 +170,9 @@ class RespSession:
                 except ValueError as exc:
                     raise CommandError(str(exc)) from None
             elif name == "traceparent":
-                match = _TRACEPARENT.fullmatch(_text(value, "traceparent"))
-                if match is None:
+                trace_id = trace_id_of(_text(value, "traceparent"))
+                if trace_id is None:
                     raise CommandError("traceparent is not a W3C trace context")
-                trace_id = match.group(1)
             else:
                 attributes[_text(key, "field name")] = _text(value, f"attribute {name}")
         if payload is None:

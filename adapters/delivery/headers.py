@@ -16,6 +16,7 @@ FORM = "form"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 _TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def enqueued_at_text(timestamp: float) -> str:
@@ -30,6 +31,12 @@ def enqueued_at_text(timestamp: float) -> str:
 def traceparent(trace_id: str, span_id: str | None = None) -> str:
     """W3C trace context: the job's trace, a fresh span per attempt, sampled."""
     return f"00-{trace_id}-{span_id or new_span_id()}-01"
+
+
+def trace_id_of(value: str) -> str | None:
+    """The trace id of a W3C ``traceparent`` a producer sent, or None if it is not one."""
+    match = _TRACEPARENT.fullmatch(value.strip())
+    return None if match is None else match.group(1)
 
 
 def job_headers(job: Job) -> list[tuple[str, str]]:
