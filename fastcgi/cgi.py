@@ -45,8 +45,9 @@ def parse_cgi_response(
     """Split a complete CGI response into status, headers and body."""
     limit = max_header_size + 4
     end = stdout.find(b"\r\n\r\n", 0, limit)  # what PHP writes: skip the regex
-    if end >= 0 and b"\n\n" not in stdout[:end] and b"\n\r\n" not in stdout[:end]:
-        head, body = stdout[:end], stdout[end + 4 :]
+    head = stdout[:end] if end >= 0 else b""
+    if end >= 0 and b"\n\n" not in head and b"\n\r\n" not in head:
+        body = stdout[end + 4 :]
     else:
         match = _HEADER_END.search(stdout, 0, limit)
         if match is None:
@@ -63,13 +64,13 @@ def parse_cgi_response(
     status: int | None = None
     reason = ""
     for line in head.split(b"\n"):
-        line = line.rstrip(b"\r")
         name, colon, value = line.partition(b":")
         name = name.strip()
         if not colon or not name or b" " in name:
-            raise RemoteProtocolError(f"malformed CGI header line {line[:80]!r}")
-        value = value.strip()
-        if name.lower() == b"status":
+            shown = line.rstrip(b"\r")[:80]
+            raise RemoteProtocolError(f"malformed CGI header line {shown!r}")
+        value = value.strip()  # also the CR of a CRLF line end
+        if len(name) == 6 and name.lower() == b"status":
             parsed = _STATUS.fullmatch(value)
             if parsed is None or not 100 <= int(parsed.group(1)) <= 599:
                 raise RemoteProtocolError(f"malformed CGI Status header {value[:80]!r}")

@@ -26,6 +26,7 @@ from fastcgi.events import (
     ConnectionClosed,
     Data,
     EndRequest,
+    FullResponse,
     GetValues,
     GetValuesResult,
     Params,
@@ -57,6 +58,7 @@ class _NeedData(enum.Enum):
 
 #: Returned by ``next_event`` when the buffered bytes hold no complete event.
 NEED_DATA: Final = _NeedData.NEED_DATA
+NeedData = Literal[_NeedData.NEED_DATA]
 
 
 @functools.cache
@@ -67,6 +69,13 @@ def _begin_request_record(request_id: int, role: Role, keep_conn: bool) -> bytes
 @functools.cache
 def _end_of_stream(record_type: RecordType, request_id: int) -> bytes:
     return encode_record(record_type, request_id)
+
+
+def _params_stream(request_id: int, params: Params) -> bytes:
+    encoded = params.encoded + encode_pairs(params.pairs) if params.pairs else params.encoded
+    return encode_stream(RecordType.PARAMS, request_id, encoded) + _end_of_stream(
+        RecordType.PARAMS, request_id
+    )
 
 
 class State(enum.Enum):
@@ -80,6 +89,11 @@ class State(enum.Enum):
     ERROR = "error"  # a protocol error happened; the connection must be discarded
 
 
+# Plain ints for the per-record comparisons: reading an enum member is a class attribute
+# lookup through the enum machinery, several times slower than a global.
+_STDOUT, _STDERR, _END_REQUEST = map(
+    int, (RecordType.STDOUT, RecordType.STDERR, RecordType.END_REQUEST)
+)
 _SENDING = (State.SEND_PARAMS, State.SEND_STDIN, State.SEND_DATA)
 _IN_REQUEST = (*_SENDING, State.AWAIT_END)
 
@@ -109,6 +123,8 @@ class ClientConnection:
         self._stdout_bytes = 0
         self._stderr_bytes = 0
         self._management_pending = 0
+        self._stdout: list[bytes] = []  # what receive_response has folded so far
+        self._stderr: list[bytes] = []
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -132,10 +148,7 @@ class ClientConnection:
         if isinstance(event, Params):
             self._expect(State.SEND_PARAMS, event)
             self.state = State.SEND_STDIN
-            encoded = encode_stream(
-                RecordType.PARAMS, rid, event.encoded + encode_pairs(event.pairs)
-            )
-            return encoded + _end_of_stream(RecordType.PARAMS, rid)
+            return _params_stream(rid, event)
         if isinstance(event, Stdin):
             self._expect(State.SEND_STDIN, event)
             out = encode_stream(RecordType.STDIN, rid, event.data)
@@ -164,6 +177,29 @@ class ClientConnection:
             return encode_record(RecordType.GET_VALUES, NULL_REQUEST_ID, query)
         raise LocalProtocolError(f"not a client event: {event!r}")
 
+    def send_request(self, params: Params, body: bytes = b"", *, keep_conn: bool = True) -> bytes:
+        """The bytes of a whole RESPONDER request: BEGIN_REQUEST, PARAMS and all of STDIN.
+
+        The same as sending ``BeginRequest``, ``Params`` and ``Stdin(body)`` one by one, in
+        one step: what a client with the body in hand (every busgate delivery) does.
+        """
+        if self.state is not State.IDLE:
+            state, self.state = self.state, State.ERROR
+            raise LocalProtocolError(f"cannot begin a request in state {state.value}")
+        rid = self.request_id
+        self.state = State.AWAIT_END
+        self.keep_conn = keep_conn
+        self._role = Role.RESPONDER
+        self._stdout_bytes = self._stderr_bytes = 0
+        return b"".join(
+            (
+                _begin_request_record(rid, Role.RESPONDER, keep_conn),
+                _params_stream(rid, params),
+                encode_stream(RecordType.STDIN, rid, body),
+                _end_of_stream(RecordType.STDIN, rid),
+            )
+        )
+
     def _expect(self, state: State, event: ClientEvent) -> None:
         if self.state is not state:
             raise LocalProtocolError(
@@ -189,6 +225,35 @@ class ClientConnection:
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed received bytes; ``b""`` means the server closed the connection."""
         self._reader.feed(data)
+
+    def receive_response(self) -> FullResponse | Literal[_NeedData.NEED_DATA]:
+        """The whole response of the current request once END_REQUEST is in, else NEED_DATA.
+
+        Folds the events ``next_event`` would return (stdout and stderr pieces, then
+        END_REQUEST) as they are decoded; anything else in a response is a
+        ``RemoteProtocolError``.  Call it after each ``receive_data``.
+        """
+        stdout, stderr = self._stdout, self._stderr
+        while True:
+            event = self.next_event()
+            kind = type(event)
+            if kind is Stdout:
+                stdout.append(event.data)  # type: ignore[union-attr]
+            elif kind is Stderr:
+                stderr.append(event.data)  # type: ignore[union-attr]
+            elif kind is EndRequest:
+                end: EndRequest = event  # type: ignore[assignment]
+                response = FullResponse(
+                    b"".join(stdout), b"".join(stderr), end.app_status, end.protocol_status
+                )
+                stdout.clear()
+                stderr.clear()
+                return response
+            elif event is NEED_DATA:
+                return NEED_DATA
+            else:
+                self.state = State.ERROR
+                raise RemoteProtocolError(f"unexpected {event!r} in a response")
 
     def next_event(self) -> ServerEvent | Literal[_NeedData.NEED_DATA]:
         """The next complete event, or ``NEED_DATA``.
@@ -223,7 +288,7 @@ class ClientConnection:
                     f"unexpected record (type {record.type}, request id {record.request_id})"
                     f" in state {self.state.value}"
                 )
-            if record.type == RecordType.STDOUT:
+            if record.type == _STDOUT:
                 if not record.content:
                     continue  # end of the stdout stream; END_REQUEST follows
                 self._stdout_bytes += len(record.content)
@@ -232,7 +297,7 @@ class ClientConnection:
                         f"response body exceeds the limit of {self.limits.max_stdout} bytes"
                     )
                 return Stdout(record.content)
-            if record.type == RecordType.STDERR:
+            if record.type == _STDERR:
                 if not record.content:
                     continue
                 self._stderr_bytes += len(record.content)
@@ -241,7 +306,7 @@ class ClientConnection:
                         f"response stderr exceeds the limit of {self.limits.max_stderr} bytes"
                     )
                 return Stderr(record.content)
-            if record.type == RecordType.END_REQUEST:
+            if record.type == _END_REQUEST:
                 app_status, protocol_status = parse_end_request_body(record.content)
                 self.state = State.DONE
                 return EndRequest(app_status, protocol_status)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastcgi.errors import LocalProtocolError
 from fastcgi.spec import ProtocolStatus, Role
@@ -124,6 +125,22 @@ class UnknownType:
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The server closed the connection at a point where that is allowed."""
+
+
+class FullResponse(NamedTuple):
+    """A whole response, folded from its events by ``ClientConnection.receive_response``.
+
+    A named tuple: one is built per request on the hot path, and nothing is cheaper to build.
+    """
+
+    stdout: bytes
+    stderr: bytes
+    app_status: int
+    protocol_status: int
+
+    @property
+    def complete(self) -> bool:
+        return self.protocol_status == ProtocolStatus.REQUEST_COMPLETE
 
 
 ClientEvent = BeginRequest | Params | Stdin | Data | AbortRequest | GetValues

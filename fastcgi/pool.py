@@ -11,15 +11,19 @@ never reused: bytes still in flight on it would be read as the next response.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 import trio
 
 from fastcgi.address import Address
 from fastcgi.cgi import DEFAULT_MAX_HEADER_SIZE, find_header, parse_cgi_response
-from fastcgi.connection import NEED_DATA, ClientConnection, Limits, State
+from fastcgi.connection import NEED_DATA, ClientConnection, Limits, NeedData, State
 from fastcgi.errors import (
     ConnectError,
     ConnectionLost,
@@ -29,18 +33,7 @@ from fastcgi.errors import (
     RequestRejected,
     WriteTimeout,
 )
-from fastcgi.events import (
-    BeginRequest,
-    EndRequest,
-    GetValues,
-    GetValuesResult,
-    Pair,
-    Params,
-    Stderr,
-    Stdin,
-    Stdout,
-    UnknownType,
-)
+from fastcgi.events import GetValues, GetValuesResult, Pair, Params, UnknownType
 from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, none_inf, os_reason
 
 __all__ = ["ConnectionPool", "PoolLimits", "PoolStatistics", "Response", "Timeouts"]
@@ -48,6 +41,8 @@ __all__ = ["ConnectionPool", "PoolLimits", "PoolStatistics", "Response", "Timeou
 # recv() allocates its whole buffer each call; above glibc's 128 KiB mmap threshold every
 # call would be an mmap/munmap pair, so stay at 64 KiB.
 _RECEIVE_SIZE = 64 * 1024
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +60,7 @@ class Timeouts:
     pool: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
     """A completed FastCGI request: the CGI response plus what only FastCGI carries."""
 
@@ -82,12 +77,19 @@ class Response:
 
 
 class FastCGIConnection(PooledStream):
-    """One open socket to the backend and its FastCGI protocol state."""
+    """One open socket to the backend and its FastCGI protocol state.
 
-    __slots__ = ("protocol",)
+    The exchange talks to the plain socket (``sock``) rather than through a trio stream: a
+    request fits the socket buffer, so it is one ``send()`` with no scheduler round trip, and
+    the wait for the answer is one ``wait_readable``.  ``socket`` (the trio wrapper of the
+    same socket) is what the pool closes, which wakes a task waiting on it.
+    """
 
-    def __init__(self, stream: trio.SocketStream, limits: Limits, now: float) -> None:
-        super().__init__(stream, stream.socket, now)
+    __slots__ = ("protocol", "sock")
+
+    def __init__(self, sock: socket.socket, limits: Limits, now: float) -> None:
+        super().__init__(trio.socket.from_stdlib_socket(sock), now)
+        self.sock = sock
         self.protocol = ClientConnection(limits)
 
     def reusable(self) -> bool:
@@ -101,8 +103,9 @@ class FastCGIConnection(PooledStream):
 class ConnectionPool:
     """Kept-alive, capped FastCGI connections to one backend address.
 
-    Use as ``async with ConnectionPool(...) as pool`` (or call ``aclose``); run ``run()`` in a
-    nursery to have idle connections closed even when no requests come.
+    Deadlines and idle expiry are enforced by ``run()``: either use the pool as
+    ``async with ConnectionPool(...) as pool``, which runs it in a nursery of its own, or run
+    ``run()`` in yours (``await nursery.start(pool.run)``) and call ``aclose`` when done.
     """
 
     def __init__(
@@ -122,12 +125,23 @@ class ConnectionPool:
         self._pool: Pool[FastCGIConnection] = Pool(
             self._name, self._connect, limits=limits, pool_timeout=timeouts.pool
         )
+        self._nursery: trio.Nursery | None = None
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
 
     @property
     def limits(self) -> PoolLimits:
         return self._pool.limits
 
     async def __aenter__(self) -> ConnectionPool:
+        manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
+        try:
+            await nursery.start(self.run)
+        except BaseException:
+            self._pool.close()
+            await manager.__aexit__(None, None, None)
+            raise
+        self._nursery_manager = manager
         return self
 
     async def __aexit__(
@@ -136,7 +150,12 @@ class ConnectionPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        # Closing is synchronous, so run() ends at its next wake-up and the nursery exits
+        # cleanly; the body's own exception propagates as it is, not wrapped in a group.
+        self._pool.close()
+        manager, self._nursery_manager = self._nursery_manager, None
+        if manager is not None:
+            await manager.__aexit__(None, None, None)
 
     def statistics(self) -> PoolStatistics:
         return self._pool.statistics()
@@ -157,23 +176,28 @@ class ConnectionPool:
         body: bytes = b"",
         *,
         read_timeout: float | None = None,
+        deadline: float = math.inf,
     ) -> Response:
         """Send one RESPONDER request and return the parsed response.
 
-        ``read_timeout`` replaces ``timeouts.read`` for this request (a topic's job timeout).
-        Raises a ``BackendError`` subclass or ``RemoteProtocolError``; in either case the
-        connection used has been closed.
+        ``read_timeout`` replaces ``timeouts.read`` for this request.  ``deadline`` (trio
+        time) bounds the whole request as well, waiting for a connection and connecting
+        included: a job's timeout.  Raises a ``BackendError`` subclass or
+        ``RemoteProtocolError``; in either case the connection used has been closed.
         """
         if not isinstance(params, Params):
             params = Params.of(params)
-        protocol_events = (BeginRequest(keep_conn=True), params, Stdin(body))
         read = self.timeouts.read if read_timeout is None else read_timeout
         pool = self._pool
+        if not pool.running:
+            raise RuntimeError(
+                f"{self._name}: the pool is not running; use `async with` or run() it"
+            )
         pool.requests_total += 1
         try:
-            conn = await pool.acquire()
+            conn = await pool.acquire(deadline)
             try:
-                response = await self._exchange(conn, protocol_events, read)
+                response = await self._exchange(conn, params, body, read, deadline)
             except BaseException:
                 pool.discard(conn)
                 raise
@@ -190,103 +214,125 @@ class ConnectionPool:
 
     async def get_values(self, names: Iterable[bytes]) -> dict[bytes, bytes]:
         """Ask the backend for management variables (e.g. ``FCGI_MAX_CONNS``)."""
-        conn = await self._pool.acquire()
+        pool = self._pool
+        conn = await pool.acquire()
         try:
-            with trio.move_on_after(none_inf(self.timeouts.read)) as scope:
-                result = await self._query_values(conn, tuple(names))
-            if scope.cancelled_caught:
-                raise ReadTimeout(self._name, "no GET_VALUES_RESULT before the read deadline")
+            protocol = conn.protocol
+            await self._write(conn, protocol.send(GetValues(tuple(names))))
+            event = await self._read(conn, self.timeouts.read, protocol.next_event)
+            if isinstance(event, GetValuesResult):
+                result = dict(event.values)
+            elif isinstance(event, UnknownType):
+                result = {}
+            else:
+                raise RemoteProtocolError(f"unexpected {event!r} answering GET_VALUES")
         except BaseException as exc:
-            self._pool.discard(conn)
+            pool.discard(conn)
             if isinstance(exc, RemoteProtocolError):
                 raise RemoteProtocolError(f"{self._name}: {exc}") from exc
             raise
-        self._pool.release(conn)
+        pool.release(conn)
         return result
-
-    async def _query_values(
-        self, conn: FastCGIConnection, names: tuple[bytes, ...]
-    ) -> dict[bytes, bytes]:
-        await self._send_all(conn, conn.protocol.send(GetValues(names)))
-        while True:
-            event = conn.protocol.next_event()
-            if event is NEED_DATA:
-                await self._receive(conn)
-            elif isinstance(event, GetValuesResult):
-                return dict(event.values)
-            elif isinstance(event, UnknownType):
-                return {}
-            else:
-                raise RemoteProtocolError(f"unexpected {event!r} answering GET_VALUES")
 
     async def _exchange(
         self,
         conn: FastCGIConnection,
-        protocol_events: tuple[BeginRequest, Params, Stdin],
+        params: Params,
+        body: bytes,
         read: float | None,
+        deadline: float = math.inf,
     ) -> Response:
         protocol = conn.protocol
-        wire = b"".join([protocol.send(event) for event in protocol_events])
+        wire = protocol.send_request(params, body)
+        # Nothing is sent to a task that is already cancelled: the backend would run the job
+        # for nobody.
+        await trio.lowlevel.checkpoint_if_cancelled()
         started = trio.current_time()
-        write = self.timeouts.write
-        # One cancel scope for the exchange (a scope per phase costs more than the phase on a
-        # fast backend); its deadline moves from the write limit to the read limit.
-        writing = True
-        with trio.CancelScope(deadline=started + none_inf(write)) as scope:
-            await self._send_all(conn, wire)
-            scope.deadline = trio.current_time() + none_inf(read)
-            writing = False
-            stdout, stderr, end = await self._read_response(conn)
-        if scope.cancelled_caught:
-            if writing:
-                raise WriteTimeout(self._name, f"request not written within {write}s")
-            raise ReadTimeout(self._name, f"no complete response within {read}s")
+        await self._write(conn, wire, deadline)
+        answer = await self._read(conn, read, protocol.receive_response, deadline)
         elapsed = trio.current_time() - started
 
-        if not end.complete:
-            raise RequestRejected(self._name, end.protocol_status)
-        cgi = parse_cgi_response(b"".join(stdout), max_header_size=self.max_header_size)
+        if not answer.complete:
+            raise RequestRejected(self._name, answer.protocol_status)
+        cgi = parse_cgi_response(answer.stdout, max_header_size=self.max_header_size)
         return Response(
             status=cgi.status,
             reason=cgi.reason,
             headers=cgi.headers,
             body=cgi.body,
-            stderr=b"".join(stderr),
-            app_status=end.app_status,
+            stderr=answer.stderr,
+            app_status=answer.app_status,
             elapsed=elapsed,
         )
 
-    async def _read_response(
-        self, conn: FastCGIConnection
-    ) -> tuple[list[bytes], list[bytes], EndRequest]:
-        stdout: list[bytes] = []
-        stderr: list[bytes] = []
-        protocol = conn.protocol
-        while True:
-            event = protocol.next_event()
-            if event is NEED_DATA:
-                await self._receive(conn)
-            elif isinstance(event, Stdout):
-                stdout.append(event.data)
-            elif isinstance(event, Stderr):
-                stderr.append(event.data)
-            elif isinstance(event, EndRequest):
-                return stdout, stderr, event
-            else:
-                raise RemoteProtocolError(f"unexpected {event!r} in a response")
-
-    async def _send_all(self, conn: FastCGIConnection, data: bytes) -> None:
+    async def _write(
+        self, conn: FastCGIConnection, data: bytes, deadline: float = math.inf
+    ) -> None:
+        """Send all of ``data``; only a send that does not fit the socket buffer waits."""
+        sock = conn.sock
+        view: bytes | memoryview = data
+        armed, allowed = False, math.inf
         try:
-            await conn.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            while True:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(view):
+                    break
+                view = memoryview(view)[sent:]
+                if not armed:
+                    now = trio.current_time()
+                    deadline = min(now + none_inf(self.timeouts.write), deadline)
+                    self._pool.arm(conn, deadline)
+                    armed, allowed = True, deadline - now
+                await trio.lowlevel.wait_writable(sock)
+        except (trio.ClosedResourceError, OSError) as exc:
+            if conn.expired:
+                raise WriteTimeout(
+                    self._name, f"request not written within {allowed:.3g}s"
+                ) from None
             raise ConnectionLost(self._name, f"connection broke while writing: {exc}") from exc
+        finally:
+            if armed:
+                self._pool.disarm(conn)
 
-    async def _receive(self, conn: FastCGIConnection) -> None:
+    async def _read(
+        self,
+        conn: FastCGIConnection,
+        limit: float | None,
+        fold: Callable[[], T | NeedData],
+        deadline: float = math.inf,
+    ) -> T:
+        """Receive until ``fold`` (a ``ClientConnection`` method) has a result.
+
+        It must have one within ``limit`` seconds and before ``deadline``.
+        """
+        sock = conn.sock
+        protocol = conn.protocol
+        started = trio.current_time()
+        deadline = min(started + none_inf(limit), deadline)
+        self._pool.arm(conn, deadline)
         try:
-            data = await conn.stream.receive_some(_RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    data = sock.recv(_RECEIVE_SIZE)
+                except BlockingIOError:
+                    continue
+                protocol.receive_data(data)
+                result = fold()
+                if result is not NEED_DATA:
+                    return result
+        except (trio.ClosedResourceError, OSError) as exc:
+            if conn.expired:
+                allowed = deadline - started
+                raise ReadTimeout(
+                    self._name, f"no complete response within {allowed:.3g}s"
+                ) from None
             raise ConnectionLost(self._name, f"connection broke while reading: {exc}") from exc
-        conn.protocol.receive_data(data)
+        finally:
+            self._pool.disarm(conn)
 
     async def _connect(self) -> FastCGIConnection:
         address = self.address
@@ -300,4 +346,7 @@ class ConnectionPool:
                 raise ConnectError(self._name, f"cannot connect: {os_reason(exc)}") from exc
         if scope.cancelled_caught:
             raise ConnectTimeout(self._name, f"not connected within {self.timeouts.connect}s")
-        return FastCGIConnection(stream, self.response_limits, trio.current_time())
+        # trio connected it (happy eyeballs, TCP_NODELAY); the exchange uses the socket itself.
+        sock = socket.socket(fileno=stream.socket.detach())
+        sock.setblocking(False)
+        return FastCGIConnection(sock, self.response_limits, trio.current_time())

@@ -9,7 +9,7 @@ records ended by one with empty content.  Nothing here knows about request state
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastcgi.errors import LocalProtocolError, RemoteProtocolError
 from fastcgi.spec import HEADER_LEN, KEEP_CONN, MAX_CONTENT_LEN, VERSION_1, RecordType
@@ -34,9 +34,12 @@ _FIXED_CONTENT_LEN = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One decoded record.  ``type`` stays an ``int`` so unknown types survive decoding."""
+class Record(NamedTuple):
+    """One decoded record.  ``type`` stays an ``int`` so unknown types survive decoding.
+
+    A named tuple rather than a dataclass: one is built per record received, and a tuple is
+    the cheapest object Python can build.
+    """
 
     type: int
     request_id: int

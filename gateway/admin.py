@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio_websocket
 
+from adapters.delivery.base import running
 from adapters.storage.base import Store
 from adapters.storage.bulk import delete_where, matching_dead_ids, replay_where
 from adapters.storage.errors import StoreError
@@ -399,11 +400,8 @@ class AdminAPI:
             run_at=now,
             trace_id=new_trace_id(),
         )
-        backend = build_backend(topic)
-        try:
+        async with running(build_backend(topic)) as backend:
             delivery = await backend.deliver(job)
-        finally:
-            await backend.aclose()
         return Response.json(
             {
                 "job_id": job.id,

@@ -51,17 +51,15 @@ async def probe(topic: TopicConfig) -> dict[str, Any]:
         b"REQUEST_METHOD": b"GET",
         b"SERVER_PROTOCOL": b"HTTP/1.1",
     }
-    pool = ConnectionPool(
-        parse_address(topic.backend),
-        limits=PoolLimits(max_connections=1),
-        timeouts=Timeouts(connect=PROBE_TIMEOUT, write=PROBE_TIMEOUT, read=PROBE_TIMEOUT),
-    )
     try:
-        response = await pool.request(params)
+        async with ConnectionPool(
+            parse_address(topic.backend),
+            limits=PoolLimits(max_connections=1),
+            timeouts=Timeouts(connect=PROBE_TIMEOUT, write=PROBE_TIMEOUT, read=PROBE_TIMEOUT),
+        ) as pool:
+            response = await pool.request(params)
     except (BackendError, RemoteProtocolError) as exc:
         return {"error": str(exc)}
-    finally:
-        await pool.aclose()
     if response.status != 200:
         return {"error": f"{topic.status_path} answered {response.status}: is pm.status_path set?"}
     try:

@@ -8,6 +8,8 @@ it means.  Only cancellation and programming errors propagate.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -88,3 +90,19 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
     def statistics(self) -> Any: ...
+
+
+@asynccontextmanager
+async def running(backend: Backend) -> AsyncIterator[Backend]:
+    """A backend used outside a dispatcher (a test delivery): its upkeep runs for the block.
+
+    The FastCGI pool enforces deadlines from its ``run()`` task, so a backend must be running
+    to deliver.
+    """
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run)
+        try:
+            yield backend
+        finally:
+            await backend.aclose()
+            nursery.cancel_scope.cancel()

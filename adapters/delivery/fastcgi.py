@@ -74,21 +74,21 @@ class FastCGIBackend:
         timeout = self.target.timeout
         body = self.body(job)
         started = trio.current_time()
-        # One deadline for the whole attempt; the pool's connect deadline sits inside it.
+        # One deadline for the whole attempt, waiting for and opening a connection included;
+        # the pool enforces it without a cancel scope of ours.
+        deadline = started + timeout
+        params = Params(tuple(self._job_params(job, body)), self._static_encoded)
         try:
-            with trio.CancelScope(deadline=started + timeout) as scope:
-                params = Params(tuple(self._job_params(job, body)), self._static_encoded)
-                response = await self.pool.request(params, body)
+            response = await self.pool.request(params, body, deadline=deadline)
         except (BackendError, RemoteProtocolError) as exc:
-            return Delivery(
-                trio.current_time() - started, failure=failure_of(exc), message=str(exc)
-            )
-        if scope.cancelled_caught:
-            return Delivery(
-                trio.current_time() - started,
-                failure=Failure.TIMEOUT,
-                message=f"{self.target.address}: no response within {timeout:g}s",
-            )
+            now = trio.current_time()
+            if isinstance(exc, TimeoutError) and now >= deadline:
+                return Delivery(
+                    now - started,
+                    failure=Failure.TIMEOUT,
+                    message=f"{self.target.address}: no response within {timeout:g}s",
+                )
+            return Delivery(now - started, failure=failure_of(exc), message=str(exc))
         return Delivery(
             duration=response.elapsed,
             status=response.status,

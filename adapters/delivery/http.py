@@ -55,10 +55,11 @@ class HTTPTarget:
 
 
 class HTTPConnection(PooledStream):
-    __slots__ = ("h11",)
+    __slots__ = ("h11", "stream")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, now: float) -> None:
-        super().__init__(stream, socket, now)
+        super().__init__(socket, now)
+        self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BLOCK)
 
     def reusable(self) -> bool:

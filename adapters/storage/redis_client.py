@@ -52,10 +52,11 @@ class RedisAddress:
 
 
 class RedisConnection(PooledStream):
-    __slots__ = ("reader",)
+    __slots__ = ("reader", "stream")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, now: float) -> None:
-        super().__init__(stream, socket, now)
+        super().__init__(socket, now)
+        self.stream = stream
         self.reader = hiredis.Reader(replyError=_Reply)
 
     async def roundtrip(self, payload: bytes, count: int) -> list[Any]:

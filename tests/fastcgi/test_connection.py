@@ -14,6 +14,7 @@ from fastcgi.events import (
     ConnectionClosed,
     Data,
     EndRequest,
+    FullResponse,
     GetValues,
     GetValuesResult,
     Params,
@@ -319,3 +320,62 @@ def test_response_round_trip(stdout: bytes, stderr: bytes, app_status: int, chun
     assert b"".join(e.data for e in events if isinstance(e, Stdout)) == stdout
     assert b"".join(e.data for e in events if isinstance(e, Stderr)) == stderr
     assert events[-1] == EndRequest(app_status, 0)
+
+
+def test_send_request_is_the_three_events_in_one() -> None:
+    params = Params.of({b"SCRIPT_FILENAME": b"/x.php", b"HTTP_X_BIG": b"v" * 70_000})
+    body = b"b" * 100_000
+    one_by_one = ClientConnection()
+    expected = (
+        one_by_one.send(BeginRequest()) + one_by_one.send(params) + one_by_one.send(Stdin(body))
+    )
+    conn = ClientConnection()
+    assert conn.send_request(params, body) == expected
+    assert conn.state is State.AWAIT_END and conn.keep_conn
+    with pytest.raises(LocalProtocolError, match="in state await-end"):
+        conn.send_request(params)
+    assert conn.state is State.ERROR
+
+
+@pytest.mark.parametrize("keep_conn", [True, False])
+def test_send_request_keep_conn_flag(keep_conn: bool) -> None:
+    conn = ClientConnection()
+    records = decode(conn.send_request(Params(()), keep_conn=keep_conn))
+    assert parse_begin_request_body(records[0].content) == (Role.RESPONDER, keep_conn)
+
+
+def test_receive_response_at_every_split_point() -> None:
+    wire = response_wire(stdout=b"Status: 500\r\n\r\n" + b"x" * 100, stderr=b"PHP Fatal error")
+    expected = FullResponse(
+        b"Status: 500\r\n\r\n" + b"x" * 100, b"PHP Fatal error", 0, ProtocolStatus.REQUEST_COMPLETE
+    )
+    for split in range(1, len(wire)):
+        conn = started()
+        conn.receive_data(wire[:split])
+        assert conn.receive_response() is NEED_DATA, split
+        conn.receive_data(wire[split:])
+        assert conn.receive_response() == expected, split
+        assert conn.state is State.DONE
+    # a kept-alive connection folds its next response from scratch
+    conn.start_next_cycle()
+    started(conn)
+    conn.receive_data(response_wire(stdout=b"\r\n\r\nsecond", app_status=7))
+    assert conn.receive_response() == FullResponse(b"\r\n\r\nsecond", b"", 7, 0)
+
+
+def test_receive_response_rejects_management_records_and_eof() -> None:
+    conn = started()
+    conn.receive_data(encode_record(RecordType.UNKNOWN_TYPE, 0, unknown_type_body(99)))
+    with pytest.raises(RemoteProtocolError, match="UNKNOWN_TYPE without a management request"):
+        conn.receive_response()
+    conn = started()
+    conn.send(GetValues((b"FCGI_MAX_CONNS",)))
+    conn.receive_data(encode_record(RecordType.UNKNOWN_TYPE, 0, unknown_type_body(9)))
+    with pytest.raises(RemoteProtocolError, match="unexpected UnknownType"):
+        conn.receive_response()
+    assert conn.state is State.ERROR
+    conn = started()
+    conn.receive_data(encode_record(RecordType.STDOUT, 1, b"half"))
+    conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="closed before END_REQUEST"):
+        conn.receive_response()

@@ -126,10 +126,9 @@ async def test_max_requests_and_max_age_recycle_connections(php_fpm: PhpFpm) -> 
 
 
 async def test_idle_connections_are_closed_by_the_reaper(php_fpm: PhpFpm) -> None:
-    async with (
-        ConnectionPool(php_fpm.address, limits=PoolLimits(idle_timeout=0.2)) as pool,
-        trio.open_nursery() as nursery,
-    ):
+    # A pool run by its owner rather than by `async with`, as FastCGIBackend does.
+    pool = ConnectionPool(php_fpm.address, limits=PoolLimits(idle_timeout=0.2))
+    async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         async with trio.open_nursery() as burst:
             for _ in range(4):
@@ -220,3 +219,38 @@ async def test_get_values_from_php_fpm(php_fpm: PhpFpm) -> None:
         # The connection is still good for requests afterwards.
         assert (await pool.request(cgi_env(php_fpm.script("noop.php")))).status == 200
         assert pool.statistics().opened_total == 1
+
+
+async def test_a_pool_that_is_not_running_refuses_requests(php_fpm: PhpFpm) -> None:
+    # Its deadlines would not be enforced: run() is what enforces them.
+    pool = ConnectionPool(php_fpm.address)
+    with pytest.raises(RuntimeError, match="not running"):
+        await pool.request(cgi_env(php_fpm.script("noop.php")))
+    assert pool.statistics().opened_total == 0
+
+
+async def test_deadlines_of_concurrent_requests_are_each_enforced(php_fpm: PhpFpm) -> None:
+    # One timer serves every in-flight request: a short deadline armed after a long one
+    # must still fire on time, and requests that finish in time are not touched.
+    async with ConnectionPool(php_fpm.address, timeouts=Timeouts(read=5)) as pool:
+        outcomes: dict[str, object] = {}
+
+        async def call(name: str, sleep_ms: int, read: float) -> None:
+            env = cgi_env(php_fpm.script("sleep.php"), x_sleep_ms=str(sleep_ms))
+            try:
+                outcomes[name] = (await pool.request(env, read_timeout=read)).status
+            except ReadTimeout as exc:
+                outcomes[name] = exc
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "long-ok", 300, 5.0)
+            await trio.sleep(0.05)
+            nursery.start_soon(call, "short-late", 2000, 0.2)
+            nursery.start_soon(call, "short-ok", 50, 0.2)
+        assert outcomes["long-ok"] == 200 and outcomes["short-ok"] == 200
+        assert isinstance(outcomes["short-late"], ReadTimeout)
+        assert "0.2s" in str(outcomes["short-late"])
+        assert trio.current_time() - started < 1.5  # not the 2 s the script sleeps
+        stats = pool.statistics()
+        assert (stats.timeouts_total, stats.open) == (1, 2)
