@@ -331,7 +331,7 @@ def test_send_request_is_the_three_events_in_one() -> None:
     )
     conn = ClientConnection()
     assert conn.send_request(params, body) == expected
-    assert conn.state is State.AWAIT_END and conn.keep_conn
+    assert (conn.state, conn.keep_conn) == (State.AWAIT_END, True)
     with pytest.raises(LocalProtocolError, match="in state await-end"):
         conn.send_request(params)
     assert conn.state is State.ERROR
