@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastcgi.errors import RemoteProtocolError
 
@@ -19,8 +19,8 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _STATUS = re.compile(rb"\s*(\d{3})(?:\s+(.*?))?\s*")
 
 
-@dataclass(frozen=True, slots=True)
-class CGIResponse:
+class CGIResponse(NamedTuple):
+    # A named tuple: one is built per delivery, and a tuple is the cheapest object to build.
     status: int
     reason: str
     headers: tuple[tuple[bytes, bytes], ...]

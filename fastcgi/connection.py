@@ -229,50 +229,49 @@ class ClientConnection:
     def receive_response(self) -> FullResponse | Literal[_NeedData.NEED_DATA]:
         """The whole response of the current request once END_REQUEST is in, else NEED_DATA.
 
-        Folds the events ``next_event`` would return (stdout and stderr pieces, then
-        END_REQUEST) as they are decoded; anything else in a response is a
-        ``RemoteProtocolError``.  Call it after each ``receive_data``.
+        The events ``next_event`` would return (stdout and stderr pieces, then END_REQUEST),
+        folded as the records are decoded: one call, no event objects, for a caller that
+        wants the response whole.  Anything else in a response is a ``RemoteProtocolError``.
+        Call it after each ``receive_data``.
         """
+        event = self._guarded(True)
+        if event is NEED_DATA:
+            return NEED_DATA
+        if type(event) is not EndRequest:
+            self.state = State.ERROR
+            raise RemoteProtocolError(f"unexpected {event!r} in a response")
         stdout, stderr = self._stdout, self._stderr
-        while True:
-            event = self.next_event()
-            kind = type(event)
-            if kind is Stdout:
-                stdout.append(event.data)  # type: ignore[union-attr]
-            elif kind is Stderr:
-                stderr.append(event.data)  # type: ignore[union-attr]
-            elif kind is EndRequest:
-                end: EndRequest = event  # type: ignore[assignment]
-                response = FullResponse(
-                    b"".join(stdout), b"".join(stderr), end.app_status, end.protocol_status
-                )
-                stdout.clear()
-                stderr.clear()
-                return response
-            elif event is NEED_DATA:
-                return NEED_DATA
-            else:
-                self.state = State.ERROR
-                raise RemoteProtocolError(f"unexpected {event!r} in a response")
+        response = FullResponse(
+            b"".join(stdout), b"".join(stderr), event.app_status, event.protocol_status
+        )
+        stdout.clear()
+        stderr.clear()
+        return response
 
     def next_event(self) -> ServerEvent | Literal[_NeedData.NEED_DATA]:
         """The next complete event, or ``NEED_DATA``.
 
         Raises ``RemoteProtocolError`` (and enters ``ERROR``) on anything malformed.
         """
+        return self._guarded(False)
+
+    def _guarded(self, fold: bool) -> ServerEvent | Literal[_NeedData.NEED_DATA]:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is in the error state")
         try:
-            return self._next_event()
+            return self._next_event(fold)
         except RemoteProtocolError:
             self.state = State.ERROR
             raise
 
-    def _next_event(self) -> ServerEvent | Literal[_NeedData.NEED_DATA]:
+    def _next_event(self, fold: bool) -> ServerEvent | Literal[_NeedData.NEED_DATA]:
+        """Decode records into the next event; with ``fold``, stdout and stderr pieces go to
+        ``_stdout``/``_stderr`` instead of being returned."""
+        reader = self._reader
         while True:
-            record = self._reader.next_record()
+            record = reader.next_record()
             if record is None:
-                if not self._reader.at_eof:
+                if not reader.at_eof:
                     return NEED_DATA
                 if self.state in _IN_REQUEST:
                     raise RemoteProtocolError("connection closed before END_REQUEST")
@@ -281,36 +280,43 @@ class ClientConnection:
                 self.state = State.CLOSED
                 return ConnectionClosed()
 
-            if record.request_id == NULL_REQUEST_ID:
-                return self._management_event(record.type, record.content)
-            if record.request_id != self.request_id or self.state not in _IN_REQUEST:
+            record_type, request_id, content = record
+            if request_id == NULL_REQUEST_ID:
+                return self._management_event(record_type, content)
+            if request_id != self.request_id or self.state not in _IN_REQUEST:
                 raise RemoteProtocolError(
-                    f"unexpected record (type {record.type}, request id {record.request_id})"
+                    f"unexpected record (type {record_type}, request id {request_id})"
                     f" in state {self.state.value}"
                 )
-            if record.type == _STDOUT:
-                if not record.content:
+            if record_type == _STDOUT:
+                if not content:
                     continue  # end of the stdout stream; END_REQUEST follows
-                self._stdout_bytes += len(record.content)
+                self._stdout_bytes += len(content)
                 if self._stdout_bytes > self.limits.max_stdout:
                     raise RemoteProtocolError(
                         f"response body exceeds the limit of {self.limits.max_stdout} bytes"
                     )
-                return Stdout(record.content)
-            if record.type == _STDERR:
-                if not record.content:
+                if fold:
+                    self._stdout.append(content)
                     continue
-                self._stderr_bytes += len(record.content)
+                return Stdout(content)
+            if record_type == _STDERR:
+                if not content:
+                    continue
+                self._stderr_bytes += len(content)
                 if self._stderr_bytes > self.limits.max_stderr:
                     raise RemoteProtocolError(
                         f"response stderr exceeds the limit of {self.limits.max_stderr} bytes"
                     )
-                return Stderr(record.content)
-            if record.type == _END_REQUEST:
-                app_status, protocol_status = parse_end_request_body(record.content)
+                if fold:
+                    self._stderr.append(content)
+                    continue
+                return Stderr(content)
+            if record_type == _END_REQUEST:
+                app_status, protocol_status = parse_end_request_body(content)
                 self.state = State.DONE
                 return EndRequest(app_status, protocol_status)
-            raise RemoteProtocolError(f"server sent a record of type {record.type} to a client")
+            raise RemoteProtocolError(f"server sent a record of type {record_type} to a client")
 
     def _management_event(self, record_type: int, content: bytes) -> ServerEvent:
         if record_type == RecordType.GET_VALUES_RESULT:
