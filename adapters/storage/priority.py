@@ -27,6 +27,14 @@ class PriorityScheduler:
     def plan(self, available: Mapping[Priority, int], limit: int) -> list[Priority]:
         """The priorities of the next ``limit`` jobs to take, given how many each class has."""
         left = {p: n for p, n in available.items() if n > 0}
+        if len(left) == 1:
+            # One class with jobs: every round would credit and charge it the same weight,
+            # so the loop below would change nothing but the picks.
+            ((only, count),) = left.items()
+            for p in Priority:
+                if p is not only:
+                    self._credit[p] = 0
+            return [only] * min(count, limit)
         picks: list[Priority] = []
         while len(picks) < limit and left:
             total = 0

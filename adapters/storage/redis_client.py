@@ -38,10 +38,6 @@ class ServerError(StoreError):
         return str(self).split(" ", 1)[0]
 
 
-class _Reply(Exception):
-    """What hiredis builds for an error reply; converted to ``ServerError`` by us."""
-
-
 @dataclass(frozen=True, slots=True)
 class RedisAddress:
     host: str
@@ -57,7 +53,9 @@ class RedisConnection(PooledStream):
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, now: float) -> None:
         super().__init__(socket, now)
         self.stream = stream
-        self.reader = hiredis.Reader(replyError=_Reply)
+        # hiredis builds error replies as ServerError itself, at any depth of a reply: no
+        # pass over every reply to convert them afterwards.
+        self.reader = hiredis.Reader(replyError=ServerError)
 
     async def roundtrip(self, payload: bytes, count: int) -> list[Any]:
         await self.stream.send_all(payload)
@@ -71,7 +69,7 @@ class RedisConnection(PooledStream):
                     raise trio.BrokenResourceError("Redis closed the connection")
                 reader.feed(bytes(data))
                 continue
-            replies.append(_convert(reply))
+            replies.append(reply)
         return replies
 
 
@@ -79,14 +77,6 @@ def pack(command: Command) -> bytes:
     # hiredis's stub types the argument as a 1-tuple; any tuple of arguments is accepted.
     packed: bytes = hiredis.pack_command(tuple(command))  # type: ignore[arg-type]
     return packed
-
-
-def _convert(reply: Any) -> Any:
-    if isinstance(reply, _Reply):
-        return ServerError(str(reply))
-    if isinstance(reply, list):
-        return [_convert(item) for item in reply]
-    return reply
 
 
 class Script:

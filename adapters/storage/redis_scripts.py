@@ -146,15 +146,12 @@ for c = 1, #plan do
   local record = redis.call('HGET', jobs_key, id)
   if record then
     local attempt, run_at = '1', ''
-    local old = redis.call('HGET', states_key, id)
-    local st
-    if old then
-      st = get_state(topic, id)
+    -- First reservation, the common case: one command writes the state, nothing is parsed.
+    if redis.call('HSETNX', states_key, id, '2|1||' .. lease_until .. '|||') == 0 then
+      local st = get_state(topic, id)
       st.s, st.n, st.l = '2', tostring((tonumber(st.n) or 0) + 1), lease_until
       attempt, run_at = st.n, st.t
       put_state(topic, id, st)
-    else  -- first reservation: the common case, written without parsing
-      redis.call('HSET', states_key, id, '2|1||' .. lease_until .. '|||')
     end
     redis.call('ZADD', leases_key, lease_until, id)
     table.insert(out, {id, record, attempt, run_at})

@@ -14,7 +14,7 @@ import trio
 from adapters.storage.errors import StoreUnavailable
 from adapters.storage.fanout import Filter
 from adapters.storage.jobs import NewJob
-from adapters.storage.redis_client import RedisAddress, RedisClient
+from adapters.storage.redis_client import RedisAddress, RedisClient, ServerError
 from adapters.storage.redis_routing import SLOTS, Cluster, Router, Standalone, key_slot
 from adapters.storage.redis_store import RedisStore, prefix_of
 from tests.support.ports import free_port
@@ -142,6 +142,26 @@ async def test_redis_down_at_push_is_an_error_and_nothing_is_acknowledged() -> N
     with pytest.raises(StoreUnavailable, match=r"cannot connect: Connection refused"):
         await store.push("orders", ROUTES, [NewJob(b"lost?")])
     await store.aclose()
+
+
+async def test_error_replies_are_server_errors_at_any_depth(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    client = RedisClient(server.address)
+    try:
+        script = "return {1, redis.error_reply('BOOM inside'), {redis.error_reply('DEEP x')}}"
+        replies = await client.pipeline([("EVAL", script, 0), ("NOSUCHCOMMAND",), ("PING",)])
+        nested, unknown, pong = replies
+        assert nested[0] == 1
+        assert isinstance(nested[1], ServerError) and nested[1].code == "BOOM"
+        assert isinstance(nested[2][0], ServerError) and str(nested[2][0]) == "DEEP x"
+        assert isinstance(unknown, ServerError) and unknown.code == "ERR"
+        assert pong == b"PONG"  # an error reply does not upset the replies after it
+        with pytest.raises(ServerError, match="unknown command"):
+            await client.execute("NOSUCHCOMMAND")
+    finally:
+        await client.aclose()
+        server.stop()
 
 
 async def test_authentication(tmp_path: Path) -> None:
