@@ -90,7 +90,9 @@ class _Record(NamedTuple):  # one per reserved job: the cheapest object to build
     payload: bytes
 
 
-_PRIORITIES = tuple(Priority)  # by value: cheaper than calling the enum class per job
+# By value: indexing a tuple is cheaper than calling the enum class, once per job.
+_PRIORITIES = tuple(Priority)
+_PUSHED = tuple(Pushed)
 
 
 def unpack_record(raw: bytes) -> _Record:
@@ -253,7 +255,7 @@ class RedisStore(Store):
             self.timers.ring(queue, topic.decode())
         return PushResult(
             tuple(ids),
-            tuple(Pushed(int(code)) for code in outcomes[0::2]),
+            tuple(_PUSHED[code] for code in outcomes[0::2]),
             tuple(int(n) for n in outcomes[1::2]),
         )
 
