@@ -125,7 +125,6 @@ class ConnectionPool:
         self._pool: Pool[FastCGIConnection] = Pool(
             self._name, self._connect, limits=limits, pool_timeout=timeouts.pool
         )
-        self._nursery: trio.Nursery | None = None
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
 
     @property
