@@ -84,8 +84,8 @@ async def run_raw(address: Address, wire: bytes, total: int) -> float:
 
 
 async def run_pool(address: Address, env: dict[bytes, bytes], total: int) -> float:
-    # Built once, as the gateway builds a topic's fixed parameters once; the pool still
-    # encodes them into records on every request.
+    # Built (and so pair-encoded) once, as the gateway builds a topic's fixed parameters
+    # once; the pool frames them into records on every request.
     params = Params.of(env)
     async with ConnectionPool(address, limits=PoolLimits(max_connections=CONNECTIONS)) as pool:
 

@@ -63,6 +63,7 @@ def parse_cgi_response(
     headers: list[tuple[bytes, bytes]] = []
     status: int | None = None
     reason = ""
+    location = False
     for line in head.split(b"\n"):
         name, colon, value = line.partition(b":")
         name = name.strip()
@@ -70,16 +71,17 @@ def parse_cgi_response(
             shown = line.rstrip(b"\r")[:80]
             raise RemoteProtocolError(f"malformed CGI header line {shown!r}")
         value = value.strip()  # also the CR of a CRLF line end
-        if len(name) == 6 and name.lower() == b"status":
+        lowered = name.lower()
+        if lowered == b"status":
             parsed = _STATUS.fullmatch(value)
             if parsed is None or not 100 <= int(parsed.group(1)) <= 599:
                 raise RemoteProtocolError(f"malformed CGI Status header {value[:80]!r}")
             status = int(parsed.group(1))
             reason = (parsed.group(2) or b"").decode("latin-1")
             continue
+        location = location or lowered == b"location"
         headers.append((name, value))
 
     if status is None:
-        has_location = any(key.lower() == b"location" for key, _ in headers)
-        status = 302 if has_location else 200
+        status = 302 if location else 200
     return CGIResponse(status, reason, tuple(headers), body)

@@ -72,8 +72,7 @@ def _end_of_stream(record_type: RecordType, request_id: int) -> bytes:
 
 
 def _params_stream(request_id: int, params: Params) -> bytes:
-    encoded = params.encoded + encode_pairs(params.pairs) if params.pairs else params.encoded
-    return encode_stream(RecordType.PARAMS, request_id, encoded) + _end_of_stream(
+    return encode_stream(RecordType.PARAMS, request_id, params.wire) + _end_of_stream(
         RecordType.PARAMS, request_id
     )
 

@@ -7,10 +7,11 @@ not somewhere inside the encoder.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from fastcgi.errors import LocalProtocolError
+from fastcgi.pairs import encode_pairs
 from fastcgi.spec import ProtocolStatus, Role
 
 Pair = tuple[bytes, bytes]
@@ -43,15 +44,21 @@ class Params:
     ``encoded`` is a block of name-value pairs already encoded (``pairs.encode_pairs``) and
     sent before ``pairs``: a client whose parameters are mostly the same on every request
     (busgate's per-topic CGI environment) encodes and checks that part once.
+
+    The value is immutable, so it is encoded once, when built (``wire``): a parameter set
+    reused for many requests costs its encoding once, not per request.
     """
 
     pairs: tuple[Pair, ...]
     encoded: bytes = b""
+    wire: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_pairs(self.pairs)
         if type(self.encoded) is not bytes:
             raise LocalProtocolError("pre-encoded parameters must be bytes")
+        wire = self.encoded + encode_pairs(self.pairs) if self.pairs else self.encoded
+        object.__setattr__(self, "wire", wire)
 
     @classmethod
     def of(cls, params: Mapping[bytes, bytes] | Iterable[Pair]) -> Params:

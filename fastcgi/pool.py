@@ -218,7 +218,9 @@ class ConnectionPool:
         try:
             protocol = conn.protocol
             await self._write(conn, protocol.send(GetValues(tuple(names))))
-            event = await self._read(conn, self.timeouts.read, protocol.next_event)
+            event = await self._read(
+                conn, self.timeouts.read, protocol.next_event, trio.current_time()
+            )
             if isinstance(event, GetValuesResult):
                 result = dict(event.values)
             elif isinstance(event, UnknownType):
@@ -248,7 +250,7 @@ class ConnectionPool:
         await trio.lowlevel.checkpoint_if_cancelled()
         started = trio.current_time()
         await self._write(conn, wire, deadline)
-        answer = await self._read(conn, read, protocol.receive_response, deadline)
+        answer = await self._read(conn, read, protocol.receive_response, started, deadline)
         elapsed = trio.current_time() - started
 
         if not answer.complete:
@@ -301,23 +303,24 @@ class ConnectionPool:
         conn: FastCGIConnection,
         limit: float | None,
         fold: Callable[[], T | NeedData],
+        started: float,
         deadline: float = math.inf,
     ) -> T:
         """Receive until ``fold`` (a ``ClientConnection`` method) has a result.
 
-        It must have one within ``limit`` seconds and before ``deadline``.
+        It must have one within ``limit`` seconds of ``started`` and before ``deadline``.
         """
         sock = conn.sock
         protocol = conn.protocol
-        started = trio.current_time()
         deadline = min(started + none_inf(limit), deadline)
         self._pool.arm(conn, deadline)
         try:
+            await trio.lowlevel.cancel_shielded_checkpoint()
             while True:
-                await trio.lowlevel.wait_readable(sock)
                 try:
                     data = sock.recv(_RECEIVE_SIZE)
                 except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
                     continue
                 protocol.receive_data(data)
                 result = fold()

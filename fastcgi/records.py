@@ -38,7 +38,8 @@ class Record(NamedTuple):
     """One decoded record.  ``type`` stays an ``int`` so unknown types survive decoding.
 
     A named tuple rather than a dataclass: one is built per record received, and a tuple is
-    the cheapest object Python can build.
+    the cheapest object Python can build.  The reader builds it with ``tuple.__new__``: the
+    generated ``Record(...)`` constructor is a Python-level call costing more than the tuple.
     """
 
     type: int
@@ -170,4 +171,4 @@ class RecordReader:
         start = pos + HEADER_LEN
         content = bytes(buffer[start : start + length]) if length else b""
         self._pos = pos + total
-        return Record(record_type, request_id, content)
+        return tuple.__new__(Record, (record_type, request_id, content))

@@ -124,6 +124,19 @@ def test_streamed_stdin() -> None:
     assert [r.content for r in decode(first + rest)] == [b"ab", b"cd", b""]
 
 
+def test_params_are_encoded_once_pre_encoded_block_first() -> None:
+    fixed = encode_pairs([(b"SCRIPT_FILENAME", b"/srv/app.php")])
+    params = Params(((b"HTTP_X_JOB", b"42"),), fixed)
+    assert params.wire == fixed + encode_pairs([(b"HTTP_X_JOB", b"42")])
+    assert params == Params(((b"HTTP_X_JOB", b"42"),), fixed)  # wire is derived, not compared
+    conn = ClientConnection()
+    conn.send(BeginRequest())
+    assert decode_pairs(decode(conn.send(params))[0].content) == [
+        (b"SCRIPT_FILENAME", b"/srv/app.php"),
+        (b"HTTP_X_JOB", b"42"),
+    ]
+
+
 def test_large_params_are_split_into_records() -> None:
     conn = ClientConnection()
     conn.send(BeginRequest())
