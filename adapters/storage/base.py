@@ -42,7 +42,10 @@ class Due:
     next_at: float | None
 
 
-@dataclass(frozen=True, slots=True)
+_FINISHING = frozenset({Outcome.DONE, Outcome.RETRY, Outcome.DEAD})
+
+
+@dataclass(slots=True)  # not frozen: built once per job (see ``jobs``); a value all the same
 class Finish:
     """The outcome of one delivery attempt, to be recorded."""
 
@@ -53,7 +56,7 @@ class Finish:
     spend: bool = True  # RETRY: whether the attempt counts against max_attempts
 
     def __post_init__(self) -> None:
-        if self.outcome not in (Outcome.DONE, Outcome.RETRY, Outcome.DEAD):
+        if self.outcome not in _FINISHING:
             raise ValueError(f"cannot finish a job as {self.outcome.value}")
 
 

@@ -1,4 +1,10 @@
-"""What the store holds: jobs, their attempts, and the records the store answers with."""
+"""What the store holds: jobs, their attempts, and the records the store answers with.
+
+``NewJob``, ``Job`` and ``Attempt`` (and ``base.Finish``) are built once per job on the hot
+path, so they are plain slotted dataclasses, not frozen ones: a frozen dataclass's
+``__init__`` sets each field through ``object.__setattr__``, 2.5x the cost (1.5 against
+0.6 us for a ``Job``).  Treat them as values all the same: nothing assigns to their fields.
+"""
 
 from __future__ import annotations
 
@@ -100,7 +106,7 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewJob:
     """A job as a producer pushes it, before it is copied to topics."""
 
@@ -113,7 +119,7 @@ class NewJob:
     trace_id: str | None = None  # 32 hex digits; generated when absent
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Job:
     """One topic's copy of a pushed job, as reserved for delivery."""
 
@@ -130,7 +136,7 @@ class Job:
     lease_until: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attempt:
     """What one delivery attempt did; the store keeps every one with its job."""
 

@@ -130,31 +130,71 @@ return {outcomes, ready_list, delayed_list}
 RESERVE = Script(
     _COMMON
     + """
+-- One command per batch, not per job, for every step that can take many keys or members:
+-- LPOP with a count, HMGET, and variadic HSET and ZADD.  Per-job work is Lua only.
 local topic, lease_until, plan = ARGV[2], ARGV[3], ARGV[4]
 local jobs_key, states_key, leases_key = K('J', topic), K('S', topic), K('l', topic)
 local ready_prefix = prefix .. 'r:' .. topic .. ':'
-local out = {}
+local wanted = {['0'] = 0, ['1'] = 0, ['2'] = 0}
 for c = 1, #plan do
-  local id = redis.call('LPOP', ready_prefix .. string.sub(plan, c, c))
-  if not id then  -- the plan was made from counts that may have changed: take what is there
-    for _, p in ipairs({'0', '1', '2'}) do
-      id = redis.call('LPOP', ready_prefix .. p)
-      if id then break end
+  local p = string.sub(plan, c, c)
+  wanted[p] = wanted[p] + 1
+end
+-- The plan was made from counts that may have changed: what a priority lacks is taken from
+-- the others, highest first.
+local popped, short = {}, 0
+for _, p in ipairs({'0', '1', '2'}) do
+  popped[p] = wanted[p] > 0 and redis.call('LPOP', ready_prefix .. p, wanted[p]) or {}
+  short = short + wanted[p] - #popped[p]
+end
+local spare = {}
+for _, p in ipairs({'0', '1', '2'}) do
+  if short == 0 then break end
+  local more = redis.call('LPOP', ready_prefix .. p, short)
+  if more then
+    for _, id in ipairs(more) do table.insert(spare, id) end
+    short = short - #more
+  end
+end
+-- Ids in plan order; a stale duplicate of an id already taken is dropped.
+local ids, seen, next_of, next_spare = {}, {}, {['0'] = 1, ['1'] = 1, ['2'] = 1}, 1
+for c = 1, #plan do
+  local p = string.sub(plan, c, c)
+  local id = popped[p][next_of[p]]
+  if id then
+    next_of[p] = next_of[p] + 1
+  else
+    id = spare[next_spare]
+    next_spare = next_spare + 1
+  end
+  if id and not seen[id] then
+    seen[id] = true
+    table.insert(ids, id)
+  end
+end
+local out = {}
+if #ids > 0 then
+  local records = redis.call('HMGET', jobs_key, unpack(ids))
+  local states = redis.call('HMGET', states_key, unpack(ids))
+  local new_states, leases = {}, {}
+  for k, id in ipairs(ids) do
+    local record = records[k]
+    if record then
+      local attempt, run_at, state = '1', '', '2|1||' .. lease_until .. '|||'
+      if states[k] then  -- reserved before: keep its run_at, count one more attempt
+        local s, n, t, l, f, ls, le = string.match(states[k],
+          '^(%d)|(%d*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+        attempt, run_at = tostring((tonumber(n) or 0) + 1), t
+        state = table.concat({'2', attempt, t, lease_until, f, ls, le}, '|')
+      end
+      table.insert(new_states, id); table.insert(new_states, state)
+      table.insert(leases, lease_until); table.insert(leases, id)
+      table.insert(out, {id, record, attempt, run_at})
     end
   end
-  if not id then break end
-  local record = redis.call('HGET', jobs_key, id)
-  if record then
-    local attempt, run_at = '1', ''
-    -- First reservation, the common case: one command writes the state, nothing is parsed.
-    if redis.call('HSETNX', states_key, id, '2|1||' .. lease_until .. '|||') == 0 then
-      local st = get_state(topic, id)
-      st.s, st.n, st.l = '2', tostring((tonumber(st.n) or 0) + 1), lease_until
-      attempt, run_at = st.n, st.t
-      put_state(topic, id, st)
-    end
-    redis.call('ZADD', leases_key, lease_until, id)
-    table.insert(out, {id, record, attempt, run_at})
+  if #leases > 0 then
+    redis.call('HSET', states_key, unpack(new_states))
+    redis.call('ZADD', leases_key, unpack(leases))
   end
 end
 local counts = {}
@@ -168,23 +208,33 @@ FINISH = Script(
     + """
 local topic, now = ARGV[2], ARGV[3]
 local states_key, leases_key, history_key = K('S', topic), K('l', topic), K('H', topic)
+local ids = {}
+for i = 4, #ARGV, 8 do table.insert(ids, ARGV[i]) end
+-- Read every state and history in one command each; what this batch writes is kept in
+-- `states` and `histories` too, so an id finished twice in one batch sees its first finish.
+local states, histories = {}, {}
+local read_states = redis.call('HMGET', states_key, unpack(ids))
+local read_histories = redis.call('HMGET', history_key, unpack(ids))
+for k, id in ipairs(ids) do
+  if states[id] == nil then
+    states[id] = read_states[k] or ''
+    histories[id] = read_histories[k]
+  end
+end
 local results = {}
+local unleased, finished_ids = {}, {c = {}, x = {}}
 local counts = {done = 0, dead = 0, retried = 0}
 local woke_ready, woke_delayed = false, false
 for i = 4, #ARGV, 8 do
   local id, attempt, kind, run_at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local spend, status, err, record = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   -- Only state, attempt and run_at survive a finish: parse those, not the whole string.
-  local state, n, t = string.match(redis.call('HGET', states_key, id) or '',
-                                   '^(%d)|(%d*)|([^|]*)|')
+  local state, n, t = string.match(states[id], '^(%d)|(%d*)|([^|]*)|')
   if state ~= '2' or n ~= attempt then
     table.insert(results, 0)
   else
-    redis.call('ZREM', leases_key, id)
-    -- The first attempt's history needs one command; later ones append.
-    if redis.call('HSETNX', history_key, id, record) == 0 then
-      redis.call('HSET', history_key, id, redis.call('HGET', history_key, id) .. '\\n' .. record)
-    end
+    table.insert(unleased, id)
+    histories[id] = histories[id] and (histories[id] .. '\\n' .. record) or record
     local new_state, finished = '', ''
     if kind == 'retry' then
       if spend == '0' then n = tostring(tonumber(n) - 1) end
@@ -203,12 +253,27 @@ for i = 4, #ARGV, 8 do
       counts.retried = counts.retried + 1
     else
       new_state, finished = (kind == 'done') and '4' or '3', now
-      redis.call('ZADD', K((kind == 'done') and 'c' or 'x', topic), now, id)
+      local letter = (kind == 'done') and 'c' or 'x'
+      table.insert(finished_ids[letter], now); table.insert(finished_ids[letter], id)
       counts[kind] = counts[kind] + 1
       table.insert(results, 3)
     end
-    redis.call('HSET', states_key, id,
-               table.concat({new_state, n, t, '', finished, status, err}, '|'))
+    -- A second finish of this id in the batch now fails the check above: ids in
+    -- `unleased` are distinct.
+    states[id] = table.concat({new_state, n, t, '', finished, status, err}, '|')
+  end
+end
+if #unleased > 0 then
+  redis.call('ZREM', leases_key, unpack(unleased))
+  local state_pairs, history_pairs = {}, {}
+  for _, id in ipairs(unleased) do
+    table.insert(state_pairs, id); table.insert(state_pairs, states[id])
+    table.insert(history_pairs, id); table.insert(history_pairs, histories[id])
+  end
+  redis.call('HSET', states_key, unpack(state_pairs))
+  redis.call('HSET', history_key, unpack(history_pairs))
+  for letter, members in pairs(finished_ids) do
+    if #members > 0 then redis.call('ZADD', K(letter, topic), unpack(members)) end
   end
 end
 for name, count in pairs(counts) do

@@ -7,7 +7,7 @@ import math
 import pytest
 import trio
 
-from adapters.storage.base import Retention, Store
+from adapters.storage.base import Finish, Retention, Store
 from adapters.storage.fanout import FieldCondition, Filter
 from adapters.storage.jobs import Attempt, Job, NewJob, Outcome, Priority, State
 from tests.storage.conftest import FakeClock
@@ -127,6 +127,31 @@ async def test_retry_spends_an_attempt_unless_told_not_to(store: Store, clock: F
     ]
     stats = await store.stats("orders", "email")
     assert (stats.dead, stats.dead_total, stats.retried_total) == (1, 1, 3)
+
+
+async def test_one_finish_batch_records_each_outcome_once(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.push("orders", ROUTES, [NewJob(b"a"), NewJob(b"b"), NewJob(b"c")])
+    a, b, c = await store.reserve("orders", "email", 3, 30)
+    assert await store.retry(c, attempt_of(c, Outcome.RETRY, 500), clock.now)
+    (c,) = await store.reserve("orders", "email", 1, 30)
+    done = Finish(a, attempt_of(a), Outcome.DONE)
+    recorded = await store.finish(
+        [
+            done,
+            Finish(b, attempt_of(b, Outcome.DEAD, 404), Outcome.DEAD),
+            done,  # the same outcome twice in one batch: the lease is gone the second time
+            Finish(c, attempt_of(c, Outcome.RETRY, 502), Outcome.RETRY, clock.now + 60),
+        ]
+    )
+    assert recorded == [True, True, False, True]
+    states = {job.id: (await store.get_job(job.id))[0] for job in (a, b, c)}
+    assert [states[j.id].state for j in (a, b, c)] == [State.DONE, State.DEAD, State.DELAYED]
+    assert [len(states[j.id].attempts) for j in (a, b, c)] == [1, 1, 2]
+    assert [x.status for x in states[c.id].attempts] == [500, 502]
+    stats = await store.stats("orders", "email")
+    assert (stats.leased, stats.done, stats.dead, stats.delayed) == (0, 1, 1, 1)
 
 
 async def test_expired_leases_come_back_then_die(store: Store, clock: FakeClock) -> None:

@@ -13,7 +13,7 @@ import trio
 
 from adapters.storage.errors import StoreUnavailable
 from adapters.storage.fanout import Filter
-from adapters.storage.jobs import NewJob
+from adapters.storage.jobs import NewJob, Priority
 from adapters.storage.redis_client import RedisAddress, RedisClient, ServerError
 from adapters.storage.redis_routing import SLOTS, Cluster, Router, Standalone, key_slot
 from adapters.storage.redis_store import RedisStore, prefix_of
@@ -134,6 +134,27 @@ async def test_push_on_one_host_wakes_a_dispatcher_on_another(
         (job,) = await host_b.reserve("orders", "email", 1, 30)
     assert job.payload == b"from a"
     assert woke_after < 0.6  # pushed after 0.1 s; a wake-up, not a poll
+
+
+async def test_reserve_takes_other_priorities_when_its_plan_runs_short(
+    redis_server: RedisServer,
+) -> None:
+    # A plans from the ready counts its last reserve saw; B drains that priority meanwhile.
+    redis_server.cli("FLUSHALL")
+    async with (
+        opened(Standalone(RedisClient(redis_server.address))) as host_a,
+        opened(Standalone(RedisClient(redis_server.address))) as host_b,
+    ):
+        high = [NewJob(f"high{i}".encode(), priority=Priority.HIGH) for i in range(5)]
+        await host_a.push("orders", ROUTES, high)
+        assert len(await host_a.reserve("orders", "email", 1, 30)) == 1  # A saw 4 high left
+        assert len(await host_b.reserve("orders", "email", 4, 30)) == 4
+        low = [NewJob(f"low{i}".encode(), priority=Priority.LOW) for i in range(3)]
+        await host_b.push("orders", ROUTES, low)
+        jobs = await host_a.reserve("orders", "email", 4, 30)  # planned: four high
+        assert [j.payload for j in jobs] == [b"low0", b"low1", b"low2"]
+        assert all(j.attempt == 1 for j in jobs)
+        assert (await host_a.stats("orders", "email")).leased == 8
 
 
 async def test_redis_down_at_push_is_an_error_and_nothing_is_acknowledged() -> None:
