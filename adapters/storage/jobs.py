@@ -89,9 +89,14 @@ def new_job_id(now: float | None = None) -> str:
 _last_ms, _last_prefix = -1, ""
 
 
+def new_trace() -> bytes:
+    """16 random bytes, a W3C trace id as a store keeps it."""
+    return _random.randbytes(16)
+
+
 def new_trace_id() -> str:
     """32 hex digits, a W3C trace id."""
-    return f"{_random.getrandbits(128):032x}"
+    return new_trace().hex()
 
 
 def new_span_id() -> str:

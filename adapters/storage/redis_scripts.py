@@ -55,6 +55,22 @@ local function add_attempt(topic, id, record)
     redis.call('HSET', K('H', topic), id, redis.call('HGET', K('H', topic), id) .. '\\n' .. record)
   end
 end
+-- Variadic commands in pieces: Lua's unpack() stops at a few thousand values (LUAI_MAXCSTACK).
+local UNPACK_STEP = 1000  -- even, so (field, value) and (score, member) pairs stay whole
+local function call_many(command, key, list)
+  for i = 1, #list, UNPACK_STEP do
+    redis.call(command, key, unpack(list, i, math.min(i + UNPACK_STEP - 1, #list)))
+  end
+end
+local function hmget_many(key, fields)
+  local values = {}
+  for i = 1, #fields, UNPACK_STEP do
+    local last = math.min(i + UNPACK_STEP - 1, #fields)
+    local part = redis.call('HMGET', key, unpack(fields, i, last))
+    for k = i, last do values[k] = part[k - i + 1] end
+  end
+  return values
+end
 local function forget(topic, id)
   redis.call('HDEL', K('J', topic), id)
   redis.call('HDEL', K('S', topic), id)
@@ -76,6 +92,9 @@ local njobs = tonumber(ARGV[i]); i = i + 1
 local outcomes = {}  -- per job: 0 stored, 1 duplicate, 2 unmatched; then its copies
 local unmatched = 0
 local ready, delayed, pushed = {}, {}, {}
+-- Records and ready ids are written once per key at the end (variadic HSET and RPUSH);
+-- `stored` remembers this batch's ids so a repeated explicit id is still a duplicate.
+local records, queued, stored = {}, {}, {}
 for _ = 1, njobs do
   local id, explicit, nt = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   i = i + 3
@@ -89,24 +108,35 @@ for _ = 1, njobs do
   else
     local dup = false
     if explicit == '1' then
-      for _, t in ipairs(all) do
-        if redis.call('HEXISTS', K('J', t), id) == 1 then
-          local st = get_state(t, id)
-          if not st or st.s == '0' or st.s == '1' or st.s == '2' then dup = true; break end
+      if stored[id] then
+        dup = true
+      else
+        for _, t in ipairs(all) do
+          if redis.call('HEXISTS', K('J', t), id) == 1 then
+            local st = get_state(t, id)
+            if not st or st.s == '0' or st.s == '1' or st.s == '2' then dup = true; break end
+          end
         end
       end
     end
     if dup then
       table.insert(outcomes, 1); table.insert(outcomes, 0)
     else
+      stored[id] = true
       local is_delayed = tonumber(run_at) > now
       for _, t in ipairs(topics) do
         if explicit == '1' then forget(t, id) end
-        redis.call('HSET', K('J', t), id, record)
+        local jobs_key = K('J', t)
+        local pairs_of = records[jobs_key]
+        if not pairs_of then pairs_of = {}; records[jobs_key] = pairs_of end
+        table.insert(pairs_of, id); table.insert(pairs_of, record)
         if is_delayed then
           redis.call('ZADD', K('d', t), run_at, id); delayed[t] = true
         else
-          redis.call('RPUSH', prefix .. 'r:' .. t .. ':' .. prio, id); ready[t] = true
+          local list = prefix .. 'r:' .. t .. ':' .. prio
+          local ids = queued[list]
+          if not ids then ids = {}; queued[list] = ids end
+          table.insert(ids, id); ready[t] = true
         end
         pushed[t] = (pushed[t] or 0) + 1
       end
@@ -114,6 +144,8 @@ for _ = 1, njobs do
     end
   end
 end
+for key, pairs_of in pairs(records) do call_many('HSET', key, pairs_of) end
+for list, ids in pairs(queued) do call_many('RPUSH', list, ids) end
 for t, n in pairs(pushed) do redis.call('HINCRBY', K('n', t), 'pushed', n) end
 if unmatched > 0 then redis.call('HINCRBY', prefix .. 'n', 'unmatched', unmatched) end
 local ready_list, delayed_list = {}, {}
@@ -174,8 +206,8 @@ for c = 1, #plan do
 end
 local out = {}
 if #ids > 0 then
-  local records = redis.call('HMGET', jobs_key, unpack(ids))
-  local states = redis.call('HMGET', states_key, unpack(ids))
+  local records = hmget_many(jobs_key, ids)
+  local states = hmget_many(states_key, ids)
   local new_states, leases = {}, {}
   for k, id in ipairs(ids) do
     local record = records[k]
@@ -193,8 +225,8 @@ if #ids > 0 then
     end
   end
   if #leases > 0 then
-    redis.call('HSET', states_key, unpack(new_states))
-    redis.call('ZADD', leases_key, unpack(leases))
+    call_many('HSET', states_key, new_states)
+    call_many('ZADD', leases_key, leases)
   end
 end
 local counts = {}
@@ -213,8 +245,8 @@ for i = 4, #ARGV, 8 do table.insert(ids, ARGV[i]) end
 -- Read every state and history in one command each; what this batch writes is kept in
 -- `states` and `histories` too, so an id finished twice in one batch sees its first finish.
 local states, histories = {}, {}
-local read_states = redis.call('HMGET', states_key, unpack(ids))
-local read_histories = redis.call('HMGET', history_key, unpack(ids))
+local read_states = hmget_many(states_key, ids)
+local read_histories = hmget_many(history_key, ids)
 for k, id in ipairs(ids) do
   if states[id] == nil then
     states[id] = read_states[k] or ''
@@ -264,16 +296,16 @@ for i = 4, #ARGV, 8 do
   end
 end
 if #unleased > 0 then
-  redis.call('ZREM', leases_key, unpack(unleased))
+  call_many('ZREM', leases_key, unleased)
   local state_pairs, history_pairs = {}, {}
   for _, id in ipairs(unleased) do
     table.insert(state_pairs, id); table.insert(state_pairs, states[id])
     table.insert(history_pairs, id); table.insert(history_pairs, histories[id])
   end
-  redis.call('HSET', states_key, unpack(state_pairs))
-  redis.call('HSET', history_key, unpack(history_pairs))
+  call_many('HSET', states_key, state_pairs)
+  call_many('HSET', history_key, history_pairs)
   for letter, members in pairs(finished_ids) do
-    if #members > 0 then redis.call('ZADD', K(letter, topic), unpack(members)) end
+    call_many('ZADD', K(letter, topic), members)
   end
 end
 for name, count in pairs(counts) do

@@ -47,7 +47,7 @@ from adapters.storage.jobs import (
     State,
     TopicStats,
     new_job_id,
-    new_trace_id,
+    new_trace,
 )
 from adapters.storage.priority import PriorityScheduler
 from adapters.storage.redis_client import Script, ServerError
@@ -56,10 +56,8 @@ from adapters.storage.redis_routing import Router
 #: Jobs moved per maintenance script call (promotion, recovery, pruning).
 _BATCH = 1000
 _REGISTRY = b"bg:topics"
-_FINISH_KIND = {Outcome.DONE: "done", Outcome.DEAD: "dead", Outcome.RETRY: "retry"}
 _RETRY = Outcome.RETRY
-#: ``Outcome.value`` is a property lookup through the enum machinery; once per job.
-_OUTCOME_TEXT = {outcome: outcome.value for outcome in Outcome}
+_PRIORITY_ARGS = tuple(str(int(p)) for p in Priority)
 _WAKE_PATTERN = b"bg:{*}:wake"
 
 
@@ -70,17 +68,12 @@ def prefix_of(queue: str) -> bytes:
 _RECORD_HEAD = struct.Struct("!BQQ16sI")
 
 
-def pack_record(job: NewJob, enqueued_at: float, run_at: float, trace_id: str) -> bytes:
+def pack_record(job: NewJob, enqueued_ms: int, run_ms: int, trace: bytes) -> bytes:
     """A job as pushed, in one string: the priority byte first (scripts read it), then
-    enqueue and run times in ms, the trace id, the attributes (JSON) and the payload."""
+    enqueue and run times in ms, the trace id (16 bytes), the attributes (JSON) and the
+    payload."""
     attributes = json.dumps(dict(job.attributes)).encode() if job.attributes else b""
-    head = _RECORD_HEAD.pack(
-        int(job.priority),
-        round(enqueued_at * 1000),
-        round(run_at * 1000),
-        bytes.fromhex(trace_id),
-        len(attributes),
-    )
+    head = _RECORD_HEAD.pack(job.priority, enqueued_ms, run_ms, trace, len(attributes))
     return head + attributes + job.payload
 
 
@@ -102,13 +95,17 @@ def unpack_record(raw: bytes) -> _Record:
     priority, enqueued_ms, run_ms, trace, attrs_len = _RECORD_HEAD.unpack_from(raw)
     start = _RECORD_HEAD.size
     attributes = json.loads(raw[start : start + attrs_len]) if attrs_len else {}
-    return _Record(
-        _PRIORITIES[priority],
-        enqueued_ms / 1000,
-        run_ms / 1000,
-        trace.hex(),
-        attributes,
-        raw[start + attrs_len :],
+    # tuple.__new__: the generated _Record(...) constructor is a Python-level call.
+    return tuple.__new__(
+        _Record,
+        (
+            _PRIORITIES[priority],
+            enqueued_ms / 1000,
+            run_ms / 1000,
+            trace.hex(),
+            attributes,
+            raw[start + attrs_len :],
+        ),
     )
 
 
@@ -144,7 +141,7 @@ def encode_attempt(attempt: Attempt) -> str:
     """One line of JSON (json.dumps escapes newlines, so lines separate attempts)."""
     text = (
         f'{{"n":{attempt.attempt},"s":{attempt.started_at!r},"d":{attempt.duration!r},'
-        f'"o":"{_OUTCOME_TEXT[attempt.outcome]}"'
+        f'"o":"{attempt.outcome._value_}"'
     )
     if attempt.status is not None:
         text += f',"st":{attempt.status}'
@@ -232,25 +229,34 @@ class RedisStore(Store):
         now = self._clock()
         all_topics = [name for name, _ in routes]
         await self._register(queue, all_topics)
-        now_stamp = _stamp(now)
-        args: list[Any] = [now_stamp, len(all_topics), *all_topics, len(jobs)]
+        now_stamp, now_ms = _stamp(now), round(now * 1000)
+        # Every argument a str: hiredis packs an int at 4x the cost, and this is per job.
+        args: list[Any] = [now_stamp, str(len(all_topics)), *all_topics, str(len(jobs))]
         # Without filters every job goes to every topic: route once, not per job.
-        everyone = all_topics if all(f.accepts_all for _, f in routes) else None
+        everyone = all(f.accepts_all for _, f in routes)
+        everyone_args = [str(len(all_topics)), *all_topics]
         ids = []
         for job in jobs:
             job_id = job.id or new_job_id(now)
             ids.append(job_id)
             if job.topic is not None:
-                topics = [job.topic]
+                topic_args = ["1", job.topic]
+            elif everyone:
+                topic_args = everyone_args
             else:
-                topics = everyone if everyone is not None else route(job.payload, routes)
+                topics = route(job.payload, routes)
+                topic_args = [str(len(topics)), *topics]
             if job.run_at is not None and job.run_at > now:
-                run_at, run_stamp = job.run_at, _stamp(job.run_at)
+                run_ms, run_stamp = round(job.run_at * 1000), _stamp(job.run_at)
             else:
-                run_at, run_stamp = now, now_stamp
-            trace_id = job.trace_id or new_trace_id()
-            args += [job_id, "1" if job.id is not None else "0", len(topics), *topics]
-            args += [pack_record(job, now, run_at, trace_id), int(job.priority), run_stamp]
+                run_ms, run_stamp = now_ms, now_stamp
+            trace = bytes.fromhex(job.trace_id) if job.trace_id else new_trace()
+            args.append(job_id)
+            args.append("1" if job.id is not None else "0")
+            args += topic_args
+            args.append(pack_record(job, now_ms, run_ms, trace))
+            args.append(_PRIORITY_ARGS[job.priority])  # an IntEnum indexes as its value
+            args.append(run_stamp)
         outcomes, ready, delayed = await self._eval(queue, scripts.PUSH, *args)
         for topic in ready:
             self.doorbells.ring(queue, topic.decode())
@@ -328,7 +334,10 @@ class RedisStore(Store):
                 args += [
                     item.job.id,
                     str(item.job.attempt),
-                    _FINISH_KIND[outcome],
+                    # The FINISH kinds are the outcome values.  ``_value_`` is the plain
+                    # attribute behind ``value`` (a property), and a dict keyed by an Enum
+                    # hashes through a Python-level __hash__: this is once per job.
+                    outcome._value_,
                     _stamp(item.run_at) if outcome is _RETRY else "",
                     "1" if item.spend else "0",
                     "" if attempt.status is None else str(attempt.status),

@@ -129,9 +129,7 @@ async def test_retry_spends_an_attempt_unless_told_not_to(store: Store, clock: F
     assert (stats.dead, stats.dead_total, stats.retried_total) == (1, 1, 3)
 
 
-async def test_one_finish_batch_records_each_outcome_once(
-    store: Store, clock: FakeClock
-) -> None:
+async def test_one_finish_batch_records_each_outcome_once(store: Store, clock: FakeClock) -> None:
     await store.push("orders", ROUTES, [NewJob(b"a"), NewJob(b"b"), NewJob(b"c")])
     a, b, c = await store.reserve("orders", "email", 3, 30)
     assert await store.retry(c, attempt_of(c, Outcome.RETRY, 500), clock.now)
@@ -152,6 +150,18 @@ async def test_one_finish_batch_records_each_outcome_once(
     assert [x.status for x in states[c.id].attempts] == [500, 502]
     stats = await store.stats("orders", "email")
     assert (stats.leased, stats.done, stats.dead, stats.delayed) == (0, 1, 1, 1)
+
+
+async def test_batches_of_thousands_push_reserve_and_finish_whole(store: Store) -> None:
+    # Past what one Lua unpack() or one SQL statement may carry: stores split such batches.
+    count = 6000
+    await store.push("orders", ROUTES, [NewJob(str(i).encode()) for i in range(count)])
+    jobs = await store.reserve("orders", "email", count, 30)
+    assert [j.payload for j in jobs] == [str(i).encode() for i in range(count)]
+    finishes = [Finish(j, attempt_of(j), Outcome.DONE) for j in jobs]
+    assert await store.finish(finishes) == [True] * count
+    stats = await store.stats("orders", "email")
+    assert (stats.ready, stats.leased, stats.done_total) == (0, 0, count)
 
 
 async def test_expired_leases_come_back_then_die(store: Store, clock: FakeClock) -> None:
