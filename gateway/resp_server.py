@@ -19,7 +19,7 @@ import trio
 from gateway import resp
 from gateway.config import Listen, ProducerLimits
 from gateway.producer import ProducerService
-from gateway.resp_session import RespSession
+from gateway.resp_session import PendingPush, RespSession
 
 log = logging.getLogger("busgate.resp")
 
@@ -49,17 +49,15 @@ _PUSHES = frozenset({b"LPUSH", b"RPUSH", b"XADD", b"ZADD"})
 def _next_group(
     events: list[resp.Command | resp.OversizedCommand],
 ) -> list[resp.Command | resp.OversizedCommand]:
-    """The next run of push commands (which may run together), or the next single command."""
-    first = events[0]
-    if not isinstance(first, resp.Command) or first.name not in _PUSHES:
-        return [first]
-    run = 1
-    while run < len(events):
-        event = events[run]
-        if not isinstance(event, resp.Command) or event.name not in _PUSHES:
-            break
+    """The next run of push commands (stored together), or the next single command."""
+    run = 0
+    while run < len(events) and events[run].name in _PUSHES:
         run += 1
-    return events[:run]
+    return events[: run or 1]
+
+
+def _oversized(event: resp.OversizedCommand) -> bytes:
+    return resp.error(f"ERR payload of {event.size} bytes is over the limit of {event.limit} bytes")
 
 
 class RespServer:
@@ -169,24 +167,33 @@ class RespServer:
     async def _run_group(
         self, session: RespSession, group: list[resp.Command | resp.OversizedCommand]
     ) -> list[bytes]:
-        """Run commands in order; a run of pushes runs concurrently, so the producer service
-        merges them into one store call (their replies still go out in order)."""
-        replies: list[bytes] = [b""] * len(group)
-
-        async def run(index: int, event: resp.Command | resp.OversizedCommand) -> None:
-            if isinstance(event, resp.OversizedCommand):
-                replies[index] = resp.error(
-                    f"ERR payload of {event.size} bytes is over the limit of {event.limit} bytes"
-                )
-            else:
-                replies[index] = await session.execute(event.args)
-
+        """Run one command, or a run of pushes: those are all checked first, then stored in
+        one store call per queue, and answered in order."""
         if len(group) == 1:
-            await run(0, group[0])
+            event = group[0]
+            replies = [
+                await session.execute(event.args)
+                if isinstance(event, resp.Command)
+                else _oversized(event)
+            ]
         else:
-            async with trio.open_nursery() as nursery:
-                for index, event in enumerate(group):
-                    nursery.start_soon(run, index, event)
+            replies = [b""] * len(group)
+            pending: list[PendingPush] = []
+            slots: list[int] = []
+            for index, event in enumerate(group):
+                prepared = (
+                    session.prepare(event.args)
+                    if isinstance(event, resp.Command)
+                    else _oversized(event)
+                )
+                if isinstance(prepared, bytes):
+                    replies[index] = prepared
+                else:
+                    pending.append(prepared)
+                    slots.append(index)
+            if pending:
+                for index, reply in zip(slots, await session.commit(pending), strict=True):
+                    replies[index] = reply
         self._commands += len(group)
         self._errors += sum(reply[:1] == b"-" for reply in replies)
         return replies

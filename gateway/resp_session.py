@@ -1,7 +1,9 @@
 """The Redis-protocol command table: one producer connection's commands, turned into replies.
 
-Sans-IO in spirit: ``execute(args)`` takes a parsed command and returns the encoded reply;
-the server around it owns the socket.  Replies have the types clients expect (integers for
+``execute(args)`` takes a parsed command and returns the encoded reply; the server around
+it owns the socket.  A push is two steps, ``prepare`` (checks, jobs built, nothing stored)
+and ``commit`` (the store call), so that a pipelined run of pushes costs one store call per
+queue rather than one per command.  Replies have the types clients expect (integers for
 pushes, a bulk string id for XADD), one reply per command, and an acknowledgement only once
 the store has the job.
 """
@@ -13,11 +15,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import trio
+
 from adapters.delivery.headers import trace_id_of
 from adapters.storage.errors import StoreError
-from adapters.storage.jobs import NewJob, Priority, check_job_id
+from adapters.storage.jobs import NewJob, Priority, PushResult, check_job_id
 from gateway import resp
-from gateway.producer import ProducerError, ProducerService, WrongPassword
+from gateway.producer import ProducerError, ProducerService, QueueEntry, WrongPassword
 
 SERVER_NAME = "busgate"
 #: What INFO and HELLO report as redis_version: clients gate features on it.
@@ -26,6 +30,7 @@ COMPATIBLE_REDIS_VERSION = "7.2.0"
 _XADD_TRIM = {b"MAXLEN", b"MINID"}
 
 Handler = Callable[["RespSession", tuple[bytes, ...]], Awaitable[bytes]]
+Preparer = Callable[["RespSession", tuple[bytes, ...]], "PendingPush"]
 
 _CONFIG_VALUES = {b"save": b"", b"appendonly": b"no", b"databases": b"1"}
 
@@ -40,8 +45,25 @@ class CommandError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Spec:
-    handler: Handler
     arity: int  # Redis convention: N exactly, -N at least N (command name included)
+    handler: Handler | None = None  # what any command but a push runs
+    prepare: Preparer | None = None  # a push: checks it and builds its jobs (see commit)
+
+
+@dataclass(slots=True)
+class PendingPush:
+    """A push command checked and turned into jobs, not yet stored."""
+
+    entry: QueueEntry
+    jobs: list[NewJob]
+    reply_id: bool  # XADD answers with the job id; the list commands with a count
+
+    def reply(self, result: PushResult) -> bytes:
+        return (
+            resp.bulk_string(result.ids[0].encode())
+            if self.reply_id
+            else resp.integer(len(self.jobs))
+        )
 
 
 def _text(value: bytes, what: str) -> str:
@@ -72,6 +94,75 @@ class RespSession:
         self.closing = False  # set by QUIT: the server closes after sending the reply
 
     async def execute(self, args: tuple[bytes, ...]) -> bytes:
+        spec = self._spec(args)
+        if isinstance(spec, bytes):
+            return spec
+        try:
+            if spec.prepare is not None:
+                return (await self.commit([spec.prepare(self, args)]))[0]
+            assert spec.handler is not None
+            return await spec.handler(self, args)
+        except CommandError as exc:
+            return resp.error(f"{exc.code} {exc}")
+        except ProducerError as exc:
+            return resp.error(f"{exc.code} {exc}")
+        except StoreError as exc:
+            return _store_error(exc)
+
+    def prepare(self, args: tuple[bytes, ...]) -> PendingPush | bytes:
+        """Check a push command and build its jobs, storing nothing; or its error reply.
+
+        Pushes are split from their store call so that the server can take a pipelined run
+        of them to the store in one call per queue (``commit``).
+        """
+        spec = self._spec(args)
+        if isinstance(spec, bytes):
+            return spec
+        if spec.prepare is None:
+            raise TypeError(f"{args[0]!r} is not a push command")
+        try:
+            return spec.prepare(self, args)
+        except CommandError as exc:
+            return resp.error(f"{exc.code} {exc}")
+        except ProducerError as exc:
+            return resp.error(f"{exc.code} {exc}")
+
+    async def commit(self, pushes: list[PendingPush]) -> list[bytes]:
+        """Store prepared pushes, one store call per queue; their replies, in order.
+
+        Each reply is sent only after the store has the job; a failed store call answers
+        every push it carried with an error, and pushes to other queues are unaffected.
+        """
+        replies: list[bytes] = [b""] * len(pushes)
+        by_queue: dict[str, list[int]] = {}
+        for index, push in enumerate(pushes):
+            by_queue.setdefault(push.entry.config.name, []).append(index)
+
+        async def store(indexes: list[int]) -> None:
+            jobs = [job for i in indexes for job in pushes[i].jobs]
+            try:
+                result = await self.service.push(pushes[indexes[0]].entry, jobs)
+            except StoreError as exc:
+                for i in indexes:
+                    replies[i] = _store_error(exc)
+                return
+            start = 0
+            for i in indexes:
+                end = start + len(pushes[i].jobs)
+                replies[i] = pushes[i].reply(result.part(start, end))
+                start = end
+
+        if len(by_queue) == 1:
+            await store(next(iter(by_queue.values())))
+        else:
+            async with trio.open_nursery() as nursery:
+                for indexes in by_queue.values():
+                    nursery.start_soon(store, indexes)
+        return replies
+
+    def _spec(self, args: tuple[bytes, ...]) -> Spec | bytes:
+        """The command's table entry, or the error reply for an unknown command or a wrong
+        number of arguments."""
         name = args[0].upper()
         spec = self.commands.get(name)
         if spec is None:
@@ -84,28 +175,20 @@ class RespSession:
             return resp.error(
                 f"ERR wrong number of arguments for '{name.decode().lower()}' command"
             )
-        try:
-            return await spec.handler(self, args)
-        except CommandError as exc:
-            return resp.error(f"{exc.code} {exc}")
-        except ProducerError as exc:
-            return resp.error(f"{exc.code} {exc}")
-        except StoreError as exc:
-            return resp.error(f"TRYAGAIN store unavailable, nothing was acknowledged: {exc}")
+        return spec
 
     # -- pushes -------------------------------------------------------------------------------
 
-    async def _push(self, target: bytes, jobs: list[NewJob]) -> int:
+    def _pending(self, target: bytes, jobs: list[NewJob], *, reply_id: bool = False) -> PendingPush:
         entry = self.service.resolve(_text(target, "queue name"), self.authenticated)
         self.service.check_sizes(entry, [job.payload for job in jobs])
-        await self.service.push(entry, jobs)
-        return len(jobs)
+        return PendingPush(entry, jobs, reply_id)
 
-    async def lpush(self, args: tuple[bytes, ...]) -> bytes:
+    def lpush(self, args: tuple[bytes, ...]) -> PendingPush:
         topic = _topic_of(args[1])
-        return resp.integer(await self._push(args[1], [NewJob(p, topic=topic) for p in args[2:]]))
+        return self._pending(args[1], [NewJob(p, topic=topic) for p in args[2:]])
 
-    async def zadd(self, args: tuple[bytes, ...]) -> bytes:
+    def zadd(self, args: tuple[bytes, ...]) -> PendingPush:
         rest = list(args[2:])
         while rest and rest[0].upper() in (b"NX", b"XX", b"GT", b"LT", b"CH"):
             rest.pop(0)  # every job is a new member: these flags change nothing
@@ -123,9 +206,9 @@ class RespSession:
             if not math.isfinite(run_at):
                 raise CommandError("the score (unix seconds to run at) must be finite")
             jobs.append(NewJob(rest[i + 1], topic=topic, run_at=run_at))
-        return resp.integer(await self._push(args[1], jobs))
+        return self._pending(args[1], jobs)
 
-    async def xadd(self, args: tuple[bytes, ...]) -> bytes:
+    def xadd(self, args: tuple[bytes, ...]) -> PendingPush:
         i = 2
         # Stream options some clients always send; a job stream has nothing to trim.
         while i < len(args):
@@ -186,10 +269,7 @@ class RespSession:
             attributes=attributes,
             trace_id=trace_id,
         )
-        entry = self.service.resolve(_text(args[1], "queue name"), self.authenticated)
-        self.service.check_sizes(entry, [payload])
-        result = await self.service.push(entry, [job])
-        return resp.bulk_string(result.ids[0].encode())
+        return self._pending(args[1], [job], reply_id=True)
 
     async def llen(self, args: tuple[bytes, ...]) -> bytes:
         entry = self.service.resolve(_text(args[1], "queue name"), self.authenticated)
@@ -319,25 +399,29 @@ class RespSession:
         return resp.bulk_string(("\r\n".join(lines) + "\r\n").encode())
 
 
+def _store_error(exc: StoreError) -> bytes:
+    return resp.error(f"TRYAGAIN store unavailable, nothing was acknowledged: {exc}")
+
+
 def _topic_of(target: bytes) -> str | None:
     _, slash, topic = target.partition(b"/")
     return topic.decode("utf-8", "replace") if slash else None
 
 
 RespSession.commands = {
-    b"AUTH": Spec(RespSession.auth, -2),
-    b"LPUSH": Spec(RespSession.lpush, -3),
-    b"RPUSH": Spec(RespSession.lpush, -3),
-    b"ZADD": Spec(RespSession.zadd, -4),
-    b"XADD": Spec(RespSession.xadd, -5),
-    b"LLEN": Spec(RespSession.llen, 2),
-    b"PING": Spec(RespSession.ping, -1),
-    b"ECHO": Spec(RespSession.echo, 2),
-    b"QUIT": Spec(RespSession.quit, -1),
-    b"SELECT": Spec(RespSession.select, 2),
-    b"CLIENT": Spec(RespSession.client, -2),
-    b"HELLO": Spec(RespSession.hello, -1),
-    b"COMMAND": Spec(RespSession.command, -1),
-    b"CONFIG": Spec(RespSession.config, -3),
-    b"INFO": Spec(RespSession.info, -1),
+    b"AUTH": Spec(-2, RespSession.auth),
+    b"LPUSH": Spec(-3, prepare=RespSession.lpush),
+    b"RPUSH": Spec(-3, prepare=RespSession.lpush),
+    b"ZADD": Spec(-4, prepare=RespSession.zadd),
+    b"XADD": Spec(-5, prepare=RespSession.xadd),
+    b"LLEN": Spec(2, RespSession.llen),
+    b"PING": Spec(-1, RespSession.ping),
+    b"ECHO": Spec(2, RespSession.echo),
+    b"QUIT": Spec(-1, RespSession.quit),
+    b"SELECT": Spec(2, RespSession.select),
+    b"CLIENT": Spec(-2, RespSession.client),
+    b"HELLO": Spec(-1, RespSession.hello),
+    b"COMMAND": Spec(-1, RespSession.command),
+    b"CONFIG": Spec(-3, RespSession.config),
+    b"INFO": Spec(-1, RespSession.info),
 }

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from adapters.storage.errors import StoreUnavailable
+from adapters.storage.jobs import PushResult
 from gateway.app import App
 from gateway.resp import encode_command
 from tests.support.daemon import running_daemon, write_config
@@ -30,6 +33,14 @@ QUEUES = {
           t:
             backend: fastcgi://127.0.0.1:9
             script: /srv/app/index.php
+        """,
+    "held": """\
+        queue: held
+        topics:
+          t:
+            backend: fastcgi://127.0.0.1:9
+            script: /srv/app/index.php
+            paused: true
         """,
 }
 
@@ -138,3 +149,67 @@ async def test_idle_connection_is_closed_without_a_stray_reply(tmp_path: Path) -
         assert await client.call("PING") == b"+PONG"
         assert await client.closed()  # EOF, and no error text written before it
         assert client.buffer == b""
+
+
+class CountingPushes:
+    """Wraps the store's push to count store calls per queue, optionally failing one queue."""
+
+    def __init__(self, app: App, failing: str | None = None) -> None:
+        assert app.store is not None
+        self.calls: list[tuple[str, int]] = []
+        self._push = app.store.push
+        self._failing = failing
+        app.store.push = self.push  # type: ignore[method-assign]
+
+    async def push(self, queue: str, routes: Any, jobs: Any) -> PushResult:
+        self.calls.append((queue, len(jobs)))
+        if queue == self._failing:
+            raise StoreUnavailable("disk on fire")
+        return await self._push(queue, routes, jobs)
+
+
+async def test_a_pipelined_run_of_pushes_is_one_store_call_per_queue(app: App) -> None:
+    pushes = CountingPushes(app)
+    client = await Client.connect(app)
+    assert await client.call("AUTH", "orders", "s3cret") == b"+OK"
+    await client.stream.send_all(
+        encode_command("LPUSH", "held", "a", "b")
+        + encode_command("RPUSH", "orders", "c")
+        + encode_command("LPUSH", "nowhere", "lost")  # refused; its neighbours are stored
+        + encode_command("XADD", "held", "job-7", "payload", "d")
+        + encode_command("XADD", "held", "job-7", "payload", "d again")  # same id: one job
+        + encode_command("LPUSH", "orders", b"x" * 1025)  # over max_payload
+        + encode_command("ZADD", "orders", "1", "e")
+        + encode_command("LPUSH", "held")  # wrong arity
+        + encode_command("PING")  # ends the run
+        + encode_command("LPUSH", "held", "f")
+    )
+    replies = [await client.line() for _ in range(12)]
+    assert replies[0:2] == [b":2", b":1"]
+    assert replies[2] == b"-ERR unknown queue 'nowhere'"
+    assert replies[3:7] == [b"$5", b"job-7", b"$5", b"job-7"]
+    assert replies[7].startswith(b"-ERR payload of 1025 bytes exceeds max_payload")
+    assert replies[8:10] == [b":1", b"-ERR wrong number of arguments for 'lpush' command"]
+    assert replies[10:12] == [b"+PONG", b":1"]
+    # The run's two queues are stored concurrently, in either order; PING ends the run.
+    assert sorted(pushes.calls[:2]) == [("held", 4), ("orders", 2)]
+    assert pushes.calls[2:] == [("held", 1)]
+    assert await client.call("LLEN", "held") == b":4"  # a, b, job-7 once, f
+    assert await client.call("LLEN", "orders") == b":2"  # c, e (delayed)
+
+
+async def test_a_failed_store_call_answers_only_its_own_queues_pushes(app: App) -> None:
+    pushes = CountingPushes(app, failing="orders")
+    client = await Client.connect(app)
+    assert await client.call("AUTH", "orders", "s3cret") == b"+OK"
+    await client.stream.send_all(
+        encode_command("LPUSH", "orders", "a")
+        + encode_command("LPUSH", "held", "b")
+        + encode_command("LPUSH", "orders", "c")
+    )
+    replies = [await client.line() for _ in range(3)]
+    assert replies[0].startswith(b"-TRYAGAIN store unavailable, nothing was acknowledged")
+    assert replies[1:] == [b":1", replies[0]]
+    assert sorted(pushes.calls) == [("held", 1), ("orders", 2)]
+    assert await client.call("LLEN", "held") == b":1"
+    assert await client.call("LLEN", "orders") == b":0"
