@@ -21,7 +21,14 @@ from adapters.delivery.headers import trace_id_of
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import NewJob, Priority, PushResult, check_job_id
 from gateway import resp
-from gateway.producer import ProducerError, ProducerService, QueueEntry, WrongPassword
+from gateway.producer import (
+    Directory,
+    ProducerError,
+    ProducerService,
+    QueueEntry,
+    WrongPassword,
+    split_target,
+)
 
 SERVER_NAME = "busgate"
 #: What INFO and HELLO report as redis_version: clients gate features on it.
@@ -89,6 +96,11 @@ class RespSession:
         self.service = service
         self.client_id = client_id
         self.authenticated: set[str] = set()
+        # Push targets (b"queue" or b"queue/topic") found allowed, with the queue and topic
+        # they name: a producer pushes to the same few again and again.  Valid for one
+        # configuration; logins only ever add queues, so they never make one stale.
+        self._targets: dict[bytes, tuple[QueueEntry, str | None]] = {}
+        self._targets_of: Directory | None = None  # the configuration they were checked in
         self.name = b""
         self.protocol = 2  # HELLO 3 switches to RESP3
         self.closing = False  # set by QUIT: the server closes after sending the reply
@@ -179,14 +191,22 @@ class RespSession:
 
     # -- pushes -------------------------------------------------------------------------------
 
-    def _pending(self, target: bytes, jobs: list[NewJob], *, reply_id: bool = False) -> PendingPush:
-        entry = self.service.resolve(_text(target, "queue name"), self.authenticated)
-        self.service.check_sizes(entry, [job.payload for job in jobs])
-        return PendingPush(entry, jobs, reply_id)
+    def _resolve(self, target: bytes) -> tuple[QueueEntry, str | None]:
+        """The queue and topic (if named) a push to ``target`` goes to, if it is allowed."""
+        if self._targets_of is not self.service.directory:  # reloaded since
+            self._targets.clear()
+            self._targets_of = self.service.directory
+        resolved = self._targets.get(target)
+        if resolved is None:
+            entry = self.service.resolve(_text(target, "queue name"), self.authenticated)
+            resolved = self._targets[target] = (entry, split_target(target.decode())[1])
+        return resolved
 
     def lpush(self, args: tuple[bytes, ...]) -> PendingPush:
-        topic = _topic_of(args[1])
-        return self._pending(args[1], [NewJob(p, topic=topic) for p in args[2:]])
+        entry, topic = self._resolve(args[1])
+        payloads = args[2:]
+        self.service.check_sizes(entry, payloads)
+        return PendingPush(entry, [NewJob(p, topic=topic) for p in payloads], reply_id=False)
 
     def zadd(self, args: tuple[bytes, ...]) -> PendingPush:
         rest = list(args[2:])
@@ -196,17 +216,20 @@ class RespSession:
             raise CommandError("INCR is not supported: ZADD schedules jobs")
         if not rest or len(rest) % 2:
             raise CommandError("syntax error")
-        topic = _topic_of(args[1])
-        jobs = []
-        for i in range(0, len(rest), 2):
+        times = []
+        for score in rest[0::2]:
             try:
-                run_at = float(rest[i])
+                run_at = float(score)
             except ValueError:
                 raise CommandError("value is not a valid float") from None
             if not math.isfinite(run_at):
                 raise CommandError("the score (unix seconds to run at) must be finite")
-            jobs.append(NewJob(rest[i + 1], topic=topic, run_at=run_at))
-        return self._pending(args[1], jobs)
+            times.append(run_at)
+        entry, topic = self._resolve(args[1])
+        payloads = rest[1::2]
+        self.service.check_sizes(entry, payloads)
+        jobs = [NewJob(p, topic=topic, run_at=t) for t, p in zip(times, payloads, strict=True)]
+        return PendingPush(entry, jobs, reply_id=False)
 
     def xadd(self, args: tuple[bytes, ...]) -> PendingPush:
         i = 2
@@ -260,20 +283,21 @@ class RespSession:
                 attributes[_text(key, "field name")] = _text(value, f"attribute {name}")
         if payload is None:
             raise CommandError("XADD needs a 'payload' field")
+        entry, topic = self._resolve(args[1])
+        self.service.check_sizes(entry, [payload])
         job = NewJob(
             payload,
             id=job_id,
-            topic=_topic_of(args[1]),
+            topic=topic,
             priority=priority,
             run_at=run_at,
             attributes=attributes,
             trace_id=trace_id,
         )
-        return self._pending(args[1], [job], reply_id=True)
+        return PendingPush(entry, [job], reply_id=True)
 
     async def llen(self, args: tuple[bytes, ...]) -> bytes:
-        entry = self.service.resolve(_text(args[1], "queue name"), self.authenticated)
-        topic = _topic_of(args[1])
+        entry, topic = self._resolve(args[1])
         topics = [topic] if topic is not None else list(entry.topics)
         return resp.integer(await self.service.store.depth(entry.config.name, topics))
 
@@ -401,11 +425,6 @@ class RespSession:
 
 def _store_error(exc: StoreError) -> bytes:
     return resp.error(f"TRYAGAIN store unavailable, nothing was acknowledged: {exc}")
-
-
-def _topic_of(target: bytes) -> str | None:
-    _, slash, topic = target.partition(b"/")
-    return topic.decode("utf-8", "replace") if slash else None
 
 
 RespSession.commands = {

@@ -122,7 +122,10 @@ class Telemetry:
     # -- fed by the dispatchers -----------------------------------------------------------------
 
     def record(self, job: Job, attempt: Attempt, decision: Decision, delivery: Delivery) -> None:
-        record = self._topics.setdefault((job.queue, job.topic), _TopicRecord())
+        # get, not setdefault: that would build a record per delivery to throw away.
+        record = self._topics.get((job.queue, job.topic))
+        if record is None:
+            record = self._topics[job.queue, job.topic] = _TopicRecord()
         record.attempts += 1
         record.durations.append(attempt.duration)
         record.duration_sum += attempt.duration

@@ -25,7 +25,13 @@ def enqueued_at_text(timestamp: float) -> str:
     millis = round((timestamp - seconds) * 1000)
     if millis == 1000:
         seconds, millis = seconds + 1, 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return _second_text(seconds) + f".{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _second_text(seconds: int) -> str:
+    # Jobs delivered together were mostly pushed in the same few seconds: strftime once each.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def traceparent(trace_id: str, span_id: str | None = None) -> str:

@@ -279,7 +279,10 @@ class RedisStore(Store):
 
     async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
         key = (queue, topic)
-        scheduler = self._schedulers.setdefault(key, PriorityScheduler())
+        # get, not setdefault: that would build a scheduler on every call to throw away.
+        scheduler = self._schedulers.get(key)
+        if scheduler is None:
+            scheduler = self._schedulers[key] = PriorityScheduler()
         # The previous reserve returned the ready counts per priority: under load, plan from
         # those rather than spend a round trip asking again.  Ask only when there are none,
         # or the topic was empty last time (then a push woke us and the counts are stale).

@@ -214,7 +214,9 @@ class SQLiteStore(Store):
     # -- dispatchers --------------------------------------------------------------------------
 
     async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
-        scheduler = self._schedulers.setdefault((queue, topic), PriorityScheduler())
+        scheduler = self._schedulers.get((queue, topic))
+        if scheduler is None:
+            scheduler = self._schedulers[queue, topic] = PriorityScheduler()
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             now = self._clock()
