@@ -162,11 +162,11 @@ async def bench_redis(jobs: int, payload: bytes, rounds: int) -> None:
     )
     print(
         f"  push, batches of {BATCH}, {WORKERS} tasks : {median(pushed):8.0f} jobs/s ="
-        f" {push_ratio:.2f}x LPUSH (target >= 0.2x)"
+        f" {push_ratio:.3f}x LPUSH (target >= 0.2x)"
     )
     print(
         f"  reserve {BATCH} + ack {BATCH}, {WORKERS} tasks: {median(acked):8.0f} jobs/s ="
-        f" {ack_ratio:.2f}x LPUSH (target >= 0.1x)"
+        f" {ack_ratio:.3f}x LPUSH (target >= 0.1x)"
     )
     print(
         f"  push -> reserve on an idle topic, p50: same host {local * 1000:.2f} ms,"

@@ -89,13 +89,13 @@ local all = {}
 for k = 1, ntopics do all[k] = ARGV[3 + k] end
 local i = 4 + ntopics
 local njobs = tonumber(ARGV[i]); i = i + 1
-local outcomes = {}  -- per job: 0 stored, 1 duplicate, 2 unmatched; then its copies
+local outcomes = {}  -- per job j: [2j-1] 0 stored, 1 duplicate, 2 unmatched; [2j] its copies
 local unmatched = 0
 local ready, delayed, pushed = {}, {}, {}
 -- Records and ready ids are written once per key at the end (variadic HSET and RPUSH);
 -- `stored` remembers this batch's ids so a repeated explicit id is still a duplicate.
 local records, queued, stored = {}, {}, {}
-for _ = 1, njobs do
+for j = 1, njobs do
   local id, explicit, nt = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   i = i + 3
   local topics = {}
@@ -104,7 +104,7 @@ for _ = 1, njobs do
   i = i + 3
   if nt == 0 then
     unmatched = unmatched + 1
-    table.insert(outcomes, 2); table.insert(outcomes, 0)
+    outcomes[2 * j - 1] = 2; outcomes[2 * j] = 0
   else
     local dup = false
     if explicit == '1' then
@@ -120,7 +120,7 @@ for _ = 1, njobs do
       end
     end
     if dup then
-      table.insert(outcomes, 1); table.insert(outcomes, 0)
+      outcomes[2 * j - 1] = 1; outcomes[2 * j] = 0
     else
       stored[id] = true
       local is_delayed = tonumber(run_at) > now
@@ -129,18 +129,19 @@ for _ = 1, njobs do
         local jobs_key = K('J', t)
         local pairs_of = records[jobs_key]
         if not pairs_of then pairs_of = {}; records[jobs_key] = pairs_of end
-        table.insert(pairs_of, id); table.insert(pairs_of, record)
+        local n = #pairs_of
+        pairs_of[n + 1] = id; pairs_of[n + 2] = record
         if is_delayed then
           redis.call('ZADD', K('d', t), run_at, id); delayed[t] = true
         else
           local list = prefix .. 'r:' .. t .. ':' .. prio
           local ids = queued[list]
           if not ids then ids = {}; queued[list] = ids end
-          table.insert(ids, id); ready[t] = true
+          ids[#ids + 1] = id; ready[t] = true
         end
         pushed[t] = (pushed[t] or 0) + 1
       end
-      table.insert(outcomes, 0); table.insert(outcomes, #topics)
+      outcomes[2 * j - 1] = 0; outcomes[2 * j] = #topics
     end
   end
 end
@@ -163,7 +164,8 @@ RESERVE = Script(
     _COMMON
     + """
 -- One command per batch, not per job, for every step that can take many keys or members:
--- LPOP with a count, HMGET, and variadic HSET and ZADD.  Per-job work is Lua only.
+-- LPOP with a count, HMGET, and variadic HSET and ZADD.  Per-job work is Lua only, and
+-- appends use a counter: table.insert costs 6x as much, several times per job.
 local topic, lease_until, plan = ARGV[2], ARGV[3], ARGV[4]
 local jobs_key, states_key, leases_key = K('J', topic), K('S', topic), K('l', topic)
 local ready_prefix = prefix .. 'r:' .. topic .. ':'
@@ -189,7 +191,7 @@ for _, p in ipairs({'0', '1', '2'}) do
   end
 end
 -- Ids in plan order; a stale duplicate of an id already taken is dropped.
-local ids, seen, next_of, next_spare = {}, {}, {['0'] = 1, ['1'] = 1, ['2'] = 1}, 1
+local ids, nids, seen, next_of, next_spare = {}, 0, {}, {['0'] = 1, ['1'] = 1, ['2'] = 1}, 1
 for c = 1, #plan do
   local p = string.sub(plan, c, c)
   local id = popped[p][next_of[p]]
@@ -201,30 +203,32 @@ for c = 1, #plan do
   end
   if id and not seen[id] then
     seen[id] = true
-    table.insert(ids, id)
+    nids = nids + 1; ids[nids] = id
   end
 end
-local out = {}
-if #ids > 0 then
+local out, nout = {}, 0
+if nids > 0 then
   local records = hmget_many(jobs_key, ids)
   local states = hmget_many(states_key, ids)
-  local new_states, leases = {}, {}
-  for k, id in ipairs(ids) do
-    local record = records[k]
+  local new_states, leases, npairs = {}, {}, 0
+  for k = 1, nids do
+    local id, record = ids[k], records[k]
     if record then
       local attempt, run_at, state = '1', '', '2|1||' .. lease_until .. '|||'
       if states[k] then  -- reserved before: keep its run_at, count one more attempt
         local s, n, t, l, f, ls, le = string.match(states[k],
           '^(%d)|(%d*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
         attempt, run_at = tostring((tonumber(n) or 0) + 1), t
-        state = table.concat({'2', attempt, t, lease_until, f, ls, le}, '|')
+        state = '2|' .. attempt .. '|' .. t .. '|' .. lease_until
+          .. '|' .. f .. '|' .. ls .. '|' .. le
       end
-      table.insert(new_states, id); table.insert(new_states, state)
-      table.insert(leases, lease_until); table.insert(leases, id)
-      table.insert(out, {id, record, attempt, run_at})
+      npairs = npairs + 2
+      new_states[npairs - 1] = id; new_states[npairs] = state
+      leases[npairs - 1] = lease_until; leases[npairs] = id
+      nout = nout + 1; out[nout] = {id, record, attempt, run_at}
     end
   end
-  if #leases > 0 then
+  if npairs > 0 then
     call_many('HSET', states_key, new_states)
     call_many('ZADD', leases_key, leases)
   end
@@ -240,8 +244,9 @@ FINISH = Script(
     + """
 local topic, now = ARGV[2], ARGV[3]
 local states_key, leases_key, history_key = K('S', topic), K('l', topic), K('H', topic)
-local ids = {}
-for i = 4, #ARGV, 8 do table.insert(ids, ARGV[i]) end
+-- Appends use counters, as in RESERVE.
+local ids, nids = {}, 0
+for i = 4, #ARGV, 8 do nids = nids + 1; ids[nids] = ARGV[i] end
 -- Read every state and history in one command each; what this batch writes is kept in
 -- `states` and `histories` too, so an id finished twice in one batch sees its first finish.
 local states, histories = {}, {}
@@ -253,19 +258,21 @@ for k, id in ipairs(ids) do
     histories[id] = read_histories[k]
   end
 end
-local results = {}
-local unleased, finished_ids = {}, {c = {}, x = {}}
+local results, k = {}, 0  -- one result per job: results[k] for the k-th
+local unleased, nunleased = {}, 0
+local finished_ids, nfinished = {c = {}, x = {}}, {c = 0, x = 0}
 local counts = {done = 0, dead = 0, retried = 0}
 local woke_ready, woke_delayed = false, false
 for i = 4, #ARGV, 8 do
+  k = k + 1
   local id, attempt, kind, run_at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local spend, status, err, record = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   -- Only state, attempt and run_at survive a finish: parse those, not the whole string.
   local state, n, t = string.match(states[id], '^(%d)|(%d*)|([^|]*)|')
   if state ~= '2' or n ~= attempt then
-    table.insert(results, 0)
+    results[k] = 0
   else
-    table.insert(unleased, id)
+    nunleased = nunleased + 1; unleased[nunleased] = id
     histories[id] = histories[id] and (histories[id] .. '\\n' .. record) or record
     local new_state, finished = '', ''
     if kind == 'retry' then
@@ -275,32 +282,37 @@ for i = 4, #ARGV, 8 do
         new_state = '1'
         redis.call('ZADD', K('d', topic), run_at, id)
         woke_delayed = true
-        table.insert(results, 2)
+        results[k] = 2
       else
         new_state = '0'
         redis.call('RPUSH', ready_list(topic, id), id)
         woke_ready = true
-        table.insert(results, 1)
+        results[k] = 1
       end
       counts.retried = counts.retried + 1
     else
       new_state, finished = (kind == 'done') and '4' or '3', now
       local letter = (kind == 'done') and 'c' or 'x'
-      table.insert(finished_ids[letter], now); table.insert(finished_ids[letter], id)
+      local m = nfinished[letter] + 2
+      nfinished[letter] = m
+      finished_ids[letter][m - 1] = now; finished_ids[letter][m] = id
       counts[kind] = counts[kind] + 1
-      table.insert(results, 3)
+      results[k] = 3
     end
     -- A second finish of this id in the batch now fails the check above: ids in
     -- `unleased` are distinct.
-    states[id] = table.concat({new_state, n, t, '', finished, status, err}, '|')
+    -- One concatenation, no table: this runs once per job.
+    states[id] = new_state .. '|' .. n .. '|' .. t .. '||' .. finished
+      .. '|' .. status .. '|' .. err
   end
 end
-if #unleased > 0 then
+if nunleased > 0 then
   call_many('ZREM', leases_key, unleased)
   local state_pairs, history_pairs = {}, {}
-  for _, id in ipairs(unleased) do
-    table.insert(state_pairs, id); table.insert(state_pairs, states[id])
-    table.insert(history_pairs, id); table.insert(history_pairs, histories[id])
+  for j = 1, nunleased do
+    local id = unleased[j]
+    state_pairs[2 * j - 1] = id; state_pairs[2 * j] = states[id]
+    history_pairs[2 * j - 1] = id; history_pairs[2 * j] = histories[id]
   end
   call_many('HSET', states_key, state_pairs)
   call_many('HSET', history_key, history_pairs)
