@@ -249,8 +249,11 @@ class ConnectionPool:
         # for nobody.
         await trio.lowlevel.checkpoint_if_cancelled()
         started = trio.current_time()
-        await self._write(conn, wire, deadline)
-        answer = await self._read(conn, read, protocol.receive_response, started, deadline)
+        waited = await self._write(conn, wire, deadline)
+        # The read limit runs from the end of the write (see Timeouts).  A write that went
+        # out in one send() ended microseconds after ``started``: no second clock read.
+        written = trio.current_time() if waited else started
+        answer = await self._read(conn, read, protocol.receive_response, written, deadline)
         elapsed = trio.current_time() - started
 
         if not answer.complete:
@@ -268,8 +271,11 @@ class ConnectionPool:
 
     async def _write(
         self, conn: FastCGIConnection, data: bytes, deadline: float = math.inf
-    ) -> None:
-        """Send all of ``data``; only a send that does not fit the socket buffer waits."""
+    ) -> bool:
+        """Send all of ``data``; only a send that does not fit the socket buffer waits.
+
+        Returns whether it waited.
+        """
         sock = conn.sock
         view: bytes | memoryview = data
         armed, allowed = False, math.inf
@@ -280,7 +286,7 @@ class ConnectionPool:
                 except BlockingIOError:
                     sent = 0
                 if sent == len(view):
-                    break
+                    return armed
                 view = memoryview(view)[sent:]
                 if not armed:
                     now = trio.current_time()
@@ -315,17 +321,22 @@ class ConnectionPool:
         deadline = min(started + none_inf(limit), deadline)
         self._pool.arm(conn, deadline)
         try:
+            # One yield first: by then a quick backend has usually answered, and recv()
+            # finds the response without an epoll round.
             await trio.lowlevel.cancel_shielded_checkpoint()
             while True:
                 try:
                     data = sock.recv(_RECEIVE_SIZE)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                    continue
-                protocol.receive_data(data)
-                result = fold()
-                if result is not NEED_DATA:
-                    return result
+                    pass
+                else:
+                    protocol.receive_data(data)
+                    result = fold()
+                    if result is not NEED_DATA:
+                        return result
+                # Between reads, always wait_readable (a checkpoint): a backend that keeps
+                # the socket full must not hold the event loop, or its deadline, off.
+                await trio.lowlevel.wait_readable(sock)
         except (trio.ClosedResourceError, OSError) as exc:
             if conn.expired:
                 allowed = deadline - started

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -9,7 +12,13 @@ import pytest
 import trio
 
 from fastcgi.address import Address
-from fastcgi.errors import ConnectionLost, RemoteProtocolError, RequestRejected, WriteTimeout
+from fastcgi.errors import (
+    ConnectionLost,
+    ReadTimeout,
+    RemoteProtocolError,
+    RequestRejected,
+    WriteTimeout,
+)
 from fastcgi.pool import ConnectionPool, PoolLimits, Timeouts
 from fastcgi.records import RecordReader, encode_record, end_request_body
 from fastcgi.spec import ProtocolStatus, RecordType
@@ -195,3 +204,68 @@ async def test_pool_timeout_when_every_connection_is_busy() -> None:
             with pytest.raises(PoolTimeout, match="1 in use"):
                 await pool.request({})
         nursery.cancel_scope.cancel()
+
+
+async def test_the_read_limit_runs_from_the_end_of_the_write() -> None:
+    # A backend with no worker free leaves a large body in the socket buffers for a while,
+    # then answers at once: the wait belongs to the write limit, not to the read limit.
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep(0.6)
+        await read_request(stream)
+        await stream.send_all(ok_response())
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        async with ConnectionPool(address, timeouts=Timeouts(write=10, read=0.3)) as pool:
+            response = await pool.request({}, b"x" * 20_000_000)
+            assert response.status == 200
+        nursery.cancel_scope.cancel()
+
+
+def flooding_backend() -> tuple[Address, threading.Event]:
+    """A backend in a thread that answers a request with empty STDOUT records, endlessly
+    and faster than they can be read (empty records count against no size limit)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    flood = encode_record(RecordType.STDOUT, 1) * (1 << 17)  # 1 MiB
+
+    def run() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(0.2)
+            conn.recv(1 << 20)
+            while not stop.is_set():
+                try:
+                    conn.sendall(flood)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+
+    threading.Thread(target=run, daemon=True).start()
+    return Address(host="127.0.0.1", port=listener.getsockname()[1]), stop
+
+
+async def test_a_flooding_backend_neither_stalls_the_loop_nor_outlives_its_deadline() -> None:
+    address, stop = flooding_backend()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await trio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    started = time.monotonic()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            async with ConnectionPool(address, timeouts=Timeouts(read=0.5)) as pool:
+                with pytest.raises(ReadTimeout):
+                    await pool.request({})
+            nursery.cancel_scope.cancel()
+    finally:
+        stop.set()
+    assert time.monotonic() - started < 2
+    assert max(gaps) < 0.3, f"the event loop stalled for {max(gaps):.2f}s"
