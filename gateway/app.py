@@ -25,11 +25,11 @@ from adapters.delivery.base import Backend
 from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
 from adapters.delivery.http import HTTPBackend, HTTPTarget
 from adapters.storage.base import Store
-from adapters.storage.errors import StoreError
+from adapters.storage.errors import StoreError, StoreUnsupported
 from adapters.storage.redis_client import RedisAddress, RedisClient
 from adapters.storage.redis_routing import Cluster, Standalone
 from adapters.storage.redis_routing import Router as RedisRouter
-from adapters.storage.redis_store import RedisStore
+from adapters.storage.redis_store import RedisStore, check_redis_version
 from adapters.storage.sqlite import SQLiteStore
 from fastcgi.address import parse_address
 from gateway.admin import AdminAPI, read_token
@@ -98,8 +98,14 @@ async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.t
         router = Standalone(client(addresses[0]))
     store = RedisStore(router, clock=clock)
     try:
-        # Fail at startup, naming the server, rather than at the first push.
-        await router.execute_everywhere("PING")
+        # Fail at startup, naming the server, rather than at the first push; and on a Redis
+        # too old for the scripts, rather than at the first reserve.
+        for info in await router.execute_everywhere("INFO", "server"):
+            check_redis_version(info.decode() if isinstance(info, bytes) else str(info))
+    except StoreUnsupported as exc:
+        await store.aclose()
+        where = ", ".join(f"{host}:{port}" for host, port in config.nodes)
+        raise StoreUnsupported(f"{where}: {exc}") from None
     except StoreError:
         await store.aclose()
         raise

@@ -13,3 +13,7 @@ class StoreUnavailable(StoreError):
 
 class StoreCorrupt(StoreError):
     """The store's data cannot be read (a corrupt SQLite file, unexpected Redis types)."""
+
+
+class StoreUnsupported(StoreError):
+    """The store's server cannot run busgate (a Redis older than the scripts need)."""

@@ -30,7 +30,7 @@ from adapters.storage.base import (
     dead_cursor,
     parse_dead_cursor,
 )
-from adapters.storage.errors import StoreCorrupt, StoreUnavailable
+from adapters.storage.errors import StoreCorrupt, StoreUnavailable, StoreUnsupported
 from adapters.storage.fanout import route
 from adapters.storage.jobs import (
     Attempt,
@@ -63,6 +63,29 @@ _WAKE_PATTERN = b"bg:{*}:wake"
 
 def prefix_of(queue: str) -> bytes:
     return b"bg:{" + queue.encode() + b"}:"
+
+
+#: RESERVE pops with ``LPOP key count``, which Redis has since 6.2.
+MIN_REDIS_VERSION = (6, 2)
+
+
+def check_redis_version(info: str) -> None:
+    """Raise ``StoreUnsupported`` unless ``INFO server`` text names a recent enough Redis."""
+    for line in info.splitlines():
+        if line.startswith("redis_version:"):
+            text = line.partition(":")[2].strip()
+            try:
+                version = tuple(int(part) for part in text.split(".")[:2])
+            except ValueError:
+                break
+            if version < MIN_REDIS_VERSION:
+                needed = ".".join(map(str, MIN_REDIS_VERSION))
+                raise StoreUnsupported(
+                    f"Redis {text} is too old: busgate needs Redis {needed} or later"
+                    " (LPOP with a count)"
+                )
+            return
+    raise StoreUnsupported("the server did not report a redis_version in INFO server")
 
 
 _RECORD_HEAD = struct.Struct("!BQQ16sI")

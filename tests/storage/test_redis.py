@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from adapters.storage.errors import StoreUnavailable
+from adapters.storage.errors import StoreUnavailable, StoreUnsupported
 from adapters.storage.fanout import Filter
 from adapters.storage.jobs import NewJob, Priority
 from adapters.storage.redis_client import RedisAddress, RedisClient, ServerError
 from adapters.storage.redis_routing import SLOTS, Cluster, Router, Standalone, key_slot
-from adapters.storage.redis_store import RedisStore, prefix_of
+from adapters.storage.redis_store import RedisStore, check_redis_version, prefix_of
+from gateway.app import open_store
+from gateway.config import parse_store
 from tests.support.ports import free_port
 from tests.support.redis import RedisCluster, RedisServer
 
@@ -231,3 +233,36 @@ async def test_redis_restart_with_aof_loses_no_acknowledged_job(tmp_path: Path) 
         assert len(pushed) == 100
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("version", ["6.2.0", "7.0.15", "10.0.1"])
+def test_a_recent_redis_is_accepted(version: str) -> None:
+    check_redis_version(f"# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n")
+
+
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        ("redis_version:6.0.16\r\n", "Redis 6.0.16 is too old: busgate needs Redis 6.2 or later"),
+        ("redis_version:5.0.7\r\n", "Redis 5.0.7 is too old"),
+        ("# Server\r\nredis_mode:standalone\r\n", "did not report a redis_version"),
+    ],
+)
+def test_an_old_or_unknown_redis_is_refused(info: str, message: str) -> None:
+    with pytest.raises(StoreUnsupported, match=message):
+        check_redis_version(info)
+
+
+async def test_the_real_server_passes_the_version_check(redis_server: RedisServer) -> None:
+    check_redis_version(redis_server.cli("INFO", "server"))
+
+
+async def test_the_daemon_opens_a_cluster_store_after_the_version_check(
+    redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    nodes = ",".join(f"127.0.0.1:{node.port}" for node in redis_cluster.nodes)
+    store = await open_store(parse_store(f"redis+cluster://{nodes}", str(tmp_path)))
+    try:
+        await store.push("orders", ROUTES, [NewJob(b"x")])
+    finally:
+        await store.aclose()
