@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 
 import trio
@@ -54,6 +55,32 @@ def _next_group(
     while run < len(events) and events[run].name in _PUSHES:
         run += 1
     return events[: run or 1]
+
+
+_IDLE = "waiting for a command"
+_SENDING = "sending replies"
+
+
+class _Timer:
+    """The one cancel scope of a connection, its deadline set for what it waits for now.
+
+    Moving one scope's deadline costs about half of entering and leaving a fresh scope
+    (3.6 against 6.4 us for two), and unpipelined traffic pays it on every command.
+    """
+
+    __slots__ = ("scope", "waiting_for")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.waiting_for = ""
+
+    def wait(self, what: str, seconds: float) -> None:
+        self.waiting_for = what
+        self.scope.deadline = trio.current_time() + seconds
+
+    def stop(self) -> None:
+        self.waiting_for = ""
+        self.scope.deadline = math.inf
 
 
 def _oversized(event: resp.OversizedCommand) -> bytes:
@@ -115,16 +142,25 @@ class RespServer:
             await trio.aclose_forcefully(stream)
 
     async def _converse(self, stream: trio.SocketStream, session: RespSession) -> None:
-        parser = resp.RequestParser(max_bulk_len=self.service.directory.max_payload + _PARSER_SLACK)
-        max_pipeline = self.limits.max_pipeline
-        while True:
-            # CancelScope(deadline=) rather than move_on_after: same effect without the
-            # contextlib wrapper, which showed in profiles of unpipelined traffic.
-            with trio.CancelScope(deadline=trio.current_time() + self.limits.idle_timeout) as idle:
-                data = await stream.receive_some(_RECEIVE_SIZE)
-            if idle.cancelled_caught:
+        timer = _Timer()
+        with timer.scope:
+            await self._serve_commands(stream, session, timer)
+        if timer.scope.cancelled_caught:
+            if timer.waiting_for is _IDLE:
                 self._idle_closed += 1
                 return
+            raise trio.BrokenResourceError("the producer stopped reading its replies")
+
+    async def _serve_commands(
+        self, stream: trio.SocketStream, session: RespSession, timer: _Timer
+    ) -> None:
+        parser = resp.RequestParser(max_bulk_len=self.service.directory.max_payload + _PARSER_SLACK)
+        max_pipeline = self.limits.max_pipeline
+        idle_timeout = self.limits.idle_timeout
+        while True:
+            timer.wait(_IDLE, idle_timeout)
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            timer.stop()  # running commands: the store calls have deadlines of their own
             if not data:
                 return
             parser.feed(data)
@@ -144,7 +180,8 @@ class RespServer:
                     break
                 if not events and broken is None and parser.buffered:
                     # Past max_pipeline: answer what we have, then parse the rest.
-                    await self._send(stream, replies)
+                    await self._send(stream, replies, timer)
+                    timer.stop()
                     replies = []
                     try:
                         while (
@@ -155,12 +192,12 @@ class RespServer:
                     except resp.RESPProtocolError as exc:
                         broken = exc
             if replies:
-                await self._send(stream, replies)
+                await self._send(stream, replies, timer)
             if session.closing:
                 return
             if broken is not None:
                 self._protocol_errors += 1
-                await self._send(stream, [resp.error(f"ERR {broken}")])
+                await self._send(stream, [resp.error(f"ERR {broken}")], timer)
                 log.info("closed a producer connection: %s", broken)
                 return
 
@@ -199,8 +236,6 @@ class RespServer:
         return replies
 
     @staticmethod
-    async def _send(stream: trio.SocketStream, replies: list[bytes]) -> None:
-        with trio.CancelScope(deadline=trio.current_time() + SEND_TIMEOUT) as scope:
-            await stream.send_all(b"".join(replies))
-        if scope.cancelled_caught:
-            raise trio.BrokenResourceError("the producer stopped reading its replies")
+    async def _send(stream: trio.SocketStream, replies: list[bytes], timer: _Timer) -> None:
+        timer.wait(_SENDING, SEND_TIMEOUT)
+        await stream.send_all(b"".join(replies))

@@ -213,3 +213,30 @@ async def test_a_failed_store_call_answers_only_its_own_queues_pushes(app: App) 
     assert sorted(pushes.calls) == [("held", 1), ("orders", 2)]
     assert await client.call("LLEN", "held") == b":1"
     assert await client.call("LLEN", "orders") == b":0"
+
+
+async def test_a_producer_that_stops_reading_is_dropped_and_others_carry_on(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.resp_server.SEND_TIMEOUT", 0.3)
+    assert app.resp is not None
+    stuck = await Client.connect(app)
+    assert await stuck.call("PING") == b"+PONG"
+    assert app.resp.statistics().connections == 1
+    # 20 MiB of replies: more than the socket buffers of both ends hold.
+    requests = encode_command("ECHO", b"e" * (1024 * 1024)) * 20
+
+    async def send_and_never_read() -> None:
+        try:
+            await stuck.stream.send_all(requests)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the server hung up on us mid-way: what this test expects
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_and_never_read)
+        with trio.fail_after(10):
+            while app.resp.statistics().connections != 0:
+                await trio.sleep(0.05)
+    other = await Client.connect(app)
+    assert await other.call("PING") == b"+PONG"
+    assert app.resp.statistics().idle_closed_total == 0  # dropped for not reading, not idle
