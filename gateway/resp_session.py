@@ -109,14 +109,13 @@ class RespSession:
         spec = self._spec(args)
         if isinstance(spec, bytes):
             return spec
+        if spec.prepare is not None:
+            prepared = self._prepare(spec.prepare, args)
+            return prepared if isinstance(prepared, bytes) else (await self.commit([prepared]))[0]
+        assert spec.handler is not None
         try:
-            if spec.prepare is not None:
-                return (await self.commit([spec.prepare(self, args)]))[0]
-            assert spec.handler is not None
             return await spec.handler(self, args)
-        except CommandError as exc:
-            return resp.error(f"{exc.code} {exc}")
-        except ProducerError as exc:
+        except (CommandError, ProducerError) as exc:
             return resp.error(f"{exc.code} {exc}")
         except StoreError as exc:
             return _store_error(exc)
@@ -132,11 +131,12 @@ class RespSession:
             return spec
         if spec.prepare is None:
             raise TypeError(f"{args[0]!r} is not a push command")
+        return self._prepare(spec.prepare, args)
+
+    def _prepare(self, prepare: Preparer, args: tuple[bytes, ...]) -> PendingPush | bytes:
         try:
-            return spec.prepare(self, args)
-        except CommandError as exc:
-            return resp.error(f"{exc.code} {exc}")
-        except ProducerError as exc:
+            return prepare(self, args)
+        except (CommandError, ProducerError) as exc:
             return resp.error(f"{exc.code} {exc}")
 
     async def commit(self, pushes: list[PendingPush]) -> list[bytes]:

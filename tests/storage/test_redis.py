@@ -37,6 +37,17 @@ async def opened(router: Router) -> AsyncIterator[RedisStore]:
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def two_hosts(server: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """The stores of two daemons sharing one emptied redis-server."""
+    server.cli("FLUSHALL")
+    async with (
+        opened(Standalone(RedisClient(server.address))) as host_a,
+        opened(Standalone(RedisClient(server.address))) as host_b,
+    ):
+        yield host_a, host_b
+
+
 def test_key_slot_matches_redis(redis_cluster: RedisCluster) -> None:
     node = redis_cluster.nodes[0]
     for key in (b"orders", b"bg:{orders}:n", b"{user1000}.following", b"foo{}{bar}", b"a{b"):
@@ -116,11 +127,7 @@ def _serves(line: str, slot: int) -> bool:
 async def test_push_on_one_host_wakes_a_dispatcher_on_another(
     redis_server: RedisServer,
 ) -> None:
-    redis_server.cli("FLUSHALL")
-    async with (
-        opened(Standalone(RedisClient(redis_server.address))) as host_a,
-        opened(Standalone(RedisClient(redis_server.address))) as host_b,
-    ):
+    async with two_hosts(redis_server) as (host_a, host_b):
         woke_after = math.inf
 
         async def dispatcher_on_b() -> None:
@@ -142,11 +149,7 @@ async def test_reserve_takes_other_priorities_when_its_plan_runs_short(
     redis_server: RedisServer,
 ) -> None:
     # A plans from the ready counts its last reserve saw; B drains that priority meanwhile.
-    redis_server.cli("FLUSHALL")
-    async with (
-        opened(Standalone(RedisClient(redis_server.address))) as host_a,
-        opened(Standalone(RedisClient(redis_server.address))) as host_b,
-    ):
+    async with two_hosts(redis_server) as (host_a, host_b):
         high = [NewJob(f"high{i}".encode(), priority=Priority.HIGH) for i in range(5)]
         await host_a.push("orders", ROUTES, high)
         assert len(await host_a.reserve("orders", "email", 1, 30)) == 1  # A saw 4 high left
