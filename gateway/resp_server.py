@@ -44,7 +44,8 @@ class RespStatistics:
     idle_closed_total: int
 
 
-_PUSHES = frozenset({b"LPUSH", b"RPUSH", b"XADD", b"ZADD"})
+#: The commands that run together when pipelined: those the command table prepares.
+_PUSHES = frozenset(name for name, spec in RespSession.commands.items() if spec.prepare)
 
 
 def _next_group(
@@ -206,7 +207,7 @@ class RespServer:
     ) -> list[bytes]:
         """Run one command, or a run of pushes: those are all checked first, then stored in
         one store call per queue, and answered in order."""
-        if len(group) == 1:
+        if group[0].name not in _PUSHES:  # one command of another kind
             event = group[0]
             replies = [
                 await session.execute(event.args)
