@@ -8,12 +8,15 @@ cluster routes the call.  Layout, per topic T:
                       byte first, then enqueue and run times, trace id, attributes, payload
     S:T        hash   id -> "state|attempt|run_at|lease_until|finished_at|status|error", only
                       once the job has been reserved; a job without it is ready or delayed
-                      (state 0 ready, 1 delayed, 2 leased, 3 dead, 4 done)
+                      (state 0 ready, 1 delayed, 2 leased, 3 dead, 4 done).  Its attempts
+                      follow, one JSON object per line after a newline (the error of the
+                      state line never holds one): one field per job, not a second hash,
+                      because adding a field to a large hash costs several times as much
+                      as replacing one
     r:T:<p>    list   ready ids of priority p, FIFO
     d:T        zset   delayed ids by run_at
     l:T        zset   leased ids by lease_until
     x:T / c:T  zset   dead / completed ids by finished_at
-    H:T        hash   id -> attempts, one JSON object per line (from the first attempt on)
     n:T        hash   counters: pushed, done, retried, dead, expired, replayed
     n          hash   queue counters: unmatched
     wake       channel  PUBLISHed topic names ("~T" for a delayed job) after a change
@@ -29,18 +32,22 @@ from adapters.storage.redis_client import Script
 _COMMON = """
 local prefix = ARGV[1]
 local function K(kind, topic) return prefix .. kind .. ':' .. topic end
+-- A state: its fields, and h, the attempts ('' before the first).
 local function get_state(topic, id)
   local v = redis.call('HGET', K('S', topic), id)
   if not v then return nil end
-  local s, n, t, l, f, ls, le =
-    string.match(v, '^(%d)|(%d*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
-  return {s = s, n = n, t = t, l = l, f = f, ls = ls, le = le}
+  local s, n, t, l, f, ls, le, h =
+    string.match(v, '^(%d)|(%d*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^\\n]*)\\n?(.*)$')
+  return {s = s, n = n, t = t, l = l, f = f, ls = ls, le = le, h = h}
 end
 local function put_state(topic, id, st)
-  redis.call('HSET', K('S', topic), id,
-    table.concat({st.s, st.n, st.t, st.l, st.f, st.ls, st.le}, '|'))
+  local line = st.s .. '|' .. st.n .. '|' .. st.t .. '|' .. st.l .. '|' .. st.f .. '|' .. st.ls
+    .. '|' .. st.le
+  redis.call('HSET', K('S', topic), id, st.h == '' and line or line .. '\\n' .. st.h)
 end
-local function new_state() return {s = '0', n = '0', t = '', l = '', f = '', ls = '', le = ''} end
+local function new_state()
+  return {s = '0', n = '0', t = '', l = '', f = '', ls = '', le = '', h = ''}
+end
 local function ready_list(topic, id)
   local record = redis.call('HGET', K('J', topic), id)
   return prefix .. 'r:' .. topic .. ':' .. string.byte(record, 1)
@@ -50,10 +57,8 @@ local function leased(topic, id, attempt)
   if st and st.s == '2' and st.n == attempt then return st end
   return nil
 end
-local function add_attempt(topic, id, record)
-  if redis.call('HSETNX', K('H', topic), id, record) == 0 then
-    redis.call('HSET', K('H', topic), id, redis.call('HGET', K('H', topic), id) .. '\\n' .. record)
-  end
+local function add_attempt(st, record)
+  st.h = st.h == '' and record or st.h .. '\\n' .. record
 end
 -- Variadic commands in pieces: Lua's unpack() stops at a few thousand values (LUAI_MAXCSTACK).
 local UNPACK_STEP = 1000  -- even, so (field, value) and (score, member) pairs stay whole
@@ -74,7 +79,6 @@ end
 local function forget(topic, id)
   redis.call('HDEL', K('J', topic), id)
   redis.call('HDEL', K('S', topic), id)
-  redis.call('HDEL', K('H', topic), id)
   redis.call('ZREM', K('x', topic), id)
   redis.call('ZREM', K('c', topic), id)
 end
@@ -215,17 +219,20 @@ if nids > 0 then
     local id, record = ids[k], records[k]
     if record then
       local attempt, run_at, state = '1', '', '2|1||' .. lease_until .. '|||'
-      if states[k] then  -- reserved before: keep its run_at, count one more attempt
-        local s, n, t, l, f, ls, le = string.match(states[k],
+      if states[k] then  -- reserved before: keep its run_at and attempts, count one more
+        local s, n, t, l, f, ls, rest = string.match(states[k],
           '^(%d)|(%d*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
         attempt, run_at = tostring((tonumber(n) or 0) + 1), t
         state = '2|' .. attempt .. '|' .. t .. '|' .. lease_until
-          .. '|' .. f .. '|' .. ls .. '|' .. le
+          .. '|' .. f .. '|' .. ls .. '|' .. rest
       end
       npairs = npairs + 2
       new_states[npairs - 1] = id; new_states[npairs] = state
       leases[npairs - 1] = lease_until; leases[npairs] = id
-      nout = nout + 1; out[nout] = {id, record, attempt, run_at}
+      -- Flat (id, record, attempt, run_at, ...): a table per job costs more than the
+      -- four values it holds, here and in the client's parser.
+      out[nout + 1] = id; out[nout + 2] = record; out[nout + 3] = attempt
+      out[nout + 4] = run_at; nout = nout + 4
     end
   end
   if npairs > 0 then
@@ -243,40 +250,50 @@ FINISH = Script(
     _COMMON
     + """
 local topic, now = ARGV[2], ARGV[3]
-local states_key, leases_key, history_key = K('S', topic), K('l', topic), K('H', topic)
--- Appends use counters, as in RESERVE.
-local ids, nids = {}, 0
-for i = 4, #ARGV, 8 do nids = nids + 1; ids[nids] = ARGV[i] end
--- Read every state and history in one command each; what this batch writes is kept in
--- `states` and `histories` too, so an id finished twice in one batch sees its first finish.
-local states, histories = {}, {}
-local read_states = hmget_many(states_key, ids)
-local read_histories = hmget_many(history_key, ids)
-for k, id in ipairs(ids) do
-  if states[id] == nil then
-    states[id] = read_states[k] or ''
-    histories[id] = read_histories[k]
+local states_key, leases_key = K('S', topic), K('l', topic)
+-- Per job: id, attempt, kind, tail ("status|error" of the state), attempt record, and for
+-- the retry kinds run_at.  Every argument is a Lua string made on entry, so there are no
+-- more than the script needs.  Appends use counters, as in RESERVE.
+local ids, attempts, kinds, tails, records, run_ats, nids = {}, {}, {}, {}, {}, {}, 0
+local i, nargs = 4, #ARGV
+while i <= nargs do
+  nids = nids + 1
+  ids[nids], attempts[nids], kinds[nids] = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  tails[nids], records[nids] = ARGV[i + 3], ARGV[i + 4]
+  if kinds[nids] == 'done' or kinds[nids] == 'dead' then
+    i = i + 5
+  else
+    run_ats[nids] = ARGV[i + 5]; i = i + 6
   end
 end
-local results, k = {}, 0  -- one result per job: results[k] for the k-th
+-- Read every state in one command; what this batch writes is kept in `states` too, so an
+-- id finished twice in one batch sees its first finish.
+local states = {}
+local read_states = hmget_many(states_key, ids)
+for k, id in ipairs(ids) do
+  if states[id] == nil then states[id] = read_states[k] or '' end
+end
+local results = {}  -- one result per job: results[k] for the k-th
 local unleased, nunleased = {}, 0
 local finished_ids, nfinished = {c = {}, x = {}}, {c = 0, x = 0}
 local counts = {done = 0, dead = 0, retried = 0}
 local woke_ready, woke_delayed = false, false
-for i = 4, #ARGV, 8 do
-  k = k + 1
-  local id, attempt, kind, run_at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local spend, status, err, record = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+for k = 1, nids do
+  local id, attempt, kind, record = ids[k], attempts[k], kinds[k], records[k]
   -- Only state, attempt and run_at survive a finish: parse those, not the whole string.
   local state, n, t = string.match(states[id], '^(%d)|(%d*)|([^|]*)|')
   if state ~= '2' or n ~= attempt then
     results[k] = 0
   else
     nunleased = nunleased + 1; unleased[nunleased] = id
-    histories[id] = histories[id] and (histories[id] .. '\\n' .. record) or record
+    -- The attempts so far follow the state line; this one goes last.
+    local newline = string.find(states[id], '\\n', 1, true)
+    local attempts = newline and string.sub(states[id], newline) .. '\\n' .. record
+      or '\\n' .. record
     local new_state, finished = '', ''
-    if kind == 'retry' then
-      if spend == '0' then n = tostring(tonumber(n) - 1) end
+    if kind == 'retry' or kind == 'retry-unspent' then
+      if kind == 'retry-unspent' then n = tostring(tonumber(n) - 1) end
+      local run_at = run_ats[k]
       t = run_at
       if tonumber(run_at) > tonumber(now) then
         new_state = '1'
@@ -302,20 +319,18 @@ for i = 4, #ARGV, 8 do
     -- A second finish of this id in the batch now fails the check above: ids in
     -- `unleased` are distinct.
     -- One concatenation, no table: this runs once per job.
-    states[id] = new_state .. '|' .. n .. '|' .. t .. '||' .. finished
-      .. '|' .. status .. '|' .. err
+    states[id] = new_state .. '|' .. n .. '|' .. t .. '||' .. finished .. '|' .. tails[k]
+      .. attempts
   end
 end
 if nunleased > 0 then
   call_many('ZREM', leases_key, unleased)
-  local state_pairs, history_pairs = {}, {}
+  local state_pairs = {}
   for j = 1, nunleased do
     local id = unleased[j]
     state_pairs[2 * j - 1] = id; state_pairs[2 * j] = states[id]
-    history_pairs[2 * j - 1] = id; history_pairs[2 * j] = histories[id]
   end
   call_many('HSET', states_key, state_pairs)
-  call_many('HSET', history_key, history_pairs)
   for letter, members in pairs(finished_ids) do
     call_many('ZADD', K(letter, topic), members)
   end
@@ -378,7 +393,7 @@ for i = 1, #expired, 2 do
   local n = tonumber(st.n) or 0
   redis.call('ZREM', lkey, id)
   local expiry = {n = n, s = tonumber(lease), d = 0, o = 'expired', e = reason}
-  add_attempt(topic, id, cjson.encode(expiry))
+  add_attempt(st, cjson.encode(expiry))
   st.l, st.ls, st.le = '', '', reason
   if n >= max_attempts then
     st.s, st.f = '3', now

@@ -57,6 +57,8 @@ from adapters.storage.redis_routing import Router
 _BATCH = 1000
 _REGISTRY = b"bg:topics"
 _RETRY = Outcome.RETRY
+#: FINISH's kind for a retry that does not count against max_attempts (overloaded).
+_RETRY_UNSPENT = "retry-unspent"
 _PRIORITY_ARGS = tuple(str(int(p)) for p in Priority)
 _WAKE_PATTERN = b"bg:{*}:wake"
 
@@ -145,7 +147,9 @@ class _State:
 
     @classmethod
     def parse(cls, raw: bytes) -> _State:
-        state, attempt, run_at, _lease, finished, status, error = raw.decode().split("|", 6)
+        """The state line of an S:T field (its attempts follow on the next lines)."""
+        line = raw.partition(b"\n")[0]
+        state, attempt, run_at, _lease, finished, status, error = line.decode().split("|", 6)
         return cls(
             State(int(state)),
             int(attempt or 0),
@@ -329,7 +333,8 @@ class RedisStore(Store):
         )
         self._ready_counts[key] = [int(n) for n in fresh_counts]
         jobs = []
-        for job_id, raw, attempt, run_at in rows:
+        fields = iter(rows)  # flat: id, record, attempt, run_at for each job
+        for job_id, raw, attempt, run_at in zip(fields, fields, fields, fields, strict=True):
             record = unpack_record(raw)
             # Positional, in Job's field order: keywords cost a third more, once per job.
             jobs.append(
@@ -368,13 +373,16 @@ class RedisStore(Store):
                     # The FINISH kinds are the outcome values.  ``_value_`` is the plain
                     # attribute behind ``value`` (a property), and a dict keyed by an Enum
                     # hashes through a Python-level __hash__: this is once per job.
-                    outcome._value_,
-                    _stamp(item.run_at) if outcome is _RETRY else "",
-                    "1" if item.spend else "0",
-                    "" if attempt.status is None else str(attempt.status),
-                    attempt.error or "",
+                    outcome._value_ if item.spend or outcome is not _RETRY else _RETRY_UNSPENT,
+                    # The end of the job's new state line: "status|error".  Attempts
+                    # follow that line, so the error there must not break it.
+                    ("" if attempt.status is None else str(attempt.status))
+                    + "|"
+                    + (attempt.error.replace("\n", " ") if attempt.error else ""),
                     encode_attempt(attempt),
                 ]
+                if outcome is _RETRY:
+                    args.append(_stamp(item.run_at))
             results = await self._eval(queue, scripts.FINISH, *args)
             for index, result in zip(indexes, results, strict=True):
                 recorded[index] = bool(result)
@@ -507,17 +515,17 @@ class RedisStore(Store):
         for member in sorted(members):
             queue, _, topic = member.decode().partition("/")
             prefix = prefix_of(queue)
-            raw, state, delayed_at, history = await self._pipeline(
+            raw, state, delayed_at = await self._pipeline(
                 queue,
                 [
                     ("HGET", prefix + f"J:{topic}".encode(), job_id),
                     ("HGET", prefix + f"S:{topic}".encode(), job_id),
                     ("ZSCORE", prefix + f"d:{topic}".encode(), job_id),
-                    ("HGET", prefix + f"H:{topic}".encode(), job_id),
                 ],
             )
             if raw is not None:
                 parsed = None if state is None else _State.parse(state)
+                history = state.partition(b"\n")[2] if state is not None else b""
                 records.append(
                     _job_record(
                         job_id,

@@ -9,7 +9,7 @@ import trio
 
 from adapters.storage.base import Finish, Retention, Store
 from adapters.storage.fanout import FieldCondition, Filter
-from adapters.storage.jobs import Attempt, Job, NewJob, Outcome, Priority, State
+from adapters.storage.jobs import Attempt, DeadFilter, Job, NewJob, Outcome, Priority, State
 from tests.storage.conftest import FakeClock
 
 NO_FILTER = Filter()
@@ -98,6 +98,30 @@ async def test_delayed_jobs_wait_for_their_time(store: Store, clock: FakeClock) 
     due = await store.promote_due("orders", "email")
     assert (due.count, due.next_at) == (1, None)
     assert [j.payload for j in await store.reserve("orders", "email", 5, 30)] == [b"later"]
+
+
+async def test_errors_with_newlines_and_bars_keep_the_history_whole(
+    store: Store, clock: FakeClock
+) -> None:
+    # Backends write anything into an error excerpt; the store's own separators must survive.
+    error = 'upstream | said:\nline two\n{"n": 1}'
+    await store.push("orders", ROUTES, [NewJob(b"x")])
+    (job,) = await store.reserve("orders", "email", 1, 30)
+    failed = Attempt(job.attempt, 1.0, 0.01, Outcome.RETRY, status=500, error=error)
+    assert await store.retry(job, failed, clock.now)
+    (job,) = await store.reserve("orders", "email", 1, 30)
+    assert job.attempt == 2
+    assert await store.bury(job, Attempt(2, 2.0, 0.01, Outcome.DEAD, status=502, error=error))
+    (record,) = await store.get_job(job.id)
+    assert record.state is State.DEAD and record.attempt == 2
+    assert [(a.attempt, a.status, a.error) for a in record.attempts] == [
+        (1, 500, error),
+        (2, 502, error),
+    ]
+    (dead,) = (await store.list_dead("orders", "email", DeadFilter(), None, 10)).jobs
+    assert (dead.attempt, dead.status) == (2, 502)
+    assert dead.error is not None and "line two" in dead.error
+    assert (await store.list_dead("orders", "email", DeadFilter(error="LINE TWO"), None, 10)).jobs
 
 
 async def test_retry_spends_an_attempt_unless_told_not_to(store: Store, clock: FakeClock) -> None:
@@ -287,7 +311,6 @@ async def _kill(
 
 
 async def test_dead_jobs_are_listed_filtered_and_paged(store: Store, clock: FakeClock) -> None:
-    from adapters.storage.jobs import DeadFilter
 
     first = clock.now
     gone = await _kill(store, [b"a", b"b", b"c"], 404, clock)
@@ -339,7 +362,6 @@ async def test_bulk_replay_by_filter_at_a_rate_and_delete_all(
     store: Store, clock: FakeClock
 ) -> None:
     from adapters.storage.bulk import delete_where, replay_where
-    from adapters.storage.jobs import DeadFilter
 
     gone = await _kill(store, [b"%d" % i for i in range(30)], 404, clock)
     bad = await _kill(store, [b"x%d" % i for i in range(5)], 400, clock)
