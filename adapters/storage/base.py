@@ -42,7 +42,8 @@ class Due:
     next_at: float | None
 
 
-_FINISHING = frozenset({Outcome.DONE, Outcome.RETRY, Outcome.DEAD})
+#: By value: an Enum hashes through a Python-level __hash__, and this runs once per job.
+_FINISHING = frozenset({Outcome.DONE.value, Outcome.RETRY.value, Outcome.DEAD.value})
 
 
 @dataclass(slots=True)  # not frozen: built once per job (see ``jobs``); a value all the same
@@ -56,7 +57,7 @@ class Finish:
     spend: bool = True  # RETRY: whether the attempt counts against max_attempts
 
     def __post_init__(self) -> None:
-        if self.outcome not in _FINISHING:
+        if self.outcome._value_ not in _FINISHING:
             raise ValueError(f"cannot finish a job as {self.outcome.value}")
 
 
