@@ -288,7 +288,7 @@ for k = 1, nids do
     nunleased = nunleased + 1; unleased[nunleased] = id
     -- The attempts so far follow the state line; this one goes last.
     local newline = string.find(states[id], '\\n', 1, true)
-    local attempts = newline and string.sub(states[id], newline) .. '\\n' .. record
+    local history = newline and string.sub(states[id], newline) .. '\\n' .. record
       or '\\n' .. record
     local new_state, finished = '', ''
     if kind == 'retry' or kind == 'retry-unspent' then
@@ -320,7 +320,7 @@ for k = 1, nids do
     -- `unleased` are distinct.
     -- One concatenation, no table: this runs once per job.
     states[id] = new_state .. '|' .. n .. '|' .. t .. '||' .. finished .. '|' .. tails[k]
-      .. attempts
+      .. history
   end
 end
 if nunleased > 0 then
