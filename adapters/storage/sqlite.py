@@ -490,7 +490,7 @@ class SQLiteStore(Store):
     async def delete_dead(self, queue: str, topic: str, ids: Sequence[str]) -> int:
         def op(conn: sqlite3.Connection) -> int:
             seqs = []
-            for job_id in ids:
+            for job_id in dict.fromkeys(ids):  # an id given twice is deleted (and counted) once
                 row = conn.execute(
                     "SELECT seq FROM jobs WHERE queue=? AND topic=? AND id=? AND state=?",
                     (queue, topic, job_id, State.DEAD),
@@ -532,14 +532,21 @@ def _finish_one(conn: sqlite3.Connection, item: Finish, now: float) -> State | N
         conn.execute(
             "UPDATE jobs SET state=?, run_at=?, lease_until=NULL, attempt=attempt-?,"
             " last_status=?, last_error=? WHERE seq=?",
-            (state, item.run_at, 0 if item.spend else 1, attempt.status, attempt.error, seq),
+            (
+                state,
+                item.run_at,
+                0 if item.spend else 1,
+                attempt.status,
+                attempt.error or None,
+                seq,
+            ),
         )
     else:
         state = _FINAL_STATE[item.outcome]
         conn.execute(
             "UPDATE jobs SET state=?, finished_at=?, lease_until=NULL, last_status=?,"
             " last_error=? WHERE seq=?",
-            (state, now, attempt.status, attempt.error, seq),
+            (state, now, attempt.status, attempt.error or None, seq),
         )
     _record_attempt(conn, seq, attempt)
     _add_depth(conn, job.queue, job.topic, State.LEASED, -1)
@@ -625,7 +632,7 @@ def _record_attempt(conn: sqlite3.Connection, seq: int, attempt: Attempt) -> Non
             attempt.duration,
             attempt.outcome.value,
             attempt.status,
-            attempt.error,
+            attempt.error or None,  # no error is None, as in the Redis store
             attempt.body,
             attempt.stderr,
         ),
