@@ -1,12 +1,15 @@
 """One dispatcher per topic: reserve jobs, deliver them, record what happened.
 
-    fetcher     waits on the topic's doorbell (rung by every push) and keeps a small buffer of
-                leased jobs topped up, reserving in batches: one store call for many jobs;
+    fetcher     waits on the topic's doorbell (rung by every push) and keeps a buffer of leased
+                jobs topped up, reserving in batches: one store call for many jobs.  The
+                buffer holds about BUFFER_SECONDS of the topic's recent delivery rate (at
+                least two jobs per worker), so a fast topic reserves in large batches and a
+                slow one holds few leases;
     workers     ``concurrency`` tasks, each delivering one job at a time under the topic's
                 timeout and deciding its outcome;
-    recorder    writes outcomes to the store in batches (one call for every outcome that
-                arrived while the previous call ran), shielded so a shutdown cannot lose a
-                finished attempt;
+    recorder    writes outcomes to the store in batches: one call for every outcome that
+                arrived while the previous call ran or within RECORD_LINGER of the first,
+                shielded so a shutdown cannot lose a finished attempt;
     scheduler   promotes delayed jobs when due, recovers expired leases, prunes history; it
                 sleeps until the next due time or until a delayed push rings its timer.
 
@@ -52,6 +55,15 @@ PRUNE_INTERVAL = 60.0
 RECHECK = 5.0
 #: Recording outcomes may take this long after shutdown began.
 RECORD_GRACE = 10.0
+#: A store call has a fixed cost several times that of a job in it (a Redis script call
+#: costs ~100k instructions before its first job), so batches should be large.  The
+#: fetcher keeps this much of the recent delivery rate leased and buffered, up to
+#: MAX_BUFFER jobs; the recorder waits this long for more outcomes before it writes.
+BUFFER_SECONDS = 0.02
+MAX_BUFFER = 256
+RATE_WINDOW = 0.25
+RECORD_LINGER = 0.002
+RECORD_BATCH = 256
 STORE_ERROR_PAUSE = 1.0
 
 
@@ -118,9 +130,11 @@ class Dispatcher:
         self._held: dict[str, Job] = {}
         self._jobs_in, self._jobs_out = trio.open_memory_channel[Job](math.inf)
         self._in_flight = 0
+        self._started = 0  # deliveries begun, for the rate that sizes the buffer
         self._capacity = trio.Event()  # set when a held job is let go
         self._outcomes: list[_Outcome] = []
         self._outcome_ready = trio.Event()
+        self._flush_now = trio.Event()  # the recorder stops lingering: a stop, a full batch
         self._paused = topic.paused
         self._resumed = trio.Event()
         self._stopping = False
@@ -169,7 +183,9 @@ class Dispatcher:
                     await self._fetch_loop()
                     self._jobs_in.close()  # workers finish what they hold, then leave
                 self._workers_done = True
-                self._outcome_ready.set()  # the recorder flushes the last outcomes and ends
+                # The recorder flushes the last outcomes at once and ends.
+                self._outcome_ready.set()
+                self._flush_now.set()
                 await recorder_done.wait()
                 upkeep.cancel_scope.cancel()
         finally:
@@ -220,22 +236,27 @@ class Dispatcher:
     async def _fetch_loop(self) -> None:
         queue, topic = self.key
         concurrency = self.topic.concurrency
-        # Keep every worker busy and as many jobs ready next.  Jobs whose outcome is on its way
-        # to the store do not count against that (the recorder's round trip must not starve
-        # the workers), but their backlog is bounded too, should the store slow down.
-        most = 2 * concurrency
+        # Keep every worker busy and a buffer of jobs ready next.  Jobs whose outcome is on
+        # its way to the store do not count against that (the recorder's round trip must not
+        # starve the workers), but their backlog is bounded too, should the store slow down.
+        most = least = 2 * concurrency
+        window_start, window_count = trio.current_time(), self._started
         while not self._stopping:
             if self._paused:
                 self._resumed = trio.Event()
                 await self._resumed.wait()
                 continue
+            now = trio.current_time()
+            if now - window_start >= RATE_WINDOW:
+                rate = (self._started - window_count) / (now - window_start)
+                most = max(least, min(MAX_BUFFER, int(rate * BUFFER_SECONDS)))
+                window_start, window_count = now, self._started
             active = self._in_flight + self._buffered()
             recording = len(self._held) - active
             room = most - active
-            # Refill in batches, but never keep an idle worker waiting for a batch to form.
-            if recording > 4 * concurrency or (
-                room < max(1, concurrency // 2) and active >= concurrency
-            ):
+            # Refill in batches of at least a quarter of the buffer, but never keep an idle
+            # worker waiting for a batch to form.
+            if recording > 2 * most or (room < max(1, most // 4) and active >= concurrency):
                 await self._wait_for_capacity(math.inf)
                 continue
             limit = room
@@ -298,6 +319,7 @@ class Dispatcher:
             if not await self._lease_covers_an_attempt(job):
                 continue
             self._in_flight += 1
+            self._started += 1
             try:
                 await self._deliver(job)
             finally:
@@ -356,6 +378,8 @@ class Dispatcher:
         # Handed over without an await: a cancellation from here on cannot lose the attempt.
         self._outcomes.append(_Outcome(job, attempt, decision, delivery))
         self._outcome_ready.set()
+        if len(self._outcomes) >= RECORD_BATCH:
+            self._flush_now.set()
 
     async def _keep_leased(self, job: Job) -> None:
         while True:
@@ -370,7 +394,13 @@ class Dispatcher:
     async def _record_loop(self, done: trio.Event) -> None:
         while True:
             await self._outcome_ready.wait()
+            if len(self._outcomes) < RECORD_BATCH and not self._workers_done:
+                # Let a busy topic's outcomes gather: the attempts are safe in memory (and
+                # the jobs leased) meanwhile, and a stop cuts the wait short.
+                with trio.move_on_after(RECORD_LINGER):
+                    await self._flush_now.wait()
             self._outcome_ready = trio.Event()
+            self._flush_now = trio.Event()
             batch, self._outcomes = self._outcomes, []
             if batch:
                 with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):

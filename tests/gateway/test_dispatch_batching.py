@@ -1,0 +1,112 @@
+"""How a dispatcher sizes its store calls: large batches for a busy topic, few leases for a
+slow one.  A unit test of the dispatcher over a real SQLite store, with an in-process
+backend so the delivery rate is whatever the test makes it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from adapters.delivery.base import Delivery
+from adapters.storage.base import Finish
+from adapters.storage.fanout import Filter
+from adapters.storage.jobs import Job, NewJob
+from adapters.storage.sqlite import SQLiteStore
+from gateway import dispatcher as dispatch
+from gateway.config import TopicConfig
+
+
+class InstantBackend:
+    """Answers 200 to every job, after ``pause`` seconds."""
+
+    description = "in-process"
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.pause = pause
+        self.delivered: list[str] = []
+
+    async def deliver(self, job: Job) -> Delivery:
+        if self.pause:
+            await trio.sleep(self.pause)
+        else:
+            await trio.lowlevel.checkpoint()
+        self.delivered.append(job.id)
+        return Delivery(duration=self.pause, status=200)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    async def aclose(self) -> None:
+        pass
+
+    def statistics(self) -> Any:
+        return None
+
+
+class CountingStore(SQLiteStore):
+    """The SQLite store, remembering the size of every reserve and finish call."""
+
+    reserves: list[int]
+    finishes: list[int]
+
+    async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
+        self.reserves.append(limit)
+        return await super().reserve(queue, topic, limit, lease)
+
+    async def finish(self, items: Sequence[Finish]) -> list[bool]:
+        self.finishes.append(len(items))
+        return await super().finish(items)
+
+
+async def run_topic(tmp_path: Path, jobs: int, concurrency: int, pause: float) -> CountingStore:
+    store = await CountingStore.open(str(tmp_path / "jobs.db"))
+    store.reserves, store.finishes = [], []
+    topic = TopicConfig(
+        queue="q", name="t", backend="http://127.0.0.1:9/", kind="http", concurrency=concurrency
+    )
+    backend = InstantBackend(pause)
+    for start in range(0, jobs, 500):
+        await store.push("q", [("t", Filter())], [NewJob(b"{}")] * min(500, jobs - start))
+    worker = dispatch.Dispatcher(store, topic, backend)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            with trio.fail_after(60):
+                while (await store.stats("q", "t")).done_total < jobs:
+                    await trio.sleep(0.01)
+            worker.stop()
+    finally:
+        await store.aclose()
+    assert len(backend.delivered) == len(set(backend.delivered)) == jobs
+    return store
+
+
+async def test_a_busy_topic_reserves_and_records_in_large_batches(tmp_path: Path) -> None:
+    store = await run_topic(tmp_path, jobs=6000, concurrency=4, pause=0.0)
+    least = 2 * 4
+    # The buffer grew with the delivery rate, and never past its cap.
+    assert max(store.reserves) > least
+    assert max(store.reserves) <= dispatch.MAX_BUFFER
+    # Outcomes were gathered: far fewer finish calls than jobs.
+    assert sum(store.finishes) == 6000
+    assert len(store.finishes) < 6000 / 8
+
+
+async def test_a_slow_topic_holds_few_leases(tmp_path: Path) -> None:
+    # 20 jobs/s at most: BUFFER_SECONDS of that is less than a job, so the buffer stays at
+    # its floor of two jobs per worker.
+    store = await run_topic(tmp_path, jobs=30, concurrency=2, pause=0.1)
+    assert max(store.reserves) <= 2 * 2
+
+
+@pytest.mark.parametrize("linger", [0.0, dispatch.RECORD_LINGER])
+async def test_every_outcome_is_recorded_whatever_the_linger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linger: float
+) -> None:
+    monkeypatch.setattr(dispatch, "RECORD_LINGER", linger)
+    store = await run_topic(tmp_path, jobs=500, concurrency=3, pause=0.0)
+    assert sum(store.finishes) == 500
