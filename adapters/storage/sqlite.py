@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import outcome
 import trio
@@ -127,7 +127,7 @@ class SQLiteStore(Store):
         self._schedulers: dict[tuple[str, str], PriorityScheduler] = {}
 
     @classmethod
-    async def open(cls, path: str, *, clock: Callable[[], float] = time.time) -> SQLiteStore:
+    async def open(cls, path: str, *, clock: Callable[[], float] = time.time) -> Self:
         store = cls(path, clock=clock)
         await store._writer.start()
         return store
