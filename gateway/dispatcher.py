@@ -308,7 +308,19 @@ class Dispatcher:
     # -- delivering ---------------------------------------------------------------------------
 
     async def _work(self) -> None:
-        async for job in self._jobs_out:
+        jobs = self._jobs_out
+        while True:
+            # A buffered job is taken without a trip through the scheduler (receive() would
+            # yield even with one ready): the delivery that follows yields anyway.
+            try:
+                job = jobs.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    job = await jobs.receive()
+                except trio.EndOfChannel:
+                    return
+            except trio.EndOfChannel:
+                return
             if self._stopping:
                 continue  # buffered: released at the end, no attempt spent
             if self.circuit.state is CircuitState.OPEN:

@@ -133,6 +133,9 @@ class Telemetry:
         if delivery.failure is not None:
             kind = delivery.failure.value
             record.failures[kind] = record.failures.get(kind, 0) + 1
+        failed = decision.outcome is not Outcome.DONE
+        if not failed and not self._subscribers:
+            return  # an event nobody reads: not built
         event = {
             "type": "attempt",
             "job_id": job.id,
@@ -144,7 +147,7 @@ class Telemetry:
             "duration_ms": round(attempt.duration * 1000, 3),
             "at": attempt.started_at,
         }
-        if decision.outcome is not Outcome.DONE:
+        if failed:
             failure = {
                 **event,
                 "error": attempt.error,

@@ -77,7 +77,9 @@ class FastCGIBackend:
         # One deadline for the whole attempt, waiting for and opening a connection included;
         # the pool enforces it without a cancel scope of ours.
         deadline = started + timeout
-        params = Params(tuple(self._job_params(job, body)), self._static_encoded)
+        # Pairs this backend built itself are bytes by construction: encoded here, they skip
+        # the per-pair type check Params makes of pairs handed to it.
+        params = Params((), self._static_encoded + encode_pairs(self._job_params(job, body)))
         try:
             response = await self.pool.request(params, body, deadline=deadline)
         except (BackendError, RemoteProtocolError) as exc:
