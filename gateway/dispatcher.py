@@ -88,7 +88,7 @@ class DispatcherStatistics:
 AttemptListener = Callable[[Job, Attempt, Decision, Delivery], None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per attempt (see Delivery)
 class _Outcome:
     job: Job
     attempt: Attempt

@@ -13,6 +13,7 @@ Pure functions of the result and the topic's policy, so every rule is tested wit
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -68,7 +69,7 @@ def decide(
     status = delivery.status
     assert status is not None
     if 200 <= status < 300:
-        return Decision(Outcome.DONE, f"status {status}")
+        return _done(status)
     if status in (429, 503):
         after = retry_after(delivery.header(b"retry-after"), now)
         if after is not None:
@@ -76,6 +77,12 @@ def decide(
     if status in dead_on:
         return Decision(Outcome.DEAD, f"status {status} is in dead_on")
     return retry(f"status {status}", backoff.delay(attempt, rng))
+
+
+@functools.lru_cache(maxsize=128)
+def _done(status: int) -> Decision:
+    # A Decision is immutable: one per 2xx status serves every job that gets it.
+    return Decision(Outcome.DONE, f"status {status}")
 
 
 def retry_after(value: bytes | None, now: float) -> float | None:

