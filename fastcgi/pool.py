@@ -248,13 +248,14 @@ class ConnectionPool:
         # Nothing is sent to a task that is already cancelled: the backend would run the job
         # for nobody.
         await trio.lowlevel.checkpoint_if_cancelled()
-        started = trio.current_time()
+        now = self._pool.now
+        started = now()
         waited = await self._write(conn, wire, deadline)
         # The read limit runs from the end of the write (see Timeouts).  A write that went
         # out in one send() ended microseconds after ``started``: no second clock read.
-        written = trio.current_time() if waited else started
+        written = now() if waited else started
         answer = await self._read(conn, read, protocol.receive_response, written, deadline)
-        elapsed = trio.current_time() - started
+        elapsed = now() - started
 
         if not answer.complete:
             raise RequestRejected(self._name, answer.protocol_status)
