@@ -5,7 +5,8 @@
              sending busgate's own request (the same CGI params and body), measured before
              and after; a raw client's minimal request is reported too
     ingest   redis-benchmark -t lpush (50 clients) against the gateway (queue "mylist",
-             topic paused) and against redis-server, unpipelined and with -P 16
+             topic paused) and against redis-server, unpipelined and with -P 16; and
+             against a bare trio server that only replies, the ceiling for one trio process
     latency  push -> the backend's first byte at 1,000 jobs/s: p50 and p99
     rss      daemon RSS with 100 topics and 1,000,000 pending jobs
 
@@ -18,6 +19,7 @@ processes, as real ones do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -231,6 +233,7 @@ async def bench_ingest(kinds: list[str], requests: int) -> None:
             raw = {p: redis_benchmark(baseline.port, p, requests) for p in (1, 16)}
         finally:
             baseline.stop()
+        floor = await bare_trio_rates(requests)
         results: dict[str, dict[int, float]] = {}
         for kind in kinds:
             async with stores(kind, tmp / kind) as url:
@@ -252,12 +255,37 @@ async def bench_ingest(kinds: list[str], requests: int) -> None:
     print(f"ingest: redis-benchmark -t lpush -c 50 -n {requests}")
     for pipeline, target in ((1, 0.5), (16, 0.1)):
         print(f"  -P {pipeline:2}: redis-server {raw[pipeline]:9.0f}/s")
+        print(
+            f"         bare trio server  {floor[pipeline]:9.0f}/s ="
+            f" {floor[pipeline] / raw[pipeline]:.2f}x (replies only: the most one trio process gets)"
+        )
         for kind, rates in results.items():
             rate = rates[pipeline]
             print(
                 f"         busgate ({kind:6}) {rate:9.0f}/s = {rate / raw[pipeline]:.2f}x"
                 f" (target >= {target}x)"
             )
+
+
+async def _reply_only(stream: trio.SocketStream) -> None:
+    # One ":1" per command received: no parsing beyond counting, no store, no checks.
+    with contextlib.suppress(trio.BrokenResourceError):
+        while data := await stream.receive_some(65536):
+            await stream.send_all(b":1\r\n" * data.count(b"*"))
+
+
+async def bare_trio_rates(requests: int) -> dict[int, float]:
+    """What redis-benchmark gets from a trio server that only replies: the ceiling on what
+    busgate's RESP server (one trio process) could reach, measured in the same run."""
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, _reply_only, listeners)
+        rates = {
+            p: await trio.to_thread.run_sync(redis_benchmark, port, p, requests) for p in (1, 16)
+        }
+        nursery.cancel_scope.cancel()
+    return rates
 
 
 # -- latency -----------------------------------------------------------------------------------
