@@ -257,7 +257,8 @@ async def bench_ingest(kinds: list[str], requests: int) -> None:
         print(f"  -P {pipeline:2}: redis-server {raw[pipeline]:9.0f}/s")
         print(
             f"         bare trio server  {floor[pipeline]:9.0f}/s ="
-            f" {floor[pipeline] / raw[pipeline]:.2f}x (replies only: the most one trio process gets)"
+            f" {floor[pipeline] / raw[pipeline]:.2f}x"
+            " (replies only: the most one trio process gets)"
         )
         for kind, rates in results.items():
             rate = rates[pipeline]
