@@ -40,7 +40,7 @@ from adapters.storage.base import Store
 from adapters.storage.jobs import Job, Priority, new_job_id, new_trace_id
 from bench.fastcgi_pool import encoded_request, request_env, run_raw
 from fastcgi.connection import ClientConnection
-from fastcgi.events import BeginRequest, Params, Stdin
+from fastcgi.events import Params
 from gateway.app import App, build_backend
 from gateway.config import load_config
 from tests.support.phpfpm import PhpFpm
@@ -135,12 +135,7 @@ def busgate_request(config: Path) -> bytes:
         new_trace_id(),
     )
     body = backend.body(job)
-    conn = ClientConnection()
-    return (
-        conn.send(BeginRequest(keep_conn=True))
-        + conn.send(Params.of(dict(backend.params(job, body))))
-        + conn.send(Stdin(body))
-    )
+    return ClientConnection().send_request(Params.of(backend.params(job, body)), body)
 
 
 async def bench_e2e(kinds: list[str], jobs: int) -> None:

@@ -313,12 +313,10 @@ class Dispatcher:
             # A buffered job is taken without a trip through the scheduler (receive() would
             # yield even with one ready): the delivery that follows yields anyway.
             try:
-                job = jobs.receive_nowait()
-            except trio.WouldBlock:
                 try:
+                    job = jobs.receive_nowait()
+                except trio.WouldBlock:
                     job = await jobs.receive()
-                except trio.EndOfChannel:
-                    return
             except trio.EndOfChannel:
                 return
             if self._stopping:
