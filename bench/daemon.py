@@ -87,14 +87,40 @@ async def stores(kind: str, tmp: Path) -> AsyncIterator[str]:
         server.stop()
 
 
-def pusher(port: int, queue: str, count: int, *, rate: float = 0, batch: int = 100) -> list[str]:
-    return [sys.executable, str(PUSHER), str(port), queue, str(count), str(rate), str(batch)]
+def pusher(
+    port: int, queue: str, count: int, *, rate: float = 0, batch: int = 100, ready: bool = False
+) -> list[str]:
+    argv = [sys.executable, str(PUSHER), str(port), queue, str(count), str(rate), str(batch)]
+    return [*argv, "--ready"] if ready else argv
+
+
+async def push_timed(port: int, queue: str, count: int) -> float:
+    """Run the pusher; return the perf_counter time of its first push (once it has connected)."""
+    process = await trio.lowlevel.open_process(
+        pusher(port, queue, count, ready=True), stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(64)
+            if not chunk:
+                break
+            line += chunk
+        started = time.perf_counter()
+        status = await process.wait()
+    finally:
+        process.kill()
+        await process.stdout.aclose()
+    if line != b"ready\n" or status != 0:
+        raise RuntimeError(f"the pusher failed (exit status {status}, said {line!r})")
+    return started
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 600) -> None:
     with trio.fail_after(timeout):
         while not await check():
-            await trio.sleep(0.02)
+            await trio.sleep(0.005)
 
 
 # -- e2e ---------------------------------------------------------------------------------------
@@ -159,8 +185,7 @@ async def bench_e2e(kinds: list[str], jobs: int) -> None:
                         port = int(app.resp_address.rpartition(":")[2])
                         assert app.store is not None
                         store = app.store
-                        start = time.perf_counter()
-                        await trio.run_process(pusher(port, "e2e", jobs))
+                        start = await push_timed(port, "e2e", jobs)
 
                         async def all_done(store: Store = store) -> bool:
                             return (await store.stats("e2e", "noop")).done_total >= jobs

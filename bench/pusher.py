@@ -1,10 +1,13 @@
 """A producer process for the benchmarks: pushes jobs with redis-py, as an application would.
 
-    pusher.py PORT QUEUE COUNT RATE BATCH
+    pusher.py PORT QUEUE COUNT RATE BATCH [--ready]
 
-RATE 0 pushes as fast as it can, BATCH payloads per LPUSH.  RATE > 0 sends one XADD per job
-on a schedule of RATE jobs/s, with an explicit id, and prints {id: time sent} as JSON so the
-latency benchmark can match each job to the moment the backend started it.
+RATE 0 pushes as fast as it can, BATCH payloads per LPUSH.  With ``--ready`` it first
+connects, then prints ``ready`` and pushes: a benchmark that times the pushes starts its clock
+there, not at the interpreter's start (about 0.14 s here, 4% of a 40,000-job e2e run).
+RATE > 0 sends one XADD per job on a schedule of RATE jobs/s, with an explicit id, and
+prints {id: time sent} as JSON so the latency benchmark can match each job to the moment the
+backend started it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def main() -> None:
         int(sys.argv[5]),
     )
     client = redis.Redis(port=port, protocol=2)
+    if "--ready" in sys.argv[6:]:
+        client.ping()
+        print("ready", flush=True)
     if rate <= 0:
         for start in range(0, count, batch):
             payloads = [b'{"n":%d}' % n for n in range(start, min(start + batch, count))]

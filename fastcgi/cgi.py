@@ -7,6 +7,7 @@ FastCGI apps do not always).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -15,15 +16,20 @@ from fastcgi.errors import RemoteProtocolError
 
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 
+#: Header blocks up to this size are parsed once and remembered (see ``_parse_head``).
+_CACHED_HEAD_SIZE = 1024
+
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _STATUS = re.compile(rb"\s*(\d{3})(?:\s+(.*?))?\s*")
+
+Headers = tuple[tuple[bytes, bytes], ...]
 
 
 class CGIResponse(NamedTuple):
     # A named tuple: one is built per delivery, and a tuple is the cheapest object to build.
     status: int
     reason: str
-    headers: tuple[tuple[bytes, bytes], ...]
+    headers: Headers
     body: bytes
 
     def header(self, name: bytes) -> bytes | None:
@@ -59,7 +65,15 @@ def parse_cgi_response(
                 raise RemoteProtocolError("empty CGI response: no header block")
             raise RemoteProtocolError("CGI response has no end of headers (blank line)")
         head, body = stdout[: match.start()], stdout[match.end() :]
+    if len(head) <= _CACHED_HEAD_SIZE:
+        status, reason, headers = _parse_cached_head(head)
+    else:
+        status, reason, headers = _parse_head(head)
+    return CGIResponse(status, reason, headers, body)
 
+
+def _parse_head(head: bytes) -> tuple[int, str, Headers]:
+    """Status, reason and headers of a header block (without its blank line)."""
     headers: list[tuple[bytes, bytes]] = []
     status: int | None = None
     reason = ""
@@ -84,4 +98,11 @@ def parse_cgi_response(
 
     if status is None:
         status = 302 if location else 200
-    return CGIResponse(status, reason, tuple(headers), body)
+    return status, reason, tuple(headers)
+
+
+# An application answers with a handful of header blocks, byte for byte the same each time
+# (a no-op script's is always "X-Powered-By ... Content-type ..."): parsing is a pure
+# function of the bytes, so a short block is parsed once.  The result is immutable, and the
+# size bound caps what the cache holds at 256 KiB.  Errors are not cached; they are rare.
+_parse_cached_head = functools.lru_cache(maxsize=256)(_parse_head)

@@ -27,15 +27,12 @@ _SHORT = [bytes((n,)) for n in range(0x80)]
 
 def encode_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
     parts: list[bytes] = []
-    append = parts.append
     for name, value in pairs:
         name_len, value_len = len(name), len(value)
         if name_len < 0x80 and value_len < 0x80:
-            append(bytes((name_len, value_len)))
+            parts += (_SHORT[name_len], _SHORT[value_len], name, value)
         else:
-            append(_encode_length(name_len) + _encode_length(value_len))
-        append(name)
-        append(value)
+            parts += (_encode_length(name_len), _encode_length(value_len), name, value)
     return b"".join(parts)
 
 

@@ -16,7 +16,14 @@ from urllib.parse import urlsplit
 import trio
 
 from adapters.delivery.base import Delivery, Failure, failure_of
-from adapters.delivery.headers import SERVER_SOFTWARE, cgi_name, job_headers, request_body
+from adapters.delivery.headers import (
+    JOB_HEADER_NAMES,
+    SERVER_SOFTWARE,
+    attribute_headers,
+    cgi_name,
+    job_header_values,
+    request_body,
+)
 from adapters.storage.jobs import Job
 from fastcgi.address import Address
 from fastcgi.errors import (
@@ -43,6 +50,10 @@ class FastCGITarget:
     extra_params: tuple[tuple[str, str], ...] = field(default=())
 
 
+#: The CGI names of the job headers, as PHP reads them: ``$_SERVER['HTTP_X_BUSGATE_JOB_ID']``.
+_JOB_PARAM_NAMES = tuple(cgi_name(name) for name in JOB_HEADER_NAMES)
+
+
 class FastCGIBackend:
     def __init__(self, target: FastCGITarget) -> None:
         self.target = target
@@ -62,9 +73,11 @@ class FastCGIBackend:
         return [*self._static, *self._job_params(job, body)]
 
     def _job_params(self, job: Job, body: bytes) -> list[tuple[bytes, bytes]]:
-        params = [(b"CONTENT_LENGTH", str(len(body)).encode())]
-        for name, value in job_headers(job):
-            params.append((cgi_name(name), value.encode("utf-8")))
+        params = [(b"CONTENT_LENGTH", b"%d" % len(body))]
+        values = [v.encode("utf-8") for v in job_header_values(job)]
+        params += zip(_JOB_PARAM_NAMES, values, strict=True)
+        if job.attributes:
+            params += [(cgi_name(n), v.encode("utf-8")) for n, v in attribute_headers(job)]
         return params
 
     def body(self, job: Job) -> bytes:

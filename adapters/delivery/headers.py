@@ -21,11 +21,14 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}"
 
 def enqueued_at_text(timestamp: float) -> str:
     """RFC 3339 in UTC with milliseconds: what PHP's strtotime and every JSON parser read."""
-    seconds = int(timestamp)
-    millis = round((timestamp - seconds) * 1000)
-    if millis == 1000:
-        seconds, millis = seconds + 1, 0
-    return _second_text(seconds) + f".{millis:03d}Z"
+    return _millisecond_text(round(timestamp * 1000))
+
+
+@functools.lru_cache(maxsize=256)
+def _millisecond_text(ms: int) -> str:
+    # The jobs of one push share their enqueue time: formatted once for the lot.
+    seconds, millis = divmod(ms, 1000)
+    return f"{_second_text(seconds)}.{millis:03d}Z"
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,23 +48,46 @@ def trace_id_of(value: str) -> str | None:
     return None if match is None else match.group(1)
 
 
-def job_headers(job: Job) -> list[tuple[str, str]]:
-    """Header names and values for a delivery of ``job``.
+#: The headers every delivery carries, in this order; ``job_header_values`` gives their values.
+JOB_HEADER_NAMES = (
+    "X-Busgate-Job-Id",
+    "X-Busgate-Queue",
+    "X-Busgate-Topic",
+    "X-Busgate-Attempt",
+    "X-Busgate-Enqueued-At",
+    "traceparent",
+)
 
-    Producer attributes whose names are header tokens travel as ``X-Busgate-Attr-<name>``;
-    others stay in the store, visible through the admin API.
+
+def job_header_values(job: Job) -> tuple[str, str, str, str, str, str]:
+    """The values of ``JOB_HEADER_NAMES`` for a delivery of ``job`` (a fresh span each time)."""
+    return (
+        job.id,
+        job.queue,
+        job.topic,
+        str(job.attempt),
+        enqueued_at_text(job.enqueued_at),
+        traceparent(job.trace_id),
+    )
+
+
+def attribute_headers(job: Job) -> list[tuple[str, str]]:
+    """Producer attributes whose names are header tokens, as ``X-Busgate-Attr-<name>``.
+
+    Other attributes stay in the store, visible through the admin API.
     """
-    headers = [
-        ("X-Busgate-Job-Id", job.id),
-        ("X-Busgate-Queue", job.queue),
-        ("X-Busgate-Topic", job.topic),
-        ("X-Busgate-Attempt", str(job.attempt)),
-        ("X-Busgate-Enqueued-At", enqueued_at_text(job.enqueued_at)),
-        ("traceparent", traceparent(job.trace_id)),
+    return [
+        (f"X-Busgate-Attr-{name}", value)
+        for name, value in job.attributes.items()
+        if _TOKEN.fullmatch(name) and "\r" not in value and "\n" not in value
     ]
-    for name, value in job.attributes.items():
-        if _TOKEN.fullmatch(name) and "\r" not in value and "\n" not in value:
-            headers.append((f"X-Busgate-Attr-{name}", value))
+
+
+def job_headers(job: Job) -> list[tuple[str, str]]:
+    """Header names and values for a delivery of ``job``."""
+    headers = list(zip(JOB_HEADER_NAMES, job_header_values(job), strict=True))
+    if job.attributes:
+        headers += attribute_headers(job)
     return headers
 
 

@@ -54,3 +54,23 @@ def test_header_block_limit() -> None:
     with pytest.raises(RemoteProtocolError, match="exceeds the limit of 100"):
         parse_cgi_response(raw, max_header_size=100)
     assert parse_cgi_response(raw, max_header_size=300).body == b"body"
+
+
+@pytest.mark.parametrize("size", [10, 5000])  # a header block that is cached, and one too big
+def test_a_repeated_header_block_parses_the_same_each_time(size: int) -> None:
+    raw = b"Status: 404 Gone\r\nX-Pad: " + b"p" * size + b"\r\n\r\n"
+    first = parse_cgi_response(raw + b"one")
+    second = parse_cgi_response(raw + b"two")
+    assert (first.status, first.reason, first.headers) == (404, "Gone", ((b"X-Pad", b"p" * size),))
+    assert (second.status, second.reason, second.headers) == (
+        first.status,
+        first.reason,
+        first.headers,
+    )
+    assert (first.body, second.body) == (b"one", b"two")
+
+
+def test_a_malformed_block_fails_every_time() -> None:
+    for _ in range(2):  # errors are not remembered as results
+        with pytest.raises(RemoteProtocolError, match="malformed CGI Status"):
+            parse_cgi_response(b"Status: 700\r\n\r\n")

@@ -1,0 +1,70 @@
+"""The job headers of the delivery contract, and their CGI form."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
+from adapters.delivery.headers import enqueued_at_text, job_headers
+from adapters.storage.jobs import Job, Priority
+from fastcgi.address import parse_address
+
+
+def _job(enqueued_at: float, attributes: dict[str, str] | None = None) -> Job:
+    return Job(
+        "01JBX0000000000000000000AB",
+        "orders",
+        "paid",
+        b'{"n":1}',
+        attributes or {},
+        Priority.NORMAL,
+        3,
+        enqueued_at,
+        enqueued_at,
+        "0af7651916cd43dd8448eb211c80319c",
+    )
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "text"),
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1_700_000_000.25, "2023-11-14T22:13:20.250Z"),
+        (1_700_000_000.9996, "2023-11-14T22:13:21.000Z"),  # rounds into the next second
+        (1_700_000_039.9999, "2023-11-14T22:14:00.000Z"),  # and the next minute
+    ],
+)
+def test_enqueued_at_is_rfc3339_utc_with_milliseconds(timestamp: float, text: str) -> None:
+    assert enqueued_at_text(timestamp) == text
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert abs(parsed.timestamp() - timestamp) <= 0.0005
+
+
+def test_every_header_and_token_attributes() -> None:
+    headers = dict(job_headers(_job(1_700_000_000.25, {"tenant": "acme", "bad name": "x"})))
+    assert headers.pop("traceparent").startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert headers == {
+        "X-Busgate-Job-Id": "01JBX0000000000000000000AB",
+        "X-Busgate-Queue": "orders",
+        "X-Busgate-Topic": "paid",
+        "X-Busgate-Attempt": "3",
+        "X-Busgate-Enqueued-At": "2023-11-14T22:13:20.250Z",
+        "X-Busgate-Attr-tenant": "acme",
+    }
+
+
+def test_fastcgi_params_are_the_headers_in_cgi_form() -> None:
+    backend = FastCGIBackend(
+        FastCGITarget(parse_address("fastcgi://127.0.0.1:9000"), "/srv/app/index.php")
+    )
+    job = _job(1_700_000_000.25, {"tenant": "acme"})
+    params = dict(backend.params(job, b"12345"))
+    assert params[b"CONTENT_LENGTH"] == b"5"
+    for name, value in job_headers(job):
+        cgi = b"HTTP_" + name.upper().replace("-", "_").encode()
+        if name == "traceparent":  # a fresh span per delivery
+            assert params[cgi][:36] == value[:36].encode()
+        else:
+            assert params[cgi] == value.encode()
