@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -289,10 +290,25 @@ async def bench_ingest(kinds: list[str], requests: int) -> None:
 
 
 async def _reply_only(stream: trio.SocketStream) -> None:
-    # One ":1" per command received: no parsing beyond counting, no store, no checks.
-    with contextlib.suppress(trio.BrokenResourceError):
-        while data := await stream.receive_some(65536):
-            await stream.send_all(b":1\r\n" * data.count(b"*"))
+    # One ":1" per command received: no parsing beyond counting, no store, no checks.  It
+    # reads and writes the socket itself, as busgate's RESP server does.
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(False)
+    with sock, contextlib.suppress(OSError):
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            reply = memoryview(b":1\r\n" * data.count(b"*"))
+            while reply:
+                try:
+                    reply = reply[sock.send(reply) :]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
 
 
 async def bare_trio_rates(requests: int) -> dict[int, float]:

@@ -151,6 +151,22 @@ async def test_idle_connection_is_closed_without_a_stray_reply(tmp_path: Path) -
         assert client.buffer == b""
 
 
+async def test_a_connection_in_use_is_not_idle(tmp_path: Path) -> None:
+    # Each wait for a command starts its own idle clock: a producer that sends a command
+    # every 100 ms for a second, five idle timeouts in all, keeps its connection.
+    config = write_config(tmp_path, QUEUES, main_extra="producer: {idle_timeout: 200ms}\n")
+    async with running_daemon(config) as app:
+        assert app.resp is not None
+        client = await Client.connect(app)
+        for _ in range(10):
+            assert await client.call("PING") == b"+PONG"
+            await trio.sleep(0.1)
+        assert await client.call("LPUSH", "held", "still here") == b":1"
+        assert app.resp.statistics().idle_closed_total == 0
+        assert await client.closed()  # and once it stops, it is closed as idle
+        assert app.resp.statistics().idle_closed_total == 1
+
+
 class CountingPushes:
     """Wraps the store's push to count store calls per queue, optionally failing one queue."""
 
