@@ -10,10 +10,11 @@ a pooled client connection would be read as the answer to its next command.
 A connection reads and writes its socket directly rather than through a trio stream: a reply
 fits the socket buffer, so it is one ``send()``, and a read is one ``wait_readable`` and one
 ``recv()``.  That is what unpipelined traffic pays per command: a bare trio server replying
-through ``SocketStream`` reached 0.62x of redis-server at ``-P 1`` here, and 0.77x on the
-socket.  For the same reason the idle and send deadlines are not cancel-scope deadlines moved
-on every command: a connection notes when it started to wait, and one sweeper task per server
-cancels those that have waited too long.
+through ``SocketStream`` reached 0.62x of redis-server at ``-P 1`` here, and 0.99x on the
+socket (``bench.daemon ingest`` measures that server in every run).  For the same reason the
+idle and send deadlines are not cancel-scope deadlines moved on every command: a connection
+notes when it started to wait, and one sweeper task per server cancels those that have
+waited too long.
 """
 
 from __future__ import annotations
@@ -103,25 +104,28 @@ class _Connection:
                 data = sock.recv(_RECEIVE_SIZE)
             except BlockingIOError:
                 continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"the producer's connection broke: {exc}") from exc
             self.waiting_for = ""
             return data
 
     async def send(self, data: bytes) -> None:
         sock = self.sock
+        view: bytes | memoryview = data
         try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(data):
-            return
-        self.waiting_for, self.since = _SENDING, self.now()
-        view = memoryview(data)[sent:]
-        while view:
-            await trio.lowlevel.wait_writable(sock)
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                continue
+            while True:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(view):
+                    break
+                view = memoryview(view)[sent:]
+                if not self.waiting_for:  # a reply that does not fit the socket buffer
+                    self.waiting_for, self.since = _SENDING, self.now()
+                await trio.lowlevel.wait_writable(sock)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the producer's connection broke: {exc}") from exc
         self.waiting_for = ""
 
     def close(self) -> None:
@@ -209,7 +213,7 @@ class RespServer:
                 await self._serve_commands(conn, RespSession(self.service, next(self._client_ids)))
             if conn.timed_out is _IDLE:
                 self._idle_closed += 1
-        except OSError:
+        except trio.BrokenResourceError:
             pass  # the producer went away; whatever was acknowledged is stored
         finally:
             self._live.discard(conn)

@@ -3,6 +3,8 @@ only its own connection, and nothing unacknowledged is stored."""
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,26 @@ async def test_a_connection_in_use_is_not_idle(tmp_path: Path) -> None:
         assert app.resp.statistics().idle_closed_total == 0
         assert await client.closed()  # and once it stops, it is closed as idle
         assert app.resp.statistics().idle_closed_total == 1
+
+
+async def test_a_producer_that_resets_mid_pipeline_loses_only_its_unfinished_command(
+    app: App,
+) -> None:
+    assert app.resp is not None
+    client = await Client.connect(app)
+    assert await client.call("LPUSH", "held", "before") == b":1"  # acknowledged: stored
+    # SO_LINGER 0: closing sends a reset, and the replies on their way find no reader.
+    client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.stream.send_all(
+        encode_command("LPUSH", "held", "maybe") * 50 + encode_command("LPUSH", "held", "cut")[:-4]
+    )
+    await client.stream.aclose()
+    with trio.fail_after(5):
+        while app.resp.statistics().connections:
+            await trio.sleep(0.01)
+    other = await Client.connect(app)  # the server carries on
+    stored = int((await other.call("LLEN", "held"))[1:])
+    assert 1 <= stored <= 51  # the first push, and at most the 50 whole commands after it
 
 
 class CountingPushes:
