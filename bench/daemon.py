@@ -42,6 +42,7 @@ from adapters.storage.jobs import Job, Priority, new_job_id, new_trace_id
 from bench.fastcgi_pool import encoded_request, request_env, run_raw
 from fastcgi.connection import ClientConnection
 from fastcgi.events import Params
+from fastcgi.pooling import send_all
 from gateway.app import App, build_backend
 from gateway.config import load_config
 from tests.support.phpfpm import PhpFpm
@@ -303,12 +304,7 @@ async def _reply_only(stream: trio.SocketStream) -> None:
                 continue
             if not data:
                 return
-            reply = memoryview(b":1\r\n" * data.count(b"*"))
-            while reply:
-                try:
-                    reply = reply[sock.send(reply) :]
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
+            await send_all(sock, b":1\r\n" * data.count(b"*"), lambda: None)
 
 
 async def bare_trio_rates(requests: int) -> dict[int, float]:

@@ -34,7 +34,15 @@ from fastcgi.errors import (
     WriteTimeout,
 )
 from fastcgi.events import GetValues, GetValuesResult, Pair, Params, UnknownType
-from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, none_inf, os_reason
+from fastcgi.pooling import (
+    Pool,
+    PooledStream,
+    PoolLimits,
+    PoolStatistics,
+    none_inf,
+    os_reason,
+    send_all,
+)
 
 __all__ = ["ConnectionPool", "PoolLimits", "PoolStatistics", "Response", "Timeouts"]
 
@@ -277,30 +285,25 @@ class ConnectionPool:
 
         Returns whether it waited.
         """
-        sock = conn.sock
-        view: bytes | memoryview = data
         armed, allowed = False, math.inf
+
+        def arm() -> None:
+            nonlocal armed, allowed, deadline
+            now = trio.current_time()
+            deadline = min(now + none_inf(self.timeouts.write), deadline)
+            self._pool.arm(conn, deadline)
+            armed, allowed = True, deadline - now
+
         try:
-            while True:
-                try:
-                    sent = sock.send(view)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(view):
-                    return armed
-                view = memoryview(view)[sent:]
-                if not armed:
-                    now = trio.current_time()
-                    deadline = min(now + none_inf(self.timeouts.write), deadline)
-                    self._pool.arm(conn, deadline)
-                    armed, allowed = True, deadline - now
-                await trio.lowlevel.wait_writable(sock)
+            await send_all(conn.sock, data, arm)
         except (trio.ClosedResourceError, OSError) as exc:
             if conn.expired:
                 raise WriteTimeout(
                     self._name, f"request not written within {allowed:.3g}s"
                 ) from None
             raise ConnectionLost(self._name, f"connection broke while writing: {exc}") from exc
+        else:
+            return armed
         finally:
             if armed:
                 self._pool.disarm(conn)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import select
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -331,3 +332,26 @@ def os_reason(exc: BaseException) -> str:
 def none_inf(value: float | None) -> float:
     """A deadline length where None means no deadline."""
     return math.inf if value is None else value
+
+
+async def send_all(sock: socket.socket, data: bytes, before_waiting: Callable[[], None]) -> None:
+    """Send all of ``data`` on a non-blocking socket, waiting only if it does not fit.
+
+    A request or reply that fits the socket buffer is one ``send()``, with no trip through
+    the scheduler.  ``before_waiting`` runs once, before the first wait: where a caller
+    starts its deadline.  ``OSError`` propagates for the caller to word.
+    """
+    view: bytes | memoryview = data
+    waited = False
+    while True:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(view):
+            return
+        view = memoryview(view)[sent:]
+        if not waited:
+            before_waiting()
+            waited = True
+        await trio.lowlevel.wait_writable(sock)

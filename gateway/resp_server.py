@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
+from fastcgi.pooling import send_all
 from gateway import resp
 from gateway.config import Listen, ProducerLimits
 from gateway.producer import ProducerService
@@ -110,23 +111,15 @@ class _Connection:
             return data
 
     async def send(self, data: bytes) -> None:
-        sock = self.sock
-        view: bytes | memoryview = data
         try:
-            while True:
-                try:
-                    sent = sock.send(view)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(view):
-                    break
-                view = memoryview(view)[sent:]
-                if not self.waiting_for:  # a reply that does not fit the socket buffer
-                    self.waiting_for, self.since = _SENDING, self.now()
-                await trio.lowlevel.wait_writable(sock)
+            await send_all(self.sock, data, self._start_sending)
         except OSError as exc:
             raise trio.BrokenResourceError(f"the producer's connection broke: {exc}") from exc
         self.waiting_for = ""
+
+    def _start_sending(self) -> None:
+        # A reply that does not fit the socket buffer: the sweeper's SEND_TIMEOUT applies.
+        self.waiting_for, self.since = _SENDING, self.now()
 
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
