@@ -70,8 +70,12 @@ class Received:
 def read_received(path: Path) -> list[Received]:
     if not path.exists():
         return []
+    # The backend appends under flock, but this reader takes no lock and may catch a line
+    # half written: only lines that end in a newline are complete.
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
     out = []
-    for line in path.read_text().splitlines():
+    for line in complete.splitlines():
         entry: dict[str, Any] = json.loads(line)
         out.append(Received(entry["server"], base64.b64decode(entry["body_b64"])))
     return out
