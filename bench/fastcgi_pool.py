@@ -53,7 +53,10 @@ def encoded_request(env: dict[bytes, bytes]) -> bytes:
 
 
 async def raw_worker(address: Address, wire: bytes, count: int) -> None:
-    stream = await trio.open_tcp_stream(address.host, address.port)
+    if address.is_unix:
+        stream = await trio.open_unix_socket(address.path)
+    else:
+        stream = await trio.open_tcp_stream(address.host, address.port)
     buffer = bytearray()
     for _ in range(count):
         await stream.send_all(wire)

@@ -62,7 +62,7 @@ RECORD_GRACE = 10.0
 BUFFER_SECONDS = 0.02
 MAX_BUFFER = 256
 RATE_WINDOW = 0.25
-RECORD_LINGER = 0.002
+RECORD_LINGER = 0.005
 RECORD_BATCH = 256
 STORE_ERROR_PAUSE = 1.0
 
@@ -254,9 +254,10 @@ class Dispatcher:
             active = self._in_flight + self._buffered()
             recording = len(self._held) - active
             room = most - active
-            # Refill in batches of at least a quarter of the buffer, but never keep an idle
-            # worker waiting for a batch to form.
-            if recording > 2 * most or (room < max(1, most // 4) and active >= concurrency):
+            # Refill in batches of at least half the buffer, but never keep an idle worker
+            # waiting for a batch to form.  Each store call also wakes the store's process:
+            # on a busy host that costs the gateway more than the call itself.
+            if recording > 2 * most or (room < max(1, most // 2) and active >= concurrency):
                 await self._wait_for_capacity(math.inf)
                 continue
             limit = room
