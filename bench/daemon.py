@@ -177,7 +177,7 @@ def busgate_request(config: Path) -> bytes:
 async def bench_e2e(kinds: list[str], jobs: int) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        fpm = PhpFpm(tmp / "fpm", max_children=CHILDREN, unix=bool(os.environ.get("UNIX")))
+        fpm = PhpFpm(tmp / "fpm", max_children=CHILDREN)
         fpm.start()
         try:
             minimal = encoded_request(request_env(fpm.script("noop.php")))
@@ -363,7 +363,7 @@ async def bench_latency(kinds: list[str], jobs: int, rate: float) -> None:
                         queue: lat
                         topics:
                           t:
-                            backend: fastcgi://127.0.0.1:{fpm.address.port}
+                            backend: {backend_url(fpm)}
                             script: {script}
                             concurrency: {CHILDREN}
                         """
