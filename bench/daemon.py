@@ -37,7 +37,6 @@ from pathlib import Path
 import trio
 
 from adapters.delivery.fastcgi import FastCGIBackend
-from adapters.storage.base import Store
 from adapters.storage.jobs import Job, Priority, new_job_id, new_trace_id
 from bench.fastcgi_pool import encoded_request, request_env, run_raw
 from fastcgi.connection import ClientConnection
