@@ -128,19 +128,12 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 600) -> N
 # -- e2e ---------------------------------------------------------------------------------------
 
 
-def backend_url(fpm: PhpFpm) -> str:
-    address = fpm.address
-    if address.is_unix:
-        return f"fastcgi+unix://{address.path}"
-    return f"fastcgi://{address.host}:{address.port}"
-
-
 def e2e_topic(fpm: PhpFpm) -> str:
     return f"""\
         queue: e2e
         topics:
           noop:
-            backend: {backend_url(fpm)}
+            backend: {fpm.address}
             script: {fpm.script("noop.php")}
             concurrency: {CHILDREN}
             timeout: 10s
@@ -362,7 +355,7 @@ async def bench_latency(kinds: list[str], jobs: int, rate: float) -> None:
                         queue: lat
                         topics:
                           t:
-                            backend: {backend_url(fpm)}
+                            backend: {fpm.address}
                             script: {script}
                             concurrency: {CHILDREN}
                         """
