@@ -141,12 +141,38 @@ class ProducerService:
         handful of store round trips, not fifty.  The caller that finds no call under way
         makes it, for everyone waiting; nothing else runs in the background.
         """
+        answer: list[PushResult | Exception] = []
+        stored = trio.Event()
+
+        def on_stored(outcome: PushResult | Exception) -> None:
+            answer.append(outcome)
+            stored.set()
+
+        await self.submit(entry, jobs, on_stored)
+        if not answer:  # another caller's store call carries these jobs
+            await stored.wait()
+        if isinstance(answer[0], Exception):
+            raise answer[0]
+        return answer[0]
+
+    async def submit(self, entry: QueueEntry, jobs: Sequence[NewJob], on_stored: OnStored) -> None:
+        """Hand ``jobs`` to the next store call; ``on_stored`` gets its result or error.
+
+        If no store call is under way, this caller makes it (and those for whatever is
+        submitted meanwhile), so it returns only after ``on_stored`` has run; otherwise it
+        returns at once, and the caller making the calls runs ``on_stored`` later.  That is
+        what lets a producer connection go back to reading while its push is stored, and
+        have its reply sent from the store call's task (``RespServer``): one wake-up per
+        command instead of two.  ``on_stored`` runs exactly once, and must not raise.
+        """
         batcher = self._batchers.get(entry.config.name)
         if batcher is None:
             batcher = self._batchers[entry.config.name] = _Batcher(self.store)
-        return await batcher.push(entry, jobs)
+        await batcher.submit(entry, jobs, on_stored)
 
 
+#: Called once with what became of submitted jobs: the store's result, or why it failed.
+OnStored = Callable[[PushResult | Exception], None]
 #: Jobs merged into one store call at most.
 MAX_BATCH = 5000
 #: A merged store call may take this long, shielded from cancellation (its waiters depend on
@@ -154,69 +180,56 @@ MAX_BATCH = 5000
 FLUSH_GRACE = 30.0
 
 
-class _Waiter:
-    __slots__ = ("done", "error", "jobs", "result")
-
-    def __init__(self, jobs: Sequence[NewJob]) -> None:
-        self.jobs = jobs
-        self.done = trio.Event()
-        self.result: PushResult | None = None
-        self.error: BaseException | None = None
-
-
 class _Batcher:
     """Group commit for one queue's pushes."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._waiting: list[_Waiter] = []
-        self._sending: list[_Waiter] = []  # the batch in the store call under way
+        self._waiting: list[tuple[Sequence[NewJob], OnStored]] = []
+        self._sending: list[tuple[Sequence[NewJob], OnStored]] = []  # in the call under way
         self._flushing = False
 
-    async def push(self, entry: QueueEntry, jobs: Sequence[NewJob]) -> PushResult:
-        waiter = _Waiter(jobs)
-        self._waiting.append(waiter)
+    async def submit(self, entry: QueueEntry, jobs: Sequence[NewJob], on_stored: OnStored) -> None:
+        self._waiting.append((jobs, on_stored))
         if self._flushing:
-            await waiter.done.wait()
-        else:
-            self._flushing = True
-            try:
-                with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_GRACE):
-                    await self._flush_all(entry)
-            finally:
-                self._flushing = False
-                # Out of time (or broken): whoever has no answer yet gets an error, not a hang.
-                for stranded in [*self._sending, *self._waiting]:
-                    stranded.done.set()
-                self._sending.clear()
-                self._waiting.clear()
-        if waiter.error is not None:
-            raise waiter.error
-        if waiter.result is None:  # the flush ran out of time before this push was sent
-            raise StoreUnavailable("the store did not answer in time; nothing acknowledged")
-        return waiter.result
+            return
+        self._flushing = True
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_GRACE):
+                await self._flush_all(entry)
+        finally:
+            self._flushing = False
+            # Out of time (or broken): whoever has no answer yet gets an error, not a hang.
+            stranded = [*self._sending, *self._waiting]
+            self._sending.clear()
+            self._waiting.clear()
+            for _, callback in stranded:
+                callback(StoreUnavailable("the store did not answer in time; nothing acknowledged"))
 
     async def _flush_all(self, entry: QueueEntry) -> None:
         while self._waiting:
-            batch: list[_Waiter] = []
-            size = 0
-            while self._waiting and (not batch or size + len(self._waiting[0].jobs) <= MAX_BATCH):
-                waiter = self._waiting.pop(0)
-                batch.append(waiter)
-                size += len(waiter.jobs)
-            jobs = [job for waiter in batch for job in waiter.jobs]
+            taken = size = 0
+            for submitted, _ in self._waiting:
+                if taken and size + len(submitted) > MAX_BATCH:
+                    break
+                size += len(submitted)
+                taken += 1
+            batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
+            jobs = [job for submitted, _ in batch for job in submitted]
             self._sending = batch  # if the deadline cancels the call, these are the stranded
             try:
                 result = await self.store.push(entry.config.name, entry.routes, jobs)
             except Exception as exc:
                 self._sending = []
-                for waiter in batch:
-                    waiter.error = exc
-                    waiter.done.set()
+                for _, callback in batch:
+                    callback(exc)
                 continue
             self._sending = []
+            if len(batch) == 1:
+                batch[0][1](result)
+                continue
             start = 0
-            for waiter in batch:
-                waiter.result = result.part(start, start + len(waiter.jobs))
-                start += len(waiter.jobs)
-                waiter.done.set()
+            for submitted, callback in batch:
+                end = start + len(submitted)
+                callback(result.part(start, end))
+                start = end

@@ -10,6 +10,7 @@ the store has the job.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ _XADD_TRIM = {b"MAXLEN", b"MINID"}
 
 Handler = Callable[["RespSession", tuple[bytes, ...]], Awaitable[bytes]]
 Preparer = Callable[["RespSession", tuple[bytes, ...]], "PendingPush"]
+
+log = logging.getLogger("busgate.resp")
 
 _CONFIG_VALUES = {b"save": b"", b"appendonly": b"no", b"databases": b"1"}
 
@@ -151,18 +154,14 @@ class RespSession:
             by_queue.setdefault(push.entry.config.name, []).append(index)
 
         async def store(indexes: list[int]) -> None:
-            jobs = [job for i in indexes for job in pushes[i].jobs]
+            some = [pushes[i] for i in indexes]
+            jobs = [job for push in some for job in push.jobs]
             try:
-                result = await self.service.push(pushes[indexes[0]].entry, jobs)
+                outcome: PushResult | Exception = await self.service.push(some[0].entry, jobs)
             except StoreError as exc:
-                for i in indexes:
-                    replies[i] = _store_error(exc)
-                return
-            start = 0
-            for i in indexes:
-                end = start + len(pushes[i].jobs)
-                replies[i] = pushes[i].reply(result.part(start, end))
-                start = end
+                outcome = exc
+            for i, reply in zip(indexes, _replies(some, outcome), strict=True):
+                replies[i] = reply
 
         if len(by_queue) == 1:
             await store(next(iter(by_queue.values())))
@@ -171,6 +170,33 @@ class RespSession:
                 for indexes in by_queue.values():
                     nursery.start_soon(store, indexes)
         return replies
+
+    async def commit_then(
+        self, pushes: list[PendingPush], deliver: Callable[[list[bytes]], None]
+    ) -> None:
+        """``commit``, handing the replies to ``deliver`` instead of returning them.
+
+        It may return before they exist: a push that joins a store call another connection
+        is making is answered from that connection's task (``ProducerService.submit``).
+        ``deliver`` runs exactly once and must not raise.
+        """
+        entry = pushes[0].entry
+        if any(push.entry is not entry for push in pushes):  # several queues: stored apart
+            deliver(await self.commit(pushes))
+            return
+        jobs = pushes[0].jobs if len(pushes) == 1 else [j for p in pushes for j in p.jobs]
+
+        def on_stored(outcome: PushResult | Exception) -> None:
+            try:
+                replies = _replies(pushes, outcome)
+            except Exception as exc:  # a bug, not a store failure: say so, keep serving
+                log.exception("storing %d jobs for queue %s failed", len(jobs), entry.config.name)
+                replies = [resp.error(f"ERR internal error, nothing acknowledged: {exc!r}")] * len(
+                    pushes
+                )
+            deliver(replies)
+
+        await self.service.submit(entry, jobs, on_stored)
 
     def _spec(self, args: tuple[bytes, ...]) -> Spec | bytes:
         """The command's table entry, or the error reply for an unknown command or a wrong
@@ -425,6 +451,23 @@ class RespSession:
 
 def _store_error(exc: StoreError) -> bytes:
     return resp.error(f"TRYAGAIN store unavailable, nothing was acknowledged: {exc}")
+
+
+def _replies(pushes: list[PendingPush], outcome: PushResult | Exception) -> list[bytes]:
+    """The replies to ``pushes``, stored together with ``outcome``; a non-store error raises."""
+    if isinstance(outcome, StoreError):
+        return [_store_error(outcome)] * len(pushes)
+    if isinstance(outcome, Exception):
+        raise outcome
+    if len(pushes) == 1:
+        return [pushes[0].reply(outcome)]
+    replies = []
+    start = 0
+    for push in pushes:
+        end = start + len(push.jobs)
+        replies.append(push.reply(outcome.part(start, end)))
+        start = end
+    return replies
 
 
 RespSession.commands = {

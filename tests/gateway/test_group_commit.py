@@ -1,0 +1,147 @@
+"""Group commit on the Redis protocol: a push that joins another connection's store call is
+answered from that call's task, in order with whatever its producer sends next, and never
+before the store has the job.
+
+The store is the real SQLite store; the tests only hold its push at a gate, to make a store
+call last as long as they need.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from adapters.storage.jobs import PushResult
+from gateway.app import App
+from gateway.resp import encode_command
+from gateway.resp_server import _Connection
+from tests.gateway.test_producer_protocol import QUEUES, Client
+from tests.support.daemon import running_daemon, write_config
+
+
+class GatedPushes:
+    """Holds each store push until ``gate`` is set; records the jobs each call carried."""
+
+    def __init__(self, app: App) -> None:
+        assert app.store is not None
+        self.calls: list[list[bytes]] = []
+        self.gate = trio.Event()
+        self.entered = trio.Event()
+        self._push = app.store.push
+        app.store.push = self.push  # type: ignore[method-assign]
+
+    async def push(self, queue: str, routes: Any, jobs: Any) -> PushResult:
+        self.calls.append([job.payload for job in jobs])
+        self.entered.set()
+        await self.gate.wait()
+        return await self._push(queue, routes, jobs)
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> AsyncIterator[App]:
+    async with running_daemon(write_config(tmp_path, QUEUES)) as app:
+        yield app
+
+
+async def nothing_to_read(client: Client) -> bool:
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    with trio.move_on_after(0.2):
+        data = await client.stream.receive_some(1024)
+        client.buffer += data
+        return False
+    return True
+
+
+async def test_a_joined_push_is_answered_before_the_next_command(app: App) -> None:
+    pushes = GatedPushes(app)
+    first, second = await Client.connect(app), await Client.connect(app)
+    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
+    with trio.fail_after(5):
+        await pushes.entered.wait()  # first's store call is under way, held at the gate
+    await second.stream.send_all(encode_command("LPUSH", "held", "b"))
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    # The second producer sends on before its reply: that must wait for the reply.
+    await second.stream.send_all(encode_command("PING"))
+    assert await nothing_to_read(second)  # no ack before the store has the job, no PONG
+    pushes.gate.set()
+    with trio.fail_after(5):
+        assert await first.line() == b":1"
+        assert [await second.line(), await second.line()] == [b":1", b"+PONG"]
+    assert pushes.calls == [[b"a"], [b"b"]]  # b joined the call after the one under way
+    assert await first.call("LLEN", "held") == b":2"
+    assert app.resp is not None
+    stats = app.resp.statistics()
+    assert (stats.commands_total, stats.errors_total) == (4, 0)
+
+
+async def test_a_producer_that_half_closes_still_gets_its_reply(app: App) -> None:
+    pushes = GatedPushes(app)
+    first, second = await Client.connect(app), await Client.connect(app)
+    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
+    with trio.fail_after(5):
+        await pushes.entered.wait()
+    # As `printf 'LPUSH ...' | nc` does: send the command, then end the sending side.
+    await second.stream.send_all(encode_command("RPUSH", "held", "b", "c"))
+    await second.stream.send_eof()
+    assert await nothing_to_read(second)
+    pushes.gate.set()
+    with trio.fail_after(5):
+        assert await second.line() == b":2"
+        assert await second.closed()
+        assert await first.line() == b":1"
+    assert await first.call("LLEN", "held") == b":3"
+
+
+async def test_a_store_call_out_of_time_answers_every_push_it_held_with_an_error(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.producer.FLUSH_GRACE", 0.3)
+    pushes = GatedPushes(app)
+    first, second = await Client.connect(app), await Client.connect(app)
+    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
+    with trio.fail_after(5):
+        await pushes.entered.wait()
+    await second.stream.send_all(encode_command("LPUSH", "held", "b"))
+    with trio.fail_after(5):
+        for client in (first, second):
+            assert await client.line() == (
+                b"-TRYAGAIN store unavailable, nothing was acknowledged:"
+                b" the store did not answer in time; nothing acknowledged"
+            )
+    pushes.gate.set()
+    assert await second.call("LLEN", "held") == b":0"  # nothing stored, nothing acknowledged
+    assert await second.call("LPUSH", "held", "c") == b":1"  # and the queue works again
+    assert app.resp is not None
+    assert app.resp.statistics().errors_total == 2
+
+
+async def test_an_answer_too_big_for_the_socket_buffer_is_finished_by_a_task_of_its_own() -> None:
+    server, producer = socket.socketpair()
+    with server, producer:
+        server.setblocking(False)
+        producer.setblocking(False)
+        filled = 0
+        while True:  # a producer that has stopped reading: the buffer is full
+            try:
+                filled += server.send(b"f" * 65536)
+            except BlockingIOError:
+                break
+        async with trio.open_nursery() as nursery:
+            conn = _Connection(server, nursery)
+            conn.owed = True
+            conn.answer(b":1\r\n")
+            assert conn.owed  # not sent: it waits for room, in a task of its own
+            received = b""
+            with trio.fail_after(5):
+                while len(received) < filled + 4:
+                    await trio.lowlevel.wait_readable(producer)
+                    received += producer.recv(1 << 20)
+                await conn.settle()
+        assert not conn.owed
+        assert received == b"f" * filled + b":1\r\n"
