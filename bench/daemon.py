@@ -42,6 +42,7 @@ from bench.fastcgi_pool import encoded_request, request_env, run_raw
 from fastcgi.connection import ClientConnection
 from fastcgi.events import Params
 from fastcgi.pooling import send_all
+from gateway import heap
 from gateway.app import App, build_backend
 from gateway.config import load_config
 from gateway.dispatcher import Dispatcher
@@ -69,6 +70,7 @@ def write_config(directory: Path, store: str, queues: dict[str, str]) -> Path:
 async def daemon(config: Path) -> AsyncIterator[App]:
     async with trio.open_nursery() as nursery:
         app: App = await nursery.start(App(load_config(config)).run)
+        heap.settle()  # as `busgate run` does once the daemon is up
         try:
             yield app
         finally:

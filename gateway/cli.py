@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import trio
 
 from adapters.storage.errors import StoreError
+from gateway import heap
 from gateway.admin_cli import add_admin_commands
 from gateway.app import App, ReloadRefused, StartupError
 from gateway.config import DEFAULT_CONFIG, ConfigError, load_config, render_effective
@@ -52,6 +53,7 @@ async def serve(config_path: str) -> None:
                 await outer.start(run_watchdog, notifier, interval)
             async with trio.open_nursery() as nursery:
                 app: App = await nursery.start(App(config).run)
+                heap.settle()
                 await notifier.ready(_status(app))
                 async for signum in signals:
                     if signum != signal.SIGHUP:
@@ -60,6 +62,7 @@ async def serve(config_path: str) -> None:
                         break
                     await notifier.reloading()
                     await reload(app, config_path)
+                    heap.settle()
                     await notifier.ready(_status(app))
             outer.cancel_scope.cancel()
 
