@@ -21,7 +21,7 @@ from adapters.storage.jobs import PushResult
 from gateway.app import App
 from gateway.resp import encode_command
 from gateway.resp_server import _Connection
-from tests.gateway.test_producer_protocol import QUEUES, Client
+from tests.gateway.test_producer_protocol import QUEUES, Client, CountingPushes
 from tests.support.daemon import running_daemon, write_config
 
 
@@ -145,3 +145,34 @@ async def test_an_answer_too_big_for_the_socket_buffer_is_finished_by_a_task_of_
                 await conn.settle()
         assert not conn.owed
         assert received == b"f" * filled + b":1\r\n"
+
+
+async def test_a_push_the_store_refuses_is_answered_with_an_error_and_the_connection_stays(
+    app: App,
+) -> None:
+    pushes = CountingPushes(app, failing="held")
+    client = await Client.connect(app)
+    assert (await client.call("LPUSH", "held", "a")).startswith(
+        b"-TRYAGAIN store unavailable, nothing was acknowledged: disk on fire"
+    )
+    assert await client.call("LPUSH", "open", "b") == b":1"
+    assert pushes.calls == [("held", 1), ("open", 1)]
+    assert await client.call("LLEN", "held") == b":0"
+
+
+async def test_quit_after_a_joined_push_gets_both_replies_in_order(app: App) -> None:
+    pushes = GatedPushes(app)
+    first, second = await Client.connect(app), await Client.connect(app)
+    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
+    with trio.fail_after(5):
+        await pushes.entered.wait()
+    await second.stream.send_all(encode_command("LPUSH", "held", "b"))
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    await second.stream.send_all(encode_command("QUIT"))
+    assert await nothing_to_read(second)
+    pushes.gate.set()
+    with trio.fail_after(5):
+        assert [await second.line(), await second.line()] == [b":1", b"+OK"]
+        assert await second.closed()
+        assert await first.line() == b":1"
+    assert await first.call("LLEN", "held") == b":2"
