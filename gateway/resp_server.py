@@ -20,8 +20,9 @@ A push is acknowledged only once the store has it, and the pushes of many connec
 one store call (``ProducerService.submit``).  A connection whose read held only pushes does
 not wait for that call: it goes back to reading, and the task making the call sends the
 reply straight into its socket.  Each unpipelined push then wakes its connection's task once
-rather than twice, which took ``redis-benchmark -t lpush -P 1`` from about 14.7k to 21-28k
-pushes/s against the Redis store here (gateway CPU per push from 62 to 35-45 us).  Whatever
+rather than twice, which took ``redis-benchmark -t lpush -P 1`` from 13.1-14.7k to
+21.5-29.4k pushes/s against the Redis store here (three interleaved runs of each; gateway CPU
+per push from about 62 to 35-45 us), and ``-P 16`` from 43-47k to 58-63k.  Whatever
 the producer sends next waits for that reply (``_Connection.settle``), so replies stay in
 order.
 """
