@@ -20,21 +20,13 @@ from collections.abc import Sequence
 import trio
 
 from adapters.storage.errors import StoreError
-from gateway import heap
+from gateway import heap, logs
 from gateway.admin_cli import add_admin_commands
 from gateway.app import App, ReloadRefused, StartupError
 from gateway.config import DEFAULT_CONFIG, ConfigError, load_config, render_effective
 from gateway.systemd import Notifier, run_watchdog, watchdog_interval
 
 log = logging.getLogger("busgate")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def serve(config_path: str) -> None:
@@ -169,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_admin_commands(commands)
 
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    logs.setup(args.log_level)
     try:
         code: int = args.handler(args)
     except ConfigError as exc:
