@@ -8,6 +8,7 @@ call last as long as they need.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -176,3 +177,51 @@ async def test_quit_after_a_joined_push_gets_both_replies_in_order(app: App) -> 
         assert await second.closed()
         assert await first.line() == b":1"
     assert await first.call("LLEN", "held") == b":2"
+
+
+async def test_many_producers_mixing_pushes_and_other_commands_get_every_reply_in_order(
+    app: App,
+) -> None:
+    # Twenty connections, each sending pushes alone, pipelined with PING and ECHO, or
+    # followed by another command before the push's reply has come back; every reply must
+    # come in order, and every acknowledged job must be stored.
+    rng = random.Random(4)
+    pushed = 0
+
+    async def producer(index: int) -> None:
+        nonlocal pushed
+        client = await Client.connect(app)
+        for round_ in range(25):
+            commands: list[tuple[bytes, ...]] = []
+            expected: list[bytes] = []
+            for _ in range(rng.choice((1, 1, 2, 5))):
+                kind = rng.choice(("push", "push", "ping", "echo"))
+                if kind == "push":
+                    payloads = [f"{index}-{round_}-{n}".encode() for n in range(rng.randint(1, 3))]
+                    commands.append((b"LPUSH", b"held", *payloads))
+                    expected.append(b":%d" % len(payloads))
+                    pushed += len(payloads)
+                elif kind == "ping":
+                    commands.append((b"PING",))
+                    expected.append(b"+PONG")
+                else:
+                    word = f"w{index}-{round_}".encode()
+                    commands.append((b"ECHO", word))
+                    expected += [b"$%d" % len(word), word]
+            if rng.random() < 0.5:  # all in one write
+                await client.stream.send_all(b"".join(encode_command(*c) for c in commands))
+            else:  # one write each, without waiting for replies in between
+                for command in commands:
+                    await client.stream.send_all(encode_command(*command))
+                    await trio.lowlevel.checkpoint()
+            with trio.fail_after(10):
+                assert [await client.line() for _ in expected] == expected
+        await client.stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for index in range(20):
+            nursery.start_soon(producer, index)
+    checker = await Client.connect(app)
+    assert await checker.call("LLEN", "held") == b":%d" % pushed
+    assert app.resp is not None
+    assert app.resp.statistics().errors_total == 0
