@@ -10,7 +10,8 @@ words it; the server sends that text and closes the connection.
 
 Measured: 100k ``*3 LPUSH mylist xxx`` requests fed 16 per ``feed`` parse at 290k-325k
 commands/s (median of 7 runs; about 3.3 us each) with CPython 3.11 on the shared 2-core
-development machine, so the parser is not what limits ingest.
+development machine.  The producer server uses ``resp_fast.FastRequestParser``, which lets
+hiredis split canonical requests and hands anything else to this parser.
 
 Replies are RESP2.  The reply types busgate sends (simple strings, errors, integers, bulk
 strings, arrays) mean the same in RESP3, so a client that switched to RESP3 with ``HELLO 3``

@@ -40,6 +40,7 @@ from fastcgi.pooling import send_all
 from gateway import resp
 from gateway.config import Listen, ProducerLimits
 from gateway.producer import ProducerService
+from gateway.resp_fast import FastRequestParser
 from gateway.resp_session import PendingPush, RespSession
 
 log = logging.getLogger("busgate.resp")
@@ -288,7 +289,7 @@ class RespServer:
             conn.close()
 
     async def _serve_commands(self, conn: _Connection, session: RespSession) -> None:
-        parser = resp.RequestParser(max_bulk_len=self.service.directory.max_payload + _PARSER_SLACK)
+        parser = FastRequestParser(max_bulk_len=self.service.directory.max_payload + _PARSER_SLACK)
         max_pipeline = self.limits.max_pipeline
         while True:
             data = await conn.receive()
