@@ -45,25 +45,14 @@ MAX_INCOMPLETE = 64 * 1024
 class FastRequestParser:
     """``RequestParser``'s interface and events; see the module docstring."""
 
-    def __init__(
-        self,
-        *,
-        max_bulk_len: int = 512 * 1024 * 1024,
-        max_multibulk_len: int = 1024 * 1024,
-        max_inline_len: int = 64 * 1024,
-    ) -> None:
-        # Built now so that bad limits fail here, as they do for RequestParser.
-        self._exact_parser = RequestParser(
-            max_bulk_len=max_bulk_len,
-            max_multibulk_len=max_multibulk_len,
-            max_inline_len=max_inline_len,
-        )
+    def __init__(self, exact: RequestParser) -> None:
+        """``exact``: a fresh RequestParser with the limits to apply; it takes over the
+        connection when hiredis cannot."""
+        self._exact_parser = exact
         # Set once the connection is handed over; from the start if the argument count limit
         # is below the counts hiredis is given.
-        self._exact: RequestParser | None = (
-            self._exact_parser if max_multibulk_len < _MAX_COUNT else None
-        )
-        self.max_bulk_len = max_bulk_len
+        self._exact: RequestParser | None = exact if exact.max_multibulk_len < _MAX_COUNT else None
+        self.max_bulk_len = exact.max_bulk_len
         self._reader: hiredis.Reader | None = hiredis.Reader()
         self._pending = bytearray()  # what hiredis was fed and has not returned as a request
         self._start = 0  # where in _pending the next request starts

@@ -289,7 +289,9 @@ class RespServer:
             conn.close()
 
     async def _serve_commands(self, conn: _Connection, session: RespSession) -> None:
-        parser = FastRequestParser(max_bulk_len=self.service.directory.max_payload + _PARSER_SLACK)
+        parser = FastRequestParser(
+            resp.RequestParser(max_bulk_len=self.service.directory.max_payload + _PARSER_SLACK)
+        )
         max_pipeline = self.limits.max_pipeline
         while True:
             data = await conn.receive()

@@ -44,6 +44,17 @@ class GatedPushes:
         return await self._push(queue, routes, jobs)
 
 
+async def a_store_call_under_way(app: App) -> tuple[GatedPushes, Client, Client]:
+    """Two producers; the first has pushed "a" to queue held, and the store call carrying
+    it is held at the gate, so what the second pushes now joins the next call."""
+    pushes = GatedPushes(app)
+    first, second = await Client.connect(app), await Client.connect(app)
+    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
+    with trio.fail_after(5):
+        await pushes.entered.wait()
+    return pushes, first, second
+
+
 @pytest.fixture
 async def app(tmp_path: Path) -> AsyncIterator[App]:
     async with running_daemon(write_config(tmp_path, QUEUES)) as app:
@@ -60,11 +71,7 @@ async def nothing_to_read(client: Client) -> bool:
 
 
 async def test_a_joined_push_is_answered_before_the_next_command(app: App) -> None:
-    pushes = GatedPushes(app)
-    first, second = await Client.connect(app), await Client.connect(app)
-    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
-    with trio.fail_after(5):
-        await pushes.entered.wait()  # first's store call is under way, held at the gate
+    pushes, first, second = await a_store_call_under_way(app)
     await second.stream.send_all(encode_command("LPUSH", "held", "b"))
     await trio.testing.wait_all_tasks_blocked(cushion=0.05)
     # The second producer sends on before its reply: that must wait for the reply.
@@ -82,11 +89,7 @@ async def test_a_joined_push_is_answered_before_the_next_command(app: App) -> No
 
 
 async def test_a_producer_that_half_closes_still_gets_its_reply(app: App) -> None:
-    pushes = GatedPushes(app)
-    first, second = await Client.connect(app), await Client.connect(app)
-    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
-    with trio.fail_after(5):
-        await pushes.entered.wait()
+    pushes, first, second = await a_store_call_under_way(app)
     # As `printf 'LPUSH ...' | nc` does: send the command, then end the sending side.
     await second.stream.send_all(encode_command("RPUSH", "held", "b", "c"))
     await second.stream.send_eof()
@@ -103,11 +106,7 @@ async def test_a_store_call_out_of_time_answers_every_push_it_held_with_an_error
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("gateway.producer.FLUSH_GRACE", 0.3)
-    pushes = GatedPushes(app)
-    first, second = await Client.connect(app), await Client.connect(app)
-    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
-    with trio.fail_after(5):
-        await pushes.entered.wait()
+    pushes, first, second = await a_store_call_under_way(app)
     await second.stream.send_all(encode_command("LPUSH", "held", "b"))
     with trio.fail_after(5):
         for client in (first, second):
@@ -162,11 +161,7 @@ async def test_a_push_the_store_refuses_is_answered_with_an_error_and_the_connec
 
 
 async def test_quit_after_a_joined_push_gets_both_replies_in_order(app: App) -> None:
-    pushes = GatedPushes(app)
-    first, second = await Client.connect(app), await Client.connect(app)
-    await first.stream.send_all(encode_command("LPUSH", "held", "a"))
-    with trio.fail_after(5):
-        await pushes.entered.wait()
+    pushes, first, second = await a_store_call_under_way(app)
     await second.stream.send_all(encode_command("LPUSH", "held", "b"))
     await trio.testing.wait_all_tasks_blocked(cushion=0.05)
     await second.stream.send_all(encode_command("QUIT"))
