@@ -228,8 +228,7 @@ class _Batcher:
             if len(batch) == 1:
                 batch[0][1](result)
                 continue
-            start = 0
-            for submitted, callback in batch:
-                end = start + len(submitted)
-                callback(result.part(start, end))
-                start = end
+            for (_, callback), part in zip(
+                batch, result.parts(len(submitted) for submitted, _ in batch), strict=True
+            ):
+                callback(part)

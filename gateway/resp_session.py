@@ -461,13 +461,8 @@ def _replies(pushes: list[PendingPush], outcome: PushResult | Exception) -> list
         raise outcome
     if len(pushes) == 1:
         return [pushes[0].reply(outcome)]
-    replies = []
-    start = 0
-    for push in pushes:
-        end = start + len(push.jobs)
-        replies.append(push.reply(outcome.part(start, end)))
-        start = end
-    return replies
+    parts = outcome.parts(len(push.jobs) for push in pushes)
+    return [push.reply(part) for push, part in zip(pushes, parts, strict=True)]
 
 
 RespSession.commands = {

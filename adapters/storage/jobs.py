@@ -12,7 +12,7 @@ import enum
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 #: Excerpts of a backend's body and stderr kept per attempt.
@@ -204,11 +204,15 @@ class PushResult:
     def duplicates(self) -> int:
         return self.outcomes.count(Pushed.DUPLICATE)
 
-    def part(self, start: int, end: int) -> PushResult:
-        """The result for the jobs ``start:end`` of a push that merged several requests."""
-        return PushResult(
-            self.ids[start:end], self.outcomes[start:end], self.copies_each[start:end]
-        )
+    def parts(self, sizes: Iterable[int]) -> Iterator[PushResult]:
+        """The results of the requests a push merged, given how many jobs each had, in order."""
+        start = 0
+        for size in sizes:
+            end = start + size
+            yield PushResult(
+                self.ids[start:end], self.outcomes[start:end], self.copies_each[start:end]
+            )
+            start = end
 
 
 @dataclass(frozen=True, slots=True)
