@@ -72,9 +72,7 @@ Parsed = resp.Command | resp.OversizedCommand
 _PUSHES = frozenset(name for name, spec in RespSession.commands.items() if spec.prepare)
 
 
-def _next_group(
-    events: list[Parsed],
-) -> list[Parsed]:
+def _next_group(events: list[Parsed]) -> list[Parsed]:
     """The next run of push commands (stored together), or the next single command."""
     run = 0
     while run < len(events) and events[run].name in _PUSHES:
@@ -162,10 +160,13 @@ class _Connection:
             sent = 0
         except OSError:
             sent = len(data)
-        if sent == len(data):
-            self._settle()
+        if sent < len(data):
+            try:
+                self._nursery.start_soon(self._finish_answer, data[sent:])
+            except RuntimeError:  # the server has shut down: nobody is left to read it
+                self._settle()
         else:
-            self._nursery.start_soon(self._finish_answer, data[sent:])
+            self._settle()
 
     async def _finish_answer(self, rest: bytes) -> None:
         try:
