@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import trio
@@ -17,4 +18,10 @@ async def test_busgate_demo_delivers_a_job() -> None:
     assert "LPUSH demo" in out and "-> :1" in out
     assert "sample backend: job " in out and "queue=demo topic=hello attempt=1" in out
     assert "the sample backend received the job" in out
-    assert "outcome=done status=200" in done.stderr.decode()
+    # One line per attempt, in the format gateway.logs writes.
+    assert re.search(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO busgate\.dispatch job=\S+ queue=demo"
+        r" topic=hello attempt=1 outcome=done status=200 duration_ms=[\d.]+ trace=[0-9a-f]{32}$",
+        done.stderr.decode(),
+        re.MULTILINE,
+    )
