@@ -10,8 +10,9 @@
     latency  push -> the backend's first byte at 1,000 jobs/s: p50 and p99
     rss      daemon RSS with 100 topics and 1,000,000 pending jobs
 
-The daemon runs in this process (as in production, one process); producers run in separate
-processes, as real ones do.
+The daemon runs in this process (as in production, one process), logging at ``info`` as
+``busgate run`` does by default (to /dev/null); producers run in separate processes, as real
+ones do.
 
     .venv/bin/python -m bench.daemon [e2e|ingest|latency|rss ...] [--store sqlite|redis|both]
 """
@@ -42,7 +43,7 @@ from bench.fastcgi_pool import encoded_request, request_env, run_raw
 from fastcgi.connection import ClientConnection
 from fastcgi.events import Params
 from fastcgi.pooling import send_all
-from gateway import heap
+from gateway import heap, logs
 from gateway.app import App, build_backend
 from gateway.config import load_config
 from gateway.dispatcher import Dispatcher
@@ -469,6 +470,9 @@ def _wait_port(port: int) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     kinds = ["sqlite", "redis"] if args.store == "both" else [args.store]
+    # As `busgate run` logs by default, a line per delivered job, to the cheapest sink there
+    # is (journald, on a real host, costs more).
+    logs.setup("info", open(os.devnull, "w"))  # noqa: SIM115  # open for the whole run
     for which in args.which or ["e2e", "ingest", "latency", "rss"]:
         if which == "e2e":
             await bench_e2e(kinds, args.jobs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -35,12 +36,12 @@ class LineFormatter(logging.Formatter):
         return f"{self._date_time},{int(record.msecs):03d}"  # as default_msec_format does
 
 
-def setup(level: str) -> None:
-    """Log at ``level`` (debug, info, warning, error) to stderr."""
+def setup(level: str, stream: TextIO | None = None) -> None:
+    """Log at ``level`` (debug, info, warning, error) to ``stream``, by default stderr."""
     logging._srcfile = None  # no caller lookup: the format shows no file or line
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(LineFormatter())
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
