@@ -268,7 +268,7 @@ def test_unit_file() -> None:
     service = unit["Service"]
     assert service["Type"] == "notify"
     assert service["NotifyAccess"] == "main"
-    assert service["ExecStart"] == "/usr/local/bin/busgate run -c /etc/busgate/busgate.yaml"
+    assert service["ExecStart"] == "/opt/busgate/.venv/bin/busgate run -c /etc/busgate/busgate.yaml"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert parse_duration(service["WatchdogSec"]) == 30
     assert service["Restart"] == "on-failure"
