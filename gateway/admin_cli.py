@@ -491,7 +491,7 @@ def _push(args: argparse.Namespace, settings: Settings) -> int:
     client = settings.producer_client()
     password = args.password or settings.environ.get(PASSWORD_ENV) or None
     if password is None and (settings.config_given or settings.url is None):
-        queue_config = settings.config.queue(queue)
+        queue_config = settings.queue_config(queue)
         password = None if queue_config is None else queue_config.password
     document = client.push(
         queue,

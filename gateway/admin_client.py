@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from gateway.config import DEFAULT_CONFIG, Config, Listen, load_config
+from gateway.config import DEFAULT_CONFIG, Config, Listen, QueueConfig, load_config, load_main
 
 TOKEN_ENV = "BUSGATE_ADMIN_TOKEN"
 PASSWORD_ENV = "BUSGATE_QUEUE_PASSWORD"
@@ -122,8 +122,10 @@ class Settings:
     """What the command line says, completed from the configuration file only when needed.
 
     ``--url`` beats the config's ``listen.http``; ``--token-file`` beats ``$BUSGATE_ADMIN_TOKEN``
-    beats the config's ``admin_token_file``.  The file is read (and validated whole, drop-ins
-    included) the first time something is missing; `gateway.config.ConfigError` escapes.
+    beats the config's ``admin_token_file``.  The main file is read (and validated whole) the
+    first time something is missing; the drop-ins only when a queue's settings are asked for
+    (``queue_config``), so an operator needs no queue secrets to run ``busgate stats``.
+    `gateway.config.ConfigError` escapes.
     """
 
     config_path: str | None  # None: not given, DEFAULT_CONFIG is tried when needed
@@ -135,9 +137,14 @@ class Settings:
 
     @property
     def config(self) -> Config:
+        """The main file's settings (its ``queues`` empty)."""
         if self._config is None:
-            self._config = load_config(self.config_path or DEFAULT_CONFIG, self.environ)
+            self._config = load_main(self.config_path or DEFAULT_CONFIG, self.environ)
         return self._config
+
+    def queue_config(self, name: str) -> QueueConfig | None:
+        """A queue's settings, from the drop-ins (read on each call: it is a rare one)."""
+        return load_config(self.config_path or DEFAULT_CONFIG, self.environ).queue(name)
 
     @property
     def config_given(self) -> bool:

@@ -753,6 +753,17 @@ _MAIN_KEYS = ("store", "listen", "admin_token_file", "include", "shutdown_timeou
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read the main file and every drop-in it includes; raise `ConfigError` on any mistake."""
     env = os.environ if environ is None else environ
+    config = load_main(path, env)
+    return replace(config, queues=_load_queues(config.path, config.include, env))
+
+
+def load_main(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read the main file alone (``queues`` left empty): what the operator commands need.
+
+    They talk to the admin API (``listen.http``, ``admin_token_file``), so a queue secret
+    such as ``${ORDERS_PASSWORD}`` in a drop-in need not be in the operator's environment.
+    """
+    env = os.environ if environ is None else environ
     main_path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(main_path))
     reader = _Reader(main_path, env)
@@ -793,8 +804,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     keys = {"listen_resp": "listen.resp", "listen_http": "listen.http"}
     partners = {"listen_http": "listen_resp"}
     # The main file is checked whole before any drop-in is read.
-    config = _build(reader, Config, root_node, given, {**fixed, "queues": {}}, keys, partners)
-    return replace(config, queues=_load_queues(main_path, config.include, env))
+    return _build(reader, Config, root_node, given, {**fixed, "queues": {}}, keys, partners)
 
 
 def _load_queues(

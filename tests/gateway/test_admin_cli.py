@@ -429,3 +429,25 @@ async def test_errors_say_what_and_exit_with_their_status(daemon: Daemon, tmp_pa
     assert run.code == 2 and "listen.http is port 0" in run.err and "--url" in run.err
     run = await busgate("stats", "-c", str(tmp_path / "missing.yaml"))
     assert run.code == 2 and run.err.startswith("busgate: configuration error: ")
+
+
+async def test_queue_secrets_are_needed_only_by_commands_that_read_queues(
+    daemon: Daemon,
+) -> None:
+    # As under systemd: the queue's password comes from an EnvironmentFile the operator's
+    # shell does not have.  Commands that talk to the admin API read the main file only.
+    drop_in = daemon.config.parent / "conf.d" / "orders.yaml"
+    drop_in.write_text(drop_in.read_text().replace("s3cret", "${ORDERS_PASSWORD}"))
+
+    assert ok(await daemon.cli("stats")).out.startswith("QUEUE/TOPIC")
+    ok(await daemon.cli("pause", "orders/email"))
+    assert (await daemon.topic())["paused"] is True
+    ok(await daemon.cli("resume", "orders/email"))
+
+    # push takes the queue's password from its drop-in, so that one needs the variable...
+    run = await daemon.cli("push", "orders", "{}")
+    assert run.code == 2 and "ORDERS_PASSWORD" in run.err, run
+    # ...or the password given another way.
+    ok(await daemon.cli("push", "orders", "{}", "--password", "s3cret"))
+    ok(await daemon.cli("push", "orders", "{}", env={"ORDERS_PASSWORD": "s3cret"}))
+    assert len(await wait_received(daemon.record, 2)) == 2
