@@ -341,6 +341,8 @@ class App:
         deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
         log.info("shutting down: draining in-flight deliveries for up to %gs", grace)
         self._draining = True
+        if self.service is not None:
+            self.service.stop()  # HTTP pushes; the RESP listener closes below
         if self._producers is not None:
             self._producers.cancel()
         for dispatcher in self._dispatchers.values():

@@ -47,6 +47,12 @@ class PayloadTooLarge(ProducerError):
     pass
 
 
+class ShuttingDown(ProducerError):
+    """The daemon is draining: pushes go to another instance, or wait for the restart."""
+
+    code = "TRYAGAIN"
+
+
 @dataclass(frozen=True, slots=True)
 class QueueEntry:
     config: QueueConfig
@@ -91,9 +97,14 @@ class ProducerService:
         #: The wall clock delays are measured against (the store's clock).
         self.clock = clock
         self._batchers: dict[str, _Batcher] = {}
+        self.accepting = True
 
     def reload(self, directory: Directory) -> None:
         self.directory = directory
+
+    def stop(self) -> None:
+        """Refuse pushes from now on (shutdown): what is already acknowledged is stored."""
+        self.accepting = False
 
     def check_password(self, queue: str, password: str) -> None:
         """Raise ``WrongPassword`` unless ``password`` opens ``queue``."""
@@ -116,6 +127,8 @@ class ProducerService:
 
     def resolve(self, target: str, authenticated: frozenset[str] | set[str]) -> QueueEntry:
         """Check that a push to ``queue`` or ``queue/topic`` is allowed; return the queue."""
+        if not self.accepting:
+            raise ShuttingDown("busgate is shutting down; nothing was stored, push again")
         queue, topic = split_target(target)
         entry = self.directory.entry(queue)
         if entry.config.password is not None and queue not in authenticated:

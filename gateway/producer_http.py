@@ -29,6 +29,7 @@ from gateway.producer import (
     PayloadTooLarge,
     ProducerError,
     ProducerService,
+    ShuttingDown,
     UnknownQueue,
     UnknownTopic,
     WrongPassword,
@@ -68,6 +69,8 @@ async def _push(service: ProducerService, request: Request) -> Response:
         raise HTTPError(401, str(exc), [("WWW-Authenticate", f'Basic realm="{queue}"')]) from None
     except PayloadTooLarge as exc:
         raise HTTPError(413, str(exc)) from None
+    except ShuttingDown as exc:
+        raise HTTPError(503, str(exc), [("Retry-After", "5")]) from None
     except ProducerError as exc:
         raise HTTPError(400, str(exc)) from None
     except StoreError as exc:

@@ -7,7 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -102,3 +105,45 @@ async def test_delivery_past_the_shutdown_timeout_is_released_without_an_attempt
         await trio.to_thread.run_sync(daemon.wait, 20)
     assert received[1].job_id == first.job_id and received[1].attempt == 1
     assert "released queue=q topic=t jobs=1" in log.read_text()
+
+
+async def test_draining_daemon_refuses_http_pushes_and_stores_none_of_them(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    config, port = configure(tmp_path, recording_fpm, "10s")
+    http_port = free_port()
+    config.write_text(
+        config.read_text().replace("http: 127.0.0.1:0", f"http: 127.0.0.1:{http_port}")
+    )
+    daemon = start(config, tmp_path / "daemon.log")
+    await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", http_port)
+    await push(port, '{"sleep_ms": 1500}')
+    await wait_received(record, 1)  # in flight: the drain lasts until it ends
+    daemon.send_signal(signal.SIGTERM)
+    with trio.fail_after(5):
+        while (await http(http_port, "GET", "/readyz"))[0] != 503:
+            await trio.sleep(0.02)
+    status, headers, body = await http(http_port, "POST", "/v1/queues/q/jobs", b"late")
+    assert status == 503 and headers["Retry-After"] == "5"
+    assert b"shutting down; nothing was stored" in body
+    assert await trio.to_thread.run_sync(daemon.wait, 20) == 0
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    try:
+        stats = await store.stats("q", "t")
+    finally:
+        await store.aclose()
+    assert (stats.ready, stats.leased, stats.done) == (0, 0, 1)  # "late" was never stored
+
+
+async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, Any, bytes]:
+    def call() -> tuple[int, Any, bytes]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}", data=body or None, method=method
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers, error.read()
+
+    return await trio.to_thread.run_sync(call)
