@@ -313,6 +313,8 @@ class App:
                 changed.append(key)
         self.config = new
         self.service.reload(Directory(new))
+        if self.resp is not None:
+            self.resp.limits = new.producer  # read afresh by every connection and read
         self.admin.token = token
         for key in toggled:
             dispatcher = self._dispatchers[key]

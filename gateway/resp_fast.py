@@ -57,6 +57,10 @@ class FastRequestParser:
         self._pending = bytearray()  # what hiredis was fed and has not returned as a request
         self._start = 0  # where in _pending the next request starts
 
+    def set_max_bulk_len(self, limit: int) -> None:
+        """A new argument size limit (a reload changed ``max_payload``), from the next one."""
+        self.max_bulk_len = self._exact_parser.max_bulk_len = limit
+
     @property
     def buffered(self) -> int:
         """Bytes received and held, not yet parsed into an event."""

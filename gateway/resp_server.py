@@ -290,12 +290,17 @@ class RespServer:
             conn.close()
 
     async def _serve_commands(self, conn: _Connection, session: RespSession) -> None:
+        directory = self.service.directory
         parser = FastRequestParser(
-            resp.RequestParser(max_bulk_len=self.service.directory.max_payload + _PARSER_SLACK)
+            resp.RequestParser(max_bulk_len=directory.max_payload + _PARSER_SLACK)
         )
-        max_pipeline = self.limits.max_pipeline
         while True:
             data = await conn.receive()
+            # A reload may have changed the limits since the last read.
+            max_pipeline = self.limits.max_pipeline
+            if self.service.directory is not directory:
+                directory = self.service.directory
+                parser.set_max_bulk_len(directory.max_payload + _PARSER_SLACK)
             await conn.settle()  # the last push's reply goes first, even if the producer left
             if not data:
                 return

@@ -167,3 +167,38 @@ async def test_sighup_with_broken_yaml_keeps_the_old_config(
     assert f"{tmp_path / 'conf.d' / 'q.yaml'}:4" in text  # file and line of the YAML error
     assert daemon.returncode == 0
     assert "shutting down" in textwrap.shorten(text, 100_000)
+
+
+async def test_producer_limits_and_payload_size_change_on_reload(tmp_path: Path) -> None:
+    held = """\
+        queue: q
+        max_payload: 1KiB
+        topics:
+          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/app.php, paused: true}
+        """
+    config = write_config(tmp_path, {"q": held})
+    big = b"x" * 3000
+    async with running_daemon(config) as app:
+        host, _, port = app.resp_address.rpartition(":")
+
+        async def ask(stream: trio.SocketStream, *command: str | bytes) -> bytes:
+            await stream.send_all(encode_command(*command))
+            with trio.fail_after(5):
+                return await stream.receive_some(1000)
+
+        first = await trio.open_tcp_stream(host, int(port))
+        assert (await ask(first, "LPUSH", "q", big)).startswith(b"-ERR payload of 3000 bytes")
+
+        (tmp_path / "conf.d" / "q.yaml").write_text(
+            textwrap.dedent(held).replace("1KiB", "8KiB")
+        )
+        config.write_text(config.read_text() + "producer: {max_connections: 1}\n")
+        await app.reload(load_config(config))
+
+        # The connection opened before the reload takes the larger payload...
+        assert await ask(first, "LPUSH", "q", big) == b":1\r\n"
+        # ...and is the one connection now allowed.
+        second = await trio.open_tcp_stream(host, int(port))
+        assert await ask(second, "PING") == b"-ERR max number of clients reached\r\n"
+        await second.aclose()
+        await first.aclose()
