@@ -189,9 +189,7 @@ async def test_producer_limits_and_payload_size_change_on_reload(tmp_path: Path)
         first = await trio.open_tcp_stream(host, int(port))
         assert (await ask(first, "LPUSH", "q", big)).startswith(b"-ERR payload of 3000 bytes")
 
-        (tmp_path / "conf.d" / "q.yaml").write_text(
-            textwrap.dedent(held).replace("1KiB", "8KiB")
-        )
+        (tmp_path / "conf.d" / "q.yaml").write_text(textwrap.dedent(held).replace("1KiB", "8KiB"))
         config.write_text(config.read_text() + "producer: {max_connections: 1}\n")
         await app.reload(load_config(config))
 
