@@ -25,7 +25,7 @@ import trio_websocket
 
 from adapters.delivery.base import running
 from adapters.storage.base import Store
-from adapters.storage.bulk import delete_where, matching_dead_ids, replay_where
+from adapters.storage.bulk import delete_where, matching_dead_ids, replay_ids, replay_where
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import (
     DeadFilter,
@@ -332,7 +332,7 @@ class AdminAPI:
                 raise HTTPError(404, "no dead job matches that filter")
             if done == "replayed":
                 count = (
-                    await store.replay_dead(queue, name, ids)
+                    await replay_ids(store, queue, name, ids, rate=rate)
                     if ids is not None
                     else await replay_where(store, queue, name, where or DeadFilter(), rate=rate)
                 )

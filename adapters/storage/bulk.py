@@ -46,6 +46,19 @@ async def replay_where(
 ) -> int:
     """Replay every dead job matching ``where``; at most ``rate`` jobs per second if given."""
     ids = await matching_dead_ids(store, queue, topic, where)
+    return await replay_ids(store, queue, topic, ids, rate=rate, progress=progress)
+
+
+async def replay_ids(
+    store: Store,
+    queue: str,
+    topic: str,
+    ids: list[str],
+    *,
+    rate: float | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Replay these dead jobs (others are skipped); at most ``rate`` jobs per second if given."""
     return await _in_chunks(
         ids, lambda chunk: store.replay_dead(queue, topic, chunk), rate, progress
     )

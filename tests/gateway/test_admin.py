@@ -192,6 +192,19 @@ async def test_dead_letters_listed_replayed_and_deleted(app: App, record: Path) 
     assert (await topic_stats(app))["depth"]["dead"] == 0
 
 
+async def test_replay_by_ids_is_paced_by_rate(app: App, record: Path) -> None:
+    await push(app, *(b'{"respond_status": 404, "n": %d}' % n for n in range(4)))
+    await wait_received(record, 4)
+    await settled(app, dead=4)
+    base = "/v1/queues/orders/topics/email/dead"
+    status, page = await api(app, "GET", base + "?limit=10")
+    ids = [job["id"] for job in page["jobs"]]
+    started = trio.current_time()
+    status, result = await api(app, "POST", base + "/replay", {"ids": ids, "rate": 5})
+    assert (status, result) == (200, {"matched": 4, "replayed": 4})
+    assert trio.current_time() - started >= 0.75  # 4 jobs at 5 per second
+
+
 async def test_pause_resume_and_recent_failures(app: App, record: Path) -> None:
     topic = "/v1/queues/orders/topics/email"
     assert (await api(app, "POST", topic + "/pause", b"", content_type="text/plain"))[0] == 415
