@@ -69,13 +69,16 @@ def write_config(directory: Path, store: str, queues: dict[str, str]) -> Path:
 
 @asynccontextmanager
 async def daemon(config: Path) -> AsyncIterator[App]:
-    async with trio.open_nursery() as nursery:
-        app: App = await nursery.start(App(load_config(config)).run)
-        heap.settle()  # as `busgate run` does once the daemon is up
-        try:
-            yield app
-        finally:
-            app.shutdown(timeout=5)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(logs.flushing)  # as `busgate run` does
+        async with trio.open_nursery() as nursery:
+            app: App = await nursery.start(App(load_config(config)).run)
+            heap.settle()  # as `busgate run` does once the daemon is up
+            try:
+                yield app
+            finally:
+                app.shutdown(timeout=5)
+        outer.cancel_scope.cancel()
 
 
 @asynccontextmanager

@@ -40,6 +40,7 @@ async def serve(config_path: str) -> None:
     interval = watchdog_interval()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as outer:
+            outer.start_soon(logs.flushing)  # info lines in batches; all written on the way out
             if interval is not None:
                 # Outside the App's nursery: it keeps pinging while in-flight work drains.
                 await outer.start(run_watchdog, notifier, interval)

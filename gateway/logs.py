@@ -5,6 +5,13 @@ cheap.  Two settings from the logging documentation's "Optimization" advice skip
 format never shows: the caller's file and line (a walk up the stack for every record) and
 the thread and process names.  The timestamp's date and time part is formatted once per
 second.  Together they take a job's line from 8.0 to 5.4 us here.
+
+While the daemon runs (``flushing``), ``info`` lines are written in batches, at most
+``FLUSH_INTERVAL`` after they were logged: one ``write()`` for many jobs' lines rather than
+one each, which under systemd is also one wake-up of journald rather than one per job.  A
+``warning`` or worse is written at once, after the lines logged before it, and whatever is
+held is written on exit (``logging.shutdown``); only a ``kill -9`` can lose the last
+``FLUSH_INTERVAL`` of ``info`` lines.
 """
 
 from __future__ import annotations
@@ -14,7 +21,13 @@ import sys
 import time
 from typing import TextIO
 
+import trio
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+#: The longest an ``info`` line waits to be written while the daemon runs.
+FLUSH_INTERVAL = 0.05
+#: Held lines are written once there are this many, whatever the time.
+MAX_HELD = 1000
 
 
 class LineFormatter(logging.Formatter):
@@ -36,12 +49,66 @@ class LineFormatter(logging.Formatter):
         return f"{self._date_time},{int(record.msecs):03d}"  # as default_msec_format does
 
 
+class LineHandler(logging.StreamHandler[TextIO]):
+    """A ``StreamHandler`` that can hold ``info`` lines and write them together.
+
+    It holds nothing unless ``holding`` is set (``flushing`` sets it), so a command that logs
+    and exits, or a daemon that crashes before it runs, writes every line at once.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.holding = False
+        self._held: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._held.append(self.format(record))
+            if not self.holding or record.levelno >= logging.WARNING or len(self._held) >= MAX_HELD:
+                self._write()
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.acquire()  # emit() runs under the same lock (Handler.handle)
+        try:
+            if self._held:
+                self._write()
+            super().flush()
+        finally:
+            self.release()
+
+    def _write(self) -> None:
+        self._held.append("")  # the last line's newline
+        text = "\n".join(self._held)
+        self._held.clear()
+        self.stream.write(text)
+        self.stream.flush()
+
+
 def setup(level: str, stream: TextIO | None = None) -> None:
     """Log at ``level`` (debug, info, warning, error) to ``stream``, by default stderr."""
     logging._srcfile = None  # no caller lookup: the format shows no file or line
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler = LineHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(LineFormatter())
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+async def flushing(interval: float = FLUSH_INTERVAL) -> None:
+    """Hold ``info`` lines and write them every ``interval`` until cancelled, then write the
+    rest.  A no-op for handlers other than ``LineHandler`` (tests capturing records)."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, LineHandler)]
+    for handler in handlers:
+        handler.holding = True
+    try:
+        while True:
+            await trio.sleep(interval)
+            for handler in handlers:
+                handler.flush()
+    finally:
+        for handler in handlers:
+            handler.holding = False
+            handler.flush()

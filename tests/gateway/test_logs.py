@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import weakref
 
-from gateway.logs import FORMAT, LineFormatter
+import trio
+import trio.testing
+
+from gateway.logs import FORMAT, MAX_HELD, LineFormatter, LineHandler, flushing
 
 
 def record(created: float) -> logging.LogRecord:
@@ -25,3 +30,86 @@ def test_lines_read_exactly_as_the_stock_formatter_writes_them() -> None:
 def test_an_explicit_date_format_is_honoured() -> None:
     entry = record(1763931223.25)
     assert LineFormatter().formatTime(entry, "%Y") == logging.Formatter().formatTime(entry, "%Y")
+
+
+class Writes(io.StringIO):
+    """A stream that remembers each write, as each is a write() to journald's socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def handler() -> tuple[LineHandler, Writes]:
+    stream = Writes()
+    line_handler = LineHandler(stream)
+    line_handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    return line_handler, stream
+
+
+def emit(line_handler: LineHandler, level: int, text: str) -> None:
+    line_handler.handle(logging.LogRecord("busgate", level, "", 0, text, (), None))
+
+
+def test_without_holding_every_line_is_written_at_once() -> None:
+    line_handler, stream = handler()
+    emit(line_handler, logging.INFO, "one")
+    emit(line_handler, logging.INFO, "two")
+    assert stream.writes == ["INFO one\n", "INFO two\n"]
+
+
+def test_held_info_lines_go_out_together_and_before_a_warning() -> None:
+    line_handler, stream = handler()
+    line_handler.holding = True
+    emit(line_handler, logging.INFO, "one")
+    emit(line_handler, logging.INFO, "two")
+    assert stream.writes == []
+    line_handler.flush()
+    assert stream.writes == ["INFO one\nINFO two\n"]
+    emit(line_handler, logging.INFO, "three")
+    emit(line_handler, logging.WARNING, "four")  # at once, after what came before it
+    assert stream.writes[1:] == ["INFO three\nWARNING four\n"]
+    assert stream.getvalue() == "INFO one\nINFO two\nINFO three\nWARNING four\n"
+
+
+def test_a_full_hold_is_written_without_waiting() -> None:
+    line_handler, stream = handler()
+    line_handler.holding = True
+    for n in range(MAX_HELD):
+        emit(line_handler, logging.INFO, str(n))
+    assert len(stream.writes) == 1 and stream.getvalue().count("\n") == MAX_HELD
+
+
+async def test_flushing_writes_within_its_interval_and_everything_when_stopped() -> None:
+    line_handler, stream = handler()
+    root = logging.getLogger()
+    root.addHandler(line_handler)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flushing, 0.05)
+            await trio.testing.wait_all_tasks_blocked()
+            assert line_handler.holding
+            emit(line_handler, logging.INFO, "one")
+            emit(line_handler, logging.INFO, "two")
+            assert stream.writes == []
+            with trio.fail_after(1):
+                while not stream.writes:
+                    await trio.sleep(0.01)
+            assert stream.writes == ["INFO one\nINFO two\n"]
+            emit(line_handler, logging.INFO, "last")
+            nursery.cancel_scope.cancel()
+        assert stream.writes[-1] == "INFO last\n" and not line_handler.holding
+    finally:
+        root.removeHandler(line_handler)
+
+
+def test_logging_shutdown_writes_what_is_held() -> None:
+    line_handler, stream = handler()
+    line_handler.holding = True
+    emit(line_handler, logging.INFO, "held")
+    logging.shutdown([weakref.ref(line_handler)])  # what atexit runs, for this handler
+    assert stream.getvalue() == "INFO held\n"
