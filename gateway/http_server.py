@@ -85,12 +85,19 @@ Handler = Callable[[Request], Awaitable[Response]]
 WebSocketHandler = Callable[[trio.abc.Stream, "Request"], Awaitable[None]]
 
 
+#: A body size limit, or what returns it when the limit can change (a reload).
+BodyLimit = int | Callable[[], int]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     method: str
     pattern: re.Pattern[str]
     handler: Handler
-    max_body: int = DEFAULT_MAX_BODY
+    max_body: BodyLimit = DEFAULT_MAX_BODY
+
+    def body_limit(self) -> int:
+        return self.max_body if isinstance(self.max_body, int) else self.max_body()
 
 
 class Router:
@@ -101,7 +108,12 @@ class Router:
         self.websockets: dict[str, WebSocketHandler] = {}
 
     def add(
-        self, method: str, template: str, handler: Handler, *, max_body: int = DEFAULT_MAX_BODY
+        self,
+        method: str,
+        template: str,
+        handler: Handler,
+        *,
+        max_body: BodyLimit = DEFAULT_MAX_BODY,
     ) -> None:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
         self.routes.append(Route(method, re.compile(f"{regex}$"), handler, max_body))
@@ -225,12 +237,13 @@ class HTTPServer:
         try:
             route, params = self.router.match(method, target.path)
             length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > route.max_body:
+            limit = route.body_limit()
+            if length is not None and length.isdigit() and int(length) > limit:
                 raise HTTPError(
-                    413, f"the body of {length} bytes is over the limit of {route.max_body} bytes"
+                    413, f"the body of {length} bytes is over the limit of {limit} bytes"
                 )
             with trio.fail_after(REQUEST_TIMEOUT):
-                body = await self._read_body(conn, stream, route.max_body)
+                body = await self._read_body(conn, stream, limit)
             request = Request(
                 method, target.path, parse_qs(target.query), headers, body, params, peer
             )

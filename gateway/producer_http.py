@@ -44,8 +44,11 @@ def add_producer_routes(router: Router, service: ProducerService) -> None:
         return await _push(service, request)
 
     # Bodies up to the largest queue's max_payload per job, times a generous batch margin;
-    # each payload is checked against its own queue's limit afterwards.
-    limit = max(service.directory.max_payload, 1024 * 1024) * 8
+    # each payload is checked against its own queue's limit afterwards.  Asked per request:
+    # a reload may change max_payload.
+    def limit() -> int:
+        return max(service.directory.max_payload, 1024 * 1024) * 8
+
     router.add("POST", "/v1/queues/{queue}/jobs", push, max_body=limit)
     router.add("POST", "/v1/queues/{queue}/{topic}/jobs", push, max_body=limit)
 

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,33 @@ async def test_producer_limits_and_payload_size_change_on_reload(tmp_path: Path)
         assert await ask(second, "PING") == b"-ERR max number of clients reached\r\n"
         await second.aclose()
         await first.aclose()
+
+
+async def test_http_push_size_limit_follows_a_reloaded_max_payload(tmp_path: Path) -> None:
+    held = """\
+        queue: q
+        max_payload: 1KiB
+        topics:
+          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/app.php, paused: true}
+        """
+    config = write_config(tmp_path, {"q": held})
+    # Five 1.9 MiB payloads: over the 8 MiB body limit of 1 KiB queues, under that of 2 MiB.
+    body = b'{"jobs": [%s]}' % b",".join([b'{"payload": "%s"}' % (b"x" * 1_990_000)] * 5)
+
+    def post(address: str) -> int:
+        request = urllib.request.Request(
+            f"http://{address}/v1/queues/q/jobs",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    async with running_daemon(config) as app:
+        assert await trio.to_thread.run_sync(post, app.http_address) == 413
+        (tmp_path / "conf.d" / "q.yaml").write_text(textwrap.dedent(held).replace("1KiB", "2MiB"))
+        await app.reload(load_config(config))
+        assert await trio.to_thread.run_sync(post, app.http_address) == 202
