@@ -90,10 +90,10 @@ def retry_after(value: bytes | None, now: float) -> float | None:
     if value is None:
         return None
     text = value.decode("latin-1").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # isdigit() alone takes "²": float() does not
         return min(float(text), MAX_RETRY_AFTER)
     try:
         when = parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None  # not a date we can use: ordinary backoff
     return min(max(when - now, 0.0), MAX_RETRY_AFTER)

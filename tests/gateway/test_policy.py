@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from adapters.delivery.base import Delivery, Failure
 from adapters.storage.jobs import Outcome
@@ -78,6 +80,15 @@ def test_retry_after_forms() -> None:
     assert retry_after(b"99999999", NOW) == 24 * 3600
     assert retry_after(b"Wed, 15 Jan 2027 07:00:00 GMT", NOW) == 0  # in the past
     assert retry_after(None, NOW) is None and retry_after(b"later", NOW) is None
+    # Digits to str.isdigit() that float() refuses: a backend's odd header is no crash.
+    for odd in (b"\xb2", b"1\xb3", b"\xb9", b"Wed, 15 Jan 99999 07:00:00 GMT", b"-5", b"1.5"):
+        assert retry_after(odd, NOW) is None, odd
+
+
+@given(st.binary(max_size=40))
+def test_retry_after_never_raises(value: bytes) -> None:
+    seconds = retry_after(value, NOW)
+    assert seconds is None or 0 <= seconds <= 24 * 3600
 
 
 class Clock:
