@@ -64,6 +64,10 @@ class HTTPConnection(PooledStream):
 
     def reusable(self) -> bool:
         conn = self.h11
+        # Bytes after the response (a body longer than its Content-Length, an answer sent
+        # twice) would be read as the next job's answer: the stream is out of step.
+        if conn.trailing_data[0]:
+            return False
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
         return conn.our_state is h11.IDLE and conn.their_state is h11.IDLE

@@ -197,3 +197,52 @@ async def test_daemon_delivers_to_an_http_topic(server: RecordingServer, tmp_pat
     assert later.state is State.DELAYED
     assert later.run_at - later.attempts[0].started_at == pytest.approx(60, abs=2)
     assert (stats.done, stats.dead, stats.delayed) == (1, 1, 1)
+
+
+async def scripted_service(
+    nursery: trio.Nursery, answers: list[bytes], connections: list[int]
+) -> str:
+    """A service that answers the n-th request with ``answers[n]``, byte for byte."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        buffer = b""
+        while answers:
+            while b"\r\n\r\n" not in buffer:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(buffer) < length:
+                buffer += await stream.receive_some(65536)
+            buffer = buffer[length:]
+            await stream.send_all(answers.pop(0))
+
+    listeners = await nursery.start(trio.serve_tcp, serve, 0)
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/hook"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst" * 2,  # its answer sent twice
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ncaf\xc3\xa9",  # a length in characters
+    ],
+    ids=["sent twice", "length short"],
+)
+async def test_bytes_after_a_response_are_never_the_next_jobs_answer(first: bytes) -> None:
+    answers = [first, b"HTTP/1.1 500 Oops\r\nContent-Length: 6\r\n\r\nfailed"]
+    connections: list[int] = []
+    async with trio.open_nursery() as nursery:
+        url = await scripted_service(nursery, answers, connections)
+        backend = HTTPBackend(HTTPTarget(url=url, max_connections=1, timeout=5))
+        one = await backend.deliver(job())
+        two = await backend.deliver(job())
+        await backend.aclose()
+        nursery.cancel_scope.cancel()
+    assert one.status == 200
+    # The second job gets its own answer, on a new connection: the first is out of step.
+    assert (two.status, two.body, two.failure) == (500, b"failed", None)
+    assert len(connections) == 2
