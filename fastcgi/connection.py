@@ -99,7 +99,12 @@ _IN_REQUEST = (*_SENDING, State.AWAIT_END)
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Bounds on what one response may make us hold in memory."""
+    """Bounds on what one response may make us hold in memory.
+
+    Past a bound the rest of that stream is read and dropped, not refused: the response is
+    still whole, and its status (in the CGI headers, at the start of stdout) still counts.  A
+    PHP script that succeeds after printing megabytes of warnings has succeeded.
+    """
 
     max_stdout: int = 64 * 1024 * 1024
     max_stderr: int = 1024 * 1024
@@ -290,11 +295,12 @@ class ClientConnection:
             if record_type == _STDOUT:
                 if not content:
                     continue  # end of the stdout stream; END_REQUEST follows
+                room = self.limits.max_stdout - self._stdout_bytes
                 self._stdout_bytes += len(content)
-                if self._stdout_bytes > self.limits.max_stdout:
-                    raise RemoteProtocolError(
-                        f"response body exceeds the limit of {self.limits.max_stdout} bytes"
-                    )
+                if len(content) > room:  # past the bound: dropped (see Limits)
+                    if room <= 0:
+                        continue
+                    content = content[:room]
                 if fold:
                     self._stdout.append(content)
                     continue
@@ -302,11 +308,12 @@ class ClientConnection:
             if record_type == _STDERR:
                 if not content:
                     continue
+                room = self.limits.max_stderr - self._stderr_bytes
                 self._stderr_bytes += len(content)
-                if self._stderr_bytes > self.limits.max_stderr:
-                    raise RemoteProtocolError(
-                        f"response stderr exceeds the limit of {self.limits.max_stderr} bytes"
-                    )
+                if len(content) > room:
+                    if room <= 0:
+                        continue
+                    content = content[:room]
                 if fold:
                     self._stderr.append(content)
                     continue

@@ -242,17 +242,31 @@ def test_records_after_end_request_are_rejected() -> None:
         conn.next_event()
 
 
-def test_response_size_limits() -> None:
+def test_output_past_the_limits_is_read_and_dropped() -> None:
+    end = encode_record(
+        RecordType.END_REQUEST, 1, end_request_body(0, ProtocolStatus.REQUEST_COMPLETE)
+    )
     conn = started(ClientConnection(Limits(max_stdout=10, max_stderr=5)))
     conn.receive_data(encode_record(RecordType.STDOUT, 1, b"x" * 8))
     assert drain(conn) == [Stdout(b"x" * 8)]
-    conn.receive_data(encode_record(RecordType.STDOUT, 1, b"x" * 3))
-    with pytest.raises(RemoteProtocolError, match="body exceeds the limit of 10"):
-        drain(conn)
+    conn.receive_data(
+        encode_record(RecordType.STDOUT, 1, b"yyy")
+        + encode_record(RecordType.STDOUT, 1, b"zzz")
+        + encode_record(RecordType.STDERR, 1, b"e" * 6)
+        + encode_record(RecordType.STDERR, 1, b"f")
+    )
+    assert drain(conn) == [Stdout(b"yy"), Stderr(b"eeeee")]
+    conn.receive_data(end)
+    assert drain(conn) == [EndRequest(0, ProtocolStatus.REQUEST_COMPLETE)]
+    # Folded, the same: the response is whole, with what fits.
     conn = started(ClientConnection(Limits(max_stdout=10, max_stderr=5)))
-    conn.receive_data(encode_record(RecordType.STDERR, 1, b"e" * 6))
-    with pytest.raises(RemoteProtocolError, match="stderr exceeds the limit of 5"):
-        drain(conn)
+    conn.receive_data(
+        encode_record(RecordType.STDOUT, 1, b"Status: 200\r\n\r\n" + b"x" * 100)
+        + encode_record(RecordType.STDERR, 1, b"warning " * 100)
+        + end
+    )
+    response = conn.receive_response()
+    assert response == FullResponse(b"Status: 20", b"warni", 0, ProtocolStatus.REQUEST_COMPLETE)
 
 
 def test_events_in_the_wrong_order_are_local_errors() -> None:

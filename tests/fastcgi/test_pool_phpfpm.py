@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from fastcgi.address import Address
+from fastcgi.connection import Limits
 from fastcgi.errors import ConnectError, ReadTimeout
 from fastcgi.pool import ConnectionPool, PoolLimits, Timeouts
 from tests.fastcgi.cgi_env import cgi_env
@@ -46,6 +47,17 @@ async def test_warnings_come_back_on_stderr_not_in_the_body(fpm: PhpFpm) -> None
     assert b"PHP Warning:  careful with that job" in response.stderr
     assert b"written with error_log" in response.stderr
     assert b"careful" not in response.body
+
+
+async def test_megabytes_of_warnings_are_cut_not_a_failure(fpm: PhpFpm) -> None:
+    async with ConnectionPool(fpm.address, limits=PoolLimits(max_connections=1)) as pool:
+        flooded = await pool.request(cgi_env(fpm.script("warn_flood.php")))
+        after = await pool.request(cgi_env(fpm.script("warn.php")))  # on the same connection
+        stats = pool.statistics()
+    assert (flooded.status, flooded.body) == (200, b"done after warnings")
+    assert len(flooded.stderr) == Limits().max_stderr  # the first MiB is kept
+    assert after.body == b"body after warnings"
+    assert (stats.opened_total, stats.failures_total) == (1, 0)
 
 
 async def test_failure_statuses(fpm: PhpFpm) -> None:
