@@ -164,7 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup(args.log_level)
     try:
-        code: int = args.handler(args)
+        try:
+            code: int = args.handler(args)
+        except BaseExceptionGroup as group:
+            # An error raised at startup reaches here wrapped by the nurseries it crossed.
+            raise _sole(group) from None
     except ConfigError as exc:
         print(f"busgate: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -174,6 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested one-exception groups; else the group itself."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return inner
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 import hiredis
 import trio
 
-from adapters.storage.errors import StoreError, StoreUnavailable
+from adapters.storage.errors import StoreError, StoreRefused, StoreUnavailable
 from fastcgi.errors import BackendError
 from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason
 
@@ -172,6 +172,8 @@ class RedisClient:
         while True:
             try:
                 return await self._pool.acquire()
+            except StoreRefused:
+                raise
             except (StoreUnavailable, BackendError) as exc:
                 if trio.current_time() + delay >= deadline:
                     raise StoreUnavailable(str(exc)) from exc
@@ -225,4 +227,4 @@ class RedisClient:
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ServerError):
                 what = str(command[0])
-                raise StoreUnavailable(f"{self.name}: {what} failed: {reply}")
+                raise StoreRefused(f"{self.name}: {what} failed: {reply}")

@@ -323,6 +323,11 @@ async def listen(
                         raise trio.BrokenResourceError("Redis closed the subscription")
                     reader.feed(bytes(data))
                     continue
+                if isinstance(message, ServerError):  # NOPERM: an ACL user without &channels
+                    raise StoreUnavailable(
+                        f"Redis refused the wake-up subscription (PSUBSCRIBE {pattern.decode()}):"
+                        f" {message}; the user needs access to that channel pattern"
+                    )
                 kind = message[0]
                 if kind == b"psubscribe":
                     delay = 0.05
@@ -333,6 +338,10 @@ async def listen(
                     handler(message[2], message[3])
         except (trio.BrokenResourceError, OSError, hiredis.ProtocolError) as exc:
             log.warning("notification subscription broke, reconnecting: %s", exc)
+        except StoreUnavailable as exc:
+            if not started:
+                raise
+            log.error("notification subscription refused, retrying: %s", exc)
         finally:
             conn.close()
         await trio.sleep(delay)
