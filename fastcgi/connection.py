@@ -126,6 +126,7 @@ class ClientConnection:
         self._reader = RecordReader()
         self._stdout_bytes = 0
         self._stderr_bytes = 0
+        self._received = 0  # bytes of the current request's answer, records or not
         self._management_pending = 0
         self._stdout: list[bytes] = []  # what receive_response has folded so far
         self._stderr: list[bytes] = []
@@ -147,7 +148,7 @@ class ClientConnection:
             self.state = State.SEND_PARAMS
             self.keep_conn = event.keep_conn
             self._role = event.role
-            self._stdout_bytes = self._stderr_bytes = 0
+            self._stdout_bytes = self._stderr_bytes = self._received = 0
             return _begin_request_record(rid, event.role, event.keep_conn)
         if isinstance(event, Params):
             self._expect(State.SEND_PARAMS, event)
@@ -194,7 +195,7 @@ class ClientConnection:
         self.state = State.AWAIT_END
         self.keep_conn = keep_conn
         self._role = Role.RESPONDER
-        self._stdout_bytes = self._stderr_bytes = 0
+        self._stdout_bytes = self._stderr_bytes = self._received = 0
         return b"".join(
             (
                 _begin_request_record(rid, Role.RESPONDER, keep_conn),
@@ -226,8 +227,14 @@ class ClientConnection:
         """Bytes received but not yet turned into events (a reuse hazard after END_REQUEST)."""
         return self._reader.buffered
 
+    @property
+    def answered_nothing(self) -> bool:
+        """No byte has arrived since the current request began."""
+        return self._received == 0
+
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed received bytes; ``b""`` means the server closed the connection."""
+        self._received += len(data)
         self._reader.feed(data)
 
     def receive_response(self) -> FullResponse | Literal[_NeedData.NEED_DATA]:

@@ -205,6 +205,20 @@ class ConnectionPool:
             conn = await pool.acquire(deadline)
             try:
                 response = await self._exchange(conn, params, body, read, deadline)
+            except (RemoteProtocolError, ConnectionLost):
+                pool.discard(conn)
+                if conn.requests == 1 or not conn.protocol.answered_nothing:
+                    raise
+                # A kept-alive connection found closed when reused, before any byte of an
+                # answer: the backend closed it while it sat idle, too recently for the
+                # check before reuse to see (a php-fpm child leaving after pm.max_requests
+                # closes right after its last answer).  Once more, on a new connection.
+                conn = await pool.acquire(deadline, fresh=True)
+                try:
+                    response = await self._exchange(conn, params, body, read, deadline)
+                except BaseException:
+                    pool.discard(conn)
+                    raise
             except BaseException:
                 pool.discard(conn)
                 raise

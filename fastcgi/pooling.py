@@ -159,8 +159,9 @@ class Pool(Generic[C]):
             timeouts_total=self.timeouts_total,
         )
 
-    async def acquire(self, deadline: float = math.inf) -> C:
-        """A connection for one exchange: an idle one if it is still good, else a new one.
+    async def acquire(self, deadline: float = math.inf, *, fresh: bool = False) -> C:
+        """A connection for one exchange: an idle one if it is still good, else a new one
+        (always a new one if ``fresh``).
 
         ``deadline`` (trio time) bounds the wait for a free slot and the connect, on top of
         the pool's own limits; only those slow paths pay for a cancel scope.
@@ -173,7 +174,7 @@ class Pool(Generic[C]):
         except trio.WouldBlock:
             await self._wait_for_slot(deadline)
         try:
-            conn = self._take_idle()
+            conn = None if fresh else self._take_idle()
             if conn is None:
                 with trio.move_on_at(deadline):
                     conn = await self._connect()

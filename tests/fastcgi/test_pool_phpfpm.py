@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import trio
@@ -58,6 +59,42 @@ async def test_megabytes_of_warnings_are_cut_not_a_failure(fpm: PhpFpm) -> None:
     assert len(flooded.stderr) == Limits().max_stderr  # the first MiB is kept
     assert after.body == b"body after warnings"
     assert (stats.opened_total, stats.failures_total) == (1, 0)
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+async def test_children_recycled_after_max_requests_cost_no_failure(
+    tmp_path: Path, unix: bool
+) -> None:
+    # Each child leaves after two requests and closes its kept-alive connection right after
+    # its last answer: a connection reused at once is found closed, and the request goes
+    # again on a new one, without a failure and without running twice.
+    record = tmp_path / "record.jsonl"
+    fpm = PhpFpm(
+        tmp_path / "fpm",
+        unix=unix,
+        max_children=2,
+        env={"BUSGATE_RECORD": str(record)},
+        extra_pool_lines=("pm.max_requests = 2",),
+    )
+    fpm.start()
+    try:
+        async with ConnectionPool(fpm.address, limits=PoolLimits(max_connections=2)) as pool:
+
+            async def worker(n: int) -> None:
+                for i in range(30):
+                    body = b'{"n": %d}' % (n * 100 + i)
+                    response = await pool.request(cgi_env(fpm.script("record.php"), body), body)
+                    assert response.status == 200
+
+            async with trio.open_nursery() as nursery:
+                for n in range(2):
+                    nursery.start_soon(worker, n)
+            stats = pool.statistics()
+    finally:
+        fpm.stop()
+    assert stats.failures_total == 0
+    assert len(record.read_text().splitlines()) == 60  # each ran once
+    assert stats.opened_total >= 20  # the children did recycle
 
 
 async def test_failure_statuses(fpm: PhpFpm) -> None:
