@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,8 @@ from adapters.storage.redis_routing import Router
 #: Jobs moved per maintenance script call (promotion, recovery, pruning).
 _BATCH = 1000
 _REGISTRY = b"bg:topics"
+#: How often a push says again which topics it uses (see RedisStore._register).
+REGISTRY_REFRESH = 60.0
 _RETRY = Outcome.RETRY
 #: FINISH's kind for a retry that does not count against max_attempts (overloaded).
 _RETRY_UNSPENT = "retry-unspent"
@@ -203,6 +206,7 @@ class RedisStore(Store):
         self._schedulers: dict[tuple[str, str], PriorityScheduler] = {}
         self._ready_counts: dict[tuple[str, str], list[int]] = {}
         self._registered: set[tuple[str, str]] = set()
+        self._registered_until = -math.inf
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -242,7 +246,15 @@ class RedisStore(Store):
         return replies
 
     async def _register(self, queue: str, topics: Sequence[str]) -> None:
-        """Remember (queue, topic) pairs so a job can be found by id alone."""
+        """Remember (queue, topic) pairs so a job can be found by id alone.
+
+        Said again every REGISTRY_REFRESH: a Redis restarted without persistence (or
+        flushed) has forgotten them, and jobs pushed since could not be looked up by id.
+        """
+        now = trio.current_time()
+        if now >= self._registered_until:
+            self._registered.clear()
+            self._registered_until = now + REGISTRY_REFRESH
         new = [t for t in topics if (queue, t) not in self._registered]
         if new:
             await self.router.pipeline(

@@ -269,3 +269,18 @@ async def test_the_daemon_opens_a_cluster_store_after_the_version_check(
         await store.push("orders", ROUTES, [NewJob(b"x")])
     finally:
         await store.aclose()
+
+
+async def test_jobs_pushed_after_redis_forgot_everything_are_found_by_id(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As after a restart without persistence: the registry of topics is gone too.
+    monkeypatch.setattr("adapters.storage.redis_store.REGISTRY_REFRESH", 0.05)
+    redis_server.cli("FLUSHALL")
+    async with opened(Standalone(RedisClient(redis_server.address))) as store:
+        await store.push("orders", ROUTES, [NewJob(b"before", id="before")])
+        redis_server.cli("FLUSHALL")
+        await trio.sleep(0.1)
+        await store.push("orders", ROUTES, [NewJob(b"after", id="after")])
+        (record,) = await store.get_job("after")
+    assert (record.topic, record.payload) == ("email", b"after")
