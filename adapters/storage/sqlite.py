@@ -15,6 +15,7 @@ as every state change, so stats never count rows.
 from __future__ import annotations
 
 import json
+import os
 import queue as queue_module
 import sqlite3
 import threading
@@ -772,6 +773,7 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self._failed: StoreError | None = None
         self._synchronous = "FULL"
+        self._identity: tuple[int, int] | None = None  # the open file's (device, inode)
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="busgate-sqlite", daemon=True)
@@ -810,6 +812,7 @@ class _Writer:
     def _main(self) -> None:
         try:
             conn = _connect(self.path)
+            self._identity = _identity(self.path)
         except (sqlite3.Error, OSError) as exc:
             self._failed = _store_error(self.path, exc)
             conn = None
@@ -840,6 +843,16 @@ class _Writer:
             conn.close()
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Item]) -> None:
+        if self._identity is not None and _identity(self.path) != self._identity:
+            # Written now, it would go to a file nobody can open again: a push would be
+            # acknowledged and lost.  One stat() per group.
+            gone = StoreUnavailable(
+                f"{self.path}: the database file was deleted or replaced while busgate was"
+                " running; nothing was stored (restart busgate)"
+            )
+            for _, finish, _ in group:
+                finish(outcome.Error(gone))
+            return
         synchronous = "FULL" if any(durable for _, _, durable in group) else "NORMAL"
         if synchronous != self._synchronous:  # outside a transaction, as SQLite requires
             conn.execute(f"PRAGMA synchronous = {synchronous}")
@@ -889,6 +902,17 @@ def _connect(path: str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The (device, inode) at ``path``: None for an in-memory or URI database, or no file."""
+    if path == ":memory:" or path.startswith("file:"):
+        return None
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return (-1, -1)  # differs from any real file's
+    return (info.st_dev, info.st_ino)
 
 
 def _ready(conn: sqlite3.Connection) -> None:

@@ -63,3 +63,19 @@ async def test_read_only_file_rejects_writes_with_a_clear_error(tmp_path: Path) 
             await store.push("orders", ROUTES, [NewJob(b"x")])
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_push_into_a_deleted_or_replaced_file_is_refused(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "busgate.db"
+    store = await SQLiteStore.open(str(path))
+    try:
+        await store.push("orders", ROUTES, [NewJob(b"kept")])
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        if how == "replaced":
+            path.write_bytes(b"")
+        with pytest.raises(StoreUnavailable, match="deleted or replaced while busgate"):
+            await store.push("orders", ROUTES, [NewJob(b"would be lost")])
+    finally:
+        await store.aclose()
