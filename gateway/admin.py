@@ -272,7 +272,7 @@ class AdminAPI:
     def _limit(raw: str | None) -> int:
         if raw is None or raw == "":
             return DEFAULT_PAGE
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
             raise HTTPError(400, f"limit must be between 1 and {MAX_PAGE}, not {raw!r}")
         return int(raw)
 
@@ -361,7 +361,12 @@ class AdminAPI:
             ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
         ):
             raise HTTPError(415, "send the request as application/json")
-        dispatcher = self.app.dispatcher(topic.queue, topic.name)
+        try:
+            dispatcher = self.app.dispatcher(topic.queue, topic.name)
+        except KeyError:  # a reload is restarting it with a changed configuration
+            raise HTTPError(
+                409, "the topic is restarting (a reload); try again", [("Retry-After", "1")]
+            ) from None
         if paused:
             dispatcher.pause()
         else:
@@ -432,9 +437,13 @@ class AdminAPI:
 
     @staticmethod
     def _file(name: str) -> Response:
-        path = (UI_DIR / name).resolve()
-        if path.parent != UI_DIR or not path.is_file():
-            raise HTTPError(404, f"no such file: {name}")
+        try:
+            path = (UI_DIR / name).resolve()
+            found = path.parent == UI_DIR and path.is_file()
+        except (ValueError, OSError):  # a NUL byte, a name too long
+            found = False
+        if not found:
+            raise HTTPError(404, f"no such file: {name[:100]}")
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if content_type.startswith("text/") or content_type.endswith("javascript"):
             content_type += "; charset=utf-8"

@@ -908,7 +908,7 @@ def parse_store(url: str, directory: str) -> StoreConfig:
     cluster = scheme.endswith("+cluster")
     if not cluster and len(nodes) > 1:
         raise ValueError(f"{shown!r}: several hosts need redis+cluster://")
-    if database and not database.isdigit():
+    if database and not (database.isascii() and database.isdigit()):
         raise ValueError(f"{shown!r}: the database must be a number, not {database!r}")
     db = int(database or "0")
     if cluster and db:
@@ -942,7 +942,10 @@ def _redact_url(url: str) -> str:
     """``scheme://user:********@host…``: the password of a URL hidden (as written or not)."""
     scheme, separator, rest = url.partition("://")
     userinfo, at, location = rest.rpartition("@")
-    if not separator or not at or not scheme.lower().startswith("redis"):
+    if not separator:  # mistyped ("redis:/user:pw@host"): whatever precedes the @ may be secret
+        before, at, location = url.rpartition("@")
+        return f"{before.partition(':')[0]}:{REDACTED}@{location}" if at else url
+    if not at or not scheme.lower().startswith("redis"):
         return url
     user, colon, _ = userinfo.partition(":")
     hidden = f"{user}:{REDACTED}" if colon else REDACTED

@@ -64,6 +64,8 @@ class Request:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HTTPError(400, f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "the body is JSON nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,11 +176,15 @@ class HTTPServer:
     async def _serve(self, stream: trio.SocketStream) -> None:
         self._connections += 1
         self._connections_total += 1
+        peer = "?"
         try:
-            peer = stream.socket.getpeername()
-            await self._converse(stream, f"{peer[0]}:{peer[1]}")
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
+            await self._converse(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
             pass
+        except Exception:  # not this connection's failure to end the daemon (see _handle)
+            log.exception("HTTP connection from %s failed", peer)
         finally:
             self._connections -= 1
             await trio.aclose_forcefully(stream)
@@ -227,7 +233,20 @@ class HTTPServer:
     async def _handle(
         self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, peer: str
     ) -> Response:
-        target = urlsplit(head.target.decode("latin-1"))
+        """The response to one request; never raises but for cancellation.
+
+        A handler's unexpected exception is a 500 and a logged traceback: one odd request
+        must not take the daemon (its producers and dispatchers) down with it.
+        """
+        try:
+            return await self._dispatch(conn, stream, head, peer)
+        except Exception:
+            log.exception("HTTP %s %r from %s failed", head.method.decode(), head.target, peer)
+            return Response.json({"error": "internal error; the daemon's log has the details"}, 500)
+
+    async def _dispatch(
+        self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, peer: str
+    ) -> Response:
         method = head.method.decode()
         headers: dict[str, str] = {}
         for name, value in head.headers:
@@ -235,6 +254,10 @@ class HTTPServer:
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         try:
+            try:
+                target = urlsplit(head.target.decode("latin-1"))
+            except ValueError as exc:  # "//[x": an unbalanced IPv6 bracket
+                raise HTTPError(400, f"malformed request target: {exc}") from None
             route, params = self.router.match(method, target.path)
             length = headers.get("content-length")
             limit = route.body_limit()

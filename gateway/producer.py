@@ -47,6 +47,14 @@ class PayloadTooLarge(ProducerError):
     pass
 
 
+class BadDelay(ProducerError):
+    pass
+
+
+#: A delay may be this long at most: 100 years, in milliseconds.
+MAX_DELAY_MS = 100 * 366 * 24 * 3600 * 1000
+
+
 class ShuttingDown(ProducerError):
     """The daemon is draining: pushes go to another instance, or wait for the restart."""
 
@@ -101,6 +109,12 @@ class ProducerService:
 
     def reload(self, directory: Directory) -> None:
         self.directory = directory
+
+    def run_at(self, delay_ms: int) -> float:
+        """When a job pushed now with a delay of ``delay_ms`` is due (the store's clock)."""
+        if not 0 <= delay_ms <= MAX_DELAY_MS:
+            raise BadDelay(f"a delay is 0 to {MAX_DELAY_MS} ms (100 years), not {delay_ms}")
+        return self.clock() + delay_ms / 1000
 
     def stop(self) -> None:
         """Refuse pushes from now on (shutdown): what is already acknowledged is stored."""

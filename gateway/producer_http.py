@@ -88,7 +88,10 @@ def payload_bytes(value: Any) -> bytes:
         if isinstance(value, str)
         else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     )
-    return text.encode()
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") that JSON let through
+        raise HTTPError(400, "payload is not valid Unicode (a lone surrogate)") from None
 
 
 def attributes_of(value: Any) -> dict[str, str]:
@@ -110,7 +113,7 @@ def _authenticate(service: ProducerService, queue: str, request: Request) -> set
     elif scheme.lower() == "basic":
         try:
             user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII, UnicodeDecodeError
             raise HTTPError(400, "malformed Basic credentials") from None
         if user not in ("", queue):
             raise WrongPassword(f"credentials are for queue '{user}', not '{queue}'")
@@ -177,11 +180,12 @@ def _job(
     if "delay_ms" in options:
         try:
             delay = int(options["delay_ms"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 is inf
             raise HTTPError(400, "delay_ms must be an integer") from None
-        if delay < 0:
-            raise HTTPError(400, "delay_ms must not be negative")
-        run_at = service.clock() + delay / 1000
+        try:
+            run_at = service.run_at(delay)
+        except ProducerError as exc:
+            raise HTTPError(400, f"delay_ms: {exc}") from None
     try:
         priority = Priority.parse(str(options.get("priority", "normal")))
     except ValueError as exc:

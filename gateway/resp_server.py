@@ -284,6 +284,8 @@ class RespServer:
                 self._idle_closed += 1
         except trio.BrokenResourceError:
             pass  # the producer went away; whatever was acknowledged is stored
+        except Exception:  # a bug: this connection ends, the daemon serves on
+            log.exception("a producer connection failed")
         finally:
             self._live.discard(conn)
             self._connections -= 1

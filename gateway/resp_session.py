@@ -122,6 +122,8 @@ class RespSession:
             return resp.error(f"{exc.code} {exc}")
         except StoreError as exc:
             return _store_error(exc)
+        except Exception as exc:  # a bug: answer it, log it, keep the daemon serving
+            return _internal_error(exc, args)
 
     def prepare(self, args: tuple[bytes, ...]) -> PendingPush | bytes:
         """Check a push command and build its jobs, storing nothing; or its error reply.
@@ -141,6 +143,8 @@ class RespSession:
             return prepare(self, args)
         except (CommandError, ProducerError) as exc:
             return resp.error(f"{exc.code} {exc}")
+        except Exception as exc:
+            return _internal_error(exc, args)
 
     async def commit(self, pushes: list[PendingPush]) -> list[bytes]:
         """Store prepared pushes, one store call per queue; their replies, in order.
@@ -158,7 +162,7 @@ class RespSession:
             jobs = [job for push in some for job in push.jobs]
             try:
                 outcome: PushResult | Exception = await self.service.push(some[0].entry, jobs)
-            except StoreError as exc:
+            except Exception as exc:  # _replies words it
                 outcome = exc
             for i, reply in zip(indexes, _replies(some, outcome), strict=True):
                 replies[i] = reply
@@ -187,14 +191,7 @@ class RespSession:
         jobs = pushes[0].jobs if len(pushes) == 1 else [j for p in pushes for j in p.jobs]
 
         def on_stored(outcome: PushResult | Exception) -> None:
-            try:
-                replies = _replies(pushes, outcome)
-            except Exception as exc:  # a bug, not a store failure: say so, keep serving
-                log.exception("storing %d jobs for queue %s failed", len(jobs), entry.config.name)
-                replies = [resp.error(f"ERR internal error, nothing acknowledged: {exc!r}")] * len(
-                    pushes
-                )
-            deliver(replies)
+            deliver(_replies(pushes, outcome))
 
         await self.service.submit(entry, jobs, on_stored)
 
@@ -292,10 +289,7 @@ class RespSession:
             if name == "payload":
                 payload = value
             elif name == "delay":
-                delay_ms = _integer(value, "delay")
-                if delay_ms < 0:
-                    raise CommandError("delay must not be negative")
-                run_at = self.service.clock() + delay_ms / 1000
+                run_at = self.service.run_at(_integer(value, "delay"))
             elif name == "priority":
                 try:
                     priority = Priority.parse(_text(value, "priority"))
@@ -351,7 +345,7 @@ class RespSession:
         protocol = self.protocol
         i = 1
         if len(args) > 1:
-            if not args[1].isdigit():
+            if not args[1].isdigit() or len(args[1]) > 3:
                 raise CommandError("Protocol version is not an integer or out of range")
             protocol = int(args[1])
             if protocol not in (2, 3):
@@ -453,12 +447,18 @@ def _store_error(exc: StoreError) -> bytes:
     return resp.error(f"TRYAGAIN store unavailable, nothing was acknowledged: {exc}")
 
 
+def _internal_error(exc: Exception, args: tuple[bytes, ...]) -> bytes:
+    """The reply to a command that hit a bug: the error goes to the log with its traceback."""
+    log.error("%s failed", args[0][:40].decode("utf-8", "replace"), exc_info=exc)
+    return resp.error(f"ERR internal error, nothing was acknowledged: {type(exc).__name__}")
+
+
 def _replies(pushes: list[PendingPush], outcome: PushResult | Exception) -> list[bytes]:
-    """The replies to ``pushes``, stored together with ``outcome``; a non-store error raises."""
+    """The replies to ``pushes``, stored together with ``outcome``."""
     if isinstance(outcome, StoreError):
         return [_store_error(outcome)] * len(pushes)
-    if isinstance(outcome, Exception):
-        raise outcome
+    if isinstance(outcome, Exception):  # a bug, not a store failure: say so, keep serving
+        return [_internal_error(outcome, (b"storing",))] * len(pushes)
     if len(pushes) == 1:
         return [pushes[0].reply(outcome)]
     parts = outcome.parts(len(push.jobs) for push in pushes)

@@ -797,3 +797,10 @@ def test_formats_are_short_and_read_back() -> None:
     assert format_rate(Rate(10, 2)) == "5/s" and str(Rate(1234567, 1)) == "1234567/s"
     with pytest.raises(ValueError):
         Rate(0, 1)
+
+
+def test_a_mistyped_store_url_is_refused_without_its_password(tmp_path: Path) -> None:
+    path = write(tmp_path, "store: 'redis:/app:hunter2@localhost:6379'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "hunter2" not in str(caught.value) and "********@localhost:6379" in str(caught.value)

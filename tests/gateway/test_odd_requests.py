@@ -1,0 +1,167 @@
+"""One odd request gets an error answer and the daemon serves on.
+
+Each case here once raised out of its handler, through the server's nursery, and stopped the
+whole daemon: producers, dispatchers and the admin API.  Several needed no token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.app import App
+from gateway.resp import encode_command
+from gateway.resp_session import RespSession
+from tests.support.daemon import running_daemon, write_config
+
+TOKEN = "an-admin-token-long-enough"
+QUEUE = """\
+    queue: orders
+    topics:
+      email:
+        backend: fastcgi://127.0.0.1:9
+        script: /srv/app/index.php
+        paused: true
+    """
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> AsyncIterator[App]:
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    config = write_config(tmp_path, {"orders": QUEUE}, main_extra="admin_token_file: admin.token\n")
+    async with running_daemon(config) as app:
+        yield app
+
+
+def get(path: str, token: str | None = TOKEN) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n".encode()
+
+
+def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n".encode()
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+async def http(app: App, request: bytes) -> bytes:
+    host, _, port = app.http_address.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(request)
+        answer = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+    return answer
+
+
+async def resp(app: App, *commands: tuple[str | bytes, ...]) -> list[bytes]:
+    host, _, port = app.resp_address.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    replies = []
+    async with stream:
+        for command in commands:
+            await stream.send_all(encode_command(*command))
+            with trio.fail_after(10):
+                replies.append(await stream.receive_some(65536))
+    return replies
+
+
+async def serving(app: App) -> None:
+    assert (await http(app, get("/healthz", token=None))).startswith(b"HTTP/1.1 200 ")
+    assert await resp(app, ("PING",)) == [b"+PONG\r\n"]
+
+
+HTTP_CASES = {
+    "ui name with a NUL": get("/ui/a%00b", token=None),
+    "ui name too long": get("/ui/" + "a" * 300, token=None),
+    "request target //[x": get("//[x", token=None),
+    "Basic credentials not ASCII": post(
+        "/v1/queues/orders/jobs", b"{}", b"Authorization: Basic \xe9\xe9\r\n"
+    ),
+    "delay_ms 1e400": post("/v1/queues/orders/jobs", b'{"payload": "x", "delay_ms": 1e400}'),
+    "delay_ms of 400 digits": post(
+        "/v1/queues/orders/jobs", b'{"payload": "x", "delay_ms": %s}' % (b"9" * 400)
+    ),
+    "payload a lone surrogate": post("/v1/queues/orders/jobs", b'{"payload": "\\ud800"}'),
+    "JSON nested 100k deep": post("/v1/queues/orders/jobs", b"[" * 100_000 + b"]" * 100_000),
+    "limit of a superscript two": get("/v1/queues/orders/topics/email/dead?limit=%C2%B2"),
+}
+
+
+@pytest.mark.parametrize("request_bytes", HTTP_CASES.values(), ids=HTTP_CASES.keys())
+async def test_odd_http_requests_are_refused(app: App, request_bytes: bytes) -> None:
+    answer = await http(app, request_bytes)
+    assert answer[9:10] == b"4", answer[:300]  # a 4xx, not a dropped connection or a 500
+    await serving(app)
+
+
+async def test_a_handler_bug_is_a_500_and_a_logged_traceback(
+    app: App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object) -> object:
+        raise RuntimeError("a bug in a handler")
+
+    monkeypatch.setattr(type(app.admin), "_topic_config", broken)
+    answer = await http(app, get("/v1/queues/orders/topics/email/dead"))
+    assert answer.startswith(b"HTTP/1.1 500 ") and b"internal error" in answer
+    assert "a bug in a handler" in caplog.text
+    await serving(app)
+
+
+async def test_pause_while_a_reload_restarts_the_topic_is_a_409(app: App) -> None:
+    key = ("orders", "email")
+    restarting = app._dispatchers.pop(key)  # as App.reload does while the old one drains
+    try:
+        answer = await http(
+            app,
+            post(
+                "/v1/queues/orders/topics/email/pause",
+                b"{}",
+                b"Authorization: Bearer " + TOKEN.encode() + b"\r\n",
+            ),
+        )
+    finally:
+        app._dispatchers[key] = restarting
+    assert answer.startswith(b"HTTP/1.1 409 ") and b"Retry-After: 1" in answer
+    await serving(app)
+
+
+async def test_odd_commands_are_errors_on_a_connection_that_stays(app: App) -> None:
+    replies = await resp(
+        app,
+        ("XADD", "orders", "*", "payload", "x", "delay", "9" * 400),
+        ("HELLO", "9" * 5000),
+        ("PING",),
+    )
+    assert replies[0].startswith(b"-ERR a delay is 0 to ")
+    assert replies[1].startswith(b"-ERR Protocol version is not an integer")
+    assert replies[2] == b"+PONG\r\n"
+
+
+async def test_a_command_bug_is_an_error_reply_and_a_logged_traceback(
+    app: App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(session: RespSession, args: tuple[bytes, ...]) -> bytes:
+        raise RuntimeError("a bug in a command")
+
+    monkeypatch.setitem(
+        RespSession.commands,
+        b"ECHO",
+        dataclasses.replace(RespSession.commands[b"ECHO"], handler=broken),
+    )
+    replies = await resp(app, ("ECHO", "x"), ("PING",))
+    assert replies == [
+        b"-ERR internal error, nothing was acknowledged: RuntimeError\r\n",
+        b"+PONG\r\n",
+    ]
+    assert "a bug in a command" in caplog.text
