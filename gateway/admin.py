@@ -37,7 +37,7 @@ from adapters.storage.jobs import (
     new_trace_id,
 )
 from gateway.config import Config, TopicConfig, effective_document
-from gateway.http_server import HTTPError, Request, Response, Router
+from gateway.http_server import SEND_TIMEOUT, HTTPError, Request, Response, Router
 from gateway.producer_http import attributes_of, payload_bytes
 from gateway.telemetry import Telemetry
 
@@ -50,6 +50,8 @@ UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 AUTH_TIMEOUT = 5.0
+#: A closing WebSocket client has this long to answer our close frame.
+CLOSE_TIMEOUT = 5.0
 TEST_PAYLOAD_LIMIT = 16 * 1024 * 1024
 
 
@@ -473,8 +475,12 @@ class AdminAPI:
                 subscriber = self.telemetry.subscribe()
                 try:
                     async for message in subscriber.messages:
-                        await socket.send_message(message.decode())
-                    await socket.aclose(code=1008, reason="too slow: events were dropped")
+                        # A client that stops reading is let go, as on the HTTP side.
+                        with trio.move_on_after(SEND_TIMEOUT) as sending:
+                            await socket.send_message(message.decode())
+                        if sending.cancelled_caught:
+                            return
+                    await _close(socket, "too slow: events were dropped")
                 finally:
                     subscriber.close()
             except trio_websocket.ConnectionClosed:
@@ -484,7 +490,7 @@ class AdminAPI:
 
     async def _live_login(self, socket: trio_websocket.WebSocketConnection) -> bool:
         if self.token is None:
-            await socket.aclose(code=1008, reason="the admin API is off")
+            await _close(socket, "the admin API is off")
             return False
         with trio.move_on_after(AUTH_TIMEOUT):
             message = await socket.get_message()
@@ -494,5 +500,13 @@ class AdminAPI:
                 given = ""
             if isinstance(given, str) and hmac.compare_digest(given.encode(), self.token.encode()):
                 return True
-        await socket.aclose(code=1008, reason='send {"token": "<admin token>"} first')
+        await _close(socket, 'send {"token": "<admin token>"} first')
         return False
+
+
+async def _close(socket: trio_websocket.WebSocketConnection, reason: str) -> None:
+    """Close with code 1008, waiting CLOSE_TIMEOUT at most for the client's close frame (a
+    client that never answers would otherwise hold its connection for ever); the server
+    then drops the connection."""
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        await socket.aclose(code=1008, reason=reason)

@@ -6,7 +6,9 @@ whole daemon: producers, dispatchers and the admin API.  Several needed no token
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -165,3 +167,26 @@ async def test_a_command_bug_is_an_error_reply_and_a_logged_traceback(
         b"+PONG\r\n",
     ]
     assert "a bug in a command" in caplog.text
+
+
+async def test_a_websocket_client_that_never_answers_is_dropped(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Upgraded, then silent: no token, and no answer to the close frame either.  It used to
+    # hold its connection (and a file descriptor) for ever, without a token.
+    monkeypatch.setattr("gateway.admin.AUTH_TIMEOUT", 0.2)
+    monkeypatch.setattr("gateway.admin.CLOSE_TIMEOUT", 0.2)
+    key = base64.b64encode(os.urandom(16)).decode()
+    host, _, port = app.http_address.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(
+            f"GET /v1/live HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        with trio.fail_after(5):
+            received = b""
+            while chunk := await stream.receive_some(4096):  # until the server hangs up
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 101 ")
+    assert b'send {"token"' in received  # the close frame's reason
