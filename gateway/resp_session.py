@@ -107,8 +107,14 @@ class RespSession:
         self.name = b""
         self.protocol = 2  # HELLO 3 switches to RESP3
         self.closing = False  # set by QUIT: the server closes after sending the reply
+        #: Commands queued since MULTI (None outside a transaction); any refused while
+        #: queueing makes EXEC discard them all, as Redis does.
+        self._queued: list[tuple[bytes, ...]] | None = None
+        self._queue_refused = False
 
     async def execute(self, args: tuple[bytes, ...]) -> bytes:
+        if self._queued is not None and args[0].upper() not in _TRANSACTION:
+            return self._queue(args)
         spec = self._spec(args)
         if isinstance(spec, bytes):
             return spec
@@ -131,6 +137,8 @@ class RespSession:
         Pushes are split from their store call so that the server can take a pipelined run
         of them to the store in one call per queue (``commit``).
         """
+        if self._queued is not None:
+            return self._queue(args)
         spec = self._spec(args)
         if isinstance(spec, bytes):
             return spec
@@ -382,6 +390,66 @@ class RespSession:
     async def echo(self, args: tuple[bytes, ...]) -> bytes:
         return resp.bulk_string(args[1])
 
+    # -- MULTI/EXEC ---------------------------------------------------------------------------
+    # redis-py's pipeline() is a transaction by default.  The queued pushes are checked and
+    # stored at EXEC, each queue's in one store call; EXEC answers once they are stored.
+
+    def _queue(self, args: tuple[bytes, ...]) -> bytes:
+        assert self._queued is not None
+        spec = self._spec(args)
+        if isinstance(spec, bytes):  # unknown, or the wrong number of arguments
+            self._queue_refused = True
+            return spec
+        self._queued.append(args)
+        return b"+QUEUED\r\n"
+
+    async def multi(self, args: tuple[bytes, ...]) -> bytes:
+        if self._queued is not None:
+            raise CommandError("MULTI calls can not be nested")
+        self._queued, self._queue_refused = [], False
+        return resp.OK
+
+    async def discard(self, args: tuple[bytes, ...]) -> bytes:
+        if self._queued is None:
+            raise CommandError("DISCARD without MULTI")
+        self._queued = None
+        return resp.OK
+
+    async def exec(self, args: tuple[bytes, ...]) -> bytes:
+        queued, self._queued = self._queued, None
+        if queued is None:
+            raise CommandError("EXEC without MULTI")
+        if self._queue_refused:
+            raise CommandError(
+                "Transaction discarded because of previous errors.", code="EXECABORT"
+            )
+        replies: list[bytes] = []
+        pending: list[PendingPush] = []
+        slots: list[int] = []
+
+        async def store() -> None:  # the pushes so far, before what comes after them
+            for slot, reply in zip(slots, await self.commit(pending), strict=True):
+                replies[slot] = reply
+            pending.clear()
+            slots.clear()
+
+        for command in queued:
+            spec = self.commands[command[0].upper()]
+            if spec.prepare is None:
+                if pending:
+                    await store()
+                replies.append(await self.execute(command))
+                continue
+            prepared = self._prepare(spec.prepare, command)
+            if not isinstance(prepared, bytes):
+                pending.append(prepared)
+                slots.append(len(replies))
+                prepared = b""
+            replies.append(prepared)
+        if pending:
+            await store()
+        return resp.array(replies)
+
     async def quit(self, args: tuple[bytes, ...]) -> bytes:
         self.closing = True
         return resp.OK
@@ -419,12 +487,12 @@ class RespSession:
         # business, so these are the answers of a server without its own RDB/AOF.
         if args[1].upper() != b"GET":
             raise CommandError("CONFIG is read-only on busgate: only CONFIG GET is answered")
-        pairs: list[bytes] = []
+        pairs: list[tuple[bytes, bytes]] = []
         for name in args[2:]:
             value = _CONFIG_VALUES.get(name.lower())
             if value is not None:
-                pairs += [resp.bulk_string(name.lower()), resp.bulk_string(value)]
-        return resp.array(pairs)
+                pairs.append((resp.bulk_string(name.lower()), resp.bulk_string(value)))
+        return resp.mapping(pairs, self.protocol)  # a map under RESP3, as Redis answers
 
     async def info(self, args: tuple[bytes, ...]) -> bytes:
         directory = self.service.directory
@@ -445,6 +513,10 @@ class RespSession:
 
 def _store_error(exc: StoreError) -> bytes:
     return resp.error(f"TRYAGAIN store unavailable, nothing was acknowledged: {exc}")
+
+
+#: What runs at once inside MULTI rather than being queued.
+_TRANSACTION = frozenset((b"MULTI", b"EXEC", b"DISCARD", b"QUIT"))
 
 
 def _internal_error(exc: Exception, args: tuple[bytes, ...]) -> bytes:
@@ -480,5 +552,8 @@ RespSession.commands = {
     b"HELLO": Spec(-1, RespSession.hello),
     b"COMMAND": Spec(-1, RespSession.command),
     b"CONFIG": Spec(-3, RespSession.config),
+    b"MULTI": Spec(1, RespSession.multi),
+    b"EXEC": Spec(1, RespSession.exec),
+    b"DISCARD": Spec(1, RespSession.discard),
     b"INFO": Spec(-1, RespSession.info),
 }

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 import trio
 
 from gateway.app import App
@@ -190,3 +191,68 @@ async def test_a_websocket_client_that_never_answers_is_dropped(
                 received += chunk
     assert received.startswith(b"HTTP/1.1 101 ")
     assert b'send {"token"' in received  # the close frame's reason
+
+
+def port_of(app: App) -> int:
+    return int(app.resp_address.rpartition(":")[2])
+
+
+async def test_redis_py_transaction_pipelines_store_their_pushes_at_exec(app: App) -> None:
+    # redis-py's pipeline() is MULTI ... EXEC unless told otherwise.
+    def produce() -> list[object]:
+        client = redis.Redis(port=port_of(app))
+        with client.pipeline() as pipe:
+            pipe.rpush("orders", b"one")
+            pipe.rpush("orders", b"two", b"three")
+            pipe.llen("orders")
+            results: list[object] = pipe.execute()
+        client.close()
+        return results
+
+    results = await trio.to_thread.run_sync(produce)
+    assert results == [1, 2, 3]  # the jobs each push stored, then LLEN after them
+    assert app.store is not None
+    assert (await app.store.stats("orders", "email")).ready == 3
+
+
+async def test_transactions_queue_check_and_discard_as_redis_does(app: App) -> None:
+    replies = await resp(
+        app,
+        ("MULTI",),
+        ("RPUSH", "orders", "a"),
+        ("NOSUCH",),  # refused while queueing: EXEC then discards everything
+        ("EXEC",),
+        ("MULTI",),
+        ("RPUSH", "orders", "b"),
+        ("DISCARD",),
+        ("EXEC",),
+        ("MULTI",),
+        ("RPUSH", "nowhere", "c"),  # queued; its error comes with EXEC's answer
+        ("RPUSH", "orders", "d"),
+        ("EXEC",),
+    )
+    assert replies[:4] == [
+        b"+OK\r\n",
+        b"+QUEUED\r\n",
+        replies[2],
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+    ]
+    assert replies[2].startswith(b"-ERR unknown command")
+    assert replies[4:8] == [b"+OK\r\n", b"+QUEUED\r\n", b"+OK\r\n", b"-ERR EXEC without MULTI\r\n"]
+    assert replies[8:11] == [b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n"]
+    assert replies[11].startswith(b"*2\r\n-ERR unknown queue 'nowhere'") and replies[11].endswith(
+        b":1\r\n"
+    )
+    assert app.store is not None
+    assert (await app.store.stats("orders", "email")).ready == 1  # only "d"
+
+
+async def test_config_get_is_a_map_under_resp3(app: App) -> None:
+    def config() -> object:
+        client = redis.Redis(port=port_of(app), protocol=3)
+        try:
+            return client.config_get("appendonly")
+        finally:
+            client.close()
+
+    assert await trio.to_thread.run_sync(config) == {"appendonly": "no"}
