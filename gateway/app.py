@@ -165,6 +165,11 @@ class App:
     def clock(self) -> Callable[[], float]:
         return self._clock
 
+    @property
+    def draining(self) -> bool:
+        """Shutting down: no longer accepting or reserving."""
+        return self._draining
+
     def dispatcher(self, queue: str, topic: str) -> Dispatcher:
         return self._dispatchers[queue, topic]
 
@@ -328,11 +333,13 @@ class App:
         for dispatcher in stopping:
             dispatcher.stop(deadline)
         for key in added:
-            await self._start_dispatcher(new_topics[key])
+            if not self._draining:  # a shutdown began: start nothing more
+                await self._start_dispatcher(new_topics[key])
         for dispatcher in stopping:
             await dispatcher.finished.wait()
         for key in changed:
-            await self._start_dispatcher(new_topics[key])
+            if not self._draining:
+                await self._start_dispatcher(new_topics[key])
         report = ReloadReport(tuple(added), tuple(removed), tuple(changed), tuple(toggled))
         log.info("configuration reloaded: %s", report)
         return report

@@ -48,16 +48,49 @@ async def serve(config_path: str) -> None:
                 app: App = await nursery.start(App(config).run)
                 heap.settle()
                 await notifier.ready(_status(app))
+                reloads = _Reloads(app, config_path, notifier)
                 async for signum in signals:
                     if signum != signal.SIGHUP:
                         await notifier.stopping("draining in-flight deliveries")
                         app.shutdown()
                         break
-                    await notifier.reloading()
-                    await reload(app, config_path)
-                    heap.settle()
-                    await notifier.ready(_status(app))
+                    reloads.request(nursery)
             outer.cancel_scope.cancel()
+
+
+class _Reloads:
+    """SIGHUP reloads, run beside the signal loop so that a SIGTERM is acted on at once even
+    while a reload waits for changed topics to drain.  One runs at a time; a SIGHUP during
+    one asks for another once it ends (the file may have changed again)."""
+
+    def __init__(self, app: App, config_path: str, notifier: Notifier) -> None:
+        self.app = app
+        self.config_path = config_path
+        self.notifier = notifier
+        self._running = False
+        self._again = False
+
+    def request(self, nursery: trio.Nursery) -> None:
+        if self._running:
+            self._again = True
+            return
+        self._running = True
+        nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._again = False
+                await self.notifier.reloading()
+                await reload(self.app, self.config_path)
+                heap.settle()
+                if self.app.draining:
+                    return  # STOPPING was sent; READY would take it back
+                await self.notifier.ready(_status(self.app))
+                if not self._again:
+                    return
+        finally:
+            self._running = False
 
 
 def _status(app: App) -> str:

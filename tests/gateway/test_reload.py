@@ -232,3 +232,39 @@ async def test_http_push_size_limit_follows_a_reloaded_max_payload(tmp_path: Pat
         (tmp_path / "conf.d" / "q.yaml").write_text(textwrap.dedent(held).replace("1KiB", "2MiB"))
         await app.reload(load_config(config))
         assert await trio.to_thread.run_sync(post, app.http_address) == 202
+
+
+async def test_sigterm_during_a_reload_is_acted_on_at_once(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a"})})
+    config.write_text(config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}"))
+    log = tmp_path / "daemon.log"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+        stderr=log.open("wb"),
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
+        await trio.run_process(["redis-cli", "-p", str(port), "RPUSH", "q", '{"sleep_ms": 2500}'])
+        await wait_received(record, 1)  # in flight: a reload changing topic a waits for it
+        set_topics(tmp_path, recording_fpm, {"a": "/changed"})
+        daemon.send_signal(signal.SIGHUP)
+        with trio.fail_after(5):
+            while "SIGHUP: reloading" not in log.read_text():
+                await trio.sleep(0.02)
+        daemon.send_signal(signal.SIGTERM)
+        sent = trio.current_time()
+        with trio.fail_after(5):
+            while "shutting down" not in log.read_text():
+                await trio.sleep(0.02)
+        assert trio.current_time() - sent < 1.0  # not after the reload's drain (2.5 s)
+        assert await trio.to_thread.run_sync(daemon.wait, 20) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert "configuration reloaded" in log.read_text()
+    assert len(read_received(record)) == 1  # the changed topic did not start again
