@@ -200,7 +200,12 @@ class _Connection:
 
 
 def _oversized(event: resp.OversizedCommand) -> bytes:
-    return resp.error(f"ERR payload of {event.size} bytes is over the limit of {event.limit} bytes")
+    # Refused before its queue is known: the limit named is the largest queue's.
+    largest = event.limit - _PARSER_SLACK
+    return resp.error(
+        f"ERR payload of {event.size} bytes exceeds max_payload of {largest} bytes"
+        " (the largest of any queue)"
+    )
 
 
 class RespServer:

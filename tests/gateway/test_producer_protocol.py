@@ -111,7 +111,8 @@ async def test_oversized_argument_far_over_the_limit_keeps_the_connection(app: A
     await client.call("AUTH", "s3cret")
     big = b"z" * (4 * 1024 * 1024)  # far past max_payload + slack: skipped unbuffered
     reply = await client.call("LPUSH", "orders", big)
-    assert reply.startswith(b"-ERR payload of 4194304 bytes is over the limit")
+    assert reply.startswith(b"-ERR payload of 4194304 bytes exceeds max_payload of ")
+    assert reply.endswith(b" bytes (the largest of any queue)")
     assert await client.call("LLEN", "orders") == b":0"
 
 
