@@ -326,7 +326,9 @@ class AdminAPI:
             if ids is None:
                 assert where is not None
                 matched = len(await matching_dead_ids(store, queue, name, where))
-            else:
+            else:  # those of the ids that are dead jobs of this topic
+                dead = set(await matching_dead_ids(store, queue, name, DeadFilter()))
+                ids = [job_id for job_id in dict.fromkeys(ids) if job_id in dead]
                 matched = len(ids)
             if body.get("dry_run"):
                 return Response.json({"matched": matched, done: 0, "dry_run": True})

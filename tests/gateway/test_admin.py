@@ -279,3 +279,18 @@ async def test_live_websocket(app: App, record: Path) -> None:
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await socket.get_message()
         assert closed.value.reason is not None and closed.value.reason.code == 1008
+
+
+async def test_a_selection_by_ids_counts_only_this_topics_dead_jobs(app: App, record: Path) -> None:
+    await push(app, b'{"respond_status": 404}')
+    await wait_received(record, 1)
+    await settled(app, dead=1)
+    base = "/v1/queues/orders/topics/email/dead"
+    (dead,) = [job["id"] for job in (await api(app, "GET", base))[1]["jobs"]]
+    chosen = {"ids": [dead, "no-such-job", dead], "dry_run": True}
+    assert await api(app, "POST", base + "/replay", chosen) == (
+        200,
+        {"matched": 1, "replayed": 0, "dry_run": True},
+    )
+    status, result = await api(app, "POST", base + "/delete", {"ids": ["no-such-job"]})
+    assert status == 404 and "no dead job matches" in result["error"]
