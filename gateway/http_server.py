@@ -16,6 +16,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -193,10 +194,14 @@ class HTTPServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
         while True:
             raw: list[bytes] = []  # what this request's head arrived as (for upgrades)
-            with trio.move_on_after(
-                IDLE_TIMEOUT if conn.their_state is h11.IDLE else REQUEST_TIMEOUT
-            ) as idle:
-                head = await self._next(conn, stream, raw)
+            try:
+                with trio.move_on_after(
+                    IDLE_TIMEOUT if conn.their_state is h11.IDLE else REQUEST_TIMEOUT
+                ) as idle:
+                    head = await self._next(conn, stream, raw)
+            except h11.RemoteProtocolError as exc:  # not HTTP, or no Host: say so, then close
+                await _refuse(stream, exc.error_status_hint, str(exc))
+                return
             if idle.cancelled_caught or not isinstance(head, h11.Request):
                 return
             self._requests += 1
@@ -358,6 +363,17 @@ async def _lingering_close(stream: trio.SocketStream) -> None:
                 drained += len(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+async def _refuse(stream: trio.SocketStream, status: int, reason: str) -> None:
+    """Answer a request h11 could not parse (so without h11, whose state is now ERROR)."""
+    body = json.dumps({"error": f"malformed request: {reason}"}).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    with trio.move_on_after(SEND_TIMEOUT):
+        await stream.send_all(head.encode() + body)
 
 
 def _is_websocket(head: h11.Request) -> bool:

@@ -85,6 +85,8 @@ async def serving(app: App) -> None:
 
 
 HTTP_CASES = {
+    "HTTP/1.1 without Host": b"GET /healthz HTTP/1.1\r\n\r\n",
+    "not HTTP at all": b"GARBAGE\r\n\r\n",
     "ui name with a NUL": get("/ui/a%00b", token=None),
     "ui name too long": get("/ui/" + "a" * 300, token=None),
     "request target //[x": get("//[x", token=None),
