@@ -137,11 +137,10 @@ async def test_store_or_listen_changes_are_refused(tmp_path: Path) -> None:
             await app.reload(load_config(config))
 
 
-async def test_sighup_with_broken_yaml_keeps_the_old_config(
-    recording_fpm: PhpFpm, record: Path, tmp_path: Path
-) -> None:
+def start_daemon(tmp_path: Path, fpm: PhpFpm) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """``busgate run`` with topic a of queue q: the process, its RESP port and its log."""
     port = free_port()
-    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a"})})
+    config = write_config(tmp_path, {"q": queue(fpm, {"a": "/a"})})
     config.write_text(config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}"))
     log = tmp_path / "daemon.log"
     daemon = subprocess.Popen(
@@ -149,6 +148,13 @@ async def test_sighup_with_broken_yaml_keeps_the_old_config(
         stderr=log.open("wb"),
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
+    return daemon, port, log
+
+
+async def test_sighup_with_broken_yaml_keeps_the_old_config(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    daemon, port, log = start_daemon(tmp_path, recording_fpm)
     try:
         await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
         (tmp_path / "conf.d" / "q.yaml").write_text("queue: q\ntopics:\n  a: [broken\n")
@@ -237,15 +243,7 @@ async def test_http_push_size_limit_follows_a_reloaded_max_payload(tmp_path: Pat
 async def test_sigterm_during_a_reload_is_acted_on_at_once(
     recording_fpm: PhpFpm, record: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a"})})
-    config.write_text(config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}"))
-    log = tmp_path / "daemon.log"
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
-        stderr=log.open("wb"),
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
+    daemon, port, log = start_daemon(tmp_path, recording_fpm)
     try:
         await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
         await trio.run_process(["redis-cli", "-p", str(port), "RPUSH", "q", '{"sleep_ms": 2500}'])
