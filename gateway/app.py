@@ -219,7 +219,7 @@ class App:
                         "busgate running: %d queues, %d topics, store %s",
                         len(config.queues),
                         len(self._dispatchers),
-                        config.store.url,
+                        config.store.redacted_url,
                     )
                     task_status.started(self)
                     await self._stopped.wait()

@@ -108,6 +108,9 @@ async def reload(app: App, config_path: str) -> bool:
     except (ConfigError, ReloadRefused, StartupError) as exc:
         log.error("reload rejected, the running configuration stays: %s", exc)
         return False
+    except Exception:  # a bug in reading it: the daemon must not die of a SIGHUP
+        log.exception("reload of %s failed", config_path)
+        return False
     return True
 
 

@@ -152,15 +152,16 @@ def backend_kind(url: str) -> KindName:
     if not isinstance(url, str) or not _VISIBLE.fullmatch(url):
         raise ValueError(f"{url!r}: a backend URL has no spaces or control characters")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme in ("fastcgi", "fastcgi+unix", "http", "https") and "@" in urlsplit(url).netloc:
+        # Refused before anything else can repeat the URL, password and all, in a message.
+        raise ValueError(
+            "a backend URL cannot carry credentials (user:password@); they would not be sent"
+        )
     if scheme in ("fastcgi", "fastcgi+unix"):
         parse_address(url)
         return "fastcgi"
     if scheme in ("http", "https"):
         parts = urlsplit(url)
-        if "@" in parts.netloc:
-            raise ValueError(
-                "a backend URL cannot carry credentials (user:password@); they would not be sent"
-            )
         try:
             parts.port  # noqa: B018 - validates the port
         except ValueError as exc:
@@ -448,6 +449,8 @@ _MAX_VALUES = 100_000
 _REFERENCE = re.compile(r"\$\$|\$\{([^}]*)(\})?")
 _VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 _INTEGER = re.compile(r"[-+]?[0-9]+(?:_[0-9]+)*")
+#: No setting needs a longer integer; int() refuses 4,300 digits with its own message.
+_MAX_DIGITS = 18
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _TRUE = frozenset({"true", "yes", "on"})
 _FALSE = frozenset({"false", "no", "off"})
@@ -512,9 +515,14 @@ class _Reader:
             raise ConfigError(self.path, line, None, f"invalid YAML: {exc.reason}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(self.path, None, None, f"invalid YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(self.path, None, None, "invalid YAML: nested too deeply") from None
         if root is None:  # an empty file (or only comments)
             return _Node(1, "", "mapping")
-        return self._convert(root, "", root.start_mark.line + 1)
+        try:
+            return self._convert(root, "", root.start_mark.line + 1)
+        except RecursionError:
+            raise ConfigError(self.path, None, None, "nested too deeply") from None
 
     def _convert(self, node: yaml.Node, key: str, line: int) -> _Node:
         self._values += 1
@@ -649,7 +657,10 @@ class _Reader:
     def integer(self, node: _Node) -> int:
         if node.kind != "scalar" or not _INTEGER.fullmatch(node.text.strip()):
             raise self.error(node, f"must be an integer, not {node.describe()}")
-        return int(node.text.strip().replace("_", ""))
+        digits = node.text.strip().replace("_", "")
+        if len(digits.lstrip("+-")) > _MAX_DIGITS:
+            raise self.error(node, f"{node.text[:40]}… is out of range")
+        return int(digits)
 
     def boolean(self, node: _Node) -> bool:
         word = node.text.strip().lower() if node.kind == "scalar" else ""
@@ -671,6 +682,8 @@ class _Reader:
             return parse(self.text(node))
         except ValueError as exc:
             raise self.error(node, str(exc)) from None
+        except OverflowError:  # 400 digits of seconds
+            raise self.error(node, f"{node.text[:40]}… is out of range") from None
 
     def json_scalar(self, node: _Node) -> JSONScalar:
         """A filter value, read as JSON would: only true/false are booleans, ``01`` is text."""
@@ -686,6 +699,8 @@ class _Reader:
         if number is None:
             return node.text
         if number.group(1) is None and number.group(2) is None:
+            if len(node.text.lstrip("-")) > _MAX_DIGITS:
+                raise self.error(node, f"{node.text[:40]}… is out of range")
             return int(node.text)
         value = float(node.text)
         if not math.isfinite(value):
@@ -791,7 +806,7 @@ def load_main(path: str | os.PathLike[str], environ: Mapping[str, str] | None = 
             if (address := listen.get(name)) is not None:
                 given[f"listen_{name}"] = (_listen(reader, address), address)
     if (item := root.get("admin_token_file")) is not None:
-        token_file = os.path.normpath(os.path.join(directory, reader.text(item)))
+        token_file = _path(reader, item, directory)
         given["admin_token_file"] = (token_file, item)
     if (item := root.get("include")) is not None:
         given["include"] = (reader.text(item), item)
@@ -810,7 +825,8 @@ def load_main(path: str | os.PathLike[str], environ: Mapping[str, str] | None = 
 def _load_queues(
     main_path: str, include: str, environ: Mapping[str, str]
 ) -> dict[str, QueueConfig]:
-    pattern = os.path.join(os.path.dirname(main_path), include)
+    # The main file's directory is a path, not a pattern: "etc[1]/" must not match "etc1/".
+    pattern = os.path.join(glob.escape(os.path.dirname(main_path)), include)
     main = os.path.abspath(main_path)
     files = sorted(
         name for name in glob.glob(pattern, recursive=True) if os.path.abspath(name) != main
@@ -830,6 +846,14 @@ def _load_queues(
         queues[queue.name] = queue
         first_lines[queue.name] = queue_node.line
     return queues
+
+
+def _path(reader: _Reader, node: _Node, directory: str) -> str:
+    """A file named relative to the config file's directory; empty is a mistake, not it."""
+    text = reader.text(node)
+    if not text.strip():
+        raise reader.error(node, "is empty; leave the key out instead")
+    return os.path.normpath(os.path.join(directory, text))
 
 
 def _listen(reader: _Reader, node: _Node) -> Listen:
@@ -996,8 +1020,9 @@ def _load_queue(path: str, environ: Mapping[str, str]) -> tuple[QueueConfig, _No
     queue_node = root.required("queue")
     name = reader.text(queue_node)
     given: Given = {"name": (name, queue_node)}
-    if (item := root.get("password")) is not None:
-        given["password"] = (reader.text(item), item)
+    if "password" in root.node.entries:  # given, even empty: an empty one opens nothing
+        secret = root.required("password", "; leave the key out for a queue without a password")
+        given["password"] = (reader.text(secret), secret)
     if (item := root.get("max_payload")) is not None:
         given["max_payload"] = (reader.size(item), item)
     topics_node = root.required("topics", " (a queue needs at least one topic)")
@@ -1058,7 +1083,7 @@ def _topic(
         "filter": lambda item: _filter(reader, item),
         "paused": reader.boolean,
         "verify_tls": reader.boolean,
-        "ca_file": lambda item: os.path.normpath(os.path.join(directory, reader.text(item))),
+        "ca_file": lambda item: _path(reader, item, directory),
     }
     for key, read in reads.items():
         if (item := section.get(key)) is not None:

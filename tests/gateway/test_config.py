@@ -804,3 +804,86 @@ def test_a_mistyped_store_url_is_refused_without_its_password(tmp_path: Path) ->
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert "hunter2" not in str(caught.value) and "********@localhost:6379" in str(caught.value)
+
+
+# -- values that once escaped as Python errors, or read as something else ----------------------
+
+T = "queue: q\ntopics:\n  t:\n    backend: http://h/x\n"
+
+
+@pytest.mark.parametrize(
+    ("main", "queue", "key"),
+    [
+        ("{}\n", T + "    timeout: " + "9" * 400 + "s\n", "topics.t.timeout"),
+        ("{}\n", T + "    rate_limit: " + "9" * 400 + "/s\n", "topics.t.rate_limit"),
+        ("shutdown_timeout: 1" + "0" * 400 + "\n", T, "shutdown_timeout"),
+        ("{}\n", T + "    concurrency: " + "9" * 5000 + "\n", "topics.t.concurrency"),
+        ("{}\n", T + "    dead_on: [" + "9" * 5000 + "]\n", "topics.t.dead_on[0]"),
+        ("{}\n", T + "    filter: {n: " + "9" * 5000 + "}\n", "topics.t.filter.n"),
+    ],
+    ids=["duration", "rate", "main duration", "integer", "status", "filter value"],
+)
+def test_huge_numbers_are_config_errors(tmp_path: Path, main: str, queue: str, key: str) -> None:
+    with pytest.raises(ConfigError, match="out of range") as caught:
+        load_config(write(tmp_path, main, q=queue), {})
+    assert caught.value.key is not None and caught.value.key.startswith(key)
+
+
+def test_deep_nesting_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, q=T + "    filter: {a: " + "[" * 3000 + "]" * 3000 + "}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(path, {})
+
+
+async def test_a_reload_that_fails_unexpectedly_keeps_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import cli
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in reading the configuration")
+
+    monkeypatch.setattr(cli, "load_config", broken)
+    assert await cli.reload(None, str(write(tmp_path, q=T))) is False  # type: ignore[arg-type]
+
+
+def test_drop_ins_are_found_in_a_directory_whose_name_looks_like_a_pattern(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "etc[1]"
+    directory.mkdir()
+    assert list(load_config(write(directory, q=T), {}).queues) == ["q"]
+
+
+def test_backend_urls_with_credentials_are_refused_without_repeating_them(
+    tmp_path: Path,
+) -> None:
+    queue = "queue: q\ntopics:\n  t:\n    backend: 'fastcgi://u:hunter2@h'\n    script: /x.php\n"
+    with pytest.raises(ConfigError, match="cannot carry credentials") as caught:
+        load_config(write(tmp_path, q=queue), {})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_password_key_without_a_value_is_refused(tmp_path: Path) -> None:
+    # An empty value must not read as "no password": the queue would be open.
+    for empty in ("", "~", "null"):
+        path = write(
+            tmp_path, q=f"queue: q\npassword: {empty}\ntopics: {{t: {{backend: 'http://h'}}}}\n"
+        )
+        with pytest.raises(ConfigError, match="leave the key out"):
+            load_config(path, {})
+
+
+@pytest.mark.parametrize(
+    ("main", "queue"),
+    [
+        ("admin_token_file: ${TOKEN_FILE:-}\n", T),
+        ("{}\n", T.replace("http://h/x", "https://h/x") + "    ca_file: ''\n"),
+    ],
+    ids=["admin_token_file", "ca_file"],
+)
+def test_an_empty_file_name_is_refused_not_read_as_the_directory(
+    tmp_path: Path, main: str, queue: str
+) -> None:
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(write(tmp_path, main, q=queue), {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import write_config
+from tests.support.daemon import running_daemon, write_config
 from tests.support.ports import free_port
 from tests.support.redis import RedisServer
 
@@ -67,3 +68,19 @@ def test_not_a_database(tmp_path: Path) -> None:
     junk = tmp_path / "junk.db"
     junk.write_bytes(os.urandom(8192))
     refused(run(tmp_path, f"sqlite:{junk}"), "not a database")
+
+
+async def test_the_startup_line_does_not_show_the_store_password(
+    tmp_path: Path, redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_config(tmp_path / "etc", {})
+    config.write_text(
+        config.read_text().replace(
+            f"sqlite:{tmp_path / 'etc'}/busgate.db", f"redis://:right@127.0.0.1:{redis.port}/0"
+        )
+    )
+    caplog.set_level(logging.INFO)
+    async with running_daemon(config):
+        pass
+    (line,) = [r.getMessage() for r in caplog.records if "busgate running" in r.getMessage()]
+    assert "right@" not in line and "********@127.0.0.1" in line
