@@ -211,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StartupError, StoreError) as exc:
         print(f"busgate: cannot start: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a port in use, a file that cannot be read: no traceback
+        print(f"busgate: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

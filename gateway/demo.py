@@ -3,12 +3,15 @@
 Starts the bundled flup sample backend on a unix socket, runs the daemon on an embedded
 SQLite store in a temporary directory with one queue (``demo``, no password), pushes one
 job over the Redis protocol, and shows the sample backend receiving it.  Then it keeps
-running so more jobs can be pushed with any Redis client, until Ctrl-C.
+running so more jobs can be pushed with any Redis client, until Ctrl-C or SIGTERM; the
+temporary directory goes with it.
 """
 
 from __future__ import annotations
 
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,6 +82,7 @@ def run_demo(*, once: bool, port: int, http_port: int) -> int:
     finally:
         backend.terminate()
         backend.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
@@ -107,7 +111,15 @@ async def _demo(config: Config, record: Path, once: bool) -> None:
         token = (record.parent / "admin.token").read_text().strip()
         print(
             f"busgate demo: push more with  redis-cli -p {port} LPUSH demo '{{\"n\": 1}}'\n"
+            f"busgate demo: a failing job:   redis-cli -p {port} LPUSH demo"
+            ' \'{"respond_status": 500}\'  (retried, then dead; also "sleep_ms": N)\n'
             f"busgate demo: dashboard at http://{app.http_address}/  (admin token: {token})\n"
+            f"busgate demo: operator commands: busgate stats -c {config.path}"
+            "  (this directory is removed when the demo stops)\n"
             "busgate demo: Ctrl-C to stop.",
             flush=True,
         )
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:  # as Ctrl-C: stop the daemon, then the sample backend
+                app.shutdown()
+                return

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import trio
 
@@ -25,3 +28,35 @@ async def test_busgate_demo_delivers_a_job() -> None:
         done.stderr.decode(),
         re.MULTILINE,
     )
+
+
+async def test_sigterm_stops_the_demo_its_backend_and_removes_its_directory() -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "gateway.cli", "demo", "--port", "0", "--http-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    out = b""
+    try:
+        with trio.fail_after(30):
+            while b"Ctrl-C to stop." not in out:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, out
+                out += chunk
+        match = re.search(rb"operator commands: busgate stats -c (\S+)", out)
+        assert match is not None, out
+        config = Path(match.group(1).decode())
+        assert config.is_file()
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await process.stdout.aclose()
+    assert not config.parent.exists()
+    # The sample backend went too: nothing is left serving the demo's socket.
+    left = await trio.run_process(
+        ["pgrep", "-f", str(config.parent)], capture_stdout=True, check=False
+    )
+    assert left.stdout == b""

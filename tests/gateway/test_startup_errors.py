@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -84,3 +85,24 @@ async def test_the_startup_line_does_not_show_the_store_password(
         pass
     (line,) = [r.getMessage() for r in caplog.records if "busgate running" in r.getMessage()]
     assert "right@" not in line and "********@127.0.0.1" in line
+
+
+def test_a_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "etc", {})
+        config.write_text(
+            config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}")
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "address already in use" in done.stderr.lower()
