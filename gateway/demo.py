@@ -108,18 +108,20 @@ async def _demo(config: Config, record: Path, once: bool) -> None:
         if once:
             app.shutdown()
             return
-        token = (record.parent / "admin.token").read_text().strip()
-        print(
-            f"busgate demo: push more with  redis-cli -p {port} LPUSH demo '{{\"n\": 1}}'\n"
-            f"busgate demo: a failing job:   redis-cli -p {port} LPUSH demo"
-            ' \'{"respond_status": 500}\'  (retried, then dead; also "sleep_ms": N)\n'
-            f"busgate demo: dashboard at http://{app.http_address}/  (admin token: {token})\n"
-            f"busgate demo: operator commands: busgate stats -c {config.path}"
-            "  (this directory is removed when the demo stops)\n"
-            "busgate demo: Ctrl-C to stop.",
-            flush=True,
-        )
+        # Listening before the line that says how to stop it: a SIGTERM sent on reading it
+        # must not find the default action (death, leaving the sample backend behind).
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            token = (record.parent / "admin.token").read_text().strip()
+            print(
+                f"busgate demo: push more with  redis-cli -p {port} LPUSH demo '{{\"n\": 1}}'\n"
+                f"busgate demo: a failing job:   redis-cli -p {port} LPUSH demo"
+                ' \'{"respond_status": 500}\'  (retried, then dead; also "sleep_ms": N)\n'
+                f"busgate demo: dashboard at http://{app.http_address}/  (admin token: {token})\n"
+                f"busgate demo: operator commands: busgate stats -c {config.path}"
+                "  (this directory is removed when the demo stops)\n"
+                "busgate demo: Ctrl-C to stop.",
+                flush=True,
+            )
             async for _ in signals:  # as Ctrl-C: stop the daemon, then the sample backend
                 app.shutdown()
                 return
