@@ -177,14 +177,17 @@ async def test_sighup_with_broken_yaml_keeps_the_old_config(
     assert "shutting down" in textwrap.shorten(text, 100_000)
 
 
+#: A queue of 1 KiB payloads whose topic only holds them.
+HELD = """\
+    queue: q
+    max_payload: 1KiB
+    topics:
+      t: {backend: "fastcgi://127.0.0.1:9", script: /srv/app.php, paused: true}
+    """
+
+
 async def test_producer_limits_and_payload_size_change_on_reload(tmp_path: Path) -> None:
-    held = """\
-        queue: q
-        max_payload: 1KiB
-        topics:
-          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/app.php, paused: true}
-        """
-    config = write_config(tmp_path, {"q": held})
+    config = write_config(tmp_path, {"q": HELD})
     big = b"x" * 3000
     async with running_daemon(config) as app:
         host, _, port = app.resp_address.rpartition(":")
@@ -197,7 +200,7 @@ async def test_producer_limits_and_payload_size_change_on_reload(tmp_path: Path)
         first = await trio.open_tcp_stream(host, int(port))
         assert (await ask(first, "LPUSH", "q", big)).startswith(b"-ERR payload of 3000 bytes")
 
-        (tmp_path / "conf.d" / "q.yaml").write_text(textwrap.dedent(held).replace("1KiB", "8KiB"))
+        (tmp_path / "conf.d" / "q.yaml").write_text(textwrap.dedent(HELD).replace("1KiB", "8KiB"))
         config.write_text(config.read_text() + "producer: {max_connections: 1}\n")
         await app.reload(load_config(config))
 
@@ -211,13 +214,7 @@ async def test_producer_limits_and_payload_size_change_on_reload(tmp_path: Path)
 
 
 async def test_http_push_size_limit_follows_a_reloaded_max_payload(tmp_path: Path) -> None:
-    held = """\
-        queue: q
-        max_payload: 1KiB
-        topics:
-          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/app.php, paused: true}
-        """
-    config = write_config(tmp_path, {"q": held})
+    config = write_config(tmp_path, {"q": HELD})
     # Five 1.9 MiB payloads: over the 8 MiB body limit of 1 KiB queues, under that of 2 MiB.
     body = b'{"jobs": [%s]}' % b",".join([b'{"payload": "%s"}' % (b"x" * 1_990_000)] * 5)
 
@@ -235,7 +232,7 @@ async def test_http_push_size_limit_follows_a_reloaded_max_payload(tmp_path: Pat
 
     async with running_daemon(config) as app:
         assert await trio.to_thread.run_sync(post, app.http_address) == 413
-        (tmp_path / "conf.d" / "q.yaml").write_text(textwrap.dedent(held).replace("1KiB", "2MiB"))
+        (tmp_path / "conf.d" / "q.yaml").write_text(textwrap.dedent(HELD).replace("1KiB", "2MiB"))
         await app.reload(load_config(config))
         assert await trio.to_thread.run_sync(post, app.http_address) == 202
 

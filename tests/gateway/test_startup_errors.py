@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def run(tmp_path: Path, store: str) -> subprocess.CompletedProcess[str]:
     config = write_config(tmp_path / "etc", {})
     config.write_text(config.read_text().replace(f"sqlite:{tmp_path / 'etc'}/busgate.db", store))
+    return busgate_run(config)
+
+
+def busgate_run(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
         capture_output=True,
@@ -96,13 +100,6 @@ def test_a_port_in_use(tmp_path: Path) -> None:
         config.write_text(
             config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}")
         )
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        done = busgate_run(config)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "address already in use" in done.stderr.lower()
