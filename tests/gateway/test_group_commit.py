@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from adapters.storage.jobs import PushResult
+from fastcgi.readiness import Readiness
 from gateway.app import App
 from gateway.resp import encode_command
 from gateway.resp_server import _Connection
@@ -133,7 +134,7 @@ async def test_an_answer_too_big_for_the_socket_buffer_is_finished_by_a_task_of_
             except BlockingIOError:
                 break
         async with trio.open_nursery() as nursery:
-            conn = _Connection(server, nursery)
+            conn = _Connection(server, nursery, Readiness())  # never reads here
             conn.owed = True
             conn.answer(b":1\r\n")
             assert conn.owed  # not sent: it waits for room, in a task of its own

@@ -139,6 +139,16 @@ async def test_pipelined_replies_in_order_and_quit(app: App) -> None:
     assert await client.closed()
 
 
+async def test_a_pipeline_longer_than_one_read_is_answered_whole(app: App) -> None:
+    # 140 KB sent at once, then nothing more: after a read that fills the buffer, the rest
+    # is already waiting and no new arrival will announce it.
+    client = await Client.connect(app)
+    await client.stream.send_all(encode_command("PING") * 10_000 + encode_command("ECHO", "end"))
+    with trio.fail_after(10):
+        assert [await client.line() for _ in range(10_000)] == [b"+PONG"] * 10_000
+        assert [await client.line(), await client.line()] == [b"$3", b"end"]
+
+
 async def test_inline_commands_work_like_telnet(app: App) -> None:
     client = await Client.connect(app)
     await client.stream.send_all(b'LPUSH open "inline job"\r\nPING\r\n')
