@@ -52,6 +52,11 @@ _RECEIVE_SIZE = 64 * 1024
 
 T = TypeVar("T")
 
+#: The running pools, by backend address.  The php-fpm workers behind an address are shared
+#: by every pool connected to it (one per topic delivering there), and each kept-open
+#: connection holds one of them, even idle.
+_RUNNING: dict[Address, set[ConnectionPool]] = {}
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -169,7 +174,14 @@ class ConnectionPool:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Close idle connections when they expire, until the pool is closed."""
-        await self._pool.run(task_status=task_status)
+        neighbours = _RUNNING.setdefault(self.address, set())
+        neighbours.add(self)
+        try:
+            await self._pool.run(task_status=task_status)
+        finally:
+            neighbours.discard(self)
+            if not neighbours:
+                _RUNNING.pop(self.address, None)
 
     async def aclose(self) -> None:
         """Close idle connections now; in-use ones are closed when their request ends."""
@@ -367,6 +379,12 @@ class ConnectionPool:
 
     async def _connect(self) -> FastCGIConnection:
         address = self.address
+        # The new connection needs a php-fpm worker to itself: if another pool keeps one
+        # idle, let it go first, or the new one could wait in php-fpm's listen queue
+        # until that pool's idle timeout.
+        for other in _RUNNING.get(address, ()):
+            if other is not self and other._pool.close_oldest_idle():
+                break
         with trio.move_on_after(none_inf(self.timeouts.connect)) as scope:
             try:
                 if address.is_unix:

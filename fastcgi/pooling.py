@@ -289,6 +289,14 @@ class Pool(Generic[C]):
         self.close()
         await trio.lowlevel.checkpoint()
 
+    def close_oldest_idle(self) -> bool:
+        """Close the connection idle the longest, if there is one: another pool to the same
+        backend needs the worker it holds."""
+        if not self._idle:
+            return False
+        self._close(self._idle.pop(0))  # the stack's bottom: reuse takes from the top
+        return True
+
     def _take_idle(self) -> C | None:
         now = self.now()
         while self._idle:

@@ -33,7 +33,7 @@ from adapters.storage.redis_store import RedisStore, check_redis_version
 from adapters.storage.sqlite import SQLiteStore
 from fastcgi.address import parse_address
 from gateway.admin import AdminAPI, read_token
-from gateway.config import Config, StoreConfig, TopicConfig
+from gateway.config import Config, StoreConfig, TopicConfig, php_fpm_notes
 from gateway.dispatcher import Dispatcher, DispatcherStatistics
 from gateway.health import BackendHealth
 from gateway.http_server import HTTPServer, Request, Response, Router
@@ -221,6 +221,8 @@ class App:
                         len(self._dispatchers),
                         config.store.redacted_url,
                     )
+                    for note in php_fpm_notes(config):
+                        log.info("%s", note)
                     task_status.started(self)
                     await self._stopped.wait()
                 nursery.cancel_scope.cancel()
@@ -342,6 +344,8 @@ class App:
                 await self._start_dispatcher(new_topics[key])
         report = ReloadReport(tuple(added), tuple(removed), tuple(changed), tuple(toggled))
         log.info("configuration reloaded: %s", report)
+        for note in php_fpm_notes(new):
+            log.info("%s", note)
         return report
 
     def shutdown(self, timeout: float | None = None) -> None:

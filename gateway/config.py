@@ -1176,7 +1176,31 @@ def render_effective(config: Config) -> str:
         allow_unicode=True,
         width=100,
     )
-    return f"# busgate: effective configuration of {config.path}\n{body}"
+    notes = "".join(f"# {note}\n" for note in php_fpm_notes(config))
+    return f"# busgate: effective configuration of {config.path}\n{body}{notes}"
+
+
+def php_fpm_notes(config: Config) -> list[str]:
+    """What each php-fpm pool the topics deliver to must be able to serve.
+
+    Every open FastCGI connection holds a php-fpm child, and a topic keeps up to
+    ``concurrency`` open: connections past the pool's ``pm.max_children`` wait in its
+    listen queue, and their jobs time out.
+    """
+    topics: dict[str, list[TopicConfig]] = {}
+    for queue in config.queues.values():
+        for topic in queue.topics:
+            if topic.kind == "fastcgi":
+                topics.setdefault(str(parse_address(topic.backend)), []).append(topic)
+    notes = []
+    for address, sharing in topics.items():
+        total = sum(topic.concurrency for topic in sharing)
+        names = ", ".join(f"{t.queue}/{t.name} ({t.concurrency})" for t in sharing)
+        notes.append(
+            f"{address}: {names} keep up to {total} connections open, each holding a php-fpm"
+            f" child: pm.max_children there must be >= {total}, plus what nginx uses"
+        )
+    return notes
 
 
 def effective_document(config: Config) -> dict[str, Any]:

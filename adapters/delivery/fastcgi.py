@@ -46,7 +46,9 @@ class FastCGITarget:
     host: str = "localhost"  # HTTP_HOST / SERVER_NAME the application sees
     max_connections: int = 4  # never more: each open connection pins a php-fpm worker
     connect_timeout: float = 5.0
-    idle_timeout: float = 60.0
+    #: An idle connection still holds its php-fpm worker, which nginx or another daemon may
+    #: need: let it go soon.  Reconnecting costs a connect(); a busy topic never idles this long.
+    idle_timeout: float = 2.0
     extra_params: tuple[tuple[str, str], ...] = field(default=())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,38 @@ async def test_children_recycled_after_max_requests_cost_no_failure(
     assert stats.failures_total == 0
     assert len(record.read_text().splitlines()) == 60  # each ran once
     assert stats.opened_total >= 20  # the children did recycle
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+async def test_a_pool_takes_the_worker_another_pool_keeps_idle(tmp_path: Path, unix: bool) -> None:
+    # Two topics delivering to one php-fpm pool of two children.  The first kept both
+    # children on its idle connections; the second's new connection would wait in php-fpm's
+    # listen queue until the first's idle timeout (a minute here) had the first not let one go.
+    fpm = PhpFpm(tmp_path / "fpm", unix=unix, max_children=2)
+    fpm.start()
+    limits = PoolLimits(max_connections=2, idle_timeout=60)
+    noop = cgi_env(fpm.script("noop.php"))
+    try:
+        async with (
+            ConnectionPool(fpm.address, limits=limits) as first,
+            ConnectionPool(fpm.address, limits=limits) as second,
+        ):
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(first.request, noop)
+            assert first.statistics().idle == 2
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(2):
+                        nursery.start_soon(partial(second.request, noop, read_timeout=2))
+            assert first.statistics().idle == 0
+            assert second.statistics().failures_total == 0
+            # And back: the first pool takes its workers from the second's idle connections.
+            with trio.fail_after(5):
+                await first.request(noop, read_timeout=2)
+            assert second.statistics().idle == 1
+    finally:
+        fpm.stop()
 
 
 async def test_failure_statuses(fpm: PhpFpm) -> None:

@@ -19,6 +19,7 @@ from gateway.config import (
     RetryPolicy,
     TopicConfig,
     load_config,
+    php_fpm_notes,
     render_effective,
 )
 from gateway.units import (
@@ -647,6 +648,30 @@ def test_render_effective_fills_defaults_and_redacts_secrets(tmp_path: Path) -> 
     assert search["completed"] == {"max_count": 1000, "max_age": "1h"}
     assert (search["lease"], search["rate_limit"], search["filter"]) == (None, None, {})
     assert search["paused"] is False
+
+
+def test_the_php_fpm_pools_needs_are_summed_over_the_topics_sharing_them(tmp_path: Path) -> None:
+    queue = """\
+        queue: {name}
+        topics:
+          a: {{backend: "fastcgi://127.0.0.1:9000", script: /srv/a.php, concurrency: 6}}
+          b: {{backend: "fastcgi+unix:///run/php/fpm.sock", script: /srv/b.php}}
+          c: {{backend: "http://127.0.0.1:9000/", concurrency: 50}}
+        """
+    config = load_config(
+        write(tmp_path, one=queue.format(name="one"), two=queue.format(name="two")), {}
+    )
+    notes = php_fpm_notes(config)
+    assert notes == [
+        "fastcgi://127.0.0.1:9000: one/a (6), two/a (6) keep up to 12 connections open, each"
+        " holding a php-fpm child: pm.max_children there must be >= 12, plus what nginx uses",
+        "fastcgi+unix:///run/php/fpm.sock: one/b (4), two/b (4) keep up to 8 connections open,"
+        " each holding a php-fpm child: pm.max_children there must be >= 8, plus what nginx"
+        " uses",
+    ]
+    rendered = render_effective(config)
+    assert rendered.endswith("".join(f"# {note}\n" for note in notes))
+    yaml.safe_load(rendered)  # still YAML
 
 
 def test_render_effective_hides_every_form_of_store_password(tmp_path: Path) -> None:

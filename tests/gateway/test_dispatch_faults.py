@@ -1,5 +1,5 @@
-"""The daemon against backends that are down, hang or lie, a rate-limited topic, and a
-producer that vanishes mid-pipeline."""
+"""The daemon against backends that are down, hang or lie, or are shared by topics, a
+rate-limited topic, and a producer that vanishes mid-pipeline."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from adapters.storage.jobs import DeadFilter, Outcome, State
 from gateway.app import App
 from gateway.circuit import CircuitState
 from gateway.resp import encode_command
-from tests.support.daemon import running_daemon, wait_received, write_config
+from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
 
 
@@ -123,6 +123,42 @@ async def test_lying_backend_gives_a_typed_error_and_retries(tmp_path: Path) -> 
     (dead,) = page.jobs
     assert dead.attempt == 2
     assert dead.error is not None and "unsupported FastCGI version 72" in dead.error
+
+
+async def test_topics_sharing_a_php_fpm_pool_take_turns_with_its_workers(tmp_path: Path) -> None:
+    # Two children, two topics of concurrency 2.  Once the first topic's burst is over its
+    # connections sit idle, each holding a child; the second topic's jobs are still delivered
+    # at the first attempt, well within a timeout shorter than any idle timeout.
+    record = tmp_path / "fpm" / "received.jsonl"
+    fpm = PhpFpm(tmp_path / "fpm", max_children=2, env={"BUSGATE_RECORD": str(record)})
+    fpm.start()
+    backend = f"fastcgi://127.0.0.1:{fpm.address.port}"
+    queues = {
+        name: f"""\
+            queue: {name}
+            topics:
+              t:
+                backend: {backend}
+                script: {fpm.script("record.php")}
+                concurrency: 2
+                timeout: 1s
+            """
+        for name in ("first", "second")
+    }
+    try:
+        async with running_daemon(write_config(tmp_path / "daemon", queues)) as app:
+            for name, count in (("first", 6), ("second", 4)):
+                host, _, port = app.resp_address.rpartition(":")
+                stream = await trio.open_tcp_stream(host, int(port))
+                await stream.send_all(encode_command("RPUSH", name, *[b"{}"] * count))
+                assert await stream.receive_some(100) == b":%d\r\n" % count
+                await stream.aclose()
+                await wait_received(record, 6 if name == "first" else 10, timeout=5)
+            received = read_received(record)
+    finally:
+        fpm.stop()
+    assert [r.server["HTTP_X_BUSGATE_QUEUE"] for r in received] == ["first"] * 6 + ["second"] * 4
+    assert all(r.attempt == 1 for r in received)
 
 
 async def test_rate_limit_spreads_deliveries(
