@@ -168,6 +168,11 @@ def backend_kind(url: str) -> KindName:
             raise ValueError(f"{url!r}: {exc}") from None
         if not parts.hostname:
             raise ValueError(f"{url!r}: expected {scheme}://host[:port]/path")
+        if not url.isascii():
+            raise ValueError(
+                f"{url!r}: an HTTP URL is ASCII: percent-encode the path (é is %C3%A9), and"
+                " write a host name in its xn-- form"
+            )
         return "http"
     raise ValueError(
         f"{url!r}: expected fastcgi://host:port, fastcgi+unix:///path/to.sock,"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import trio
 
-from adapters.delivery.base import Backend, Delivery
+from adapters.delivery.base import Backend, Delivery, Failure
 from adapters.storage.base import Finish, Retention, Store
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import EXCERPT_BYTES, Attempt, Job, Outcome
@@ -362,10 +362,10 @@ class Dispatcher:
         if self.topic.timeout + LEASE_MARGIN > self.lease:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_leased, job)
-                delivery = await self.backend.deliver(job)
+                delivery = await self._attempt(job)
                 nursery.cancel_scope.cancel()
         else:  # the lease outlasts any attempt: no keeper task to start and stop
-            delivery = await self.backend.deliver(job)
+            delivery = await self._attempt(job)
         self.circuit.record(delivery)
         decision = decide(
             delivery,
@@ -391,6 +391,29 @@ class Dispatcher:
         self._outcome_ready.set()
         if len(self._outcomes) >= RECORD_BATCH:
             self._flush_now.set()
+
+    async def _attempt(self, job: Job) -> Delivery:
+        """The backend's delivery of ``job``; a bug in it fails this attempt, not the daemon.
+
+        Such a job spends its attempts like any other failure and ends dead, with the error
+        in its history, rather than stopping every topic each time it comes round.
+        """
+        started = trio.current_time()
+        try:
+            return await self.backend.deliver(job)
+        except Exception as exc:
+            log.exception(
+                "delivery failed inside busgate job=%s queue=%s topic=%s attempt=%d",
+                job.id,
+                job.queue,
+                job.topic,
+                job.attempt,
+            )
+            return Delivery(
+                trio.current_time() - started,
+                failure=Failure.INTERNAL,
+                message=f"busgate could not make the request: {type(exc).__name__}: {exc}",
+            )
 
     async def _keep_leased(self, job: Job) -> None:
         while True:

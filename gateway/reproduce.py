@@ -1,7 +1,10 @@
 """``busgate curl JOB_ID``: a shell command that makes one delivery of a stored job again.
 
 FastCGI topics get ``cgi-fcgi`` (Debian: libfcgi-bin) under ``env -i``, because cgi-fcgi
-sends its whole environment as the CGI parameters; HTTP topics get ``curl``.  Either way the
+sends its whole environment as the CGI parameters; the shell finds it on its ``PATH`` first,
+which ``env -i`` would not.  HTTP topics get ``curl``, told to read no ``~/.curlrc`` (``-q``),
+use no proxy from the environment and speak HTTP/1.1 even where TLS offers HTTP/2: the daemon
+does neither of the first two, and only the last.  Either way the
 payload travels base64-encoded inside the command and is decoded on the way into the tool's
 stdin, so arbitrary bytes (NUL, CR LF, quotes, no trailing newline) arrive byte for byte and
 the command survives copy and paste.
@@ -25,6 +28,11 @@ from adapters.delivery.http import HTTPBackend
 from adapters.storage.jobs import Job, JobRecord
 from gateway.app import build_backend
 from gateway.config import Config, TopicConfig
+
+#: ``-q`` must come first.  ``-g``: brackets and braces in the URL are not curl globs.
+_CURL = "curl -q -sS -i -g --http1.1 --noproxy '*'"
+#: Under ``env -i`` there is no PATH: cgi-fcgi in /usr/local/bin would not be found.
+_CGI_FCGI = '"$(command -v cgi-fcgi || echo cgi-fcgi)"'
 
 #: Pipeline stages start a continued line; a stage's arguments are indented below it.
 _STAGE = " \\\n  "
@@ -121,17 +129,17 @@ def fastcgi_command(topic: TopicConfig, record: JobRecord) -> str:
     body = backend.body(job)
     assignments = [_assignment(name, value) for name, value in backend.params(job, body)]
     run = _ARGUMENT.join(
-        ["env -i", *assignments, f"cgi-fcgi -bind -connect {shlex.quote(connect)}"]
+        ["env -i", *assignments, f"{_CGI_FCGI} -bind -connect {shlex.quote(connect)}"]
     )
     return _STAGE.join([*_payload_stages(body), f"| {run}"])
 
 
 def http_command(topic: TopicConfig, record: JobRecord) -> str:
-    """``printf … | base64 -d | curl -sS -i -g -X POST URL -H 'Name: value' … --data-binary @-``."""
+    """``printf … | base64 -d | curl -q … -X POST URL -H 'Name: value' … --data-binary @-``."""
     backend = build_backend(topic)
     assert isinstance(backend, HTTPBackend)
     headers, body = backend.request(job_of(record))
-    options = ["curl -sS -i -g", "-X POST", shlex.quote(topic.backend)]
+    options = [_CURL, "-X POST", shlex.quote(topic.backend)]
     if not topic.verify_tls:
         options.append("--insecure")
     if topic.ca_file is not None:

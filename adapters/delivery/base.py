@@ -38,6 +38,7 @@ class Failure(enum.Enum):
     TIMEOUT = "timeout"  # no complete response within the topic's timeout
     CONNECTION_LOST = "connection-lost"  # reset or closed mid-request
     PROTOCOL = "protocol"  # the backend's bytes broke the protocol
+    INTERNAL = "internal"  # busgate failed to make the request (a bug: logged, traceback too)
 
     @property
     def job_never_ran(self) -> bool:

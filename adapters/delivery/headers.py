@@ -16,6 +16,8 @@ FORM = "form"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 _TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
+#: What an HTTP field value may not hold (RFC 9110 5.5): control characters other than tab.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -72,14 +74,17 @@ def job_header_values(job: Job) -> tuple[str, str, str, str, str, str]:
 
 
 def attribute_headers(job: Job) -> list[tuple[str, str]]:
-    """Producer attributes whose names are header tokens, as ``X-Busgate-Attr-<name>``.
+    """Producer attributes that make valid HTTP headers, as ``X-Busgate-Attr-<name>``.
 
-    Other attributes stay in the store, visible through the admin API.
+    The name must be a token and the value free of control characters but tab; spaces and
+    tabs around the value are not part of it, in HTTP, so they are dropped.  Both backends
+    get the same: a value is text, sent as UTF-8.  Other attributes stay in the store,
+    visible through the admin API.
     """
     return [
-        (f"X-Busgate-Attr-{name}", value)
+        (f"X-Busgate-Attr-{name}", value.strip(" \t"))
         for name, value in job.attributes.items()
-        if _TOKEN.fullmatch(name) and "\r" not in value and "\n" not in value
+        if _TOKEN.fullmatch(name) and not _CONTROL.search(value)
     ]
 
 

@@ -157,7 +157,9 @@ class HTTPBackend:
         request_headers, body = self.request(job)
         protocol = conn.h11
         try:
-            request = h11.Request(method="POST", target=self._path, headers=request_headers)
+            # h11 would encode text values as ASCII; an attribute may be any text (UTF-8).
+            encoded = [(name.encode(), value.encode()) for name, value in request_headers]
+            request = h11.Request(method="POST", target=self._path, headers=encoded)
             wire = protocol.send(request) or b""
             wire += protocol.send(h11.Data(data=body)) or b""
             wire += protocol.send(h11.EndOfMessage()) or b""

@@ -421,6 +421,8 @@ def test_merge_keys_share_topic_settings(tmp_path: Path) -> None:
         ("backend: http:///path\n", 4, "topics.t.backend", "expected http://host"),
         ("backend: http://h:99999/\n", 4, "topics.t.backend", "out of range"),
         ("backend: https://u:pw@h/\n", 4, "topics.t.backend", "cannot carry credentials"),
+        ("backend: http://h/café\n", 4, "topics.t.backend", "percent-encode the path"),
+        ("backend: http://exämple.org/\n", 4, "topics.t.backend", "xn-- form"),
         ("backend: fastcgi://h:1\nscript: x.php\n", 5, "topics.t.script", "absolute path"),
         (
             "backend: fastcgi://h:1\nscript: /x.php\nuri: jobs\n",

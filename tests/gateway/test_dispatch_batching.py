@@ -1,6 +1,6 @@
 """How a dispatcher sizes its store calls: large batches for a busy topic, few leases for a
-slow one.  A unit test of the dispatcher over a real SQLite store, with an in-process
-backend so the delivery rate is whatever the test makes it."""
+slow one; and a backend that raises.  A unit test of the dispatcher over a real SQLite store,
+with an in-process backend so the delivery rate is whatever the test makes it."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import trio
 from adapters.delivery.base import Delivery
 from adapters.storage.base import Finish
 from adapters.storage.fanout import Filter
-from adapters.storage.jobs import Job, NewJob
+from adapters.storage.jobs import Job, NewJob, State
 from adapters.storage.sqlite import SQLiteStore
 from gateway import dispatcher as dispatch
-from gateway.config import TopicConfig
+from gateway.config import RetryPolicy, TopicConfig
 
 
 class InstantBackend:
@@ -110,3 +110,42 @@ async def test_every_outcome_is_recorded_whatever_the_linger(
     monkeypatch.setattr(dispatch, "RECORD_LINGER", linger)
     store = await run_topic(tmp_path, jobs=500, concurrency=3, pause=0.0)
     assert sum(store.finishes) == 500
+
+
+class BrokenBackend(InstantBackend):
+    """Raises what no adapter should: a bug, or a value its protocol library refuses."""
+
+    async def deliver(self, job: Job) -> Delivery:
+        await trio.lowlevel.checkpoint()
+        self.delivered.append(job.id)
+        raise UnicodeEncodeError("ascii", "é", 0, 1, "ordinal not in range(128)")
+
+
+async def test_a_bug_in_a_delivery_fails_the_attempt_not_the_daemon(tmp_path: Path) -> None:
+    store = await SQLiteStore.open(str(tmp_path / "jobs.db"))
+    topic = TopicConfig(
+        queue="q",
+        name="t",
+        backend="http://127.0.0.1:9/",
+        kind="http",
+        retry=RetryPolicy(max_attempts=2, backoff=0.01, max_backoff=0.01),
+    )
+    backend = BrokenBackend()
+    (job_id,) = (await store.push("q", [("t", Filter())], [NewJob(b"{}")])).ids
+    worker = dispatch.Dispatcher(store, topic, backend)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            with trio.fail_after(10):
+                while (record := (await store.get_job(job_id))[0]).state is not State.DEAD:
+                    await trio.sleep(0.01)
+            worker.stop()
+    finally:
+        await store.aclose()
+    assert backend.delivered == [job_id, job_id]
+    assert len(record.attempts) == 2
+    for attempt in record.attempts:
+        assert attempt.error is not None
+        assert attempt.error.startswith(
+            "internal: busgate could not make the request: UnicodeEncodeError: 'ascii' codec"
+        )

@@ -15,6 +15,7 @@ import trustme
 from adapters.delivery.base import Failure
 from adapters.delivery.http import HTTPBackend, HTTPTarget
 from adapters.storage.jobs import Job, Priority, State
+from gateway.resp import encode_command
 from tests.support.daemon import running_daemon, write_config
 from tests.support.http_server import RecordingServer
 from tests.support.ports import free_port
@@ -172,7 +173,6 @@ async def test_daemon_delivers_to_an_http_topic(server: RecordingServer, tmp_pat
     async with running_daemon(config) as app:
         host, _, port = app.resp_address.rpartition(":")
         stream = await trio.open_tcp_stream(host, int(port))
-        from gateway.resp import encode_command
 
         payloads = [
             b'{"n": 1}',
@@ -197,6 +197,32 @@ async def test_daemon_delivers_to_an_http_topic(server: RecordingServer, tmp_pat
     assert later.state is State.DELAYED
     assert later.run_at - later.attempts[0].started_at == pytest.approx(60, abs=2)
     assert (stats.done, stats.dead, stats.delayed) == (1, 1, 1)
+
+
+async def test_attributes_any_text_reach_the_service_and_odd_ones_stay_stored(
+    server: RecordingServer, tmp_path: Path
+) -> None:
+    # A non-ASCII value once crashed the daemon (h11 encodes text headers as ASCII), and
+    # again at every restart, when the job came round; a padded one was dead-lettered.
+    config = write_config(
+        tmp_path,
+        {"orders": f"queue: orders\ntopics:\n  search: {{backend: '{server.url}'}}\n"},
+    )
+    attributes = {"lang": "héllo wörld", "padded": "  padded  ", "nul": "a\x00b"}
+    async with running_daemon(config) as app:
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        fields = [part for pair in attributes.items() for part in pair]
+        await stream.send_all(encode_command("XADD", "orders", "*", "payload", "{}", *fields))
+        job_id = (await stream.receive_some(100)).split(b"\r\n")[1].decode()  # $26 CRLF id
+        assert app.store is not None
+        with trio.fail_after(10):
+            while (record := (await app.store.get_job(job_id))[0]).state is not State.DONE:
+                await trio.sleep(0.02)
+    (request,) = server.requests
+    sent = {k: v for k, v in request.headers.items() if k.startswith("x-busgate-attr-")}
+    assert sent == {"x-busgate-attr-lang": "héllo wörld", "x-busgate-attr-padded": "padded"}
+    assert record.attributes == attributes  # all of them kept, for the admin API
 
 
 async def scripted_service(

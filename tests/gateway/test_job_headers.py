@@ -55,6 +55,26 @@ def test_every_header_and_token_attributes() -> None:
     }
 
 
+def test_attributes_become_headers_only_as_valid_http_field_values() -> None:
+    attributes = {
+        "lang": "héllo wörld",  # any text: sent as UTF-8
+        "padded": " \t padded value\t ",  # the spaces around are not part of an HTTP value
+        "tab": "a\tb",
+        "nul": "a\x00b",
+        "vt": "a\x0bb",
+        "del": "a\x7fb",
+        "crlf": "a\r\nX-Injected: 1",
+        "bad name": "x",
+    }
+    headers = dict(job_headers(_job(1_700_000_000.25, attributes)))
+    attribute_headers = {k: v for k, v in headers.items() if k.startswith("X-Busgate-Attr-")}
+    assert attribute_headers == {
+        "X-Busgate-Attr-lang": "héllo wörld",
+        "X-Busgate-Attr-padded": "padded value",
+        "X-Busgate-Attr-tab": "a\tb",
+    }
+
+
 def test_fastcgi_params_are_the_headers_in_cgi_form() -> None:
     backend = FastCGIBackend(
         FastCGITarget(parse_address("fastcgi://127.0.0.1:9000"), "/srv/app/index.php")

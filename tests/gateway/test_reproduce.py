@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from gateway.config import TopicConfig, load_config
 from gateway.reproduce import ReproduceError, job_of, reproduce_command
 from tests.support.daemon import Received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,9 +57,13 @@ async def busgate_curl(config: Path, *args: str) -> subprocess.CompletedProcess[
     )
 
 
-async def run_printed(command: bytes) -> bytes:
+async def run_printed(command: bytes, env: dict[str, str] | None = None) -> bytes:
     done = await trio.run_process(
-        ["bash", "-c", command.decode()], capture_stdout=True, capture_stderr=True, check=False
+        ["bash", "-c", command.decode()],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=env,
     )
     assert done.returncode == 0, done.stderr.decode()
     return bytes(done.stdout)
@@ -138,9 +144,8 @@ async def test_cgi_fcgi_command_repeats_each_topics_delivery(
         async def reproduce(job_id: str, topic: str, *choice: str) -> Received:
             printed = await busgate_curl(config, job_id, *choice)
             assert printed.returncode == 0, printed.stderr.decode()
-            assert f"cgi-fcgi -bind -connect 127.0.0.1:{recording_fpm.address.port}".encode() in (
-                printed.stdout
-            )
+            connect = f'cgi-fcgi)" -bind -connect 127.0.0.1:{recording_fpm.address.port}'
+            assert connect.encode() in printed.stdout
             response = await run_printed(printed.stdout)
             assert response.endswith(b"\r\n\r\nrecorded")  # cgi-fcgi prints php-fpm's answer
             before = len(delivered)
@@ -215,7 +220,7 @@ async def test_cgi_fcgi_command_over_a_unix_socket(php_fpm_unix: PhpFpm) -> None
     )
     record = stored_record(BINARY_PAYLOAD, attempt=0, attributes={"lang": "héllo wörld"})
     command = reproduce_command(topic, record)
-    assert f"cgi-fcgi -bind -connect {php_fpm_unix.address.path}" in command
+    assert f'cgi-fcgi)" -bind -connect {php_fpm_unix.address.path}' in command
     response = await run_printed(command.encode())
     report = json.loads(response.partition(b"\r\n\r\n")[2])
     backend = build_backend(topic)
@@ -332,7 +337,13 @@ topics:
         await settled(app, job_id, copies=1)
         printed = await busgate_curl(config, job_id)
         assert printed.returncode == 0, printed.stderr.decode()
-        response = await run_printed(printed.stdout)
+        # An operator's shell: a proxy for the outside world, and a ~/.curlrc of their own.
+        # The daemon uses neither, so the command must not either.
+        (tmp_path / ".curlrc").write_text('header = "X-From-Curlrc: 1"\ncompressed\n')
+        proxy = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        shell = {**os.environ, "CURL_HOME": str(tmp_path), "HOME": str(tmp_path)}
+        shell |= {name: proxy for name in ("http_proxy", "HTTP_PROXY", "ALL_PROXY")}
+        response = await run_printed(printed.stdout, shell)
     assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"\r\n\r\nok")
     original, again = http_server.requests
     assert again.body == payload
@@ -387,7 +398,7 @@ topics:
 
     chosen = await busgate_curl(config, "order-42", "--topic", "orders/audit")
     assert chosen.returncode == 0, chosen.stderr.decode()
-    assert b"curl -sS -i -g -X POST http://127.0.0.1:8080/audit" in chosen.stdout
+    assert b"-X POST http://127.0.0.1:8080/audit" in chosen.stdout
     assert b"-H 'X-Busgate-Attempt: 1'" in chosen.stdout
 
     (tmp_path / "conf.d" / "orders.yaml").write_text(
