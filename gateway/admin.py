@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import mimetypes
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,31 +166,25 @@ class AdminAPI:
         return self.app.config
 
     def routes(self, router: Router) -> None:
-        def guarded(
-            handler: Callable[[Request], Awaitable[Response]],
-        ) -> Callable[[Request], Awaitable[Response]]:
-            async def call(request: Request) -> Response:
-                self.authorize(request)
-                return await handler(request)
-
-            return call
-
+        # The token is checked on the request's head, before any body is read.
+        guard = self.authorize
         topic = "/v1/queues/{queue}/topics/{topic}"
-        router.add("GET", "/v1/stats", guarded(self.stats))
-        router.add("GET", topic, guarded(self.topic))
-        router.add("GET", "/v1/jobs/{job_id}", guarded(self.job))
-        router.add("GET", topic + "/dead", guarded(self.dead))
-        router.add("POST", topic + "/dead/replay", guarded(self.replay))
-        router.add("POST", topic + "/dead/delete", guarded(self.delete))
-        router.add("POST", topic + "/pause", guarded(self.pause))
-        router.add("POST", topic + "/resume", guarded(self.resume))
+        router.add("GET", "/v1/stats", self.stats, guard=guard)
+        router.add("GET", topic, self.topic, guard=guard)
+        router.add("GET", "/v1/jobs/{job_id}", self.job, guard=guard)
+        router.add("GET", topic + "/dead", self.dead, guard=guard)
+        router.add("POST", topic + "/dead/replay", self.replay, guard=guard)
+        router.add("POST", topic + "/dead/delete", self.delete, guard=guard)
+        router.add("POST", topic + "/pause", self.pause, guard=guard)
+        router.add("POST", topic + "/resume", self.resume, guard=guard)
         router.add(
             "POST",
             topic + "/test-delivery",
-            guarded(self.test_delivery),
+            self.test_delivery,
             max_body=TEST_PAYLOAD_LIMIT,
+            guard=guard,
         )
-        router.add("GET", "/v1/config", guarded(self.effective_config))
+        router.add("GET", "/v1/config", self.effective_config, guard=guard)
         router.add("GET", "/openapi.json", self.openapi)
         router.add("GET", "/", self.dashboard)
         router.add("GET", "/ui/{name}", self.static)
@@ -469,14 +463,23 @@ class AdminAPI:
 
     async def live(self, stream: trio.abc.Stream, request: Request) -> None:
         async with trio.open_nursery() as nursery:
-            handshake = await trio_websocket.wrap_server_stream(nursery, stream)
-            socket = await handshake.accept()
+            socket = None
+            with trio.move_on_after(AUTH_TIMEOUT):
+                handshake = await trio_websocket.wrap_server_stream(nursery, stream)
+                socket = await handshake.accept()
+            if socket is None:  # the handshake never came whole
+                nursery.cancel_scope.cancel()
+                return
             try:
                 if not await self._live_login(socket):
                     return
+                token = self.token
                 subscriber = self.telemetry.subscribe()
                 try:
                     async for message in subscriber.messages:
+                        if self.token != token:  # rotated by a reload: log in again
+                            await _close(socket, "the admin token changed")
+                            return
                         # A client that stops reading is let go, as on the HTTP side.
                         with trio.move_on_after(SEND_TIMEOUT) as sending:
                             await socket.send_message(message.decode())

@@ -202,7 +202,12 @@ class App:
             )
             self.admin = AdminAPI(self, self.telemetry, token)
             self.resp = RespServer(self.service, config.listen_resp, config.producer)
-            self.http = HTTPServer(self._routes(), config.listen_http.host, config.listen_http.port)
+            self.http = HTTPServer(
+                self._routes(),
+                config.listen_http.host,
+                config.listen_http.port,
+                lambda: self.config.producer.max_connections,
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
                 await nursery.start(self.health.run)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ async def serve(config_path: str) -> None:
     RELOADING/READY around a reload, STOPPING on shutdown, and pings the watchdog.
     """
     config = load_config(config_path)
+    raise_open_files_limit(2 * config.producer.max_connections + _SPARE_FILES)
     notifier = Notifier.from_environ()
     interval = watchdog_interval()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -56,6 +58,32 @@ async def serve(config_path: str) -> None:
                         break
                     reloads.request(nursery)
             outer.cancel_scope.cancel()
+
+
+#: Descriptors beside the producer connections: backends, the store, logs, listeners.
+_SPARE_FILES = 1024
+
+
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise the soft limit on open files towards ``wanted`` (the hard limit caps it), as
+    Redis does for its maxclients: a shell's default of 1024 would refuse producers long
+    before ``max_connections``.  Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < ceiling:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the open files limit from %d: %s", soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open files limit %d is below the %d that producer.max_connections (on each of"
+            " listen.resp and listen.http) needs: raise LimitNOFILE, or lower max_connections",
+            soft,
+            wanted,
+        )
+    return soft
 
 
 class _Reloads:

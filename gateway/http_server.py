@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -90,6 +90,9 @@ WebSocketHandler = Callable[[trio.abc.Stream, "Request"], Awaitable[None]]
 
 #: A body size limit, or what returns it when the limit can change (a reload).
 BodyLimit = int | Callable[[], int]
+#: Checks a request's head (``body`` is empty) before its body is read: raises ``HTTPError``
+#: (401, say) so that nobody without credentials can make the daemon hold a body.
+Guard = Callable[[Request], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class Route:
     pattern: re.Pattern[str]
     handler: Handler
     max_body: BodyLimit = DEFAULT_MAX_BODY
+    guard: Guard | None = None
 
     def body_limit(self) -> int:
         return self.max_body if isinstance(self.max_body, int) else self.max_body()
@@ -117,9 +121,10 @@ class Router:
         handler: Handler,
         *,
         max_body: BodyLimit = DEFAULT_MAX_BODY,
+        guard: Guard | None = None,
     ) -> None:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
-        self.routes.append(Route(method, re.compile(f"{regex}$"), handler, max_body))
+        self.routes.append(Route(method, re.compile(f"{regex}$"), handler, max_body, guard))
 
     def websocket(self, path: str, handler: WebSocketHandler) -> None:
         self.websockets[path] = handler
@@ -147,22 +152,39 @@ class HTTPStatistics:
     connections_total: int
     requests_total: int
     errors_total: int  # 4xx and 5xx answers
+    rejected_total: int  # connections refused past max_connections
 
 
 class HTTPServer:
-    def __init__(self, router: Router, host: str, port: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        host: str,
+        port: int,
+        max_connections: Callable[[], int] = lambda: 10_000,
+    ) -> None:
         self.router = router
         self.host = host
         self.port = port
+        #: Asked per connection: a reload may change it.  Past it a connection gets a 503 and
+        #: is closed, so idle connections cannot take every file descriptor (the Redis-protocol
+        #: port's and the backends' too).
+        self.max_connections = max_connections
         self.address = ""
         self._connections = 0
         self._connections_total = 0
         self._requests = 0
         self._errors = 0
+        self._rejected = 0
 
     def statistics(self) -> HTTPStatistics:
         return HTTPStatistics(
-            self.address, self._connections, self._connections_total, self._requests, self._errors
+            self.address,
+            self._connections,
+            self._connections_total,
+            self._requests,
+            self._errors,
+            self._rejected,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -175,6 +197,12 @@ class HTTPServer:
             task_status.started(self.address)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        if self._connections >= self.max_connections():
+            self._rejected += 1
+            with trio.move_on_after(1):
+                await _refuse(stream, 503, "too many connections", prefix="")
+            await trio.aclose_forcefully(stream)
+            return
         self._connections += 1
         self._connections_total += 1
         peer = "?"
@@ -193,12 +221,11 @@ class HTTPServer:
     async def _converse(self, stream: trio.SocketStream, peer: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
         while True:
-            raw: list[bytes] = []  # what this request's head arrived as (for upgrades)
             try:
                 with trio.move_on_after(
                     IDLE_TIMEOUT if conn.their_state is h11.IDLE else REQUEST_TIMEOUT
                 ) as idle:
-                    head = await self._next(conn, stream, raw)
+                    head = await self._next(conn, stream)
             except h11.RemoteProtocolError as exc:  # not HTTP, or no Host: say so, then close
                 await _refuse(stream, exc.error_status_hint, str(exc))
                 return
@@ -206,9 +233,14 @@ class HTTPServer:
                 return
             self._requests += 1
             if _is_websocket(head) and head.target.decode().split("?")[0] in self.router.websockets:
-                await self._upgrade(stream, head, raw, conn, peer)
+                await self._upgrade(stream, head, conn, peer)
                 return
-            response = await self._handle(conn, stream, head, peer)
+            try:
+                response = await self._handle(conn, stream, head, peer)
+            except h11.RemoteProtocolError as exc:  # in the body: say so, then close
+                self._errors += 1
+                await _refuse(stream, exc.error_status_hint, str(exc))
+                return
             if response.status >= 400:
                 self._errors += 1
             unread = conn.their_state is h11.SEND_BODY  # answered before reading the body
@@ -224,16 +256,14 @@ class HTTPServer:
                 return  # the client had not finished sending its body
 
     async def _next(
-        self, conn: h11.Connection, stream: trio.SocketStream, raw: list[bytes]
+        self, conn: h11.Connection, stream: trio.SocketStream
     ) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 # h11's sentinels are classes; mypy cannot narrow `is not` on them.
                 return cast("h11.Event | type[h11.PAUSED]", event)
-            data = await stream.receive_some(_RECEIVE_SIZE)
-            raw.append(bytes(data))
-            conn.receive_data(bytes(data))
+            conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
 
     async def _handle(
         self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, peer: str
@@ -245,6 +275,8 @@ class HTTPServer:
         """
         try:
             return await self._dispatch(conn, stream, head, peer)
+        except h11.RemoteProtocolError:
+            raise  # a malformed or cut-off body: the client's doing (_converse answers it)
         except Exception:
             log.exception("HTTP %s %r from %s failed", head.method.decode(), head.target, peer)
             return Response.json({"error": "internal error; the daemon's log has the details"}, 500)
@@ -264,18 +296,29 @@ class HTTPServer:
             except ValueError as exc:  # "//[x": an unbalanced IPv6 bracket
                 raise HTTPError(400, f"malformed request target: {exc}") from None
             route, params = self.router.match(method, target.path)
+            request = Request(
+                method, target.path, parse_qs(target.query), headers, b"", params, peer
+            )
+            if route.guard is not None:
+                route.guard(request)
             length = headers.get("content-length")
+            if length is not None and "transfer-encoding" in headers:
+                # Framed two ways: a proxy in front may have read it the other way, and
+                # what we took for the body would be its next request (RFC 9112 6.3).
+                raise HTTPError(400, "Content-Length and Transfer-Encoding together")
             limit = route.body_limit()
             if length is not None and length.isdigit() and int(length) > limit:
                 raise HTTPError(
                     413, f"the body of {length} bytes is over the limit of {limit} bytes"
                 )
+            if conn.they_are_waiting_for_100_continue:
+                with trio.move_on_after(SEND_TIMEOUT):
+                    await stream.send_all(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
             with trio.fail_after(REQUEST_TIMEOUT):
                 body = await self._read_body(conn, stream, limit)
-            request = Request(
-                method, target.path, parse_qs(target.query), headers, body, params, peer
-            )
-            return await route.handler(request)
+            return await route.handler(replace(request, body=body))
         except HTTPError as exc:
             return Response.json({"error": exc.message}, exc.status, exc.headers)
         except trio.TooSlowError:
@@ -287,7 +330,7 @@ class HTTPServer:
         chunks: list[bytes] = []
         size = 0
         while True:
-            event = await self._next(conn, stream, [])
+            event = await self._next(conn, stream)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -318,7 +361,10 @@ class HTTPServer:
             headers.append(("Connection", "close"))
         body = b"" if head.method == b"HEAD" else response.body
         try:
-            data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+            head_event = h11.Response(
+                status_code=response.status, headers=headers, reason=_reason(response.status)
+            )
+            data = conn.send(head_event) or b""
             if body:
                 data += conn.send(h11.Data(data=body)) or b""
             data += conn.send(h11.EndOfMessage()) or b""
@@ -332,7 +378,6 @@ class HTTPServer:
         self,
         stream: trio.SocketStream,
         head: h11.Request,
-        raw: list[bytes],
         conn: h11.Connection,
         peer: str,
     ) -> None:
@@ -340,8 +385,13 @@ class HTTPServer:
         handler = self.router.websockets[target.path]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
         request = Request("GET", target.path, parse_qs(target.query), headers, b"", {}, peer)
-        # trio-websocket performs the handshake itself: give it the request bytes again.
-        await handler(_Replay(stream, b"".join(raw)), request)
+        # trio-websocket performs the handshake itself: give it the request again, written
+        # out from what h11 parsed (its bytes may have come in the read of an earlier
+        # request), then whatever the client sent after it.
+        lines = [b"%s %s HTTP/1.1" % (head.method, head.target)]
+        lines += [b"%s: %s" % (name, value) for name, value in head.headers]
+        replay = b"\r\n".join(lines) + b"\r\n\r\n" + conn.trailing_data[0]
+        await handler(_Replay(stream, replay), request)
 
 
 #: After answering a request whose body we did not read, keep reading (and dropping) what
@@ -365,15 +415,25 @@ async def _lingering_close(stream: trio.SocketStream) -> None:
         pass
 
 
-async def _refuse(stream: trio.SocketStream, status: int, reason: str) -> None:
-    """Answer a request h11 could not parse (so without h11, whose state is now ERROR)."""
-    body = json.dumps({"error": f"malformed request: {reason}"}).encode()
+async def _refuse(
+    stream: trio.SocketStream, status: int, reason: str, *, prefix: str = "malformed request: "
+) -> None:
+    """Answer, then close, without h11: a request h11 could not parse (its state is now
+    ERROR), or a connection refused before any."""
+    body = json.dumps({"error": f"{prefix}{reason}"}).encode()
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     with trio.move_on_after(SEND_TIMEOUT):
         await stream.send_all(head.encode() + body)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:  # a status the standard library does not name
+        return b""
 
 
 def _is_websocket(head: h11.Request) -> bool:

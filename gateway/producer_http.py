@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from adapters.delivery.headers import trace_id_of
 from adapters.storage.errors import StoreError
@@ -29,6 +30,7 @@ from gateway.producer import (
     PayloadTooLarge,
     ProducerError,
     ProducerService,
+    QueueEntry,
     ShuttingDown,
     UnknownQueue,
     UnknownTopic,
@@ -49,35 +51,60 @@ def add_producer_routes(router: Router, service: ProducerService) -> None:
     def limit() -> int:
         return max(service.directory.max_payload, 1024 * 1024) * 8
 
-    router.add("POST", "/v1/queues/{queue}/jobs", push, max_body=limit)
-    router.add("POST", "/v1/queues/{queue}/{topic}/jobs", push, max_body=limit)
+    def guard(request: Request) -> None:
+        _admit(service, request)
+
+    router.add("POST", "/v1/queues/{queue}/jobs", push, max_body=limit, guard=guard)
+    router.add("POST", "/v1/queues/{queue}/{topic}/jobs", push, max_body=limit, guard=guard)
 
 
-async def _push(service: ProducerService, request: Request) -> Response:
+def _admit(service: ProducerService, request: Request) -> QueueEntry:
+    """The queue (or queue/topic) a push goes to, once its head shows it may: checked
+    before the body is read, and again with it."""
+    if not _same_origin(request):
+        # A page on another site, submitting a form in the operator's browser: producers
+        # are programs, and send no Origin.
+        raise HTTPError(403, "cross-origin browser requests cannot push jobs")
     queue = request.params["queue"]
     topic = request.params.get("topic")
     target = queue if topic is None else f"{queue}/{topic}"
     try:
         service.directory.entry(queue)  # unknown queue: 404 before any password check
-        authenticated = _authenticate(service, queue, request)
-        entry = service.resolve(target, authenticated)
-        jobs = _jobs_of(service, request, topic)
+        return service.resolve(target, _authenticate(service, queue, request))
+    except ProducerError as exc:
+        raise _http_error(exc, queue) from None
+
+
+def _http_error(exc: ProducerError | StoreError, queue: str) -> HTTPError:
+    if isinstance(exc, UnknownQueue | UnknownTopic):
+        return HTTPError(404, str(exc))
+    if isinstance(exc, AuthRequired | WrongPassword):
+        return HTTPError(401, str(exc), [("WWW-Authenticate", f'Basic realm="{queue}"')])
+    if isinstance(exc, PayloadTooLarge):
+        return HTTPError(413, str(exc))
+    if isinstance(exc, ShuttingDown):
+        return HTTPError(503, str(exc), [("Retry-After", "5")])
+    if isinstance(exc, StoreError):
+        return HTTPError(503, f"store unavailable, nothing was acknowledged: {exc}")
+    return HTTPError(400, str(exc))
+
+
+def _same_origin(request: Request) -> bool:
+    origin = request.header("origin")
+    if origin is None:
+        return True
+    origin_host: str = urlsplit(origin).netloc
+    return origin_host.lower() == (request.header("host") or "").lower()
+
+
+async def _push(service: ProducerService, request: Request) -> Response:
+    entry = _admit(service, request)
+    try:
+        jobs = _jobs_of(service, request, request.params.get("topic"))
         service.check_sizes(entry, [job.payload for job in jobs])
         result = await service.push(entry, jobs)
-    except UnknownQueue as exc:
-        raise HTTPError(404, str(exc)) from None
-    except UnknownTopic as exc:
-        raise HTTPError(404, str(exc)) from None
-    except (AuthRequired, WrongPassword) as exc:
-        raise HTTPError(401, str(exc), [("WWW-Authenticate", f'Basic realm="{queue}"')]) from None
-    except PayloadTooLarge as exc:
-        raise HTTPError(413, str(exc)) from None
-    except ShuttingDown as exc:
-        raise HTTPError(503, str(exc), [("Retry-After", "5")]) from None
-    except ProducerError as exc:
-        raise HTTPError(400, str(exc)) from None
-    except StoreError as exc:
-        raise HTTPError(503, f"store unavailable, nothing was acknowledged: {exc}") from None
+    except (ProducerError, StoreError) as exc:
+        raise _http_error(exc, entry.config.name) from None
     return Response.json({"ids": list(result.ids), "duplicates": result.duplicates}, 202)
 
 

@@ -251,7 +251,17 @@ class RequestParser:
         if line_end - pos > self.max_inline_len:
             raise RESPProtocolError("Protocol error: too big inline request")
         self._pos = end + 1
-        return _split_inline(bytes(buffer[pos:line_end]))
+        args = _split_inline(bytes(buffer[pos:line_end]))
+        if args and args[0].upper() in _HTTP_WORDS:
+            # A browser made to send an HTTP request here by a hostile page: its body
+            # would run as commands.  Redis closes on these words too.
+            raise RESPProtocolError("Protocol error: an HTTP request, not the Redis protocol")
+        return args
+
+
+#: Inline "commands" that start an HTTP request (a POST, and the Host header every request
+#: has): the words Redis closes on.
+_HTTP_WORDS = frozenset({b"POST", b"HOST:"})
 
 
 def _invalid_length(kind: str, line_length: int) -> RESPProtocolError:

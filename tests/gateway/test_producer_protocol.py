@@ -155,6 +155,20 @@ async def test_inline_commands_work_like_telnet(app: App) -> None:
     assert [await client.line(), await client.line()] == [b":1", b"+PONG"]
 
 
+async def test_an_http_request_is_not_run_as_inline_commands(app: App) -> None:
+    # What a hostile page makes a browser send to the Redis-protocol port: the form's body
+    # would otherwise be pushed, line by line.
+    client = await Client.connect(app)
+    await client.stream.send_all(
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n\r\n"
+        b"LPUSH open from-a-web-page\r\n"
+    )
+    assert (await client.line()).startswith(b"-ERR Protocol error: an HTTP request")
+    assert await client.closed()
+    check = await Client.connect(app)
+    assert await check.call("LLEN", "open") == b":0"
+
+
 async def test_idle_connection_is_closed_without_a_stray_reply(tmp_path: Path) -> None:
     config = write_config(tmp_path, QUEUES, main_extra="producer: {idle_timeout: 200ms}\n")
     async with running_daemon(config) as app:
