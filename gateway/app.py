@@ -159,6 +159,8 @@ class App:
         self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self._dispatcher_nursery: trio.Nursery | None = None
         self._producers: trio.CancelScope | None = None
+        self._producers_drained = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
 
     @property
@@ -217,6 +219,7 @@ class App:
                         for topic in queue.topics:
                             await self._start_dispatcher(topic)
                     self._producers = trio.CancelScope()
+                    self._nursery = nursery
                     self.resp_address = await nursery.start(self._run_producers)
                     self.http_address = await nursery.start(self.http.run)
                     await nursery.start(self.telemetry.run)
@@ -230,6 +233,7 @@ class App:
                         log.info("%s", note)
                     task_status.started(self)
                     await self._stopped.wait()
+                await self._producers_drained.wait()  # the replies owed for stored pushes
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -267,6 +271,16 @@ class App:
         except (StoreError, trio.TooSlowError) as exc:
             return Response.json({"status": "store unavailable", "error": str(exc)}, 503)
         return Response.json({"status": "ready"})
+
+    async def _drain_producers(self) -> None:
+        """Close the Redis-protocol port at once; end its connections once none is owed a
+        reply for a push the store already has (a push now is refused, as on HTTP)."""
+        assert self.resp is not None and self._producers is not None
+        try:
+            await self.resp.drain()
+        finally:
+            self._producers.cancel()
+            self._producers_drained.set()
 
     async def _run_producers(self, *, task_status: trio.TaskStatus[str]) -> None:
         assert self._producers is not None and self.resp is not None
@@ -358,11 +372,14 @@ class App:
         grace = self.config.shutdown_timeout if timeout is None else timeout
         deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
         log.info("shutting down: draining in-flight deliveries for up to %gs", grace)
+        first = not self._draining
         self._draining = True
         if self.service is not None:
             self.service.stop()  # HTTP pushes; the RESP listener closes below
-        if self._producers is not None:
-            self._producers.cancel()
+        if first and self._nursery is not None:
+            self._nursery.start_soon(self._drain_producers)
+        elif first:  # still starting: no producer has been served
+            self._producers_drained.set()
         for dispatcher in self._dispatchers.values():
             dispatcher.stop(deadline)
         self._stopped.set()

@@ -276,7 +276,12 @@ class Dispatcher:
                 await self._wait_for_capacity(self.circuit.reopen_at)
                 continue
             try:
-                jobs = await self.store.reserve(queue, topic, limit, self.lease)
+                # Shielded from a stop's deadline: a reserve cut short is still carried out
+                # by the store, and jobs leased that we never held would never be released.
+                # Their leases would expire, each spending an attempt: a job could go dead
+                # without reaching its backend.  The store's own timeouts bound the wait.
+                with trio.CancelScope(shield=True):
+                    jobs = await self.store.reserve(queue, topic, limit, self.lease)
             except StoreError as exc:
                 self._store_errors += 1
                 log.error("reserve failed queue=%s topic=%s error=%s", queue, topic, exc)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from adapters.storage.base import Route, Store
-from adapters.storage.errors import StoreUnavailable
+from adapters.storage.errors import StoreUnavailable, StoreUncertain
 from adapters.storage.jobs import NewJob, PushResult
 from gateway.config import Config, QueueConfig
 
@@ -227,11 +227,16 @@ class _Batcher:
         finally:
             self._flushing = False
             # Out of time (or broken): whoever has no answer yet gets an error, not a hang.
-            stranded = [*self._sending, *self._waiting]
+            # The call under way may still complete (SQLite's writer commits what it has
+            # queued): its pushes may be stored.  The ones waiting for the next were not.
+            sending, waiting = list(self._sending), list(self._waiting)
             self._sending.clear()
             self._waiting.clear()
-            for _, callback in stranded:
-                callback(StoreUnavailable("the store did not answer in time; nothing acknowledged"))
+            late = f"the store did not answer within {FLUSH_GRACE:g}s"
+            for _, callback in sending:
+                callback(StoreUncertain(late))
+            for _, callback in waiting:
+                callback(StoreUnavailable(f"{late}; this push was not sent to it"))
 
     async def _flush_all(self, entry: QueueEntry) -> None:
         while self._waiting:

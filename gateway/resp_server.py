@@ -43,7 +43,7 @@ from fastcgi.pooling import send_all
 from fastcgi.readiness import Readiness
 from gateway import resp
 from gateway.config import Listen, ProducerLimits
-from gateway.producer import ProducerService
+from gateway.producer import FLUSH_GRACE, ProducerService
 from gateway.resp_fast import FastRequestParser
 from gateway.resp_session import PendingPush, RespSession
 
@@ -88,6 +88,8 @@ _IDLE = "waiting for a command"
 _SENDING = "sending replies"
 #: The sweeper looks this often at most, and at least four times per timeout.
 _SWEEP_INTERVAL = 1.0
+#: How often a drain looks for connections still busy.
+_DRAIN_POLL = 0.01
 
 
 class _Connection:
@@ -242,6 +244,7 @@ class RespServer:
         self._live: set[_Connection] = set()
         self._nursery: trio.Nursery | None = None
         self._readiness: Readiness | None = None
+        self._accepting = trio.CancelScope()
 
     def statistics(self) -> RespStatistics:
         return RespStatistics(
@@ -266,8 +269,36 @@ class RespServer:
             self._readiness = Readiness()
             nursery.start_soon(self._sweep)
             nursery.start_soon(self._readiness.run)
-            await nursery.start(trio.serve_listeners, self._serve, listeners)
+            await nursery.start(self._accept, listeners)
             task_status.started(self.address)
+
+    async def _accept(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]],
+    ) -> None:
+        assert self._nursery is not None
+        with self._accepting:
+            # Connections run in the server's nursery, not this task's: closing the port
+            # (drain) leaves them be.
+            await trio.serve_listeners(
+                self._serve, listeners, handler_nursery=self._nursery, task_status=task_status
+            )
+
+    async def drain(self) -> None:
+        """Close the port; return once no connection is running a command or owed a reply.
+
+        A command arriving meanwhile runs, and a push is refused (the service is stopped).
+        Replies for pushes the store has are sent before this returns, so a producer is not
+        left to push again what was stored.  Bounded by a store call's FLUSH_GRACE, and by
+        SEND_TIMEOUT for a client that does not read (the sweeper ends it).
+        """
+        self._accepting.cancel()
+        with trio.move_on_after(FLUSH_GRACE + SEND_TIMEOUT):
+            # Polled, and only here: an event would cost a check on every command's path.
+            while any(conn.owed or conn.waiting_for is not _IDLE for conn in self._live):  # noqa: ASYNC110
+                await trio.sleep(_DRAIN_POLL)
 
     async def _sweep(self) -> None:
         """Cancel connections idle past ``idle_timeout``, or stuck sending past SEND_TIMEOUT.

@@ -19,7 +19,7 @@ from typing import ClassVar
 import trio
 
 from adapters.delivery.headers import trace_id_of
-from adapters.storage.errors import StoreError
+from adapters.storage.errors import StoreError, store_error_text
 from adapters.storage.jobs import NewJob, Priority, PushResult, check_job_id
 from gateway import resp
 from gateway.producer import (
@@ -512,7 +512,7 @@ class RespSession:
 
 
 def _store_error(exc: StoreError) -> bytes:
-    return resp.error(f"TRYAGAIN store unavailable, nothing was acknowledged: {exc}")
+    return resp.error(f"TRYAGAIN {store_error_text(exc)}")
 
 
 #: What runs at once inside MULTI rather than being queued.

@@ -1,4 +1,5 @@
-"""Store errors.  A producer seeing any of these was told nothing was acknowledged."""
+"""Store errors.  A producer seeing any of these was told its push was not acknowledged:
+nothing was stored, but for ``StoreUncertain``, where it may have been."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached or written now (Redis down, SQLite file unwritable)."""
+
+
+class StoreUncertain(StoreUnavailable):
+    """The request went out and no answer came back in time: it may still be carried out
+    (Redis runs a script it has read; SQLite's writer commits what it has queued)."""
 
 
 class StoreRefused(StoreUnavailable):
@@ -22,3 +28,10 @@ class StoreCorrupt(StoreError):
 
 class StoreUnsupported(StoreError):
     """The store's server cannot run busgate (a Redis older than the scripts need)."""
+
+
+def store_error_text(exc: StoreError) -> str:
+    """What a producer is told of a push the store failed: whether it may be stored."""
+    if isinstance(exc, StoreUncertain):
+        return f"no answer from the store, not acknowledged; it may have been stored: {exc}"
+    return f"store unavailable, nothing was acknowledged: {exc}"

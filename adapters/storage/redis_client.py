@@ -18,7 +18,7 @@ from typing import Any
 import hiredis
 import trio
 
-from adapters.storage.errors import StoreError, StoreRefused, StoreUnavailable
+from adapters.storage.errors import StoreError, StoreRefused, StoreUnavailable, StoreUncertain
 from fastcgi.errors import BackendError
 from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason
 
@@ -145,15 +145,17 @@ class RedisClient:
         deadline = trio.current_time() + limit
         pool = self._pool
         pool.requests_total += 1
+        sent = False
         with trio.CancelScope(deadline=deadline):
             conn = await self._acquire(deadline)
+            sent = True  # from here on, Redis may have the commands (and may run them)
             try:
                 replies = await conn.roundtrip(payload, len(commands))
             except BaseException as exc:
                 pool.discard(conn)
                 if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
                     pool.failures_total += 1
-                    raise StoreUnavailable(f"{self.name}: connection lost: {exc}") from exc
+                    raise StoreUncertain(f"{self.name}: connection lost: {exc}") from exc
                 if isinstance(exc, hiredis.ProtocolError):
                     pool.failures_total += 1
                     raise StoreUnavailable(f"{self.name}: protocol error: {exc}") from exc
@@ -162,7 +164,8 @@ class RedisClient:
             return replies
         pool.failures_total += 1
         pool.timeouts_total += 1
-        raise StoreUnavailable(f"{self.name}: no answer within {limit:g}s")
+        lost = StoreUncertain if sent else StoreUnavailable
+        raise lost(f"{self.name}: no answer within {limit:g}s")
 
     # -- connections --------------------------------------------------------------------------
 

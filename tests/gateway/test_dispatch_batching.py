@@ -149,3 +149,37 @@ async def test_a_bug_in_a_delivery_fails_the_attempt_not_the_daemon(tmp_path: Pa
         assert attempt.error.startswith(
             "internal: busgate could not make the request: UnicodeEncodeError: 'ascii' codec"
         )
+
+
+class SlowAnswers(SQLiteStore):
+    """The SQLite store, whose reserve answers ``delay`` seconds after leasing the jobs:
+    the way a reserve cut short by a deadline is still carried out by the store."""
+
+    delay = 0.3
+    reserving: trio.Event
+
+    async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
+        jobs = await super().reserve(queue, topic, limit, lease)
+        if jobs:
+            self.reserving.set()
+            await trio.sleep(self.delay)
+        return jobs
+
+
+async def test_a_stop_deadline_during_a_reserve_leaves_no_job_leased(tmp_path: Path) -> None:
+    store = await SlowAnswers.open(str(tmp_path / "jobs.db"))
+    store.reserving = trio.Event()
+    topic = TopicConfig(queue="q", name="t", backend="http://127.0.0.1:9/", kind="http")
+    await store.push("q", [("t", Filter())], [NewJob(b"{}")] * 20)
+    worker = dispatch.Dispatcher(store, topic, InstantBackend(pause=1.0))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await store.reserving.wait()
+            worker.stop(trio.current_time())  # shutdown_timeout: 0s
+            with trio.fail_after(5):
+                await worker.finished.wait()
+        stats = await store.stats("q", "t")
+    finally:
+        await store.aclose()
+    assert (stats.leased, stats.ready) == (0, 20)

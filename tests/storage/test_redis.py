@@ -4,6 +4,7 @@ authentication, and Redis going away and coming back."""
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,7 +12,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from adapters.storage.errors import StoreUnavailable, StoreUnsupported
+from adapters.storage.errors import (
+    StoreUnavailable,
+    StoreUncertain,
+    StoreUnsupported,
+    store_error_text,
+)
 from adapters.storage.fanout import Filter
 from adapters.storage.jobs import NewJob, Priority
 from adapters.storage.redis_client import RedisAddress, RedisClient, ServerError
@@ -168,6 +174,30 @@ async def test_redis_down_at_push_is_an_error_and_nothing_is_acknowledged() -> N
     with pytest.raises(StoreUnavailable, match=r"cannot connect: Connection refused"):
         await store.push("orders", ROUTES, [NewJob(b"lost?")])
     await store.aclose()
+
+
+async def test_a_push_redis_read_but_did_not_answer_in_time_may_be_stored(tmp_path: Path) -> None:
+    # Redis frozen past the command timeout: the push script was sent, and Redis runs it when
+    # it wakes.  The producer must not be told that nothing was stored.
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    try:
+        store = RedisStore(Standalone(RedisClient(server.address, command_timeout=0.5)))
+        await store.push("orders", ROUTES, [NewJob(b"warm-up")])  # connected, scripts loaded
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUncertain, match=r"no answer within 0\.5s") as caught:
+                await store.push("orders", ROUTES, [NewJob(b"late")])
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert "it may have been stored" in store_error_text(caught.value)
+        with trio.fail_after(5):
+            while await store.depth("orders", ["email"]) < 2:
+                await trio.sleep(0.05)  # it was: Redis ran the script once it woke
+        await store.aclose()
+    finally:
+        server.stop()
 
 
 async def test_error_replies_are_server_errors_at_any_depth(tmp_path: Path) -> None:
