@@ -52,6 +52,9 @@ _RECEIVE_SIZE = 64 * 1024
 
 T = TypeVar("T")
 
+#: How long a new connection's first answer may take to begin before a child is freed for it.
+_NUDGE = 0.02
+
 #: The running pools, by backend address.  The php-fpm workers behind an address are shared
 #: by every pool connected to it (one per topic delivering there), and each kept-open
 #: connection holds one of them, even idle.
@@ -349,6 +352,11 @@ class ConnectionPool:
         sock = conn.sock
         protocol = conn.protocol
         deadline = min(started + none_inf(limit), deadline)
+        # A new connection's first answer not begun by then: php-fpm may have no child free
+        # for it while other pools hold some idle (_free_a_child).  Once, and only then, so
+        # pools busy by turns do not close each other's connections for nothing.
+        shared = len(_RUNNING.get(self.address, ())) > 1
+        nudge_at = started + _NUDGE if conn.requests == 1 and shared else 0
         self._pool.arm(conn, deadline)
         try:
             # One yield first: by then a quick backend has usually answered, and recv()
@@ -360,10 +368,18 @@ class ConnectionPool:
                 except BlockingIOError:
                     pass
                 else:
+                    nudge_at = 0
                     protocol.receive_data(data)
                     result = fold()
                     if result is not NEED_DATA:
                         return result
+                if nudge_at:
+                    with trio.move_on_at(nudge_at):
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    nudge_at = 0
+                    self._free_a_child()
+                    continue
                 # Between reads, always wait_readable (a checkpoint): a backend that keeps
                 # the socket full must not hold the event loop, or its deadline, off.
                 await trio.lowlevel.wait_readable(sock)
@@ -377,14 +393,19 @@ class ConnectionPool:
         finally:
             self._pool.disarm(conn)
 
+    def _free_a_child(self) -> None:
+        """Close the longest-idle connection another running pool keeps to this address.
+
+        A new connection that php-fpm does not take up may be waiting in its listen queue
+        behind children held by other pools' idle connections: letting one go frees its
+        child for the new one, sooner than that pool's idle timeout would.
+        """
+        for other in _RUNNING.get(self.address, ()):
+            if other is not self and other._pool.close_oldest_idle():
+                return
+
     async def _connect(self) -> FastCGIConnection:
         address = self.address
-        # The new connection needs a php-fpm worker to itself: if another pool keeps one
-        # idle, let it go first, or the new one could wait in php-fpm's listen queue
-        # until that pool's idle timeout.
-        for other in _RUNNING.get(address, ()):
-            if other is not self and other._pool.close_oldest_idle():
-                break
         with trio.move_on_after(none_inf(self.timeouts.connect)) as scope:
             try:
                 if address.is_unix:

@@ -10,7 +10,9 @@ wake-up, however many sockets it found ready.
 Edge-triggered means an event is reported once per arrival.  It is remembered for a socket
 nobody waits on, so the next wait returns at once; and ``wait_readable`` is only correct
 after a read that drained the socket (one shorter than asked for) or that found nothing.
-``receive`` does that.
+``receive`` does that.  The peer's end of the stream can come in the same event as its last
+data, and a read returns the data only: a socket whose peer has hung up stays readable
+from then on, so the read after finds the end.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import outcome
 import trio
 
 _FLAGS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class Readiness:
@@ -29,6 +32,7 @@ class Readiness:
         self._epoll = select.epoll()
         self._waiters: dict[int, trio.lowlevel.Task] = {}
         self._ready: set[int] = set()
+        self._hung_up: set[int] = set()  # no more events will come: always readable
         self._registered = 0
 
     async def run(self) -> None:
@@ -39,7 +43,9 @@ class Readiness:
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, _ in epoll.poll(0, max(1, self._registered)):
+                for fd, flags in epoll.poll(0, max(1, self._registered)):
+                    if flags & _HANGUP:
+                        self._hung_up.add(fd)
                     task = waiters.pop(fd, None)
                     if task is None:
                         ready.add(fd)
@@ -55,6 +61,7 @@ class Readiness:
     def unregister(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         self._ready.discard(fd)
+        self._hung_up.discard(fd)
         task = self._waiters.pop(fd, None)
         if task is not None:
             trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError("socket closed")))
@@ -67,7 +74,7 @@ class Readiness:
 
     async def wait_readable(self, fd: int) -> None:
         """A checkpoint that returns once ``fd`` had data (or EOF) since its last drain."""
-        if fd in self._ready:
+        if fd in self._ready or fd in self._hung_up:
             self._ready.discard(fd)
             await trio.lowlevel.checkpoint()
             return

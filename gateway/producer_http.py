@@ -93,7 +93,10 @@ def _same_origin(request: Request) -> bool:
     origin = request.header("origin")
     if origin is None:
         return True
-    origin_host: str = urlsplit(origin).netloc
+    try:
+        origin_host: str = urlsplit(origin).netloc
+    except ValueError:  # "http://[x": not an origin any browser sends
+        return False
     return origin_host.lower() == (request.header("host") or "").lower()
 
 

@@ -16,8 +16,9 @@ FORM = "form"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 _TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
-#: What an HTTP field value may not hold (RFC 9110 5.5): control characters other than tab.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: What an HTTP field value may not hold (RFC 9110 5.5): control characters other than tab;
+#: and what UTF-8 cannot encode, a lone surrogate (JSON's "\ud800").
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 

@@ -130,6 +130,24 @@ async def test_a_pool_takes_the_worker_another_pool_keeps_idle(tmp_path: Path, u
         fpm.stop()
 
 
+async def test_pools_sharing_a_php_fpm_with_children_to_spare_keep_their_connections(
+    php_fpm: PhpFpm,
+) -> None:
+    # Busy by turns, with a child free for every connection: nobody's connection is let go.
+    limits = PoolLimits(max_connections=2, idle_timeout=60)
+    noop = cgi_env(php_fpm.script("noop.php"))
+    async with (
+        ConnectionPool(php_fpm.address, limits=limits) as first,
+        ConnectionPool(php_fpm.address, limits=limits) as second,
+    ):
+        for _ in range(20):
+            for pool in (first, second):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(2):
+                        nursery.start_soon(pool.request, noop)
+        assert (first.statistics().opened_total, second.statistics().opened_total) == (2, 2)
+
+
 async def test_failure_statuses(fpm: PhpFpm) -> None:
     async with ConnectionPool(fpm.address) as pool:
         failed = await pool.request(cgi_env(fpm.script("status500.php")))

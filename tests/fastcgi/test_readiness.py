@@ -121,3 +121,20 @@ async def test_many_sockets_ready_at_once_each_wake_their_task() -> None:
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
+
+
+async def test_the_end_that_came_with_the_last_data_is_not_missed() -> None:
+    # `printf 'PING\r\n' | nc -N`: data and FIN arrive before we read, in one event; the
+    # read returns the data, short, and there is no event to come for the end.
+    ours, theirs = pair()
+    with ours, theirs:
+        async with running() as readiness:
+            readiness.register(ours)
+            theirs.send(b"last words")
+            theirs.shutdown(socket.SHUT_WR)
+            with trio.fail_after(2):
+                await readiness.wait_readable(ours.fileno())
+            assert ours.recv(100) == b"last words"
+            with trio.fail_after(2):
+                await readiness.wait_readable(ours.fileno())
+            assert ours.recv(100) == b""

@@ -188,7 +188,13 @@ async def test_connections_past_max_connections_get_a_503(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("origin", "status"),
-    [("http://evil.example", 403), ("null", 403), ("http://x", 202), (None, 202)],
+    [
+        ("http://evil.example", 403),
+        ("null", 403),
+        ("http://[x", 403),
+        ("http://x", 202),
+        (None, 202),
+    ],
 )
 async def test_a_page_on_another_site_cannot_push(
     app: App, origin: str | None, status: int

@@ -63,6 +63,7 @@ def test_attributes_become_headers_only_as_valid_http_field_values() -> None:
         "nul": "a\x00b",
         "vt": "a\x0bb",
         "del": "a\x7fb",
+        "surrogate": "a\ud800b",  # JSON lets it through; UTF-8 cannot carry it
         "crlf": "a\r\nX-Injected: 1",
         "bad name": "x",
     }

@@ -155,6 +155,23 @@ async def test_inline_commands_work_like_telnet(app: App) -> None:
     assert [await client.line(), await client.line()] == [b":1", b"+PONG"]
 
 
+async def test_a_producer_that_sends_and_hangs_up_at_once_is_answered_and_let_go(
+    app: App,
+) -> None:
+    # `printf 'LPUSH open job\r\n' | nc -N`: the command and the end of the stream arrive
+    # together, before the server reads.  Sent without yielding to the event loop, they are
+    # both there when the server accepts the connection.
+    host, _, port = app.resp_address.rpartition(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(encode_command("LPUSH", "open", "job"))
+        raw.shutdown(socket.SHUT_WR)
+        client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(raw.dup())))
+        with trio.fail_after(2):
+            assert await client.line() == b":1"
+            assert await client.closed()
+        await client.stream.aclose()
+
+
 async def test_an_http_request_is_not_run_as_inline_commands(app: App) -> None:
     # What a hostile page makes a browser send to the Redis-protocol port: the form's body
     # would otherwise be pushed, line by line.
