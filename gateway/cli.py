@@ -22,6 +22,7 @@ import trio
 
 from adapters.storage.errors import StoreError
 from gateway import heap, logs
+from gateway.admin import read_token
 from gateway.admin_cli import add_admin_commands
 from gateway.app import App, ReloadRefused, StartupError
 from gateway.config import DEFAULT_CONFIG, ConfigError, load_config, render_effective
@@ -149,6 +150,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    # The daemon reads the token at start and refuses to start without it: so does this.
+    try:
+        read_token(config.admin_token_file)
+    except PermissionError as exc:
+        # Not necessarily a mistake: this may run as another user than the daemon's.
+        print(
+            f"busgate: warning: admin_token_file: {exc} (as uid {os.getuid()});"
+            " the daemon's user must be able to read it",
+            file=sys.stderr,
+        )
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"admin_token_file: {exc}") from None
     sys.stdout.write(render_effective(config))
     return 0
 

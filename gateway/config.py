@@ -147,6 +147,16 @@ def _check_status(value: object, field: str) -> None:
         raise InvalidField(field, f"{value!r} is not an HTTP status (100..599)")
 
 
+def _check_dead_status(value: object) -> None:
+    _check_status(value, "dead_on")
+    if isinstance(value, int) and 200 <= value < 300:
+        # The policy completes a job on any 2xx before it looks at dead_on: listed, it
+        # would read as a rule busgate never applies.
+        raise InvalidField(
+            "dead_on", f"{value} is a success: a 2xx answer always completes the job"
+        )
+
+
 def backend_kind(url: str) -> KindName:
     """``fastcgi`` or ``http`` for a backend URL; ``ValueError`` says what is wrong with it."""
     if not isinstance(url, str) or not _VISIBLE.fullmatch(url):
@@ -295,7 +305,7 @@ class TopicConfig:
         if not isinstance(self.dead_on, frozenset):
             raise InvalidField("dead_on", f"must be a frozenset, not {self.dead_on!r}")
         for status in sorted(self.dead_on):
-            _check_status(status, "dead_on")
+            _check_dead_status(status)
         if not isinstance(self.filter, Filter):
             raise InvalidField("filter", f"must be a Filter, not {self.filter!r}")
         _check_integer(self.dead_max_count, "dead_max_count", 0, 1_000_000_000)
@@ -1125,7 +1135,7 @@ def _statuses(reader: _Reader, node: _Node) -> frozenset[int]:
     for item in reader.sequence(node):
         status = reader.integer(item)
         try:
-            _check_status(status, "dead_on")
+            _check_dead_status(status)
         except InvalidField as exc:
             raise reader.error(item, exc.message) from None
         statuses.add(status)

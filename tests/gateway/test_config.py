@@ -380,10 +380,16 @@ def test_merge_keys_share_topic_settings(tmp_path: Path) -> None:
             "max_backoff (10m) is shorter than backoff (1h)",
         ),
         (
-            "backend: http://h\ndead_on:\n  - 200\n  - 700\n",
+            "backend: http://h\ndead_on:\n  - 500\n  - 700\n",
             7,
             "topics.t.dead_on[1]",
             "700 is not an HTTP status",
+        ),
+        (
+            "backend: http://h\ndead_on: [404, 204]\n",
+            5,
+            "topics.t.dead_on[1]",
+            "204 is a success: a 2xx answer always completes the job",
         ),
         (
             "backend: http://h\ndead: {max_count: -1}\n",

@@ -103,3 +103,65 @@ def test_a_port_in_use(tmp_path: Path) -> None:
         done = busgate_run(config)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "address already in use" in done.stderr.lower()
+
+
+# -- check-config says what `run` would refuse ----------------------------------------------
+
+
+def check_config(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check-config", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def with_token_file(tmp_path: Path, token: str | None) -> Path:
+    token_file = tmp_path / "admin.token"
+    if token is not None:
+        token_file.write_text(token)
+    return write_config(tmp_path / "etc", {}, main_extra=f"admin_token_file: {token_file}\n")
+
+
+def test_check_config_prints_the_effective_config_when_the_token_is_readable(
+    tmp_path: Path,
+) -> None:
+    done = check_config(with_token_file(tmp_path, "t" * 24 + "\n"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert f"admin_token_file: {tmp_path / 'admin.token'}" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("token", "words"),
+    [
+        (None, ("No such file or directory", "admin.token")),
+        ("short\n", ("at least 16 characters", "admin.token")),
+    ],
+)
+def test_check_config_refuses_a_token_file_the_daemon_would_refuse(
+    tmp_path: Path, token: str | None, words: tuple[str, ...]
+) -> None:
+    config = with_token_file(tmp_path, token)
+    refused(check_config(config), "admin_token_file", *words)
+    refused(busgate_run(config), "admin_token_file", *words)  # the same words from `run`
+
+
+def test_check_config_only_warns_when_this_user_may_not_read_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As root (CI) file modes do not stop a read: the refusal is simulated at the one call.
+    from gateway import cli
+
+    def denied(path: str | None) -> str:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(cli, "read_token", denied)
+    assert cli.main(["check-config", "-c", str(with_token_file(tmp_path, "t" * 24))]) == 0
+    out, err = capsys.readouterr()
+    assert "admin_token_file:" in out
+    assert err.startswith("busgate: warning: admin_token_file: [Errno 13] Permission denied")
+    assert "the daemon's user must be able to read it" in err
