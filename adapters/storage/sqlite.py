@@ -109,6 +109,8 @@ CREATE TABLE IF NOT EXISTS counters (
     queue TEXT NOT NULL, topic TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (queue, topic, name)
 ) WITHOUT ROWID;
+-- Written to and emptied by a readiness check while writes are failing (see check()).
+CREATE TABLE IF NOT EXISTS probe (data BLOB);
 """
 
 _JOB_COLUMNS = (
@@ -137,7 +139,16 @@ class SQLiteStore(Store):
         await self._writer.stop()
 
     async def check(self) -> None:
+        """The writer answers; and, if the last write failed for want of disk (full, I/O
+        error, read-only), a write now succeeds.
+
+        An empty transaction succeeds on a full disk, so while writes are failing the check
+        makes one of its own: only then, so a ready store costs no write per probe.  It is
+        what lets the store be ready again once there is room, with no push to find out.
+        """
         await self._writer.run(_ready)
+        if self._writer.write_failure is not None:
+            await self._writer.run(_probe_write)
 
     # -- producers ----------------------------------------------------------------------------
 
@@ -774,6 +785,9 @@ class _Writer:
         self._failed: StoreError | None = None
         self._synchronous = "FULL"
         self._identity: tuple[int, int] | None = None  # the open file's (device, inode)
+        #: Why the last group that tried to write could not (disk full, I/O error, read-only);
+        #: None once a group has written.  Set and cleared by the writer thread.
+        self.write_failure: str | None = None
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="busgate-sqlite", daemon=True)
@@ -858,6 +872,7 @@ class _Writer:
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             self._synchronous = synchronous
         results: list[outcome.Outcome[Any]]
+        changes = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             results = [outcome.Value(operation(conn)) for operation, _, _ in group]
@@ -865,7 +880,13 @@ class _Writer:
         except Exception:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            changes = conn.total_changes
             results = [self._alone(conn, operation) for operation, _, _ in group]
+        failures = [r.error for r in results if isinstance(r, outcome.Error)]
+        if any(_out_of_room(exc) for exc in failures):
+            self.write_failure = str(next(exc for exc in failures if _out_of_room(exc)))
+        elif conn.total_changes != changes:
+            self.write_failure = None
         for (_, finish, _), result in zip(group, results, strict=True):
             finish(result)
 
@@ -917,6 +938,22 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 def _ready(conn: sqlite3.Connection) -> None:
     """A no-op: the writer answers it once the file is open and the schema in place."""
+
+
+#: What a full disk, a failing disk or a file made read-only look like (primary codes).
+_NO_ROOM = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY}
+
+
+def _out_of_room(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _NO_ROOM
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    """Take a few pages, as a small push would, and give them back (committed: a full disk
+    refuses the commit, not the insert)."""
+    conn.execute("INSERT INTO probe (data) VALUES (zeroblob(16384))")
+    conn.execute("DELETE FROM probe")
 
 
 def _store_error(path: str, exc: BaseException) -> StoreError:

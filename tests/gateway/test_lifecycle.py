@@ -12,13 +12,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+import redis
 import trio
 
 from adapters.storage.jobs import State
 from adapters.storage.sqlite import SQLiteStore
-from tests.support.daemon import read_received, wait_received, write_config
+from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
 from tests.support.ports import free_port, wait_connectable
+from tests.support.sqlite import cap_pages
 
 
 def configure(tmp_path: Path, fpm: PhpFpm, shutdown_timeout: str) -> tuple[Path, int]:
@@ -147,3 +150,29 @@ async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[in
             return error.code, error.headers, error.read()
 
     return await trio.to_thread.run_sync(call)
+
+
+async def test_readyz_says_not_ready_while_the_sqlite_disk_is_full(tmp_path: Path) -> None:
+    queue = """\
+        queue: q
+        topics:
+          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
+        """
+    async with running_daemon(write_config(tmp_path, {"q": queue})) as app:
+        assert isinstance(app.store, SQLiteStore)
+        http_port = int(app.http_address.rpartition(":")[2])
+        client = redis.Redis(port=int(app.resp_address.rpartition(":")[2]))
+
+        def push() -> object:
+            return client.lpush("q", b"x" * 20_000)
+
+        assert (await http(http_port, "GET", "/readyz"))[0] == 200
+        await cap_pages(app.store, 0)
+        with pytest.raises(redis.exceptions.ResponseError, match="disk is full"):
+            await trio.to_thread.run_sync(push)
+        status, _, body = await http(http_port, "GET", "/readyz")
+        assert status == 503 and b"database or disk is full" in body
+        await cap_pages(app.store, 1000)  # room again: /readyz finds out with no push
+        assert (await http(http_port, "GET", "/readyz"))[0] == 200
+        assert await trio.to_thread.run_sync(push) == 1
+        client.close()

@@ -11,6 +11,7 @@ from adapters.storage.errors import StoreCorrupt, StoreUnavailable
 from adapters.storage.fanout import Filter
 from adapters.storage.jobs import NewJob
 from adapters.storage.sqlite import SQLiteStore
+from tests.support.sqlite import cap_pages
 
 ROUTES = [("email", Filter())]
 
@@ -61,6 +62,8 @@ async def test_read_only_file_rejects_writes_with_a_clear_error(tmp_path: Path) 
     try:
         with pytest.raises(StoreUnavailable, match="readonly"):
             await store.push("orders", ROUTES, [NewJob(b"x")])
+        with pytest.raises(StoreUnavailable, match="readonly"):
+            await store.check()  # not ready: /readyz says so
     finally:
         await store.aclose()
 
@@ -77,5 +80,46 @@ async def test_a_push_into_a_deleted_or_replaced_file_is_refused(tmp_path: Path,
             path.write_bytes(b"")
         with pytest.raises(StoreUnavailable, match="deleted or replaced while busgate"):
             await store.push("orders", ROUTES, [NewJob(b"would be lost")])
+    finally:
+        await store.aclose()
+
+
+async def _changes(store: SQLiteStore) -> int:
+    return await store._writer.run(lambda conn: conn.total_changes)
+
+
+async def test_not_ready_while_the_disk_is_full_and_ready_again_once_there_is_room(
+    tmp_path: Path,
+) -> None:
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    try:
+        before = await _changes(store)
+        await store.check()
+        assert await _changes(store) == before  # a healthy store: no write per check
+
+        await cap_pages(store, 0)
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
+            await store.push("orders", ROUTES, [NewJob(b"x" * 20_000)])
+        # An empty transaction would still succeed: the check writes, and is refused.
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
+            await store.check()
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
+            await store.check()
+
+        await cap_pages(store, 1000)  # room again: found by the check, with no push
+        await store.check()
+        assert store._writer.write_failure is None
+        changes = await _changes(store)
+        await store.check()
+        assert await _changes(store) == changes  # back to no write per check
+        pushed = await store.push("orders", ROUTES, [NewJob(b"x" * 20_000)])
+        (job,) = await store.reserve("orders", "email", 1, lease=30)
+        assert job.id == pushed.ids[0]
+        assert (
+            await store._writer.run(
+                lambda conn: conn.execute("SELECT count(*) FROM probe").fetchone()[0]
+            )
+            == 0
+        )
     finally:
         await store.aclose()
