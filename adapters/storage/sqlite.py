@@ -882,10 +882,13 @@ class _Writer:
                 conn.execute("ROLLBACK")
             changes = conn.total_changes
             results = [self._alone(conn, operation) for operation, _, _ in group]
-        failures = [r.error for r in results if isinstance(r, outcome.Error)]
-        if any(_out_of_room(exc) for exc in failures):
-            self.write_failure = str(next(exc for exc in failures if _out_of_room(exc)))
-        elif conn.total_changes != changes:
+        no_room = next(
+            (r.error for r in results if isinstance(r, outcome.Error) and _out_of_room(r.error)),
+            None,
+        )
+        if no_room is not None:
+            self.write_failure = str(no_room)
+        elif conn.total_changes != changes:  # a rolled-back group counts its changes too
             self.write_failure = None
         for (_, finish, _), result in zip(group, results, strict=True):
             finish(result)

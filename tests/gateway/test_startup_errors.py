@@ -26,8 +26,12 @@ def run(tmp_path: Path, store: str) -> subprocess.CompletedProcess[str]:
 
 
 def busgate_run(config: Path) -> subprocess.CompletedProcess[str]:
+    return busgate("run", config)
+
+
+def busgate(command: str, config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+        [sys.executable, "-m", "gateway.cli", command, "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -109,14 +113,7 @@ def test_a_port_in_use(tmp_path: Path) -> None:
 
 
 def check_config(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "check-config", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return busgate("check-config", config)
 
 
 def with_token_file(tmp_path: Path, token: str | None) -> Path:
