@@ -213,6 +213,12 @@ class RetryPolicy:
             )
 
 
+#: A topic with no ``lease`` holds a reserved job for its timeout, at most this long, plus
+#: LEASE_MARGIN; deliveries longer than that extend the lease while they run.
+MAX_DEFAULT_LEASE = 60.0
+LEASE_MARGIN = 15.0
+
+
 @dataclass(frozen=True, slots=True)
 class TopicConfig:
     """One subscription of a queue: where its jobs go and how they are delivered."""
@@ -227,7 +233,7 @@ class TopicConfig:
     content_type: str = "application/json"  # any media type, or "form"
     concurrency: int = 4  # also the cap on open connections to the backend
     timeout: float = 30.0
-    lease: float | None = None  # how long a reserved job is held; None: min(timeout, 60s) + 15s
+    lease: float | None = None  # how long a reserved job is held; None: see effective_lease
     rate_limit: Rate | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     dead_on: frozenset[int] = frozenset({400, 404, 410, 422})
@@ -243,6 +249,13 @@ class TopicConfig:
     host: str = "localhost"  # FastCGI: HTTP_HOST / SERVER_NAME the application sees
     verify_tls: bool = True  # https: check the server's certificate
     ca_file: str | None = None  # https: trust these CAs instead of the system's
+
+    @property
+    def effective_lease(self) -> float:
+        """How long a reserved job is held: ``lease``, or by default ``min(timeout, 60s) + 15s``."""
+        if self.lease is not None:
+            return self.lease
+        return min(self.timeout, MAX_DEFAULT_LEASE) + LEASE_MARGIN
 
     def __post_init__(self) -> None:
         _check_name(self.queue, "queue", "queue")
@@ -783,8 +796,8 @@ _MAIN_KEYS = ("store", "listen", "admin_token_file", "include", "shutdown_timeou
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read the main file and every drop-in it includes; raise `ConfigError` on any mistake."""
     env = os.environ if environ is None else environ
-    config = load_main(path, env)
-    return replace(config, queues=_load_queues(config.path, config.include, env))
+    config, include_line = _load_main(path, env)
+    return replace(config, queues=_load_queues(config, include_line, env))
 
 
 def load_main(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -793,7 +806,11 @@ def load_main(path: str | os.PathLike[str], environ: Mapping[str, str] | None = 
     They talk to the admin API (``listen.http``, ``admin_token_file``), so a queue secret
     such as ``${ORDERS_PASSWORD}`` in a drop-in need not be in the operator's environment.
     """
-    env = os.environ if environ is None else environ
+    return _load_main(path, os.environ if environ is None else environ)[0]
+
+
+def _load_main(path: str | os.PathLike[str], env: Mapping[str, str]) -> tuple[Config, int | None]:
+    """The main file's configuration, and the line of its ``include`` (None: the default)."""
     main_path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(main_path))
     reader = _Reader(main_path, env)
@@ -834,21 +851,30 @@ def load_main(path: str | os.PathLike[str], environ: Mapping[str, str] | None = 
     keys = {"listen_resp": "listen.resp", "listen_http": "listen.http"}
     partners = {"listen_http": "listen_resp"}
     # The main file is checked whole before any drop-in is read.
-    return _build(reader, Config, root_node, given, {**fixed, "queues": {}}, keys, partners)
+    config = _build(reader, Config, root_node, given, {**fixed, "queues": {}}, keys, partners)
+    return config, given["include"][1].line if "include" in given else None
 
 
 def _load_queues(
-    main_path: str, include: str, environ: Mapping[str, str]
+    main: Config, include_line: int | None, environ: Mapping[str, str]
 ) -> dict[str, QueueConfig]:
     # The main file's directory is a path, not a pattern: "etc[1]/" must not match "etc1/".
-    pattern = os.path.join(glob.escape(os.path.dirname(main_path)), include)
-    main = os.path.abspath(main_path)
+    pattern = os.path.join(glob.escape(os.path.dirname(main.path)), main.include)
+    main_file = os.path.abspath(main.path)
     files = sorted(
-        name for name in glob.glob(pattern, recursive=True) if os.path.abspath(name) != main
+        name for name in glob.glob(pattern, recursive=True) if os.path.abspath(name) != main_file
     )
     queues: dict[str, QueueConfig] = {}
     first_lines: dict[str, int] = {}
     for file in files:
+        if os.path.isdir(file):
+            raise ConfigError(
+                main.path,
+                include_line,
+                "include",
+                f"{main.include!r} matches the directory {file}: make it match queue files"
+                f" only (the default is {DEFAULT_INCLUDE})",
+            )
         queue, queue_node = _load_queue(file, environ)
         if queue.name in queues:
             raise ConfigError(
@@ -1182,9 +1208,13 @@ _Dumper.add_representer(_Quoted, _represent_quoted)
 
 
 def render_effective(config: Config) -> str:
-    """The configuration with every default filled in and secrets redacted, as YAML."""
+    """The configuration with every default filled in and secrets redacted, as YAML.
+
+    Strings are written as a file would need them (``$${`` for a literal ``${``), so a
+    printed queue reads back as the same queue.
+    """
     body = yaml.dump(
-        effective_document(config),
+        _escape_references(effective_document(config)),
         Dumper=_Dumper,
         sort_keys=False,
         default_flow_style=None,  # short lists and mappings of plain values on one line
@@ -1193,6 +1223,21 @@ def render_effective(config: Config) -> str:
     )
     notes = "".join(f"# {note}\n" for note in php_fpm_notes(config))
     return f"# busgate: effective configuration of {config.path}\n{body}{notes}"
+
+
+#: A ``$`` that a config file must double: one before ``{`` or another ``$`` (see _REFERENCE).
+_NEEDS_ESCAPE = re.compile(r"\$(?=[${])")
+
+
+def _escape_references(value: Any) -> Any:
+    if isinstance(value, str):
+        escaped = _NEEDS_ESCAPE.sub("$$", value)
+        return _Quoted(escaped) if isinstance(value, _Quoted) else escaped
+    if isinstance(value, dict):
+        return {_escape_references(k): _escape_references(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_references(item) for item in value]
+    return value
 
 
 def php_fpm_notes(config: Config) -> list[str]:
@@ -1263,7 +1308,7 @@ def _render_topic(topic: TopicConfig) -> dict[str, Any]:
         content_type=topic.content_type,
         concurrency=topic.concurrency,
         timeout=format_duration(topic.timeout),
-        lease=None if topic.lease is None else format_duration(topic.lease),
+        lease=format_duration(topic.effective_lease),
         rate_limit=None if topic.rate_limit is None else format_rate(topic.rate_limit),
         retry={
             "max_attempts": topic.retry.max_attempts,

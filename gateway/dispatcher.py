@@ -38,15 +38,12 @@ from adapters.storage.base import Finish, Retention, Store
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import EXCERPT_BYTES, Attempt, Job, Outcome
 from gateway.circuit import CircuitBreaker, CircuitState, CircuitStatistics
-from gateway.config import TopicConfig
+from gateway.config import LEASE_MARGIN, TopicConfig
 from gateway.policy import Backoff, Decision, decide
 from gateway.ratelimit import TokenBucket
 
 log = logging.getLogger("busgate.dispatch")
 
-#: Leases are at most this long plus a margin; longer deliveries get them extended.
-MAX_LEASE = 60.0
-LEASE_MARGIN = 15.0
 #: The scheduler looks at leases and due jobs at least this often (other daemons sharing a
 #: Redis store do not ring our timers).
 SCHEDULER_INTERVAL = 1.0
@@ -114,7 +111,7 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._listeners = listeners
         self._backoff = Backoff(topic.retry.backoff, topic.retry.max_backoff)
-        self.lease = topic.lease or min(topic.timeout, MAX_LEASE) + LEASE_MARGIN
+        self.lease = topic.effective_lease
         self.circuit = CircuitBreaker(
             failures=topic.circuit_failures,
             cooldown=topic.circuit_cooldown,
@@ -480,8 +477,10 @@ class Dispatcher:
                 self._dead += 1
             if answered and not ok:
                 log.warning(
-                    "outcome not recorded job=%s queue=%s topic=%s attempt=%d: the lease had"
-                    " expired and the job was handed out again",
+                    "outcome not recorded job=%s queue=%s topic=%s attempt=%d: the store no"
+                    " longer held the job's lease (it expired and the job was handed out"
+                    " again, or the job is gone from the store, as after a FLUSHALL or a Redis"
+                    " restart without persistence)",
                     job.id,
                     job.queue,
                     job.topic,

@@ -142,11 +142,17 @@ def _authenticate(service: ProducerService, queue: str, request: Request) -> set
         password = credentials.strip()
     elif scheme.lower() == "basic":
         try:
-            user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
+            user_pass = base64.b64decode(credentials, validate=True).decode()
         except (binascii.Error, ValueError):  # ValueError: non-ASCII, UnicodeDecodeError
             raise HTTPError(400, "malformed Basic credentials") from None
-        if user not in ("", queue):
-            raise WrongPassword(f"credentials are for queue '{user}', not '{queue}'")
+        # A queue name may hold ':' ("app:emails"), which Basic auth also uses to end the
+        # user: the queue of the URL, when the credentials start with it, is the user.
+        if user_pass.startswith(f"{queue}:"):
+            password = user_pass[len(queue) + 1 :]
+        else:
+            user, _, password = user_pass.partition(":")
+            if user:
+                raise WrongPassword(f"credentials are for queue '{user}', not '{queue}'")
     else:
         raise HTTPError(400, f"unsupported Authorization scheme {scheme!r}: use Bearer or Basic")
     service.check_password(queue, password)

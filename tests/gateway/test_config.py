@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -202,6 +203,16 @@ def test_drop_ins_load_in_sorted_order_and_the_main_file_is_not_one(tmp_path: Pa
     main = tmp_path / "busgate.yaml"
     main.write_text("include: '*.yaml'\n")
     assert list(load_config(main, {}).queues) == ["a", "b"]
+
+
+def test_an_include_matching_a_directory_names_the_include(tmp_path: Path) -> None:
+    (tmp_path / "conf.d" / "old.yaml").mkdir(parents=True)
+    error = error_of(tmp_path, "store: sqlite:x.db\ninclude: conf.d/*.yaml\n")
+    assert_error(error, tmp_path / "busgate.yaml", 2, "include", "matches the directory")
+    assert str(tmp_path / "conf.d" / "old.yaml") in error.message
+    # The default include, not written in the file: file and key, no line to give.
+    error = error_of(tmp_path)
+    assert (error.path, error.line, error.key) == (str(tmp_path / "busgate.yaml"), None, "include")
 
 
 def test_relative_main_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -654,8 +665,18 @@ def test_render_effective_fills_defaults_and_redacts_secrets(tmp_path: Path) -> 
     assert search["retry"] == {"max_attempts": 5, "backoff": "1s", "max_backoff": "10m"}
     assert search["dead_on"] == [400, 404, 410, 422]
     assert search["completed"] == {"max_count": 1000, "max_age": "1h"}
-    assert (search["lease"], search["rate_limit"], search["filter"]) == (None, None, {})
+    # The lease the dispatcher uses, not the absent key: 30s timeout + 15s.
+    assert (search["lease"], search["rate_limit"], search["filter"]) == ("45s", None, {})
     assert search["paused"] is False
+
+
+def test_the_default_lease_follows_the_timeout_up_to_a_minute() -> None:
+    def topic(**given: Any) -> TopicConfig:
+        return TopicConfig("q", "t", "http://h/x", "http", **given)
+
+    assert topic(timeout=2.0).effective_lease == 17.0
+    assert topic(timeout=3600.0).effective_lease == 75.0  # longer deliveries extend it
+    assert topic(timeout=3600.0, lease=600.0).effective_lease == 600.0
 
 
 def test_the_php_fpm_pools_needs_are_summed_over_the_topics_sharing_them(tmp_path: Path) -> None:
@@ -697,14 +718,25 @@ def test_rendered_topics_read_back_the_same(tmp_path: Path) -> None:
           t:
             backend: http://h/x
             filter: {zip: "01234", flag: "true", n: 1e3, both: [1, "1"], none: null}
+          php:
+            backend: fastcgi://127.0.0.1:9000
+            script: /srv/$$app/index.php
+            uri: /jobs/$${id}?price=$$5&t=${T}
+            filter: {literal: "$${HOME}", two: $$$$}
         """
-    config = load_config(write(tmp_path, q=queue), {})
+    config = load_config(write(tmp_path, q=queue), {"T": "a$${b}"})
+    php = config.queues["q"].topics[1]
+    assert (php.script, php.uri) == ("/srv/$app/index.php", "/jobs/${id}?price=$5&t=a$${b}")
     (rendered,) = yaml.safe_load(render_effective(config))["queues"]
     del rendered["source"], rendered["password"]
     again = tmp_path / "again"
     again.mkdir()
     reloaded = load_config(write(again, q=yaml.safe_dump(rendered, sort_keys=False)), {})
-    assert reloaded.queues["q"].topics == config.queues["q"].topics
+    # The lease left to its default is printed as what it comes to, and reads back as such.
+    assert reloaded.queues["q"].topics == tuple(
+        dataclasses.replace(topic, lease=topic.effective_lease)
+        for topic in config.queues["q"].topics
+    )
 
 
 # -- the shipped examples ----------------------------------------------------------------------

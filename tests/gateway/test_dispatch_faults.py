@@ -4,9 +4,11 @@ rate-limited topic, and a producer that vanishes mid-pipeline."""
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from adapters.storage.jobs import DeadFilter, Outcome, State
@@ -15,6 +17,7 @@ from gateway.circuit import CircuitState
 from gateway.resp import encode_command
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
+from tests.support.redis import RedisServer
 
 
 def topic_yaml(backend: str, script: str, extra: str = "") -> str:
@@ -201,3 +204,37 @@ async def test_producer_vanishing_mid_pipeline_stores_only_whole_commands(
                 await trio.sleep(0.02)
         await trio.sleep(0.2)
         assert await app.store.depth("q", ["t"]) == 100
+
+
+async def test_an_outcome_the_store_has_forgotten_is_logged_as_such(
+    tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis emptied under a delivery (FLUSHALL, a restart without persistence): the job's
+    outcome cannot be recorded, and the warning says why it may be, not only a lost lease."""
+    fpm = PhpFpm(tmp_path / "fpm")
+    fpm.start()
+    redis_server.cli("FLUSHALL")
+    config = write_config(
+        tmp_path / "daemon",
+        {"q": topic_yaml(f"fastcgi://127.0.0.1:{fpm.address.port}", fpm.script("sleep.php"))},
+    )
+    store = f"store: redis://127.0.0.1:{redis_server.port}/0"
+    config.write_text(re.sub("store: .*", store, config.read_text()))
+    drop_in = config.parent / "conf.d" / "q.yaml"
+    drop_in.write_text(drop_in.read_text().replace("timeout: 500ms", "timeout: 10s"))
+    try:
+        async with running_daemon(config) as app:
+            await push(app, b"job")
+            dispatcher = app._dispatchers["q", "t"]
+            with trio.fail_after(10):
+                while dispatcher.statistics().in_flight == 0:
+                    await trio.sleep(0.02)
+            redis_server.cli("FLUSHALL")  # sleep.php answers 2s after it began
+            with trio.fail_after(10):
+                while dispatcher.statistics().delivered_total == 0:
+                    await trio.sleep(0.05)
+    finally:
+        fpm.stop()
+    (warning,) = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
+    assert "the store no longer held the job's lease" in warning
+    assert "or the job is gone from the store" in warning

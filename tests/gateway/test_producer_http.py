@@ -31,6 +31,12 @@ QUEUES = {
             script: /srv/app/index.php
             paused: true
         """,
+    "app-emails": """\
+        queue: "app:emails"
+        password: "pw:1"
+        topics:
+          send: {backend: "http://127.0.0.1:9/", paused: true}
+        """,
 }
 
 
@@ -98,6 +104,39 @@ async def test_json_push_single_and_batch(app: App) -> None:
         BEARER,
     )
     assert again[:2] == (202, {"ids": ["k-1"], "duplicates": 1})
+
+
+async def test_basic_auth_for_a_queue_whose_name_holds_a_colon(app: App) -> None:
+    """Basic auth ends the user at the first ':'; the queue in the URL says where it ends."""
+
+    async def push_as(user_pass: str) -> tuple[int, str]:
+        done = await trio.run_process(
+            [
+                "curl",
+                "-sS",
+                "-u",
+                user_pass,
+                "--data-binary",
+                "x",
+                "-w",
+                "%{http_code}",
+                f"http://{app.http_address}/v1/queues/app:emails/jobs",
+            ],
+            capture_stdout=True,
+        )
+        text = done.stdout.decode()
+        return int(text[-3:]), text[:-3]
+
+    status, body = await push_as("app:emails:pw:1")
+    assert status == 202, body
+    assert app.store is not None
+    assert (await app.store.stats("app:emails", "send")).ready == 1
+    status, body = await push_as("app:emails:pw:2")
+    assert status == 401 and "invalid username-password pair" in body
+    status, body = await push_as("orders:s3cret")
+    assert status == 401 and "credentials are for queue 'orders', not 'app:emails'" in body
+    status, body = await push_as(":pw:1")  # no user: the password alone
+    assert status == 202, body
 
 
 async def test_raw_body_with_curl_and_basic_auth(app: App, tmp_path: Path) -> None:
