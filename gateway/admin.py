@@ -48,6 +48,9 @@ log = logging.getLogger("busgate.admin")
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 MAX_PAGE = 500
+#: The longest a paced replay may keep its request open; slower ones are refused up front
+#: (``busgate dead replay --rate`` paces itself in short calls instead).
+MAX_PACED_SECONDS = 600.0
 DEFAULT_PAGE = 50
 AUTH_TIMEOUT = 5.0
 #: A closing WebSocket client has this long to answer our close frame.
@@ -328,6 +331,13 @@ class AdminAPI:
                 return Response.json({"matched": matched, done: 0, "dry_run": True})
             if matched == 0:
                 raise HTTPError(404, "no dead job matches that filter")
+            if rate is not None and matched / rate > MAX_PACED_SECONDS:
+                raise HTTPError(
+                    400,
+                    f"{matched} jobs at {rate:g}/s would take {matched / rate:.0f}s; one call"
+                    f" may take at most {MAX_PACED_SECONDS:.0f}s: raise the rate, replay fewer"
+                    " jobs per call, or use `busgate dead replay --rate`, which paces itself",
+                )
             if done == "replayed":
                 count = (
                     await replay_ids(store, queue, name, ids, rate=rate)

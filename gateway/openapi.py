@@ -49,7 +49,10 @@ def document() -> dict[str, Any]:
     replay_body["properties"]["rate"] = {
         "type": "number",
         "exclusiveMinimum": 0,
-        "description": "Jobs per second; the call returns when all are replayed.",
+        "description": (
+            "Jobs per second; the call returns when all are replayed, so it is refused (400)"
+            " if that would take over 600 seconds."
+        ),
     }
     return {
         "openapi": "3.1.0",

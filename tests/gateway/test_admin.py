@@ -203,6 +203,13 @@ async def test_replay_by_ids_is_paced_by_rate(app: App, record: Path) -> None:
     status, result = await api(app, "POST", base + "/replay", {"ids": ids, "rate": 5})
     assert (status, result) == (200, {"matched": 4, "replayed": 4})
     assert trio.current_time() - started >= 0.75  # 4 jobs at 5 per second
+    await wait_received(record, 8)
+    await settled(app, dead=4)
+    # A pace that would hold the call open past MAX_PACED_SECONDS is refused, nothing replayed.
+    status, result = await api(app, "POST", base + "/replay", {"all": True, "rate": 0.001})
+    assert status == 400
+    assert result["error"].startswith("4 jobs at 0.001/s would take 4000s; one call may take")
+    assert (await topic_stats(app))["depth"]["dead"] == 4
 
 
 async def test_pause_resume_and_recent_failures(app: App, record: Path) -> None:
