@@ -33,7 +33,7 @@ from adapters.storage.redis_store import RedisStore, check_redis_version
 from adapters.storage.sqlite import SQLiteStore
 from fastcgi.address import parse_address
 from gateway.admin import AdminAPI, read_token
-from gateway.config import Config, StoreConfig, TopicConfig, php_fpm_notes
+from gateway.config import Config, StoreConfig, TopicConfig, config_warnings, php_fpm_notes
 from gateway.dispatcher import Dispatcher, DispatcherStatistics
 from gateway.health import BackendHealth
 from gateway.http_server import HTTPServer, Request, Response, Router
@@ -231,6 +231,8 @@ class App:
                     )
                     for note in php_fpm_notes(config):
                         log.info("%s", note)
+                    for warning in config_warnings(config):
+                        log.warning("%s", warning)
                     task_status.started(self)
                     await self._stopped.wait()
                 await self._producers_drained.wait()  # the replies owed for stored pushes
@@ -365,6 +367,8 @@ class App:
         log.info("configuration reloaded: %s", report)
         for note in php_fpm_notes(new):
             log.info("%s", note)
+        for warning in config_warnings(new):
+            log.warning("%s", warning)
         return report
 
     def shutdown(self, timeout: float | None = None) -> None:

@@ -25,7 +25,13 @@ from gateway import heap, logs
 from gateway.admin import read_token
 from gateway.admin_cli import add_admin_commands
 from gateway.app import App, ReloadRefused, StartupError
-from gateway.config import DEFAULT_CONFIG, ConfigError, load_config, render_effective
+from gateway.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    config_warnings,
+    load_config,
+    render_effective,
+)
 from gateway.systemd import Notifier, run_watchdog, watchdog_interval
 
 log = logging.getLogger("busgate")
@@ -162,6 +168,8 @@ def _check_config(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as exc:
         raise StartupError(f"admin_token_file: {exc}") from None
+    for warning in config_warnings(config):
+        print(f"busgate: warning: {warning}", file=sys.stderr)
     sys.stdout.write(render_effective(config))
     return 0
 

@@ -1240,6 +1240,17 @@ def _escape_references(value: Any) -> Any:
     return value
 
 
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but likely a mistake: check-config prints it, the daemon logs it."""
+    if config.queues:
+        return []
+    directory = os.path.dirname(os.path.abspath(config.path))
+    return [
+        f"include {config.include!r} (from {directory}) matches no queue file: there is no"
+        " queue, so every push is refused until a reload adds one"
+    ]
+
+
 def php_fpm_notes(config: Config) -> list[str]:
     """What each php-fpm pool the topics deliver to must be able to serve.
 

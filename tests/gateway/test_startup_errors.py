@@ -120,7 +120,12 @@ def with_token_file(tmp_path: Path, token: str | None) -> Path:
     token_file = tmp_path / "admin.token"
     if token is not None:
         token_file.write_text(token)
-    return write_config(tmp_path / "etc", {}, main_extra=f"admin_token_file: {token_file}\n")
+    return write_config(
+        tmp_path / "etc", {"q": ONE_QUEUE}, main_extra=f"admin_token_file: {token_file}\n"
+    )
+
+
+ONE_QUEUE = "queue: q\ntopics:\n  t: {backend: 'http://127.0.0.1:9/', paused: true}\n"
 
 
 def test_check_config_prints_the_effective_config_when_the_token_is_readable(
@@ -162,3 +167,24 @@ def test_check_config_only_warns_when_this_user_may_not_read_the_token(
     assert "admin_token_file:" in out
     assert err.startswith("busgate: warning: admin_token_file: [Errno 13] Permission denied")
     assert "the daemon's user must be able to read it" in err
+
+
+def test_a_config_without_queues_is_valid_but_warned_about(tmp_path: Path) -> None:
+    """An empty conf.d may be on purpose (queues come with a reload), a mistyped include not."""
+    config = write_config(tmp_path / "etc", {})  # conf.d/ is empty
+    done = check_config(config)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        f"busgate: warning: include 'conf.d/*.yaml' (from {tmp_path / 'etc'}) matches no queue"
+        " file: there is no queue, so every push is refused until a reload adds one\n"
+    )
+    assert "queues: []" in done.stdout
+
+
+async def test_the_daemon_logs_the_same_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_daemon(write_config(tmp_path / "etc", {})):
+        pass
+    (warning,) = [r for r in caplog.records if "matches no queue file" in r.getMessage()]
+    assert warning.levelname == "WARNING"
