@@ -370,7 +370,18 @@ class ConnectionPool:
                 else:
                     nudge_at = 0
                     protocol.receive_data(data)
-                    result = fold()
+                    try:
+                        result = fold()
+                    except RemoteProtocolError as exc:
+                        if data:
+                            raise
+                        # An EOF mid-answer is a worker gone (crashed, killed by php-fpm's
+                        # request_terminate_timeout), not a backend breaking the protocol:
+                        # the HTTP adapter calls it the same.
+                        raise ConnectionLost(
+                            self._name,
+                            f"the backend closed the connection before the response ended: {exc}",
+                        ) from None
                     if result is not NEED_DATA:
                         return result
                 if nudge_at:

@@ -65,8 +65,8 @@ async def serve(nursery: trio.Nursery, handler: Handler) -> Address:
     [
         (b"\x02" + ok_response()[1:], RemoteProtocolError, "version 2"),
         (encode_record(RecordType.END_REQUEST, 1, b"xyz"), RemoteProtocolError, "content length"),
-        (ok_response()[:20], RemoteProtocolError, "closed inside a record"),
-        (b"", RemoteProtocolError, "closed before END_REQUEST"),
+        (ok_response()[:20], ConnectionLost, "response ended: connection closed inside a rec"),
+        (b"", ConnectionLost, "response ended: connection closed before END_REQUEST"),
         (b"HTTP/1.1 200 OK\r\n\r\n", RemoteProtocolError, "version 72"),
         (
             encode_record(RecordType.STDOUT, 1, b"no headers at all")
@@ -182,6 +182,23 @@ async def test_reset_mid_response_is_connection_lost_or_protocol_error() -> None
         address = await serve(nursery, handler)
         async with ConnectionPool(address) as pool:
             with pytest.raises((ConnectionLost, RemoteProtocolError)):
+                await pool.request({})
+            assert pool.statistics().open == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_close_mid_response_is_connection_lost_not_a_protocol_error() -> None:
+    """A worker that dies mid-answer closes cleanly (EOF): the failure says so."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(ok_response()[:20])
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        async with ConnectionPool(address) as pool:
+            with pytest.raises(ConnectionLost, match="closed the connection before the response"):
                 await pool.request({})
             assert pool.statistics().open == 0
         nursery.cancel_scope.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import trio
 
 from fastcgi.address import Address
 from fastcgi.connection import Limits
-from fastcgi.errors import ConnectError, ReadTimeout
+from fastcgi.errors import ConnectError, ConnectionLost, ReadTimeout
 from fastcgi.pool import ConnectionPool, PoolLimits, Timeouts
 from tests.fastcgi.cgi_env import cgi_env
 from tests.support.phpfpm import PhpFpm
@@ -354,3 +355,30 @@ async def test_deadlines_of_concurrent_requests_are_each_enforced(php_fpm: PhpFp
         assert trio.current_time() - started < 1.5  # not the 2 s the script sleeps
         stats = pool.statistics()
         assert (stats.timeouts_total, stats.open) == (1, 2)
+
+
+async def test_a_worker_killed_mid_request_is_a_lost_connection(tmp_path: Path) -> None:
+    """php-fpm's child dies under a request (a crash, request_terminate_timeout): the pool
+    reports a lost connection, and the next request gets a fresh child."""
+    fpm = PhpFpm(tmp_path, max_children=1)
+    fpm.start()
+    try:
+        assert fpm.process is not None
+        master = fpm.process.pid
+        async with ConnectionPool(fpm.address) as pool:
+
+            async def kill_the_child() -> None:
+                await trio.sleep(0.3)  # sleep.php has begun its 2 s
+                children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+                for child in children:
+                    os.kill(int(child), signal.SIGKILL)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kill_the_child)
+                # A reset or an EOF, depending on what the child left unread: lost, both.
+                with pytest.raises(ConnectionLost):
+                    await pool.request(cgi_env(fpm.script("sleep.php")))
+            after = await pool.request(cgi_env(fpm.script("noop.php")))
+            assert after.status == 200
+    finally:
+        fpm.stop()
