@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("busgate.admin")
 
-UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+UI_DIR = Path(__file__).resolve().parent / "ui"
 MAX_PAGE = 500
 #: The longest a paced replay may keep its request open; slower ones are refused up front
 #: (``busgate dead replay --rate`` paces itself in short calls instead).
@@ -356,12 +356,12 @@ class AdminAPI:
         return Response.json({"matched": matched, done: count})
 
     async def pause(self, request: Request) -> Response:
-        return self._set_paused(request, True)
+        return await self._set_paused(request, True)
 
     async def resume(self, request: Request) -> Response:
-        return self._set_paused(request, False)
+        return await self._set_paused(request, False)
 
-    def _set_paused(self, request: Request, paused: bool) -> Response:
+    async def _set_paused(self, request: Request, paused: bool) -> Response:
         topic = self._topic_config(request)
         if request.body:
             self._json_body(request)  # a cross-site form post cannot get past this
@@ -380,6 +380,9 @@ class AdminAPI:
         else:
             dispatcher.resume()
         log.info("%s queue=%s topic=%s", "paused" if paused else "resumed", topic.queue, topic.name)
+        # The stats every reader gets are sampled each second: sampled now, the `busgate stats`
+        # an operator runs next shows the change.
+        await self.telemetry.sample()
         return Response.json({"queue": topic.queue, "topic": topic.name, "paused": paused})
 
     async def test_delivery(self, request: Request) -> Response:

@@ -185,7 +185,12 @@ def _handler(command: Command) -> Handler:
         except ClientError as exc:
             return _fail(str(exc), 1)
         except ConfigError as exc:
-            return _fail(f"configuration error: {exc} (or give --url and --token-file)", 2)
+            main = os.path.abspath(settings.config_path or DEFAULT_CONFIG)
+            if os.path.abspath(exc.path) == main:
+                hint = "or give --url and --token-file"
+            else:  # a drop-in: only `push` reads them, for the queue's password
+                hint = f"or give the queue's password with --password or ${PASSWORD_ENV}"
+            return _fail(f"configuration error: {exc} ({hint})", 2)
         except BrokenPipeError:
             # The reader went away (| head): say nothing more, and let exit flush nowhere.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

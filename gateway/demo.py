@@ -90,6 +90,15 @@ async def _demo(config: Config, record: Path, once: bool) -> None:
     async with trio.open_nursery() as nursery:
         app: App = await nursery.start(App(config).run)
         host, _, port = app.resp_address.rpartition(":")
+        # Ports picked by the system (--port 0) are written into the file, where the operator
+        # commands the demo suggests read the admin API's address.
+        await trio.Path(config.path).write_text(
+            _CONFIG.format(
+                db=config.store.path,
+                port=port,
+                http_port=app.http_address.rpartition(":")[2],
+            )
+        )
         print(f"busgate demo: daemon up, Redis protocol on {app.resp_address}", flush=True)
         payload = b'{"hello": "world", "sent_by": "busgate demo"}'
         stream = await trio.open_tcp_stream(host, int(port))
@@ -117,7 +126,7 @@ async def _demo(config: Config, record: Path, once: bool) -> None:
                 f"busgate demo: a failing job:   redis-cli -p {port} LPUSH demo"
                 ' \'{"respond_status": 500}\'  (retried, then dead; also "sleep_ms": N)\n'
                 f"busgate demo: dashboard at http://{app.http_address}/  (admin token: {token})\n"
-                f"busgate demo: operator commands: busgate stats -c {config.path}"
+                f"busgate demo: operator commands: {_command()} stats -c {config.path}"
                 "  (this directory is removed when the demo stops)\n"
                 "busgate demo: Ctrl-C to stop.",
                 flush=True,
@@ -125,3 +134,14 @@ async def _demo(config: Config, record: Path, once: bool) -> None:
             async for _ in signals:  # as Ctrl-C: stop the daemon, then the sample backend
                 app.shutdown()
                 return
+
+
+def _command() -> str:
+    """How to run busgate again as this demo was run: ``busgate`` if that is on the PATH."""
+    started_as = Path(sys.argv[0])
+    if started_as.name != "busgate":  # python -m gateway.cli
+        return f"{sys.executable} -m gateway.cli"
+    on_path = shutil.which("busgate")
+    if on_path is not None and Path(on_path).resolve() == started_as.resolve():
+        return "busgate"
+    return str(started_as.absolute())

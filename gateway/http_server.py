@@ -142,6 +142,12 @@ class Router:
             raise HTTPError(
                 405, f"{method} is not allowed here", [("Allow", ", ".join(sorted(set(allowed))))]
             )
+        if path in self.websockets:  # asked for without the WebSocket handshake
+            raise HTTPError(
+                426,
+                f"{path} is a WebSocket: open it with a WebSocket client",
+                [("Upgrade", "websocket")],
+            )
         raise HTTPError(404, f"no such endpoint: {path}")
 
 

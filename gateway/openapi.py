@@ -538,7 +538,10 @@ def document() -> dict[str, Any]:
                     "summary": 'WebSocket: send {"token": …} first; then a "stats" message every'
                     ' second and "attempt" events (at most 50 per second)',
                     "security": [],
-                    "responses": {"101": {"description": "Switching protocols"}},
+                    "responses": {
+                        "101": {"description": "Switching protocols"},
+                        **_errors(426),  # a GET without the WebSocket handshake
+                    },
                 }
             },
             "/openapi.json": {

@@ -286,6 +286,12 @@ async def test_live_websocket(app: App, record: Path) -> None:
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await socket.get_message()
         assert closed.value.reason is not None and closed.value.reason.code == 1008
+    # A plain GET (curl, a browser tab) is told what the endpoint is, not that it is missing.
+    status, document = await api(app, "GET", "/v1/live")
+    assert (status, document) == (
+        426,
+        {"error": "/v1/live is a WebSocket: open it with a WebSocket client"},
+    )
 
 
 async def test_a_selection_by_ids_counts_only_this_topics_dead_jobs(app: App, record: Path) -> None:

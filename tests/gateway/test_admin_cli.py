@@ -364,6 +364,9 @@ async def test_dead_jobs_listed_replayed_and_deleted(daemon: Daemon) -> None:
 async def test_pause_and_resume_show_in_stats(daemon: Daemon) -> None:
     run = ok(await daemon.cli("pause", "orders/email"))
     assert run.out == "paused orders/email\n"
+    # At once, not at the next stats sample.
+    document = json.loads(ok(await daemon.cli("stats", "--json")).out)
+    assert document["queues"][0]["topics"][0]["paused"] is True
     ok(await daemon.cli("push", "orders", '{"n": 1}'))
     await trio.sleep(0.3)
     assert read_received(daemon.record) == []
@@ -429,6 +432,7 @@ async def test_errors_say_what_and_exit_with_their_status(daemon: Daemon, tmp_pa
     assert run.code == 2 and "listen.http is port 0" in run.err and "--url" in run.err
     run = await busgate("stats", "-c", str(tmp_path / "missing.yaml"))
     assert run.code == 2 and run.err.startswith("busgate: configuration error: ")
+    assert run.err.endswith("(or give --url and --token-file)\n"), run.err
 
 
 async def test_queue_secrets_are_needed_only_by_commands_that_read_queues(
@@ -447,6 +451,10 @@ async def test_queue_secrets_are_needed_only_by_commands_that_read_queues(
     # push takes the queue's password from its drop-in, so that one needs the variable...
     run = await daemon.cli("push", "orders", "{}")
     assert run.code == 2 and "ORDERS_PASSWORD" in run.err, run
+    # The hint names what works here (not --token-file, which push does not take).
+    assert run.err.endswith(
+        "(or give the queue's password with --password or $BUSGATE_QUEUE_PASSWORD)\n"
+    ), run.err
     # ...or the password given another way.
     ok(await daemon.cli("push", "orders", "{}", "--password", "s3cret"))
     ok(await daemon.cli("push", "orders", "{}", env={"ORDERS_PASSWORD": "s3cret"}))

@@ -44,10 +44,21 @@ async def test_sigterm_stops_the_demo_its_backend_and_removes_its_directory() ->
                 chunk = await process.stdout.receive_some(4096)
                 assert chunk, out
                 out += chunk
-        match = re.search(rb"operator commands: busgate stats -c (\S+)", out)
+        match = re.search(rb"operator commands: (.+?) stats -c (\S+)", out)
         assert match is not None, out
-        config = Path(match.group(1).decode())
+        config = Path(match.group(2).decode())
         assert config.is_file()
+        # The command runs as printed, though the ports were picked by the system (port 0).
+        command = match.group(1).decode()
+        assert command == f"{sys.executable} -m gateway.cli"  # how this test started it
+        stats = await trio.run_process(
+            [*command.split(), "stats", "-c", str(config)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert stats.returncode == 0, stats.stderr
+        assert b"demo/hello" in stats.stdout or b"hello" in stats.stdout, stats.stdout
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await process.wait() == 0
