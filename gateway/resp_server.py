@@ -15,9 +15,11 @@ the socket (``bench.daemon ingest`` measures that server in every run).  Readabi
 from one edge-triggered epoll for all connections (``fastcgi.readiness``), not from trio's
 ``wait_readable``, which re-arms the socket with an ``epoll_ctl`` call on every wait: 4-6%
 less gateway CPU per unpipelined push.  For the same reason the
-idle and send deadlines are not cancel-scope deadlines moved on every command: a connection
-notes when it started to wait, and one sweeper task per server cancels those that have
-waited too long.
+idle deadline is not a cancel-scope deadline moved on every command: a connection notes when
+it started to wait, and one sweeper task per server cancels those that have waited too long.
+Replies are written without waiting (``_Connection.write``): what the socket does not take
+at once is sent by a task of its own while the connection goes on reading, as Redis does, so
+a client that writes a whole pipeline before reading a reply does not deadlock with us.
 
 A push is acknowledged only once the store has it, and the pushes of many connections share
 one store call (``ProducerService.submit``).  A connection whose read held only pushes does
@@ -32,6 +34,7 @@ order.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import socket
@@ -39,7 +42,6 @@ from dataclasses import dataclass
 
 import trio
 
-from fastcgi.pooling import send_all
 from fastcgi.readiness import Readiness
 from gateway import resp
 from gateway.config import Listen, ProducerLimits
@@ -52,6 +54,12 @@ log = logging.getLogger("busgate.resp")
 _RECEIVE_SIZE = 64 * 1024
 #: A reply the client does not read within this long ends the connection.
 SEND_TIMEOUT = 30.0
+#: Replies a connection may hold unsent while it goes on reading.  A client that writes a
+#: whole pipeline before it reads a reply (redis-py's and phpredis's pipelines do) fills the
+#: socket buffers both ways: were reading to wait for the replies to go out, the two ends
+#: would wait on each other.  Redis keeps reading too.  Past this much (a million or so push
+#: replies), reading waits, and a client that still does not read is dropped at SEND_TIMEOUT.
+OUTPUT_LIMIT = 4 * 1024 * 1024
 #: Bulk arguments (payloads) at most this much over the largest max_payload are parsed and
 #: answered by the payload check; beyond it the parser discards them without buffering.
 _PARSER_SLACK = 1024
@@ -100,9 +108,12 @@ class _Connection:
     """
 
     __slots__ = (
+        "_flushed",
+        "_flushing",
         "_nursery",
         "_readiness",
         "_settled",
+        "_unsent",
         "maybe_more",
         "now",
         "owed",
@@ -110,6 +121,7 @@ class _Connection:
         "since",
         "sock",
         "timed_out",
+        "unsent_bytes",
         "waiting_for",
     )
 
@@ -126,7 +138,12 @@ class _Connection:
         #: A reply is owed from another task (``answer``): nothing else may be sent before it.
         self.owed = False
         self._settled: trio.Event | None = None
-        self._nursery = nursery  # where a reply too big for the socket buffer is finished
+        #: Replies written but not yet taken by the socket, in order, and their size.
+        self._unsent: collections.deque[bytes | memoryview] = collections.deque()
+        self.unsent_bytes = 0
+        self._flushing = False  # a task of its own is sending them (_flush)
+        self._flushed: trio.Event | None = None  # set when they are all sent
+        self._nursery = nursery  # where that task runs
 
     async def receive(self) -> bytes:
         """What the producer sent next; ``b""`` once it has closed its end.
@@ -154,49 +171,78 @@ class _Connection:
             self.maybe_more = len(data) == _RECEIVE_SIZE
             return data
 
-    async def send(self, data: bytes) -> None:
-        try:
-            await send_all(self.sock, data, self._start_sending)
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"the producer's connection broke: {exc}") from exc
-        self.waiting_for = ""
+    def write(self, data: bytes) -> None:
+        """Send ``data`` after what is already written, without waiting.
 
-    def _start_sending(self) -> None:
-        # A reply that does not fit the socket buffer: the sweeper's SEND_TIMEOUT applies.
-        self.waiting_for, self.since = _SENDING, self.now()
+        What the socket buffer does not take now is sent by a task of its own (``_flush``)
+        while this connection goes on reading.  A broken connection is left to its own
+        task, which finds out on its next read.
+        """
+        if not self._unsent:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return
+            if sent == len(data):
+                return
+            self._unsent.append(memoryview(data)[sent:])
+        else:
+            self._unsent.append(data)
+        self.unsent_bytes += len(self._unsent[-1])
+        if not self._flushing:
+            self._flushing = True
+            try:
+                self._nursery.start_soon(self._flush)
+            except RuntimeError:  # the server has shut down: nobody is left to read it
+                self._flushing = False
+                self._unsent.clear()
+                self.unsent_bytes = 0
 
     def answer(self, data: bytes) -> None:
-        """Send the owed reply, from the task that stored the push, without waiting.
+        """Write the owed reply, from the task that stored the push."""
+        self.write(data)
+        self._settle()
 
-        It fits the socket buffer unless the producer has stopped reading; then a task of
-        its own finishes it.  A connection that broke is left to its own task, which finds
-        out on its next read.
-        """
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            sent = len(data)
-        if sent < len(data):
-            try:
-                self._nursery.start_soon(self._finish_answer, data[sent:])
-            except RuntimeError:  # the server has shut down: nobody is left to read it
-                self._settle()
-        else:
-            self._settle()
+    async def flushed(self) -> None:
+        """Wait until every reply written is sent; SEND_TIMEOUT ends a client that does not
+        read (``_flush`` cancels this connection)."""
+        if self._flushing:
+            self._flushed = trio.Event()
+            await self._flushed.wait()
 
-    async def _finish_answer(self, rest: bytes) -> None:
+    async def _flush(self) -> None:
+        unsent = self._unsent
         try:
-            with trio.move_on_after(SEND_TIMEOUT) as waited:
-                await send_all(self.sock, rest, lambda: None)
-            if waited.cancelled_caught:
-                self.timed_out = _SENDING
-                self.scope.cancel()
+            while unsent:
+                # The limit runs from the last progress: a slow reader is not a stuck one.
+                with trio.move_on_after(SEND_TIMEOUT) as waited:
+                    await trio.lowlevel.wait_writable(self.sock)
+                if waited.cancelled_caught:
+                    self.timed_out = _SENDING
+                    self.scope.cancel()
+                    return
+                while unsent:
+                    piece = unsent[0]
+                    try:
+                        sent = self.sock.send(piece)
+                    except BlockingIOError:
+                        break
+                    self.unsent_bytes -= sent
+                    if sent < len(piece):
+                        unsent[0] = memoryview(piece)[sent:]
+                        break
+                    unsent.popleft()
         except (OSError, trio.ClosedResourceError):
-            pass  # the connection broke or was closed; its own task deals with that
+            # The connection broke or was closed: its own task finds out on its next read.
+            unsent.clear()
+            self.unsent_bytes = 0
         finally:
-            self._settle()
+            self._flushing = False
+            if self._flushed is not None:
+                self._flushed.set()
+                self._flushed = None
 
     def _settle(self) -> None:
         self.owed = False
@@ -206,8 +252,8 @@ class _Connection:
             self._settled = None
 
     async def settle(self) -> None:
-        """Wait until the owed reply is sent: bounded by the store call's FLUSH_GRACE and
-        SEND_TIMEOUT."""
+        """Wait until the owed reply is written (not necessarily sent): bounded by the store
+        call's FLUSH_GRACE."""
         if self.owed:
             self._settled = trio.Event()
             await self._settled.wait()
@@ -297,25 +343,27 @@ class RespServer:
         self._accepting.cancel()
         with trio.move_on_after(FLUSH_GRACE + SEND_TIMEOUT):
             # Polled, and only here: an event would cost a check on every command's path.
-            while any(conn.owed or conn.waiting_for is not _IDLE for conn in self._live):  # noqa: ASYNC110
+            while any(  # noqa: ASYNC110
+                conn.owed or conn.unsent_bytes or conn.waiting_for is not _IDLE
+                for conn in self._live
+            ):
                 await trio.sleep(_DRAIN_POLL)
 
     async def _sweep(self) -> None:
-        """Cancel connections idle past ``idle_timeout``, or stuck sending past SEND_TIMEOUT.
+        """Cancel connections idle past ``idle_timeout`` (a client that does not read its
+        replies is ended by the task sending them, ``_Connection._flush``).
 
         A deadline is enforced up to a quarter of it (at most ``_SWEEP_INTERVAL``) late.
         """
         while True:
             idle_timeout = self.limits.idle_timeout
-            await trio.sleep(min(_SWEEP_INTERVAL, idle_timeout / 4, SEND_TIMEOUT / 4))
+            await trio.sleep(min(_SWEEP_INTERVAL, idle_timeout / 4))
             now = trio.current_time()
             for conn in self._live:
-                waiting_for = conn.waiting_for
-                if not waiting_for or conn.owed:  # owed a reply: not idle, whatever it reads
-                    continue
-                limit = idle_timeout if waiting_for is _IDLE else SEND_TIMEOUT
-                if now - conn.since >= limit:
-                    conn.timed_out = waiting_for
+                if conn.waiting_for is not _IDLE or conn.owed or conn.unsent_bytes:
+                    continue  # busy, or owed or sending a reply: not idle, whatever it reads
+                if now - conn.since >= idle_timeout:
+                    conn.timed_out = _IDLE
                     conn.scope.cancel()
 
     async def _serve(self, stream: trio.SocketStream) -> None:
@@ -338,6 +386,7 @@ class RespServer:
             self._readiness.register(sock)
             with conn.scope:
                 await self._serve_commands(conn, RespSession(self.service, next(self._client_ids)))
+                await conn.flushed()  # the last replies go out before the socket closes
             if conn.timed_out is _IDLE:
                 self._idle_closed += 1
         except trio.BrokenResourceError:
@@ -355,6 +404,8 @@ class RespServer:
             resp.RequestParser(max_bulk_len=directory.max_payload + _PARSER_SLACK)
         )
         while True:
+            if conn.unsent_bytes > OUTPUT_LIMIT:
+                await conn.flushed()  # the client reads nothing: stop reading too
             data = await conn.receive()
             # A reload may have changed the limits since the last read.
             max_pipeline = self.limits.max_pipeline
@@ -394,7 +445,7 @@ class RespServer:
                     break
                 if not events and broken is None and parser.buffered:
                     # Past max_pipeline: answer what we have, then parse the rest.
-                    await conn.send(b"".join(replies))
+                    conn.write(b"".join(replies))
                     replies = []
                     try:
                         while (
@@ -405,12 +456,12 @@ class RespServer:
                     except resp.RESPProtocolError as exc:
                         broken = exc
             if replies:
-                await conn.send(b"".join(replies))
+                conn.write(b"".join(replies))
             if session.closing:
                 return
             if broken is not None:
                 self._protocol_errors += 1
-                await conn.send(resp.error(f"ERR {broken}"))
+                conn.write(resp.error(f"ERR {broken}"))
                 log.info("closed a producer connection: %s", broken)
                 return
 
@@ -443,7 +494,7 @@ class RespServer:
         replies, pending, slots = _prepare(session, group)
         if not pending:  # every one refused: nothing to wait for
             self._count(group, replies)
-            await conn.send(b"".join(replies))
+            conn.write(b"".join(replies))
             return
 
         def deliver(stored: list[bytes]) -> None:

@@ -320,3 +320,30 @@ async def test_a_producer_that_stops_reading_is_dropped_and_others_carry_on(
     other = await Client.connect(app)
     assert await other.call("PING") == b"+PONG"
     assert app.resp.statistics().idle_closed_total == 0  # dropped for not reading, not idle
+
+
+async def test_a_pipeline_written_whole_before_its_replies_are_read(app: App) -> None:
+    """redis-py and phpredis write a whole pipeline, then read: its replies outgrow the
+    client's receive buffer long before the last command is written.  Were we to stop
+    reading until they were taken, both ends would wait on each other (and a client that
+    gives up and retries would store the pushes twice)."""
+    import redis
+
+    host, _, port = app.resp_address.rpartition(":")
+    count = 60_000
+
+    def push_all() -> list[Any]:
+        client = redis.Redis(host=host, port=int(port), socket_timeout=20)
+        try:
+            pipeline = client.pipeline(transaction=False)
+            for n in range(count):
+                pipeline.lpush("held", b"%06d" % n + b"x" * 194)
+            return pipeline.execute()
+        finally:
+            client.close()
+
+    with trio.fail_after(30):
+        replies = await trio.to_thread.run_sync(push_all)
+    assert len(replies) == count and all(isinstance(reply, int) for reply in replies)
+    assert app.store is not None
+    assert (await app.store.stats("held", "t")).ready == count  # each one once
