@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, replace
 
 import trio
@@ -112,6 +112,30 @@ async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.t
     return store
 
 
+Key = tuple[str, str]
+
+
+def build_backends(config: Config, only: Container[Key] | None = None) -> dict[Key, Backend]:
+    """Every topic's delivery adapter (or those of ``only``), before any of them is used.
+
+    Setting one up reads files (an https topic's ``ca_file``): a missing or broken one is a
+    ``StartupError`` naming the drop-in and the topic, so a start or a reload can refuse the
+    configuration before it has changed anything.
+    """
+    backends: dict[Key, Backend] = {}
+    for queue in config.queues.values():
+        for topic in queue.topics:
+            key = (queue.name, topic.name)
+            if only is not None and key not in only:
+                continue
+            try:
+                backends[key] = build_backend(topic)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                field = f"topics.{topic.name}" + (".ca_file" if topic.ca_file else "")
+                raise StartupError(f"{queue.source}: {field}: {exc}") from None
+    return backends
+
+
 def build_backend(topic: TopicConfig) -> Backend:
     if topic.kind == "fastcgi":
         assert topic.script is not None
@@ -191,6 +215,7 @@ class App:
             token = read_token(config.admin_token_file)
         except (OSError, ValueError) as exc:
             raise StartupError(f"admin_token_file: {exc}") from None
+        backends = build_backends(config)
         self.store = store = await open_store(config.store, clock=self._clock)
         try:
             self.service = ProducerService(store, Directory(config), clock=self._clock)
@@ -217,7 +242,7 @@ class App:
                     self._dispatcher_nursery = dispatchers
                     for queue in config.queues.values():
                         for topic in queue.topics:
-                            await self._start_dispatcher(topic)
+                            await self._start_dispatcher(topic, backends[queue.name, topic.name])
                     self._producers = trio.CancelScope()
                     self._nursery = nursery
                     self.resp_address = await nursery.start(self._run_producers)
@@ -289,12 +314,12 @@ class App:
         with self._producers:
             await self.resp.run(task_status=task_status)
 
-    async def _start_dispatcher(self, topic: TopicConfig) -> None:
+    async def _start_dispatcher(self, topic: TopicConfig, backend: Backend) -> None:
         assert self.store is not None and self._dispatcher_nursery is not None
         dispatcher = Dispatcher(
             self.store,
             topic,
-            build_backend(topic),
+            backend,
             clock=self._clock,
             listeners=(self.telemetry.record,),
         )
@@ -305,9 +330,10 @@ class App:
         """Apply a new configuration without stopping pushes or losing a delivery.
 
         Producers switch to the new queues in one assignment.  A removed or changed topic's
-        dispatcher stops reserving and drains its in-flight deliveries (up to
-        ``shutdown_timeout``) before a changed topic's new dispatcher starts, so a FastCGI
-        pool is never open twice.  Raises ``ReloadRefused`` for changes that need a restart.
+        dispatcher stops reserving and drains its in-flight deliveries (each may run to its
+        topic's timeout) before a changed topic's new dispatcher starts, so a FastCGI pool is
+        never open twice.  Raises ``ReloadRefused`` for changes that need a restart, or a
+        backend that cannot be set up; nothing has changed then.
         """
         old = self.config
         refused = [
@@ -339,6 +365,11 @@ class App:
                 toggled.append(key)
             else:
                 changed.append(key)
+        # Everything that can fail is done before anything changes: the old config runs on.
+        try:
+            backends = build_backends(new, {*added, *changed})
+        except StartupError as exc:
+            raise ReloadRefused(str(exc)) from None
         self.config = new
         self.service.reload(Directory(new))
         if self.resp is not None:
@@ -351,25 +382,52 @@ class App:
                 dispatcher.pause()
             else:
                 dispatcher.resume()
-        deadline = trio.current_time() + new.shutdown_timeout
+        now = trio.current_time()
         stopping = [self._dispatchers.pop(key) for key in removed + changed]
         for dispatcher in stopping:
-            dispatcher.stop(deadline)
+            # Nothing stops the daemon here: a delivery may run to its own timeout (and a
+            # moment more for that to fire), rather than be cut and run again.
+            dispatcher.stop(now + max(new.shutdown_timeout, dispatcher.topic.timeout + 1))
         for key in added:
             if not self._draining:  # a shutdown began: start nothing more
-                await self._start_dispatcher(new_topics[key])
+                await self._start_dispatcher(new_topics[key], backends[key])
         for dispatcher in stopping:
             await dispatcher.finished.wait()
         for key in changed:
             if not self._draining:
-                await self._start_dispatcher(new_topics[key])
+                await self._start_dispatcher(new_topics[key], backends[key])
         report = ReloadReport(tuple(added), tuple(removed), tuple(changed), tuple(toggled))
         log.info("configuration reloaded: %s", report)
+        await self._warn_of_jobs_left(removed)
         for note in php_fpm_notes(new):
             log.info("%s", note)
         for warning in config_warnings(new):
             log.warning("%s", warning)
         return report
+
+    async def _warn_of_jobs_left(self, removed: list[Key]) -> None:
+        """A removed topic's jobs stay in the store, where nothing delivers them: say so."""
+        assert self.store is not None
+        for queue, topic in removed:
+            try:
+                with trio.fail_after(5):
+                    stats = await self.store.stats(queue, topic)
+            except (StoreError, trio.TooSlowError):
+                continue  # the reload is done; the warning is only a courtesy
+            waiting = stats.ready + stats.delayed + stats.leased
+            if waiting or stats.dead:
+                log.warning(
+                    "topic %s/%s was removed with %d jobs waiting (%d ready, %d delayed,"
+                    " %d leased) and %d dead: they stay in the store, undelivered, until a"
+                    " topic of that name comes back",
+                    queue,
+                    topic,
+                    waiting,
+                    stats.ready,
+                    stats.delayed,
+                    stats.leased,
+                    stats.dead,
+                )
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting and reserving now; cancel deliveries still running after ``timeout``."""

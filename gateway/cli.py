@@ -24,7 +24,7 @@ from adapters.storage.errors import StoreError
 from gateway import heap, logs
 from gateway.admin import read_token
 from gateway.admin_cli import add_admin_commands
-from gateway.app import App, ReloadRefused, StartupError
+from gateway.app import App, ReloadRefused, StartupError, build_backends
 from gateway.config import (
     DEFAULT_CONFIG,
     ConfigError,
@@ -168,6 +168,7 @@ def _check_config(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as exc:
         raise StartupError(f"admin_token_file: {exc}") from None
+    build_backends(config)  # an https topic's ca_file is read at start: so it is here
     for warning in config_warnings(config):
         print(f"busgate: warning: {warning}", file=sys.stderr)
     sys.stdout.write(render_effective(config))

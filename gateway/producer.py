@@ -139,13 +139,21 @@ class ProducerService:
             and hmac.compare_digest(entry.config.password.encode(), password.encode())
         ]
 
-    def resolve(self, target: str, authenticated: frozenset[str] | set[str]) -> QueueEntry:
-        """Check that a push to ``queue`` or ``queue/topic`` is allowed; return the queue."""
+    def resolve(self, target: str, authenticated: Mapping[str, str]) -> QueueEntry:
+        """Check that a push to ``queue`` or ``queue/topic`` is allowed; return the queue.
+
+        ``authenticated``: the queues this producer logged in to, with the password it gave.
+        A login holds only while that is still the queue's password: one changed by a reload
+        shuts out connections already open too.
+        """
         if not self.accepting:
             raise ShuttingDown("busgate is shutting down; nothing was stored, push again")
         queue, topic = split_target(target)
         entry = self.directory.entry(queue)
-        if entry.config.password is not None and queue not in authenticated:
+        expected = entry.config.password
+        if expected is not None and not hmac.compare_digest(
+            authenticated.get(queue, "").encode(), expected.encode()
+        ):
             raise AuthRequired("Authentication required.")
         if topic is not None and topic not in entry.topics:
             raise UnknownTopic(f"unknown topic '{topic}' in queue '{queue}'")

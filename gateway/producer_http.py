@@ -133,10 +133,10 @@ def attributes_of(value: Any) -> dict[str, str]:
     return value
 
 
-def _authenticate(service: ProducerService, queue: str, request: Request) -> set[str]:
+def _authenticate(service: ProducerService, queue: str, request: Request) -> dict[str, str]:
     header = request.header("authorization")
     if header is None:
-        return set()
+        return {}
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() == "bearer":
         password = credentials.strip()
@@ -156,7 +156,7 @@ def _authenticate(service: ProducerService, queue: str, request: Request) -> set
     else:
         raise HTTPError(400, f"unsupported Authorization scheme {scheme!r}: use Bearer or Basic")
     service.check_password(queue, password)
-    return {queue}
+    return {queue: password}
 
 
 def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> list[NewJob]:

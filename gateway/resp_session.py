@@ -98,7 +98,8 @@ class RespSession:
     def __init__(self, service: ProducerService, client_id: int) -> None:
         self.service = service
         self.client_id = client_id
-        self.authenticated: set[str] = set()
+        #: The queues logged in to, with the password given (``ProducerService.resolve``).
+        self.authenticated: dict[str, str] = {}
         # Push targets (b"queue" or b"queue/topic") found allowed, with the queue and topic
         # they name: a producer pushes to the same few again and again.  Valid for one
         # configuration; logins only ever add queues, so they never make one stale.
@@ -337,15 +338,15 @@ class RespSession:
             opened = self.service.queues_opened_by(password)
             if not opened:
                 raise WrongPassword("invalid username-password pair or user is disabled.")
-            self.authenticated.update(opened)
+            self.authenticated.update(dict.fromkeys(opened, password))
             return resp.OK
         if len(args) == 3 and args[1] == b"default":
             # Redis's name for "no user": clients send it with a password-only login.
             return await self.auth((b"AUTH", args[2]))
         if len(args) == 3:
-            queue = _text(args[1], "queue name")
-            self.service.check_password(queue, _text(args[2], "password"))
-            self.authenticated.add(queue)
+            queue, password = _text(args[1], "queue name"), _text(args[2], "password")
+            self.service.check_password(queue, password)
+            self.authenticated[queue] = password
             return resp.OK
         raise CommandError("syntax error")
 

@@ -137,6 +137,110 @@ async def test_store_or_listen_changes_are_refused(tmp_path: Path) -> None:
             await app.reload(load_config(config))
 
 
+async def test_a_backend_that_cannot_be_set_up_refuses_the_reload_before_anything_changes(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    """A missing ca_file is found only when the topic's backend is built: the whole reload
+    is refused then, with the old topics running on, and a later good reload applies."""
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a"})})
+    missing = tmp_path / "missing-ca.pem"
+    async with running_daemon(config) as app:
+        good = queue(recording_fpm, {"a": "/a-v2"})
+        bad = good + f"  b: {{backend: 'https://127.0.0.1:9/b', ca_file: {missing}}}\n"
+        (tmp_path / "conf.d" / "q.yaml").write_text(bad)
+        with pytest.raises(ReloadRefused) as refused:
+            await app.reload(load_config(config))
+        assert str(refused.value).startswith(
+            f"{tmp_path / 'conf.d' / 'q.yaml'}: topics.b.ca_file: [Errno 2]"
+        )
+        assert set(app._dispatchers) == {("q", "a")}
+        assert app.config.queues["q"].topics[0].uri == "/a"  # the old config runs on
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(encode_command("LPUSH", "q", b"one"))
+        await stream.receive_some(100)
+        (first,) = await wait_received(record, 1)
+        assert first.server["REQUEST_URI"] == "/a"
+        (tmp_path / "conf.d" / "q.yaml").write_text(good)
+        report = await app.reload(load_config(config))
+        assert report.changed == (("q", "a"),)
+        await stream.send_all(encode_command("LPUSH", "q", b"two"))
+        await stream.receive_some(100)
+        received = await wait_received(record, 2)
+        assert received[1].server["REQUEST_URI"] == "/a-v2"
+        await stream.aclose()
+    # check-config reads the ca_file too, so it refuses the bad one as `run` would.
+    (tmp_path / "conf.d" / "q.yaml").write_text(bad)
+    done = await trio.run_process(
+        [sys.executable, "-m", "gateway.cli", "check-config", "-c", str(config)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 1
+    assert b"topics.b.ca_file: [Errno 2] No such file or directory" in done.stderr
+
+
+async def test_removing_a_topic_with_jobs_waiting_says_how_many_are_left(
+    recording_fpm: PhpFpm, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    both = (
+        queue(recording_fpm, {"a": "/a"}) + "  b: {backend: 'http://127.0.0.1:9/', paused: true}\n"
+    )
+    config = write_config(tmp_path, {"q": both})
+    async with running_daemon(config) as app:
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(encode_command("LPUSH", "q", b"1", b"2", b"3"))
+        assert await stream.receive_some(100) == b":3\r\n"
+        await stream.aclose()
+        set_topics(tmp_path, recording_fpm, {"a": "/a"})
+        report = await app.reload(load_config(config))
+        assert report.removed == (("q", "b"),)
+    (warning,) = [r for r in caplog.records if "was removed with" in r.getMessage()]
+    assert warning.levelname == "WARNING"
+    assert warning.getMessage().startswith(
+        "topic q/b was removed with 3 jobs waiting (3 ready, 0 delayed, 0 leased) and 0 dead"
+    )
+
+
+async def test_a_changed_password_shuts_out_connections_already_logged_in(
+    recording_fpm: PhpFpm, tmp_path: Path
+) -> None:
+    def with_password(password: str) -> str:
+        return queue(recording_fpm, {"a": "/a"}).replace(
+            "topics:", f"password: {password}\ntopics:"
+        )
+
+    config = write_config(tmp_path, {"q": with_password("old-one")})
+    async with running_daemon(config) as app:
+        host, _, port = app.resp_address.rpartition(":")
+        by_queue = await trio.open_tcp_stream(host, int(port))
+        by_password = await trio.open_tcp_stream(host, int(port))
+        await by_queue.send_all(encode_command("AUTH", "q", "old-one"))
+        await by_password.send_all(encode_command("AUTH", "old-one"))
+        for stream in (by_queue, by_password):
+            assert await stream.receive_some(100) == b"+OK\r\n"
+            await stream.send_all(encode_command("LPUSH", "q", b"before"))
+            assert await stream.receive_some(100) == b":1\r\n"
+        (tmp_path / "conf.d" / "q.yaml").write_text(with_password("new-one"))
+        await app.reload(load_config(config))
+        for stream in (by_queue, by_password):
+            await stream.send_all(encode_command("LPUSH", "q", b"after"))
+            assert await stream.receive_some(100) == b"-NOAUTH Authentication required.\r\n"
+        await by_queue.send_all(encode_command("AUTH", "q", "new-one"))
+        assert await by_queue.receive_some(100) == b"+OK\r\n"
+        await by_queue.send_all(encode_command("LPUSH", "q", b"after"))
+        assert await by_queue.receive_some(100) == b":1\r\n"
+        # A reload that leaves the password as it was keeps the login.
+        await app.reload(load_config(config))
+        await by_queue.send_all(encode_command("LPUSH", "q", b"again"))
+        assert await by_queue.receive_some(100) == b":1\r\n"
+        for stream in (by_queue, by_password):
+            await stream.aclose()
+
+
 def start_daemon(tmp_path: Path, fpm: PhpFpm) -> tuple[subprocess.Popen[bytes], int, Path]:
     """``busgate run`` with topic a of queue q: the process, its RESP port and its log."""
     port = free_port()
