@@ -125,6 +125,9 @@ class Dispatcher:
         # Every job we hold a lease on and have not recorded: buffered, in flight, or with
         # its outcome on the way to the store.  What is left at the end is released.
         self._held: dict[str, Job] = {}
+        #: Those waiting in the buffer for a worker, with when their lease ends: a slow topic
+        #: may keep one waiting longer than its lease (``_keep_buffered_leased``).
+        self._buffered_leases: dict[str, tuple[Job, float]] = {}
         self._jobs_in, self._jobs_out = trio.open_memory_channel[Job](math.inf)
         self._in_flight = 0
         self._started = 0  # deliveries begun, for the rate that sizes the buffer
@@ -170,6 +173,7 @@ class Dispatcher:
             async with trio.open_nursery() as upkeep:
                 await upkeep.start(self.backend.run)
                 upkeep.start_soon(self._schedule)
+                upkeep.start_soon(self._keep_buffered_leased)
                 recorder_done = trio.Event()
                 upkeep.start_soon(self._record_loop, recorder_done)
                 task_status.started()
@@ -294,6 +298,7 @@ class Dispatcher:
             for job in jobs:
                 self.circuit.started()
                 self._held[job.id] = job
+                self._buffered_leases[job.id] = (job, job.lease_until)
                 self._jobs_in.send_nowait(job)
 
     def _buffered(self) -> int:
@@ -322,6 +327,7 @@ class Dispatcher:
                     job = await jobs.receive()
             except trio.EndOfChannel:
                 return
+            lease_until = self._buffered_leases.pop(job.id, (job, job.lease_until))[1]
             if self._stopping:
                 continue  # buffered: released at the end, no attempt spent
             if self.circuit.state is CircuitState.OPEN:
@@ -329,7 +335,7 @@ class Dispatcher:
                 # on a backend known to be down.
                 await self._give_back(job)
                 continue
-            if not await self._lease_covers_an_attempt(job):
+            if not await self._lease_covers_an_attempt(job, lease_until):
                 continue
             self._in_flight += 1
             self._started += 1
@@ -339,9 +345,9 @@ class Dispatcher:
                 self._in_flight -= 1
                 self._capacity.set()  # a worker is free: the fetcher may refill
 
-    async def _lease_covers_an_attempt(self, job: Job) -> bool:
+    async def _lease_covers_an_attempt(self, job: Job, lease_until: float) -> bool:
         """Extend the lease of a job that waited in the buffer if an attempt could outlast it."""
-        if job.lease_until - self._clock() > min(self.topic.timeout, self.lease) + 1:
+        if lease_until - self._clock() > min(self.topic.timeout, self.lease) + 1:
             return True
         try:
             if await self.store.extend(job, self.lease):
@@ -416,6 +422,32 @@ class Dispatcher:
                 failure=Failure.INTERNAL,
                 message=f"busgate could not make the request: {type(exc).__name__}: {exc}",
             )
+
+    async def _keep_buffered_leased(self) -> None:
+        """Extend the leases of jobs still waiting for a worker before they run out.
+
+        A topic whose deliveries are slow (a minute each, one at a time) can hold a job in
+        the buffer longer than its lease: expired there, it would be handed out again, its
+        attempt spent without ever reaching the backend, and dead at the last one.
+        """
+        while True:
+            await trio.sleep(self.lease / 3)
+            now = self._clock()
+            due = [
+                job
+                for job, until in self._buffered_leases.values()
+                if until - now <= self.lease * 2 / 3
+            ]
+            for job in due:
+                if job.id not in self._buffered_leases:
+                    continue  # a worker took it meanwhile, and sees to its lease itself
+                try:
+                    extended = await self.store.extend(job, self.lease)
+                except StoreError as exc:
+                    log.warning("lease extension failed job=%s error=%s", job.id, exc)
+                    continue
+                if extended and job.id in self._buffered_leases:
+                    self._buffered_leases[job.id] = (job, now + self.lease)
 
     async def _keep_leased(self, job: Job) -> None:
         while True:

@@ -31,6 +31,8 @@ PONG = b"+PONG\r\n"
 
 #: Longest ``*<count>`` or ``$<length>`` line, as Redis's PROTO_INLINE_MAX_SIZE.
 _MAX_LENGTH_LINE = 64 * 1024
+#: Redis's proto-max-bulk-len: a longer bulk string is refused, not read (nor skipped).
+PROTO_MAX_BULK_LEN = 512 * 1024 * 1024
 
 
 class RESPProtocolError(Exception):
@@ -190,6 +192,8 @@ class RequestParser:
                     raise _invalid_length("bulk", end - pos) from None
                 pos = end + 2
                 if length > limit:
+                    if length > PROTO_MAX_BULK_LEN:  # not a payload to skip: a broken stream
+                        raise RESPProtocolError("Protocol error: invalid bulk length")
                     remaining -= 1
                     if self._oversized is None:
                         name = args[0].upper() if args else None

@@ -35,6 +35,9 @@ from gateway.resp import Command, OversizedCommand, RequestParser
 #: A count line of 1,000 or more arguments; a payload byte sequence looking like one.
 _LARGE_COUNT = re.compile(rb"\*[0-9]{4}")
 _LARGE_COUNT_BYTES = 5
+#: A bulk length of 100 MB or more in an incomplete request: RequestParser refuses one over
+#: Redis's limit at once, where hiredis would wait for all of it to arrive.
+_HUGE_BULK = re.compile(rb"\$[0-9]{9}")
 #: The most arguments hiredis is given a request of (see _LARGE_COUNT).
 _MAX_COUNT = 999
 #: An incomplete request longer than this goes to RequestParser, which does not buffer an
@@ -103,7 +106,7 @@ class FastRequestParser:
         except (hiredis.ProtocolError, MemoryError):
             return self._hand_over().next_event()
         if request is False:
-            if len(pending) - start > MAX_INCOMPLETE:
+            if len(pending) - start > MAX_INCOMPLETE or _HUGE_BULK.search(pending, start):
                 return self._hand_over().next_event()
             return None
         if type(request) is not list or not request:

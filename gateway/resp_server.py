@@ -473,7 +473,7 @@ class RespServer:
             replies = [
                 await session.execute(event.args)
                 if isinstance(event, resp.Command)
-                else _oversized(event)
+                else session.refuse(_oversized(event))
             ]
         else:
             replies, pending, slots = _prepare(session, group)
@@ -521,7 +521,9 @@ def _prepare(
     slots: list[int] = []
     for index, event in enumerate(group):
         prepared = (
-            session.prepare(event.args) if isinstance(event, resp.Command) else _oversized(event)
+            session.prepare(event.args)
+            if isinstance(event, resp.Command)
+            else session.refuse(_oversized(event))
         )
         if isinstance(prepared, bytes):
             replies[index] = prepared

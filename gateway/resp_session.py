@@ -404,6 +404,13 @@ class RespSession:
         self._queued.append(args)
         return b"+QUEUED\r\n"
 
+    def refuse(self, reply: bytes) -> bytes:
+        """A command refused before it got here (an argument over the size limit, never
+        buffered): inside MULTI it makes EXEC discard the transaction, as Redis does."""
+        if self._queued is not None:
+            self._queue_refused = True
+        return reply
+
     async def multi(self, args: tuple[bytes, ...]) -> bytes:
         if self._queued is not None:
             raise CommandError("MULTI calls can not be nested")

@@ -238,3 +238,38 @@ async def test_an_outcome_the_store_has_forgotten_is_logged_as_such(
     (warning,) = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
     assert "the store no longer held the job's lease" in warning
     assert "or the job is gone from the store" in warning
+
+
+async def test_jobs_waiting_in_the_buffer_longer_than_their_lease_keep_it(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    """One worker, deliveries slower than the lease: the jobs behind the first wait in the
+    buffer past their lease.  Each still reaches the backend once, on its first attempt;
+    before, they expired there and, with one attempt allowed, went dead undelivered."""
+    config = write_config(
+        tmp_path,
+        {
+            "q": f"""\
+                queue: q
+                topics:
+                  t:
+                    backend: fastcgi://127.0.0.1:{recording_fpm.address.port}
+                    script: {recording_fpm.script("record.php")}
+                    concurrency: 1
+                    timeout: 10s
+                    lease: 1s
+                    retry: {{max_attempts: 1}}
+                """
+        },
+    )
+    async with running_daemon(config) as app:
+        await push(app, *(b'{"sleep_ms": 900, "n": %d}' % n for n in range(4)))
+        received = await wait_received(record, 4, timeout=20)
+        assert app.store is not None
+        with trio.fail_after(10):
+            while (stats := await app.store.stats("q", "t")).done_total < 4:
+                assert stats.dead == 0, stats
+                await trio.sleep(0.05)
+        assert (stats.dead_total, stats.expired_total) == (0, 0)
+    assert sorted(json.loads(r.body)["n"] for r in received) == [0, 1, 2, 3]
+    assert all(r.attempt == 1 for r in received)

@@ -247,6 +247,15 @@ async def test_transactions_queue_check_and_discard_as_redis_does(app: App) -> N
     )
     assert app.store is not None
     assert (await app.store.stats("orders", "email")).ready == 1  # only "d"
+    # An argument over the size limit is refused before the session sees it (it is never
+    # buffered): in a transaction it aborts EXEC all the same.
+    replies = await resp(
+        app, ("MULTI",), ("RPUSH", "orders", "e"), ("RPUSH", "orders", b"x" * (2 << 20)), ("EXEC",)
+    )
+    assert replies[:2] == [b"+OK\r\n", b"+QUEUED\r\n"]
+    assert replies[2].startswith(b"-ERR payload of 2097152 bytes exceeds max_payload")
+    assert replies[3] == b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    assert (await app.store.stats("orders", "email")).ready == 1
 
 
 async def test_config_get_is_a_map_under_resp3(app: App) -> None:

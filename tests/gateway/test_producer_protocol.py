@@ -347,3 +347,11 @@ async def test_a_pipeline_written_whole_before_its_replies_are_read(app: App) ->
     assert len(replies) == count and all(isinstance(reply, int) for reply in replies)
     assert app.store is not None
     assert (await app.store.stats("held", "t")).ready == count  # each one once
+
+
+async def test_an_absurd_bulk_length_is_a_protocol_error_not_a_wait(app: App) -> None:
+    client = await Client.connect(app)
+    await client.stream.send_all(b"*3\r\n$5\r\nLPUSH\r\n$4\r\nopen\r\n$999999999999\r\n")
+    with trio.fail_after(5):
+        assert await client.line() == b"-ERR Protocol error: invalid bulk length"
+        assert await client.stream.receive_some(100) == b""  # closed, as Redis does

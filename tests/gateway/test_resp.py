@@ -125,6 +125,9 @@ def test_multibulk_count_limit() -> None:
         (b"*1\r\n$\r\n", "invalid bulk length"),
         (b"*1\r\n$+4\r\nPING\r\n", "invalid bulk length"),
         (b"*1\r\n$" + b"9" * 5000 + b"\r\n", "invalid bulk length"),
+        # Longer than Redis's proto-max-bulk-len: refused at once, not skipped for a terabyte.
+        (b"*3\r\n$5\r\nLPUSH\r\n$1\r\nq\r\n$999999999999\r\n", "invalid bulk length"),
+        (b"*3\r\n$5\r\nLPUSH\r\n$1\r\nq\r\n$536870913\r\n", "invalid bulk length"),
         (b"*1\r\n+PING\r\n", "expected '$', got '+'"),
         (b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\nfooz\r\n", "expected '$', got 'f'"),
         (b"*1\r\n\x01\r\n", "expected '$', got '\\x01'"),
