@@ -48,6 +48,10 @@ from gateway.telemetry import Telemetry
 log = logging.getLogger("busgate")
 
 
+#: How long /readyz waits for the store to answer.
+READY_TIMEOUT = 2.0
+
+
 class StartupError(Exception):
     """The daemon cannot start with this configuration (the message says why)."""
 
@@ -293,10 +297,13 @@ class App:
         if self._draining:
             return Response.json({"status": "draining"}, 503)
         try:
-            with trio.fail_after(2):
+            with trio.fail_after(READY_TIMEOUT):
                 await self.store.check()
-        except (StoreError, trio.TooSlowError) as exc:
+        except StoreError as exc:
             return Response.json({"status": "store unavailable", "error": str(exc)}, 503)
+        except trio.TooSlowError:
+            error = f"the store did not answer within {READY_TIMEOUT:g}s"
+            return Response.json({"status": "store unavailable", "error": error}, 503)
         return Response.json({"status": "ready"})
 
     async def _drain_producers(self) -> None:

@@ -193,12 +193,14 @@ class Telemetry:
     async def sample(self) -> None:
         config = self._config()
         keys = [(q.name, t.name) for q in config.queues.values() for t in q.topics]
+        limit = max(SAMPLE_INTERVAL * 5, 5)
         try:
-            with trio.fail_after(max(SAMPLE_INTERVAL * 5, 5)):
+            with trio.fail_after(limit):
                 stats = await self.store.stats_many(keys)
         except (StoreError, trio.TooSlowError) as exc:
             self.sample_errors += 1
-            log.warning("stats sample failed: %s", exc)
+            why = str(exc) or f"the store did not answer within {limit:g}s"
+            log.warning("stats sample failed: %s", why)
             return
         now = trio.current_time()
         self._stats = dict(zip(keys, stats, strict=True))

@@ -254,3 +254,19 @@ async def test_health_and_readiness(app: App) -> None:
     )
     status, _, headers = await trio.to_thread.run_sync(call, app, "DELETE", "/healthz")
     assert status == 405 and headers["Allow"] == "GET"
+
+
+async def test_readiness_names_a_store_that_does_not_answer(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def hangs() -> None:
+        await trio.sleep_forever()
+
+    assert app.store is not None
+    monkeypatch.setattr(app.store, "check", hangs)
+    monkeypatch.setattr("gateway.app.READY_TIMEOUT", 0.1)
+    status, document, _ = await trio.to_thread.run_sync(call, app, "GET", "/readyz")
+    assert (status, document) == (
+        503,
+        {"status": "store unavailable", "error": "the store did not answer within 0.1s"},
+    )
