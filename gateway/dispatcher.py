@@ -125,9 +125,9 @@ class Dispatcher:
         # Every job we hold a lease on and have not recorded: buffered, in flight, or with
         # its outcome on the way to the store.  What is left at the end is released.
         self._held: dict[str, Job] = {}
-        #: Those waiting in the buffer for a worker, with when their lease ends: a slow topic
-        #: may keep one waiting longer than its lease (``_keep_buffered_leased``).
-        self._buffered_leases: dict[str, tuple[Job, float]] = {}
+        #: When the lease of each held job waiting in the buffer for a worker ends: a slow
+        #: topic may keep one waiting longer than its lease (``_keep_buffered_leased``).
+        self._buffered_leases: dict[str, float] = {}
         self._jobs_in, self._jobs_out = trio.open_memory_channel[Job](math.inf)
         self._in_flight = 0
         self._started = 0  # deliveries begun, for the rate that sizes the buffer
@@ -298,7 +298,7 @@ class Dispatcher:
             for job in jobs:
                 self.circuit.started()
                 self._held[job.id] = job
-                self._buffered_leases[job.id] = (job, job.lease_until)
+                self._buffered_leases[job.id] = job.lease_until
                 self._jobs_in.send_nowait(job)
 
     def _buffered(self) -> int:
@@ -327,7 +327,7 @@ class Dispatcher:
                     job = await jobs.receive()
             except trio.EndOfChannel:
                 return
-            lease_until = self._buffered_leases.pop(job.id, (job, job.lease_until))[1]
+            lease_until = self._buffered_leases.pop(job.id, job.lease_until)
             if self._stopping:
                 continue  # buffered: released at the end, no attempt spent
             if self.circuit.state is CircuitState.OPEN:
@@ -434,9 +434,9 @@ class Dispatcher:
             await trio.sleep(self.lease / 3)
             now = self._clock()
             due = [
-                job
-                for job, until in self._buffered_leases.values()
-                if until - now <= self.lease * 2 / 3
+                self._held[job_id]
+                for job_id, until in self._buffered_leases.items()
+                if until - now <= self.lease * 2 / 3 and job_id in self._held
             ]
             for job in due:
                 if job.id not in self._buffered_leases:
@@ -447,7 +447,7 @@ class Dispatcher:
                     log.warning("lease extension failed job=%s error=%s", job.id, exc)
                     continue
                 if extended and job.id in self._buffered_leases:
-                    self._buffered_leases[job.id] = (job, now + self.lease)
+                    self._buffered_leases[job.id] = now + self.lease
 
     async def _keep_leased(self, job: Job) -> None:
         while True:
