@@ -50,7 +50,10 @@ SCHEDULER_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
 #: An idle dispatcher reserves at least this often even if no doorbell rang.
 RECHECK = 5.0
-#: Recording outcomes may take this long after shutdown began.
+#: A store call recording outcomes may take this long.  Once the deliveries are over, the
+#: last outcomes and the release of unfinished jobs share one such grace between them, so a
+#: store that hangs holds a shutdown at most this long past its deliveries (systemd's
+#: TimeoutStopSec allows for it: see systemd/busgate.service).
 RECORD_GRACE = 10.0
 #: A store call has a fixed cost several times that of a job in it (a Redis script call
 #: costs ~100k instructions before its first job), so batches should be large.  The
@@ -72,6 +75,7 @@ class DispatcherStatistics:
     in_flight: int  # deliveries running now
     buffered: int  # leased, waiting for a worker
     delivered_total: int  # attempts that got a response or a failure
+    # Outcomes of those attempts that the store recorded (not one whose recording failed).
     done_total: int
     retried_total: int
     dead_total: int
@@ -139,6 +143,8 @@ class Dispatcher:
         self._resumed = trio.Event()
         self._stopping = False
         self._workers_done = False
+        #: When the last store calls give up (set once the deliveries are over).
+        self._store_deadline = math.inf
         self._deliveries: trio.CancelScope | None = None
         #: Set once run() has returned: deliveries drained, unfinished jobs released.
         self.finished = trio.Event()
@@ -184,6 +190,7 @@ class Dispatcher:
                     await self._fetch_loop()
                     self._jobs_in.close()  # workers finish what they hold, then leave
                 self._workers_done = True
+                self._store_deadline = trio.current_time() + RECORD_GRACE
                 # The recorder flushes the last outcomes at once and ends.
                 self._outcome_ready.set()
                 self._flush_now.set()
@@ -221,7 +228,7 @@ class Dispatcher:
             return
         jobs = list(self._held.values())
         self._held.clear()
-        with trio.move_on_after(RECORD_GRACE):
+        with trio.move_on_at(self._grace_end()):
             try:
                 released = await self.store.release(jobs)
             except StoreError as exc:
@@ -231,6 +238,10 @@ class Dispatcher:
                 )
             else:
                 log.info("released queue=%s topic=%s jobs=%d", *self.key, released)
+
+    def _grace_end(self) -> float:
+        """The deadline of a store call recording outcomes or releasing jobs."""
+        return min(trio.current_time() + RECORD_GRACE, self._store_deadline)
 
     # -- fetching -----------------------------------------------------------------------------
 
@@ -471,7 +482,7 @@ class Dispatcher:
             self._flush_now = trio.Event()
             batch, self._outcomes = self._outcomes, []
             if batch:
-                with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
+                with trio.CancelScope(shield=True):
                     await self._record(batch)
             if self._workers_done and not self._outcomes:
                 done.set()
@@ -482,30 +493,36 @@ class Dispatcher:
             Finish(o.job, o.attempt, o.decision.outcome, o.decision.run_at or 0.0, o.decision.spend)
             for o in batch
         ]
-        try:
-            recorded = await self.store.finish(items)
-        except StoreError as exc:
+        grace_end = self._grace_end()
+        answer: list[bool] | None = None
+        error = f"no answer within {grace_end - trio.current_time():.3g}s"
+        with trio.move_on_at(grace_end):
+            try:
+                answer = await self.store.finish(items)
+            except StoreError as exc:
+                error = str(exc)
+        answered = answer is not None
+        if answer is None:
             # The jobs stay leased; when their leases expire they are delivered again.
             self._store_errors += 1
             log.error(
                 "recording %d outcomes failed queue=%s topic=%s error=%s",
                 len(batch),
                 *self.key,
-                exc,
+                error,
             )
-            recorded = [False] * len(batch)
-            answered = False
-        else:
-            answered = True
+        recorded = [False] * len(batch) if answer is None else answer
         for outcome, ok in zip(batch, recorded, strict=True):
             job, decision = outcome.job, outcome.decision
             self._let_go(job)
             self._delivered += 1
-            if decision.outcome is Outcome.DONE:
+            # Counted as done, retried or dead only once the store says so: an unrecorded
+            # outcome leaves the job leased there, to be delivered again when that runs out.
+            if ok and decision.outcome is Outcome.DONE:
                 self._done += 1
-            elif decision.outcome is Outcome.RETRY:
+            elif ok and decision.outcome is Outcome.RETRY:
                 self._retried += 1
-            else:
+            elif ok:
                 self._dead += 1
             if answered and not ok:
                 log.warning(
@@ -520,7 +537,7 @@ class Dispatcher:
                 )
             for listener in self._listeners:
                 listener(job, outcome.attempt, decision, outcome.delivery)
-            _log_attempt(job, outcome.attempt, decision, outcome.delivery)
+            _log_attempt(job, outcome.attempt, decision, outcome.delivery, recorded=ok)
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -554,13 +571,18 @@ class Dispatcher:
             await timer.wait(wake)
 
 
-def _log_attempt(job: Job, attempt: Attempt, decision: Decision, delivery: Delivery) -> None:
-    level = logging.INFO if decision.outcome is Outcome.DONE else logging.WARNING
+def _log_attempt(
+    job: Job, attempt: Attempt, decision: Decision, delivery: Delivery, *, recorded: bool
+) -> None:
+    """The attempt's line.  ``recorded=no`` marks an outcome the store did not take: the job
+    is still leased there and comes back when the lease runs out, whatever ``outcome`` says."""
+    done = decision.outcome is Outcome.DONE
+    level = logging.INFO if done and recorded else logging.WARNING
     if not log.isEnabledFor(level):
         return
     log.log(
         level,
-        "job=%s queue=%s topic=%s attempt=%d outcome=%s status=%s duration_ms=%.1f trace=%s%s",
+        "job=%s queue=%s topic=%s attempt=%d outcome=%s status=%s duration_ms=%.1f trace=%s%s%s",
         job.id,
         job.queue,
         job.topic,
@@ -569,5 +591,6 @@ def _log_attempt(job: Job, attempt: Attempt, decision: Decision, delivery: Deliv
         "-" if delivery.status is None else delivery.status,
         delivery.duration * 1000,
         job.trace_id,
-        "" if decision.outcome is Outcome.DONE else f" reason={decision.reason!r}",
+        "" if recorded else " recorded=no",
+        "" if done else f" reason={decision.reason!r}",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import trio
 
 from adapters.storage.jobs import DeadFilter, Outcome, State
+from gateway import dispatcher as dispatch
 from gateway.app import App
 from gateway.circuit import CircuitState
 from gateway.resp import encode_command
@@ -273,3 +275,104 @@ async def test_jobs_waiting_in_the_buffer_longer_than_their_lease_keep_it(
         assert (stats.dead_total, stats.expired_total) == (0, 0)
     assert sorted(json.loads(r.body)["n"] for r in received) == [0, 1, 2, 3]
     assert all(r.attempt == 1 for r in received)
+
+
+def redis_topic_config(tmp_path: Path, fpm: PhpFpm, redis: RedisServer) -> Path:
+    config = write_config(
+        tmp_path / "daemon",
+        {
+            "q": f"""\
+                queue: q
+                topics:
+                  t:
+                    backend: fastcgi://127.0.0.1:{fpm.address.port}
+                    script: {fpm.script("record.php")}
+                    concurrency: 1
+                    timeout: 10s
+                    lease: 1s
+                    retry: {{max_attempts: 3, backoff: 50ms}}
+                """
+        },
+    )
+    store = f"store: redis://127.0.0.1:{redis.port}/0"
+    config.write_text(re.sub("store: .*", store, config.read_text()))
+    return config
+
+
+async def test_an_outcome_the_store_did_not_take_is_not_counted_and_the_job_comes_back(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis is down when a delivery ends.  The attempt's line says its outcome was not
+    recorded, the dispatcher does not count the job done, and once Redis is back the job's
+    lease runs out and it is delivered again: at least once, never lost."""
+    caplog.set_level("INFO", logger="busgate.dispatch")
+    redis = RedisServer(tmp_path / "redis", appendonly=True)  # the job survives the restart
+    redis.start()
+    try:
+        async with running_daemon(redis_topic_config(tmp_path, recording_fpm, redis)) as app:
+            await push(app, b'{"sleep_ms": 1500}')
+            dispatcher = app._dispatchers["q", "t"]
+            await wait_received(record, 1)
+            await trio.to_thread.run_sync(redis.stop)
+            # The store client tries to reconnect for its command timeout (10 s) first.
+            with trio.fail_after(20):
+                while dispatcher.statistics().delivered_total == 0:
+                    await trio.sleep(0.02)
+            stats = dispatcher.statistics()
+            assert (stats.done_total, stats.retried_total, stats.dead_total) == (0, 0, 0)
+            assert stats.store_errors_total >= 1
+            (line,) = [r for r in caplog.records if "outcome=done" in r.getMessage()]
+            assert line.levelname == "WARNING"
+            assert "recorded=no" in line.getMessage()
+            await trio.to_thread.run_sync(redis.start)
+            received = await wait_received(record, 2, timeout=20)
+            assert received[0].job_id == received[1].job_id
+            assert [r.attempt for r in received] == [1, 2]  # the lost lease spent one
+            with trio.fail_after(20):
+                while dispatcher.statistics().done_total == 0:
+                    await trio.sleep(0.05)
+            assert app.store is not None
+            assert (await app.store.stats("q", "t")).done_total == 1
+    finally:
+        redis.stop()
+    recorded = [r.getMessage() for r in caplog.records if "outcome=done" in r.getMessage()]
+    assert len(recorded) == 2 and "recorded=no" not in recorded[1]
+
+
+async def test_a_hanging_store_holds_a_shutdown_one_grace_past_its_deliveries(
+    recording_fpm: PhpFpm,
+    record: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis stops answering (SIGSTOP) under a delivery, then the daemon is told to stop.
+    Recording the outcome and releasing what is left share one grace: before, each had its
+    own, so a hanging store could keep the daemon past systemd's TimeoutStopSec."""
+    grace = 2.0
+    monkeypatch.setattr(dispatch, "RECORD_GRACE", grace)
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        async with running_daemon(redis_topic_config(tmp_path, recording_fpm, redis)) as app:
+            # A second job waits in the buffer behind the first, so there is one to release.
+            await push(app, b'{"sleep_ms": 1000}', b'{"n": 2}')
+            await wait_received(record, 1)
+            assert redis.process is not None
+            redis.process.send_signal(signal.SIGSTOP)
+            dispatcher = app._dispatchers["q", "t"]
+            began = trio.current_time()
+            app.shutdown(timeout=5)
+            with trio.fail_after(10):
+                await dispatcher.finished.wait()
+            took = trio.current_time() - began
+            # The delivery ends after about 1 s, then one grace: not two.
+            assert took < 1 + grace + 0.8, took
+            assert dispatcher.statistics().delivered_total == 1
+    finally:
+        if redis.process is not None:
+            redis.process.send_signal(signal.SIGCONT)
+        redis.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("recording 1 outcomes failed" in m and "no answer within" in m for m in messages)
+    assert any("recorded=no" in m for m in messages)
