@@ -259,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"busgate: configuration error: {exc}", file=sys.stderr)
         return 2
     except (StartupError, StoreError) as exc:
-        print(f"busgate: cannot start: {exc}", file=sys.stderr)
+        # `run` cannot start; `check-config` or `curl` say which of them failed.
+        doing = "cannot start" if args.command in ("run", "demo") else args.command
+        print(f"busgate: {doing}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a port in use, a file that cannot be read: no traceback
         print(f"busgate: {exc}", file=sys.stderr)

@@ -40,11 +40,12 @@ def busgate(command: str, config: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def refused(done: subprocess.CompletedProcess[str], *words: str) -> None:
+def refused(
+    done: subprocess.CompletedProcess[str], *words: str, prefix: str = "busgate: cannot start: "
+) -> None:
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    (line,) = [line for line in done.stderr.splitlines() if "cannot start" in line]
-    assert line.startswith("busgate: cannot start: ")
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith(prefix)]
     for word in words:
         assert word in line, line
 
@@ -148,7 +149,7 @@ def test_check_config_refuses_a_token_file_the_daemon_would_refuse(
     tmp_path: Path, token: str | None, words: tuple[str, ...]
 ) -> None:
     config = with_token_file(tmp_path, token)
-    refused(check_config(config), "admin_token_file", *words)
+    refused(check_config(config), "admin_token_file", *words, prefix="busgate: check-config: ")
     refused(busgate_run(config), "admin_token_file", *words)  # the same words from `run`
 
 
