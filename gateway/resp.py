@@ -15,8 +15,8 @@ hiredis split canonical requests and hands anything else to this parser.
 
 Replies are RESP2.  The reply types busgate sends (simple strings, errors, integers, bulk
 strings, arrays) mean the same in RESP3, so a client that switched to RESP3 with ``HELLO 3``
-(redis-py 8 does by default) reads them unchanged; only nulls and HELLO's map differ, and
-``null``/``mapping`` take the protocol version.
+(redis-py 8 does by default) reads them unchanged; only nulls, maps and the verbatim text of
+INFO and CLIENT LIST differ, and ``null``/``mapping``/``verbatim`` take the protocol version.
 """
 
 from __future__ import annotations
@@ -405,6 +405,14 @@ def array(items: Sequence[bytes] | None) -> bytes:
 def null(protocol: int) -> bytes:
     """The null reply: RESP3 has its own type, RESP2 uses the null bulk string."""
     return b"_\r\n" if protocol == 3 else b"$-1\r\n"
+
+
+def verbatim(text: bytes, protocol: int) -> bytes:
+    """Text for people to read (INFO, CLIENT LIST): RESP3's verbatim string, format ``txt``,
+    as Redis sends it; a bulk string under RESP2."""
+    if protocol == 3:
+        return b"=%d\r\ntxt:%b\r\n" % (len(text) + 4, text)
+    return bulk_string(text)
 
 
 def mapping(pairs: Sequence[tuple[bytes, bytes]], protocol: int) -> bytes:

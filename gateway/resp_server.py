@@ -47,7 +47,7 @@ from gateway import resp
 from gateway.config import Listen, ProducerLimits
 from gateway.producer import FLUSH_GRACE, ProducerService
 from gateway.resp_fast import FastRequestParser
-from gateway.resp_session import PendingPush, RespSession
+from gateway.resp_session import Peer, PendingPush, RespSession
 
 log = logging.getLogger("busgate.resp")
 
@@ -63,6 +63,10 @@ OUTPUT_LIMIT = 4 * 1024 * 1024
 #: Bulk arguments (payloads) at most this much over the largest max_payload are parsed and
 #: answered by the payload check; beyond it the parser discards them without buffering.
 _PARSER_SLACK = 1024
+#: After a protocol error, how long the rest of what the client sends is read and dropped
+#: (``_Connection.linger``) before the socket closes: in all, and since its last bytes.
+LINGER_TIME = 30.0
+LINGER_QUIET = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,7 @@ class _Connection:
         "now",
         "owed",
         "scope",
+        "session",
         "since",
         "sock",
         "timed_out",
@@ -144,6 +149,7 @@ class _Connection:
         self._flushing = False  # a task of its own is sending them (_flush)
         self._flushed: trio.Event | None = None  # set when they are all sent
         self._nursery = nursery  # where that task runs
+        self.session: RespSession | None = None  # set once the server has made it
 
     async def receive(self) -> bytes:
         """What the producer sent next; ``b""`` once it has closed its end.
@@ -258,6 +264,28 @@ class _Connection:
             self._settled = trio.Event()
             await self._settled.wait()
 
+    async def linger(self) -> None:
+        """Close gently after a protocol error: send the replies written (the error last),
+        end our side, and read and drop what the client still sends, until it stops.
+
+        Closing a socket with unread bytes makes the kernel send a reset.  A client still
+        writing a command we refused at its start (a count of arguments over the limit, with
+        megabytes of them to follow) then has its write fail and never reads our error:
+        redis-py reports only "Connection reset by peer".  Bounded by LINGER_QUIET without
+        bytes from the client, and LINGER_TIME in all.
+        """
+        await self.flushed()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)  # the client reads the error, then EOF
+        except OSError:
+            return
+        with trio.move_on_after(LINGER_TIME):
+            while True:
+                with trio.move_on_after(LINGER_QUIET) as quiet:
+                    data = await self.receive()
+                if quiet.cancelled_caught or not data:
+                    return
+
     def close(self) -> None:
         self._readiness.unregister(self.sock)
         trio.lowlevel.notify_closing(self.sock)
@@ -288,6 +316,7 @@ class RespServer:
         self._protocol_errors = 0
         self._idle_closed = 0
         self._live: set[_Connection] = set()
+        self.started = 0.0  # trio time run() started at (INFO's uptime)
         self._nursery: trio.Nursery | None = None
         self._readiness: Readiness | None = None
         self._accepting = trio.CancelScope()
@@ -304,8 +333,23 @@ class RespServer:
             idle_closed_total=self._idle_closed,
         )
 
+    def peers(self) -> list[Peer]:
+        """The connections open now, oldest first (CLIENT LIST)."""
+        now = trio.current_time()
+        peers = [_peer(conn, now) for conn in self._live if conn.session is not None]
+        peers.sort(key=lambda peer: peer.session.client_id)
+        return peers
+
+    def peer(self, session: RespSession) -> Peer:
+        """The connection ``session`` runs on (CLIENT INFO)."""
+        for conn in self._live:
+            if conn.session is session:
+                return _peer(conn, trio.current_time())
+        raise LookupError(f"no connection runs session {session.client_id}")
+
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; ``started`` reports the bound ``host:port``."""
+        self.started = trio.current_time()
         listeners = await trio.open_tcp_listeners(self.listen.port, host=self.listen.host)
         host, port = listeners[0].socket.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -381,11 +425,12 @@ class RespServer:
         # run() serves only once it has these
         assert self._nursery is not None and self._readiness is not None
         conn = _Connection(sock, self._nursery, self._readiness)
+        conn.session = RespSession(self.service, next(self._client_ids), self)
         self._live.add(conn)
         try:
             self._readiness.register(sock)
             with conn.scope:
-                await self._serve_commands(conn, RespSession(self.service, next(self._client_ids)))
+                await self._serve_commands(conn, conn.session)
                 await conn.flushed()  # the last replies go out before the socket closes
             if conn.timed_out is _IDLE:
                 self._idle_closed += 1
@@ -463,6 +508,7 @@ class RespServer:
                 self._protocol_errors += 1
                 conn.write(resp.error(f"ERR {broken}"))
                 log.info("closed a producer connection: %s", broken)
+                await conn.linger()
                 return
 
     async def _run_group(self, session: RespSession, group: list[Parsed]) -> list[bytes]:
@@ -509,6 +555,28 @@ class RespServer:
     def _count(self, group: list[Parsed], replies: list[bytes]) -> None:
         self._commands += len(group)
         self._errors += sum(reply[:1] == b"-" for reply in replies)
+
+
+def _peer(conn: _Connection, now: float) -> Peer:
+    assert conn.session is not None
+    idle = now - conn.since if conn.waiting_for is _IDLE else 0.0  # else running a command
+    return Peer(
+        conn.session,
+        _address(conn.sock, peer=True),
+        _address(conn.sock, peer=False),
+        age=int(now - conn.session.created),
+        idle=int(idle),
+    )
+
+
+def _address(sock: socket.socket, *, peer: bool) -> str:
+    """An end of a connection as Redis writes it: ``ip:port``, ``[ipv6]:port``; ``?:0`` once
+    the socket no longer knows (the peer reset it)."""
+    try:
+        host, port = (sock.getpeername() if peer else sock.getsockname())[:2]
+    except OSError:
+        return "?:0"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _prepare(

@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
 from adapters.delivery.headers import trace_id_of
 from adapters.storage.errors import StoreError, store_error_text
 from adapters.storage.jobs import NewJob, Priority, PushResult, check_job_id
-from gateway import resp
+from gateway import __version__, resp
 from gateway.producer import (
     Directory,
     ProducerError,
@@ -30,6 +36,9 @@ from gateway.producer import (
     WrongPassword,
     split_target,
 )
+
+if TYPE_CHECKING:
+    from gateway.resp_server import RespServer
 
 SERVER_NAME = "busgate"
 #: What INFO and HELLO report as redis_version: clients gate features on it.
@@ -51,6 +60,17 @@ class CommandError(Exception):
     def __init__(self, message: str, code: str = "ERR") -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One connection as CLIENT LIST shows it: its session, and what the server knows of it."""
+
+    session: RespSession
+    addr: str  # the client's address, ip:port
+    laddr: str  # ours, that it connected to
+    age: int  # seconds since it connected
+    idle: int  # seconds since it last sent a command or was answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +110,52 @@ def _integer(value: bytes, what: str = "value") -> int:
         raise CommandError(f"{what} is not an integer or out of range") from None
 
 
+_STRICT_INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,18}")
+
+
+def _strict_integer(value: bytes) -> int | None:
+    """``value`` as Redis reads an integer argument (no sign but -, no leading zero, 64 bits);
+    None if it is not one."""
+    if _STRICT_INTEGER.fullmatch(value) is None:
+        return None
+    number = int(value)
+    return number if -(2**63) <= number < 2**63 else None
+
+
+def _shown(value: bytes, limit: int = 128) -> str:
+    """An argument quoted in an error reply."""
+    return value[:limit].decode("utf-8", "replace")
+
+
+def _check_attribute(value: bytes, message: str) -> bytes:
+    """A client name, library name or version: CLIENT LIST separates fields with spaces and
+    lines with newlines, so Redis allows only printable ASCII other than the space."""
+    if any(byte < 0x21 or byte > 0x7E for byte in value):
+        raise CommandError(message)
+    return value
+
+
+def _check_name(name: bytes) -> bytes:
+    return _check_attribute(
+        name, "Client names cannot contain spaces, newlines or special characters."
+    )
+
+
 class RespSession:
     """The state of one producer connection: whom it is authenticated for, its name."""
 
     commands: ClassVar[dict[bytes, Spec]] = {}
 
-    def __init__(self, service: ProducerService, client_id: int) -> None:
+    def __init__(self, service: ProducerService, client_id: int, server: RespServer) -> None:
         self.service = service
         self.client_id = client_id
+        self.server = server  # what INFO and CLIENT LIST report on besides this connection
+        self.created = trio.current_time()
+        #: The last command's table name (b"CLIENT|LIST" for a subcommand), for CLIENT LIST;
+        #: None before the first and after an unknown one, shown as NULL as Redis shows it.
+        self.last_command: bytes | None = None
+        self.lib_name = b""  # CLIENT SETINFO
+        self.lib_ver = b""
         #: The queues logged in to, with the password given (``ProducerService.resolve``).
         self.authenticated: dict[str, str] = {}
         # Push targets (b"queue" or b"queue/topic") found allowed, with the queue and topic
@@ -210,11 +268,13 @@ class RespSession:
         name = args[0].upper()
         spec = self.commands.get(name)
         if spec is None:
+            self.last_command = None
             shown = " ".join(f"'{a[:40].decode('utf-8', 'replace')}'" for a in args[1:4])
             return resp.error(
                 f"ERR unknown command '{args[0][:40].decode('utf-8', 'replace')}',"
                 f" with args beginning with: {shown}"
             )
+        self.last_command = name
         if (spec.arity >= 0 and len(args) != spec.arity) or len(args) < -spec.arity:
             return resp.error(
                 f"ERR wrong number of arguments for '{name.decode().lower()}' command"
@@ -351,26 +411,34 @@ class RespSession:
         raise CommandError("syntax error")
 
     async def hello(self, args: tuple[bytes, ...]) -> bytes:
+        # Every option is checked before any takes effect, as Redis 7.2 does: a HELLO refused
+        # for any reason changes nothing, neither the login nor the name nor the protocol.
         protocol = self.protocol
         i = 1
         if len(args) > 1:
-            if not args[1].isdigit() or len(args[1]) > 3:
+            version = _strict_integer(args[1])
+            if version is None:
                 raise CommandError("Protocol version is not an integer or out of range")
-            protocol = int(args[1])
-            if protocol not in (2, 3):
+            if version not in (2, 3):
                 raise CommandError("unsupported protocol version", code="NOPROTO")
+            protocol = version
             i = 2
+        login: tuple[bytes, bytes] | None = None
+        name: bytes | None = None
         while i < len(args):
             option = args[i].upper()
             if option == b"AUTH" and i + 2 < len(args):
-                await self.auth((b"AUTH", args[i + 1], args[i + 2]))
+                login = (args[i + 1], args[i + 2])  # the last one given counts
                 i += 3
             elif option == b"SETNAME" and i + 1 < len(args):
-                self.name = args[i + 1]
+                name = _check_name(args[i + 1])
                 i += 2
             else:
-                shown = option.decode(errors="replace")
-                raise CommandError(f"syntax error in HELLO option '{shown}'")
+                raise CommandError(f"Syntax error in HELLO option '{_shown(args[i])}'")
+        if login is not None:
+            await self.auth((b"AUTH", *login))  # a wrong password raises: nothing is applied
+        if name is not None:
+            self.name = name
         self.protocol = protocol
         fields = [
             (b"server", resp.bulk_string(SERVER_NAME.encode())),
@@ -382,6 +450,17 @@ class RespSession:
             (b"modules", resp.array([])),
         ]
         return resp.mapping([(resp.bulk_string(k), v) for k, v in fields], protocol)
+
+    async def reset(self, args: tuple[bytes, ...]) -> bytes:
+        """RESET (Redis 6.2): the connection as it was on connect, apart from its id and the
+        library it reported (CLIENT SETINFO), as Redis keeps those."""
+        self._queued, self._queue_refused = None, False
+        self.authenticated = {}
+        self._targets.clear()  # allowed by the logins just dropped
+        self._targets_of = None
+        self.protocol = 2
+        self.name = b""
+        return b"+RESET\r\n"
 
     async def ping(self, args: tuple[bytes, ...]) -> bytes:
         if len(args) > 2:
@@ -456,6 +535,7 @@ class RespSession:
             replies.append(prepared)
         if pending:
             await store()
+        self.last_command = b"EXEC"  # not the last command it ran, as in Redis
         return resp.array(replies)
 
     async def quit(self, args: tuple[bytes, ...]) -> bytes:
@@ -469,22 +549,67 @@ class RespSession:
 
     async def client(self, args: tuple[bytes, ...]) -> bytes:
         sub = args[1].upper()
-        if sub == b"SETNAME" and len(args) == 3:
-            self.name = args[2]
+        arity = _CLIENT_ARITY.get(sub)
+        if arity is None:
+            self.last_command = None
+            raise CommandError(f"unknown subcommand '{_shown(args[1])}'. Try CLIENT HELP.")
+        self.last_command = b"CLIENT|" + sub
+        if (arity >= 0 and len(args) != arity) or len(args) < -arity:
+            raise CommandError(
+                f"wrong number of arguments for 'client|{sub.decode().lower()}' command"
+            )
+        if sub == b"SETNAME":
+            self.name = _check_name(args[2])
             return resp.OK
-        if sub == b"GETNAME" and len(args) == 2:
+        if sub == b"GETNAME":
             return resp.bulk_string(self.name) if self.name else resp.null(self.protocol)
-        if sub == b"ID" and len(args) == 2:
+        if sub == b"ID":
             return resp.integer(self.client_id)
-        if sub == b"SETINFO" and len(args) == 4:
-            return resp.OK
-        raise CommandError(
-            f"unknown subcommand '{args[1].decode(errors='replace')}'. Try SETNAME, GETNAME,"
-            " ID or SETINFO."
+        if sub == b"SETINFO":
+            return self._set_info(args[2], args[3])
+        if sub == b"INFO":
+            return resp.verbatim(_client_line(self.server.peer(self)), self.protocol)
+        if sub == b"LIST":
+            return resp.verbatim(b"".join(self._client_list(args)), self.protocol)
+        return resp.array([resp.simple_string(line) for line in _CLIENT_HELP])
+
+    def _set_info(self, attribute: bytes, value: bytes) -> bytes:
+        what = attribute.lower()
+        if what not in (b"lib-name", b"lib-ver"):
+            raise CommandError(f"Unrecognized option '{_shown(attribute)}'")
+        _check_attribute(
+            value, f"{_shown(attribute)} cannot contain spaces, newlines or special characters."
         )
+        if what == b"lib-name":
+            self.lib_name = value
+        else:
+            self.lib_ver = value
+        return resp.OK
+
+    def _client_list(self, args: tuple[bytes, ...]) -> list[bytes]:
+        """CLIENT LIST [TYPE <type> | ID <id> [<id> ...]]: a line per connection."""
+        if len(args) == 2:
+            peers: Iterable[Peer] = self.server.peers()
+        elif len(args) == 4 and args[2].upper() == b"TYPE":
+            kind = args[3].lower()
+            if kind not in (b"normal", b"master", b"replica", b"slave", b"pubsub"):
+                raise CommandError(f"Unknown client type '{_shown(args[3])}'")
+            # Producers are all "normal": busgate has no replicas nor subscribers.
+            peers = self.server.peers() if kind == b"normal" else []
+        elif len(args) > 3 and args[2].upper() == b"ID":
+            ids = [_strict_integer(arg) for arg in args[3:]]
+            if any(i is None or i < 1 for i in ids):
+                raise CommandError("Invalid client ID")
+            by_id = {peer.session.client_id: peer for peer in self.server.peers()}
+            peers = [by_id[i] for i in ids if i in by_id]  # in the order asked, as Redis
+        else:
+            raise CommandError("syntax error")
+        return [_client_line(peer) for peer in peers]
 
     async def command(self, args: tuple[bytes, ...]) -> bytes:
         # redis-cli asks for COMMAND DOCS to offer hints; an empty answer means "no hints".
+        if len(args) > 1 and args[1].upper() in _COMMAND_SUBCOMMANDS:
+            self.last_command = b"COMMAND|" + args[1].upper()
         if len(args) > 1 and args[1].upper() == b"COUNT":
             return resp.integer(len(self.commands))
         return resp.array([])
@@ -495,6 +620,7 @@ class RespSession:
         # business, so these are the answers of a server without its own RDB/AOF.
         if args[1].upper() != b"GET":
             raise CommandError("CONFIG is read-only on busgate: only CONFIG GET is answered")
+        self.last_command = b"CONFIG|GET"
         pairs: list[tuple[bytes, bytes]] = []
         for name in args[2:]:
             value = _CONFIG_VALUES.get(name.lower())
@@ -503,20 +629,182 @@ class RespSession:
         return resp.mapping(pairs, self.protocol)  # a map under RESP3, as Redis answers
 
     async def info(self, args: tuple[bytes, ...]) -> bytes:
-        directory = self.service.directory
-        lines = [
-            "# Server",
-            f"redis_version:{COMPATIBLE_REDIS_VERSION}",
-            f"busgate_server:{SERVER_NAME}",
-            "redis_mode:standalone",
-            "# Persistence",
-            "loading:0",
-            "# Replication",
-            "role:master",
-            "# Keyspace",
-            *(f"queue_{name}:topics={len(e.topics)}" for name, e in directory.queues.items()),
+        """INFO [section ...]: the sections asked for, in Redis's order; none for a section
+        busgate does not have, as Redis answers an unknown one."""
+        wanted = {arg.lower().decode("utf-8", "replace") for arg in args[1:]} or {"default"}
+        if wanted & {"default", "all", "everything"}:
+            wanted = set(_INFO_SECTIONS)  # busgate has no section outside the default set
+        sections = []
+        for name, title in _INFO_SECTIONS.items():
+            if name in wanted:
+                fields = "".join(f"{key}:{value}\r\n" for key, value in self._info_section(name))
+                sections.append(f"# {title}\r\n{fields}")
+        return resp.verbatim("\r\n".join(sections).encode(), self.protocol)
+
+    def _info_section(self, name: str) -> list[tuple[str, object]]:
+        """One INFO section's fields; only numbers busgate really has."""
+        server = self.server
+        if name == "server":
+            uptime = int(trio.current_time() - server.started)
+            return [
+                ("redis_version", COMPATIBLE_REDIS_VERSION),
+                ("busgate_version", __version__),
+                ("busgate_server", SERVER_NAME),
+                ("redis_mode", "standalone"),
+                ("os", " ".join(platform.uname()[i] for i in (0, 2, 4))),
+                ("arch_bits", 64 if sys.maxsize > 2**32 else 32),
+                ("process_id", os.getpid()),
+                ("tcp_port", server.address.rpartition(":")[2]),
+                ("server_time_usec", time.time_ns() // 1000),
+                ("uptime_in_seconds", uptime),
+                ("uptime_in_days", uptime // 86400),
+            ]
+        statistics = server.statistics()
+        if name == "clients":
+            return [
+                ("connected_clients", statistics.connections),
+                ("maxclients", server.limits.max_connections),
+                ("blocked_clients", 0),  # no command of busgate's blocks
+            ]
+        if name == "memory":
+            # busgate has no dataset of its own to count: used_memory is the process's
+            # resident size (what redis-cli --stat shows as mem), as is used_memory_rss.
+            rss = _resident_bytes()
+            if rss is None:
+                return []
+            # The kernel updates the peak (KiB on Linux) lazily: it may trail the size now.
+            peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            return [
+                ("used_memory", rss),
+                ("used_memory_human", _human(rss)),
+                ("used_memory_rss", rss),
+                ("used_memory_rss_human", _human(rss)),
+                ("used_memory_peak", peak),
+                ("used_memory_peak_human", _human(peak)),
+            ]
+        if name == "persistence":
+            return [("loading", 0)]  # the store persists jobs; the daemon loads nothing
+        if name == "stats":
+            return [
+                ("total_connections_received", statistics.connections_total),
+                ("total_commands_processed", statistics.commands_total),
+                ("rejected_connections", statistics.rejected_total),
+                ("total_error_replies", statistics.errors_total),
+            ]
+        if name == "replication":
+            return [("role", "master"), ("connected_slaves", 0)]
+        if name == "cpu":
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            return [
+                ("used_cpu_sys", f"{usage.ru_stime:.6f}"),
+                ("used_cpu_user", f"{usage.ru_utime:.6f}"),
+            ]
+        # Keyspace: the queues.  No dbN:keys line: counting the jobs pending would cost a
+        # store query per queue on every INFO, and a made-up number would mislead.
+        return [
+            (f"queue_{queue}", f"topics={len(entry.topics)}")
+            for queue, entry in self.service.directory.queues.items()
         ]
-        return resp.bulk_string(("\r\n".join(lines) + "\r\n").encode())
+
+
+#: COMMAND's subcommands, named in CLIENT LIST's cmd as Redis names them (busgate answers
+#: COUNT, and each of the others with an empty array).
+_COMMAND_SUBCOMMANDS = frozenset(
+    (b"COUNT", b"DOCS", b"GETKEYS", b"GETKEYSANDFLAGS", b"HELP", b"INFO", b"LIST")
+)
+
+#: INFO's sections, in the order Redis lists them, with their titles.
+_INFO_SECTIONS = {
+    "server": "Server",
+    "clients": "Clients",
+    "memory": "Memory",
+    "persistence": "Persistence",
+    "stats": "Stats",
+    "replication": "Replication",
+    "cpu": "CPU",
+    "keyspace": "Keyspace",
+}
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident_bytes() -> int | None:
+    """The process's resident set size, from /proc (Linux); None where there is none."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _human(size: int) -> str:
+    """A byte count as Redis's INFO words it: 1008B, 1.50K, 12.34M."""
+    if size < 1024:
+        return f"{size}B"
+    scaled = size / 1024
+    for unit in "KMGT":
+        if scaled < 1024:
+            return f"{scaled:.2f}{unit}"
+        scaled /= 1024
+    return f"{scaled:.2f}P"
+
+
+#: CLIENT's subcommands and their arity (Redis's convention, CLIENT and the subcommand counted).
+_CLIENT_ARITY = {
+    b"GETNAME": 2,
+    b"HELP": 2,
+    b"ID": 2,
+    b"INFO": 2,
+    b"LIST": -2,
+    b"SETINFO": 4,
+    b"SETNAME": 3,
+}
+
+_CLIENT_HELP = (
+    "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    "GETNAME",
+    "    Return the name of the current connection.",
+    "ID",
+    "    Return the ID of the current connection.",
+    "INFO",
+    "    Return information about the current client connection.",
+    "LIST [options ...]",
+    "    Return information about client connections. Options:",
+    "    * TYPE (NORMAL|MASTER|REPLICA|PUBSUB)",
+    "      Return clients of specified type.",
+    "    * ID <client-id> [<client-id> ...]",
+    "      Return clients with the given ids.",
+    "SETINFO <option> <value>",
+    "    Set client meta attr. Options are:",
+    "    * LIB-NAME: the client lib name.",
+    "    * LIB-VER: the client lib version.",
+    "SETNAME <name>",
+    "    Assign the name <name> to the current connection.",
+    "HELP",
+    "    Print this help.",
+)
+
+
+def _client_line(peer: Peer) -> bytes:
+    """A CLIENT LIST line: Redis's fields, in its order, of those busgate knows."""
+    session = peer.session
+    command = session.last_command.lower() if session.last_command is not None else b"NULL"
+    return (
+        b"id=%d addr=%s laddr=%s name=%s age=%d idle=%d db=0 cmd=%s resp=%d"
+        b" lib-name=%s lib-ver=%s\n"
+        % (
+            session.client_id,
+            peer.addr.encode(),
+            peer.laddr.encode(),
+            session.name,
+            peer.age,
+            peer.idle,
+            command,
+            session.protocol,
+            session.lib_name,
+            session.lib_ver,
+        )
+    )
 
 
 def _store_error(exc: StoreError) -> bytes:
@@ -524,7 +812,7 @@ def _store_error(exc: StoreError) -> bytes:
 
 
 #: What runs at once inside MULTI rather than being queued.
-_TRANSACTION = frozenset((b"MULTI", b"EXEC", b"DISCARD", b"QUIT"))
+_TRANSACTION = frozenset((b"MULTI", b"EXEC", b"DISCARD", b"QUIT", b"RESET"))
 
 
 def _internal_error(exc: Exception, args: tuple[bytes, ...]) -> bytes:
@@ -564,4 +852,5 @@ RespSession.commands = {
     b"EXEC": Spec(1, RespSession.exec),
     b"DISCARD": Spec(1, RespSession.discard),
     b"INFO": Spec(-1, RespSession.info),
+    b"RESET": Spec(1, RespSession.reset),
 }
