@@ -228,10 +228,12 @@ class HTTPServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
         while True:
             try:
-                with trio.move_on_after(
-                    IDLE_TIMEOUT if conn.their_state is h11.IDLE else REQUEST_TIMEOUT
-                ) as idle:
-                    head = await self._next(conn, stream)
+                # Idle, a connection waits up to IDLE_TIMEOUT for a request; once one has
+                # begun (bytes of it came, maybe with the last one), its head is due within
+                # REQUEST_TIMEOUT.
+                begun = bool(conn.trailing_data[0])
+                with trio.move_on_after(REQUEST_TIMEOUT if begun else IDLE_TIMEOUT) as idle:
+                    head = await self._next(conn, stream, None if begun else idle)
             except h11.RemoteProtocolError as exc:  # not HTTP, or no Host: say so, then close
                 await _refuse(stream, exc.error_status_hint, str(exc))
                 return
@@ -262,14 +264,23 @@ class HTTPServer:
                 return  # the client had not finished sending its body
 
     async def _next(
-        self, conn: h11.Connection, stream: trio.SocketStream
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        idle: trio.CancelScope | None = None,
     ) -> h11.Event | type[h11.PAUSED]:
+        """The next event; ``idle``, waiting for a request, is cut to REQUEST_TIMEOUT
+        once its first bytes come."""
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 # h11's sentinels are classes; mypy cannot narrow `is not` on them.
                 return cast("h11.Event | type[h11.PAUSED]", event)
-            conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            if idle is not None and data:
+                idle.deadline = min(idle.deadline, trio.current_time() + REQUEST_TIMEOUT)
+                idle = None
+            conn.receive_data(bytes(data))
 
     async def _handle(
         self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, peer: str
@@ -298,13 +309,11 @@ class HTTPServer:
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         try:
             try:
-                target = urlsplit(head.target.decode("latin-1"))
-            except ValueError as exc:  # "//[x": an unbalanced IPv6 bracket
+                path, query = path_and_query(head.target)
+            except ValueError as exc:  # "http://[x": an unbalanced IPv6 bracket
                 raise HTTPError(400, f"malformed request target: {exc}") from None
-            route, params = self.router.match(method, target.path)
-            request = Request(
-                method, target.path, parse_qs(target.query), headers, b"", params, peer
-            )
+            route, params = self.router.match(method, path)
+            request = Request(method, path, parse_qs(query), headers, b"", params, peer)
             if route.guard is not None:
                 route.guard(request)
             length = headers.get("content-length")
@@ -387,10 +396,10 @@ class HTTPServer:
         conn: h11.Connection,
         peer: str,
     ) -> None:
-        target = urlsplit(head.target.decode("latin-1"))
-        handler = self.router.websockets[target.path]
+        path, query = path_and_query(head.target)
+        handler = self.router.websockets[path]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
-        request = Request("GET", target.path, parse_qs(target.query), headers, b"", {}, peer)
+        request = Request("GET", path, parse_qs(query), headers, b"", {}, peer)
         # trio-websocket performs the handshake itself: give it the request again, written
         # out from what h11 parsed (its bytes may have come in the read of an earlier
         # request), then whatever the client sent after it.
@@ -433,6 +442,22 @@ async def _refuse(
     )
     with trio.move_on_after(SEND_TIMEOUT):
         await stream.send_all(head.encode() + body)
+
+
+def path_and_query(target: bytes) -> tuple[str, str]:
+    """The path and query of a request target.
+
+    What clients send (origin form, ``/v1/…?…``) is a path, even one that starts with
+    ``//``: urlsplit reads ``//elsewhere/v1/…`` as a host and the rest as the path, so a
+    proxy in front, allowing or denying by path, would see one path and busgate serve
+    another.  Only the absolute form (``http://host/v1/…``, which proxies get) is a URL.
+    """
+    text = target.decode("latin-1").partition("#")[0]
+    if text.startswith("/"):
+        path, _, query = text.partition("?")
+        return path, query
+    parts = urlsplit(text)
+    return parts.path, parts.query
 
 
 def _reason(status: int) -> bytes:

@@ -138,13 +138,18 @@ def _authenticate(service: ProducerService, queue: str, request: Request) -> dic
     if header is None:
         return {}
     scheme, _, credentials = header.partition(" ")
+    credentials = credentials.strip()  # one space or more after the scheme (RFC 9110 11.4)
     if scheme.lower() == "bearer":
-        password = credentials.strip()
+        password = credentials
     elif scheme.lower() == "basic":
         try:
-            user_pass = base64.b64decode(credentials, validate=True).decode()
-        except (binascii.Error, ValueError):  # ValueError: non-ASCII, UnicodeDecodeError
+            decoded = base64.b64decode(credentials, validate=True)
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII
             raise HTTPError(400, "malformed Basic credentials") from None
+        try:
+            user_pass = decoded.decode()
+        except UnicodeDecodeError:  # ISO-8859-1, as older clients send (RFC 7617 2.1)
+            user_pass = decoded.decode("latin-1")
         # A queue name may hold ':' ("app:emails"), which Basic auth also uses to end the
         # user: the queue of the URL, when the credentials start with it, is the user.
         if user_pass.startswith(f"{queue}:"):
@@ -200,6 +205,19 @@ def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> l
     return jobs
 
 
+def _whole_number(value: Any) -> int | None:
+    """An integer from JSON (1000, 1e3) or a query ("1000"); None for anything else: JSON's
+    true is not 1, nor 1.5 one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None  # not inf (1e400), not NaN
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _job(
     service: ProducerService, payload: bytes, options: dict[str, Any], topic: str | None
 ) -> NewJob:
@@ -214,10 +232,9 @@ def _job(
             raise HTTPError(400, str(exc)) from None
     run_at = None
     if "delay_ms" in options:
-        try:
-            delay = int(options["delay_ms"])
-        except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 is inf
-            raise HTTPError(400, "delay_ms must be an integer") from None
+        delay = _whole_number(options["delay_ms"])
+        if delay is None:
+            raise HTTPError(400, "delay_ms must be an integer")
         try:
             run_at = service.run_at(delay)
         except ProducerError as exc:

@@ -4,6 +4,12 @@ Connections to the topic's origin are kept alive and capped like FastCGI ones
 (``fastcgi.pooling``); a response with ``Connection: close`` (or HTTP/1.0 without keep-alive)
 retires its connection, which h11 tells us through its states.  HTTPS uses the system's CA
 store unless the topic names another CA file or turns verification off.
+
+A server may answer before it has read the whole request (a 413 from the head alone), then
+stop reading or close: a request too big for the socket buffers is written while the answer
+is read, and the answer counts.  A connection whose request was not all written is never
+reused.  A kept-alive connection found closed when reused, before any byte of an answer (the
+server's keep-alive timeout ran out as the request went), goes again, once, on a new one.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ _RECEIVE_SIZE = 64 * 1024
 #: usable) and dropped.  Attempts record only the first KiB anyway.
 MAX_KEPT_BODY = 1024 * 1024
 _MAX_HEADER_BLOCK = 64 * 1024
+#: A request up to this size goes into the socket buffers without waiting for the server to
+#: read it, so it is written before the answer is read; a larger one is written while the
+#: answer is read (a task more per delivery).
+_WRITE_FIRST = 64 * 1024
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class ProtocolViolation(BackendError):
@@ -55,18 +66,23 @@ class HTTPTarget:
 
 
 class HTTPConnection(PooledStream):
-    __slots__ = ("h11", "stream")
+    __slots__ = ("answered", "framed_twice", "h11", "stream", "write_error")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, now: float) -> None:
         super().__init__(socket, now)
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BLOCK)
+        #: Per exchange: whether any byte of an answer came, and why writing failed.
+        self.answered = False
+        self.write_error: BaseException | None = None
+        #: An answer came with both Content-Length and Transfer-Encoding (see _receive).
+        self.framed_twice = False
 
     def reusable(self) -> bool:
         conn = self.h11
         # Bytes after the response (a body longer than its Content-Length, an answer sent
         # twice) would be read as the next job's answer: the stream is out of step.
-        if conn.trailing_data[0]:
+        if conn.trailing_data[0] or self.framed_twice:
             return False
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
@@ -129,6 +145,21 @@ class HTTPBackend:
                 conn = await pool.acquire()
                 try:
                     answer = await self._exchange(conn, job)
+                except ConnectionLost:
+                    pool.discard(conn)
+                    if conn.requests == 1 or conn.answered:
+                        raise
+                    # A kept-alive connection found closed when reused, before any byte of an
+                    # answer: the server closed it while it sat idle (its keep-alive timeout),
+                    # too recently for the check before reuse to see.  Once more, on a new
+                    # connection.  (Were it a server that took the request and died before
+                    # answering, it gets the job again: delivery is at-least-once.)
+                    conn = await pool.acquire(fresh=True)
+                    try:
+                        answer = await self._exchange(conn, job)
+                    except BaseException:
+                        pool.discard(conn)
+                        raise
                 except BaseException:
                     pool.discard(conn)
                     raise
@@ -165,31 +196,77 @@ class HTTPBackend:
             wire += protocol.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError as exc:
             raise ProtocolViolation(self._origin, f"cannot send the request: {exc}") from exc
+        conn.answered = False
+        conn.write_error = None
+        if len(wire) <= _WRITE_FIRST:
+            await self._write(conn, wire)
+            return await self._receive(conn)
+        return await self._write_while_receiving(conn, wire)
+
+    async def _write(self, conn: HTTPConnection, wire: bytes) -> None:
         try:
             await conn.stream.send_all(wire)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ConnectionLost(self._origin, f"connection broke while writing: {exc}") from exc
+        except _BROKEN as exc:
+            # Read on: the server may have answered before it closed (data that came before a
+            # reset stays readable).  The request is not all out: never reuse this connection.
+            conn.h11.send_failed()
+            conn.write_error = exc
 
+    async def _write_while_receiving(self, conn: HTTPConnection, wire: bytes) -> _Answer:
+        """Write a large request while reading the answer, which may come first: a server
+        can refuse from the head alone (413, 401) and then read no more, or close."""
+        written = False
+
+        async def write() -> None:
+            nonlocal written
+            await self._write(conn, wire)
+            written = conn.write_error is None
+
+        failure: BackendError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            try:
+                answer = await self._receive(conn)
+            except BackendError as exc:  # raised outside the nursery, not in a group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if not written:
+            conn.h11.send_failed()  # answered before all was written: out of step for good
+        return answer
+
+    async def _receive(self, conn: HTTPConnection) -> _Answer:
+        protocol = conn.h11
         status = 0
         headers: tuple[tuple[bytes, bytes], ...] = ()
         kept: list[bytes] = []
         kept_size = 0
+        closed = False
         while True:
             try:
                 event = protocol.next_event()
             except h11.RemoteProtocolError as exc:
+                if closed:  # h11's words for an end of stream before the answer was whole
+                    raise self._lost(conn, status) from exc
                 raise ProtocolViolation(self._origin, f"malformed response: {exc}") from exc
             if event is h11.NEED_DATA:
                 try:
                     data = await conn.stream.receive_some(_RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise ConnectionLost(
-                        self._origin, f"connection broke while reading: {exc}"
-                    ) from exc
+                except _BROKEN as exc:
+                    raise self._lost(conn, status, exc) from exc
+                if data:
+                    conn.answered = True
+                else:
+                    closed = True
                 protocol.receive_data(bytes(data))
             elif isinstance(event, h11.Response):
                 status = event.status_code
                 headers = tuple((bytes(k), bytes(v)) for k, v in event.headers)
+                # Framed two ways: h11 reads it as chunked (RFC 9112 6.3), but a proxy on
+                # the way may have framed it by length; the rest of the stream is suspect.
+                names = {name for name, _ in headers}
+                conn.framed_twice = b"content-length" in names and b"transfer-encoding" in names
             elif isinstance(event, h11.Data):
                 if kept_size < MAX_KEPT_BODY:
                     kept.append(bytes(event.data[: MAX_KEPT_BODY - kept_size]))
@@ -197,8 +274,25 @@ class HTTPBackend:
             elif isinstance(event, h11.EndOfMessage):
                 return _Answer(status, headers, b"".join(kept))
             elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionLost(self._origin, "the server closed the connection mid-response")
+                raise self._lost(conn, status)
             # InformationalResponse (100 Continue and friends): keep reading.
+
+    def _lost(
+        self, conn: HTTPConnection, status: int, error: BaseException | None = None
+    ) -> ConnectionLost:
+        """The connection ended before the whole answer: say when, and what broke it."""
+        if conn.write_error is not None and not conn.answered:
+            return ConnectionLost(
+                self._origin, f"connection broke while writing: {conn.write_error}"
+            )
+        if error is not None:
+            return ConnectionLost(self._origin, f"connection broke while reading: {error}")
+        if not conn.answered:
+            return ConnectionLost(self._origin, "the server closed the connection before answering")
+        where = f"after status {status}" if status else "in the status line or headers"
+        return ConnectionLost(
+            self._origin, f"the server closed the connection mid-response ({where})"
+        )
 
     async def _connect(self) -> HTTPConnection:
         name = self._origin
@@ -214,7 +308,10 @@ class HTTPBackend:
                     await tls.do_handshake()
                 except (trio.BrokenResourceError, ssl.SSLError) as exc:
                     tcp.socket.close()
-                    raise ConnectError(name, f"TLS handshake failed: {exc}") from exc
+                    raise ConnectError(name, f"TLS handshake failed: {tls_reason(exc)}") from exc
+                except BaseException:  # cut short (the connect timeout, the job's): no socket left
+                    tcp.socket.close()
+                    raise
                 stream = tls
         if scope.cancelled_caught:
             raise ConnectTimeout(name, f"not connected within {self.target.connect_timeout}s")
@@ -228,3 +325,17 @@ class HTTPBackend:
 
     def statistics(self) -> PoolStatistics:
         return self.pool.statistics()
+
+
+def tls_reason(exc: BaseException) -> str:
+    """Why a TLS handshake failed, in OpenSSL's words: trio's BrokenResourceError says
+    nothing itself, its cause (an ``ssl.SSLError``) does."""
+    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | trio.BrokenResourceError):
+        return "the server closed the connection"
+    if isinstance(cause, ssl.SSLError):
+        # reason: "WRONG_VERSION_NUMBER" (an http:// server), "TLSV1_ALERT_PROTOCOL_VERSION"…
+        return cause.reason.replace("_", " ").lower() if cause.reason else str(cause)
+    return "the server closed the connection" if cause is None else os_reason(cause)
