@@ -493,9 +493,9 @@ class Dispatcher:
             Finish(o.job, o.attempt, o.decision.outcome, o.decision.run_at or 0.0, o.decision.spend)
             for o in batch
         ]
-        grace_end = self._grace_end()
+        began, grace_end = trio.current_time(), self._grace_end()
         answer: list[bool] | None = None
-        error = f"no answer within {grace_end - trio.current_time():.3g}s"
+        error = ""
         with trio.move_on_at(grace_end):
             try:
                 answer = await self.store.finish(items)
@@ -504,6 +504,7 @@ class Dispatcher:
         answered = answer is not None
         if answer is None:
             # The jobs stay leased; when their leases expire they are delivered again.
+            error = error or f"no answer within {grace_end - began:.3g}s"
             self._store_errors += 1
             log.error(
                 "recording %d outcomes failed queue=%s topic=%s error=%s",

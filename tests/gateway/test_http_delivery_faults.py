@@ -394,6 +394,15 @@ async def test_a_response_framed_two_ways_is_read_as_chunked_and_its_connection_
     assert connections == [1, 2]
 
 
+async def answer_ok_until_eof(stream: trio.abc.Stream, rest: bytes) -> None:
+    """Answer every further request on the connection with OK, until the client closes."""
+    while True:
+        head, rest = await read_request(stream, rest)
+        if not head:
+            return
+        await stream.send_all(OK)
+
+
 @pytest.mark.parametrize(
     ("answer", "status", "body", "reused"),
     [
@@ -443,15 +452,11 @@ async def test_odd_but_valid_answers(answer: bytes, status: int, body: bytes, re
     # A body after a 204/304 is not this answer's and must not be the next one's; a body to
     # EOF retires the connection; a redirect is not followed (it is just a status).
     async def handler(stream: trio.SocketStream, number: int) -> None:
-        head, rest = await read_request(stream)
+        _, rest = await read_request(stream)
         await stream.send_all(answer if number == 1 else OK)
         if number == 1 and answer.endswith(b"\r\n\r\nbody to the end"):
             return  # the end of the body
-        while True:
-            head, rest = await read_request(stream, rest)
-            if not head:
-                return
-            await stream.send_all(OK)
+        await answer_ok_until_eof(stream, rest)
 
     async with trio.open_nursery() as nursery:
         url, connections = await raw_service(nursery, handler)
@@ -467,16 +472,12 @@ async def test_odd_but_valid_answers(answer: bytes, status: int, body: bytes, re
 
 async def test_junk_sent_after_an_answer_is_never_the_next_jobs_answer() -> None:
     async def handler(stream: trio.SocketStream, number: int) -> None:
-        head, rest = await read_request(stream)
+        _, rest = await read_request(stream)
         await stream.send_all(OK)
         if number == 1:
             await trio.sleep(0.05)
             await stream.send_all(b"HTTP/1.1 500 Stray\r\nContent-Length: 0\r\n\r\n")
-        while True:
-            head, rest = await read_request(stream, rest)
-            if not head:
-                return
-            await stream.send_all(OK)
+        await answer_ok_until_eof(stream, rest)
 
     async with trio.open_nursery() as nursery:
         url, connections = await raw_service(nursery, handler)
