@@ -242,28 +242,28 @@ async def test_an_outcome_the_store_has_forgotten_is_logged_as_such(
     assert "or the job is gone from the store" in warning
 
 
+def one_worker_topic(fpm: PhpFpm, retry: str) -> str:
+    """One worker delivering to record.php, a lease shorter than a delivery may take."""
+    return f"""\
+        queue: q
+        topics:
+          t:
+            backend: fastcgi://127.0.0.1:{fpm.address.port}
+            script: {fpm.script("record.php")}
+            concurrency: 1
+            timeout: 10s
+            lease: 1s
+            retry: {retry}
+        """
+
+
 async def test_jobs_waiting_in_the_buffer_longer_than_their_lease_keep_it(
     recording_fpm: PhpFpm, record: Path, tmp_path: Path
 ) -> None:
     """One worker, deliveries slower than the lease: the jobs behind the first wait in the
     buffer past their lease.  Each still reaches the backend once, on its first attempt;
     before, they expired there and, with one attempt allowed, went dead undelivered."""
-    config = write_config(
-        tmp_path,
-        {
-            "q": f"""\
-                queue: q
-                topics:
-                  t:
-                    backend: fastcgi://127.0.0.1:{recording_fpm.address.port}
-                    script: {recording_fpm.script("record.php")}
-                    concurrency: 1
-                    timeout: 10s
-                    lease: 1s
-                    retry: {{max_attempts: 1}}
-                """
-        },
-    )
+    config = write_config(tmp_path, {"q": one_worker_topic(recording_fpm, "{max_attempts: 1}")})
     async with running_daemon(config) as app:
         await push(app, *(b'{"sleep_ms": 900, "n": %d}' % n for n in range(4)))
         received = await wait_received(record, 4, timeout=20)
@@ -278,22 +278,8 @@ async def test_jobs_waiting_in_the_buffer_longer_than_their_lease_keep_it(
 
 
 def redis_topic_config(tmp_path: Path, fpm: PhpFpm, redis: RedisServer) -> Path:
-    config = write_config(
-        tmp_path / "daemon",
-        {
-            "q": f"""\
-                queue: q
-                topics:
-                  t:
-                    backend: fastcgi://127.0.0.1:{fpm.address.port}
-                    script: {fpm.script("record.php")}
-                    concurrency: 1
-                    timeout: 10s
-                    lease: 1s
-                    retry: {{max_attempts: 3, backoff: 50ms}}
-                """
-        },
-    )
+    topic = one_worker_topic(fpm, "{max_attempts: 3, backoff: 50ms}")
+    config = write_config(tmp_path / "daemon", {"q": topic})
     store = f"store: redis://127.0.0.1:{redis.port}/0"
     config.write_text(re.sub("store: .*", store, config.read_text()))
     return config

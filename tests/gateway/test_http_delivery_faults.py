@@ -22,7 +22,7 @@ import pytest
 import trio
 import trustme
 
-from adapters.delivery.base import Failure
+from adapters.delivery.base import Delivery, Failure
 from adapters.delivery.http import MAX_KEPT_BODY, HTTPBackend, HTTPTarget
 from adapters.storage.jobs import State
 from gateway.resp import encode_command
@@ -52,6 +52,20 @@ async def raw_service(nursery: trio.Nursery, handler: Handler) -> tuple[str, lis
 
     listeners = await nursery.start(trio.serve_tcp, serve, 0)
     return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/hook", connections
+
+
+async def deliver_in_turn(
+    handler: Handler, count: int, *, timeout: float = 5
+) -> tuple[list[Delivery], list[int], HTTPBackend]:
+    """``count`` jobs delivered one after the other by a backend with one connection to the
+    ``handler``'s service; with the service's connection numbers, and the backend."""
+    async with trio.open_nursery() as nursery:
+        url, connections = await raw_service(nursery, handler)
+        backend = HTTPBackend(HTTPTarget(url=url, timeout=timeout, max_connections=1))
+        deliveries = [await backend.deliver(job()) for _ in range(count)]
+        await backend.aclose()
+        nursery.cancel_scope.cancel()
+    return deliveries, connections, backend
 
 
 async def read_head(stream: trio.abc.Stream, buffer: bytes = b"") -> tuple[bytes, bytes]:
@@ -108,13 +122,7 @@ async def test_a_reused_connection_closed_before_any_answer_goes_again_once(endi
             return  # closed without a byte of answer
         await read_request(stream, rest)  # the new connection serves on
 
-    async with trio.open_nursery() as nursery:
-        url, connections = await raw_service(nursery, handler)
-        backend = HTTPBackend(HTTPTarget(url=url, timeout=5, max_connections=1))
-        first = await backend.deliver(job())
-        second = await backend.deliver(job())
-        await backend.aclose()
-        nursery.cancel_scope.cancel()
+    ((first, second), connections, backend) = await deliver_in_turn(handler, 2)
     assert (first.status, second.status, second.failure) == (200, 200, None)
     assert requests == [1, 1, 2] and connections == [1, 2]
     assert backend.statistics().failures_total == 0
@@ -383,13 +391,7 @@ async def test_a_response_framed_two_ways_is_read_as_chunked_and_its_connection_
                 return
             await stream.send_all(answers.pop(0))
 
-    async with trio.open_nursery() as nursery:
-        url, connections = await raw_service(nursery, handler)
-        backend = HTTPBackend(HTTPTarget(url=url, timeout=5, max_connections=1))
-        one = await backend.deliver(job())
-        two = await backend.deliver(job())
-        await backend.aclose()
-        nursery.cancel_scope.cancel()
+    ((one, two), connections, _) = await deliver_in_turn(handler, 2)
     assert (one.status, one.body, two.status) == (200, b"hello", 200)
     assert connections == [1, 2]
 
@@ -458,13 +460,7 @@ async def test_odd_but_valid_answers(answer: bytes, status: int, body: bytes, re
             return  # the end of the body
         await answer_ok_until_eof(stream, rest)
 
-    async with trio.open_nursery() as nursery:
-        url, connections = await raw_service(nursery, handler)
-        backend = HTTPBackend(HTTPTarget(url=url, timeout=5, max_connections=1))
-        one = await backend.deliver(job())
-        two = await backend.deliver(job())
-        await backend.aclose()
-        nursery.cancel_scope.cancel()
+    ((one, two), connections, _) = await deliver_in_turn(handler, 2)
     assert (one.status, one.body, one.failure) == (status, body, None)
     assert (two.status, two.body) == (200, b"ok")
     assert connections == ([1] if reused else [1, 2])
@@ -533,13 +529,7 @@ async def test_a_huge_answer_is_read_through_and_kept_to_a_bound() -> None:
             await stream.send_all(block)
         await read_then(stream, OK)
 
-    async with trio.open_nursery() as nursery:
-        url, connections = await raw_service(nursery, handler)
-        backend = HTTPBackend(HTTPTarget(url=url, timeout=20, max_connections=1))
-        big = await backend.deliver(job())
-        after = await backend.deliver(job())
-        await backend.aclose()
-        nursery.cancel_scope.cancel()
+    ((big, after), connections, _) = await deliver_in_turn(handler, 2, timeout=20)
     assert big.status == 200 and len(big.body) == MAX_KEPT_BODY
     assert after.status == 200 and connections == [1]  # read through: the connection lives on
 
