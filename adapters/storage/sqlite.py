@@ -37,7 +37,7 @@ from adapters.storage.base import (
     dead_cursor,
     parse_dead_cursor,
 )
-from adapters.storage.errors import StoreCorrupt, StoreError, StoreUnavailable
+from adapters.storage.errors import StoreCorrupt, StoreError, StoreUnavailable, StoreUnsupported
 from adapters.storage.fanout import route
 from adapters.storage.jobs import (
     Attempt,
@@ -64,8 +64,14 @@ Operation = Callable[[sqlite3.Connection], T]
 _MAX_GROUP = 1024  # operations per transaction
 _PENDING = (State.READY, State.DELAYED, State.LEASED)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+#: ``PRAGMA application_id`` of a busgate store ("bsgt"): tells its file from another program's.
+_APPLICATION_ID = 0x62736774
+#: ``PRAGMA user_version``: the layout of the tables below.  A busgate finding a higher one
+#: refuses the file (it would misread it); files from before the stamp are version 1.
+_SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS jobs (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- FIFO order within a priority
     id          TEXT    NOT NULL,
     queue       TEXT    NOT NULL,
@@ -83,13 +89,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_status INTEGER,
     last_error  TEXT,
     UNIQUE (queue, topic, id)
-);
-CREATE INDEX IF NOT EXISTS jobs_ready    ON jobs (queue, topic, state, priority, seq);
-CREATE INDEX IF NOT EXISTS jobs_timed    ON jobs (queue, topic, state, run_at);
-CREATE INDEX IF NOT EXISTS jobs_leases   ON jobs (queue, topic, state, lease_until);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (queue, topic, state, finished_at);
-CREATE INDEX IF NOT EXISTS jobs_id       ON jobs (id);
-CREATE TABLE IF NOT EXISTS attempts (
+)""",
+    "CREATE INDEX IF NOT EXISTS jobs_ready    ON jobs (queue, topic, state, priority, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_timed    ON jobs (queue, topic, state, run_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_leases   ON jobs (queue, topic, state, lease_until)",
+    "CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (queue, topic, state, finished_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_id       ON jobs (id)",
+    """CREATE TABLE IF NOT EXISTS attempts (
     job_seq    INTEGER NOT NULL,
     attempt    INTEGER NOT NULL,
     started_at REAL    NOT NULL,
@@ -99,19 +105,28 @@ CREATE TABLE IF NOT EXISTS attempts (
     error      TEXT,
     body       BLOB,
     stderr     BLOB
-);
-CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_seq);
-CREATE TABLE IF NOT EXISTS depths (
+)""",
+    "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_seq)",
+    """CREATE TABLE IF NOT EXISTS depths (
     queue TEXT NOT NULL, topic TEXT NOT NULL, state INTEGER NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (queue, topic, state)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS counters (
+) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS counters (
     queue TEXT NOT NULL, topic TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (queue, topic, name)
-) WITHOUT ROWID;
--- Written to and emptied by a readiness check while writes are failing (see check()).
-CREATE TABLE IF NOT EXISTS probe (data BLOB);
-"""
+) WITHOUT ROWID""",
+    # Written to and emptied by a readiness check while writes are failing (see check()).
+    "CREATE TABLE IF NOT EXISTS probe (data BLOB)",
+)
+#: The tables of a version 1 store (sqlite_sequence is SQLite's, for AUTOINCREMENT).
+_TABLES = frozenset({"jobs", "attempts", "depths", "counters", "probe", "sqlite_sequence"})
+_JOB_FIELDS = frozenset(
+    {
+        *("seq", "id", "queue", "topic", "state", "priority", "payload", "attributes"),
+        *("attempt", "enqueued_at", "run_at", "lease_until", "finished_at", "trace_id"),
+        *("last_status", "last_error"),
+    }
+)
 
 _JOB_COLUMNS = (
     "seq, id, queue, topic, state, priority, payload, attributes, attempt,"
@@ -441,8 +456,10 @@ class SQLiteStore(Store):
         after = None if cursor is None else parse_dead_cursor(cursor)
 
         def op(conn: sqlite3.Connection) -> DeadPage:
+            # The scan reads no payload: up to DEAD_SCAN_LIMIT of them at up to max_payload
+            # each would be gigabytes for one page.  Only the matches' payloads are read.
             sql = (
-                "SELECT id, payload, attributes, attempt, finished_at, last_status, last_error"
+                "SELECT seq, id, attributes, attempt, finished_at, last_status, last_error"
                 " FROM jobs WHERE queue=? AND topic=? AND state=?"
             )
             params: list[Any] = [queue, topic, State.DEAD]
@@ -451,30 +468,23 @@ class SQLiteStore(Store):
                 params += [after[0], after[0], after[1]]
             sql += " ORDER BY finished_at DESC, id DESC LIMIT ?"
             rows = conn.execute(sql, (*params, DEAD_SCAN_LIMIT)).fetchall()
-            found: list[DeadJob] = []
+            found: list[tuple[int, str, Mapping[str, str], int, float, int | None, str | None]] = []
             last: tuple[float, str] | None = None
-            for job_id, payload, attributes, attempt, died_at, status, error in rows:
+            for seq, job_id, attributes, attempt, died_at, status, error in rows:
                 last = (died_at, job_id)
                 attrs = _attributes(attributes)
                 if where.matches(status, error, died_at, attrs):
-                    found.append(
-                        DeadJob(
-                            job_id,
-                            queue,
-                            topic,
-                            bytes(payload),
-                            attrs,
-                            attempt,
-                            died_at,
-                            status,
-                            error,
-                        )
-                    )
+                    found.append((seq, job_id, attrs, attempt, died_at, status, error))
                     if len(found) == limit:
                         break
+            payloads = _payloads(conn, [seq for seq, *_ in found])
+            jobs = tuple(
+                DeadJob(job_id, queue, topic, payloads[seq], attrs, attempt, died_at, status, error)
+                for seq, job_id, attrs, attempt, died_at, status, error in found
+            )
             more = len(found) == limit or len(rows) == DEAD_SCAN_LIMIT
             next_cursor = dead_cursor(*last) if more and last is not None else None
-            return DeadPage(tuple(found), next_cursor)
+            return DeadPage(jobs, next_cursor)
 
         return await self._writer.run(op)
 
@@ -623,6 +633,18 @@ def _delete_jobs(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
         marks = ",".join("?" * len(chunk))
         conn.execute(f"DELETE FROM attempts WHERE job_seq IN ({marks})", chunk)
         conn.execute(f"DELETE FROM jobs WHERE seq IN ({marks})", chunk)
+
+
+def _payloads(conn: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, bytes]:
+    payloads: dict[int, bytes] = {}
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for seq, payload in conn.execute(
+            f"SELECT seq, payload FROM jobs WHERE seq IN ({marks})", chunk
+        ):
+            payloads[seq] = bytes(payload)
+    return payloads
 
 
 def _leased_seq(conn: sqlite3.Connection, job: Job) -> int | None:
@@ -827,6 +849,9 @@ class _Writer:
         try:
             conn = _connect(self.path)
             self._identity = _identity(self.path)
+        except StoreError as exc:
+            self._failed = exc
+            conn = None
         except (sqlite3.Error, OSError) as exc:
             self._failed = _store_error(self.path, exc)
             conn = None
@@ -850,7 +875,10 @@ class _Writer:
                 for _, finish, _durable in group:
                     finish(outcome.Error(self._failed))
             else:
-                self._commit_group(conn, group)
+                try:
+                    self._commit_group(conn, group)
+                except Exception as exc:  # outside any operation: the thread must live on
+                    self._answer_failed_group(conn, group, exc)
             if stop:
                 break
         if conn is not None:
@@ -893,6 +921,21 @@ class _Writer:
         for (_, finish, _), result in zip(group, results, strict=True):
             finish(result)
 
+    def _answer_failed_group(
+        self, conn: sqlite3.Connection, group: list[_Item], exc: Exception
+    ) -> None:
+        """A group failed around its operations (the file's directory gone, a failed
+        rollback): its callers get the error.  Were the thread to die instead, they and
+        every later caller would wait forever, a dispatcher's shielded reserve with them."""
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the next group's BEGIN says what is wrong
+        error = _store_error(self.path, exc)
+        for _, finish, _ in group:
+            finish(outcome.Error(error))
+
     @staticmethod
     def _alone(conn: sqlite3.Connection, operation: Operation[Any]) -> outcome.Outcome[Any]:
         try:
@@ -918,7 +961,9 @@ def _connect(path: str) -> sqlite3.Connection:
             raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
         # FULL until a group says otherwise (see _Writer).
         conn.execute("PRAGMA synchronous = FULL")
-        conn.executescript(_SCHEMA)
+        # A plain path is written at once, so a file this user may not write stops the start
+        # rather than every push; a URI may ask for a read-only store (mode=ro).
+        _prepare_schema(conn, path, write=not is_uri)
         (check,) = conn.execute("PRAGMA quick_check").fetchone()
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
@@ -928,13 +973,63 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _prepare_schema(conn: sqlite3.Connection, path: str, *, write: bool) -> None:
+    """Refuse a file that is not a busgate store of a version we know; create or stamp it."""
+    conn.execute("BEGIN IMMEDIATE")  # two daemons opening one new file create it once
+    try:
+        (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if (application_id == 0 and version != 0) or application_id not in (0, _APPLICATION_ID):
+            raise StoreUnsupported(
+                f"{path}: not a busgate store (SQLite application_id {application_id:#x},"
+                f" user_version {version}): point store at a file of busgate's own"
+            )
+        if version > _SCHEMA_VERSION:
+            raise StoreUnsupported(
+                f"{path}: written by a newer busgate (store schema version {version}; this"
+                f" busgate knows version {_SCHEMA_VERSION} and older): run that busgate or a"
+                " newer one"
+            )
+        if application_id == 0:
+            _check_unstamped(conn, path)
+        if write or (application_id, version) != (_APPLICATION_ID, _SCHEMA_VERSION):
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _check_unstamped(conn: sqlite3.Connection, path: str) -> None:
+    """A file without busgate's stamp is new, or a store from before the stamp: anything
+    else belongs to someone else, and busgate must not add its tables to it."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    foreign = sorted(tables - _TABLES)
+    if foreign:
+        raise StoreUnsupported(
+            f"{path}: not a busgate store (it holds the tables {', '.join(foreign)}):"
+            " point store at a file of busgate's own"
+        )
+    if "jobs" in tables:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if missing := sorted(_JOB_FIELDS - columns):
+            raise StoreUnsupported(
+                f"{path}: not a busgate store this busgate can read (its jobs table has no"
+                f" {', '.join(missing)})"
+            )
+
+
 def _identity(path: str) -> tuple[int, int] | None:
     """The (device, inode) at ``path``: None for an in-memory or URI database, or no file."""
     if path == ":memory:" or path.startswith("file:"):
         return None
     try:
         info = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the file, or its directory, is gone
         return (-1, -1)  # differs from any real file's
     return (info.st_dev, info.st_ino)
 
@@ -965,4 +1060,33 @@ def _store_error(path: str, exc: BaseException) -> StoreError:
         "not a database" in text or "malformed" in text or "integrity" in text
     ):
         return StoreCorrupt(f"{path}: the SQLite file is corrupt or not a database ({text})")
-    return StoreUnavailable(f"{path}: {text}")
+    why = _permission_problem(path, getattr(exc, "sqlite_errorcode", None))
+    return StoreUnavailable(f"{path}: {text}" + (f" ({why})" if why else ""))
+
+
+def _permission_problem(path: str, code: int | None) -> str | None:
+    """What SQLite's "unable to open" or "readonly" means here, in the operator's terms.
+
+    SQLite says "attempt to write a readonly database" when it is the directory that is
+    read-only: WAL mode keeps two files beside the database and must be able to create them.
+    """
+    if code is None or path == ":memory:" or path.startswith("file:"):
+        return None
+    user = f"user id {os.geteuid()}"
+    directory = os.path.dirname(os.path.abspath(path))
+    if code == sqlite3.SQLITE_READONLY_DIRECTORY:
+        return (
+            f"{user} may not create files in {directory}: SQLite's WAL mode keeps"
+            f" {os.path.basename(path)}-wal and -shm beside the database"
+        )
+    if (
+        code & 0xFF == sqlite3.SQLITE_CANTOPEN
+        and not os.path.exists(path)
+        and not os.access(directory, os.W_OK | os.X_OK)
+    ):
+        return f"{user} may not create files in {directory}"
+    if code & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+        for name in (path, f"{path}-wal", f"{path}-shm"):
+            if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
+                return f"{user} may not read and write {name}"
+    return None

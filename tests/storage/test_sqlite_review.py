@@ -1,0 +1,270 @@
+"""The SQLite store against files it should not use, users it does not run as, and big jobs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from adapters.storage import sqlite as sqlite_module
+from adapters.storage.errors import StoreUnavailable, StoreUnsupported
+from adapters.storage.fanout import Filter
+from adapters.storage.jobs import Attempt, DeadFilter, NewJob, Outcome
+from adapters.storage.sqlite import SQLiteStore
+
+ROUTES = [("email", Filter())]
+ROOT = Path(__file__).resolve().parents[2]
+BUSGATE_APPLICATION_ID = 0x62736774
+
+
+def stamp(path: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(path)
+    try:
+        (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+    finally:
+        conn.close()
+    return application_id, version
+
+
+def tables(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+    finally:
+        conn.close()
+
+
+async def test_a_new_store_is_stamped_as_busgate_schema_1(tmp_path: Path) -> None:
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    await store.aclose()
+    assert stamp(tmp_path / "busgate.db") == (BUSGATE_APPLICATION_ID, 1)
+
+
+async def test_a_store_from_before_the_stamp_keeps_its_jobs_and_is_stamped(tmp_path: Path) -> None:
+    path = tmp_path / "busgate.db"
+    store = await SQLiteStore.open(str(path))
+    pushed = await store.push("orders", ROUTES, [NewJob(b"from an older busgate")])
+    await store.aclose()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA application_id = 0")  # as every file was before the stamp
+    conn.execute("PRAGMA user_version = 0")
+    conn.close()
+
+    store = await SQLiteStore.open(str(path))
+    try:
+        (job,) = await store.reserve("orders", "email", 1, lease=30)
+        assert (job.id, job.payload) == (pushed.ids[0], b"from an older busgate")
+    finally:
+        await store.aclose()
+    assert stamp(path) == (BUSGATE_APPLICATION_ID, 1)
+
+
+async def test_a_store_from_a_newer_busgate_is_refused_naming_both_versions(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "busgate.db"
+    store = await SQLiteStore.open(str(path))
+    await store.push("orders", ROUTES, [NewJob(b"kept")])
+    await store.aclose()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE jobs ADD COLUMN tenant TEXT")  # what a newer busgate might do
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    with pytest.raises(
+        StoreUnsupported,
+        match=rf"{path}: written by a newer busgate \(store schema version 2; this busgate"
+        r" knows version 1",
+    ):
+        await SQLiteStore.open(str(path))
+    assert stamp(path) == (BUSGATE_APPLICATION_ID, 2)  # left as it was
+
+
+async def test_another_programs_database_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreUnsupported, match=rf"{path}: not a busgate store .*tables users"):
+        await SQLiteStore.open(str(path))
+    assert tables(path) == {"users"}  # no busgate table added to it
+
+    other = tmp_path / "stamped.db"
+    conn = sqlite3.connect(other)
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    with pytest.raises(StoreUnsupported, match=rf"{other}: not a busgate store"):
+        await SQLiteStore.open(str(other))
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory outside pytest's (root-only) temp tree, so another user can reach it."""
+    path = Path(tempfile.mkdtemp(prefix="busgate-perm-"))
+    path.chmod(0o755)
+    yield path
+    for directory, _, _ in os.walk(path):
+        os.chmod(directory, 0o755)  # so that it can be removed
+    shutil.rmtree(path)
+
+
+def open_as_other_user(path: Path) -> str:
+    """Open the store and push one job in a subprocess as an unprivileged user (root may
+    write anything): what it printed."""
+    script = (
+        "import sys, trio\n"
+        "from adapters.storage.fanout import Filter\n"
+        "from adapters.storage.jobs import NewJob\n"
+        "from adapters.storage.sqlite import SQLiteStore\n"
+        "from adapters.storage.errors import StoreError\n"
+        "async def main():\n"
+        "    try:\n"
+        "        store = await SQLiteStore.open(sys.argv[1])\n"
+        "    except StoreError as exc:\n"
+        "        print('open:', exc); return\n"
+        "    try:\n"
+        "        await store.push('q', [('t', Filter())], [NewJob(b'x')])\n"
+        "        print('pushed')\n"
+        "    except StoreError as exc:\n"
+        "        print('push:', exc)\n"
+        "    finally:\n"
+        "        await store.aclose()\n"
+        "trio.run(main)\n"
+    )
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    result = subprocess.run(
+        [*(drop if os.geteuid() == 0 else []), sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    return result.stdout.strip()
+
+
+def give_to_other_user(path: Path) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+
+
+async def test_a_read_only_directory_is_named_as_the_cause(shared_dir: Path) -> None:
+    # The file itself is writable; SQLite cannot create busgate.db-wal and -shm beside it,
+    # and says "attempt to write a readonly database".
+    directory = shared_dir / "ro"
+    directory.mkdir()
+    path = directory / "busgate.db"
+    store = await SQLiteStore.open(str(path))
+    await store.aclose()
+    give_to_other_user(directory)
+    give_to_other_user(path)
+    directory.chmod(0o555)
+    said = open_as_other_user(path)
+    assert said.startswith(f"open: {path}: attempt to write a readonly database"), said
+    assert f"may not create files in {directory}: SQLite's WAL mode keeps busgate.db-wal" in said
+
+
+async def test_a_read_only_file_stops_the_start_not_every_push(shared_dir: Path) -> None:
+    path = shared_dir / "busgate.db"
+    store = await SQLiteStore.open(str(path))
+    await store.aclose()
+    give_to_other_user(shared_dir)
+    path.chmod(0o444)
+    said = open_as_other_user(path)
+    assert said.startswith(f"open: {path}: attempt to write a readonly database"), said
+    assert f"may not read and write {path}" in said
+
+
+async def test_a_directory_this_user_may_not_write_is_named(shared_dir: Path) -> None:
+    locked = shared_dir / "locked"
+    locked.mkdir(mode=0o555)  # root's (or, not running as root, this user's): not writable
+    said = open_as_other_user(locked / "busgate.db")
+    user = 65534 if os.geteuid() == 0 else os.geteuid()
+    assert said == (
+        f"open: {locked / 'busgate.db'}: unable to open database file"
+        f" (user id {user} may not create files in {locked})"
+    )
+
+
+async def test_listing_dead_jobs_reads_the_payloads_of_the_page_only(tmp_path: Path) -> None:
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    big = 1024 * 1024
+    try:
+        for n in range(40):
+            await store.push("orders", ROUTES, [NewJob(bytes([n]) * big)])
+            (job,) = await store.reserve("orders", "email", 1, lease=30)
+            await store.bury(job, Attempt(job.attempt, 1.0, 0.01, Outcome.DEAD, status=400))
+        tracemalloc.start()
+        try:
+            # A filter matching nothing scans all 40: none of their payloads is needed.
+            nothing = await store.list_dead("orders", "email", DeadFilter(status=500), None, 10)
+            _, scanning = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            page = await store.list_dead("orders", "email", DeadFilter(), None, 2)
+            _, paging = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        await store.aclose()
+    assert nothing.jobs == () and nothing.cursor is None
+    assert [job.payload for job in page.jobs] == [bytes([39]) * big, bytes([38]) * big]
+    assert scanning < 4 * big, f"a scan of 40 dead jobs held {scanning / big:.0f} MiB"
+    assert paging < 8 * big, f"a page of 2 dead jobs held {paging / big:.0f} MiB"
+
+
+async def test_a_push_after_the_directory_was_replaced_by_a_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "state"
+    store = await SQLiteStore.open(str(directory / "busgate.db"))
+    try:
+        await store.push("orders", ROUTES, [NewJob(b"kept")])
+        shutil.rmtree(directory)
+        directory.write_text("a file where the store's directory was")
+        with trio.fail_after(10):  # the writer thread died on ENOTDIR: this waited forever
+            with pytest.raises(StoreUnavailable, match="deleted or replaced while busgate"):
+                await store.push("orders", ROUTES, [NewJob(b"would be lost")])
+            with pytest.raises(StoreUnavailable, match="deleted or replaced while busgate"):
+                await store.check()
+    finally:
+        with trio.fail_after(10):
+            await store.aclose()
+
+
+async def test_an_error_around_a_group_answers_its_callers_and_the_writer_lives_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a daemon not running as root meets when its directory loses its search
+    # permission: os.stat() before a group fails, outside any operation.
+    path = tmp_path / "busgate.db"
+    store = await SQLiteStore.open(str(path))
+    try:
+
+        def denied(_path: str) -> tuple[int, int]:
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(sqlite_module, "_identity", denied)
+        with trio.fail_after(10):
+            with pytest.raises(StoreUnavailable, match=rf"{path}: .*Permission denied"):
+                await store.push("orders", ROUTES, [NewJob(b"x")])
+        monkeypatch.undo()
+        with trio.fail_after(10):
+            pushed = await store.push("orders", ROUTES, [NewJob(b"y")])
+            (job,) = await store.reserve("orders", "email", 1, lease=30)
+        assert job.id == pushed.ids[0]
+    finally:
+        with trio.fail_after(10):
+            await store.aclose()
