@@ -80,10 +80,20 @@ class CircuitBreaker:
             return 1
         return 0
 
-    def started(self) -> None:
-        """A delivery began; in half-open it is the probe."""
-        if self.state is CircuitState.HALF_OPEN:
+    def started(self) -> bool:
+        """A job was taken for delivery; True if it is the half-open probe."""
+        if self.state is CircuitState.HALF_OPEN and not self._probing:
             self._probing = True
+            return True
+        return False
+
+    def probe_withdrawn(self) -> None:
+        """The probe went back undelivered (a pause, a lost lease): the next job probes.
+
+        Without this the circuit would wait, half-open, for an outcome that never comes.
+        """
+        if self.state is CircuitState.HALF_OPEN:
+            self._probing = False
 
     @property
     def reopen_at(self) -> float:

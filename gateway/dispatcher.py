@@ -146,6 +146,8 @@ class Dispatcher:
         #: When the last store calls give up (set once the deliveries are over).
         self._store_deadline = math.inf
         self._deliveries: trio.CancelScope | None = None
+        #: The id of the half-open circuit's probe until a worker delivers it.
+        self._probe: str | None = None
         #: Set once run() has returned: deliveries drained, unfinished jobs released.
         self.finished = trio.Event()
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
@@ -207,7 +209,8 @@ class Dispatcher:
         return self._paused
 
     def pause(self) -> None:
-        """Stop reserving; buffered and in-flight deliveries finish.  Producers can push."""
+        """Stop reserving and starting deliveries: in-flight ones finish, buffered jobs go
+        back to the store unspent.  Producers can push."""
         self._paused = True
 
     def resume(self) -> None:
@@ -307,7 +310,8 @@ class Dispatcher:
             if self._bucket is not None:
                 self._bucket.take(len(jobs))
             for job in jobs:
-                self.circuit.started()
+                if self.circuit.started():
+                    self._probe = job.id
                 self._held[job.id] = job
                 self._buffered_leases[job.id] = job.lease_until
                 self._jobs_in.send_nowait(job)
@@ -323,6 +327,13 @@ class Dispatcher:
     def _let_go(self, job: Job) -> None:
         self._held.pop(job.id, None)
         self._capacity.set()
+
+    def _not_delivered(self, job: Job) -> None:
+        """``job`` leaves us without an attempt: if it was the probe, another must go."""
+        if job.id == self._probe:
+            self._probe = None
+            self.circuit.probe_withdrawn()
+        self._let_go(job)
 
     # -- delivering ---------------------------------------------------------------------------
 
@@ -341,13 +352,18 @@ class Dispatcher:
             lease_until = self._buffered_leases.pop(job.id, job.lease_until)
             if self._stopping:
                 continue  # buffered: released at the end, no attempt spent
-            if self.circuit.state is CircuitState.OPEN:
-                # Reserved before the circuit opened: give it back rather than burn an attempt
-                # on a backend known to be down.
-                await self._give_back(job)
+            if self._paused or self.circuit.state is CircuitState.OPEN:
+                # Reserved before a pause or before the circuit opened: give it back rather
+                # than start a delivery the operator stopped (a slow topic's buffer would go
+                # on delivering for rounds after a pause), or burn an attempt on a backend
+                # known to be down.  The rest of the buffer goes back with it, in one store
+                # call and in the order it was reserved.
+                await self._give_back([job, *self._drain_buffer()])
                 continue
             if not await self._lease_covers_an_attempt(job, lease_until):
                 continue
+            if job.id == self._probe:
+                self._probe = None  # on its way: its outcome decides
             self._in_flight += 1
             self._started += 1
             try:
@@ -366,15 +382,30 @@ class Dispatcher:
         except StoreError as exc:
             log.warning("lease extension failed job=%s error=%s", job.id, exc)
             return True  # deliver anyway: at worst the job is delivered twice, never lost
-        self._let_go(job)  # the lease was lost: the job belongs to someone else now
+        self._not_delivered(job)  # the lease was lost: the job belongs to someone else now
         return False
 
-    async def _give_back(self, job: Job) -> None:
+    def _drain_buffer(self) -> list[Job]:
+        """Every job waiting in the buffer, taken out of it."""
+        drained: list[Job] = []
+        while True:
+            try:
+                job = self._jobs_out.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return drained
+            self._buffered_leases.pop(job.id, None)
+            drained.append(job)
+
+    async def _give_back(self, jobs: list[Job]) -> None:
         try:
-            await self.store.release([job])
+            await self.store.release(jobs)
         except StoreError as exc:
-            log.warning("release failed job=%s error=%s", job.id, exc)
-        self._let_go(job)
+            # Their leases run out and they come back, each having spent an attempt.
+            log.warning(
+                "release failed queue=%s topic=%s jobs=%d error=%s", *self.key, len(jobs), exc
+            )
+        for job in jobs:
+            self._not_delivered(job)
 
     async def _deliver(self, job: Job) -> None:
         started_at = self._clock()

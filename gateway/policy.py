@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from adapters.delivery.base import Delivery
@@ -32,7 +33,9 @@ class Backoff:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Exponential in the attempt number, capped, with "equal jitter" (50-100%)."""
-        base = min(self.max_backoff, self.backoff * 2.0 ** max(attempt - 1, 0))
+        # The exponent is capped: 2.0 ** 1024 raises OverflowError (max_attempts may be
+        # 10,000), and by 2 ** 1000 any backoff has long reached any max_backoff.
+        base = min(self.max_backoff, self.backoff * 2.0 ** min(max(attempt - 1, 0), 1000))
         return base * (0.5 + rng.random() / 2)
 
 
@@ -93,7 +96,10 @@ def retry_after(value: bytes | None, now: float) -> float | None:
     if text.isascii() and text.isdigit():  # isdigit() alone takes "²": float() does not
         return min(float(text), MAX_RETRY_AFTER)
     try:
-        when = parsedate_to_datetime(text).timestamp()
+        date = parsedate_to_datetime(text)
+        # An HTTP-date is always GMT, but the asctime form names no zone and Python reads
+        # such a date as local time: a host not on UTC would be hours off.
+        when = date.replace(tzinfo=date.tzinfo or UTC).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None  # not a date we can use: ordinary backoff
     return min(max(when - now, 0.0), MAX_RETRY_AFTER)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from hypothesis import given
@@ -75,6 +76,34 @@ def test_backoff_grows_caps_and_jitters() -> None:
         assert max(delays) - min(delays) > base * 0.3  # jittered, not constant
 
 
+def test_backoff_past_a_thousand_attempts_is_capped_not_an_overflow() -> None:
+    # 2.0 ** 1024 raised OverflowError, which ended the dispatcher (max_attempts may be 10,000).
+    rng = random.Random(1)
+    for attempt in (1024, 1025, 5000, 10_000):
+        assert 300 <= Backoff(1.0, 600.0).delay(attempt, rng) <= 600
+        assert Backoff(0.0, 0.0).delay(attempt, rng) == 0
+    outcome, delay, spend = verdict(answer(500), attempt=2000, max_attempts=10_000)
+    assert outcome is Outcome.RETRY and delay is not None and 300 <= delay <= 600 and spend
+
+
+def test_retry_after_dates_are_gmt_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The asctime form names no zone; it was read as local time, hours off on such a host.
+    monkeypatch.setenv("TZ", "EST5")
+    time.tzset()
+    try:
+        for form in (
+            b"Sun Nov  6 08:49:37 1994",
+            b"Sunday, 06-Nov-94 08:49:37 GMT",
+            b"Sun, 06 Nov 1994 08:49:37 GMT",
+        ):
+            assert retry_after(form, 784111767.0) == 10, form
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_retry_after_forms() -> None:
     assert retry_after(b"120", NOW) == 120
     assert retry_after(b"99999999", NOW) == 24 * 3600
@@ -129,6 +158,19 @@ def test_circuit_opens_probes_and_closes() -> None:
         0,
     )
     assert circuit.allowance() is None
+
+
+def test_a_withdrawn_probe_lets_the_next_job_probe() -> None:
+    clock = Clock()
+    circuit = CircuitBreaker(failures=1, cooldown=10, clock=clock)
+    circuit.record(answer(500))
+    clock.now += 10
+    assert circuit.allowance() == 1
+    assert circuit.started() is True  # the probe
+    assert circuit.allowance() == 0 and circuit.started() is False
+    circuit.probe_withdrawn()  # it went back to the store undelivered (a pause)
+    assert circuit.statistics().state is CircuitState.HALF_OPEN
+    assert circuit.allowance() == 1  # before, 0 for ever: a wedged topic
 
 
 def test_token_bucket() -> None:
