@@ -362,14 +362,15 @@ RELEASE = Script(
     + """
 local topic = ARGV[2]
 local released = 0
-for i = 3, #ARGV, 2 do
+-- Last first: each goes to the front, so the first given back ends up first in line.
+for i = #ARGV - 1, 3, -2 do
   local id = ARGV[i]
   local st = leased(topic, id, ARGV[i + 1])
   if st then
     redis.call('ZREM', K('l', topic), id)
     st.s, st.l, st.n = '0', '', tostring(tonumber(st.n) - 1)
     put_state(topic, id, st)
-    -- to the front: these were next in line before the shutdown
+    -- to the front: these were next in line before they were given back
     redis.call('LPUSH', ready_list(topic, id), id)
     released = released + 1
   end

@@ -220,6 +220,17 @@ async def test_release_gives_jobs_back_without_an_attempt(store: Store) -> None:
     assert sorted(j.payload for j in again) == [b"a", b"b"]
 
 
+async def test_released_jobs_are_next_in_line_in_their_order(store: Store) -> None:
+    # A shutdown, a pause or an open circuit gives back jobs reserved in order: they must
+    # come out again in that order, ahead of the jobs behind them.
+    await store.push("orders", ROUTES, [NewJob(b"%d" % n) for n in range(6)])
+    assert await store.release(await store.reserve("orders", "email", 4, 30)) == 4
+    again: list[Job] = []
+    while len(again) < 6 and (more := await store.reserve("orders", "email", 6 - len(again), 30)):
+        again += more
+    assert [j.payload for j in again] == [b"%d" % n for n in range(6)]
+
+
 async def test_priorities_share_three_two_one(store: Store) -> None:
     jobs = [NewJob(f"{p.name}{i}".encode(), priority=p) for p in Priority for i in range(60)]
     await store.push("orders", ROUTES, jobs)
