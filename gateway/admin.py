@@ -15,6 +15,7 @@ import base64
 import hmac
 import json
 import logging
+import math
 import mimetypes
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ import trio
 import trio_websocket
 
 from adapters.delivery.base import running
-from adapters.storage.base import Store
+from adapters.storage.base import Store, parse_dead_cursor
 from adapters.storage.bulk import delete_where, matching_dead_ids, replay_ids, replay_where
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import (
@@ -69,6 +70,14 @@ def read_token(path: str | None) -> str | None:
     token = Path(path).read_text(encoding="utf-8").strip()
     if len(token) < 16:
         raise ValueError(f"{path}: the admin token must be at least 16 characters")
+    if not all(" " <= char <= "~" for char in token):
+        # It travels in an HTTP header, whose bytes clients encode as they please (curl as
+        # UTF-8, Python and browsers as Latin-1, or not at all): outside ASCII, the right
+        # token would be refused from some clients and crash others.
+        raise ValueError(
+            f"{path}: the admin token must be printable ASCII (letters, digits, punctuation),"
+            " as `openssl rand -hex 24` writes it"
+        )
     return token
 
 
@@ -130,9 +139,14 @@ def dead_filter(source: Mapping[str, Any]) -> DeadFilter:
         if value is None or value == "":
             return None
         try:
-            return kind(str(value))
+            number = kind(str(value))
         except ValueError:
             raise HTTPError(400, f"{name} must be a number, not {value!r}") from None
+        # NaN compares false with every time, so `since: NaN` would select every dead job
+        # (and a delete by that filter delete them all); infinities select all or nothing.
+        if not math.isfinite(number):
+            raise HTTPError(400, f"{name} must be a finite number, not {value!r}")
+        return number
 
     attribute = source.get("attribute")
     pair = None
@@ -257,12 +271,11 @@ class AdminAPI:
         args = {name: values[-1] for name, values in request.query.items()}
         where = dead_filter(args)
         limit = self._limit(args.get("limit"))
+        cursor = args.get("cursor") or None
+        if cursor is not None:
+            _check_cursor(cursor)
         try:
-            page = await self.store.list_dead(
-                topic.queue, topic.name, where, args.get("cursor") or None, limit
-            )
-        except ValueError as exc:
-            raise HTTPError(400, f"cursor: {exc}") from None
+            page = await self.store.list_dead(topic.queue, topic.name, where, cursor, limit)
         except StoreError as exc:
             raise HTTPError(503, f"store unavailable: {exc}") from None
         return Response.json({"jobs": [dead_document(j) for j in page.jobs], "cursor": page.cursor})
@@ -316,44 +329,76 @@ class AdminAPI:
             raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
         ids, where = self._selection(body)
         rate = body.get("rate")
-        if rate is not None and (not isinstance(rate, int | float) or rate <= 0):
+        # JSON's true is an int to Python, and json.loads reads NaN and Infinity.
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf
+        ):
             raise HTTPError(400, '"rate" must be a positive number of jobs per second')
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise HTTPError(400, '"dry_run" must be true or false')
         store, queue, name = self.store, topic.queue, topic.name
         try:
-            if ids is None:
-                assert where is not None
-                matched = len(await matching_dead_ids(store, queue, name, where))
-            else:  # those of the ids that are dead jobs of this topic
-                dead = set(await matching_dead_ids(store, queue, name, DeadFilter()))
-                ids = [job_id for job_id in dict.fromkeys(ids) if job_id in dead]
-                matched = len(ids)
-            if body.get("dry_run"):
-                return Response.json({"matched": matched, done: 0, "dry_run": True})
-            if matched == 0:
-                raise HTTPError(404, "no dead job matches that filter")
-            if rate is not None and matched / rate > MAX_PACED_SECONDS:
-                raise HTTPError(
-                    400,
-                    f"{matched} jobs at {rate:g}/s would take {matched / rate:.0f}s; one call"
-                    f" may take at most {MAX_PACED_SECONDS:.0f}s: raise the rate, replay fewer"
-                    " jobs per call, or use `busgate dead replay --rate`, which paces itself",
-                )
-            if done == "replayed":
-                count = (
-                    await replay_ids(store, queue, name, ids, rate=rate)
-                    if ids is not None
-                    else await replay_where(store, queue, name, where or DeadFilter(), rate=rate)
-                )
+            if ids is not None and not dry_run and rate is None:
+                # The store acts on the dead jobs of this topic only and skips other ids, so
+                # its count is the match: listing the whole dead set to count them first made
+                # a replay of N dead jobs in chunks of ids (the CLI's) read N²/100 of them.
+                count = matched = await self._act(done, queue, name, list(dict.fromkeys(ids)))
             else:
-                count = (
-                    await store.delete_dead(queue, name, ids)
-                    if ids is not None
-                    else await delete_where(store, queue, name, where or DeadFilter())
-                )
+                if ids is None:
+                    assert where is not None
+                    matched = len(await matching_dead_ids(store, queue, name, where))
+                else:  # those of the ids that are dead jobs of this topic
+                    dead = set(await matching_dead_ids(store, queue, name, DeadFilter()))
+                    ids = [job_id for job_id in dict.fromkeys(ids) if job_id in dead]
+                    matched = len(ids)
+                if dry_run:
+                    return Response.json({"matched": matched, done: 0, "dry_run": True})
+                if matched and rate is not None and matched / rate > MAX_PACED_SECONDS:
+                    raise HTTPError(
+                        400,
+                        f"{matched} jobs at {rate:g}/s would take {matched / rate:.0f}s; one"
+                        f" call may take at most {MAX_PACED_SECONDS:.0f}s: raise the rate,"
+                        " replay fewer jobs per call, or use `busgate dead replay --rate`,"
+                        " which paces itself",
+                    )
+                count = await self._act(done, queue, name, ids, where, rate) if matched else 0
         except StoreError as exc:
             raise HTTPError(503, f"store unavailable: {exc}") from None
+        if matched == 0:
+            # With the counts: a client replaying in chunks tells a chunk whose jobs are no
+            # longer dead (another operator was first) from an unknown queue or topic.
+            return Response.json(
+                {"error": "no dead job matches that filter", "matched": 0, done: 0}, 404
+            )
         log.info("%s queue=%s topic=%s jobs=%d", done, queue, name, count)
+        # As after a pause: the `busgate stats` an operator runs next shows the change, not
+        # the sample taken up to a second before it.
+        await self.telemetry.sample()
         return Response.json({"matched": matched, done: count})
+
+    async def _act(
+        self,
+        done: str,
+        queue: str,
+        name: str,
+        ids: list[str] | None,
+        where: DeadFilter | None = None,
+        rate: float | None = None,
+    ) -> int:
+        """Replay or delete the dead jobs among ``ids`` (or matching ``where``)."""
+        store = self.store
+        if done == "replayed":
+            return (
+                await replay_ids(store, queue, name, ids, rate=rate)
+                if ids is not None
+                else await replay_where(store, queue, name, where or DeadFilter(), rate=rate)
+            )
+        return (
+            await store.delete_dead(queue, name, ids)
+            if ids is not None
+            else await delete_where(store, queue, name, where or DeadFilter())
+        )
 
     async def pause(self, request: Request) -> Response:
         return await self._set_paused(request, True)
@@ -486,6 +531,7 @@ class AdminAPI:
             try:
                 if not await self._live_login(socket):
                     return
+                nursery.start_soon(_discard_incoming, socket, nursery.cancel_scope)
                 token = self.token
                 subscriber = self.telemetry.subscribe()
                 try:
@@ -514,12 +560,38 @@ class AdminAPI:
             message = await socket.get_message()
             try:
                 given = json.loads(message).get("token", "")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # deeply nested: not a login
                 given = ""
             if isinstance(given, str) and hmac.compare_digest(given.encode(), self.token.encode()):
                 return True
         await _close(socket, 'send {"token": "<admin token>"} first')
         return False
+
+
+def _check_cursor(cursor: str) -> None:
+    """400 for a cursor no listing handed out, before the store sees it."""
+    try:
+        died_at, _ = parse_dead_cursor(cursor)
+    except ValueError as exc:
+        raise HTTPError(400, f"cursor: {exc}") from None
+    if not math.isfinite(died_at):  # NaN: Redis refuses it, SQLite matches nothing
+        raise HTTPError(400, f"cursor: invalid cursor {cursor!r}")
+
+
+async def _discard_incoming(
+    socket: trio_websocket.WebSocketConnection, session: trio.CancelScope
+) -> None:
+    """Read (and drop) what a logged-in client sends; end its session when it closes.
+
+    The feed only sends, but unread messages would fill trio-websocket's queue (one message)
+    and stop its reader: the client's close frame would then go unanswered, and the feed on
+    until a send failed.
+    """
+    try:
+        while True:
+            await socket.get_message()
+    except trio_websocket.ConnectionClosed:
+        session.cancel()
 
 
 async def _close(socket: trio_websocket.WebSocketConnection, reason: str) -> None:

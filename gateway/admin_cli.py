@@ -32,6 +32,7 @@ from gateway.admin_client import (
     AdminClient,
     BadRequest,
     ClientError,
+    NotFound,
     Selection,
     Settings,
     SetupError,
@@ -371,7 +372,8 @@ def _dead_replay(args: argparse.Namespace, settings: Settings) -> int:
         raise ClientError("no dead job matches that filter")
     if not _confirmed(args, counted["matched"], f"{queue}/{topic}", "replay"):
         return _fail("nothing replayed", 1)
-    ids = list(selection.ids) or _matching_ids(client, queue, topic, selection)
+    # An id given twice is one job: counted once, not reported as "no longer dead".
+    ids = list(dict.fromkeys(selection.ids)) or _matching_ids(client, queue, topic, selection)
     if not ids:
         raise ClientError("no dead job matches any more: nothing replayed")
     size = REPLAY_CHUNK if args.rate is None else max(1, min(REPLAY_CHUNK, int(args.rate)))
@@ -380,7 +382,7 @@ def _dead_replay(args: argparse.Namespace, settings: Settings) -> int:
     try:
         bar.show(0)
         for chunk in chunked(ids, size):
-            replayed += client.replay(queue, topic, Selection(ids=tuple(chunk)))["replayed"]
+            replayed += _replay_chunk(client, queue, topic, chunk)
             done += len(chunk)
             if args.rate is not None:
                 # Wait out this chunk's share of time, counting the call itself: N jobs take
@@ -408,6 +410,21 @@ def _dead_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _replay_chunk(client: AdminClient, queue: str, topic: str, chunk: Sequence[str]) -> int:
+    """Replay one chunk of ids; 0 when none of them is dead any more.
+
+    A chunk whose jobs were replayed meanwhile (by another operator, or a typo among
+    ``--ids``) is part of the answer, not a reason to stop half-way: the server's 404 then
+    says ``"matched": 0``, which a 404 for an unknown queue or topic does not.
+    """
+    try:
+        return int(client.replay(queue, topic, Selection(ids=tuple(chunk)))["replayed"])
+    except NotFound as exc:
+        if exc.document.get("matched") == 0:
+            return 0
+        raise
+
+
 def _matching_ids(client: AdminClient, queue: str, topic: str, selection: Selection) -> list[str]:
     """Every id the filter selects, collected before any is replayed (a replay changes the
     dead list the cursor walks)."""
@@ -425,6 +442,8 @@ def _dead_delete(args: argparse.Namespace, settings: Settings) -> int:
     counted = client.delete(queue, topic, selection, dry_run=True)
     if args.dry_run:
         return _dry_run(args, counted, f"{queue}/{topic}", "deleted")
+    if counted["matched"] == 0:  # as for a replay: nothing to ask about
+        raise ClientError("no dead job matches that filter")
     if not _confirmed(args, counted["matched"], f"{queue}/{topic}", "delete"):
         return _fail("nothing deleted", 1)
     result = client.delete(queue, topic, selection)

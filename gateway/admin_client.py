@@ -52,10 +52,14 @@ class ConnectError(ClientError):
 class APIError(ClientError):
     """The server answered with an error: its status and its ``{"error": …}`` message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, document: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        #: The server's JSON answer, when it sent one (a replay's 404 carries its counts).
+        self.document: Mapping[str, Any] = document or {}
 
 
 class Unauthorized(APIError):
@@ -454,16 +458,18 @@ class AdminClient:
         else:
             text = raw[:200].decode("utf-8", "replace").strip()
             message = f"{self.base_url} answered {status}" + (f": {text}" if text else "")
+        answer = document if isinstance(document, dict) else None
         if status == 401:
             if what == "admin token":
                 source = f" (from {self.token_source})" if self.token_source else ""
-                raise Unauthorized(status, f"wrong or missing admin token{source}")
-            raise Unauthorized(status, f"{message} (give --password or set {PASSWORD_ENV})")
+                raise Unauthorized(status, f"wrong or missing admin token{source}", answer)
+            message += f" (give --password or set {PASSWORD_ENV})"
+            raise Unauthorized(status, message, answer)
         if status in (400, 415):
-            raise BadRequest(status, message)
+            raise BadRequest(status, message, answer)
         if status == 404:
-            raise NotFound(status, message)
-        raise APIError(status, message)
+            raise NotFound(status, message, answer)
+        raise APIError(status, message, answer)
 
 
 def chunked(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

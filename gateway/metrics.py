@@ -32,6 +32,9 @@ class _BusgateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snapshot = self.telemetry.snapshot()
         topics = [t for q in snapshot["queues"] for t in q["topics"]]
+        # The topics of the running configuration: telemetry keeps a removed topic's
+        # durations (it may come back), but its series leave /metrics with its counters.
+        configured = {(t["queue"], t["topic"]) for t in topics}
         counters = {
             name: CounterMetricFamily(f"busgate_jobs_{name}", help_text, labels=_LABELS)
             for name, help_text in (
@@ -82,6 +85,8 @@ class _BusgateCollector(Collector):
             labels=_LABELS,
         )
         for queue, topic_name, histogram, total, _count in self.telemetry.duration_histograms():
+            if (queue, topic_name) not in configured:
+                continue
             cumulative, buckets = 0, []
             for bound, n in zip([*map(str, DURATION_BUCKETS), "+Inf"], histogram, strict=True):
                 cumulative += n
@@ -95,6 +100,8 @@ class _BusgateCollector(Collector):
             labels=[*_LABELS, "kind"],
         )
         for queue, topic_name, kind, count in self.telemetry.backend_failures():
+            if (queue, topic_name) not in configured:
+                continue
             errors.add_metric([queue, topic_name, kind], count)
         yield errors
 

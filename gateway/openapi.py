@@ -33,7 +33,16 @@ def _selection(action: str) -> dict[str, Any]:
         "type": "object",
         "description": f'Which dead jobs to {action}: exactly one of "ids", "filter", "all".',
         "properties": {
-            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "ids": {
+                "type": "array",
+                "items": {"type": "string"},
+                "minItems": 1,
+                "description": (
+                    "Ids that are not dead jobs of this topic are skipped. When none is (nor"
+                    ' any job matches a filter), the 404 carries "matched": 0, which a 404'
+                    " for an unknown queue or topic does not."
+                ),
+            },
             "filter": _ref("DeadFilter"),
             "all": {"type": "boolean", "const": True},
             "dry_run": {"type": "boolean", "description": "Count the matches, change nothing."},
@@ -50,8 +59,8 @@ def document() -> dict[str, Any]:
         "type": "number",
         "exclusiveMinimum": 0,
         "description": (
-            "Jobs per second; the call returns when all are replayed, so it is refused (400)"
-            " if that would take over 600 seconds."
+            "Jobs per second (finite); the call returns when all are replayed, so it is"
+            " refused (400) if that would take over 600 seconds."
         ),
     }
     return {
