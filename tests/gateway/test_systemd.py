@@ -274,6 +274,8 @@ def test_unit_file() -> None:
     assert service["Restart"] == "on-failure"
     # Must outlast the drain (shutdown_timeout, 30s by default) or systemd SIGKILLs it.
     assert parse_duration(service["TimeoutStopSec"]) > 30
+    # Opening a large SQLite store checks the whole file: more than the default 90s.
+    assert parse_duration(service["TimeoutStartSec"]) >= 300
     assert service["StateDirectory"] == "busgate"
     assert service["ConfigurationDirectory"] == "busgate"
     assert (service["User"], service["Group"]) == ("busgate", "busgate")
