@@ -245,28 +245,22 @@ class ClientConnection:
         wants the response whole.  Anything else in a response is a ``RemoteProtocolError``.
         Call it after each ``receive_data``.
         """
-        event = self._guarded(True)
-        if event is NEED_DATA:
-            return NEED_DATA
-        if type(event) is not EndRequest:
-            self.state = State.ERROR
-            raise RemoteProtocolError(f"unexpected {event!r} in a response")
-        stdout, stderr = self._stdout, self._stderr
-        response = FullResponse(
-            b"".join(stdout), b"".join(stderr), event.app_status, event.protocol_status
-        )
-        stdout.clear()
-        stderr.clear()
-        return response
+        result = self._guarded(True)
+        if result is NEED_DATA or type(result) is FullResponse:
+            return result
+        self.state = State.ERROR
+        raise RemoteProtocolError(f"unexpected {result!r} in a response")
 
     def next_event(self) -> ServerEvent | Literal[_NeedData.NEED_DATA]:
         """The next complete event, or ``NEED_DATA``.
 
         Raises ``RemoteProtocolError`` (and enters ``ERROR``) on anything malformed.
         """
-        return self._guarded(False)
+        event = self._guarded(False)
+        assert not isinstance(event, FullResponse)  # only folding makes one
+        return event
 
-    def _guarded(self, fold: bool) -> ServerEvent | Literal[_NeedData.NEED_DATA]:
+    def _guarded(self, fold: bool) -> ServerEvent | FullResponse | Literal[_NeedData.NEED_DATA]:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is in the error state")
         try:
@@ -275,9 +269,10 @@ class ClientConnection:
             self.state = State.ERROR
             raise
 
-    def _next_event(self, fold: bool) -> ServerEvent | Literal[_NeedData.NEED_DATA]:
+    def _next_event(self, fold: bool) -> ServerEvent | FullResponse | Literal[_NeedData.NEED_DATA]:
         """Decode records into the next event; with ``fold``, stdout and stderr pieces go to
-        ``_stdout``/``_stderr`` instead of being returned."""
+        ``_stdout``/``_stderr`` instead of being returned, and END_REQUEST comes back as the
+        whole ``FullResponse``."""
         reader = self._reader
         while True:
             record = reader.next_record()
@@ -328,7 +323,17 @@ class ClientConnection:
             if record_type == _END_REQUEST:
                 app_status, protocol_status = parse_end_request_body(content)
                 self.state = State.DONE
-                return EndRequest(app_status, protocol_status)
+                if not fold:
+                    return EndRequest(app_status, protocol_status)
+                # Built as records.Record is, for the same reason: no EndRequest in between.
+                stdout, stderr = self._stdout, self._stderr
+                response = tuple.__new__(
+                    FullResponse,
+                    (b"".join(stdout), b"".join(stderr), app_status, protocol_status),
+                )
+                stdout.clear()
+                stderr.clear()
+                return response
             raise RemoteProtocolError(f"server sent a record of type {record_type} to a client")
 
     def _management_event(self, record_type: int, content: bytes) -> ServerEvent:

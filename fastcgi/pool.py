@@ -297,14 +297,9 @@ class ConnectionPool:
         if not answer.complete:
             raise RequestRejected(self._name, answer.protocol_status)
         cgi = parse_cgi_response(answer.stdout, max_header_size=self.max_header_size)
+        # Positional: binding seven keywords costs more than building the object.
         return Response(
-            status=cgi.status,
-            reason=cgi.reason,
-            headers=cgi.headers,
-            body=cgi.body,
-            stderr=answer.stderr,
-            app_status=answer.app_status,
-            elapsed=elapsed,
+            cgi.status, cgi.reason, cgi.headers, cgi.body, answer.stderr, answer.app_status, elapsed
         )
 
     async def _write(
@@ -314,6 +309,22 @@ class ConnectionPool:
 
         Returns whether it waited.
         """
+        # A request nearly always fits the socket buffer: one send(), without the deadline
+        # bookkeeping of a wait (a closure and a coroutine) built for nothing.
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise ConnectionLost(self._name, f"connection broke while writing: {exc}") from exc
+        if sent == len(data):
+            return False
+        return await self._write_waiting(conn, memoryview(data)[sent:], deadline)
+
+    async def _write_waiting(
+        self, conn: FastCGIConnection, data: memoryview, deadline: float
+    ) -> bool:
+        """The rest of ``_write``: send ``data``, waiting for room under the write deadline."""
         armed, allowed = False, math.inf
 
         def arm() -> None:
@@ -351,12 +362,15 @@ class ConnectionPool:
         """
         sock = conn.sock
         protocol = conn.protocol
-        deadline = min(started + none_inf(limit), deadline)
+        if limit is not None:
+            deadline = min(started + limit, deadline)
         # A new connection's first answer not begun by then: php-fpm may have no child free
         # for it while other pools hold some idle (_free_a_child).  Once, and only then, so
-        # pools busy by turns do not close each other's connections for nothing.
-        shared = len(_RUNNING.get(self.address, ())) > 1
-        nudge_at = started + _NUDGE if conn.requests == 1 and shared else 0
+        # pools busy by turns do not close each other's connections for nothing.  (Reused
+        # connections, nearly every request, skip the look-up: hashing the address is a call.)
+        nudge_at = 0.0
+        if conn.requests == 1 and len(_RUNNING.get(self.address, ())) > 1:
+            nudge_at = started + _NUDGE
         self._pool.arm(conn, deadline)
         try:
             # One yield first: by then a quick backend has usually answered, and recv()

@@ -130,7 +130,11 @@ class Pool(Generic[C]):
         self._wake = trio.Event()  # set when run() must look again before its deadline
         self._timer_at = math.inf  # when run() will look next
         self._deadlines: dict[C, float] = {}  # armed exchanges
-        self._running = False
+        #: Whether ``run()`` is running, so that armed deadlines are enforced.  An attribute
+        #: rather than a property: every request checks it.
+        self.running = False
+        # Without either limit no connection wears out: release and reuse skip the check.
+        self._may_wear_out = limits.max_requests is not None or limits.max_age is not None
         #: trio's clock, read without the three calls behind trio.current_time(): the hot
         #: path reads it several times per exchange.  Bound to the run's clock by run().
         self.now: Callable[[], float] = trio.current_time
@@ -208,17 +212,16 @@ class Pool(Generic[C]):
         self._in_use -= 1
         self._slots.release()
         now = self.now()
-        if self._closed or not conn.reusable() or self._worn_out(conn, now):
+        if (
+            self._closed
+            or not conn.reusable()
+            or (self._may_wear_out and self._worn_out(conn, now))
+        ):
             self._close(conn)
             return
         conn.idle_since = now
         self._idle.append(conn)
         self._remind(now + self.limits.idle_timeout)
-
-    @property
-    def running(self) -> bool:
-        """Whether ``run()`` is running, so that armed deadlines are enforced."""
-        return self._running
 
     def arm(self, conn: C, deadline: float) -> None:
         """Close ``conn`` (see ``PooledStream.expire``) if it is still armed at ``deadline``.
@@ -247,9 +250,9 @@ class Pool(Generic[C]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Close idle connections as they expire and expire overdue exchanges, until closed."""
-        if self._running:
+        if self.running:
             raise RuntimeError(f"{self.name}: the pool's run() is already running")
-        self._running = True
+        self.running = True
         self.now = trio.lowlevel.current_clock().current_time
         try:
             task_status.started()
@@ -275,7 +278,7 @@ class Pool(Generic[C]):
                 with trio.move_on_at(self._timer_at):
                     await self._wake.wait()
         finally:
-            self._running = False
+            self.running = False
             self.now = trio.current_time
 
     def close(self) -> None:
@@ -302,7 +305,8 @@ class Pool(Generic[C]):
         while self._idle:
             conn = self._idle.pop()
             expired = now - conn.idle_since >= self.limits.idle_timeout
-            if expired or self._worn_out(conn, now) or conn.has_unread_input():
+            worn_out = self._may_wear_out and self._worn_out(conn, now)
+            if expired or worn_out or conn.has_unread_input():
                 self._close(conn)
                 continue
             return conn
@@ -343,7 +347,9 @@ def none_inf(value: float | None) -> float:
     return math.inf if value is None else value
 
 
-async def send_all(sock: socket.socket, data: bytes, before_waiting: Callable[[], None]) -> None:
+async def send_all(
+    sock: socket.socket, data: bytes | memoryview, before_waiting: Callable[[], None]
+) -> None:
     """Send all of ``data`` on a non-blocking socket, waiting only if it does not fit.
 
     A request or reply that fits the socket buffer is one ``send()``, with no trip through

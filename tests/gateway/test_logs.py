@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import weakref
 
+import pytest
 import trio
 import trio.testing
 
@@ -25,6 +27,36 @@ def test_lines_read_exactly_as_the_stock_formatter_writes_them() -> None:
     # Within one second, across a second and across a day: the cached part follows.
     for created in (1763931223.0, 1763931223.8167, 1763931224.001, 1764017623.999, 5.5):
         assert ours.format(record(created)) == stock.format(record(created))
+
+
+def test_every_kind_of_line_reads_as_the_stock_formatter_writes_it() -> None:
+    # LineFormatter formats a plain line itself: tracebacks, stacks, mapping arguments and
+    # other formats must still come out as logging.Formatter writes them.
+    def entry(**extra: object) -> logging.LogRecord:
+        line = record(1763931223.25)
+        line.__dict__.update(extra)
+        return line
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+    cases = [
+        entry(),
+        entry(exc_info=exc_info),
+        entry(stack_info="Stack (most recent call last):\n  here"),
+        entry(msg="job=%(id)s", args={"id": "a"}),  # as LogRecord keeps a lone mapping
+    ]
+    for fmt in (FORMAT, "%(levelname)s:%(message)s", ""):
+        stock, ours = logging.Formatter(fmt or None), LineFormatter(fmt)
+        for line in cases:
+            assert ours.format(line) == stock.format(line), fmt
+    missing = "%(message)s %(job)s"
+    with pytest.raises(ValueError, match="job") as stock_error:
+        logging.Formatter(missing).format(entry())
+    with pytest.raises(ValueError) as our_error:
+        LineFormatter(missing).format(entry())
+    assert str(our_error.value) == str(stock_error.value)
 
 
 def test_an_explicit_date_format_is_honoured() -> None:
