@@ -13,12 +13,20 @@ after a read that drained the socket (one shorter than asked for) or that found 
 ``receive`` does that.  The peer's end of the stream can come in the same event as its last
 data, and a read returns the data only: a socket whose peer has hung up stays readable
 from then on, so the read after finds the end.
+
+A socket may also be registered with a handler, which the readiness task calls in place of
+waking the task waiting on that socket: when it can deal with what arrived itself (a
+producer's push, ``gateway.resp_server``), the task waiting stays parked, and a hundred
+sockets found ready in one wake-up cost one task step instead of a hundred.  It is called
+only while a task waits on the socket, so it never runs alongside that task; and not for
+the event that reports the peer's end, which wakes the task (no later event would).
 """
 
 from __future__ import annotations
 
 import select
 import socket
+from collections.abc import Callable
 
 import outcome
 import trio
@@ -26,11 +34,17 @@ import trio
 _FLAGS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
+#: Called when a socket a task waits on becomes readable, instead of waking the task: True
+#: if it dealt with what arrived (the task goes on waiting), False to wake the task.  It runs
+#: in the readiness task, so it must not raise (nor block).
+Handler = Callable[[], bool]
+
 
 class Readiness:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._waiters: dict[int, trio.lowlevel.Task] = {}
+        self._handlers: dict[int, Handler] = {}
         self._ready: set[int] = set()
         self._hung_up: set[int] = set()  # no more events will come: always readable
         self._registered = 0
@@ -39,27 +53,35 @@ class Readiness:
         """Wake the tasks whose sockets became readable, until cancelled."""
         epoll = self._epoll
         waiters = self._waiters
+        handlers = self._handlers
         ready = self._ready
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
                 for fd, flags in epoll.poll(0, max(1, self._registered)):
-                    if flags & _HANGUP:
+                    hung_up = flags & _HANGUP
+                    if hung_up:
                         self._hung_up.add(fd)
                     task = waiters.pop(fd, None)
                     if task is None:
                         ready.add(fd)
+                    elif not hung_up and (handler := handlers.get(fd)) is not None and handler():
+                        waiters[fd] = task  # dealt with: the task goes on waiting
                     else:
                         trio.lowlevel.reschedule(task)
         finally:
             epoll.close()
 
-    def register(self, sock: socket.socket) -> None:
-        self._epoll.register(sock.fileno(), _FLAGS)
+    def register(self, sock: socket.socket, handler: Handler | None = None) -> None:
+        fd = sock.fileno()
+        self._epoll.register(fd, _FLAGS)
         self._registered += 1
+        if handler is not None:
+            self._handlers[fd] = handler
 
     def unregister(self, sock: socket.socket) -> None:
         fd = sock.fileno()
+        self._handlers.pop(fd, None)
         self._ready.discard(fd)
         self._hung_up.discard(fd)
         task = self._waiters.pop(fd, None)

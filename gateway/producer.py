@@ -200,10 +200,23 @@ class ProducerService:
         have its reply sent from the store call's task (``RespServer``): one wake-up per
         command instead of two.  ``on_stored`` runs exactly once, and must not raise.
         """
+        if self.submit_nowait(entry, jobs, on_stored):
+            await self.flush(entry)
+
+    def submit_nowait(self, entry: QueueEntry, jobs: Sequence[NewJob], on_stored: OnStored) -> bool:
+        """``submit`` in two steps, for a caller that must not wait (the RESP server's
+        readiness task): True if no store call was under way, and the caller is to make it
+        at once, in a task that may wait (``flush``).  Until then, what others submit joins
+        that call rather than starting one of its own.
+        """
         batcher = self._batchers.get(entry.config.name)
         if batcher is None:
             batcher = self._batchers[entry.config.name] = _Batcher(self.store)
-        await batcher.submit(entry, jobs, on_stored)
+        return batcher.add(jobs, on_stored)
+
+    async def flush(self, entry: QueueEntry) -> None:
+        """Make the store calls a ``submit_nowait`` that returned True left to this caller."""
+        await self._batchers[entry.config.name].flush(entry)
 
 
 #: Called once with what became of submitted jobs: the store's result, or why it failed.
@@ -224,11 +237,15 @@ class _Batcher:
         self._sending: list[tuple[Sequence[NewJob], OnStored]] = []  # in the call under way
         self._flushing = False
 
-    async def submit(self, entry: QueueEntry, jobs: Sequence[NewJob], on_stored: OnStored) -> None:
+    def add(self, jobs: Sequence[NewJob], on_stored: OnStored) -> bool:
+        """Queue ``jobs`` for the next call; True if the caller is to make it (``flush``)."""
         self._waiting.append((jobs, on_stored))
         if self._flushing:
-            return
+            return False
         self._flushing = True
+        return True
+
+    async def flush(self, entry: QueueEntry) -> None:
         try:
             with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_GRACE):
                 await self._flush_all(entry)

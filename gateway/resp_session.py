@@ -10,6 +10,7 @@ the store has the job.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -88,11 +89,10 @@ class PendingPush:
     jobs: list[NewJob]
     reply_id: bool  # XADD answers with the job id; the list commands with a count
 
-    def reply(self, result: PushResult) -> bytes:
+    def reply(self, ids: tuple[str, ...], first: int = 0) -> bytes:
+        """The reply once stored; ``ids[first]`` is the id of this push's first job."""
         return (
-            resp.bulk_string(result.ids[0].encode())
-            if self.reply_id
-            else resp.integer(len(self.jobs))
+            resp.bulk_string(ids[first].encode()) if self.reply_id else resp.integer(len(self.jobs))
         )
 
 
@@ -242,25 +242,31 @@ class RespSession:
                     nursery.start_soon(store, indexes)
         return replies
 
-    async def commit_then(
+    def commit_nowait(
         self, pushes: list[PendingPush], deliver: Callable[[list[bytes]], None]
-    ) -> None:
-        """``commit``, handing the replies to ``deliver`` instead of returning them.
+    ) -> Callable[[], Awaitable[None]] | None:
+        """``commit`` without waiting: ``deliver`` gets the replies once the store has the
+        jobs, from the task that made the store call (``ProducerService.submit_nowait``).
 
-        It may return before they exist: a push that joins a store call another connection
-        is making is answered from that connection's task (``ProducerService.submit``).
+        What is left for the caller to await at once, in a task that may wait: the store call,
+        when none was under way to join; the calls, when the pushes go to several queues.
         ``deliver`` runs exactly once and must not raise.
         """
         entry = pushes[0].entry
-        if any(push.entry is not entry for push in pushes):  # several queues: stored apart
-            deliver(await self.commit(pushes))
-            return
+        if len(pushes) > 1 and any(push.entry is not entry for push in pushes):
+
+            async def stored_apart() -> None:  # one call per queue
+                deliver(await self.commit(pushes))
+
+            return stored_apart
         jobs = pushes[0].jobs if len(pushes) == 1 else [j for p in pushes for j in p.jobs]
 
         def on_stored(outcome: PushResult | Exception) -> None:
             deliver(_replies(pushes, outcome))
 
-        await self.service.submit(entry, jobs, on_stored)
+        if self.service.submit_nowait(entry, jobs, on_stored):
+            return functools.partial(self.service.flush, entry)
+        return None
 
     def _spec(self, args: tuple[bytes, ...]) -> Spec | bytes:
         """The command's table entry, or the error reply for an unknown command or a wrong
@@ -827,10 +833,16 @@ def _replies(pushes: list[PendingPush], outcome: PushResult | Exception) -> list
         return [_store_error(outcome)] * len(pushes)
     if isinstance(outcome, Exception):  # a bug, not a store failure: say so, keep serving
         return [_internal_error(outcome, (b"storing",))] * len(pushes)
+    ids = outcome.ids
     if len(pushes) == 1:
-        return [pushes[0].reply(outcome)]
-    parts = outcome.parts(len(push.jobs) for push in pushes)
-    return [push.reply(part) for push, part in zip(pushes, parts, strict=True)]
+        return [pushes[0].reply(ids)]
+    # A reply needs only the push's first id, not a PushResult of its own (``parts``).
+    replies = []
+    first = 0
+    for push in pushes:
+        replies.append(push.reply(ids, first))
+        first += len(push.jobs)
+    return replies
 
 
 RespSession.commands = {

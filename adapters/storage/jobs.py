@@ -3,7 +3,9 @@
 ``NewJob``, ``Job`` and ``Attempt`` (and ``base.Finish``) are built once per job on the hot
 path, so they are plain slotted dataclasses, not frozen ones: a frozen dataclass's
 ``__init__`` sets each field through ``object.__setattr__``, 2.5x the cost (1.5 against
-0.6 us for a ``Job``).  Treat them as values all the same: nothing assigns to their fields.
+0.6 us for a ``Job``).  So is ``PushResult``, built once per producer request a merged store
+call carries (``PushResult.parts``): once per unpipelined push.  Treat them as values all
+the same: nothing assigns to their fields.
 """
 
 from __future__ import annotations
@@ -73,16 +75,21 @@ def new_job_id(now: float | None = None) -> str:
         _last_ms = ms
     r = _random.getrandbits(80)
     p = _PAIRS
-    return (  # unrolled: half the cost of a loop, on every pushed job
-        _last_prefix
-        + p[r >> 70 & 1023]
-        + p[r >> 60 & 1023]
-        + p[r >> 50 & 1023]
-        + p[r >> 40 & 1023]
-        + p[r >> 30 & 1023]
-        + p[r >> 20 & 1023]
-        + p[r >> 10 & 1023]
-        + p[r & 1023]
+    # Unrolled: half the cost of a loop, on every pushed job; and joined, not added up
+    # (eight intermediate strings), which takes a fifth off again (callgrind: 9,200 -> 7,500
+    # instructions).
+    return "".join(
+        (
+            _last_prefix,
+            p[r >> 70 & 1023],
+            p[r >> 60 & 1023],
+            p[r >> 50 & 1023],
+            p[r >> 40 & 1023],
+            p[r >> 30 & 1023],
+            p[r >> 20 & 1023],
+            p[r >> 10 & 1023],
+            p[r & 1023],
+        )
     )
 
 
@@ -91,7 +98,8 @@ _last_ms, _last_prefix = -1, ""
 
 def new_trace() -> bytes:
     """16 random bytes, a W3C trace id as a store keeps it."""
-    return _random.randbytes(16)
+    # What Random.randbytes does, without its Python-level frame: this runs per pushed job.
+    return _random.getrandbits(128).to_bytes(16, "little")
 
 
 def new_trace_id() -> str:
@@ -186,7 +194,7 @@ class Pushed(enum.IntEnum):
     UNMATCHED = 2  # no topic's filter accepted it (counted, not an error)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PushResult:
     ids: tuple[str, ...]  # one per pushed job, in order
     outcomes: tuple[Pushed, ...]  # one per pushed job

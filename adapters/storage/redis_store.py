@@ -100,7 +100,9 @@ def pack_record(job: NewJob, enqueued_ms: int, run_ms: int, trace: bytes) -> byt
     """A job as pushed, in one string: the priority byte first (scripts read it), then
     enqueue and run times in ms, the trace id (16 bytes), the attributes (JSON) and the
     payload."""
-    attributes = json.dumps(dict(job.attributes)).encode() if job.attributes else b""
+    if not job.attributes:  # the usual case: one concatenation fewer
+        return _RECORD_HEAD.pack(job.priority, enqueued_ms, run_ms, trace, 0) + job.payload
+    attributes = json.dumps(dict(job.attributes)).encode()
     head = _RECORD_HEAD.pack(job.priority, enqueued_ms, run_ms, trace, len(attributes))
     return head + attributes + job.payload
 
@@ -290,21 +292,25 @@ class RedisStore(Store):
             else:
                 run_ms, run_stamp = now_ms, now_stamp
             trace = bytes.fromhex(job.trace_id) if job.trace_id else new_trace()
-            args.append(job_id)
-            args.append("1" if job.id is not None else "0")
-            args += topic_args
-            args.append(pack_record(job, now_ms, run_ms, trace))
-            args.append(_PRIORITY_ARGS[job.priority])  # an IntEnum indexes as its value
-            args.append(run_stamp)
+            # One extend rather than an append per argument: this loop runs per job.
+            args += (
+                job_id,
+                "1" if job.id is not None else "0",
+                *topic_args,
+                pack_record(job, now_ms, run_ms, trace),
+                _PRIORITY_ARGS[job.priority],  # an IntEnum indexes as its value
+                run_stamp,
+            )
         outcomes, ready, delayed = await self._eval(queue, scripts.PUSH, *args)
         for topic in ready:
             self.doorbells.ring(queue, topic.decode())
         for topic in delayed:
             self.timers.ring(queue, topic.decode())
+        # map, not generators: two per job otherwise.
         return PushResult(
             tuple(ids),
-            tuple(_PUSHED[code] for code in outcomes[0::2]),
-            tuple(int(n) for n in outcomes[1::2]),
+            tuple(map(_PUSHED.__getitem__, outcomes[0::2])),
+            tuple(map(int, outcomes[1::2])),
         )
 
     async def depth(self, queue: str, topics: Sequence[str]) -> int:
