@@ -291,9 +291,12 @@ class RespSession:
 
     def _resolve(self, target: bytes) -> tuple[QueueEntry, str | None]:
         """The queue and topic (if named) a push to ``target`` goes to, if it is allowed."""
-        if self._targets_of is not self.service.directory:  # reloaded since
+        service = self.service
+        # Reloaded since, or shutting down: ask again (the service refuses every push once
+        # it has stopped, and a target checked before must not slip past that).
+        if self._targets_of is not service.directory or not service.accepting:
             self._targets.clear()
-            self._targets_of = self.service.directory
+            self._targets_of = service.directory
         resolved = self._targets.get(target)
         if resolved is None:
             entry = self.service.resolve(_text(target, "queue name"), self.authenticated)

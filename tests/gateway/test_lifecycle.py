@@ -176,3 +176,35 @@ async def test_readyz_says_not_ready_while_the_sqlite_disk_is_full(tmp_path: Pat
         assert (await http(http_port, "GET", "/readyz"))[0] == 200
         assert await trio.to_thread.run_sync(push) == 1
         client.close()
+
+
+async def test_a_connection_that_pushed_before_a_drain_is_refused_during_it(
+    recording_fpm: PhpFpm, tmp_path: Path
+) -> None:
+    # A connection remembers the queues it pushed to, checked once; once the service has
+    # stopped (the first thing a drain does), that must not let its next push through.
+    # Before the fix, producers on open connections were acknowledged all through a drain,
+    # holding SIGTERM off for as long as they kept pushing.
+    config, port = configure(tmp_path, recording_fpm, "10s")
+    async with running_daemon(config) as app:
+        assert app.service is not None and app.store is not None
+        app.dispatcher("q", "t").pause()
+        client = redis.Redis(port=port, socket_timeout=10)
+        try:
+            assert await trio.to_thread.run_sync(client.rpush, "q", "before") == 1
+            app.service.stop()
+            with pytest.raises(redis.ResponseError, match="shutting down; nothing was stored"):
+                await trio.to_thread.run_sync(client.rpush, "q", "during")
+
+            def pipelined() -> object:
+                pipe = client.pipeline(transaction=False)
+                pipe.rpush("q", "a")
+                pipe.lpush("q", "b")
+                return pipe.execute()
+
+            with pytest.raises(redis.ResponseError, match="shutting down; nothing was stored"):
+                await trio.to_thread.run_sync(pipelined)
+        finally:
+            client.close()
+        stats = await app.store.stats("q", "t")
+    assert stats.pushed_total == 1
