@@ -15,7 +15,7 @@ import math
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import trio
@@ -56,6 +56,10 @@ from adapters.storage.redis_routing import Router
 
 #: Jobs moved per maintenance script call (promotion, recovery, pruning).
 _BATCH = 1000
+#: Dead jobs' records fetched per round trip when a page filters on an attribute: a record
+#: holds its payload, so this many max_payloads at most are held at once (a scan of 5,000
+#: is then up to 500 round trips, for an operator's page).
+_DEAD_RECORDS = 10
 _REGISTRY = b"bg:topics"
 #: How often a push says again which topics it uses (see RedisStore._register).
 REGISTRY_REFRESH = 60.0
@@ -594,18 +598,32 @@ class RedisStore(Store):
             ]
         job_key, state_key = prefix + f"J:{topic}".encode(), prefix + f"S:{topic}".encode()
         ids = [job_id for job_id, _ in candidates]
-        raws, states = (
-            await self._pipeline(queue, [("HMGET", job_key, *ids), ("HMGET", state_key, *ids)])
-            if ids
-            else ([], [])
-        )
+        # States first, for every candidate: they decide status, error and time.  Records
+        # carry the payload (up to max_payload each), so they are fetched only for jobs that
+        # passed that, a few at a time: a page no longer holds the payloads of the whole scan.
+        (states,) = await self._pipeline(queue, [("HMGET", state_key, *ids)]) if ids else ([],)
+        by_state = replace(where, attribute=None)
+        passed = [
+            (job_id, died_at, state)
+            for (job_id, died_at), raw in zip(candidates, states, strict=True)
+            if raw is not None
+            and by_state.matches((state := _State.parse(raw)).status, state.error, died_at, {})
+        ]
+        records: dict[str, bytes | None] = {}
         found: list[DeadJob] = []
         last: tuple[float, str] | None = None
-        for (job_id, died_at), raw, state_raw in zip(candidates, raws, states, strict=True):
-            last = (died_at, job_id)
-            if raw is None or state_raw is None:
+        for index, (job_id, died_at, state) in enumerate(passed):
+            if job_id not in records:
+                # Without an attribute to check, each of these is on the page: no more.
+                wanted = _DEAD_RECORDS if where.attribute else limit - len(found)
+                chunk = [passed_id for passed_id, _, _ in passed[index : index + wanted]]
+                (raws,) = await self._pipeline(queue, [("HMGET", job_key, *chunk)])
+                records = dict(zip(chunk, raws, strict=True))
+                del raws  # each record leaves with records.pop(): hold no other reference
+            raw = records.pop(job_id)
+            if raw is None:
                 continue
-            record, state = unpack_record(raw), _State.parse(state_raw)
+            record = unpack_record(raw)
             if where.matches(state.status, state.error, died_at, record.attributes):
                 found.append(
                     DeadJob(
@@ -621,7 +639,13 @@ class RedisStore(Store):
                     )
                 )
                 if len(found) == limit:
+                    last = (died_at, job_id)
                     break
+        else:
+            # The whole scan was read: the next page starts after its last candidate.
+            if candidates:
+                last_id, last_died = candidates[-1]
+                last = (last_died, last_id)
         more = len(found) == limit or len(entries) // 2 == DEAD_SCAN_LIMIT
         return DeadPage(tuple(found), dead_cursor(*last) if more and last is not None else None)
 

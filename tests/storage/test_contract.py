@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import pytest
 import trio
@@ -352,6 +353,37 @@ async def test_dead_jobs_are_listed_filtered_and_paged(store: Store, clock: Fake
         "orders", "email", DeadFilter(since=first + 1, until=first + 3), None, 10
     )
     assert [j.id for j in window.jobs] == [gone[2], gone[1]]
+
+
+async def test_listing_dead_jobs_holds_the_payloads_of_the_page_only(store: Store) -> None:
+    # A page scans up to DEAD_SCAN_LIMIT dead jobs, of up to max_payload each: reading every
+    # scanned payload would hold gigabytes for one page of the dead-letter browser.
+    big = 1024 * 1024
+    for n in range(40):
+        await store.push("orders", ROUTES, [NewJob(bytes([n]) * big)])
+        (job,) = await store.reserve("orders", "email", 1, lease=30)
+        await store.bury(job, Attempt(job.attempt, 1.0, 0.01, Outcome.DEAD, status=400))
+    tracemalloc.start()
+    try:
+        # A filter matching nothing scans all 40: none of their payloads is needed.
+        nothing = await store.list_dead("orders", "email", DeadFilter(status=500), None, 10)
+        _, scanning = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        page = await store.list_dead("orders", "email", DeadFilter(), None, 2)
+        _, paging = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        # An attribute is only in the record: those are read a few at a time.
+        by_attribute = await store.list_dead(
+            "orders", "email", DeadFilter(attribute=("tenant", "none")), None, 10
+        )
+        _, filtering = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert nothing.jobs == () and nothing.cursor is None and by_attribute.jobs == ()
+    assert [len(job.payload) for job in page.jobs] == [big, big]
+    assert scanning < 4 * big, f"a scan of 40 dead jobs held {scanning / big:.0f} MiB"
+    assert paging < 8 * big, f"a page of 2 dead jobs held {paging / big:.0f} MiB"
+    assert filtering < 16 * big, f"a filtered scan of 40 held {filtering / big:.0f} MiB"
 
 
 async def test_replay_and_delete_dead_jobs(store: Store, clock: FakeClock) -> None:

@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import trio
 from adapters.storage import sqlite as sqlite_module
 from adapters.storage.errors import StoreUnavailable, StoreUnsupported
 from adapters.storage.fanout import Filter
-from adapters.storage.jobs import Attempt, DeadFilter, NewJob, Outcome
+from adapters.storage.jobs import NewJob
 from adapters.storage.sqlite import SQLiteStore
 
 ROUTES = [("email", Filter())]
@@ -197,32 +196,6 @@ async def test_a_directory_this_user_may_not_write_is_named(shared_dir: Path) ->
         f"open: {locked / 'busgate.db'}: unable to open database file"
         f" (user id {user} may not create files in {locked})"
     )
-
-
-async def test_listing_dead_jobs_reads_the_payloads_of_the_page_only(tmp_path: Path) -> None:
-    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
-    big = 1024 * 1024
-    try:
-        for n in range(40):
-            await store.push("orders", ROUTES, [NewJob(bytes([n]) * big)])
-            (job,) = await store.reserve("orders", "email", 1, lease=30)
-            await store.bury(job, Attempt(job.attempt, 1.0, 0.01, Outcome.DEAD, status=400))
-        tracemalloc.start()
-        try:
-            # A filter matching nothing scans all 40: none of their payloads is needed.
-            nothing = await store.list_dead("orders", "email", DeadFilter(status=500), None, 10)
-            _, scanning = tracemalloc.get_traced_memory()
-            tracemalloc.reset_peak()
-            page = await store.list_dead("orders", "email", DeadFilter(), None, 2)
-            _, paging = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-    finally:
-        await store.aclose()
-    assert nothing.jobs == () and nothing.cursor is None
-    assert [job.payload for job in page.jobs] == [bytes([39]) * big, bytes([38]) * big]
-    assert scanning < 4 * big, f"a scan of 40 dead jobs held {scanning / big:.0f} MiB"
-    assert paging < 8 * big, f"a page of 2 dead jobs held {paging / big:.0f} MiB"
 
 
 async def test_a_push_after_the_directory_was_replaced_by_a_file_is_refused(
