@@ -416,7 +416,23 @@ class Dispatcher:
                 nursery.cancel_scope.cancel()
         else:  # the lease outlasts any attempt: no keeper task to start and stop
             delivery = await self._attempt(job)
+        try:
+            decision, attempt = self._judge(job, delivery, started_at)
+        except Exception as exc:
+            # A bug in judging the answer fails this attempt, not the daemon (as in _attempt).
+            delivery = _internal_failure(
+                job, delivery.duration, exc, "judging a delivery", "judge the response"
+            )
+            decision, attempt = self._judge(job, delivery, started_at)
         self.circuit.record(delivery)
+        # Handed over without an await: a cancellation from here on cannot lose the attempt.
+        self._outcomes.append(_Outcome(job, attempt, decision, delivery))
+        self._outcome_ready.set()
+        if len(self._outcomes) >= RECORD_BATCH:
+            self._flush_now.set()
+
+    def _judge(self, job: Job, delivery: Delivery, started_at: float) -> tuple[Decision, Attempt]:
+        """What becomes of ``job`` after ``delivery``, and the attempt its history keeps."""
         decision = decide(
             delivery,
             attempt=job.attempt,
@@ -436,11 +452,7 @@ class Dispatcher:
             body=delivery.body[:EXCERPT_BYTES],
             stderr=delivery.stderr[:EXCERPT_BYTES],
         )
-        # Handed over without an await: a cancellation from here on cannot lose the attempt.
-        self._outcomes.append(_Outcome(job, attempt, decision, delivery))
-        self._outcome_ready.set()
-        if len(self._outcomes) >= RECORD_BATCH:
-            self._flush_now.set()
+        return decision, attempt
 
     async def _attempt(self, job: Job) -> Delivery:
         """The backend's delivery of ``job``; a bug in it fails this attempt, not the daemon.
@@ -452,17 +464,8 @@ class Dispatcher:
         try:
             return await self.backend.deliver(job)
         except Exception as exc:
-            log.exception(
-                "delivery failed inside busgate job=%s queue=%s topic=%s attempt=%d",
-                job.id,
-                job.queue,
-                job.topic,
-                job.attempt,
-            )
-            return Delivery(
-                trio.current_time() - started,
-                failure=Failure.INTERNAL,
-                message=f"busgate could not make the request: {type(exc).__name__}: {exc}",
+            return _internal_failure(
+                job, trio.current_time() - started, exc, "delivery", "make the request"
             )
 
     async def _keep_buffered_leased(self) -> None:
@@ -601,6 +604,27 @@ class Dispatcher:
             if next_at != math.inf:
                 wake = min(wake, trio.current_time() + max(next_at - self._clock(), 0.0))
             await timer.wait(wake)
+
+
+def _internal_failure(
+    job: Job, duration: float, exc: Exception, what: str, could_not: str
+) -> Delivery:
+    """A bug of busgate's own in ``what``, logged with its traceback, as the attempt's failure:
+    the job is retried, and dead in the end, with the error in its history, rather than
+    stopping every topic each time it comes round."""
+    log.exception(
+        "%s failed inside busgate job=%s queue=%s topic=%s attempt=%d",
+        what,
+        job.id,
+        job.queue,
+        job.topic,
+        job.attempt,
+    )
+    return Delivery(
+        duration,
+        failure=Failure.INTERNAL,
+        message=f"busgate could not {could_not}: {type(exc).__name__}: {exc}",
+    )
 
 
 def _log_attempt(

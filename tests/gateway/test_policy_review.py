@@ -11,16 +11,20 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h11
 import pytest
 import trio
 
+from adapters.delivery.base import Delivery
 from adapters.storage.jobs import Job, JobRecord, Outcome, State
+from gateway import dispatcher as dispatcher_module
 from gateway.app import App
 from gateway.circuit import CircuitState
 from gateway.config import load_config
 from gateway.dispatcher import SCHEDULER_INTERVAL
+from gateway.policy import Decision, decide
 from gateway.resp import encode_command
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.http_server import RecordingServer
@@ -618,3 +622,44 @@ dead_on: [409, 301]"""
         }
         records = {s: await settled(app, i, State.DEAD) for s, i in by_status.items()}
     assert {s: len(r.attempts) for s, r in records.items()} == {409: 1, 301: 1, 404: 3}
+
+
+async def test_a_bug_judging_an_answer_fails_the_attempt_not_the_daemon(
+    server: TimedServer,
+    tmp_path: Path,
+    store_kind: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The backoff overflow past attempt 1024 raised there and stopped every topic: any bug
+    # in judging an answer now fails that attempt, as a bug in making the request does.
+    real = decide
+    calls: list[int | None] = []
+
+    def buggy_once(delivery: Delivery, **options: Any) -> Decision:
+        calls.append(delivery.status)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug")
+        return real(delivery, **options)
+
+    monkeypatch.setattr(dispatcher_module, "decide", buggy_once)
+    topic = f"""backend: {server.url}
+retry: {{max_attempts: 3, backoff: 10ms, max_backoff: 10ms}}"""
+    async with running_daemon(config_for(tmp_path, store_kind, request, topic)) as app:
+        await push(app, {"n": 1})
+        with trio.fail_after(10):
+            while len(server.requests) < 2:
+                await trio.sleep(0.02)
+        first = await settled(app, server.requests[0].headers["x-busgate-job-id"], State.DONE)
+        await push(app, {"n": 2})  # the daemon goes on
+        with trio.fail_after(10):
+            while len(server.requests) < 3:
+                await trio.sleep(0.02)
+        second = await settled(app, server.requests[2].headers["x-busgate-job-id"], State.DONE)
+    (failed, done) = first.attempts
+    assert failed.outcome is Outcome.RETRY and failed.status is None
+    assert failed.error == (
+        "internal: busgate could not judge the response: ZeroDivisionError: a bug"
+    )
+    assert (done.outcome, done.status) == (Outcome.DONE, 200)
+    assert [a.outcome for a in second.attempts] == [Outcome.DONE]
