@@ -59,6 +59,12 @@ class TimedServer(RecordingServer):
     def gaps(self) -> list[float]:
         return [b - a for a, b in itertools.pairwise(self.arrived)]
 
+    async def reached(self, count: int, *, timeout: float) -> None:
+        """Wait until ``count`` requests have arrived."""
+        with trio.fail_after(timeout):
+            while len(self.requests) < count:
+                await trio.sleep(0.01)
+
 
 @pytest.fixture
 async def server() -> AsyncIterator[TimedServer]:
@@ -125,9 +131,7 @@ retry: {{max_attempts: 5, backoff: 200ms, max_backoff: 500ms}}
 circuit: {{failures: 100, cooldown: 1s}}"""
     async with running_daemon(config_for(tmp_path, store_kind, request, topic)) as app:
         await push(app, {"respond_status": 500, "sleep_ms": 100})
-        with trio.fail_after(15):
-            while len(server.requests) < 5:
-                await trio.sleep(0.02)
+        await server.reached(5, timeout=15)
         job_id = server.requests[0].headers["x-busgate-job-id"]
         record = await settled(app, job_id, State.DEAD)
         await trio.sleep(1.0)
@@ -190,9 +194,7 @@ circuit: {{failures: 100, cooldown: 1s}}"""
         jobs.append({"n": "huge", "respond_status": 503, "retry_after": "99999999"})
         pushed_at = time.time()
         await push(app, *jobs)
-        with trio.fail_after(10):
-            while len(server.requests) < 2 * len(cases) + 1:
-                await trio.sleep(0.02)
+        await server.reached(2 * len(cases) + 1, timeout=10)
         await trio.sleep(0.5)
         seen = arrivals(server)
         huge_id = next(r.headers["x-busgate-job-id"] for r in server.requests if b"huge" in r.body)
@@ -215,9 +217,7 @@ retry: {{max_attempts: 3, backoff: 50ms, max_backoff: 50ms}}
 circuit: {{failures: 100, cooldown: 1s}}"""
     async with running_daemon(config_for(tmp_path, store_kind, request, topic)) as app:
         await push(app, {"n": 1, "respond_status": 503, "retry_after": "0"})
-        with trio.fail_after(10):
-            while len(server.requests) < 3:
-                await trio.sleep(0.02)
+        await server.reached(3, timeout=10)
         job_id = server.requests[0].headers["x-busgate-job-id"]
         record = await settled(app, job_id, State.DEAD)
         await trio.sleep(0.5)
@@ -234,9 +234,7 @@ rate_limit: 20/s"""
     async with running_daemon(config_for(tmp_path, store_kind, request, topic)) as app:
         began = trio.current_time()
         await push(app, *({"n": n} for n in range(80)))
-        with trio.fail_after(15):
-            while len(server.requests) < 80:
-                await trio.sleep(0.02)
+        await server.reached(80, timeout=15)
     at = server.arrived
     # A second's burst at once, then 20 per second.
     assert at[19] - began < 0.5
@@ -252,9 +250,7 @@ async def test_concurrency_cap_and_recorded_durations(
 concurrency: 3"""
     async with running_daemon(config_for(tmp_path, store_kind, request, topic)) as app:
         await push(app, *({"n": n, "sleep_ms": 50 * (n % 4)} for n in range(24)))
-        with trio.fail_after(15):
-            while len(server.requests) < 24:
-                await trio.sleep(0.02)
+        await server.reached(24, timeout=15)
         ids = [r.headers["x-busgate-job-id"] for r in server.requests]
         records = [await settled(app, i, State.DONE) for i in ids]
     assert server.peak_running == 3
@@ -350,9 +346,7 @@ timeout: 400ms
 retry: {{max_attempts: 2, backoff: 100ms, max_backoff: 100ms}}"""
     async with running_daemon(config_for(tmp_path, store_kind, request, topic)) as app:
         await push(app, {"n": 1, "sleep_ms": 3000})
-        with trio.fail_after(10):
-            while len(server.requests) < 2:
-                await trio.sleep(0.02)
+        await server.reached(2, timeout=10)
         job_id = server.requests[0].headers["x-busgate-job-id"]
         rec = await settled(app, job_id, State.DEAD)
     assert [a.outcome for a in rec.attempts] == [Outcome.RETRY, Outcome.DEAD]
@@ -381,9 +375,7 @@ paused: true"""
         drop_in.write_text(drop_in.read_text().replace("paused: true", "paused: false"))
         report = await app.reload(load_config(config))
         assert report.toggled == (("q", "t"),)
-        with trio.fail_after(10):
-            while len(server.requests) < 14:
-                await trio.sleep(0.02)
+        await server.reached(14, timeout=10)
     order = [json.loads(r.body)["n"] for r in server.requests]
     assert order[:12] == [0, 6, 1, 10, 7, 2, 3, 8, 4, 11, 9, 5], order
     when = dict(zip(order, server.arrived_wall, strict=True))
@@ -404,9 +396,7 @@ circuit: {{failures: 10000, cooldown: 1s}}"""
     config = config_for(tmp_path, "sqlite", None, topic)  # type: ignore[arg-type]
     async with running_daemon(config) as app:
         await push(app, {"n": 1})
-        with trio.fail_after(60):
-            while len(server.requests) < 1030:
-                await trio.sleep(0.1)
+        await server.reached(1030, timeout=60)
         job_id = server.requests[0].headers["x-busgate-job-id"]
         rec = await settled(app, job_id, State.DEAD)
     assert len(rec.attempts) == 1030
@@ -436,9 +426,7 @@ concurrency: 2"""
 
         monkeypatch.setattr(app.store, "release", release)
         await push(app, *({"n": n, "sleep_ms": 400} for n in range(10)))
-        with trio.fail_after(5):
-            while len(server.requests) < 2:
-                await trio.sleep(0.01)
+        await server.reached(2, timeout=5)
         dispatcher = app._dispatchers["q", "t"]
         dispatcher.pause()
         paused_at = len(server.requests)
@@ -457,9 +445,7 @@ concurrency: 2"""
         await trio.sleep(0.5)
         assert len(server.requests) == paused_at and app._dispatchers["q", "t"].paused
         app._dispatchers["q", "t"].resume()
-        with trio.fail_after(5):
-            while len(server.requests) < paused_at + 1:
-                await trio.sleep(0.01)
+        await server.reached(paused_at + 1, timeout=5)
         drop_in.write_text(drop_in.read_text() + "    paused: true\n")
         await app.reload(load_config(config))
         stopped_at = len(server.requests)
@@ -491,17 +477,13 @@ rate_limit: 10/s"""
     drop_in = config.parent / "conf.d" / "q.yaml"
     async with running_daemon(config) as app:
         await push(app, *({"n": n} for n in range(90)))
-        with trio.fail_after(10):
-            while len(server.requests) < 25:
-                await trio.sleep(0.01)
+        await server.reached(25, timeout=10)
         slow = (24 - 12) / (server.arrived[24] - server.arrived[12])
         drop_in.write_text(drop_in.read_text().replace("10/s", "40/s"))
         await app.reload(load_config(config))
         reloaded = len(server.requests)
         assert app._dispatchers["q", "t"].statistics().rate_limit == 40
-        with trio.fail_after(10):
-            while len(server.requests) < 90:
-                await trio.sleep(0.01)
+        await server.reached(90, timeout=10)
         assert app.store is not None
         with trio.fail_after(5):
             while (stats := await app.store.stats("q", "t")).done_total < 90:
@@ -614,9 +596,7 @@ retry: {{max_attempts: 3, backoff: 50ms, max_backoff: 50ms}}
 dead_on: [409, 301]"""
     async with running_daemon(config_for(tmp_path, "sqlite", None, topic)) as app:  # type: ignore[arg-type]
         await push(app, *({"n": s, "respond_status": s} for s in (409, 301, 404)))
-        with trio.fail_after(10):
-            while len(server.requests) < 5:
-                await trio.sleep(0.02)
+        await server.reached(5, timeout=10)
         by_status = {
             json.loads(r.body)["n"]: r.headers["x-busgate-job-id"] for r in server.requests
         }
@@ -647,14 +627,10 @@ async def test_a_bug_judging_an_answer_fails_the_attempt_not_the_daemon(
 retry: {{max_attempts: 3, backoff: 10ms, max_backoff: 10ms}}"""
     async with running_daemon(config_for(tmp_path, store_kind, request, topic)) as app:
         await push(app, {"n": 1})
-        with trio.fail_after(10):
-            while len(server.requests) < 2:
-                await trio.sleep(0.02)
+        await server.reached(2, timeout=10)
         first = await settled(app, server.requests[0].headers["x-busgate-job-id"], State.DONE)
         await push(app, {"n": 2})  # the daemon goes on
-        with trio.fail_after(10):
-            while len(server.requests) < 3:
-                await trio.sleep(0.02)
+        await server.reached(3, timeout=10)
         second = await settled(app, server.requests[2].headers["x-busgate-job-id"], State.DONE)
     (failed, done) = first.attempts
     assert failed.outcome is Outcome.RETRY and failed.status is None
