@@ -281,6 +281,14 @@ def test_unit_file() -> None:
     assert (service["User"], service["Group"]) == ("busgate", "busgate")
     assert service["EnvironmentFile"] == "-/etc/busgate/env"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # Above its backends' workers, which would otherwise preempt it (see the unit's comment).
+    assert int(service["Nice"]) == -10
+
+
+def test_the_benchmarks_run_the_daemon_at_the_units_nice() -> None:
+    from bench.daemon import unit_nice
+
+    assert unit_nice() == int(read_unit()["Service"]["Nice"])
 
 
 @pytest.mark.parametrize(
