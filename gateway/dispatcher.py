@@ -65,6 +65,9 @@ RATE_WINDOW = 0.25
 RECORD_LINGER = 0.005
 RECORD_BATCH = 256
 STORE_ERROR_PAUSE = 1.0
+#: A failing attempt listener (a bug of ours) is logged with its traceback at most this
+#: often: it would fail for every job, thousands of lines a second.
+LISTENER_ERROR_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +154,8 @@ class Dispatcher:
         #: Set once run() has returned: deliveries drained, unfinished jobs released.
         self.finished = trio.Event()
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
+        self._listener_errors = 0
+        self._listener_error_logged_at = -math.inf
 
     @property
     def key(self) -> tuple[str, str]:
@@ -571,8 +576,28 @@ class Dispatcher:
                     job.attempt,
                 )
             for listener in self._listeners:
-                listener(job, outcome.attempt, decision, outcome.delivery)
+                try:
+                    listener(job, outcome.attempt, decision, outcome.delivery)
+                except Exception:
+                    # Telemetry is a listener: a bug there must cost its figures, not every
+                    # topic's deliveries (the outcome is recorded already).
+                    self._listener_failed(listener)
             _log_attempt(job, outcome.attempt, decision, outcome.delivery, recorded=ok)
+
+    def _listener_failed(self, listener: AttemptListener) -> None:
+        """Log a listener's exception (the one being handled), at most once a minute."""
+        self._listener_errors += 1
+        now = trio.current_time()
+        if now - self._listener_error_logged_at < LISTENER_ERROR_INTERVAL:
+            return
+        self._listener_error_logged_at = now
+        log.exception(
+            "an attempt listener failed inside busgate queue=%s topic=%s listener=%s"
+            " failures=%d (logged at most once a minute)",
+            *self.key,
+            getattr(listener, "__qualname__", repr(listener)),
+            self._listener_errors,
+        )
 
     # -- scheduling ---------------------------------------------------------------------------
 

@@ -639,3 +639,37 @@ retry: {{max_attempts: 3, backoff: 10ms, max_backoff: 10ms}}"""
     )
     assert (done.outcome, done.status) == (Outcome.DONE, 200)
     assert [a.outcome for a in second.attempts] == [Outcome.DONE]
+
+
+async def test_a_bug_in_an_attempt_listener_costs_its_figures_not_the_deliveries(
+    server: TimedServer,
+    tmp_path: Path,
+    store_kind: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Telemetry hears every attempt once the store has it; an exception there stopped every
+    # topic (and after a restart the next outcome did it again).
+    from gateway.telemetry import Telemetry
+
+    def broken(self: Telemetry, *args: Any) -> None:
+        raise ZeroDivisionError("a telemetry bug")
+
+    monkeypatch.setattr(Telemetry, "record", broken)
+    caplog.set_level("ERROR", logger="busgate.dispatch")
+    config = config_for(tmp_path, store_kind, request, f"backend: {server.url}")
+    async with running_daemon(config) as app:
+        for n in range(3):
+            await push(app, {"n": n})
+        await server.reached(3, timeout=10)
+        records = [
+            await settled(app, r.headers["x-busgate-job-id"], State.DONE) for r in server.requests
+        ]
+        await push(app, {"n": 3})  # the daemon goes on
+        await server.reached(4, timeout=10)
+    assert [[a.outcome for a in r.attempts] for r in records] == [[Outcome.DONE]] * 3
+    # Once, with its traceback: not a line per job.
+    (logged,) = [r for r in caplog.records if "attempt listener failed" in r.getMessage()]
+    assert logged.exc_info is not None and "a telemetry bug" in str(logged.exc_info[1])
+    assert "failures=1 " in logged.getMessage()
