@@ -133,8 +133,11 @@ class Dispatcher:
         # its outcome on the way to the store.  What is left at the end is released.
         self._held: dict[str, Job] = {}
         #: When the lease of each held job waiting in the buffer for a worker ends: a slow
-        #: topic may keep one waiting longer than its lease (``_keep_buffered_leased``).
+        #: topic may keep one waiting longer than its lease (``_keep_leased``).
         self._buffered_leases: dict[str, float] = {}
+        #: The same for jobs being delivered, on a topic whose attempts may outlast the lease.
+        self._outlasts_lease = topic.timeout + LEASE_MARGIN > self.lease
+        self._running_leases: dict[str, float] = {}
         self._jobs_in, self._jobs_out = trio.open_memory_channel[Job](math.inf)
         self._in_flight = 0
         self._started = 0  # deliveries begun, for the rate that sizes the buffer
@@ -186,7 +189,7 @@ class Dispatcher:
             async with trio.open_nursery() as upkeep:
                 await upkeep.start(self.backend.run)
                 upkeep.start_soon(self._schedule)
-                upkeep.start_soon(self._keep_buffered_leased)
+                upkeep.start_soon(self._keep_leased)
                 recorder_done = trio.Event()
                 upkeep.start_soon(self._record_loop, recorder_done)
                 task_status.started()
@@ -365,30 +368,38 @@ class Dispatcher:
                 # call and in the order it was reserved.
                 await self._give_back([job, *self._drain_buffer()])
                 continue
-            if not await self._lease_covers_an_attempt(job, lease_until):
+            covered = await self._lease_for_an_attempt(job, lease_until)
+            if covered is None:
                 continue
             if job.id == self._probe:
                 self._probe = None  # on its way: its outcome decides
             self._in_flight += 1
             self._started += 1
+            if self._outlasts_lease:
+                self._running_leases[job.id] = covered
             try:
                 await self._deliver(job)
             finally:
+                self._running_leases.pop(job.id, None)
                 self._in_flight -= 1
                 self._capacity.set()  # a worker is free: the fetcher may refill
 
-    async def _lease_covers_an_attempt(self, job: Job, lease_until: float) -> bool:
-        """Extend the lease of a job that waited in the buffer if an attempt could outlast it."""
-        if lease_until - self._clock() > min(self.topic.timeout, self.lease) + 1:
-            return True
+    async def _lease_for_an_attempt(self, job: Job, lease_until: float) -> float | None:
+        """The end of ``job``'s lease, extended first if it might run out before the attempt
+        ends, or before ``_keep_leased`` extends it (on a topic whose attempts may outlast the
+        lease, it does so every lease/3).  None if the lease was lost."""
+        needed = self.lease / 3 if self._outlasts_lease else self.topic.timeout
+        now = self._clock()
+        if lease_until - now > needed + 1:
+            return lease_until
         try:
             if await self.store.extend(job, self.lease):
-                return True
+                return now + self.lease
         except StoreError as exc:
             log.warning("lease extension failed job=%s error=%s", job.id, exc)
-            return True  # deliver anyway: at worst the job is delivered twice, never lost
+            return lease_until  # deliver anyway: at worst the job is delivered twice, never lost
         self._not_delivered(job)  # the lease was lost: the job belongs to someone else now
-        return False
+        return None
 
     def _drain_buffer(self) -> list[Job]:
         """Every job waiting in the buffer, taken out of it."""
@@ -414,13 +425,7 @@ class Dispatcher:
 
     async def _deliver(self, job: Job) -> None:
         started_at = self._clock()
-        if self.topic.timeout + LEASE_MARGIN > self.lease:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_leased, job)
-                delivery = await self._attempt(job)
-                nursery.cancel_scope.cancel()
-        else:  # the lease outlasts any attempt: no keeper task to start and stop
-            delivery = await self._attempt(job)
+        delivery = await self._attempt(job)
         try:
             decision, attempt = self._judge(job, delivery, started_at)
         except Exception as exc:
@@ -473,39 +478,38 @@ class Dispatcher:
                 job, trio.current_time() - started, exc, "delivery", "make the request"
             )
 
-    async def _keep_buffered_leased(self) -> None:
-        """Extend the leases of jobs still waiting for a worker before they run out.
+    async def _keep_leased(self) -> None:
+        """Extend the leases of held jobs before they run out.
 
-        A topic whose deliveries are slow (a minute each, one at a time) can hold a job in
-        the buffer longer than its lease: expired there, it would be handed out again, its
-        attempt spent without ever reaching the backend, and dead at the last one.
+        Jobs waiting in the buffer: a topic whose deliveries are slow (a minute each, one at
+        a time) can hold one there longer than its lease; expired there, it would be handed
+        out again, its attempt spent without ever reaching the backend, and dead at the last
+        one.  Jobs being delivered, on a topic whose timeout outlasts the lease.  One task for
+        all of them, rather than one per delivery: that cost a task, a nursery and a store
+        call per job (a topic with a 5-minute timeout ran at a fifth of the rate).
         """
         while True:
             await trio.sleep(self.lease / 3)
             now = self._clock()
+            # A job due now, if not extended, has at least lease/3 left at the next round.
+            soon = now + self.lease * 2 / 3
             due = [
-                self._held[job_id]
-                for job_id, until in self._buffered_leases.items()
-                if until - now <= self.lease * 2 / 3 and job_id in self._held
+                (job_id, leases)
+                for leases in (self._buffered_leases, self._running_leases)
+                for job_id, until in leases.items()
+                if until <= soon and job_id in self._held
             ]
-            for job in due:
-                if job.id not in self._buffered_leases:
-                    continue  # a worker took it meanwhile, and sees to its lease itself
+            for job_id, leases in due:
+                job = self._held.get(job_id)
+                if job is None or job_id not in leases:
+                    continue  # delivered, or moved from the buffer to a worker, meanwhile
                 try:
                     extended = await self.store.extend(job, self.lease)
                 except StoreError as exc:
-                    log.warning("lease extension failed job=%s error=%s", job.id, exc)
+                    log.warning("lease extension failed job=%s error=%s", job_id, exc)
                     continue
-                if extended and job.id in self._buffered_leases:
-                    self._buffered_leases[job.id] = now + self.lease
-
-    async def _keep_leased(self, job: Job) -> None:
-        while True:
-            await trio.sleep(self.lease / 3)
-            try:
-                await self.store.extend(job, self.lease)
-            except StoreError as exc:
-                log.warning("lease extension failed job=%s error=%s", job.id, exc)
+                if extended and job_id in leases:
+                    leases[job_id] = now + self.lease
 
     # -- recording ----------------------------------------------------------------------------
 

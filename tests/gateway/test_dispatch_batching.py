@@ -48,10 +48,12 @@ class InstantBackend:
 
 
 class CountingStore(SQLiteStore):
-    """The SQLite store, remembering the size of every reserve and finish call."""
+    """The SQLite store, remembering the size of every reserve and finish call, and the
+    jobs whose lease it was asked to extend."""
 
     reserves: list[int]
     finishes: list[int]
+    extends: list[str]
 
     async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
         self.reserves.append(limit)
@@ -61,12 +63,23 @@ class CountingStore(SQLiteStore):
         self.finishes.append(len(items))
         return await super().finish(items)
 
+    async def extend(self, job: Job, lease: float) -> bool:
+        self.extends.append(job.id)
+        return await super().extend(job, lease)
 
-async def run_topic(tmp_path: Path, jobs: int, concurrency: int, pause: float) -> CountingStore:
+
+async def run_topic(
+    tmp_path: Path, jobs: int, concurrency: int, pause: float, timeout: float = 30.0
+) -> CountingStore:
     store = await CountingStore.open(str(tmp_path / "jobs.db"))
-    store.reserves, store.finishes = [], []
+    store.reserves, store.finishes, store.extends = [], [], []
     topic = TopicConfig(
-        queue="q", name="t", backend="http://127.0.0.1:9/", kind="http", concurrency=concurrency
+        queue="q",
+        name="t",
+        backend="http://127.0.0.1:9/",
+        kind="http",
+        concurrency=concurrency,
+        timeout=timeout,
     )
     backend = InstantBackend(pause)
     for start in range(0, jobs, 500):
@@ -94,6 +107,18 @@ async def test_a_busy_topic_reserves_and_records_in_large_batches(tmp_path: Path
     # Outcomes were gathered: far fewer finish calls than jobs.
     assert sum(store.finishes) == 6000
     assert len(store.finishes) < 6000 / 8
+
+
+async def test_a_topic_whose_timeout_outlasts_its_lease_extends_no_lease_per_job(
+    tmp_path: Path,
+) -> None:
+    # A 5-minute timeout outlasts the default lease (75 s): a delivery may need its lease
+    # extended while it runs.  Every job used to have its lease extended before it started,
+    # and a task of its own to extend it meanwhile: a store call, a task and a nursery per
+    # job, a fifth of the rate of a topic with a 30 s timeout.
+    store = await run_topic(tmp_path, jobs=2000, concurrency=4, pause=0.0, timeout=300.0)
+    assert store.extends == []
+    assert len(store.finishes) < 2000 / 8
 
 
 async def test_a_slow_topic_holds_few_leases(tmp_path: Path) -> None:
