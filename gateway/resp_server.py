@@ -94,8 +94,11 @@ class RespStatistics:
     connections: int
     connections_total: int
     rejected_total: int  # refused at max_connections
+    #: Commands run, as Redis counts total_commands_processed: not those refused before they
+    #: run (unknown, the wrong number of arguments, an argument over the size limit) nor
+    #: those queued by MULTI and never run.
     commands_total: int
-    errors_total: int  # error replies
+    errors_total: int  # error replies, those inside EXEC's and the protocol errors' included
     protocol_errors_total: int  # connections closed for malformed input
     idle_closed_total: int
 
@@ -558,6 +561,7 @@ class RespServer:
                 return
             if broken is not None:
                 self._protocol_errors += 1
+                self._errors += 1  # an error reply too, as Redis counts it
                 conn.write(resp.error(f"ERR {broken}"))
                 log.info("closed a producer connection: %s", broken)
                 await conn.linger()
@@ -696,6 +700,17 @@ class RespServer:
         # An error reply starts with "-" (45).  A list's count, not a generator's sum: this
         # runs for every push, and is a third of the cost.
         self._errors += [reply[0] for reply in replies].count(45)
+
+    def recount(self, *, run: int, errors: int = 0) -> None:
+        """Correct the counts ``_count`` made from a command's reply, which the session knows
+        better: -1 run for a command answered without running (refused before it ran, or
+        queued by MULTI); at EXEC, the commands it ran and the errors among their replies.
+
+        Only the session sees those; it says so here, off the path of a push that runs, so
+        that counting every command answered stays one addition per read.
+        """
+        self._commands += run
+        self._errors += errors
 
 
 def _peer(conn: _Connection, now: float) -> Peer:

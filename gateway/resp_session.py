@@ -19,7 +19,7 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -79,6 +79,10 @@ class Spec:
     arity: int  # Redis convention: N exactly, -N at least N (command name included)
     handler: Handler | None = None  # what any command but a push runs
     prepare: Preparer | None = None  # a push: checks it and builds its jobs (see commit)
+    #: A container command's subcommands and their arity (CLIENT LIST is 2 of -2): checked
+    #: with the command, so that one unknown or given the wrong number of arguments is
+    #: refused before it runs, as Redis refuses it (not queued by MULTI, not counted as run).
+    subcommands: Mapping[bytes, int] | None = None
 
 
 @dataclass(slots=True)
@@ -269,19 +273,37 @@ class RespSession:
         return None
 
     def _spec(self, args: tuple[bytes, ...]) -> Spec | bytes:
-        """The command's table entry, or the error reply for an unknown command or a wrong
-        number of arguments."""
+        """The command's table entry, or the error reply for an unknown command or
+        subcommand, or a wrong number of arguments.
+
+        Such a command is refused without running, and Redis does not count it in INFO's
+        total_commands_processed (only in total_error_replies): the server, which counts
+        every command it answers, is told to take it back out (``RespServer.recount``).
+        """
         name = args[0].upper()
         spec = self.commands.get(name)
         if spec is None:
             self.last_command = None
+            self.server.recount(run=-1)
             shown = " ".join(f"'{a[:40].decode('utf-8', 'replace')}'" for a in args[1:4])
             return resp.error(
                 f"ERR unknown command '{args[0][:40].decode('utf-8', 'replace')}',"
                 f" with args beginning with: {shown}"
             )
+        arity = spec.arity
+        if spec.subcommands is not None and len(args) > 1:
+            sub = args[1].upper()
+            sub_arity = spec.subcommands.get(sub)
+            if sub_arity is None:
+                self.last_command = None
+                self.server.recount(run=-1)
+                return resp.error(
+                    f"ERR unknown subcommand '{_shown(args[1])}'. Try {name.decode()} HELP."
+                )
+            name, arity = name + b"|" + sub, sub_arity
         self.last_command = name
-        if (spec.arity >= 0 and len(args) != spec.arity) or len(args) < -spec.arity:
+        if (arity >= 0 and len(args) != arity) or len(args) < -arity:
+            self.server.recount(run=-1)
             return resp.error(
                 f"ERR wrong number of arguments for '{name.decode().lower()}' command"
             )
@@ -490,13 +512,16 @@ class RespSession:
             self._queue_refused = True
             return spec
         self._queued.append(args)
+        self.server.recount(run=-1)  # not run yet: EXEC counts it if it runs it
         return b"+QUEUED\r\n"
 
     def refuse(self, reply: bytes) -> bytes:
         """A command refused before it got here (an argument over the size limit, never
-        buffered): inside MULTI it makes EXEC discard the transaction, as Redis does."""
+        buffered): inside MULTI it makes EXEC discard the transaction, as Redis does.  It did
+        not run, so it is not counted as run (``_spec``)."""
         if self._queued is not None:
             self._queue_refused = True
+        self.server.recount(run=-1)
         return reply
 
     async def multi(self, args: tuple[bytes, ...]) -> bytes:
@@ -545,6 +570,9 @@ class RespSession:
         if pending:
             await store()
         self.last_command = b"EXEC"  # not the last command it ran, as in Redis
+        # Redis counts each command EXEC runs as run, and each error reply among theirs: the
+        # server sees one reply, an array (``RespServer._count``).
+        self.server.recount(run=len(queued), errors=[reply[:1] for reply in replies].count(b"-"))
         return resp.array(replies)
 
     async def quit(self, args: tuple[bytes, ...]) -> bytes:
@@ -557,16 +585,7 @@ class RespSession:
         return resp.OK
 
     async def client(self, args: tuple[bytes, ...]) -> bytes:
-        sub = args[1].upper()
-        arity = _CLIENT_ARITY.get(sub)
-        if arity is None:
-            self.last_command = None
-            raise CommandError(f"unknown subcommand '{_shown(args[1])}'. Try CLIENT HELP.")
-        self.last_command = b"CLIENT|" + sub
-        if (arity >= 0 and len(args) != arity) or len(args) < -arity:
-            raise CommandError(
-                f"wrong number of arguments for 'client|{sub.decode().lower()}' command"
-            )
+        sub = args[1].upper()  # one of _CLIENT_ARITY's, with as many arguments (_spec)
         if sub == b"SETNAME":
             self.name = _check_name(args[2])
             return resp.OK
@@ -617,8 +636,6 @@ class RespSession:
 
     async def command(self, args: tuple[bytes, ...]) -> bytes:
         # redis-cli asks for COMMAND DOCS to offer hints; an empty answer means "no hints".
-        if len(args) > 1 and args[1].upper() in _COMMAND_SUBCOMMANDS:
-            self.last_command = b"COMMAND|" + args[1].upper()
         if len(args) > 1 and args[1].upper() == b"COUNT":
             return resp.integer(len(self.commands))
         return resp.array([])
@@ -629,7 +646,6 @@ class RespSession:
         # business, so these are the answers of a server without its own RDB/AOF.
         if args[1].upper() != b"GET":
             raise CommandError("CONFIG is read-only on busgate: only CONFIG GET is answered")
-        self.last_command = b"CONFIG|GET"
         pairs: list[tuple[bytes, bytes]] = []
         for name in args[2:]:
             value = _CONFIG_VALUES.get(name.lower())
@@ -716,11 +732,20 @@ class RespSession:
         ]
 
 
-#: COMMAND's subcommands, named in CLIENT LIST's cmd as Redis names them (busgate answers
-#: COUNT, and each of the others with an empty array).
-_COMMAND_SUBCOMMANDS = frozenset(
-    (b"COUNT", b"DOCS", b"GETKEYS", b"GETKEYSANDFLAGS", b"HELP", b"INFO", b"LIST")
-)
+#: COMMAND's subcommands and their arity, as Redis 7 has them (busgate answers COUNT, and
+#: each of the others with an empty array).
+_COMMAND_ARITY = {
+    b"COUNT": 2,
+    b"DOCS": -2,
+    b"GETKEYS": -4,
+    b"GETKEYSANDFLAGS": -4,
+    b"HELP": 2,
+    b"INFO": -2,
+    b"LIST": -2,
+}
+
+#: CONFIG's subcommands and their arity, as Redis 7 has them (busgate answers GET only).
+_CONFIG_ARITY = {b"GET": -3, b"HELP": 2, b"RESETSTAT": 2, b"REWRITE": 2, b"SET": -4}
 
 #: INFO's sections, in the order Redis lists them, with their titles.
 _INFO_SECTIONS = {
@@ -859,10 +884,10 @@ RespSession.commands = {
     b"ECHO": Spec(2, RespSession.echo),
     b"QUIT": Spec(-1, RespSession.quit),
     b"SELECT": Spec(2, RespSession.select),
-    b"CLIENT": Spec(-2, RespSession.client),
+    b"CLIENT": Spec(-2, RespSession.client, subcommands=_CLIENT_ARITY),
     b"HELLO": Spec(-1, RespSession.hello),
-    b"COMMAND": Spec(-1, RespSession.command),
-    b"CONFIG": Spec(-3, RespSession.config),
+    b"COMMAND": Spec(-1, RespSession.command, subcommands=_COMMAND_ARITY),
+    b"CONFIG": Spec(-2, RespSession.config, subcommands=_CONFIG_ARITY),
     b"MULTI": Spec(1, RespSession.multi),
     b"EXEC": Spec(1, RespSession.exec),
     b"DISCARD": Spec(1, RespSession.discard),
