@@ -78,8 +78,13 @@ def decide(
         if after is not None:
             return retry(f"status {status}, Retry-After {after:g}s", after)
     if status in dead_on:
-        return Decision(Outcome.DEAD, f"status {status} is in dead_on")
-    return retry(f"status {status}", backoff.delay(attempt, rng))
+        return Decision(Outcome.DEAD, _said(f"status {status} is in dead_on", delivery))
+    return retry(_said(f"status {status}", delivery), backoff.delay(attempt, rng))
+
+
+def _said(reason: str, delivery: Delivery) -> str:
+    """The reason, with what the adapter said about the answer (where a 3xx points)."""
+    return f"{reason}: {delivery.message}" if delivery.message else reason
 
 
 @functools.lru_cache(maxsize=128)

@@ -56,7 +56,7 @@ class Delivery:
     body: bytes = b""
     stderr: bytes = b""  # FastCGI only
     failure: Failure | None = None
-    message: str = ""  # the failure in words, naming the backend
+    message: str = ""  # the failure in words, naming the backend; for a 3xx, where it points
 
     def header(self, name: bytes) -> bytes | None:
         return find_header(self.headers, name)

@@ -26,10 +26,7 @@ from adapters.delivery.headers import (
 )
 from adapters.storage.jobs import Job
 from fastcgi.address import Address
-from fastcgi.errors import (
-    BackendError,
-    RemoteProtocolError,
-)
+from fastcgi.errors import BackendError, ReadTimeout, RemoteProtocolError, WriteTimeout
 from fastcgi.events import Params
 from fastcgi.pairs import encode_pairs
 from fastcgi.pool import ConnectionPool, PoolLimits, PoolStatistics, Timeouts
@@ -99,7 +96,10 @@ class FastCGIBackend:
             response = await self.pool.request(params, body, deadline=deadline)
         except (BackendError, RemoteProtocolError) as exc:
             now = trio.current_time()
-            if isinstance(exc, TimeoutError) and now >= deadline:
+            # Only once the request is on its way is the deadline a timeout, spending an
+            # attempt.  Not connected or no free connection by then, php never saw the job:
+            # a connect or pool failure, which spends nothing.
+            if isinstance(exc, ReadTimeout | WriteTimeout) and now >= deadline:
                 return Delivery(
                     now - started,
                     failure=Failure.TIMEOUT,

@@ -10,13 +10,18 @@ stop reading or close: a request too big for the socket buffers is written while
 is read, and the answer counts.  A connection whose request was not all written is never
 reused.  A kept-alive connection found closed when reused, before any byte of an answer (the
 server's keep-alive timeout ran out as the request went), goes again, once, on a new one.
+
+Redirects are not followed (a 3xx is a status like any other), but the delivery's ``message``
+says where it pointed: "302 Found -> https://sso.example/login".
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from http import HTTPStatus
+from urllib.parse import urljoin, urlsplit
 
 import h11
 import trio
@@ -42,6 +47,9 @@ _MAX_HEADER_BLOCK = 64 * 1024
 #: answer is read (a task more per delivery).
 _WRITE_FIRST = 64 * 1024
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: How much of a redirect's target its message shows: enough to tell one target from
+#: another, not a page of query string in every log line and dead-letter entry.
+_LOCATION_SHOWN = 200
 
 
 class ProtocolViolation(BackendError):
@@ -106,7 +114,11 @@ class HTTPBackend:
         self._host = parts.hostname
         self._port = parts.port or (443 if self._tls else 80)
         default_port = self._port == (443 if self._tls else 80)
-        self._host_header = parts.netloc if not default_port else parts.hostname
+        # RFC 9110 7.2: Host is uri-host [":" port], and an IPv6 address is a uri-host only
+        # in brackets ("Host: ::1" is a 400 from nginx or Tomcat: dead at once).  urlsplit
+        # drops them from hostname (and lower-cases it, which is harmless).
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        self._host_header = host if default_port else f"{host}:{self._port}"
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._ssl_context: ssl.SSLContext | None = None
@@ -140,9 +152,15 @@ class HTTPBackend:
         started = trio.current_time()
         pool = self.pool
         pool.requests_total += 1
+        deadline = started + timeout
         try:
-            with trio.CancelScope(deadline=started + timeout) as scope:
-                conn = await pool.acquire()
+            # The job's deadline bounds getting a connection too, enforced by the pool (our
+            # scope around it would take the cancellation for itself): a deadline passed
+            # before a connection was had is the pool's PoolTimeout or ConnectTimeout.  The
+            # job never left, so no attempt is spent, as with a refused connection; it was a
+            # spent "no response" whenever the topic's timeout was under the connect timeout.
+            conn = await pool.acquire(deadline)
+            with trio.CancelScope(deadline=deadline) as scope:
                 try:
                     answer = await self._exchange(conn, job)
                 except ConnectionLost:
@@ -153,7 +171,8 @@ class HTTPBackend:
                     # answer: the server closed it while it sat idle (its keep-alive timeout),
                     # too recently for the check before reuse to see.  Once more, on a new
                     # connection.  (Were it a server that took the request and died before
-                    # answering, it gets the job again: delivery is at-least-once.)
+                    # answering, it gets the job again: delivery is at-least-once.)  Under
+                    # our scope: by now the job may have run, so its deadline is a timeout.
                     conn = await pool.acquire(fresh=True)
                     try:
                         answer = await self._exchange(conn, job)
@@ -177,12 +196,39 @@ class HTTPBackend:
                 failure=Failure.TIMEOUT,
                 message=f"{self._origin}: no response within {timeout:g}s",
             )
+        status = answer.status
         return Delivery(
             duration=trio.current_time() - started,
-            status=answer.status,
+            status=status,
             headers=answer.headers,
             body=answer.body,
+            message=self._redirect(status, answer.headers) if 300 <= status < 400 else "",
         )
+
+    def _redirect(self, status: int, headers: tuple[tuple[bytes, bytes], ...]) -> str:
+        """Where a 3xx answer points, resolved against the topic's URL as a client following
+        it would: busgate does not follow it, so the operator must see where the service
+        moved to.  The status's own phrase, not the server's (which may say anything)."""
+        try:
+            said = f"{status} {HTTPStatus(status).phrase}"
+        except ValueError:
+            said = str(status)
+        # Location is a singleton field (RFC 9110 10.2.2).  The same value repeated is that
+        # value; different values are malformed: nobody can tell which the service meant,
+        # and joining them with ", " (right only for list fields) makes a URL of neither.
+        locations = list(dict.fromkeys(value for name, value in headers if name == b"location"))
+        if not locations:
+            return f"{said}, without a Location"
+        if len(locations) > 1:
+            return f"{said} -> {len(locations)} different Location fields"
+        target = _printable(locations[0].decode("utf-8", "backslashreplace"))
+        try:
+            target = urljoin(self.target.url, target)
+        except ValueError:  # "http://[oops": not a URL; shown as it came
+            pass
+        if len(target) > _LOCATION_SHOWN:
+            target = target[:_LOCATION_SHOWN] + "…"
+        return f"{said} -> {target}"
 
     async def _exchange(self, conn: HTTPConnection, job: Job) -> _Answer:
         request_headers, body = self.request(job)
@@ -262,6 +308,11 @@ class HTTPBackend:
                 protocol.receive_data(bytes(data))
             elif isinstance(event, h11.Response):
                 status = event.status_code
+                # One pair per field line, as sent (h11 lower-cases the names), never joined:
+                # ", " joins only list fields; a repeated singleton such as Content-Type
+                # would become "application/json, text/html", a value nobody sent.  Whoever
+                # reads a singleton takes a repeated same value as that value, and different
+                # values as malformed (as _redirect does with Location).
                 headers = tuple((bytes(k), bytes(v)) for k, v in event.headers)
                 # Framed two ways: h11 reads it as chunked (RFC 9112 6.3), but a proxy on
                 # the way may have framed it by length; the rest of the stream is suspect.
@@ -299,6 +350,10 @@ class HTTPBackend:
         with trio.move_on_after(self.target.connect_timeout) as scope:
             try:
                 tcp = await trio.open_tcp_stream(self._host, self._port)
+            except socket.gaierror as exc:
+                # getaddrinfo's codes are not errno values: os_reason read EAI_NONAME (-2)
+                # as "Unknown error -2".
+                raise ConnectError(name, f"cannot resolve {self._host}: {exc.strerror}") from exc
             except OSError as exc:
                 raise ConnectError(name, f"cannot connect: {os_reason(exc)}") from exc
             stream: trio.abc.Stream = tcp
@@ -339,3 +394,14 @@ def tls_reason(exc: BaseException) -> str:
         # reason: "WRONG_VERSION_NUMBER" (an http:// server), "TLSV1_ALERT_PROTOCOL_VERSION"…
         return cause.reason.replace("_", " ").lower() if cause.reason else str(cause)
     return "the server closed the connection" if cause is None else os_reason(cause)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable written as its escape (``\\x1b``,
+    ``\\u202e``, ``\\t``): a backend's text goes to log lines, terminals and the dashboard,
+    where a control character or a right-to-left override would rewrite what is shown."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )

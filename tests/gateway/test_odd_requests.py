@@ -116,7 +116,7 @@ async def test_a_handler_bug_is_a_500_and_a_logged_traceback(
     def broken(*args: object) -> object:
         raise RuntimeError("a bug in a handler")
 
-    monkeypatch.setattr(type(app.admin), "_topic_config", broken)
+    monkeypatch.setattr(type(app.admin), "_configured", broken)
     answer = await http(app, get("/v1/queues/orders/topics/email/dead"))
     assert answer.startswith(b"HTTP/1.1 500 ") and b"internal error" in answer
     assert "a bug in a handler" in caplog.text

@@ -55,6 +55,27 @@ def test_statuses() -> None:
     assert verdict(answer(503, "30"), attempt=5)[0] is Outcome.DEAD
 
 
+def test_a_redirects_target_is_in_the_reason() -> None:
+    # The HTTP adapter says where a 3xx points; the dead letter and the log line keep it.
+    moved = Delivery(0.01, status=302, message="302 Found -> https://sso.example/login")
+
+    def reason(dead_on: frozenset[int]) -> str:
+        return decide(
+            moved,
+            attempt=1,
+            max_attempts=2,
+            backoff=BACKOFF,
+            dead_on=dead_on,
+            now=NOW,
+            rng=random.Random(7),
+        ).reason
+
+    assert reason(DEAD_ON) == "status 302: 302 Found -> https://sso.example/login"
+    assert reason(frozenset({302})) == (
+        "status 302 is in dead_on: 302 Found -> https://sso.example/login"
+    )
+
+
 @pytest.mark.parametrize("failure", [Failure.CONNECT, Failure.OVERLOADED, Failure.POOL_TIMEOUT])
 def test_failures_where_the_job_never_ran_spend_nothing(failure: Failure) -> None:
     outcome, _delay, spend = verdict(Delivery(0.0, failure=failure, message="x"), attempt=5)
