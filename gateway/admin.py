@@ -34,10 +34,11 @@ from adapters.storage.jobs import (
     Job,
     JobRecord,
     Priority,
+    TopicStats,
     new_job_id,
     new_trace_id,
 )
-from gateway.config import Config, TopicConfig, effective_document
+from gateway.config import NAME_PATTERN, Config, TopicConfig, effective_document
 from gateway.http_server import SEND_TIMEOUT, HTTPError, Request, Response, Router
 from gateway.producer_http import attributes_of, payload_bytes
 from gateway.telemetry import Telemetry
@@ -222,15 +223,45 @@ class AdminAPI:
             )
 
     def _topic_config(self, request: Request) -> TopicConfig:
+        found = self._configured(request)
+        if isinstance(found, HTTPError):
+            raise found
+        return found
+
+    def _configured(self, request: Request) -> TopicConfig | HTTPError:
+        """The topic's configuration, or the 404 that names what is unknown."""
         queue = self.config.queue(request.params["queue"])
         if queue is None:
-            raise HTTPError(404, f"unknown queue '{request.params['queue']}'")
+            return HTTPError(404, f"unknown queue '{request.params['queue']}'")
         topic = queue.topic(request.params["topic"])
         if topic is None:
-            raise HTTPError(
+            return HTTPError(
                 404, f"unknown topic '{request.params['topic']}' in queue '{queue.name}'"
             )
         return topic
+
+    async def _dead_letters_of(self, request: Request) -> tuple[str, str, bool]:
+        """The queue and topic whose dead jobs a request means, and whether it is configured.
+
+        A topic removed from conf.d (or renamed, or its whole queue removed) by a reload
+        leaves its jobs in the store, and an operator must still be able to see and clean up
+        its dead ones.  So a name the configuration lacks is looked up in the store, and is a
+        404 only when the store has never held a job of it: its depths and counters, one
+        cheap read, are all zero.
+        """
+        found = self._configured(request)
+        if not isinstance(found, HTTPError):
+            return found.queue, found.name, True
+        queue, topic = request.params["queue"], request.params["topic"]
+        if not (NAME_PATTERN.fullmatch(queue) and NAME_PATTERN.fullmatch(topic)):
+            raise found  # no configuration could have named it: the store never held it
+        try:
+            stats = await self.store.stats(queue, topic)
+        except StoreError as exc:
+            raise HTTPError(503, f"store unavailable: {exc}") from None
+        if not _ever_held(stats):
+            raise found
+        return queue, topic, False
 
     @staticmethod
     def _json_body(request: Request) -> dict[str, Any]:
@@ -267,7 +298,7 @@ class AdminAPI:
         return Response.json({"id": job_id, "copies": [job_document(r) for r in records]})
 
     async def dead(self, request: Request) -> Response:
-        topic = self._topic_config(request)
+        queue, topic, configured = await self._dead_letters_of(request)
         args = {name: values[-1] for name, values in request.query.items()}
         where = dead_filter(args)
         limit = self._limit(args.get("limit"))
@@ -275,10 +306,16 @@ class AdminAPI:
         if cursor is not None:
             _check_cursor(cursor)
         try:
-            page = await self.store.list_dead(topic.queue, topic.name, where, cursor, limit)
+            page = await self.store.list_dead(queue, topic, where, cursor, limit)
         except StoreError as exc:
             raise HTTPError(503, f"store unavailable: {exc}") from None
-        return Response.json({"jobs": [dead_document(j) for j in page.jobs], "cursor": page.cursor})
+        return Response.json(
+            {
+                "jobs": [dead_document(j) for j in page.jobs],
+                "cursor": page.cursor,
+                **_unconfigured(configured),
+            }
+        )
 
     @staticmethod
     def _limit(raw: str | None) -> int:
@@ -321,7 +358,15 @@ class AdminAPI:
 
     async def _bulk(self, request: Request, done: str) -> Response:
         """Replay or delete dead jobs named by ids, a filter, or all of them."""
-        topic = self._topic_config(request)
+        queue, name, configured = await self._dead_letters_of(request)
+        if done == "replayed" and not configured:
+            # The store would take them, but no dispatcher reserves for a topic that is not
+            # configured: they would sit ready, undelivered, out of sight of `dead list`.
+            raise HTTPError(
+                409,
+                f"topic {queue}/{name} is not configured: replayed jobs would wait"
+                " undelivered; add it back and reload first",
+            )
         body = self._json_body(request)
         allowed = {"ids", "filter", "all", "dry_run"} | ({"rate"} if done == "replayed" else set())
         unknown = set(body) - allowed
@@ -337,7 +382,7 @@ class AdminAPI:
         dry_run = body.get("dry_run", False)
         if not isinstance(dry_run, bool):
             raise HTTPError(400, '"dry_run" must be true or false')
-        store, queue, name = self.store, topic.queue, topic.name
+        store, extra = self.store, _unconfigured(configured)
         try:
             if ids is not None and not dry_run and rate is None:
                 # The store acts on the dead jobs of this topic only and skips other ids, so
@@ -353,7 +398,7 @@ class AdminAPI:
                     ids = [job_id for job_id in dict.fromkeys(ids) if job_id in dead]
                     matched = len(ids)
                 if dry_run:
-                    return Response.json({"matched": matched, done: 0, "dry_run": True})
+                    return Response.json({"matched": matched, done: 0, "dry_run": True, **extra})
                 if matched and rate is not None and matched / rate > MAX_PACED_SECONDS:
                     raise HTTPError(
                         400,
@@ -369,13 +414,13 @@ class AdminAPI:
             # With the counts: a client replaying in chunks tells a chunk whose jobs are no
             # longer dead (another operator was first) from an unknown queue or topic.
             return Response.json(
-                {"error": "no dead job matches that filter", "matched": 0, done: 0}, 404
+                {"error": "no dead job matches that filter", "matched": 0, done: 0, **extra}, 404
             )
         log.info("%s queue=%s topic=%s jobs=%d", done, queue, name, count)
         # As after a pause: the `busgate stats` an operator runs next shows the change, not
         # the sample taken up to a second before it.
         await self.telemetry.sample()
-        return Response.json({"matched": matched, done: count})
+        return Response.json({"matched": matched, done: count, **extra})
 
     async def _act(
         self,
@@ -566,6 +611,31 @@ class AdminAPI:
                 return True
         await _close(socket, 'send {"token": "<admin token>"} first')
         return False
+
+
+def _ever_held(stats: TopicStats) -> bool:
+    """Whether the store has held a job of this topic (its queue's unmatched count aside)."""
+    return any(
+        (
+            stats.ready,
+            stats.delayed,
+            stats.leased,
+            stats.dead,
+            stats.done,
+            stats.pushed_total,
+            stats.done_total,
+            stats.retried_total,
+            stats.dead_total,
+            stats.expired_total,
+            stats.replayed_total,
+        )
+    )
+
+
+def _unconfigured(configured: bool) -> dict[str, bool]:
+    """What a dead-letter answer adds for a topic the configuration lacks (removed by a
+    reload): ``"configured": false``.  A configured topic's answers stay as they were."""
+    return {} if configured else {"configured": False}
 
 
 def _check_cursor(cursor: str) -> None:

@@ -5,6 +5,8 @@ busgate jobs show ID                            every topic copy of a job with i
 busgate dead list QUEUE/TOPIC [filters]         dead jobs, newest first
 busgate dead replay QUEUE/TOPIC (--ids … | filters | --all) [--rate N]
 busgate dead delete QUEUE/TOPIC (--ids … | filters | --all)
+                                                list and delete work for a topic removed
+                                                from conf.d too; replay needs it configured
 busgate pause QUEUE/TOPIC, busgate resume QUEUE/TOPIC
 busgate push QUEUE[/TOPIC] PAYLOAD              prints the job id; PAYLOAD - reads stdin
 
@@ -110,7 +112,9 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         dest="dead_command", required=True, metavar="{list,replay,delete}"
     )
     listing = dead_commands.add_parser(
-        "list", parents=[admin, filters], help="dead jobs of a topic, newest first"
+        "list",
+        parents=[admin, filters],
+        help="dead jobs of a topic, newest first (of a topic removed from conf.d too)",
     )
     listing.add_argument("target", metavar="QUEUE/TOPIC")
     listing.add_argument(
@@ -124,13 +128,19 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     listing.set_defaults(handler=_handler(_dead_list))
 
     replay = dead_commands.add_parser(
-        "replay", parents=[admin, selection], help="deliver dead jobs again, with fresh attempts"
+        "replay",
+        parents=[admin, selection],
+        help="deliver dead jobs again, with fresh attempts (the topic must be configured)",
     )
     replay.add_argument("target", metavar="QUEUE/TOPIC")
     replay.add_argument("--rate", type=_positive, metavar="N", help="at most N jobs per second")
     replay.set_defaults(handler=_handler(_dead_replay))
 
-    delete = dead_commands.add_parser("delete", parents=[admin, selection], help="forget dead jobs")
+    delete = dead_commands.add_parser(
+        "delete",
+        parents=[admin, selection],
+        help="forget dead jobs (of a topic removed from conf.d too)",
+    )
     delete.add_argument("target", metavar="QUEUE/TOPIC")
     delete.set_defaults(handler=_handler(_dead_delete))
 
@@ -302,11 +312,14 @@ def _dead_list(args: argparse.Namespace, settings: Settings) -> int:
         pages = client.dead_pages(
             queue, topic, where, cursor=args.cursor, limit=args.limit or MAX_PAGE
         )
+        unconfigured: dict[str, Any] = {}
         for page in pages:
             jobs += page["jobs"]
-        document: dict[str, Any] = {"jobs": jobs, "cursor": None}
+            unconfigured = _unconfigured(page)
+        document: dict[str, Any] = {"jobs": jobs, "cursor": None, **unconfigured}
     else:
         document = _dead_up_to(client, queue, topic, where, args.cursor, args.limit)
+    _note_unconfigured(document, queue, topic)
     if args.json:
         _print_json(document)
         return 0
@@ -355,7 +368,23 @@ def _dead_up_to(
         jobs += page["jobs"]
         cursor = page.get("cursor")
         if not cursor or len(jobs) >= wanted:
-            return {"jobs": jobs, "cursor": cursor}
+            return {"jobs": jobs, "cursor": cursor, **_unconfigured(page)}
+
+
+def _unconfigured(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"configured": false}`` when the server said so of the topic, else nothing."""
+    return {"configured": False} if answer.get("configured") is False else {}
+
+
+def _note_unconfigured(answer: Mapping[str, Any], queue: str, topic: str) -> None:
+    """Say why a topic removed from the configuration still has dead jobs to show, and what
+    cannot be done with them (the server refuses a replay with its own message)."""
+    if _unconfigured(answer):
+        print(
+            f"busgate: {queue}/{topic} is not configured (removed by a reload?): its dead jobs"
+            " can be listed and deleted, not replayed until the topic is added back",
+            file=sys.stderr,
+        )
 
 
 # -- changing -----------------------------------------------------------------------------------
@@ -440,6 +469,7 @@ def _dead_delete(args: argparse.Namespace, settings: Settings) -> int:
     selection = _selection(args)
     client = settings.admin_client()
     counted = client.delete(queue, topic, selection, dry_run=True)
+    _note_unconfigured(counted, queue, topic)
     if args.dry_run:
         return _dry_run(args, counted, f"{queue}/{topic}", "deleted")
     if counted["matched"] == 0:  # as for a replay: nothing to ask about

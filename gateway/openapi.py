@@ -28,6 +28,20 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _ERROR for code in codes}
 
 
+#: The dead-letter endpoints also serve a topic that is no longer configured.
+_REMOVED_TOPICS = (
+    " The topic may be one a reload removed from the configuration (or whose queue it"
+    " removed): its jobs stay in the store, and its dead ones can still be listed and"
+    ' deleted; the answer then says "configured": false. A queue or topic the store has'
+    " never held a job of is a 404."
+)
+_CONFIGURED = {
+    "type": "boolean",
+    "const": False,
+    "description": "Present, and false, only for a topic that is not in the configuration.",
+}
+
+
 def _selection(action: str) -> dict[str, Any]:
     return {
         "type": "object",
@@ -396,6 +410,7 @@ def document() -> dict[str, Any]:
             topic + "/dead": {
                 "get": {
                     "summary": "Dead jobs, newest first, filtered and paged",
+                    "description": "Of a configured topic." + _REMOVED_TOPICS,
                     "security": admin,
                     "parameters": [
                         *_TOPIC_PARAMS,
@@ -422,6 +437,7 @@ def document() -> dict[str, Any]:
                                         "type": ["string", "null"],
                                         "description": "Pass back for the next page.",
                                     },
+                                    "configured": _CONFIGURED,
                                 },
                             }
                         ),
@@ -432,6 +448,12 @@ def document() -> dict[str, Any]:
             topic + "/dead/replay": {
                 "post": {
                     "summary": "Replay dead jobs: by ids, by filter, or all; optionally at a rate",
+                    "description": (
+                        "Of a configured topic only: a topic that is not in the configuration"
+                        " (removed by a reload) has no dispatcher, so its replayed jobs would"
+                        " wait undelivered. Its replay, dry runs included, is a 409: add the"
+                        " topic back and reload first, or delete the jobs."
+                    ),
                     "security": admin,
                     "parameters": _TOPIC_PARAMS,
                     "requestBody": {
@@ -450,12 +472,17 @@ def document() -> dict[str, Any]:
                             }
                         ),
                         **_errors(400, 401, 403, 404, 415, 503),
+                        "409": {
+                            **_ERROR,
+                            "description": "The topic is not configured (removed by a reload)",
+                        },
                     },
                 }
             },
             topic + "/dead/delete": {
                 "post": {
                     "summary": "Delete dead jobs: by ids, by filter, or all",
+                    "description": "Of a configured topic." + _REMOVED_TOPICS,
                     "security": admin,
                     "parameters": _TOPIC_PARAMS,
                     "requestBody": {
@@ -469,6 +496,8 @@ def document() -> dict[str, Any]:
                                 "properties": {
                                     "matched": {"type": "integer"},
                                     "deleted": {"type": "integer"},
+                                    "dry_run": {"type": "boolean"},
+                                    "configured": _CONFIGURED,
                                 },
                             }
                         ),
