@@ -92,6 +92,8 @@ async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.t
             password=config.password,
             db=config.db,
             tls=config.tls,
+            connect_timeout=config.connect_timeout,
+            command_timeout=config.command_timeout,
         )
 
     addresses = [RedisAddress(host, port) for host, port in config.nodes]

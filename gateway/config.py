@@ -34,6 +34,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from adapters.storage.fanout import FieldCondition, Filter, JSONScalar
+from adapters.storage.redis_client import DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT
 from fastcgi.address import parse_address
 from gateway.units import (
     Rate,
@@ -380,12 +381,25 @@ class StoreConfig:
     password: str | None = None
     db: int = 0
     tls: bool = False
+    # redis: one call's deadline (connecting included), and one connection attempt's
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.kind == "sqlite":
             _check_absolute(self.path, "path")
-            if self.nodes or self.username or self.password or self.db or self.tls:
-                raise InvalidField("kind", "an SQLite store has no hosts, credentials or db")
+            timeouts = (self.command_timeout, self.connect_timeout)
+            if (
+                self.nodes
+                or self.username
+                or self.password
+                or self.db
+                or self.tls
+                or timeouts != (DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT)
+            ):
+                raise InvalidField(
+                    "kind", "an SQLite store has no hosts, credentials, db or timeouts"
+                )
             return
         if self.kind not in ("redis", "redis-cluster"):
             raise InvalidField("kind", f"{self.kind!r} is not sqlite, redis or redis-cluster")
@@ -401,6 +415,8 @@ class StoreConfig:
         _check_integer(self.db, "db", 0, 1_000_000)
         if self.kind == "redis-cluster" and self.db != 0:
             raise InvalidField("db", "a Redis Cluster has only database 0")
+        _check_seconds(self.command_timeout, "command_timeout", positive=True)
+        _check_seconds(self.connect_timeout, "connect_timeout", positive=True)
 
     @property
     def redacted_url(self) -> str:
@@ -935,9 +951,19 @@ def _producer(reader: _Reader, node: _Node) -> ProducerLimits:
 
 _STORE_FORMS = (
     "expected sqlite:///absolute/path.db, sqlite:relative/path.db,"
-    " redis://[user:password@]host:port/db, rediss://… (TLS)"
+    " redis://[user:password@]host:port/db[?timeout=10s&connect_timeout=5s], rediss://… (TLS)"
     " or redis+cluster://host:port,host:port"
 )
+#: A Redis store URL's options (``?timeout=30s&connect_timeout=2s``) and the StoreConfig field
+#: each sets.  ``timeout`` is the name Lettuce gives the command timeout, with units as here;
+#: redis-py's names are read too (bare seconds are durations), so its URLs can be pasted.
+_STORE_OPTIONS = {
+    "timeout": "command_timeout",
+    "connect_timeout": "connect_timeout",
+    "socket_timeout": "command_timeout",
+    "socket_connect_timeout": "connect_timeout",
+}
+_STORE_OPTION_FORMS = "the options are timeout and connect_timeout, durations such as 30s or 500ms"
 
 
 def parse_store(url: str, directory: str) -> StoreConfig:
@@ -952,15 +978,24 @@ def parse_store(url: str, directory: str) -> StoreConfig:
             rest = rest[2:]
         if not rest or rest == ":memory:":
             raise ValueError(f"{shown!r}: the SQLite file path is missing")
+        # A '?' would otherwise become part of the file name, an option silently ignored.
+        if "?" in rest:
+            query = rest.partition("?")[2]
+            names = [unquote(item.partition("=")[0]) for item in query.split("&") if item]
+            what = f" ({', '.join(map(repr, names))})" if names else ""
+            raise ValueError(f"{shown!r}: an SQLite store takes no options after '?'{what}")
         path = os.path.normpath(os.path.join(directory, rest))
         return StoreConfig(url=url, kind="sqlite", path=path)
     if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster") or not rest.startswith(
         "//"
     ):
         raise ValueError(f"{shown!r}: {_STORE_FORMS}")
-    userinfo, at, location = rest[2:].rpartition("@")  # a password may hold '@' or '/'
-    if "?" in location or "#" in location:
-        raise ValueError(f"{shown!r}: options after '?' are not supported")
+    userinfo, at, location = rest[2:].rpartition("@")  # a password may hold '@', '/' or '?'
+    if "#" in location:
+        raise ValueError(f"{shown!r}: a fragment ('#…') is not supported")
+    location, _, query = location.partition("?")
+    options = _store_options(shown, query)
+    seconds = {field: value for field, (_, value) in options.items()}
     hosts, _, database = location.partition("/")
     username = password = None
     if at:
@@ -987,9 +1022,49 @@ def parse_store(url: str, directory: str) -> StoreConfig:
             password=password,
             db=db,
             tls=scheme.startswith("rediss"),
+            command_timeout=seconds.get("command_timeout", DEFAULT_COMMAND_TIMEOUT),
+            connect_timeout=seconds.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         )
     except InvalidField as exc:
+        if exc.field in options:
+            raise ValueError(
+                f"{shown!r}: option {options[exc.field][0]!r}: {exc.message}"
+            ) from None
         raise ValueError(f"{shown!r}: {exc.message}") from None
+
+
+def _store_options(shown: str, query: str) -> dict[str, tuple[str, float]]:
+    """A Redis URL's ``name=duration&…``: for each StoreConfig field, (name written, seconds)."""
+    options: dict[str, tuple[str, float]] = {}
+    for item in query.split("&"):
+        if not item:  # "redis://h?" or "a=1&&b=2"
+            continue
+        written, equals, value = item.partition("=")
+        name = unquote(written)
+        field = _STORE_OPTIONS.get(name)
+        if field is None:
+            close = difflib.get_close_matches(name, _STORE_OPTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{shown!r}: unknown option {name!r}{hint} ({_STORE_OPTION_FORMS})")
+        if field in options:
+            first = options[field][0]
+            if first == name:
+                raise ValueError(f"{shown!r}: option {name!r} is given twice")
+            raise ValueError(
+                f"{shown!r}: options {first!r} and {name!r} are the same setting: give one"
+            )
+        if not equals:
+            raise ValueError(f"{shown!r}: option {name!r} needs a value, as in {name}=30s")
+        try:
+            seconds = parse_duration(unquote(value))
+        except ValueError as exc:
+            raise ValueError(f"{shown!r}: option {name!r}: {exc}") from None
+        except OverflowError:  # 400 digits of seconds
+            raise ValueError(
+                f"{shown!r}: option {name!r}: {value[:40]!r}… is out of range"
+            ) from None
+        options[field] = (name, seconds)
+    return options
 
 
 def _host_port(shown: str, text: str) -> tuple[str, int]:
@@ -1004,7 +1079,27 @@ def _host_port(shown: str, text: str) -> tuple[str, int]:
 
 
 def _redact_url(url: str) -> str:
-    """``scheme://user:********@host…``: the password of a URL hidden (as written or not)."""
+    """``scheme://user:********@host…``: the password of a URL hidden (as written or not),
+    and the value of any option but the store's own (redis-py reads ``?password=…``)."""
+    return _redact_options(_redact_userinfo(url))
+
+
+def _redact_options(url: str) -> str:
+    # The options follow the last '@' (a password may hold '?'); an '@' in an option hides
+    # everything before it as userinfo, which errs on the safe side.
+    start = url.rfind("@") + 1
+    head, question, query = url[start:].partition("?")
+    if not question:
+        return url
+    items = []
+    for item in query.split("&"):
+        name, equals, _ = item.partition("=")
+        known = unquote(name) in _STORE_OPTIONS
+        items.append(item if known or not equals else f"{name}={REDACTED}")
+    return f"{url[:start]}{head}?{'&'.join(items)}"
+
+
+def _redact_userinfo(url: str) -> str:
     scheme, separator, rest = url.partition("://")
     userinfo, at, location = rest.rpartition("@")
     if not separator:  # mistyped ("redis:/user:pw@host"): whatever precedes the @ may be secret

@@ -28,6 +28,10 @@ Command = Sequence[Arg]
 _RECEIVE_SIZE = 64 * 1024
 _BACKOFF_START = 0.05
 _BACKOFF_MAX = 1.0
+#: How long one connection attempt (TCP, TLS, login) and one call (connecting included) may
+#: take, unless the store URL says otherwise (``?connect_timeout=…&timeout=…``).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_COMMAND_TIMEOUT = 10.0
 
 
 class ServerError(StoreError):
@@ -99,8 +103,8 @@ class RedisClient:
         db: int = 0,
         tls: bool = False,
         max_connections: int = 32,
-        connect_timeout: float = 5.0,
-        command_timeout: float = 10.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         idle_timeout: float = 60.0,
     ) -> None:
         self.address = address

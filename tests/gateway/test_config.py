@@ -514,7 +514,7 @@ def test_queue_errors(tmp_path: Path, queue: str, line: int, key: str | None, te
         ("store: 'redis://a:1,b:2'\n", 1, "store", "several hosts need redis+cluster://"),
         ("store: redis://h:1/x\n", 1, "store", "the database must be a number"),
         ("store: redis+cluster://h:1/3\n", 1, "store", "only database 0"),
-        ("store: redis://h:1?timeout=3\n", 1, "store", "options after '?'"),
+        ("store: redis://h:1?timeot=3\n", 1, "store", "timeot"),
         ("store: redis://h:0\n", 1, "store", "out of range"),
         ("listen: {resp: 12018}\n", 1, "listen.resp", "is not host:port"),
         ("listen:\n  http: [::1]:1\n", 2, None, "invalid YAML"),
@@ -952,3 +952,95 @@ def test_an_empty_file_name_is_refused_not_read_as_the_directory(
 ) -> None:
     with pytest.raises(ConfigError, match="is empty"):
         load_config(write(tmp_path, main, q=queue), {})
+
+
+# -- store URL options: the Redis client's timeouts --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "timeouts"),
+    [
+        ("redis://h:1/0", (10.0, 5.0)),  # the client's defaults when none is given
+        ("redis://h:1/0?timeout=30s&connect_timeout=2s", (30.0, 2.0)),
+        ("redis://h:1?connect_timeout=250ms", (10.0, 0.25)),
+        ("redis://h:1?", (10.0, 5.0)),
+        # redis-py's names, bare seconds as redis-py writes them
+        ("redis://h:1/2?socket_timeout=0.5&socket_connect_timeout=1.5", (0.5, 1.5)),
+        ("rediss://u:p?w@rd@h:1/0?timeout=1m", (60.0, 5.0)),  # '?' and '@' in the password
+        ("redis+cluster://a:1,b:2?timeout=3s&connect_timeout=1s", (3.0, 1.0)),
+    ],
+)
+def test_store_url_timeouts(tmp_path: Path, url: str, timeouts: tuple[float, float]) -> None:
+    store = load_config(write(tmp_path, f"store: '{url}'\n"), {}).store
+    assert (store.command_timeout, store.connect_timeout) == timeouts
+    assert store.url == url
+
+
+def test_store_url_options_leave_the_rest_of_the_url_alone(tmp_path: Path) -> None:
+    store = load_config(write(tmp_path, "store: 'rediss://u:p?w@rd@h:1/3?timeout=1m'\n"), {}).store
+    assert (store.nodes, store.username, store.password, store.db, store.tls) == (
+        (("h", 1),),
+        "u",
+        "p?w@rd",
+        3,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [
+        ("redis://h:1?timeot=1s", "unknown option 'timeot'; did you mean 'timeout'?"),
+        ("redis://h:1?db=2", "unknown option 'db'"),
+        ("redis://h:1?timeout", "option 'timeout' needs a value, as in timeout=30s"),
+        ("redis://h:1?timeout=", "option 'timeout': '' is not a duration"),
+        ("redis://h:1?timeout=soon", "option 'timeout': 'soon' is not a duration"),
+        ("redis://h:1?timeout=-1s", "option 'timeout': '-1s' is not a duration"),
+        ("redis://h:1?timeout=0", "option 'timeout': must be longer than 0s"),
+        ("redis://h:1?socket_connect_timeout=0ms", "option 'socket_connect_timeout': must be"),
+        ("redis://h:1?timeout=1" + "0" * 400, "option 'timeout': '1000000000"),
+        ("redis://h:1?timeout=1s&timeout=2s", "option 'timeout' is given twice"),
+        (
+            "redis://h:1?timeout=1s&socket_timeout=2s",
+            "options 'timeout' and 'socket_timeout' are the same setting: give one",
+        ),
+        ("redis://h:1#x", "a fragment ('#…') is not supported"),
+        ("sqlite:busgate.db?timeout=1s&x=2", "SQLite store takes no options after '?' ('timeout',"),
+        ("sqlite:///srv/busgate.db?", "an SQLite store takes no options after '?'"),
+    ],
+)
+def test_store_url_option_errors(tmp_path: Path, url: str, text: str) -> None:
+    error = error_of(tmp_path, main=f"store: '{url}'\n")
+    assert_error(error, tmp_path / "busgate.yaml", 1, "store", text)
+
+
+def test_an_unknown_store_option_is_refused_without_its_value(tmp_path: Path) -> None:
+    # redis-py reads ?password=… from the query: the error must not print it.
+    error = error_of(tmp_path, main="store: 'redis://h:1/0?password=hunter2&timeout=1s'\n")
+    assert_error(error, tmp_path / "busgate.yaml", 1, "store", "unknown option 'password'")
+    assert "hunter2" not in str(error)
+    assert "?password=********&timeout=1s" in str(error)
+    error = error_of(tmp_path, main="store: 'sqlite:x.db?password=hunter2'\n")
+    assert_error(error, tmp_path / "busgate.yaml", 1, "store", "no options after '?' ('password')")
+    assert "hunter2" not in str(error)
+
+
+def test_render_effective_shows_store_options_and_hides_the_password(tmp_path: Path) -> None:
+    url = "redis://app:hunter2@h:1/0?timeout=30s&socket_connect_timeout=1.5"
+    text = render_effective(load_config(write(tmp_path, f"store: '{url}'\n"), {}))
+    assert "hunter2" not in text
+    store = yaml.safe_load(text)["store"]
+    assert store == "redis://app:********@h:1/0?timeout=30s&socket_connect_timeout=1.5"
+    # and it reads back as the same settings
+    reread = load_config(write(tmp_path, f"store: '{store.replace('********', 'x')}'\n"), {})
+    assert (reread.store.command_timeout, reread.store.connect_timeout) == (30.0, 1.5)
+
+
+def test_a_store_record_refuses_timeouts_that_do_not_apply_or_cannot_work() -> None:
+    from gateway.config import StoreConfig
+
+    with pytest.raises(InvalidField, match="an SQLite store has no hosts, credentials, db or"):
+        StoreConfig(url="sqlite:///x.db", kind="sqlite", path="/x.db", command_timeout=1.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidField, match="connect_timeout"):
+            StoreConfig(url="redis://h", kind="redis", nodes=(("h", 6379),), connect_timeout=bad)
