@@ -42,13 +42,16 @@ class HTTPError(Exception):
         self.message = message
         self.headers = tuple(headers)
 
+    def response(self) -> Response:
+        return Response.json({"error": self.message}, self.status, self.headers)
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
     path: str
-    query: Mapping[str, list[str]]
-    headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
+    query: Mapping[str, list[str]]  # one value a name (see _query_of)
+    headers: Mapping[str, str]  # lower-case names (see _fields_of)
     body: bytes
     params: Mapping[str, str] = field(default_factory=dict)  # from the route pattern
     peer: str = ""
@@ -240,15 +243,20 @@ class HTTPServer:
             if idle.cancelled_caught or not isinstance(head, h11.Request):
                 return
             self._requests += 1
-            if _is_websocket(head) and head.target.decode().split("?")[0] in self.router.websockets:
-                await self._upgrade(stream, head, conn, peer)
-                return
             try:
-                response = await self._handle(conn, stream, head, peer)
-            except h11.RemoteProtocolError as exc:  # in the body: say so, then close
-                self._errors += 1
-                await _refuse(stream, exc.error_status_hint, str(exc))
-                return
+                request = _request_of(head, peer)
+            except HTTPError as exc:  # a head refused whatever its route
+                response = exc.response()
+            else:
+                if _is_websocket(head) and request.path in self.router.websockets:
+                    await self._upgrade(stream, head, conn, request)
+                    return
+                try:
+                    response = await self._handle(conn, stream, head, request)
+                except h11.RemoteProtocolError as exc:  # in the body: say so, then close
+                    self._errors += 1
+                    await _refuse(stream, exc.error_status_hint, str(exc))
+                    return
             if response.status >= 400:
                 self._errors += 1
             unread = conn.their_state is h11.SEND_BODY  # answered before reading the body
@@ -283,7 +291,7 @@ class HTTPServer:
             conn.receive_data(bytes(data))
 
     async def _handle(
-        self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, peer: str
+        self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, request: Request
     ) -> Response:
         """The response to one request; never raises but for cancellation.
 
@@ -291,33 +299,23 @@ class HTTPServer:
         must not take the daemon (its producers and dispatchers) down with it.
         """
         try:
-            return await self._dispatch(conn, stream, head, peer)
+            return await self._dispatch(conn, stream, request)
         except h11.RemoteProtocolError:
             raise  # a malformed or cut-off body: the client's doing (_converse answers it)
         except Exception:
-            log.exception("HTTP %s %r from %s failed", head.method.decode(), head.target, peer)
+            log.exception("HTTP %s %r from %s failed", request.method, head.target, request.peer)
             return Response.json({"error": "internal error; the daemon's log has the details"}, 500)
 
     async def _dispatch(
-        self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, peer: str
+        self, conn: h11.Connection, stream: trio.SocketStream, request: Request
     ) -> Response:
-        method = head.method.decode()
-        headers: dict[str, str] = {}
-        for name, value in head.headers:
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
         try:
-            try:
-                path, query = path_and_query(head.target)
-            except ValueError as exc:  # "http://[x": an unbalanced IPv6 bracket
-                raise HTTPError(400, f"malformed request target: {exc}") from None
-            route, params = self.router.match(method, path)
-            request = Request(method, path, parse_qs(query), headers, b"", params, peer)
+            route, params = self.router.match(request.method, request.path)
+            request = replace(request, params=params)
             if route.guard is not None:
                 route.guard(request)
-            length = headers.get("content-length")
-            if length is not None and "transfer-encoding" in headers:
+            length = request.header("content-length")
+            if length is not None and request.header("transfer-encoding") is not None:
                 # Framed two ways: a proxy in front may have read it the other way, and
                 # what we took for the body would be its next request (RFC 9112 6.3).
                 raise HTTPError(400, "Content-Length and Transfer-Encoding together")
@@ -335,7 +333,7 @@ class HTTPServer:
                 body = await self._read_body(conn, stream, limit)
             return await route.handler(replace(request, body=body))
         except HTTPError as exc:
-            return Response.json({"error": exc.message}, exc.status, exc.headers)
+            return exc.response()
         except trio.TooSlowError:
             return Response.json({"error": "the request body did not arrive in time"}, 408)
 
@@ -394,12 +392,9 @@ class HTTPServer:
         stream: trio.SocketStream,
         head: h11.Request,
         conn: h11.Connection,
-        peer: str,
+        request: Request,
     ) -> None:
-        path, query = path_and_query(head.target)
-        handler = self.router.websockets[path]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
-        request = Request("GET", path, parse_qs(query), headers, b"", {}, peer)
+        handler = self.router.websockets[request.path]
         # trio-websocket performs the handshake itself: give it the request again, written
         # out from what h11 parsed (its bytes may have come in the read of an earlier
         # request), then whatever the client sent after it.
@@ -444,6 +439,67 @@ async def _refuse(
         await stream.send_all(head.encode() + body)
 
 
+#: The request fields busgate reads as one value, with the names its errors give them.
+#: RFC 9110 5.3 lets a recipient join a field's repeated lines with ", " only when the field
+#: is a list.  Joined, two Content-Type lines are no content type (a JSON body was stored as
+#: a raw payload), two equal Authorization lines no password; and which of two different
+#: values a proxy in front acted on is anyone's guess.  So equal repeats count once and
+#: different ones are a 400.  h11 itself refuses a second Host line (RFC 9112 3.2) and
+#: Content-Length lines that differ.  A field newly read with ``Request.header`` goes here.
+SINGLETON_FIELDS = {
+    "authorization": "Authorization",
+    "content-type": "Content-Type",
+    "origin": "Origin",
+    "traceparent": "traceparent",
+}
+
+
+def _request_of(head: h11.Request, peer: str) -> Request:
+    """The request a head describes, its body still to come and no route asked yet.
+
+    Raises ``HTTPError`` (400) for a head that busgate would have to guess at.
+    """
+    try:
+        path, query = path_and_query(head.target)
+    except ValueError as exc:  # "http://[x": an unbalanced IPv6 bracket
+        raise HTTPError(400, f"malformed request target: {exc}") from None
+    return Request(head.method.decode(), path, _query_of(query), _fields_of(head), b"", {}, peer)
+
+
+def _fields_of(head: h11.Request) -> dict[str, str]:
+    """A head's fields by lower-case name: a list field's lines joined with ", ", a
+    ``SINGLETON_FIELDS`` one's equal lines as one (a 400 if they differ)."""
+    fields: dict[str, str] = {}
+    for raw_name, raw_value in head.headers:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if name not in fields:
+            fields[name] = value
+        elif name in SINGLETON_FIELDS:
+            if value != fields[name]:
+                raise HTTPError(
+                    400, f"{SINGLETON_FIELDS[name]} is sent more than once, with different values"
+                )
+        else:
+            fields[name] = f"{fields[name]}, {value}"
+    return fields
+
+
+def _query_of(query: str) -> dict[str, list[str]]:
+    """A query's parameters, each one value: every one busgate reads (``id``, ``priority``,
+    ``status``, ``cursor``…) is a single value.  Handlers took the last of repeated ones
+    while a proxy in front may check the first, so equal repeats count once and different
+    ones are a 400."""
+    parameters = parse_qs(query)
+    for name, values in parameters.items():
+        if len(set(values)) > 1:
+            raise HTTPError(
+                400, f"query parameter {name!r} is given more than once, with different values"
+            )
+        del values[1:]
+    return parameters
+
+
 def path_and_query(target: bytes) -> tuple[str, str]:
     """The path and query of a request target.
 
@@ -457,7 +513,7 @@ def path_and_query(target: bytes) -> tuple[str, str]:
         path, _, query = text.partition("?")
         return path, query
     parts = urlsplit(text)
-    return parts.path, parts.query
+    return parts.path or "/", parts.query  # http://host is http://host/ (RFC 9110 4.2.3)
 
 
 def _reason(status: int) -> bytes:

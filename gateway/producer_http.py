@@ -140,16 +140,14 @@ def _authenticate(service: ProducerService, queue: str, request: Request) -> dic
     scheme, _, credentials = header.partition(" ")
     credentials = credentials.strip()  # one space or more after the scheme (RFC 9110 11.4)
     if scheme.lower() == "bearer":
-        password = credentials
+        # The field's bytes were read as ISO-8859-1; a client (curl) sends them as UTF-8.
+        password = _credential_text(credentials.encode("latin-1"))
     elif scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(credentials, validate=True)
         except (binascii.Error, ValueError):  # ValueError: non-ASCII
             raise HTTPError(400, "malformed Basic credentials") from None
-        try:
-            user_pass = decoded.decode()
-        except UnicodeDecodeError:  # ISO-8859-1, as older clients send (RFC 7617 2.1)
-            user_pass = decoded.decode("latin-1")
+        user_pass = _credential_text(decoded)
         # A queue name may hold ':' ("app:emails"), which Basic auth also uses to end the
         # user: the queue of the URL, when the credentials start with it, is the user.
         if user_pass.startswith(f"{queue}:"):
@@ -162,6 +160,15 @@ def _authenticate(service: ProducerService, queue: str, request: Request) -> dic
         raise HTTPError(400, f"unsupported Authorization scheme {scheme!r}: use Bearer or Basic")
     service.check_password(queue, password)
     return {queue: password}
+
+
+def _credential_text(raw: bytes) -> str:
+    """Credentials as text: UTF-8, as clients send them now, else ISO-8859-1, as older
+    ones do (RFC 7617 2.1); so a password that is not ASCII matches as it does over AUTH."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> list[NewJob]:
