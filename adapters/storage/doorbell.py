@@ -56,3 +56,9 @@ class Doorbells:
 
     def ring(self, queue: str, topic: str) -> None:
         self[queue, topic].ring()
+
+    def ring_all(self) -> None:
+        """Ring every doorbell: rings may have been missed (a wake-up subscription that was
+        down), so every waiter looks now rather than at its recheck."""
+        for bell in self._bells.values():
+            bell.ring()

@@ -5,6 +5,8 @@ the hash tag ``{queue}``, hence one slot), so a pipeline or a script always runs
 The cluster router keeps a slot map from ``CLUSTER SLOTS``; ``MOVED`` refreshes it and retries,
 ``ASK`` (a slot being migrated) sends ``ASKING`` and the commands to the named node once.
 Both commands are safe to repeat: a node that answers MOVED or ASK executed nothing.
+
+Wake-ups arrive over one PSUBSCRIBE connection per daemon (``listen``), watched by a heartbeat.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from adapters.storage.redis_client import (
     Command,
     RedisAddress,
     RedisClient,
+    RedisConnection,
     Script,
     ServerError,
     pack,
@@ -32,9 +35,23 @@ log = logging.getLogger("busgate.redis")
 
 SLOTS = 16384
 _MAX_REDIRECTS = 5
+_LISTEN_BACKOFF_START = 0.05
 _LISTEN_BACKOFF_MAX = 2.0
+_RECEIVE_SIZE = 64 * 1024
+#: After this many seconds without a byte from Redis, the subscription sends a PING and
+#: expects the answer within the client's command timeout; without one the connection is
+#: replaced.  A dead subscription (a partition, a NAT or firewall that forgot the flow, a
+#: failover that moved the address) is otherwise never noticed: no RST ever comes, and every
+#: wake-up then waits for the dispatcher's 5 s recheck.  15 s bounds that (with the default
+#: 10 s timeout) to 25 s, keeps the flow active for middleboxes that expire idle flows after
+#: 30 s or more, and costs one PING per idle interval per daemon, none while messages flow.
+HEARTBEAT = 15.0
+_PING = pack(("PING",))
 
 MessageHandler = Callable[[bytes, bytes], None]
+#: Called each time the subscription is confirmed: anything published before it may have been
+#: missed, so whatever waits for messages should look again now rather than at its recheck.
+SubscribedHandler = Callable[[], None]
 
 
 def key_slot(key: bytes) -> int:
@@ -61,7 +78,12 @@ class Router(Protocol):
     async def execute_everywhere(self, *args: Arg) -> list[Any]: ...
 
     async def listen(
-        self, pattern: bytes, handler: MessageHandler, *, task_status: trio.TaskStatus[None]
+        self,
+        pattern: bytes,
+        handler: MessageHandler,
+        *,
+        on_subscribed: SubscribedHandler | None = None,
+        task_status: trio.TaskStatus[None],
     ) -> None: ...
 
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
@@ -89,8 +111,9 @@ async def _eval_on(
 class Standalone:
     """One Redis server (with its connection pool)."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, *, heartbeat: float = HEARTBEAT) -> None:
         self.client = client
+        self.heartbeat = heartbeat
 
     async def pipeline(self, key: bytes, commands: Sequence[Command]) -> list[Any]:
         return await self.client.pipeline(commands)
@@ -115,9 +138,17 @@ class Standalone:
         pattern: bytes,
         handler: MessageHandler,
         *,
+        on_subscribed: SubscribedHandler | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await listen(self.client, pattern, handler, task_status=task_status)
+        await listen(
+            self.client,
+            pattern,
+            handler,
+            heartbeat=self.heartbeat,
+            on_subscribed=on_subscribed,
+            task_status=task_status,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.client.run(task_status=task_status)
@@ -130,11 +161,16 @@ class Cluster:
     """A Redis Cluster: a client per master, a slot map, redirections followed."""
 
     def __init__(
-        self, seeds: Sequence[RedisAddress], make_client: Callable[[RedisAddress], RedisClient]
+        self,
+        seeds: Sequence[RedisAddress],
+        make_client: Callable[[RedisAddress], RedisClient],
+        *,
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         if not seeds:
             raise ValueError("a cluster needs at least one seed node")
         self.seeds = list(seeds)
+        self.heartbeat = heartbeat
         self._make_client = make_client
         self._clients: dict[RedisAddress, RedisClient] = {}
         self._slots: list[RedisAddress | None] = [None] * SLOTS
@@ -262,10 +298,18 @@ class Cluster:
         pattern: bytes,
         handler: MessageHandler,
         *,
+        on_subscribed: SubscribedHandler | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         # PUBLISH is broadcast over the cluster bus: one subscription on any node hears all.
-        await listen(self.client(self.seeds[0]), pattern, handler, task_status=task_status)
+        await listen(
+            self.client(self.seeds[0]),
+            pattern,
+            handler,
+            heartbeat=self.heartbeat,
+            on_subscribed=on_subscribed,
+            task_status=task_status,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -288,20 +332,49 @@ def _split(replies: list[Any], sizes: Sequence[int]) -> list[list[Any]]:
     return parts
 
 
+class _NoAnswer(StoreUnavailable):
+    """Redis did not answer the subscription's PSUBSCRIBE or heartbeat PING in time."""
+
+
+async def _receive(conn: RedisConnection, deadline: float) -> bool:
+    """Feed the connection's reader what arrives before ``deadline``; False if nothing did."""
+    with trio.move_on_at(deadline):
+        data = await conn.stream.receive_some(_RECEIVE_SIZE)
+        if not data:
+            raise trio.BrokenResourceError("Redis closed the subscription")
+        conn.reader.feed(bytes(data))
+        return True
+    return False
+
+
+async def _send(conn: RedisConnection, payload: bytes, deadline: float, what: str) -> None:
+    # A send waits only when the socket buffer is full, which a dead peer can cause.
+    with trio.move_on_at(deadline):
+        await conn.stream.send_all(payload)
+        return
+    raise _NoAnswer(f"could not send {what} before its deadline")
+
+
 async def listen(
     client: RedisClient,
     pattern: bytes,
     handler: MessageHandler,
     *,
+    heartbeat: float = HEARTBEAT,
+    on_subscribed: SubscribedHandler | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """PSUBSCRIBE on a dedicated connection, calling ``handler(channel, data)`` per message.
 
-    Reconnects with backoff until cancelled.  Messages published while disconnected are lost;
-    callers must not depend on them for correctness (the dispatcher also rechecks on a timer).
+    Reconnects with backoff until cancelled; ``on_subscribed()`` runs after every confirmed
+    PSUBSCRIBE.  Messages published while disconnected are lost; callers must not depend on
+    them for correctness (the dispatcher also rechecks on a timer).  Redis owes an answer
+    within the client's command timeout to the PSUBSCRIBE and to a PING sent after
+    ``heartbeat`` seconds of silence; a connection that gives none is replaced.
     """
+    timeout = client.command_timeout
     started = False
-    delay = 0.05
+    delay = _LISTEN_BACKOFF_START
     while True:
         try:
             conn = await client.connect_dedicated()
@@ -313,31 +386,51 @@ async def listen(
             delay = min(delay * 2, _LISTEN_BACKOFF_MAX)
             continue
         try:
-            await conn.stream.send_all(pack(("PSUBSCRIBE", pattern)))
+            # `awaiting` names the command Redis owes an answer to by `deadline`; with none
+            # owed, `deadline` is when silence has lasted long enough to send a PING.
+            awaiting: str | None = "PSUBSCRIBE"
+            deadline = trio.current_time() + timeout
+            await _send(conn, pack(("PSUBSCRIBE", pattern)), deadline, "PSUBSCRIBE")
             reader = conn.reader
             while True:
                 message = reader.gets()
                 if message is False:
-                    data = await conn.stream.receive_some(65536)
-                    if not data:
-                        raise trio.BrokenResourceError("Redis closed the subscription")
-                    reader.feed(bytes(data))
+                    if await _receive(conn, deadline):
+                        continue
+                    if awaiting is not None:
+                        raise _NoAnswer(f"Redis did not answer {awaiting} within {timeout:g}s")
+                    awaiting, deadline = "PING", trio.current_time() + timeout
+                    await _send(conn, _PING, deadline, "PING")
                     continue
-                if isinstance(message, ServerError):  # NOPERM: an ACL user without &channels
-                    raise StoreUnavailable(
-                        f"Redis refused the wake-up subscription (PSUBSCRIBE {pattern.decode()}):"
-                        f" {message}; the user needs access to that channel pattern"
-                    )
-                kind = message[0]
-                if kind == b"psubscribe":
-                    delay = 0.05
+                if isinstance(message, ServerError):
+                    if awaiting == "PSUBSCRIBE":  # NOPERM: an ACL user without &channels
+                        raise StoreUnavailable(
+                            f"Redis refused the wake-up subscription (PSUBSCRIBE"
+                            f" {pattern.decode()}): {message}; the user needs access to that"
+                            " channel pattern"
+                        )
+                    # Only the PING can fail here (an ACL user without +ping): still an answer.
+                    awaiting = None
+                elif message[0] == b"pmessage":
+                    handler(message[2], message[3])
+                elif message[0] == b"psubscribe":
+                    awaiting = None
+                    delay = _LISTEN_BACKOFF_START
+                    if on_subscribed is not None:
+                        on_subscribed()
                     if not started:
                         started = True
                         task_status.started()
-                elif kind == b"pmessage":
-                    handler(message[2], message[3])
+                elif message[0] == b"pong":
+                    awaiting = None
+                if awaiting is None:
+                    deadline = trio.current_time() + heartbeat
         except (trio.BrokenResourceError, OSError, hiredis.ProtocolError) as exc:
             log.warning("notification subscription broke, reconnecting: %s", exc)
+        except _NoAnswer as exc:
+            if not started:
+                raise StoreUnavailable(f"{client.name}: wake-up subscription: {exc}") from exc
+            log.warning("notification subscription silent, reconnecting: %s", exc)
         except StoreUnavailable as exc:
             if not started:
                 raise

@@ -16,6 +16,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, NamedTuple
 
 import trio
@@ -217,13 +218,31 @@ class RedisStore(Store):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.router.run)
-            await nursery.start(self.router.listen, _WAKE_PATTERN, self._on_wake)
+            await nursery.start(
+                partial(
+                    self.router.listen,
+                    _WAKE_PATTERN,
+                    self._on_wake,
+                    on_subscribed=self._on_subscribed,
+                )
+            )
             task_status.started()
+
+    def _on_subscribed(self) -> None:
+        # Pushes published while the subscription was down were not heard: every waiting
+        # dispatcher looks now, not at its recheck (up to 5 s later).
+        self.doorbells.ring_all()
+        self.timers.ring_all()
 
     def _on_wake(self, channel: bytes, data: bytes) -> None:
         # channel: bg:{queue}:wake; data: topic, or ~topic for a delayed job.
-        queue = channel[4 : channel.rfind(b"}")].decode()
-        topic = data.decode()
+        try:
+            queue = channel[4 : channel.rfind(b"}")].decode()
+            topic = data.decode()
+        except UnicodeDecodeError:
+            # Not ours: busgate publishes names it decoded.  An exception here would end
+            # the subscription and the daemon with it, for anyone who may PUBLISH.
+            return
         if topic.startswith("~"):
             self.timers.ring(queue, topic[1:])
         else:
