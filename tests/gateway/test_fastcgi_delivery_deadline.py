@@ -3,14 +3,13 @@ request is on its way to php-fpm."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import time
 
 from adapters.delivery.base import Failure, running
 from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
 from adapters.storage.jobs import Job, Priority, new_job_id, new_trace_id
 from fastcgi.address import parse_address
+from tests.support.ports import unanswered_port
 
 
 def job() -> Job:
@@ -23,27 +22,11 @@ async def test_a_connect_cut_short_by_the_jobs_timeout_spends_no_attempt() -> No
     # drops SYNs) never completes the handshake.  With the topic's timeout under the 5 s
     # connect timeout, the attempt was "timeout: no response within 0.5s", spent: the job
     # died after max_attempts without php ever seeing it.
-    listener = socket.socket()
-    clients: list[socket.socket] = []
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for _ in range(4):  # fill the accept queue: further SYNs are dropped
-            client = socket.socket()
-            client.setblocking(False)
-            clients.append(client)
-            with contextlib.suppress(BlockingIOError):
-                client.connect(("127.0.0.1", port))
-        target = FastCGITarget(
-            parse_address(f"fastcgi://127.0.0.1:{port}"), "/srv/app/index.php", timeout=0.5
-        )
-        backend = FastCGIBackend(target)
+    with unanswered_port() as port:
+        address = parse_address(f"fastcgi://127.0.0.1:{port}")
+        backend = FastCGIBackend(FastCGITarget(address, "/srv/app/index.php", timeout=0.5))
         async with running(backend):
             delivery = await backend.deliver(job())
-    finally:
-        for sock in [listener, *clients]:
-            sock.close()
     assert delivery.failure is Failure.CONNECT and delivery.failure.job_never_ran
     assert "not connected before the deadline" in delivery.message, delivery.message
     assert 0.45 < delivery.duration < 1.5

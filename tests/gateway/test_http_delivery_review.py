@@ -5,8 +5,6 @@ Against real servers on loopback; the Host field of a default port (a server on 
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,6 +24,7 @@ from tests.gateway.test_http_delivery_faults import (
     read_request,
 )
 from tests.support.daemon import running_daemon, write_config
+from tests.support.ports import unanswered_port
 
 # -- a redirect says where it points ------------------------------------------------------------
 
@@ -234,25 +233,10 @@ async def test_a_connect_cut_short_by_the_jobs_timeout_spends_no_attempt() -> No
     # attempt was "timeout: no response within 0.5s", spent, so the job died after
     # max_attempts without ever reaching the service; with a timeout over 5 s the same
     # outage was a connect failure that spends nothing.
-    listener = socket.socket()
-    clients: list[socket.socket] = []
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for _ in range(4):  # fill the accept queue: further SYNs are dropped
-            client = socket.socket()
-            client.setblocking(False)
-            clients.append(client)
-            with contextlib.suppress(BlockingIOError):
-                client.connect(("127.0.0.1", port))
-        await trio.sleep(0.1)
+    with unanswered_port() as port:
         backend = HTTPBackend(HTTPTarget(url=f"http://127.0.0.1:{port}/hook", timeout=0.5))
         delivery = await backend.deliver(job())
         await backend.aclose()
-    finally:
-        for sock in [listener, *clients]:
-            sock.close()
     assert delivery.failure is Failure.CONNECT and delivery.failure.job_never_ran
     assert delivery.message == f"http://127.0.0.1:{port}: not connected before the deadline"
     assert 0.45 < delivery.duration < 1.5

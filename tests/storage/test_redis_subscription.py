@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 
 import pytest
 import trio
@@ -167,16 +166,6 @@ async def until(condition: Callable[[], bool], seconds: float) -> float:
         while not condition():
             await trio.sleep(0.02)
     return trio.current_time() - started
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_a_silently_dropped_subscription_is_replaced_within_heartbeat_and_timeout(

@@ -55,16 +55,6 @@ def frozen(*servers: RedisServer) -> Iterator[None]:
             process.send_signal(signal.SIGCONT)
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.parametrize("option", ["timeout=300ms", "socket_timeout=0.3"])
 async def test_the_url_timeout_bounds_a_call_to_a_frozen_redis(
     redis: RedisServer, tmp_path: Path, option: str

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 
 
 def free_port() -> int:
@@ -46,3 +48,25 @@ def wait_connectable(host: str, port: int | None = None, *, timeout: float = 10.
             else:
                 return
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose accept queue is full: a connect to it never completes, as to an
+    overloaded server or a host that drops SYNs (no refusal either)."""
+    listener = socket.socket()
+    clients: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):  # fill the accept queue: further SYNs are dropped
+            client = socket.socket()
+            client.setblocking(False)
+            clients.append(client)
+            with contextlib.suppress(BlockingIOError):
+                client.connect(("127.0.0.1", port))
+        yield port
+    finally:
+        for sock in [listener, *clients]:
+            sock.close()
