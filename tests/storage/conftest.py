@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from adapters.storage.base import Store
 from adapters.storage.redis_client import RedisClient
@@ -14,6 +13,7 @@ from adapters.storage.redis_routing import Cluster, Standalone
 from adapters.storage.redis_store import RedisStore
 from adapters.storage.sqlite import SQLiteStore
 from tests.support.redis import RedisCluster, RedisServer
+from tests.support.stores import running_store
 
 
 class FakeClock:
@@ -60,10 +60,5 @@ async def store(
         cluster: RedisCluster = request.getfixturevalue("redis_cluster")
         cluster.flush()
         opened = RedisStore(Cluster(cluster.seeds, RedisClient), clock=clock)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(opened.run)
-        try:
-            yield opened
-        finally:
-            await opened.aclose()
-            nursery.cancel_scope.cancel()
+    async with running_store(opened):
+        yield opened

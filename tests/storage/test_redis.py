@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -27,20 +27,13 @@ from gateway.app import open_store
 from gateway.config import parse_store
 from tests.support.ports import free_port
 from tests.support.redis import RedisCluster, RedisServer
+from tests.support.stores import running_store
 
 ROUTES = [("email", Filter())]
 
 
-@asynccontextmanager
-async def opened(router: Router) -> AsyncIterator[RedisStore]:
-    store = RedisStore(router)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        try:
-            yield store
-        finally:
-            await store.aclose()
-            nursery.cancel_scope.cancel()
+def opened(router: Router) -> AbstractAsyncContextManager[RedisStore]:
+    return running_store(RedisStore(router))
 
 
 @asynccontextmanager

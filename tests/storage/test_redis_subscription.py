@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 
 import pytest
@@ -23,6 +23,7 @@ from adapters.storage.redis_client import RedisAddress, RedisClient
 from adapters.storage.redis_routing import Router, Standalone
 from adapters.storage.redis_store import RedisStore
 from tests.support.redis import RedisServer
+from tests.support.stores import running_store
 
 ROUTES = [("email", Filter())]
 WAKE = b"bg:{*}:wake"
@@ -108,16 +109,8 @@ async def proxy_to(
         nursery.cancel_scope.cancel()
 
 
-@asynccontextmanager
-async def opened(router: Router) -> AsyncIterator[RedisStore]:
-    store = RedisStore(router)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        try:
-            yield store
-        finally:
-            await store.aclose()
-            nursery.cancel_scope.cancel()
+def opened(router: Router) -> AbstractAsyncContextManager[RedisStore]:
+    return running_store(RedisStore(router))
 
 
 class Subscriber:

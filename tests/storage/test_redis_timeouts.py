@@ -22,6 +22,7 @@ from gateway.app import open_store
 from gateway.config import parse_store
 from tests.gateway.test_startup_errors import check_config
 from tests.support.redis import RedisCluster, RedisServer
+from tests.support.stores import running_store
 
 ROUTES = [("email", Filter())]
 
@@ -29,14 +30,8 @@ ROUTES = [("email", Filter())]
 @asynccontextmanager
 async def store_at(url: str, directory: Path) -> AsyncIterator[Store]:
     """The store a daemon configured with ``store: url`` opens, running."""
-    store = await open_store(parse_store(url, str(directory)))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        try:
-            yield store
-        finally:
-            await store.aclose()
-            nursery.cancel_scope.cancel()
+    async with running_store(await open_store(parse_store(url, str(directory)))) as store:
+        yield store
 
 
 @contextmanager
