@@ -56,7 +56,7 @@ import functools
 import itertools
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -82,6 +82,8 @@ OUTPUT_LIMIT = 4 * 1024 * 1024
 #: Bulk arguments (payloads) at most this much over the largest max_payload are parsed and
 #: answered by the payload check; beyond it the parser discards them without buffering.
 _PARSER_SLACK = 1024
+#: Error codes counted apart in INFO's errorstats at most, as in Redis (ERRORSTATS_LIMIT).
+MAX_ERROR_CODES = 128
 #: After a protocol error, how long the rest of what the client sends is read and dropped
 #: (``_Connection.linger``) before the socket closes: in all, and since its last bytes.
 LINGER_TIME = 30.0
@@ -386,6 +388,7 @@ class RespServer:
         self._rejected = 0
         self._commands = 0
         self._errors = 0
+        self._error_codes: collections.Counter[str] = collections.Counter()
         self._protocol_errors = 0
         self._idle_closed = 0
         self._live: set[_Connection] = set()
@@ -561,8 +564,9 @@ class RespServer:
                 return
             if broken is not None:
                 self._protocol_errors += 1
-                self._errors += 1  # an error reply too, as Redis counts it
-                conn.write(resp.error(f"ERR {broken}"))
+                error = resp.error(f"ERR {broken}")
+                self.count_errors([error])  # an error reply too, as Redis counts it
+                conn.write(error)
                 log.info("closed a producer connection: %s", broken)
                 await conn.linger()
                 return
@@ -699,18 +703,36 @@ class RespServer:
         self._commands += len(group)
         # An error reply starts with "-" (45).  A list's count, not a generator's sum: this
         # runs for every push, and is a third of the cost.
-        self._errors += [reply[0] for reply in replies].count(45)
+        if [reply[0] for reply in replies].count(45):
+            self.count_errors(replies)
 
-    def recount(self, *, run: int, errors: int = 0) -> None:
-        """Correct the counts ``_count`` made from a command's reply, which the session knows
+    def count_errors(self, replies: Iterable[bytes]) -> None:
+        """Count the error replies among ``replies``: in all (INFO's total_error_replies) and
+        by their code, the first word (``# Errorstats``).  The session calls it for the
+        replies of the commands EXEC ran, which the server sees as one array."""
+        codes = self._error_codes
+        for reply in replies:
+            if reply[:1] == b"-":
+                self._errors += 1
+                words = reply[1:].split(None, 1)
+                code = words[0].decode("utf-8", "replace") if words else "ERR"
+                # Codes are busgate's own, so few; Redis stops at 128 distinct ones too.
+                if code in codes or len(codes) < MAX_ERROR_CODES:
+                    codes[code] += 1
+
+    def error_counts(self) -> dict[str, int]:
+        """Error replies sent, by code (INFO's errorstats), in Redis's order: sorted."""
+        return dict(sorted(self._error_codes.items()))
+
+    def recount(self, *, run: int) -> None:
+        """Correct the count ``_count`` made from a command's reply, which the session knows
         better: -1 run for a command answered without running (refused before it ran, or
-        queued by MULTI); at EXEC, the commands it ran and the errors among their replies.
+        queued by MULTI); at EXEC, the commands it ran.
 
         Only the session sees those; it says so here, off the path of a push that runs, so
         that counting every command answered stays one addition per read.
         """
         self._commands += run
-        self._errors += errors
 
 
 def _peer(conn: _Connection, now: float) -> Peer:

@@ -37,6 +37,9 @@ from gateway.producer import (
     WrongPassword,
     split_target,
 )
+from gateway.resp_commands import HELP as COMMAND_HELP
+from gateway.resp_commands import Described, describe, listed
+from gateway.resp_commands import flags as key_flags
 
 if TYPE_CHECKING:
     from gateway.resp_server import RespServer
@@ -100,6 +103,12 @@ class PendingPush:
         )
 
 
+def _takes(arity: int, count: int) -> bool:
+    """Whether a command of ``arity`` (Redis's convention: N exactly, -N at least N) may be
+    given ``count`` arguments, its name included."""
+    return count == arity if arity >= 0 else count >= -arity
+
+
 def _text(value: bytes, what: str) -> str:
     try:
         return value.decode("utf-8")
@@ -149,6 +158,8 @@ class RespSession:
     """The state of one producer connection: whom it is authenticated for, its name."""
 
     commands: ClassVar[dict[bytes, Spec]] = {}
+    #: The commands as COMMAND describes them, in the table's order.
+    described: ClassVar[dict[bytes, Described]] = {}
 
     def __init__(self, service: ProducerService, client_id: int, server: RespServer) -> None:
         self.service = service
@@ -302,7 +313,7 @@ class RespSession:
                 )
             name, arity = name + b"|" + sub, sub_arity
         self.last_command = name
-        if (arity >= 0 and len(args) != arity) or len(args) < -arity:
+        if not _takes(arity, len(args)):
             self.server.recount(run=-1)
             return resp.error(
                 f"ERR wrong number of arguments for '{name.decode().lower()}' command"
@@ -572,7 +583,8 @@ class RespSession:
         self.last_command = b"EXEC"  # not the last command it ran, as in Redis
         # Redis counts each command EXEC runs as run, and each error reply among theirs: the
         # server sees one reply, an array (``RespServer._count``).
-        self.server.recount(run=len(queued), errors=[reply[:1] for reply in replies].count(b"-"))
+        self.server.recount(run=len(queued))
+        self.server.count_errors(replies)
         return resp.array(replies)
 
     async def quit(self, args: tuple[bytes, ...]) -> bytes:
@@ -635,10 +647,47 @@ class RespSession:
         return [_client_line(peer) for peer in peers]
 
     async def command(self, args: tuple[bytes, ...]) -> bytes:
-        # redis-cli asks for COMMAND DOCS to offer hints; an empty answer means "no hints".
-        if len(args) > 1 and args[1].upper() == b"COUNT":
-            return resp.integer(len(self.commands))
-        return resp.array([])
+        """COMMAND and its subcommands, describing busgate's own commands (``resp_commands``)."""
+        sub = args[1].upper() if len(args) > 1 else b""
+        described = self.described
+        if sub == b"COUNT":
+            return resp.integer(len(described))
+        if sub in (b"", b"INFO"):
+            names = args[2:] if sub else ()
+            found = [described.get(name.upper()) for name in names] if names else described.values()
+            return resp.array(
+                [resp.null(self.protocol) if d is None else d.reply(self.protocol) for d in found]
+            )
+        if sub == b"LIST":
+            try:
+                return resp.array(
+                    [resp.bulk_string(n) for n in listed(described.values(), args[2:])]
+                )
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+        if sub in (b"GETKEYS", b"GETKEYSANDFLAGS"):
+            key, flags = self._key_of(args[2:])
+            if sub == b"GETKEYS":
+                return resp.array([resp.bulk_string(key)])
+            return resp.array(
+                [resp.array([resp.bulk_string(key), key_flags(flags, self.protocol)])]
+            )
+        if sub == b"HELP":
+            return resp.array([resp.simple_string(line) for line in COMMAND_HELP])
+        # DOCS: redis-cli asks for it to offer hints; an empty answer means "no hints".
+        return resp.mapping([], self.protocol)
+
+    def _key_of(self, command: tuple[bytes, ...]) -> tuple[bytes, tuple[str, ...]]:
+        """COMMAND GETKEYS: the key of ``command`` (its queue) and how it is accessed."""
+        spec = self.commands.get(command[0].upper())
+        if spec is None:
+            raise CommandError("Invalid command specified")
+        if not _takes(spec.arity, len(command)):
+            raise CommandError("Invalid number of arguments specified for command")
+        key = self.described[command[0].upper()].key
+        if not key:
+            raise CommandError("The command has no key arguments")
+        return command[1], key
 
     async def config(self, args: tuple[bytes, ...]) -> bytes:
         # redis-benchmark reads CONFIG GET save/appendonly on start and reads element [1] of
@@ -718,6 +767,14 @@ class RespSession:
             ]
         if name == "replication":
             return [("role", "master"), ("connected_slaves", 0)]
+        if name == "modules":
+            return []  # busgate loads none
+        if name == "errorstats":
+            return [
+                (f"errorstat_{code}", f"count={n}") for code, n in server.error_counts().items()
+            ]
+        if name == "cluster":
+            return [("cluster_enabled", 0)]  # busgate is not a cluster node, whatever its store
         if name == "cpu":
             usage = resource.getrusage(resource.RUSAGE_SELF)
             return [
@@ -756,6 +813,9 @@ _INFO_SECTIONS = {
     "stats": "Stats",
     "replication": "Replication",
     "cpu": "CPU",
+    "modules": "Modules",
+    "errorstats": "Errorstats",
+    "cluster": "Cluster",
     "keyspace": "Keyspace",
 }
 
@@ -893,4 +953,8 @@ RespSession.commands = {
     b"DISCARD": Spec(1, RespSession.discard),
     b"INFO": Spec(-1, RespSession.info),
     b"RESET": Spec(1, RespSession.reset),
+}
+RespSession.described = {
+    name: describe(name, spec.arity, spec.subcommands)
+    for name, spec in RespSession.commands.items()
 }

@@ -32,6 +32,9 @@ INFO_SECTIONS = [
     "Stats",
     "Replication",
     "CPU",
+    "Modules",
+    "Errorstats",
+    "Cluster",
     "Keyspace",
 ]
 
