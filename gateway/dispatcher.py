@@ -337,10 +337,14 @@ class Dispatcher:
         self._capacity.set()
 
     def _not_delivered(self, job: Job) -> None:
-        """``job`` leaves us without an attempt: if it was the probe, another must go."""
+        """``job`` leaves us without an attempt: if it was the probe, another must go; the
+        token its reservation took goes back, or the topic would lose that delivery slot (at
+        12/m, a job given back by a pause or an open circuit would wait up to 5 s more)."""
         if job.id == self._probe:
             self._probe = None
             self.circuit.probe_withdrawn()
+        if self._bucket is not None:
+            self._bucket.give_back(1)
         self._let_go(job)
 
     # -- delivering ---------------------------------------------------------------------------

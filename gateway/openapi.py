@@ -10,6 +10,18 @@ _TOPIC_PARAMS = [
     {"name": "queue", "in": "path", "required": True, "schema": {"type": "string"}},
     {"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}},
 ]
+#: The producer API reads the W3C trace header for every job a push carries.
+_TRACEPARENT = {
+    "name": "traceparent",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": (
+        "W3C trace context: the trace of every job of the request that names none of its own"
+        " (a JSON job's \"traceparent\", a raw body's traceparent query parameter). One that"
+        " is not a W3C trace context is a 400."
+    ),
+}
 _ERROR = {
     "description": "What is wrong, in words",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -119,7 +131,11 @@ def document() -> dict[str, Any]:
                             "type": "object",
                             "additionalProperties": {"type": "string"},
                         },
-                        "traceparent": {"type": "string"},
+                        "traceparent": {
+                            "type": "string",
+                            "description": "W3C trace context; wins over the request's"
+                            " traceparent header.",
+                        },
                     },
                     "additionalProperties": False,
                 },
@@ -261,7 +277,7 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "Push jobs (producer API)",
                     "security": [{"queue": []}],
-                    "parameters": [_TOPIC_PARAMS[0]],
+                    "parameters": [_TOPIC_PARAMS[0], _TRACEPARENT],
                     "requestBody": {
                         "content": {
                             "application/json": {
@@ -310,7 +326,7 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "Push jobs to one topic only (no fan-out)",
                     "security": [{"queue": []}],
-                    "parameters": _TOPIC_PARAMS,
+                    "parameters": [*_TOPIC_PARAMS, _TRACEPARENT],
                     "responses": {
                         "202": {"description": "Stored durably"},
                         **_errors(400, 401, 404, 413, 503),

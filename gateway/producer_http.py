@@ -7,6 +7,8 @@ The same checks and the same store call as a Redis-protocol push (``ProducerServ
   that is a string is sent as its UTF-8 bytes, anything else as compact JSON;
 * any other content type pushes the raw body as one payload, with the options as query
   parameters (``?id=&delay_ms=&priority=&attr.tenant=acme``);
+* a W3C ``traceparent`` request header is the trace of every job of the request that does
+  not name its own (a JSON job's "traceparent", a raw body's ``?traceparent=``);
 * the queue's password comes as ``Authorization: Bearer <password>`` or HTTP Basic with the
   queue as the user.
 
@@ -172,6 +174,7 @@ def _credential_text(raw: bytes) -> str:
 
 
 def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> list[NewJob]:
+    trace_id = _header_trace_id(request)
     content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
     if content_type != "application/json":
         # A raw body carries its options in the query; attributes as attr.NAME=value.
@@ -187,9 +190,7 @@ def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> l
         }
         if attributes:
             options["attributes"] = attributes
-        if "traceparent" not in options and request.header("traceparent"):
-            options["traceparent"] = request.header("traceparent")
-        return [_job(service, request.body, options, topic)]
+        return [_job(service, request.body, options, topic, trace_id=trace_id)]
     document = request.json()
     if isinstance(document, dict) and "jobs" in document:
         items = document["jobs"]
@@ -206,10 +207,25 @@ def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> l
         if not isinstance(item, dict) or "payload" not in item:
             raise HTTPError(400, f"{where}each job is an object with a 'payload'")
         try:
-            jobs.append(_job(service, payload_bytes(item["payload"]), item, topic))
+            jobs.append(
+                _job(service, payload_bytes(item["payload"]), item, topic, trace_id=trace_id)
+            )
         except HTTPError as exc:
             raise HTTPError(exc.status, where + exc.message) from None
     return jobs
+
+
+def _header_trace_id(request: Request) -> str | None:
+    """The trace id of the request's ``traceparent`` header, if it has one (400 if it is not
+    a W3C trace context, even where every job names its own: the producer's tracing is
+    broken, and a trace that silently went missing would hide it)."""
+    header = request.header("traceparent")
+    if not header:
+        return None
+    trace_id = trace_id_of(header)
+    if trace_id is None:
+        raise HTTPError(400, "the traceparent header is not a W3C trace context")
+    return trace_id
 
 
 def _whole_number(value: Any) -> int | None:
@@ -226,8 +242,15 @@ def _whole_number(value: Any) -> int | None:
 
 
 def _job(
-    service: ProducerService, payload: bytes, options: dict[str, Any], topic: str | None
+    service: ProducerService,
+    payload: bytes,
+    options: dict[str, Any],
+    topic: str | None,
+    *,
+    trace_id: str | None = None,
 ) -> NewJob:
+    """The job ``options`` describe; its trace is its own "traceparent", else ``trace_id``
+    (the request header's), else a new one (None)."""
     unknown = set(options) - {"payload", "id", "delay_ms", "priority", "attributes", "traceparent"}
     if unknown:
         raise HTTPError(400, f"unknown job field(s): {', '.join(sorted(unknown))}")
@@ -251,7 +274,6 @@ def _job(
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from None
     attributes = attributes_of(options.get("attributes", {}))
-    trace_id = None
     if "traceparent" in options:
         trace_id = trace_id_of(str(options["traceparent"]))
         if trace_id is None:

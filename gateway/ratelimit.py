@@ -33,6 +33,12 @@ class TokenBucket:
         self._refill()
         self._tokens -= count
 
+    def give_back(self, count: int) -> None:
+        """Return ``count`` tokens taken for work that was not done (never past ``burst``):
+        a slot left unused must stay usable, or the caller runs below ``rate``."""
+        self._refill()
+        self._tokens = min(self.burst, self._tokens + count)
+
     def wait_time(self) -> float:
         """Seconds until one whole token is available."""
         self._refill()

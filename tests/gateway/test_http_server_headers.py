@@ -110,7 +110,7 @@ DIFFERING = {
     "Content-Type": AUTH + JSON + "Content-Type: text/plain\r\n",
     "Authorization": AUTH + "Authorization: Bearer another-password\r\n" + JSON,
     "Origin": AUTH + JSON + "Origin: http://x\r\nOrigin: http://elsewhere.example\r\n",
-    # Read for a raw body only (a JSON one carries its own "traceparent").
+    # Read for every push: the trace of the jobs that name none of their own.
     "traceparent": AUTH + "Content-Type: text/plain\r\n"
     f"traceparent: {TRACE}\r\ntraceparent: {OTHER_TRACE}\r\n",
 }
