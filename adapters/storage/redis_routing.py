@@ -6,7 +6,8 @@ The cluster router keeps a slot map from ``CLUSTER SLOTS``; ``MOVED`` refreshes 
 ``ASK`` (a slot being migrated) sends ``ASKING`` and the commands to the named node once.
 Both commands are safe to repeat: a node that answers MOVED or ASK executed nothing.
 
-Wake-ups arrive over one PSUBSCRIBE connection per daemon (``listen``), watched by a heartbeat.
+Wake-ups arrive over one PSUBSCRIBE connection per daemon (``listen``), watched by a heartbeat;
+on a cluster it moves to another node when the one it is on fails.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import binascii
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, NoReturn, Protocol
 
 import hiredis
 import trio
@@ -142,7 +144,7 @@ class Standalone:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await listen(
-            self.client,
+            lambda: (self.client,),
             pattern,
             handler,
             heartbeat=self.heartbeat,
@@ -174,6 +176,8 @@ class Cluster:
         self._make_client = make_client
         self._clients: dict[RedisAddress, RedisClient] = {}
         self._slots: list[RedisAddress | None] = [None] * SLOTS
+        #: Every node (masters and replicas) the last CLUSTER SLOTS named.
+        self._nodes: list[RedisAddress] = []
         self._nursery: trio.Nursery | None = None
         self._refreshing: trio.Event | None = None
 
@@ -201,12 +205,14 @@ class Cluster:
                     errors.append(f"{address}: {exc}")
                     continue
                 slots: list[RedisAddress | None] = [None] * SLOTS
-                for start, end, master, *_replicas in ranges:
-                    host = master[0].decode() if master[0] else address.host
-                    owner = RedisAddress(host, int(master[1]))
+                nodes: dict[RedisAddress, None] = {}
+                for start, end, master, *replicas in ranges:
+                    owner, *copies = [_node_address(node, address) for node in [master, *replicas]]
+                    nodes.update(dict.fromkeys([owner, *copies]))
                     for slot in range(int(start), int(end) + 1):
                         slots[slot] = owner
                 self._slots = slots
+                self._nodes = list(nodes)
                 return
             raise StoreUnavailable("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
         finally:
@@ -301,15 +307,21 @@ class Cluster:
         on_subscribed: SubscribedHandler | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        # PUBLISH is broadcast over the cluster bus: one subscription on any node hears all.
         await listen(
-            self.client(self.seeds[0]),
+            self._subscription_nodes,
             pattern,
             handler,
             heartbeat=self.heartbeat,
             on_subscribed=on_subscribed,
             task_status=task_status,
         )
+
+    def _subscription_nodes(self) -> list[RedisClient]:
+        # A plain PUBLISH (the scripts') is broadcast over the cluster bus to every node,
+        # replicas included: a subscription on any one node hears the whole cluster, so every
+        # node known is a place for it.  The seeds first, in the operator's order.
+        known = dict.fromkeys([*self.seeds, *self._nodes, *self._clients])
+        return [self.client(address) for address in known]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -324,6 +336,12 @@ class Cluster:
             await client.aclose()
 
 
+def _node_address(node: Sequence[Any], answered_by: RedisAddress) -> RedisAddress:
+    """A node of a CLUSTER SLOTS reply; an empty host means the node that answered's."""
+    host = node[0].decode() if node[0] else answered_by.host
+    return RedisAddress(host, int(node[1]))
+
+
 def _split(replies: list[Any], sizes: Sequence[int]) -> list[list[Any]]:
     parts, start = [], 0
     for size in sizes:
@@ -334,6 +352,14 @@ def _split(replies: list[Any], sizes: Sequence[int]) -> list[list[Any]]:
 
 class _NoAnswer(StoreUnavailable):
     """Redis did not answer the subscription's PSUBSCRIBE or heartbeat PING in time."""
+
+
+class _Lost(StoreUnavailable):
+    """The subscription's connection broke (reset, closed, or bytes that are not RESP)."""
+
+
+class _Refused(StoreUnavailable):
+    """Redis answered PSUBSCRIBE with an error: an ACL user without the channel pattern."""
 
 
 async def _receive(conn: RedisConnection, deadline: float) -> bool:
@@ -356,7 +382,7 @@ async def _send(conn: RedisConnection, payload: bytes, deadline: float, what: st
 
 
 async def listen(
-    client: RedisClient,
+    nodes: Callable[[], Sequence[RedisClient]],
     pattern: bytes,
     handler: MessageHandler,
     *,
@@ -364,78 +390,130 @@ async def listen(
     on_subscribed: SubscribedHandler | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """PSUBSCRIBE on a dedicated connection, calling ``handler(channel, data)`` per message.
+    """PSUBSCRIBE on a dedicated connection to one of ``nodes()``, calling
+    ``handler(channel, data)`` per message, until cancelled.
 
-    Reconnects with backoff until cancelled; ``on_subscribed()`` runs after every confirmed
-    PSUBSCRIBE.  Messages published while disconnected are lost; callers must not depend on
-    them for correctness (the dispatcher also rechecks on a timer).  Redis owes an answer
+    ``nodes()`` (asked again at every connect) lists the servers that can carry the
+    subscription, in order of preference: one for a standalone Redis, every known node of a
+    cluster.  When the subscription fails (refused, broken, or silent: Redis owes an answer
     within the client's command timeout to the PSUBSCRIBE and to a PING sent after
-    ``heartbeat`` seconds of silence; a connection that gives none is replaced.
+    ``heartbeat`` seconds of silence), the next node not tried since the last confirmed
+    subscription takes it, at once; once every node has failed, the next round waits a backoff
+    first.  Before the first confirmed subscription, a round that fails raises
+    ``StoreUnavailable`` (the store's start fails, naming each node).
+
+    ``on_subscribed()`` runs after every confirmed PSUBSCRIBE.  Messages published while
+    disconnected are lost; callers must not depend on them for correctness (the dispatcher
+    also rechecks on a timer).
     """
-    timeout = client.command_timeout
     started = False
     delay = _LISTEN_BACKOFF_START
+    on: RedisAddress | None = None  # the node of the last confirmed subscription
+    up = False  # whether that subscription still stands
+    failed: dict[RedisAddress, StoreUnavailable] = {}  # nodes tried since, and why
+    # The failure of the subscription itself is logged as it happens; the others (connecting
+    # elsewhere) once, with the node that took over or at the end of a round.
+    logged: StoreUnavailable | None = None
+
+    def unlogged() -> str:
+        return "; ".join(str(exc) for exc in failed.values() if exc is not logged)
+
+    def confirmed(client: RedisClient) -> None:
+        nonlocal started, delay, on, up
+        others = unlogged()
+        also = f" (could not use {others})" if others else ""
+        if on is None and failed:
+            log.warning("wake-up subscription on %s%s", client.address, also)
+        elif on is not None and on != client.address:
+            log.warning("wake-up subscription moved from %s to %s%s", on, client.address, also)
+        elif failed:
+            log.warning("wake-up subscription back on %s", client.address)
+        on, up = client.address, True
+        failed.clear()
+        delay = _LISTEN_BACKOFF_START
+        if on_subscribed is not None:
+            on_subscribed()
+        if not started:
+            started = True
+            task_status.started()
+
     while True:
-        try:
-            conn = await client.connect_dedicated()
-        except StoreUnavailable as exc:
+        client = next((c for c in nodes() if c.address not in failed), None)
+        if client is None:  # a round is over: every node failed
             if not started:
-                raise
-            log.warning("notification subscription lost, retrying in %.2fs: %s", delay, exc)
+                if len(failed) == 1:
+                    raise next(iter(failed.values()))
+                raise StoreUnavailable(
+                    "no Redis node took the wake-up subscription: "
+                    + "; ".join(str(exc) for exc in failed.values())
+                )
+            if others := unlogged():
+                log.warning("wake-up subscription: retrying in %.2fs: %s", delay, others)
             await trio.sleep(delay)
             delay = min(delay * 2, _LISTEN_BACKOFF_MAX)
+            failed.clear()
             continue
         try:
-            # `awaiting` names the command Redis owes an answer to by `deadline`; with none
-            # owed, `deadline` is when silence has lasted long enough to send a PING.
-            awaiting: str | None = "PSUBSCRIBE"
-            deadline = trio.current_time() + timeout
-            await _send(conn, pack(("PSUBSCRIBE", pattern)), deadline, "PSUBSCRIBE")
-            reader = conn.reader
-            while True:
-                message = reader.gets()
-                if message is False:
-                    if await _receive(conn, deadline):
-                        continue
-                    if awaiting is not None:
-                        raise _NoAnswer(f"Redis did not answer {awaiting} within {timeout:g}s")
-                    awaiting, deadline = "PING", trio.current_time() + timeout
-                    await _send(conn, _PING, deadline, "PING")
-                    continue
-                if isinstance(message, ServerError):
-                    if awaiting == "PSUBSCRIBE":  # NOPERM: an ACL user without &channels
-                        raise StoreUnavailable(
-                            f"Redis refused the wake-up subscription (PSUBSCRIBE"
-                            f" {pattern.decode()}): {message}; the user needs access to that"
-                            " channel pattern"
-                        )
-                    # Only the PING can fail here (an ACL user without +ping): still an answer.
-                    awaiting = None
-                elif message[0] == b"pmessage":
-                    handler(message[2], message[3])
-                elif message[0] == b"psubscribe":
-                    awaiting = None
-                    delay = _LISTEN_BACKOFF_START
-                    if on_subscribed is not None:
-                        on_subscribed()
-                    if not started:
-                        started = True
-                        task_status.started()
-                elif message[0] == b"pong":
-                    awaiting = None
-                if awaiting is None:
-                    deadline = trio.current_time() + heartbeat
-        except (trio.BrokenResourceError, OSError, hiredis.ProtocolError) as exc:
-            log.warning("notification subscription broke, reconnecting: %s", exc)
-        except _NoAnswer as exc:
-            if not started:
-                raise StoreUnavailable(f"{client.name}: wake-up subscription: {exc}") from exc
-            log.warning("notification subscription silent, reconnecting: %s", exc)
+            await _subscribe(client, pattern, handler, heartbeat, partial(confirmed, client))
         except StoreUnavailable as exc:
-            if not started:
-                raise
-            log.error("notification subscription refused, retrying: %s", exc)
-        finally:
-            conn.close()
-        await trio.sleep(delay)
-        delay = min(delay * 2, _LISTEN_BACKOFF_MAX)
+            failed[client.address] = exc
+            if up:
+                up, logged = False, exc
+                log.log(
+                    logging.ERROR if isinstance(exc, _Refused) else logging.WARNING,
+                    "wake-up subscription failed, looking for a node: %s",
+                    exc,
+                )
+
+
+async def _subscribe(
+    client: RedisClient,
+    pattern: bytes,
+    handler: MessageHandler,
+    heartbeat: float,
+    confirmed: Callable[[], None],
+) -> NoReturn:
+    """One subscription on one node, until it fails: raises ``StoreUnavailable`` naming it."""
+    timeout = client.command_timeout
+    conn = await client.connect_dedicated()
+    try:
+        # `awaiting` names the command Redis owes an answer to by `deadline`; with none
+        # owed, `deadline` is when silence has lasted long enough to send a PING.
+        awaiting: str | None = "PSUBSCRIBE"
+        deadline = trio.current_time() + timeout
+        await _send(conn, pack(("PSUBSCRIBE", pattern)), deadline, "PSUBSCRIBE")
+        reader = conn.reader
+        while True:
+            message = reader.gets()
+            if message is False:
+                if await _receive(conn, deadline):
+                    continue
+                if awaiting is not None:
+                    raise _NoAnswer(f"Redis did not answer {awaiting} within {timeout:g}s")
+                awaiting, deadline = "PING", trio.current_time() + timeout
+                await _send(conn, _PING, deadline, "PING")
+                continue
+            if isinstance(message, ServerError):
+                if awaiting == "PSUBSCRIBE":  # NOPERM: an ACL user without &channels
+                    raise _Refused(
+                        f"{client.name}: Redis refused the wake-up subscription (PSUBSCRIBE"
+                        f" {pattern.decode()}): {message}; the user needs access to that"
+                        " channel pattern"
+                    )
+                # Only the PING can fail here (an ACL user without +ping): still an answer.
+                awaiting = None
+            elif message[0] == b"pmessage":
+                handler(message[2], message[3])
+            elif message[0] == b"psubscribe":
+                awaiting = None
+                confirmed()
+            elif message[0] == b"pong":
+                awaiting = None
+            if awaiting is None:
+                deadline = trio.current_time() + heartbeat
+    except (trio.BrokenResourceError, OSError, hiredis.ProtocolError) as exc:
+        raise _Lost(f"{client.name}: wake-up subscription: connection lost: {exc}") from exc
+    except _NoAnswer as exc:
+        raise _NoAnswer(f"{client.name}: wake-up subscription: {exc}") from exc
+    finally:
+        conn.close()
