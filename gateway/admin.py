@@ -279,13 +279,24 @@ class AdminAPI:
         return Response(200, self.telemetry.snapshot_json())
 
     async def topic(self, request: Request) -> Response:
-        topic = self._topic_config(request)
-        for queue in self.telemetry.snapshot()["queues"]:
-            for entry in queue["topics"]:
-                if entry["queue"] == topic.queue and entry["topic"] == topic.name:
-                    recent = self.telemetry.recent_failures(topic.queue, topic.name)
-                    return Response.json({**entry, "recent_failures": recent})
-        raise HTTPError(503, "no stats sampled for this topic yet; try again in a second")
+        """One topic's stats and recent failures; also of a topic a reload removed while it
+        still holds jobs, which the stats list ``"configured": false``."""
+        found = self._configured(request)
+        key = (request.params["queue"], request.params["topic"])
+        entry = next(
+            (
+                topic
+                for queue in self.telemetry.snapshot()["queues"]
+                for topic in queue["topics"]
+                if (topic["queue"], topic["topic"]) == key
+            ),
+            None,
+        )
+        if isinstance(found, HTTPError) and (entry is None or "configured" not in entry):
+            raise found  # unknown, or removed with nothing left (or not sampled since)
+        if entry is None:
+            raise HTTPError(503, "no stats sampled for this topic yet; try again in a second")
+        return Response.json({**entry, "recent_failures": self.telemetry.recent_failures(*key)})
 
     async def job(self, request: Request) -> Response:
         job_id = request.params["job_id"]
@@ -633,8 +644,9 @@ def _ever_held(stats: TopicStats) -> bool:
 
 
 def _unconfigured(configured: bool) -> dict[str, bool]:
-    """What a dead-letter answer adds for a topic the configuration lacks (removed by a
-    reload): ``"configured": false``.  A configured topic's answers stay as they were."""
+    """What an answer adds for a topic the configuration lacks (removed by a reload):
+    ``"configured": false``, as the stats mark it.  A configured topic's answers stay as they
+    were."""
     return {} if configured else {"configured": False}
 
 

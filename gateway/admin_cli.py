@@ -224,10 +224,14 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
         _print_json(document)
         return 0
     rows = []
+    unconfigured = []  # removed by a reload with jobs left: the stats mark them
     for queue in document.get("queues", []):
         for topic in queue.get("topics", []):
             depth, rates = topic["depth"], topic["rates"]
             p95 = topic["duration_ms"]["p95"]
+            configured = topic.get("configured", True)
+            if not configured:
+                unconfigured.append(f"{topic['queue']}/{topic['topic']}")
             rows.append(
                 [
                     f"{topic['queue']}/{topic['topic']}",
@@ -239,8 +243,8 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
                     f"{rates['out_per_second']:.1f}",
                     "-" if p95 is None else f"{p95:.1f}",
                     str(topic["totals"]["failed"]),
-                    topic["circuit"]["state"],
-                    "yes" if topic["paused"] else "no",
+                    topic["circuit"]["state"] if configured else "-",
+                    ("yes" if topic["paused"] else "no") if configured else "-",
                 ]
             )
     if document.get("generated_at") is None:
@@ -251,6 +255,11 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
         header = ["QUEUE/TOPIC", "READY", "DELAYED", "LEASED", "DEAD", "IN/S", "OUT/S"]
         header += ["P95 MS", "FAILED", "CIRCUIT", "PAUSED"]
         print(_table(header, rows, right=set(range(1, 9))))
+        if unconfigured:
+            print(
+                f"not configured (removed by a reload?): {', '.join(unconfigured)};"
+                " their jobs wait in the store, undelivered, until configured again"
+            )
     return 0
 
 

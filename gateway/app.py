@@ -415,22 +415,30 @@ class App:
         return report
 
     async def _warn_of_jobs_left(self, removed: list[Key]) -> None:
-        """A removed topic's jobs stay in the store, where nothing delivers them: say so."""
+        """A removed topic's jobs stay in the store, where nothing delivers them: say so,
+        once per topic that holds any (the stats list it, not configured, meanwhile)."""
         assert self.store is not None
-        for queue, topic in removed:
-            try:
-                with trio.fail_after(5):
-                    stats = await self.store.stats(queue, topic)
-            except (StoreError, trio.TooSlowError):
-                continue  # the reload is done; the warning is only a courtesy
+        if not removed:
+            return
+        try:
+            # One read for them all (a whole queue's drop-in may have gone), one deadline.
+            with trio.fail_after(5):
+                left = await self.store.stats_many(removed)
+        except (StoreError, trio.TooSlowError) as exc:
+            # The reload is done; the warning is only a courtesy.
+            why = str(exc) or "the store did not answer within 5s"
+            log.warning("could not count the jobs left in removed topics: %s", why)
+            return
+        for stats in left:
             waiting = stats.ready + stats.delayed + stats.leased
             if waiting or stats.dead:
                 log.warning(
                     "topic %s/%s was removed with %d jobs waiting (%d ready, %d delayed,"
                     " %d leased) and %d dead: they stay in the store, undelivered, until a"
-                    " topic of that name comes back",
-                    queue,
-                    topic,
+                    " topic of that name comes back; /v1/stats and `busgate stats` list it"
+                    " as not configured meanwhile",
+                    stats.queue,
+                    stats.topic,
                     waiting,
                     stats.ready,
                     stats.delayed,

@@ -32,9 +32,10 @@ class _BusgateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snapshot = self.telemetry.snapshot()
         topics = [t for q in snapshot["queues"] for t in q["topics"]]
-        # The topics of the running configuration: telemetry keeps a removed topic's
-        # durations (it may come back), but its series leave /metrics with its counters.
-        configured = {(t["queue"], t["topic"]) for t in topics}
+        # The topics of the snapshot: those of the running configuration, and those a reload
+        # removed while they hold jobs.  Telemetry keeps any removed topic's durations (it
+        # may come back), but its series leave /metrics with its counters.
+        listed = {(t["queue"], t["topic"]) for t in topics}
         counters = {
             name: CounterMetricFamily(f"busgate_jobs_{name}", help_text, labels=_LABELS)
             for name, help_text in (
@@ -59,6 +60,12 @@ class _BusgateCollector(Collector):
             labels=_LABELS,
         )
         paused = GaugeMetricFamily("busgate_paused", "1 when the topic is paused.", labels=_LABELS)
+        unconfigured = GaugeMetricFamily(
+            "busgate_topic_unconfigured",
+            "1 for a topic the configuration lacks (removed by a reload) whose jobs are still"
+            " in the store: nothing delivers them until it is configured again.",
+            labels=_LABELS,
+        )
         for topic in topics:
             labels = [topic["queue"], topic["topic"]]
             totals = topic["totals"]
@@ -73,11 +80,16 @@ class _BusgateCollector(Collector):
             counters["expired"].add_metric(labels, totals["expired"])
             for state, count in topic["depth"].items():
                 depth.add_metric([*labels, state], count)
+            if "configured" in topic:  # removed: no dispatcher of ours, a marker instead
+                unconfigured.add_metric(labels, 1)
+                continue
             in_flight.add_metric(labels, topic["in_flight"])
             circuit.add_metric(labels, _CIRCUIT[topic["circuit"]["state"]])
             paused.add_metric(labels, 1 if topic["paused"] else 0)
         yield from counters.values()
         yield from (depth, in_flight, circuit, paused)
+        if unconfigured.samples:  # only then: /metrics reads as before while all are configured
+            yield unconfigured
 
         durations = HistogramMetricFamily(
             "busgate_delivery_duration_seconds",
@@ -85,7 +97,7 @@ class _BusgateCollector(Collector):
             labels=_LABELS,
         )
         for queue, topic_name, histogram, total, _count in self.telemetry.duration_histograms():
-            if (queue, topic_name) not in configured:
+            if (queue, topic_name) not in listed:
                 continue
             cumulative, buckets = 0, []
             for bound, n in zip([*map(str, DURATION_BUCKETS), "+Inf"], histogram, strict=True):
@@ -100,7 +112,7 @@ class _BusgateCollector(Collector):
             labels=[*_LABELS, "kind"],
         )
         for queue, topic_name, kind, count in self.telemetry.backend_failures():
-            if (queue, topic_name) not in configured:
+            if (queue, topic_name) not in listed:
                 continue
             errors.add_metric([queue, topic_name, kind], count)
         yield errors

@@ -201,8 +201,8 @@ def document() -> dict[str, Any]:
                     "properties": {
                         "queue": {"type": "string"},
                         "topic": {"type": "string"},
-                        "backend": {"type": "string"},
-                        "kind": {"enum": ["fastcgi", "http"]},
+                        "backend": {"type": ["string", "null"]},
+                        "kind": {"enum": ["fastcgi", "http", None]},
                         "concurrency": {"type": "integer"},
                         "in_flight": {"type": "integer"},
                         "buffered": {"type": "integer"},
@@ -267,6 +267,14 @@ def document() -> dict[str, Any]:
                         "backend_health": {
                             "type": ["object", "null"],
                             "description": "php-fpm status (status_path).",
+                        },
+                        "configured": {
+                            "const": False,
+                            "description": "Present, false, on a topic the configuration"
+                            " lacks (removed by a reload) that still holds ready, delayed,"
+                            " leased or dead jobs: nothing delivers them until it is"
+                            " configured again. Its backend, kind and rate_limit are then"
+                            " null, its concurrency and in flight 0.",
                         },
                     },
                 },
@@ -376,6 +384,13 @@ def document() -> dict[str, Any]:
                                                     "type": "array",
                                                     "items": _ref("TopicStats"),
                                                 },
+                                                "configured": {
+                                                    "const": False,
+                                                    "description": "Present, false, on a"
+                                                    " queue the configuration lacks whose"
+                                                    " topics still hold jobs (its password"
+                                                    " is then false)",
+                                                },
                                             },
                                         },
                                     },
@@ -388,7 +403,8 @@ def document() -> dict[str, Any]:
             },
             topic: {
                 "get": {
-                    "summary": "One topic's stats with its recent failures",
+                    "summary": "One topic's stats with its recent failures (also of a topic"
+                    " removed by a reload while it holds jobs)",
                     "security": admin,
                     "parameters": _TOPIC_PARAMS,
                     "responses": {

@@ -196,6 +196,10 @@ class Telemetry:
         limit = max(SAMPLE_INTERVAL * 5, 5)
         try:
             with trio.fail_after(limit):
+                # And the topics a reload (or a restart) left out of the configuration: their
+                # jobs stay in the store, where nothing delivers them (``_build``).
+                configured = set(keys)
+                keys += [key for key in await self.store.topics() if key not in configured]
                 stats = await self.store.stats_many(keys)
         except (StoreError, trio.TooSlowError) as exc:
             self.sample_errors += 1
@@ -211,13 +215,19 @@ class Telemetry:
             subscriber.offer(self._snapshot_message)
 
     def _build(self, config: Config, now: float) -> dict[str, Any]:
+        """Every configured topic, and after them those of a queue the configuration no
+        longer has, marked ``"configured": false``, for as long as they hold jobs (ready,
+        delayed, leased or dead): an operator who removed a topic by mistake sees them
+        stranded, in the stats, ``busgate stats``, the dashboard and ``/metrics`` alike."""
         dispatchers = self._dispatchers()
         health = self._health()
-        queues = []
+        queues: dict[str, dict[str, Any]] = {}
+        configured: set[tuple[str, str]] = set()
         for queue in config.queues.values():
             topics = []
             for topic in queue.topics:
                 key = (queue.name, topic.name)
+                configured.add(key)
                 stats = self._stats.get(key)
                 if stats is None:
                     continue
@@ -225,18 +235,33 @@ class Telemetry:
                 topics.append(
                     self._topic(topic, stats, record, dispatchers.get(key), health.get(key), now)
                 )
-            queues.append(
-                {"name": queue.name, "password": queue.password is not None, "topics": topics}
-            )
+            queues[queue.name] = {
+                "name": queue.name,
+                "password": queue.password is not None,
+                "topics": topics,
+            }
+        for (queue_name, topic_name), stats in self._stats.items():
+            if (queue_name, topic_name) in configured or not _holds_jobs(stats):
+                continue
+            entry = queues.get(queue_name)
+            if entry is None:
+                entry = queues[queue_name] = {
+                    "name": queue_name,
+                    "password": False,
+                    "topics": [],
+                    "configured": False,
+                }
+            record = self._topics.setdefault((queue_name, topic_name), _TopicRecord())
+            entry["topics"].append(self._topic(None, stats, record, None, None, now))
         return {
             "generated_at": self._clock(),
             "uptime": round(self._clock() - self.started_at, 1),
-            "queues": queues,
+            "queues": list(queues.values()),
         }
 
     @staticmethod
     def _topic(
-        topic: TopicConfig,
+        topic: TopicConfig | None,
         stats: TopicStats,
         record: _TopicRecord,
         dispatcher: DispatcherStatistics | None,
@@ -260,21 +285,24 @@ class Telemetry:
             return None if value is None else round(value * 1000, 3)
 
         circuit = dispatcher.circuit if dispatcher is not None else None
-        return {
-            "queue": topic.queue,
-            "topic": topic.name,
-            "backend": topic.backend,
-            "kind": topic.kind,
-            "concurrency": topic.concurrency,
+        # A topic the configuration lacks has no backend, and nothing of this daemon's
+        # delivers it (``_build``).
+        rate_limit = None if topic is None else topic.rate_limit
+        entry = {
+            "queue": stats.queue,
+            "topic": stats.topic,
+            "backend": None if topic is None else topic.backend,
+            "kind": None if topic is None else topic.kind,
+            "concurrency": 0 if topic is None else topic.concurrency,
             "in_flight": dispatcher.in_flight if dispatcher else 0,
             "buffered": dispatcher.buffered if dispatcher else 0,
-            "paused": dispatcher.paused if dispatcher else topic.paused,
+            "paused": dispatcher.paused if dispatcher else topic is not None and topic.paused,
             "circuit": {
                 "state": circuit.state.value if circuit else "closed",
                 "opened_total": circuit.opened_total if circuit else 0,
                 "consecutive_failures": circuit.consecutive_failures if circuit else 0,
             },
-            "rate_limit": None if topic.rate_limit is None else topic.rate_limit.per_second,
+            "rate_limit": None if rate_limit is None else rate_limit.per_second,
             "depth": {
                 "ready": stats.ready,
                 "delayed": stats.delayed,
@@ -307,6 +335,9 @@ class Telemetry:
             "backend_errors": dict(record.failures),
             "backend_health": health,
         }
+        if topic is None:
+            entry["configured"] = False
+        return entry
 
     # -- live subscribers -----------------------------------------------------------------------
 
@@ -322,6 +353,11 @@ class Telemetry:
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
+
+
+def _holds_jobs(stats: TopicStats) -> bool:
+    """Jobs an operator must act on: waiting to be delivered, or dead."""
+    return stats.ready + stats.delayed + stats.leased + stats.dead > 0
 
 
 def _encode(document: dict[str, Any]) -> bytes:

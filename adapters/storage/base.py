@@ -163,6 +163,15 @@ class Store(abc.ABC):
         return [await self.stats(queue, topic) for queue, topic in topics]
 
     @abc.abstractmethod
+    async def topics(self) -> list[tuple[str, str]]:
+        """Every (queue, topic) the store holds or has held jobs of, sorted, whatever the
+        configuration says now: a reload may have removed a topic whose jobs are still here.
+
+        It may name a topic that never got a job (Redis remembers every topic a push was
+        routed to, filter aside); ``stats`` tells what each holds.
+        """
+
+    @abc.abstractmethod
     async def get_job(self, job_id: str) -> list[JobRecord]:
         """Every topic copy of a job, with its attempts (empty if unknown or pruned)."""
 

@@ -550,6 +550,18 @@ class RedisStore(Store):
             )
         return out
 
+    async def topics(self) -> list[tuple[str, str]]:
+        # The registry pushes keep (see _register): what get_job looks a job up in.
+        (members,) = await self.router.pipeline(_REGISTRY, [("SMEMBERS", _REGISTRY)])
+        if isinstance(members, ServerError):
+            raise StoreUnavailable(f"Redis refused: {members}")
+        found = set()
+        for member in members:
+            queue, slash, topic = member.decode("utf-8", "replace").partition("/")
+            if slash and queue and topic:  # anything else is not busgate's
+                found.add((queue, topic))
+        return sorted(found)
+
     async def get_job(self, job_id: str) -> list[JobRecord]:
         (members,) = await self.router.pipeline(_REGISTRY, [("SMEMBERS", _REGISTRY)])
         records = []

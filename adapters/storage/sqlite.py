@@ -441,6 +441,18 @@ class SQLiteStore(Store):
 
         return await self._writer.run(op)
 
+    async def topics(self) -> list[tuple[str, str]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            # A topic's first job writes its depth and its pushed counter, and neither row
+            # is ever deleted; topic '' is the queue's own counter (unmatched pushes).
+            rows = conn.execute(
+                "SELECT queue, topic FROM depths UNION SELECT queue, topic FROM counters"
+                " WHERE topic != '' ORDER BY queue, topic"
+            ).fetchall()
+            return [(str(queue), str(topic)) for queue, topic in rows]
+
+        return await self._writer.run(op)
+
     async def get_job(self, job_id: str) -> list[JobRecord]:
         def op(conn: sqlite3.Connection) -> list[JobRecord]:
             rows = conn.execute(

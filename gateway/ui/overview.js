@@ -24,6 +24,16 @@ const COLUMNS = [
 const INDEX = Object.fromEntries(COLUMNS.map((c, i) => [c.key, i]));
 const CIRCUIT_RANK = { closed: 0, "half-open": 1, open: 2 };
 const SUMMED = ["ready", "delayed", "leased", "dead", "in", "out", "failed", "deadTotal"];
+// A topic (or queue) the stats list with "configured": false: a reload removed it, its jobs
+// are still in the store, and nothing delivers them.
+const UNCONFIGURED = "not configured";
+const UNCONFIGURED_TITLE =
+  "Not in the configuration (removed by a reload?): its jobs wait in the store, undelivered," +
+  " until it is configured again";
+
+function unconfiguredBadge() {
+  return h("span", { class: "badge unconfigured", title: UNCONFIGURED_TITLE }, UNCONFIGURED);
+}
 
 function topicValues(t) {
   return {
@@ -40,14 +50,17 @@ function topicValues(t) {
     paused: t.paused,
     inFlight: t.in_flight,
     concurrency: t.concurrency,
+    configured: t.configured !== false,
   };
 }
 
 function signature(snapshot) {
+  // A topic a reload removes (or adds back) keeps its name: its "not configured" badge is
+  // built with the row, so the change rebuilds the table.
   const parts = [];
   for (const q of snapshot.queues) {
-    parts.push(q.name);
-    for (const t of q.topics) parts.push(t.topic);
+    parts.push(q.configured === false ? `${q.name}\u0001` : q.name);
+    for (const t of q.topics) parts.push(t.configured === false ? `${t.topic}\u0001` : t.topic);
     parts.push("");
   }
   return parts.join("\u0000");
@@ -172,7 +185,7 @@ export class OverviewView {
       filter,
       h(
         "label",
-        { class: "check", title: "Dead letters, a circuit not closed, or paused" },
+        { class: "check", title: "Dead letters, a circuit not closed, paused, or not configured" },
         problems,
         " needs attention only",
       ),
@@ -265,6 +278,7 @@ export class OverviewView {
       const name = h("th", { scope: "rowgroup", class: "name" }, h("strong", null, queue.name));
       const count = h("span", { class: "muted" }, "");
       name.append(" ", count);
+      if (queue.configured === false) name.append(" ", unconfiguredBadge());
       queueTr.append(name);
       const queueCells = [name, ...numberCells(queueTr)];
       const queueSpark = sparklineCanvas(`${queue.name}: attempts per second, last 2 minutes`);
@@ -280,6 +294,10 @@ export class OverviewView {
         const tr = h("tr", { class: "topic-row", dataset: { queue: t.queue, topic: t.topic } });
         const link = h("a", { href: topicHref(t.queue, t.topic), title: t.backend }, t.topic);
         const nameCell = h("th", { scope: "row", class: "name" }, link);
+        if (t.configured === false) {
+          tr.classList.add("unconfigured");
+          nameCell.append(" ", unconfiguredBadge());
+        }
         tr.append(nameCell);
         const cells = [nameCell, ...numberCells(tr)];
         const spark = sparklineCanvas(`${t.queue}/${t.topic}: attempts per second`);
@@ -316,6 +334,7 @@ export class OverviewView {
       let worst = "closed";
       let queuePaused = 0;
       let notClosed = 0;
+      let unconfigured = 0;
       for (const t of queue.topics) {
         const row = this.topicRows.get(`${t.queue}\u0000${t.topic}`);
         const v = topicValues(t);
@@ -326,6 +345,7 @@ export class OverviewView {
         if (CIRCUIT_RANK[v.circuit] > CIRCUIT_RANK[worst]) worst = v.circuit;
         if (v.circuit !== "closed") notClosed += 1;
         if (v.paused) queuePaused += 1;
+        if (!v.configured) unconfigured += 1;
       }
       const q = entry.row;
       for (const key of SUMMED) q.text(key, COLUMNS[INDEX[key]].fmt(sum[key]));
@@ -347,10 +367,15 @@ export class OverviewView {
       let stateText = `${queuePaused} paused`;
       if (queuePaused === 0) stateText = "running";
       else if (queuePaused === all) stateText = "paused";
+      let stateClass = queuePaused ? "badge paused" : "badge running";
+      if (unconfigured) {
+        // Stranded jobs come first: nothing will deliver them, whatever else is paused.
+        stateText = unconfigured === all ? UNCONFIGURED : `${unconfigured} ${UNCONFIGURED}`;
+        stateClass = "badge unconfigured";
+      }
       if (stateBadge.textContent !== stateText) stateBadge.textContent = stateText;
-      const stateClass = queuePaused ? "badge paused" : "badge running";
       if (stateBadge.className !== stateClass) stateBadge.className = stateClass;
-      q.problem = sum.dead > 0 || notClosed > 0 || queuePaused > 0;
+      q.problem = sum.dead > 0 || notClosed > 0 || queuePaused > 0 || unconfigured > 0;
       if (q.onScreen) this.drawSpark(q);
       else q.sparkStale = true;
       for (const key of Object.keys(totals)) totals[key] += sum[key];
@@ -390,24 +415,26 @@ export class OverviewView {
     }
     row.cls("dead", v.dead > 0 ? "num bad" : "num");
     const circuit = row.cells[INDEX.circuit].firstChild;
-    if (row.circuit !== v.circuit) {
-      row.circuit = v.circuit;
-      circuit.textContent = v.circuit;
-      circuit.className = `badge circuit-${v.circuit}`;
+    const circuitState = v.configured ? v.circuit : DASH; // no backend, no circuit
+    if (row.circuit !== circuitState) {
+      row.circuit = circuitState;
+      circuit.textContent = circuitState;
+      circuit.className = v.configured ? `badge circuit-${v.circuit}` : "";
     }
     const state = row.cells[INDEX.state].firstChild;
-    const stateText = v.paused ? "paused" : "running";
+    let stateText = v.paused ? "paused" : "running";
+    if (!v.configured) stateText = UNCONFIGURED;
     if (row.state !== stateText) {
       row.state = stateText;
       state.textContent = stateText;
-      state.className = `badge ${stateText}`;
+      state.className = v.configured ? `badge ${stateText}` : "badge unconfigured";
     }
-    const busy = `${v.inFlight} in flight of ${v.concurrency}`;
+    const busy = v.configured ? `${v.inFlight} in flight of ${v.concurrency}` : UNCONFIGURED_TITLE;
     if (row.busy !== busy) {
       row.busy = busy;
       state.title = busy;
     }
-    row.problem = v.dead > 0 || v.circuit !== "closed" || v.paused;
+    row.problem = v.dead > 0 || v.circuit !== "closed" || v.paused || !v.configured;
     if (row.onScreen) this.drawSpark(row);
     else row.sparkStale = true;
   }

@@ -20,6 +20,12 @@ import { CAPACITY } from "./history.js";
 
 const LIVE_ROWS = 20;
 const FAILURE_ROWS = 50;
+// A topic the stats list with "configured": false (removed by a reload, jobs left).
+const UNCONFIGURED_INFO =
+  "Not configured: removed from the configuration (by a reload?). Its jobs wait in the" +
+  " store, undelivered, until a topic of this name is configured again; its dead letters" +
+  " can be listed and deleted, not replayed.";
+const NO_REPLAY = "Not configured: add the topic back and reload before replaying";
 
 function findTopic(snapshot, queue, topic) {
   for (const q of snapshot.queues) {
@@ -101,6 +107,7 @@ export class TopicView {
     this.dead = { filter: {}, cursors: [null], page: 0, selected: new Set(), ids: [] };
     this.disposed = false;
     this.deadEvents = 0; // dead-letter events seen, so a list fetched meanwhile is known stale
+    this.unconfigured = false;
   }
 
   crumbs() {
@@ -258,7 +265,8 @@ export class TopicView {
       set(key, fmtInt(t.depth[key]));
     }
     this.figures.get("dead").classList.toggle("bad", t.depth.dead > 0);
-    set("in_flight", `${fmtInt(t.in_flight)} / ${fmtInt(t.concurrency)}`);
+    const configured = t.configured !== false;
+    set("in_flight", configured ? `${fmtInt(t.in_flight)} / ${fmtInt(t.concurrency)}` : DASH);
     for (const key of ["pushed", "done", "retried", "failed", "expired", "replayed", "unmatched"]) {
       set(key, fmtInt(t.totals[key]));
     }
@@ -287,9 +295,18 @@ export class TopicView {
         : DASH,
     );
     const rate = t.rate_limit === null ? "no rate limit" : `at most ${fmtRate(t.rate_limit)}/s`;
-    const info = `${t.kind} backend ${t.backend} · concurrency ${t.concurrency} · ${rate}`;
+    const info = configured
+      ? `${t.kind} backend ${t.backend} · concurrency ${t.concurrency} · ${rate}`
+      : UNCONFIGURED_INFO;
     if (this.info.textContent !== info) this.info.textContent = info;
-    this.showState(t.paused, t.circuit.state);
+    this.info.classList.toggle("form-error", !configured);
+    if (configured !== !this.unconfigured) {
+      this.unconfigured = !configured;
+      this.showSelection(); // replay: not while nothing would deliver the jobs
+      this.testCard.hidden = !configured;
+    }
+    if (configured) this.showState(t.paused, t.circuit.state);
+    else this.showUnconfigured();
     this.deadCount.textContent = `${plural(t.depth.dead, "dead letter")} kept`;
   }
 
@@ -303,6 +320,15 @@ export class TopicView {
     }
     this.pauseButton.disabled = paused;
     this.resumeButton.disabled = !paused;
+  }
+
+  showUnconfigured() {
+    this.badges.state.textContent = "not configured";
+    this.badges.state.className = "badge unconfigured";
+    this.badges.circuit.textContent = "no circuit";
+    this.badges.circuit.className = "badge";
+    this.pauseButton.disabled = true;
+    this.resumeButton.disabled = true;
   }
 
   async setPaused(paused) {
@@ -482,7 +508,7 @@ export class TopicView {
     this.deleteSelected = button("dead-delete-selected", "Delete selected", "danger", () =>
       this.actOnSelected("delete"),
     );
-    const replayMatching = button("dead-replay-filter", "Replay all matching filter", "", () =>
+    this.replayMatching = button("dead-replay-filter", "Replay all matching filter", "", () =>
       this.actOnFilter("replay"),
     );
     const deleteMatching = button(
@@ -532,7 +558,7 @@ export class TopicView {
         this.deleteSelected,
         this.selectionText,
         h("span", { class: "spacer" }),
-        replayMatching,
+        this.replayMatching,
         deleteMatching,
       ),
       this.deadStale,
@@ -596,8 +622,12 @@ export class TopicView {
 
   showSelection() {
     const count = this.dead.selected.size;
-    this.replaySelected.disabled = count === 0;
+    this.replaySelected.disabled = count === 0 || this.unconfigured;
     this.deleteSelected.disabled = count === 0;
+    this.replayMatching.disabled = this.unconfigured;
+    const replayTitle = this.unconfigured ? NO_REPLAY : "";
+    this.replaySelected.title = replayTitle;
+    this.replayMatching.title = replayTitle;
     this.selectionText.textContent = count ? `${plural(count, "job")} selected` : "";
     const boxes = this.deadRows.querySelectorAll("input[type=checkbox]").length;
     this.selectAll.checked = boxes > 0 && count === boxes;
@@ -823,9 +853,10 @@ export class TopicView {
         send.textContent = "Send test delivery";
       }
     });
-    return h(
+    // Hidden while the topic is not configured: there is no backend to send to.
+    this.testCard = h(
       "section",
-      { class: "card" },
+      { class: "card", id: "test-delivery" },
       h("h2", null, "Test delivery"),
       h(
         "p",
@@ -836,6 +867,7 @@ export class TopicView {
       form,
       this.testResult,
     );
+    return this.testCard;
   }
 
   parseAttributes(text) {
