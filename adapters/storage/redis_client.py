@@ -4,7 +4,8 @@ redis-py has no trio support, so the Redis store talks through this.  hiredis do
 work in C both ways (``pack_command`` and ``Reader``); the pool is the same bookkeeping as the
 FastCGI pool (``fastcgi.pooling``).  Every call has a deadline; a connection that timed out or
 broke is closed, never reused.  Connecting retries with backoff until the call's deadline, so a
-Redis restart costs the calls made during it an error, and the ones after it nothing.
+Redis restart costs the calls made during it an error, and the ones after it nothing; a cluster
+router turns that off and retries itself, asking the cluster first where the slot went.
 """
 
 from __future__ import annotations
@@ -139,19 +140,31 @@ class RedisClient:
             raise reply
         return reply
 
-    async def pipeline(self, commands: Sequence[Command]) -> list[Any]:
+    async def pipeline(
+        self,
+        commands: Sequence[Command],
+        *,
+        deadline: float | None = None,
+        reconnect: bool = True,
+    ) -> list[Any]:
         """Send commands in one write and read their replies; error replies are returned.
 
-        Raises ``StoreUnavailable`` when Redis cannot be reached or does not answer in time.
+        Raises ``StoreUnavailable`` when Redis cannot be reached or does not answer in time:
+        ``StoreUncertain`` once the commands may have reached it, so that only a plain
+        ``StoreUnavailable`` may be retried.  ``deadline`` (trio time) replaces the command
+        timeout for a call that spans several attempts (a cluster router's).  Unless
+        ``reconnect``, a failed connect is raised at once rather than retried until the
+        deadline: on a cluster, retrying a dead master would only wait for nothing.
         """
         payload = b"".join([pack(command) for command in commands])
         limit = self.command_timeout
-        deadline = trio.current_time() + limit
+        if deadline is None:
+            deadline = trio.current_time() + limit
         pool = self._pool
         pool.requests_total += 1
         sent = False
         with trio.CancelScope(deadline=deadline):
-            conn = await self._acquire(deadline)
+            conn = await self._acquire(deadline, reconnect)
             sent = True  # from here on, Redis may have the commands (and may run them)
             try:
                 replies = await conn.roundtrip(payload, len(commands))
@@ -161,8 +174,9 @@ class RedisClient:
                     pool.failures_total += 1
                     raise StoreUncertain(f"{self.name}: connection lost: {exc}") from exc
                 if isinstance(exc, hiredis.ProtocolError):
+                    # The commands went out: Redis may have run them, whatever came back.
                     pool.failures_total += 1
-                    raise StoreUnavailable(f"{self.name}: protocol error: {exc}") from exc
+                    raise StoreUncertain(f"{self.name}: protocol error: {exc}") from exc
                 raise
             pool.release(conn)
             return replies
@@ -173,8 +187,8 @@ class RedisClient:
 
     # -- connections --------------------------------------------------------------------------
 
-    async def _acquire(self, deadline: float) -> RedisConnection:
-        """A connection, retrying the connect with backoff until ``deadline``."""
+    async def _acquire(self, deadline: float, reconnect: bool) -> RedisConnection:
+        """A connection; if ``reconnect``, retrying the connect with backoff until ``deadline``."""
         delay = _BACKOFF_START
         while True:
             try:
@@ -182,7 +196,7 @@ class RedisClient:
             except StoreRefused:
                 raise
             except (StoreUnavailable, BackendError) as exc:
-                if trio.current_time() + delay >= deadline:
+                if not reconnect or trio.current_time() + delay >= deadline:
                     raise StoreUnavailable(str(exc)) from exc
                 await trio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)

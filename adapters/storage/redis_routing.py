@@ -4,7 +4,9 @@ The store sends every command of an operation with one routing key (all keys of 
 the hash tag ``{queue}``, hence one slot), so a pipeline or a script always runs on one node.
 The cluster router keeps a slot map from ``CLUSTER SLOTS``; ``MOVED`` refreshes it and retries,
 ``ASK`` (a slot being migrated) sends ``ASKING`` and the commands to the named node once.
-Both commands are safe to repeat: a node that answers MOVED or ASK executed nothing.
+Both commands are safe to repeat: a node that answers MOVED or ASK executed nothing.  So is a
+call that could not connect: the map is refreshed and the call sent to the slot's owner, which
+is how a failover (a replica promoted in place of a dead master) is followed.
 
 Wake-ups arrive over one PSUBSCRIBE connection per daemon (``listen``), watched by a heartbeat;
 on a cluster it moves to another node when the one it is on fails.
@@ -13,15 +15,16 @@ on a cluster it moves to another node when the one it is on fails.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, NoReturn, Protocol
 
 import hiredis
 import trio
 
-from adapters.storage.errors import StoreUnavailable
+from adapters.storage.errors import StoreRefused, StoreUnavailable, StoreUncertain
 from adapters.storage.redis_client import (
     Arg,
     Command,
@@ -37,6 +40,13 @@ log = logging.getLogger("busgate.redis")
 
 SLOTS = 16384
 _MAX_REDIRECTS = 5
+#: How long a call that cannot reach its slot's node waits before it asks the cluster again,
+#: doubling up to the maximum: a failover takes the cluster's node timeout (seconds) to start,
+#: and the call has until its deadline.
+_FAILOVER_BACKOFF_START = 0.1
+_FAILOVER_BACKOFF_MAX = 1.0
+#: Error replies for commands a node refused to run for now, as it does during a failover.
+_NOT_RUN = frozenset({"CLUSTERDOWN", "TRYAGAIN"})
 _LISTEN_BACKOFF_START = 0.05
 _LISTEN_BACKOFF_MAX = 2.0
 _RECEIVE_SIZE = 64 * 1024
@@ -99,10 +109,13 @@ async def _eval_on(
     script: Script,
     args: Sequence[Arg],
     prefix: Sequence[Command] = (),
+    *,
+    deadline: float | None = None,
+    reconnect: bool = True,
 ) -> Any:
     """EVALSHA, falling back to EVAL when the node has not cached the script yet."""
     for command in (("EVALSHA", script.sha, 1, key, *args), ("EVAL", script.source, 1, key, *args)):
-        replies = await client.pipeline([*prefix, command])
+        replies = await client.pipeline([*prefix, command], deadline=deadline, reconnect=reconnect)
         reply = replies[-1]
         if isinstance(reply, ServerError) and reply.code == "NOSCRIPT":
             continue
@@ -160,7 +173,17 @@ class Standalone:
 
 
 class Cluster:
-    """A Redis Cluster: a client per master, a slot map, redirections followed."""
+    """A Redis Cluster: a client per master, a slot map, redirections and failovers followed.
+
+    A call that cannot reach its slot's node (nothing sent: a plain ``StoreUnavailable``)
+    asks the cluster again who owns the slot: after a failover, the promoted replica does,
+    and the call goes there.  While the cluster has not promoted anyone yet (it takes its
+    ``cluster-node-timeout`` to notice a dead master), the call waits a little and asks
+    again, within its deadline; so does a call every command of which a node refused to run
+    for now (``CLUSTERDOWN`` while the cluster fails a master over, ``TRYAGAIN``).  A call
+    that may have reached Redis (``StoreUncertain``) is never retried: a push could be
+    stored twice.
+    """
 
     def __init__(
         self,
@@ -178,6 +201,13 @@ class Cluster:
         self._slots: list[RedisAddress | None] = [None] * SLOTS
         #: Every node (masters and replicas) the last CLUSTER SLOTS named.
         self._nodes: list[RedisAddress] = []
+        #: Each master of the slot map, with one slot it serves: where a command for every
+        #: master goes, so that it follows that slot to a new master after a failover.
+        self._masters: dict[RedisAddress, int] = {}
+        #: Nodes whose last call failed: asked last for the slot map, so that a dead node
+        #: costs a connect attempt (up to the connect timeout) once, not at every refresh.
+        self._failing: set[RedisAddress] = set()
+        self._command_timeout: float | None = None
         self._nursery: trio.Nursery | None = None
         self._refreshing: trio.Event | None = None
 
@@ -189,55 +219,133 @@ class Cluster:
                 self._nursery.start_soon(client.run)
         return client
 
-    async def refresh(self) -> None:
-        """Reload the slot map from the first node that answers (one refresh at a time)."""
+    def _deadline(self) -> float:
+        """When a call starting now must be over: the clients' command timeout from now."""
+        if self._command_timeout is None:
+            self._command_timeout = self.client(self.seeds[0]).command_timeout
+        return trio.current_time() + self._command_timeout
+
+    async def refresh(
+        self, deadline: float | None = None, *, why: str = "", level: int = logging.INFO
+    ) -> None:
+        """Reload the slot map from the first node that answers (one refresh at a time).
+
+        Asked in turn: the nodes the last map named, the seeds, then any other node known;
+        nodes whose last call failed go last.  Each gets one connection attempt and its
+        connect timeout to answer, so a dead node (a host that drops packets) does not use
+        the whole deadline.  Slots that changed owner are logged at ``level``, with ``why``.
+        """
         if self._refreshing is not None:
             await self._refreshing.wait()
             return
+        if deadline is None:
+            deadline = self._deadline()
         self._refreshing = trio.Event()
         try:
-            candidates = list(dict.fromkeys([*self._clients, *self.seeds]))
+            known = list(dict.fromkeys([*self._nodes, *self.seeds, *self._clients]))
+            candidates = [a for a in known if a not in self._failing]
+            candidates += [a for a in known if a in self._failing]
             errors = []
             for address in candidates:
-                try:
-                    ranges = await self.client(address).execute("CLUSTER", "SLOTS")
-                except (StoreUnavailable, ServerError) as exc:
-                    errors.append(f"{address}: {exc}")
+                client = self.client(address)
+                ranges: Any = None
+                with trio.move_on_at(min(deadline, trio.current_time() + client.connect_timeout)):
+                    try:
+                        (ranges,) = await client.pipeline(
+                            [("CLUSTER", "SLOTS")], deadline=deadline, reconnect=False
+                        )
+                    except StoreUnavailable as exc:
+                        ranges = exc
+                if ranges is None:
+                    ranges = StoreUnavailable(
+                        f"{client.name}: no answer within {client.connect_timeout:g}s"
+                    )
+                if isinstance(ranges, StoreUnavailable):
+                    self._failing.add(address)
+                if isinstance(ranges, StoreUnavailable | ServerError):
+                    errors.append(f"{address}: {ranges}")
                     continue
-                slots: list[RedisAddress | None] = [None] * SLOTS
-                nodes: dict[RedisAddress, None] = {}
-                for start, end, master, *replicas in ranges:
-                    owner, *copies = [_node_address(node, address) for node in [master, *replicas]]
-                    nodes.update(dict.fromkeys([owner, *copies]))
-                    for slot in range(int(start), int(end) + 1):
-                        slots[slot] = owner
-                self._slots = slots
-                self._nodes = list(nodes)
+                self._failing.discard(address)
+                self._install(ranges, address, why, level)
                 return
             raise StoreUnavailable("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
         finally:
             self._refreshing.set()
             self._refreshing = None
 
-    async def _owner(self, key: bytes) -> RedisClient:
-        owner = self._slots[key_slot(key)]
+    def _install(self, ranges: Any, answered_by: RedisAddress, why: str, level: int) -> None:
+        """Take a CLUSTER SLOTS answer as the slot map, logging the slots that moved."""
+        # The addresses already known, as the objects the old map holds: comparing the maps
+        # slot by slot is then mostly an identity check.
+        known = {address: address for address in [*self._masters, *self._clients]}
+        slots: list[RedisAddress | None] = [None] * SLOTS
+        nodes: dict[RedisAddress, None] = {}
+        masters: dict[RedisAddress, int] = {}
+        for start, end, master, *replicas in ranges:
+            owner, *copies = [
+                known.setdefault(address, address)
+                for address in (_node_address(node, answered_by) for node in [master, *replicas])
+            ]
+            nodes.update(dict.fromkeys([owner, *copies]))
+            masters.setdefault(owner, int(start))
+            slots[int(start) : int(end) + 1] = [owner] * (int(end) - int(start) + 1)
+        moved = _moves(self._slots, slots)
+        self._slots, self._nodes, self._masters = slots, list(nodes), masters
+        if moved:
+            log.log(level, "slot map refreshed%s: %s", f" ({why})" if why else "", moved)
+
+    async def _first_map(self, deadline: float) -> None:
+        """A slot map where there is none yet, asking again with backoff until ``deadline``
+        while no node answers: a cluster (re)starting costs the calls made meanwhile a wait,
+        as a standalone Redis restarting does."""
+        delay = _FAILOVER_BACKOFF_START
+        while True:
+            try:
+                await self.refresh(deadline)
+            except StoreUnavailable:
+                if trio.current_time() + delay >= deadline:
+                    raise
+            else:
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, _FAILOVER_BACKOFF_MAX)
+
+    async def _owner(self, slot: int, deadline: float) -> RedisAddress:
+        owner = self._slots[slot]
         if owner is None:
-            await self.refresh()
-            owner = self._slots[key_slot(key)]
+            if self._masters:
+                await self.refresh(deadline)  # a slot no node served at the last refresh
+            else:
+                await self._first_map(deadline)
+            owner = self._slots[slot]
             if owner is None:
-                raise StoreUnavailable(f"no cluster node serves slot {key_slot(key)}")
-        return self.client(owner)
+                raise StoreUnavailable(f"no cluster node serves slot {slot}")
+        return owner
 
     async def pipeline(self, key: bytes, commands: Sequence[Command]) -> list[Any]:
-        return await self._redirected(
-            key, lambda client, asking: self._send(client, commands, asking)
+        return await self._pipeline(key, commands, self._deadline())
+
+    async def _pipeline(
+        self, key: bytes, commands: Sequence[Command], deadline: float
+    ) -> list[Any]:
+        return await self._routed(
+            key_slot(key),
+            key,
+            lambda client, asking: self._send(client, commands, asking, deadline),
+            deadline,
         )
 
     async def eval(self, key: bytes, script: Script, args: Sequence[Arg]) -> Any:
-        async def call(client: RedisClient, asking: bool) -> list[Any]:
-            return [await _eval_on(client, key, script, args, [("ASKING",)] if asking else [])]
+        deadline = self._deadline()
 
-        (reply,) = await self._redirected(key, call)
+        async def call(client: RedisClient, asking: bool) -> list[Any]:
+            prefix: list[Command] = [("ASKING",)] if asking else []
+            reply = await _eval_on(
+                client, key, script, args, prefix, deadline=deadline, reconnect=False
+            )
+            return [reply]
+
+        (reply,) = await self._routed(key_slot(key), key, call, deadline)
         if isinstance(reply, ServerError):
             raise reply
         return reply
@@ -245,59 +353,144 @@ class Cluster:
     async def pipelines(
         self, batches: Sequence[tuple[bytes, Sequence[Command]]]
     ) -> list[list[Any]]:
-        # Group by owning node: one pipeline per node; a redirected batch is redone alone.
+        # Group by owning node: one pipeline per node; a batch redirected, or whose node
+        # could not be reached, is redone alone (following its slot).
+        deadline = self._deadline()
         owners: dict[RedisAddress, list[int]] = {}
         for index, (key, _) in enumerate(batches):
-            client = await self._owner(key)
-            owners.setdefault(client.address, []).append(index)
+            owners.setdefault(await self._owner(key_slot(key), deadline), []).append(index)
         results: list[list[Any]] = [[] for _ in batches]
         for address, indexes in owners.items():
             commands = [c for i in indexes for c in batches[i][1]]
-            replies = await self.client(address).pipeline(commands)
+            try:
+                replies = await self.client(address).pipeline(
+                    commands, deadline=deadline, reconnect=False
+                )
+            except StoreUnavailable as exc:
+                self._failing.add(address)
+                if not _nothing_sent(exc):
+                    raise
+                what = _describe(batches[indexes[0]][0])
+                if len(indexes) > 1:
+                    what += f" and {len(indexes) - 1} more"
+                with contextlib.suppress(StoreUnavailable):  # the batches wait on their own
+                    await self.refresh(deadline, why=f"{what}: {exc}", level=logging.WARNING)
+                for i in indexes:
+                    results[i] = await self._pipeline(batches[i][0], batches[i][1], deadline)
+                continue
+            self._failing.discard(address)
             for i, part in zip(
                 indexes, _split(replies, [len(batches[i][1]) for i in indexes]), strict=True
             ):
-                if any(isinstance(r, ServerError) and r.code in ("MOVED", "ASK") for r in part):
-                    part = await self.pipeline(batches[i][0], batches[i][1])
+                if _not_run(part) or any(
+                    isinstance(r, ServerError) and r.code in ("MOVED", "ASK") for r in part
+                ):
+                    part = await self._pipeline(batches[i][0], batches[i][1], deadline)
                 results[i] = part
         return results
 
     @staticmethod
-    async def _send(client: RedisClient, commands: Sequence[Command], asking: bool) -> list[Any]:
+    async def _send(
+        client: RedisClient, commands: Sequence[Command], asking: bool, deadline: float
+    ) -> list[Any]:
         if not asking:
-            return await client.pipeline(commands)
+            return await client.pipeline(commands, deadline=deadline, reconnect=False)
         # ASKING applies to the next command only: one before each, all on one connection.
         interleaved: list[Command] = []
         for command in commands:
             interleaved += [("ASKING",), command]
-        return (await client.pipeline(interleaved))[1::2]
+        replies = await client.pipeline(interleaved, deadline=deadline, reconnect=False)
+        return replies[1::2]
 
-    async def _redirected(self, key: bytes, call: Callable[[RedisClient, bool], Any]) -> list[Any]:
-        client = await self._owner(key)
+    async def _routed(
+        self,
+        slot: int,
+        what: bytes | str,
+        call: Callable[[RedisClient, bool], Awaitable[list[Any]]],
+        deadline: float,
+    ) -> list[Any]:
+        """``call(client, asking)`` on the node serving ``slot``, following MOVED and ASK,
+        and the slot to another node when its node cannot be reached.  ``what`` names the
+        call in messages: a routing key (its queue), or words."""
+        client = self.client(await self._owner(slot, deadline))
         asking = False
-        for _ in range(_MAX_REDIRECTS):
-            replies: list[Any] = await call(client, asking)
+        redirects = 0
+        delay = _FAILOVER_BACKOFF_START
+        failed: set[RedisAddress] = set()  # nodes this call could not reach
+        while True:
+            try:
+                replies = await call(client, asking)
+            except StoreUnavailable as exc:
+                self._failing.add(client.address)
+                if not _nothing_sent(exc) or trio.current_time() >= deadline:
+                    raise
+                failed.add(client.address)
+                # Nothing reached Redis: the node is down, for good if it was a master whose
+                # replica has taken over.  Where does the cluster say the slot is now?
+                with contextlib.suppress(StoreUnavailable):  # no node answered: the map stands
+                    await self.refresh(
+                        deadline, why=f"{_describe(what)}: {exc}", level=logging.WARNING
+                    )
+                owner = self._slots[slot]
+                if owner is None or owner in failed:
+                    # No failover yet (the cluster takes its node timeout to notice), or the
+                    # new owner is down too: wait a little, then try whichever node the map
+                    # names by then (perhaps the same one, back from a restart).
+                    if trio.current_time() + delay >= deadline:
+                        raise
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, _FAILOVER_BACKOFF_MAX)
+                    owner = self._slots[slot] or client.address
+                client, asking = self.client(owner), False
+                continue
+            self._failing.discard(client.address)
+            if _not_run(replies) and trio.current_time() + delay < deadline:
+                # The node ran none of it: the cluster is down while it fails a master over
+                # (CLUSTERDOWN, from every master under the default
+                # cluster-require-full-coverage), or the keys are split by a migration
+                # (TRYAGAIN).  Wait, then try wherever the map says by then.
+                await trio.sleep(delay)
+                delay = min(delay * 2, _FAILOVER_BACKOFF_MAX)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.refresh(
+                        deadline, why=f"{_describe(what)}: {replies[0]}", level=logging.WARNING
+                    )
+                client, asking = self.client(self._slots[slot] or client.address), False
+                continue
             redirect = next(
                 (r for r in replies if isinstance(r, ServerError) and r.code in ("MOVED", "ASK")),
                 None,
             )
             if redirect is None:
                 return replies
+            redirects += 1
+            if redirects >= _MAX_REDIRECTS:
+                raise StoreUnavailable(f"too many cluster redirections for {_describe(what)}")
             _code, _slot, target = str(redirect).split(" ", 2)
             host, _, port = target.rpartition(":")
             address = RedisAddress(host or client.address.host, int(port))
             if redirect.code == "MOVED":
-                await self.refresh()
+                await self.refresh(deadline, why=f"{_describe(what)}: {redirect}")
                 client, asking = self.client(address), False
             else:
                 client, asking = self.client(address), True
-        raise StoreUnavailable(f"too many cluster redirections for key {key!r}")
 
     async def execute_everywhere(self, *args: Arg) -> list[Any]:
-        if all(owner is None for owner in self._slots):
-            await self.refresh()
-        masters = {owner for owner in self._slots if owner is not None}
-        return [await self.client(address).execute(*args) for address in sorted(masters, key=str)]
+        deadline = self._deadline()
+        if not self._masters:
+            await self._first_map(deadline)
+        what = f"{args[0]!s} on every master"
+
+        async def call(client: RedisClient, asking: bool) -> list[Any]:
+            return await client.pipeline([args], deadline=deadline, reconnect=False)
+
+        replies = []
+        for _master, slot in sorted(self._masters.items(), key=lambda item: str(item[0])):
+            (reply,) = await self._routed(slot, what, call, deadline)
+            if isinstance(reply, ServerError):
+                raise reply
+            replies.append(reply)
+        return replies
 
     async def listen(
         self,
@@ -340,6 +533,58 @@ def _node_address(node: Sequence[Any], answered_by: RedisAddress) -> RedisAddres
     """A node of a CLUSTER SLOTS reply; an empty host means the node that answered's."""
     host = node[0].decode() if node[0] else answered_by.host
     return RedisAddress(host, int(node[1]))
+
+
+def _nothing_sent(exc: StoreUnavailable) -> bool:
+    """Whether a failed call is safe to send again elsewhere: nothing reached Redis (no
+    ``StoreUncertain``), and not a login refused, which no retry mends."""
+    return not isinstance(exc, StoreUncertain | StoreRefused)
+
+
+def _not_run(replies: Sequence[Any]) -> bool:
+    """Whether every reply is an error that Redis gives before running a command and that
+    passes (the cluster down during a failover, keys split by a migration): only then is
+    sending the call again safe, since none of its commands ran."""
+    return bool(replies) and all(
+        isinstance(reply, ServerError) and reply.code in _NOT_RUN for reply in replies
+    )
+
+
+def _describe(what: bytes | str) -> str:
+    """A call in words: a routing key is named by its hash tag, the queue."""
+    if isinstance(what, str):
+        return what
+    start = what.find(b"{")
+    end = what.find(b"}", start + 1)
+    if start >= 0 and end > start + 1:
+        return f"queue {what[start + 1 : end].decode(errors='replace')}"
+    return f"key {what.decode(errors='replace')}"
+
+
+def _moves(old: Sequence[RedisAddress | None], new: Sequence[RedisAddress | None]) -> str:
+    """The slots that changed owner, in words (``slots 0-5460 moved from a to b``); slots
+    without an owner before (the first map) did not move."""
+    moves: dict[tuple[RedisAddress, RedisAddress | None], list[list[int]]] = {}
+    previous = None
+    for slot, (was, now) in enumerate(zip(old, new, strict=True)):
+        if was is None or was is now or was == now:
+            previous = None
+            continue
+        runs = moves.setdefault((was, now), [])
+        if previous == (was, now):
+            runs[-1][1] = slot
+        else:
+            runs.append([slot, slot])
+        previous = (was, now)
+    return "; ".join(
+        "slot{} {} moved from {} to {}".format(
+            "s" if len(runs) > 1 or runs[0][0] != runs[0][1] else "",
+            ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs),
+            was,
+            now or "no node",
+        )
+        for (was, now), runs in moves.items()
+    )
 
 
 def _split(replies: list[Any], sizes: Sequence[int]) -> list[list[Any]]:

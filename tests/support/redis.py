@@ -1,7 +1,7 @@
 """Real redis-server processes for the tests: a standalone server and a 3-master cluster.
 
 The cluster is built the way an operator builds one: three ``redis-server --cluster-enabled
-yes`` nodes joined by ``redis-cli --cluster create``.
+yes`` nodes (and optionally replicas of each) joined by ``redis-cli --cluster create``.
 """
 
 from __future__ import annotations
@@ -95,8 +95,13 @@ class RedisServer:
 
 
 class RedisCluster:
-    def __init__(self, workdir: Path, masters: int = 3) -> None:
-        self.nodes = [RedisServer(workdir / f"node{i}", cluster=True) for i in range(masters)]
+    def __init__(self, workdir: Path, masters: int = 3, *, replicas: int = 0) -> None:
+        """``masters`` masters, each with ``replicas`` replicas (``redis-cli`` decides which
+        node is which: see ``masters()``)."""
+        self.replicas = replicas
+        self.nodes = [
+            RedisServer(workdir / f"node{i}", cluster=True) for i in range(masters * (1 + replicas))
+        ]
 
     @property
     def seeds(self) -> list[RedisAddress]:
@@ -112,7 +117,7 @@ class RedisCluster:
                 "create",
                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
                 "--cluster-replicas",
-                "0",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -123,9 +128,31 @@ class RedisCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis cluster did not reach cluster_state:ok")
             time.sleep(0.1)
+        # A replica serves a failover only once it holds its master's data.
+        while self.replicas and not all(
+            "master_link_status:up" in node.cli("INFO", "replication")
+            for node in self.replicas_now()
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis cluster's replicas did not sync")
+            time.sleep(0.1)
+
+    def masters(self) -> list[RedisServer]:
+        """The running nodes that are masters now (a failover changes which)."""
+        return [
+            node
+            for node in self.nodes
+            if node.process is not None and node.cli("ROLE").startswith("master")
+        ]
+
+    def replicas_now(self) -> list[RedisServer]:
+        """The running nodes that are replicas now."""
+        masters = self.masters()
+        return [node for node in self.nodes if node.process is not None and node not in masters]
 
     def flush(self) -> None:
-        for node in self.nodes:
+        # Replicas refuse writes, and follow their masters.
+        for node in self.masters() if self.replicas else self.nodes:
             node.cli("FLUSHALL")
 
     def stop(self) -> None:
