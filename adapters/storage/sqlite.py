@@ -10,11 +10,16 @@ cannot take its neighbours down with it.
 
 Depth per (queue, topic, state) is kept in its own table and updated in the same transaction
 as every state change, so stats never count rows.
+
+A job's payload lives in a table of its own (``payloads``), not in its ``jobs`` row: SQLite
+writes a whole row on every UPDATE, overflow pages included, so a state change (a lease, a
+retry, an ack) would write the payload again each time.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue as queue_module
 import sqlite3
@@ -58,6 +63,8 @@ from adapters.storage.jobs import (
 )
 from adapters.storage.priority import PriorityScheduler
 
+log = logging.getLogger("busgate.sqlite")
+
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
 
@@ -68,7 +75,15 @@ _PENDING = (State.READY, State.DELAYED, State.LEASED)
 _APPLICATION_ID = 0x62736774
 #: ``PRAGMA user_version``: the layout of the tables below.  A busgate finding a higher one
 #: refuses the file (it would misread it); files from before the stamp are version 1.
-_SCHEMA_VERSION = 1
+#: Version 2 moved the payloads out of ``jobs`` into ``payloads`` (see _move_payloads).
+_SCHEMA_VERSION = 2
+
+#: One payload per job row (so per topic copy of a fanned-out job, as the Redis store keeps
+#: them), under the row's seq; deleted with the row (_delete_jobs).
+_PAYLOADS = """CREATE TABLE IF NOT EXISTS payloads (
+    seq     INTEGER PRIMARY KEY,  -- jobs.seq
+    payload BLOB    NOT NULL
+)"""
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -78,7 +93,6 @@ _SCHEMA = (
     topic       TEXT    NOT NULL,
     state       INTEGER NOT NULL,
     priority    INTEGER NOT NULL,
-    payload     BLOB    NOT NULL,
     attributes  TEXT,                               -- JSON object, NULL when empty
     attempt     INTEGER NOT NULL DEFAULT 0,
     enqueued_at REAL    NOT NULL,
@@ -95,6 +109,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS jobs_leases   ON jobs (queue, topic, state, lease_until)",
     "CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (queue, topic, state, finished_at)",
     "CREATE INDEX IF NOT EXISTS jobs_id       ON jobs (id)",
+    _PAYLOADS,
     """CREATE TABLE IF NOT EXISTS attempts (
     job_seq    INTEGER NOT NULL,
     attempt    INTEGER NOT NULL,
@@ -118,9 +133,10 @@ _SCHEMA = (
     # Written to and emptied by a readiness check while writes are failing (see check()).
     "CREATE TABLE IF NOT EXISTS probe (data BLOB)",
 )
-#: The tables of a version 1 store (sqlite_sequence is SQLite's, for AUTOINCREMENT).
-_TABLES = frozenset({"jobs", "attempts", "depths", "counters", "probe", "sqlite_sequence"})
-_JOB_FIELDS = frozenset(
+#: The tables of a version 1 store (sqlite_sequence is SQLite's, for AUTOINCREMENT): the only
+#: layout a file from before the stamp can have.
+_V1_TABLES = frozenset({"jobs", "attempts", "depths", "counters", "probe", "sqlite_sequence"})
+_V1_JOB_FIELDS = frozenset(
     {
         *("seq", "id", "queue", "topic", "state", "priority", "payload", "attributes"),
         *("attempt", "enqueued_at", "run_at", "lease_until", "finished_at", "trace_id"),
@@ -128,8 +144,9 @@ _JOB_FIELDS = frozenset(
     }
 )
 
+#: A job's row, read without its payload (see _payloads).
 _JOB_COLUMNS = (
-    "seq, id, queue, topic, state, priority, payload, attributes, attempt,"
+    "seq, id, queue, topic, state, priority, attributes, attempt,"
     " enqueued_at, run_at, lease_until, finished_at, trace_id"
 )
 
@@ -194,21 +211,23 @@ class SQLiteStore(Store):
                 for topic in topics:
                     if job.id is not None:
                         _forget_finished(conn, queue, topic, job_id, moves)
-                    conn.execute(
-                        "INSERT INTO jobs (id, queue, topic, state, priority, payload, attributes,"
-                        " enqueued_at, run_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    seq = conn.execute(
+                        "INSERT INTO jobs (id, queue, topic, state, priority, attributes,"
+                        " enqueued_at, run_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?)",
                         (
                             job_id,
                             queue,
                             topic,
                             state,
                             job.priority,
-                            job.payload,
                             attributes,
                             now,
                             run_at,
                             trace_id,
                         ),
+                    ).lastrowid
+                    conn.execute(
+                        "INSERT INTO payloads (seq, payload) VALUES (?,?)", (seq, job.payload)
                     )
                     moves[topic, state] = moves.get((topic, state), 0) + 1
                     pushed[topic] = pushed.get(topic, 0) + 1
@@ -274,7 +293,8 @@ class SQLiteStore(Store):
             }
             _add_depth(conn, queue, topic, State.READY, -len(order))
             _add_depth(conn, queue, topic, State.LEASED, len(order))
-            return [_job(rows[seq]) for seq in order]
+            payloads = _payloads(conn, order)
+            return [_job(rows[seq], payloads[seq]) for seq in order]
 
         return await self._writer.run(op)
 
@@ -456,9 +476,11 @@ class SQLiteStore(Store):
     async def get_job(self, job_id: str) -> list[JobRecord]:
         def op(conn: sqlite3.Connection) -> list[JobRecord]:
             rows = conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=? ORDER BY seq", (job_id,)
+                f"SELECT {_JOB_COLUMNS}, payload FROM jobs JOIN payloads USING (seq)"
+                " WHERE id=? ORDER BY seq",
+                (job_id,),
             ).fetchall()
-            return [_job_record(conn, row) for row in rows]
+            return [_job_record(conn, row[:-1], row[-1]) for row in rows]
 
         return await self._writer.run(op)
 
@@ -644,6 +666,7 @@ def _delete_jobs(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
         chunk = seqs[start : start + 500]
         marks = ",".join("?" * len(chunk))
         conn.execute(f"DELETE FROM attempts WHERE job_seq IN ({marks})", chunk)
+        conn.execute(f"DELETE FROM payloads WHERE seq IN ({marks})", chunk)
         conn.execute(f"DELETE FROM jobs WHERE seq IN ({marks})", chunk)
 
 
@@ -653,7 +676,7 @@ def _payloads(conn: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, bytes]
         chunk = seqs[start : start + 500]
         marks = ",".join("?" * len(chunk))
         for seq, payload in conn.execute(
-            f"SELECT seq, payload FROM jobs WHERE seq IN ({marks})", chunk
+            f"SELECT seq, payload FROM payloads WHERE seq IN ({marks})", chunk
         ):
             payloads[seq] = bytes(payload)
     return payloads
@@ -713,7 +736,7 @@ def _attributes(text: str | None) -> Mapping[str, str]:
     return {} if text is None else dict(json.loads(text))
 
 
-def _job(row: Sequence[Any]) -> Job:
+def _job(row: Sequence[Any], payload: bytes) -> Job:
     (
         _seq,
         job_id,
@@ -721,7 +744,6 @@ def _job(row: Sequence[Any]) -> Job:
         topic,
         _state,
         priority,
-        payload,
         attributes,
         attempt,
         enqueued_at,
@@ -734,7 +756,7 @@ def _job(row: Sequence[Any]) -> Job:
         id=job_id,
         queue=queue,
         topic=topic,
-        payload=bytes(payload),
+        payload=payload,
         attributes=_attributes(attributes),
         priority=Priority(priority),
         attempt=attempt,
@@ -745,7 +767,7 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
-def _job_record(conn: sqlite3.Connection, row: Sequence[Any]) -> JobRecord:
+def _job_record(conn: sqlite3.Connection, row: Sequence[Any], payload: bytes) -> JobRecord:
     (
         seq,
         job_id,
@@ -753,7 +775,6 @@ def _job_record(conn: sqlite3.Connection, row: Sequence[Any]) -> JobRecord:
         topic,
         state,
         priority,
-        payload,
         attributes,
         attempt,
         enqueued_at,
@@ -784,7 +805,7 @@ def _job_record(conn: sqlite3.Connection, row: Sequence[Any]) -> JobRecord:
         queue=queue,
         topic=topic,
         state=State(state),
-        payload=bytes(payload),
+        payload=payload,
         attributes=_attributes(attributes),
         priority=Priority(priority),
         attempt=attempt,
@@ -986,8 +1007,64 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 def _prepare_schema(conn: sqlite3.Connection, path: str, *, write: bool) -> None:
-    """Refuse a file that is not a busgate store of a version we know; create or stamp it."""
-    conn.execute("BEGIN IMMEDIATE")  # two daemons opening one new file create it once
+    """Refuse a file that is not a busgate store of a version we know; create or stamp it;
+    upgrade a version 1 store, with the file to itself."""
+    try:
+        _check_and_stamp(conn, path, write=write, alone=False)
+    except _UpgradeNeeded:
+        pass
+    else:
+        return
+    # A busgate of version 1 still running on the file would fail on every call once the
+    # payload column is gone (one started afterwards refuses the file).  In WAL mode every
+    # open connection holds a shared lock on the file, so an exclusive lock is had only once
+    # every other process has let go of it.
+    log.info("%s: upgrading the store from schema version 1 to 2", path)
+    started = time.perf_counter()
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+    moved = _check_and_stamp(conn, path, write=write, alone=True)
+    if moved is not None:
+        # The upgrade wrote about twice the payloads to the WAL: give that room back now,
+        # while no reader can hold the checkpoint up, rather than when busgate stops.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA locking_mode = NORMAL")
+    conn.execute("PRAGMA user_version")  # a read: the exclusive lock goes with it
+    if moved is not None:  # else another busgate upgraded it in the meantime
+        log.info(
+            "%s: store upgraded to schema version 2: moved the payloads of %d jobs to their"
+            " own table in %.2fs",
+            path,
+            moved,
+            time.perf_counter() - started,
+        )
+
+
+class _UpgradeNeeded(Exception):
+    """A version 1 store, left as it was: the upgrade needs the file to itself."""
+
+
+def _check_and_stamp(
+    conn: sqlite3.Connection, path: str, *, write: bool, alone: bool
+) -> int | None:
+    """Check the file and create or stamp the schema, in one transaction; with ``alone``
+    (under an exclusive lock) upgrade a version 1 store too.  How many jobs the upgrade
+    moved; None without one.
+
+    A crash or an error part way leaves the file as it was.
+    """
+    try:
+        # IMMEDIATE: two daemons opening one new file create it once.
+        conn.execute("BEGIN EXCLUSIVE" if alone else "BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if not alone or getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+            raise
+        raise StoreUnavailable(
+            f"{path}: this busgate upgrades the store from schema version 1 to 2 on its"
+            " first start, which needs the file to itself, and another process has it open"
+            " (a busgate of the previous version still running?): stop it, then start this"
+            " one"
+        ) from exc
+    moved: int | None = None
     try:
         (application_id,) = conn.execute("PRAGMA application_id").fetchone()
         (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -1004,6 +1081,10 @@ def _prepare_schema(conn: sqlite3.Connection, path: str, *, write: bool) -> None
             )
         if application_id == 0:
             _check_unstamped(conn, path)
+        if version < 2 and "payload" in _columns(conn, "jobs"):
+            if not alone:
+                raise _UpgradeNeeded
+            moved = _move_payloads(conn)
         if write or (application_id, version) != (_APPLICATION_ID, _SCHEMA_VERSION):
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -1014,25 +1095,41 @@ def _prepare_schema(conn: sqlite3.Connection, path: str, *, write: bool) -> None
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return moved
+
+
+def _move_payloads(conn: sqlite3.Connection) -> int:
+    """Schema version 1 to 2: every job's payload leaves its row for ``payloads``; how many.
+
+    Runs in _check_and_stamp's transaction.  DROP COLUMN (SQLite 3.35, as RETURNING)
+    rewrites each row once.
+    """
+    conn.execute(_PAYLOADS)
+    moved = conn.execute("INSERT INTO payloads (seq, payload) SELECT seq, payload FROM jobs")
+    conn.execute("ALTER TABLE jobs DROP COLUMN payload")
+    return moved.rowcount
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """The columns of ``table``; none if there is no such table."""
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def _check_unstamped(conn: sqlite3.Connection, path: str) -> None:
     """A file without busgate's stamp is new, or a store from before the stamp: anything
     else belongs to someone else, and busgate must not add its tables to it."""
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    foreign = sorted(tables - _TABLES)
+    foreign = sorted(tables - _V1_TABLES)
     if foreign:
         raise StoreUnsupported(
             f"{path}: not a busgate store (it holds the tables {', '.join(foreign)}):"
             " point store at a file of busgate's own"
         )
-    if "jobs" in tables:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        if missing := sorted(_JOB_FIELDS - columns):
-            raise StoreUnsupported(
-                f"{path}: not a busgate store this busgate can read (its jobs table has no"
-                f" {', '.join(missing)})"
-            )
+    if "jobs" in tables and (missing := sorted(_V1_JOB_FIELDS - _columns(conn, "jobs"))):
+        raise StoreUnsupported(
+            f"{path}: not a busgate store this busgate can read (its jobs table has no"
+            f" {', '.join(missing)})"
+        )
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -98,7 +98,9 @@ def rows(db: Path) -> dict[bytes, tuple[int, int]]:
         conn.execute("BEGIN")  # one snapshot for both tables: the daemon may be writing
         jobs = {
             bytes(payload): (state, attempt)
-            for payload, state, attempt in conn.execute("SELECT payload, state, attempt FROM jobs")
+            for payload, state, attempt in conn.execute(
+                "SELECT payload, state, attempt FROM jobs JOIN payloads USING (seq)"
+            )
         }
         counted = Counter(state for state, _ in jobs.values())
         depths = {state: n for state, n in conn.execute("SELECT state, n FROM depths") if n}
@@ -216,8 +218,8 @@ async def test_leases_held_at_a_sigkill_come_back_after_their_lease(
         expired = {
             bytes(payload): started
             for payload, started in conn.execute(
-                "SELECT j.payload, a.started_at FROM attempts a JOIN jobs j ON j.seq = a.job_seq"
-                " WHERE a.outcome = 'expired'"
+                "SELECT p.payload, a.started_at FROM attempts a JOIN payloads p"
+                " ON p.seq = a.job_seq WHERE a.outcome = 'expired'"
             )
         }
     finally:
