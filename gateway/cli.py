@@ -11,6 +11,7 @@ busgate stats | jobs show | dead list|replay|delete | pause | resume | push
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import resource
@@ -264,7 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"busgate: {doing}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a port in use, a file that cannot be read: no traceback
-        print(f"busgate: {exc}", file=sys.stderr)
+        hint = ""
+        if args.command == "demo" and exc.errno == errno.EADDRINUSE:
+            # Most likely another demo, still running in some terminal, on the default ports.
+            hint = (
+                f" (port {args.port} or {args.http_port}; another busgate demo running?"
+                " --port and --http-port pick others, 0 any free one)"
+            )
+        print(f"busgate: {exc}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

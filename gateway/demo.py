@@ -3,12 +3,13 @@
 Starts the bundled flup sample backend on a unix socket, runs the daemon on an embedded
 SQLite store in a temporary directory with one queue (``demo``, no password), pushes one
 job over the Redis protocol, and shows the sample backend receiving it.  Then it keeps
-running so more jobs can be pushed with any Redis client, until Ctrl-C or SIGTERM; the
-temporary directory goes with it.
+running so more jobs can be pushed with any Redis client, until Ctrl-C, SIGTERM or SIGHUP
+(its terminal closed); the temporary directory goes with it.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import signal
@@ -47,8 +48,25 @@ topics:
 """
 
 
-def run_demo(*, once: bool, port: int, http_port: int) -> int:
+#: A socket path the demo can write into its ``fastcgi+unix://`` backend URL as it is (a space
+#: is refused there, and ``#`` or ``?`` would end the path) and that fits a unix socket's
+#: ``sun_path`` (108 bytes with the NUL).
+_USABLE_SOCKET_PATH = re.compile(r"[\w./+-]{1,107}", re.ASCII)
+
+
+def _make_workdir() -> Path:
+    """The demo's temporary directory: in ``$TMPDIR`` as usual, unless the sample backend's
+    socket could not be named there (a space in the path, or a path too long for a unix
+    socket); then in /tmp, whose short plain name always can."""
     workdir = Path(tempfile.mkdtemp(prefix="busgate-demo-"))
+    if _USABLE_SOCKET_PATH.fullmatch(str(workdir / "sample.sock")):
+        return workdir
+    workdir.rmdir()
+    return Path(tempfile.mkdtemp(prefix="busgate-demo-", dir="/tmp"))
+
+
+def run_demo(*, once: bool, port: int, http_port: int) -> int:
+    workdir = _make_workdir()
     socket = workdir / "sample.sock"
     record = workdir / "received.jsonl"
     (workdir / "conf.d").mkdir()
@@ -119,14 +137,19 @@ async def _demo(config: Config, record: Path, once: bool) -> None:
             return
         # Listening before the line that says how to stop it: a SIGTERM sent on reading it
         # must not find the default action (death, leaving the sample backend behind).
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        # SIGHUP too: a closed terminal or ssh session must not leave the directory behind.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
             token = (record.parent / "admin.token").read_text().strip()
+            busgate = _command()
             print(
                 f"busgate demo: push more with  redis-cli -p {port} LPUSH demo '{{\"n\": 1}}'\n"
+                # redis-cli is not on the fresh machine the README starts from: busgate is.
+                f"busgate demo:            or   {busgate} push demo '{{\"n\": 1}}'"
+                f" -c {config.path}\n"
                 f"busgate demo: a failing job:   redis-cli -p {port} LPUSH demo"
                 ' \'{"respond_status": 500}\'  (retried, then dead; also "sleep_ms": N)\n'
                 f"busgate demo: dashboard at http://{app.http_address}/  (admin token: {token})\n"
-                f"busgate demo: operator commands: {_command()} stats -c {config.path}"
+                f"busgate demo: operator commands: {busgate} stats -c {config.path}"
                 "  (this directory is removed when the demo stops)\n"
                 "busgate demo: Ctrl-C to stop.",
                 flush=True,

@@ -164,6 +164,16 @@ class HTTPStatistics:
     rejected_total: int  # connections refused past max_connections
 
 
+async def open_listeners(setting: str, host: str, port: int) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners``, with an error that names the setting and the address:
+    "[Errno 98] Address already in use" alone does not say which of busgate's ports."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise OSError(exc.errno, f"{setting} {where}: {exc.strerror or exc}") from exc
+
+
 class HTTPServer:
     def __init__(
         self,
@@ -197,7 +207,7 @@ class HTTPServer:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        listeners = await open_listeners("listen.http", self.host, self.port)
         host, port = listeners[0].socket.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info("HTTP: producer API, admin API and dashboard on http://%s/", self.address)

@@ -64,6 +64,7 @@ import trio
 from fastcgi.readiness import Readiness
 from gateway import resp
 from gateway.config import Listen, ProducerLimits
+from gateway.http_server import open_listeners
 from gateway.producer import FLUSH_GRACE, Directory, ProducerService
 from gateway.resp_fast import FastRequestParser
 from gateway.resp_session import Peer, PendingPush, RespSession
@@ -426,7 +427,7 @@ class RespServer:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; ``started`` reports the bound ``host:port``."""
         self.started = trio.current_time()
-        listeners = await trio.open_tcp_listeners(self.listen.port, host=self.listen.host)
+        listeners = await open_listeners("listen.resp", self.listen.host, self.listen.port)
         host, port = listeners[0].socket.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info("producers: Redis protocol on %s", self.address)

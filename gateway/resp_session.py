@@ -696,8 +696,10 @@ class RespSession:
         if args[1].upper() != b"GET":
             raise CommandError("CONFIG is read-only on busgate: only CONFIG GET is answered")
         pairs: list[tuple[bytes, bytes]] = []
+        # maxclients is the daemon's own limit (a reload may change it), as INFO reports it.
+        values = {**_CONFIG_VALUES, b"maxclients": b"%d" % self.server.limits.max_connections}
         for name in args[2:]:
-            value = _CONFIG_VALUES.get(name.lower())
+            value = values.get(name.lower())
             if value is not None:
                 pairs.append((resp.bulk_string(name.lower()), resp.bulk_string(value)))
         return resp.mapping(pairs, self.protocol)  # a map under RESP3, as Redis answers

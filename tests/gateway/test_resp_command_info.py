@@ -172,6 +172,15 @@ async def test_redis_py_reads_the_command_table(app: App) -> None:
     await trio.to_thread.run_sync(read)
 
 
+async def test_config_get_maxclients_is_the_limit_info_reports(app: App) -> None:
+    client = await Resp.connect(daemon_port(app))
+    info = await client.call("INFO", "clients")
+    assert isinstance(info, bytes)
+    (maxclients,) = re.findall(rb"^maxclients:(\d+)\r$", info, re.MULTILINE)
+    assert await client.call("CONFIG", "GET", "maxclients") == [b"maxclients", maxclients]
+    await client.stream.aclose()
+
+
 # -- INFO errorstats --------------------------------------------------------------------------
 
 

@@ -96,18 +96,20 @@ async def test_the_startup_line_does_not_show_the_store_password(
     assert "right@" not in line and "********@127.0.0.1" in line
 
 
-def test_a_port_in_use(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listener", ["resp", "http"])
+def test_a_port_in_use_is_named_with_its_setting(tmp_path: Path, listener: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         config = write_config(tmp_path / "etc", {})
-        config.write_text(
-            config.read_text().replace("resp: 127.0.0.1:0", f"resp: 127.0.0.1:{port}")
-        )
+        text = config.read_text()
+        assert f"{listener}: 127.0.0.1:0" in text
+        config.write_text(text.replace(f"{listener}: 127.0.0.1:0", f"{listener}: 127.0.0.1:{port}"))
         done = busgate_run(config)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "address already in use" in done.stderr.lower()
+    # Which of busgate's ports, not only "[Errno 98] Address already in use".
+    assert f"listen.{listener} 127.0.0.1:{port}: Address already in use" in done.stderr
 
 
 # -- check-config says what `run` would refuse ----------------------------------------------

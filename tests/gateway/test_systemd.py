@@ -26,6 +26,7 @@ from gateway.systemd import (
     watchdog_interval,
 )
 from gateway.units import parse_duration
+from tests.gateway.test_startup_errors import busgate_run, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -283,6 +284,22 @@ def test_unit_file() -> None:
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     # Above its backends' workers, which would otherwise preempt it (see the unit's comment).
     assert int(service["Nice"]) == -10
+
+
+def test_a_configuration_error_is_not_restarted_but_an_unreachable_store_is(
+    tmp_path: Path,
+) -> None:
+    """Restart=on-failure would start a daemon whose file is broken every 5 s for ever: the
+    unit names busgate's exit status for a configuration error as not to be restarted."""
+    prevented = read_unit()["Service"]["RestartPreventExitStatus"]
+    broken = tmp_path / "busgate.yaml"
+    broken.write_text("store: sqlite:busgate.db\nlisten: {resp: 127.0.0.1:0, http: 127.0.0.1:0\n")
+    statuses = [
+        busgate_run(broken).returncode,
+        run(tmp_path / "down", "redis://127.0.0.1:1/0?timeout=1s").returncode,
+    ]
+    assert statuses[0] == int(prevented) == 2, statuses
+    assert statuses[1] not in (0, int(prevented)), statuses
 
 
 def test_the_benchmarks_run_the_daemon_at_the_units_nice() -> None:
