@@ -25,7 +25,7 @@ from adapters.delivery.base import Backend
 from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
 from adapters.delivery.http import HTTPBackend, HTTPTarget
 from adapters.storage.base import Store
-from adapters.storage.errors import StoreError, StoreUnsupported
+from adapters.storage.errors import StoreError, StoreLoading, StoreUnsupported
 from adapters.storage.redis_client import RedisAddress, RedisClient
 from adapters.storage.redis_routing import Cluster, Standalone
 from adapters.storage.redis_routing import Router as RedisRouter
@@ -102,12 +102,15 @@ async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.t
         router = Cluster(addresses, client)
     else:
         router = Standalone(client(addresses[0]))
-    store = RedisStore(router, clock=clock)
+    store = RedisStore(
+        router, clock=clock, replicas=config.replicas, replica_timeout=config.replica_timeout
+    )
     try:
         # Fail at startup, naming the server, rather than at the first push; and on a Redis
         # too old for the scripts, rather than at the first reserve.
         for info in await router.execute_everywhere("INFO", "server"):
             check_redis_version(info.decode() if isinstance(info, bytes) else str(info))
+        await store.check_replicas()
     except StoreUnsupported as exc:
         await store.aclose()
         where = ", ".join(f"{host}:{port}" for host, port in config.nodes)
@@ -301,6 +304,8 @@ class App:
         try:
             with trio.fail_after(READY_TIMEOUT):
                 await self.store.check()
+        except StoreLoading as exc:  # a Redis restarting: calls wait for it meanwhile
+            return Response.json({"status": "loading", "error": str(exc)}, 503)
         except StoreError as exc:
             return Response.json({"status": "store unavailable", "error": str(exc)}, 503)
         except trio.TooSlowError:

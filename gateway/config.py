@@ -34,7 +34,11 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from adapters.storage.fanout import FieldCondition, Filter, JSONScalar
-from adapters.storage.redis_client import DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT
+from adapters.storage.redis_client import (
+    DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_REPLICA_TIMEOUT,
+)
 from fastcgi.address import parse_address
 from gateway.units import (
     Rate,
@@ -384,6 +388,9 @@ class StoreConfig:
     # redis: one call's deadline (connecting included), and one connection attempt's
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    # redis: how many replicas must confirm a push (WAIT), and how long it waits for them
+    replicas: int = 0
+    replica_timeout: float = DEFAULT_REPLICA_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.kind == "sqlite":
@@ -400,6 +407,8 @@ class StoreConfig:
                 raise InvalidField(
                     "kind", "an SQLite store has no hosts, credentials, db or timeouts"
                 )
+            if self.replicas or self.replica_timeout != DEFAULT_REPLICA_TIMEOUT:
+                raise InvalidField("replicas", "an SQLite store has no replicas")
             return
         if self.kind not in ("redis", "redis-cluster"):
             raise InvalidField("kind", f"{self.kind!r} is not sqlite, redis or redis-cluster")
@@ -417,6 +426,16 @@ class StoreConfig:
             raise InvalidField("db", "a Redis Cluster has only database 0")
         _check_seconds(self.command_timeout, "command_timeout", positive=True)
         _check_seconds(self.connect_timeout, "connect_timeout", positive=True)
+        _check_integer(self.replicas, "replicas", 0, MAX_REPLICAS)
+        _check_seconds(self.replica_timeout, "replica_timeout", positive=True)
+        if self.replicas and self.replica_timeout >= self.command_timeout:
+            # The WAIT is part of the push's call: past the call's timeout its connection is
+            # given up, and the push answered uncertain anyway, without saying why.
+            raise InvalidField(
+                "replica_timeout",
+                f"must be shorter than timeout ({format_duration(self.command_timeout)}),"
+                " which bounds the whole push, its WAIT for replicas included",
+            )
 
     @property
     def redacted_url(self) -> str:
@@ -957,13 +976,37 @@ _STORE_FORMS = (
 #: A Redis store URL's options (``?timeout=30s&connect_timeout=2s``) and the StoreConfig field
 #: each sets.  ``timeout`` is the name Lettuce gives the command timeout, with units as here;
 #: redis-py's names are read too (bare seconds are durations), so its URLs can be pasted.
+#: ``replicas`` is a count (WAIT's numreplicas), the others are durations.
 _STORE_OPTIONS = {
     "timeout": "command_timeout",
     "connect_timeout": "connect_timeout",
     "socket_timeout": "command_timeout",
     "socket_connect_timeout": "connect_timeout",
+    "replicas": "replicas",
+    "replica_timeout": "replica_timeout",
 }
-_STORE_OPTION_FORMS = "the options are timeout and connect_timeout, durations such as 30s or 500ms"
+#: More replicas than any deployment runs per master: a larger number is a typo, and a push
+#: would wait for replicas that do not exist.
+MAX_REPLICAS = 100
+_TIMEOUT_OPTION_FORMS = (
+    "the options are timeout and connect_timeout, durations such as 30s or 500ms"
+)
+_REPLICA_OPTION_FORMS = (
+    f"replicas is how many replicas must confirm a push, 0 to {MAX_REPLICAS};"
+    " replica_timeout how long a push waits for them, a duration such as 1s"
+)
+#: Which family of options an unknown one is explained by: that of the name suggested.
+_STORE_OPTION_FORMS = {
+    "command_timeout": _TIMEOUT_OPTION_FORMS,
+    "connect_timeout": _TIMEOUT_OPTION_FORMS,
+    "replicas": _REPLICA_OPTION_FORMS,
+    "replica_timeout": _REPLICA_OPTION_FORMS,
+}
+_ALL_STORE_OPTION_FORMS = (
+    "the options are timeout and connect_timeout, durations such as 30s or 500ms, and"
+    f" replicas, how many replicas must confirm a push (0 to {MAX_REPLICAS}), with"
+    " replica_timeout, how long a push waits for them"
+)
 
 
 def parse_store(url: str, directory: str) -> StoreConfig:
@@ -995,7 +1038,7 @@ def parse_store(url: str, directory: str) -> StoreConfig:
         raise ValueError(f"{shown!r}: a fragment ('#…') is not supported")
     location, _, query = location.partition("?")
     options = _store_options(shown, query)
-    seconds = {field: value for field, (_, value) in options.items()}
+    values = {field: value for field, (_, value) in options.items()}
     hosts, _, database = location.partition("/")
     username = password = None
     if at:
@@ -1022,8 +1065,10 @@ def parse_store(url: str, directory: str) -> StoreConfig:
             password=password,
             db=db,
             tls=scheme.startswith("rediss"),
-            command_timeout=seconds.get("command_timeout", DEFAULT_COMMAND_TIMEOUT),
-            connect_timeout=seconds.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            command_timeout=values.get("command_timeout", DEFAULT_COMMAND_TIMEOUT),
+            connect_timeout=values.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            replicas=int(values.get("replicas", 0)),
+            replica_timeout=values.get("replica_timeout", _default_replica_timeout(values)),
         )
     except InvalidField as exc:
         if exc.field in options:
@@ -1033,8 +1078,17 @@ def parse_store(url: str, directory: str) -> StoreConfig:
         raise ValueError(f"{shown!r}: {exc.message}") from None
 
 
+def _default_replica_timeout(values: Mapping[str, float]) -> float:
+    """How long a push waits for replicas, unless the URL says: at most half the call's
+    ``timeout``, so that a short one (``?timeout=500ms``) needs no replica_timeout too."""
+    if "replicas" not in values:
+        return DEFAULT_REPLICA_TIMEOUT
+    return min(DEFAULT_REPLICA_TIMEOUT, values.get("command_timeout", DEFAULT_COMMAND_TIMEOUT) / 2)
+
+
 def _store_options(shown: str, query: str) -> dict[str, tuple[str, float]]:
-    """A Redis URL's ``name=duration&…``: for each StoreConfig field, (name written, seconds)."""
+    """A Redis URL's ``name=value&…``: for each StoreConfig field, (name written, value):
+    seconds for a duration, the number for ``replicas``."""
     options: dict[str, tuple[str, float]] = {}
     for item in query.split("&"):
         if not item:  # "redis://h?" or "a=1&&b=2"
@@ -1045,7 +1099,10 @@ def _store_options(shown: str, query: str) -> dict[str, tuple[str, float]]:
         if field is None:
             close = difflib.get_close_matches(name, _STORE_OPTIONS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{shown!r}: unknown option {name!r}{hint} ({_STORE_OPTION_FORMS})")
+            forms = _STORE_OPTION_FORMS[_STORE_OPTIONS[close[0]]] if close else None
+            raise ValueError(
+                f"{shown!r}: unknown option {name!r}{hint} ({forms or _ALL_STORE_OPTION_FORMS})"
+            )
         if field in options:
             first = options[field][0]
             if first == name:
@@ -1053,6 +1110,9 @@ def _store_options(shown: str, query: str) -> dict[str, tuple[str, float]]:
             raise ValueError(
                 f"{shown!r}: options {first!r} and {name!r} are the same setting: give one"
             )
+        if field == "replicas":
+            options[field] = (name, _replica_count(shown, name, unquote(value) if equals else None))
+            continue
         if not equals:
             raise ValueError(f"{shown!r}: option {name!r} needs a value, as in {name}=30s")
         try:
@@ -1065,6 +1125,22 @@ def _store_options(shown: str, query: str) -> dict[str, tuple[str, float]]:
             ) from None
         options[field] = (name, seconds)
     return options
+
+
+def _replica_count(shown: str, name: str, value: str | None) -> int:
+    """``replicas=N``: a whole number (StoreConfig checks its range)."""
+    if value is None:
+        raise ValueError(f"{shown!r}: option {name!r} needs a value, as in {name}=1")
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(
+            f"{shown!r}: option {name!r}: {value[:40]!r} is not a number of replicas"
+            f" (0 to {MAX_REPLICAS})"
+        )
+    if len(value.lstrip("0")) > 9:  # int() of thousands of digits is slow: out of range anyway
+        raise ValueError(
+            f"{shown!r}: option {name!r}: must be between 0 and {MAX_REPLICAS}, not {value[:40]}…"
+        )
+    return int(value)
 
 
 def _host_port(shown: str, text: str) -> tuple[str, int]:

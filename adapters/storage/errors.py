@@ -17,6 +17,13 @@ class StoreUncertain(StoreUnavailable):
     (Redis runs a script it has read; SQLite's writer commits what it has queued)."""
 
 
+class StoreLoading(StoreUnavailable):
+    """The store is loading its data (a Redis that restarted reads its dataset into memory)
+    and runs no command until it is done: nothing was stored.  Calls wait for it within
+    their timeout; this is what one that ran out of time, or a health check (which does not
+    wait), is told."""
+
+
 class StoreRefused(StoreUnavailable):
     """The store turned our login down (wrong password, no such database): trying again
     will not help until the configuration changes."""
@@ -33,5 +40,5 @@ class StoreUnsupported(StoreError):
 def store_error_text(exc: StoreError) -> str:
     """What a producer is told of a push the store failed: whether it may be stored."""
     if isinstance(exc, StoreUncertain):
-        return f"no answer from the store, not acknowledged; it may have been stored: {exc}"
+        return f"not acknowledged; it may have been stored: {exc}"
     return f"store unavailable, nothing was acknowledged: {exc}"

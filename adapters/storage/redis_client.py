@@ -33,6 +33,12 @@ _BACKOFF_MAX = 1.0
 #: take, unless the store URL says otherwise (``?connect_timeout=…&timeout=…``).
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_COMMAND_TIMEOUT = 10.0
+#: How long a push waits for replicas to confirm it (``WAIT``) when the store URL asks for
+#: some (``?replicas=N``) and gives no ``replica_timeout``.  A replica that keeps up confirms
+#: within a round trip (WAIT asks it at once); a second rides out a hiccup (a replica's fsync
+#: stall, a retransmit) without making every push wait the whole call ``timeout`` when one
+#: is down.
+DEFAULT_REPLICA_TIMEOUT = 1.0
 
 
 class ServerError(StoreError):

@@ -6,7 +6,9 @@ The cluster router keeps a slot map from ``CLUSTER SLOTS``; ``MOVED`` refreshes 
 ``ASK`` (a slot being migrated) sends ``ASKING`` and the commands to the named node once.
 Both commands are safe to repeat: a node that answers MOVED or ASK executed nothing.  So is a
 call that could not connect: the map is refreshed and the call sent to the slot's owner, which
-is how a failover (a replica promoted in place of a dead master) is followed.
+is how a failover (a replica promoted in place of a dead master) is followed.  So is a call that
+a server refused to run for now (``_NOT_RUN``: a cluster failing a master over, a Redis loading
+its dataset after a restart): both routers wait a little and send it again, within its deadline.
 
 Wake-ups arrive over one PSUBSCRIBE connection per daemon (``listen``), watched by a heartbeat;
 on a cluster it moves to another node when the one it is on fails.
@@ -40,13 +42,17 @@ log = logging.getLogger("busgate.redis")
 
 SLOTS = 16384
 _MAX_REDIRECTS = 5
-#: How long a call that cannot reach its slot's node waits before it asks the cluster again,
-#: doubling up to the maximum: a failover takes the cluster's node timeout (seconds) to start,
-#: and the call has until its deadline.
+#: How long a call that cannot reach its slot's node, or that a server refused to run for now,
+#: waits before it tries again, doubling up to the maximum: a failover takes the cluster's node
+#: timeout (seconds) to start, loading a dataset seconds to minutes, and the call has until its
+#: deadline.
 _FAILOVER_BACKOFF_START = 0.1
 _FAILOVER_BACKOFF_MAX = 1.0
-#: Error replies for commands a node refused to run for now, as it does during a failover.
-_NOT_RUN = frozenset({"CLUSTERDOWN", "TRYAGAIN"})
+#: Error replies for commands a server refused to run for now, having run nothing: the cluster
+#: is down while it fails a master over (CLUSTERDOWN), a migration splits the keys (TRYAGAIN),
+#: or the server is loading its dataset into memory after a restart (LOADING, standalone or a
+#: cluster node; the connection's login still works then, every other command is refused).
+_NOT_RUN = frozenset({"CLUSTERDOWN", "TRYAGAIN", "LOADING"})
 _LISTEN_BACKOFF_START = 0.05
 _LISTEN_BACKOFF_MAX = 2.0
 _RECEIVE_SIZE = 64 * 1024
@@ -81,13 +87,26 @@ class Router(Protocol):
 
     async def eval(self, key: bytes, script: Script, args: Sequence[Arg]) -> Any: ...
 
+    async def eval_then(
+        self, key: bytes, script: Script, args: Sequence[Arg], then: Command
+    ) -> tuple[Any, Any]:
+        """``eval``, followed by ``then`` on the same connection in the same pipeline (one
+        round trip): the script's reply (an error reply raised, as by ``eval``) and
+        ``then``'s (an error reply returned).  ``then`` is a command about what the script
+        did, as ``WAIT`` is: only the script's reply decides whether the call is redirected
+        or sent again, and a call that may have run the script is never sent again."""
+        ...
+
     async def pipelines(
         self, batches: Sequence[tuple[bytes, Sequence[Command]]]
     ) -> list[list[Any]]:
         """Several keys' command lists, sent as one pipeline per server."""
         ...
 
-    async def execute_everywhere(self, *args: Arg) -> list[Any]: ...
+    async def execute_everywhere(self, *args: Arg) -> list[Any]:
+        """A command on every master (health, startup checks); an error reply is raised.
+        A server loading its dataset is reported at once (``LOADING``), not waited for."""
+        ...
 
     async def listen(
         self,
@@ -109,41 +128,92 @@ async def _eval_on(
     script: Script,
     args: Sequence[Arg],
     prefix: Sequence[Command] = (),
+    suffix: Sequence[Command] = (),
     *,
     deadline: float | None = None,
     reconnect: bool = True,
-) -> Any:
-    """EVALSHA, falling back to EVAL when the node has not cached the script yet."""
+) -> list[Any]:
+    """EVALSHA between ``prefix`` and ``suffix`` in one pipeline, sent again as EVAL when the
+    node has not cached the script yet: the replies of the script and of ``suffix``."""
+    at = len(prefix)
     for command in (("EVALSHA", script.sha, 1, key, *args), ("EVAL", script.source, 1, key, *args)):
-        replies = await client.pipeline([*prefix, command], deadline=deadline, reconnect=reconnect)
-        reply = replies[-1]
+        replies = await client.pipeline(
+            [*prefix, command, *suffix], deadline=deadline, reconnect=reconnect
+        )
+        reply = replies[at]
         if isinstance(reply, ServerError) and reply.code == "NOSCRIPT":
             continue
-        return reply
+        return replies[at:] if at else replies
     raise AssertionError("unreachable: EVAL does not answer NOSCRIPT")
 
 
 class Standalone:
-    """One Redis server (with its connection pool)."""
+    """One Redis server (with its connection pool).
+
+    A call the server ran none of (``_NOT_RUN``: ``LOADING``, while it loads its dataset
+    after a restart) is sent again with backoff until its deadline, as the cluster router's.
+    """
 
     def __init__(self, client: RedisClient, *, heartbeat: float = HEARTBEAT) -> None:
         self.client = client
         self.heartbeat = heartbeat
 
+    # Each call is made once, and again through _again only if the server ran none of it:
+    # the usual call builds no closure and awaits no frame more than it did before.
+
     async def pipeline(self, key: bytes, commands: Sequence[Command]) -> list[Any]:
-        return await self.client.pipeline(commands)
+        client = self.client
+        deadline = trio.current_time() + client.command_timeout
+        replies = await client.pipeline(commands, deadline=deadline)
+        if _not_run(replies):
+            replies = await _again(
+                lambda deadline: client.pipeline(commands, deadline=deadline), replies, deadline
+            )
+        return replies
 
     async def eval(self, key: bytes, script: Script, args: Sequence[Arg]) -> Any:
-        reply = await _eval_on(self.client, key, script, args)
+        client = self.client
+        deadline = trio.current_time() + client.command_timeout
+        replies = await _eval_on(client, key, script, args, deadline=deadline)
+        if _not_run(replies):
+            replies = await _again(
+                lambda deadline: _eval_on(client, key, script, args, deadline=deadline),
+                replies,
+                deadline,
+            )
+        (reply,) = replies
         if isinstance(reply, ServerError):
             raise reply
         return reply
 
+    async def eval_then(
+        self, key: bytes, script: Script, args: Sequence[Arg], then: Command
+    ) -> tuple[Any, Any]:
+        client = self.client
+        suffix = (then,)
+        deadline = trio.current_time() + client.command_timeout
+        replies = await _eval_on(client, key, script, args, suffix=suffix, deadline=deadline)
+        if _not_run(replies[:1]):  # the script's reply decides: ``then`` may have run anyway
+            replies = await _again(
+                lambda deadline: _eval_on(
+                    client, key, script, args, suffix=suffix, deadline=deadline
+                ),
+                replies,
+                deadline,
+                decisive=1,
+            )
+        reply, after = replies
+        if isinstance(reply, ServerError):
+            raise reply
+        return reply, after
+
     async def pipelines(
         self, batches: Sequence[tuple[bytes, Sequence[Command]]]
     ) -> list[list[Any]]:
-        replies = await self.client.pipeline([c for _, commands in batches for c in commands])
-        return _split(replies, [len(commands) for _, commands in batches])
+        return _split(
+            await self.pipeline(b"", [c for _, commands in batches for c in commands]),
+            [len(commands) for _, commands in batches],
+        )
 
     async def execute_everywhere(self, *args: Arg) -> list[Any]:
         return [await self.client.execute(*args)]
@@ -340,15 +410,35 @@ class Cluster:
 
         async def call(client: RedisClient, asking: bool) -> list[Any]:
             prefix: list[Command] = [("ASKING",)] if asking else []
-            reply = await _eval_on(
+            return await _eval_on(
                 client, key, script, args, prefix, deadline=deadline, reconnect=False
             )
-            return [reply]
 
         (reply,) = await self._routed(key_slot(key), key, call, deadline)
         if isinstance(reply, ServerError):
             raise reply
         return reply
+
+    async def eval_then(
+        self, key: bytes, script: Script, args: Sequence[Arg], then: Command
+    ) -> tuple[Any, Any]:
+        deadline = self._deadline()
+        suffix = (then,)
+        after: list[Any] = [None]
+
+        async def call(client: RedisClient, asking: bool) -> list[Any]:
+            # ``then`` goes to the node the script went to, on its connection: after a MOVED
+            # or ASK (the script did not run) it goes again with the script to the new node.
+            prefix: list[Command] = [("ASKING",)] if asking else []
+            reply, after[0] = await _eval_on(
+                client, key, script, args, prefix, suffix, deadline=deadline, reconnect=False
+            )
+            return [reply]  # redirections and retries are the script's reply's to decide
+
+        (reply,) = await self._routed(key_slot(key), key, call, deadline)
+        if isinstance(reply, ServerError):
+            raise reply
+        return reply, after[0]
 
     async def pipelines(
         self, batches: Sequence[tuple[bytes, Sequence[Command]]]
@@ -408,10 +498,13 @@ class Cluster:
         what: bytes | str,
         call: Callable[[RedisClient, bool], Awaitable[list[Any]]],
         deadline: float,
+        *,
+        patient: bool = True,
     ) -> list[Any]:
         """``call(client, asking)`` on the node serving ``slot``, following MOVED and ASK,
         and the slot to another node when its node cannot be reached.  ``what`` names the
-        call in messages: a routing key (its queue), or words."""
+        call in messages: a routing key (its queue), or words.  Unless ``patient`` (a health
+        check), replies that ran nothing (``_NOT_RUN``) are returned rather than waited out."""
         client = self.client(await self._owner(slot, deadline))
         asking = False
         redirects = 0
@@ -444,11 +537,12 @@ class Cluster:
                 client, asking = self.client(owner), False
                 continue
             self._failing.discard(client.address)
-            if _not_run(replies) and trio.current_time() + delay < deadline:
+            if patient and _not_run(replies) and trio.current_time() + delay < deadline:
                 # The node ran none of it: the cluster is down while it fails a master over
                 # (CLUSTERDOWN, from every master under the default
-                # cluster-require-full-coverage), or the keys are split by a migration
-                # (TRYAGAIN).  Wait, then try wherever the map says by then.
+                # cluster-require-full-coverage), the keys are split by a migration
+                # (TRYAGAIN), or the node is loading its dataset after a restart (LOADING).
+                # Wait, then try wherever the map says by then.
                 await trio.sleep(delay)
                 delay = min(delay * 2, _FAILOVER_BACKOFF_MAX)
                 with contextlib.suppress(StoreUnavailable):
@@ -486,7 +580,7 @@ class Cluster:
 
         replies = []
         for _master, slot in sorted(self._masters.items(), key=lambda item: str(item[0])):
-            (reply,) = await self._routed(slot, what, call, deadline)
+            (reply,) = await self._routed(slot, what, call, deadline, patient=False)
             if isinstance(reply, ServerError):
                 raise reply
             replies.append(reply)
@@ -541,13 +635,35 @@ def _nothing_sent(exc: StoreUnavailable) -> bool:
     return not isinstance(exc, StoreUncertain | StoreRefused)
 
 
+async def _again(
+    attempt: Callable[[float], Awaitable[list[Any]]],
+    replies: list[Any],
+    deadline: float,
+    *,
+    decisive: int | None = None,
+) -> list[Any]:
+    """After ``replies`` that ran nothing (``_not_run`` of the first ``decisive`` of them,
+    or all): ``attempt(deadline)`` again, after a backoff, until one runs or the deadline is
+    too near for another wait.  The last replies, refusals included, for the caller to raise.
+    """
+    delay = _FAILOVER_BACKOFF_START
+    while _not_run(replies[:decisive]) and trio.current_time() + delay < deadline:
+        await trio.sleep(delay)
+        delay = min(delay * 2, _FAILOVER_BACKOFF_MAX)
+        replies = await attempt(deadline)
+    return replies
+
+
 def _not_run(replies: Sequence[Any]) -> bool:
     """Whether every reply is an error that Redis gives before running a command and that
-    passes (the cluster down during a failover, keys split by a migration): only then is
-    sending the call again safe, since none of its commands ran."""
-    return bool(replies) and all(
-        isinstance(reply, ServerError) and reply.code in _NOT_RUN for reply in replies
-    )
+    passes (the cluster down during a failover, keys split by a migration, a dataset being
+    loaded): only then is sending the call again safe, since none of its commands ran."""
+    # A loop, not all() over a generator: this runs after every call, and most often stops
+    # at the first reply, an answer.
+    for reply in replies:
+        if not isinstance(reply, ServerError) or reply.code not in _NOT_RUN:
+            return False
+    return bool(replies)
 
 
 def _describe(what: bytes | str) -> str:

@@ -5,13 +5,21 @@ share the hash tag ``{queue}``.  Jobs are leased, never popped: a daemon that di
 leases that expire and are recovered by any daemon.  A push PUBLISHes the topic on
 ``bg:{queue}:wake``; every daemon listens and rings its local doorbell, so an idle topic's
 dispatcher reserves the job within milliseconds without polling.
+
+Redis replicates asynchronously: a push acknowledged just before its master dies may never
+reach the replica that takes over.  With ``replicas`` (the store URL's ``?replicas=N``) the
+PUSH script is followed, in the same pipeline, by ``WAIT N ms``, and a push fewer replicas
+confirmed is answered as uncertain.  Only pushes: a lost outcome or lease means a delivery
+again, which at-least-once allows already.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
+import re
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +40,15 @@ from adapters.storage.base import (
     dead_cursor,
     parse_dead_cursor,
 )
-from adapters.storage.errors import StoreCorrupt, StoreUnavailable, StoreUnsupported
+from adapters.storage.errors import (
+    StoreCorrupt,
+    StoreError,
+    StoreLoading,
+    StoreRefused,
+    StoreUnavailable,
+    StoreUncertain,
+    StoreUnsupported,
+)
 from adapters.storage.fanout import route
 from adapters.storage.jobs import (
     Attempt,
@@ -52,8 +68,10 @@ from adapters.storage.jobs import (
     new_trace,
 )
 from adapters.storage.priority import PriorityScheduler
-from adapters.storage.redis_client import Script, ServerError
+from adapters.storage.redis_client import DEFAULT_REPLICA_TIMEOUT, Script, ServerError
 from adapters.storage.redis_routing import Router
+
+log = logging.getLogger("busgate.redis")
 
 #: Jobs moved per maintenance script call (promotion, recovery, pruning).
 _BATCH = 1000
@@ -69,6 +87,9 @@ _RETRY = Outcome.RETRY
 _RETRY_UNSPENT = "retry-unspent"
 _PRIORITY_ARGS = tuple(str(int(p)) for p in Priority)
 _WAKE_PATTERN = b"bg:{*}:wake"
+#: While a replica is down every push is unconfirmed: one warning per this many seconds, with
+#: the count since the last, rather than one per push.
+UNCONFIRMED_WARNING_INTERVAL = 10.0
 
 
 def prefix_of(queue: str) -> bytes:
@@ -206,10 +227,29 @@ def decode_attempt(raw: bytes) -> Attempt:
 
 
 class RedisStore(Store):
-    def __init__(self, router: Router, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        clock: Callable[[], float] = time.time,
+        replicas: int = 0,
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+    ) -> None:
+        """``replicas``: how many replicas must confirm a push (``WAIT``) within
+        ``replica_timeout`` for it to be acknowledged; 0, the default, sends no WAIT."""
         super().__init__()
         self.router = router
         self._clock = clock
+        self.replicas = replicas
+        self.replica_timeout = replica_timeout
+        # Built once: with replicas off, a push sends and builds nothing more than before.
+        self._wait: tuple[str, str, str] | None = (
+            ("WAIT", str(replicas), str(max(1, math.ceil(replica_timeout * 1000))))
+            if replicas
+            else None
+        )
+        self._unconfirmed = 0  # pushes replicas did not confirm, since the last warning
+        self._unconfirmed_warned = -math.inf
         self._schedulers: dict[tuple[str, str], PriorityScheduler] = {}
         self._ready_counts: dict[tuple[str, str], list[int]] = {}
         self._registered: set[tuple[str, str]] = set()
@@ -252,22 +292,55 @@ class RedisStore(Store):
         await self.router.aclose()
 
     async def check(self) -> None:
-        await self.router.execute_everywhere("PING")
+        try:
+            await self.router.execute_everywhere("PING")
+        except ServerError as exc:
+            if exc.code == "LOADING":  # not waited for: /readyz asks how it is now
+                raise StoreLoading(
+                    "loading: Redis is loading its dataset into memory after a restart;"
+                    " store calls wait for it, up to the store's timeout"
+                ) from exc
+            raise
+
+    async def check_replicas(self) -> None:
+        """At startup, with ``replicas``: refuse a Redis user that may not WAIT (every push
+        would be answered uncertain), and warn of a master with fewer replicas than that."""
+        if not self.replicas:
+            return
+        try:
+            await self.router.execute_everywhere("WAIT", "0", "0")  # answers at once
+        except ServerError as exc:
+            if exc.code == "NOPERM":
+                raise StoreRefused(
+                    f"replicas={self.replicas} confirms pushes with WAIT, which Redis refused:"
+                    f" {exc}; give the user +wait"
+                ) from exc
+            # LOADING, say: a push will tell, if it still matters then.
+        for info in await self.router.execute_everywhere("INFO", "replication"):
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            found = re.search(r"^connected_slaves:(\d+)", text, re.MULTILINE)
+            connected = int(found.group(1)) if found else 0
+            if connected < self.replicas:
+                log.warning(
+                    "a Redis master has %d replicas connected, and the store URL asks for"
+                    " replicas=%d: until it has more, every push is answered as possibly"
+                    " stored",
+                    connected,
+                    self.replicas,
+                )
 
     async def _eval(self, queue: str, script: Script, *args: Any) -> Any:
         prefix = prefix_of(queue)
         try:
             return await self.router.eval(prefix + b"n", script, [prefix, *args])
         except ServerError as exc:
-            if exc.code == "WRONGTYPE":
-                raise StoreCorrupt(f"queue {queue}: unexpected Redis data: {exc}") from exc
-            raise StoreUnavailable(f"queue {queue}: Redis refused: {exc}") from exc
+            raise _script_failed(queue, exc) from exc
 
     async def _pipeline(self, queue: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
         replies = await self.router.pipeline(prefix_of(queue) + b"n", commands)
         for reply in replies:
             if isinstance(reply, ServerError):
-                raise StoreUnavailable(f"queue {queue}: Redis refused: {reply}")
+                raise _refused(queue, reply)
         return replies
 
     async def _register(self, queue: str, topics: Sequence[str]) -> None:
@@ -282,9 +355,13 @@ class RedisStore(Store):
             self._registered_until = now + REGISTRY_REFRESH
         new = [t for t in topics if (queue, t) not in self._registered]
         if new:
-            await self.router.pipeline(
+            (added,) = await self.router.pipeline(
                 _REGISTRY, [("SADD", _REGISTRY, *(f"{queue}/{t}" for t in new))]
             )
+            if isinstance(added, ServerError) and added.code == "LOADING":
+                # Waited for up to the call's timeout already: the push fails now, rather
+                # than wait as long again for its script.
+                raise _refused(queue, added)
             self._registered.update((queue, t) for t in new)
 
     # -- producers ----------------------------------------------------------------------------
@@ -324,17 +401,60 @@ class RedisStore(Store):
                 _PRIORITY_ARGS[job.priority],  # an IntEnum indexes as its value
                 run_stamp,
             )
-        outcomes, ready, delayed = await self._eval(queue, scripts.PUSH, *args)
+        unconfirmed = None
+        if self._wait is None:
+            outcomes, ready, delayed = await self._eval(queue, scripts.PUSH, *args)
+        else:
+            (outcomes, ready, delayed), unconfirmed = await self._push_replicated(
+                queue, args, self._wait
+            )
         for topic in ready:
             self.doorbells.ring(queue, topic.decode())
         for topic in delayed:
             self.timers.ring(queue, topic.decode())
+        if unconfirmed is not None:  # stored on the master: delivered, but not acknowledged
+            raise unconfirmed
         # map, not generators: two per job otherwise.
         return PushResult(
             tuple(ids),
             tuple(map(_PUSHED.__getitem__, outcomes[0::2])),
             tuple(map(int, outcomes[1::2])),
         )
+
+    async def _push_replicated(
+        self, queue: str, args: Sequence[Any], wait: tuple[str, str, str]
+    ) -> tuple[Any, StoreUncertain | None]:
+        """PUSH, then ``WAIT replicas ms`` on its connection in the same round trip: the
+        script's reply, and the error to answer the producer with if fewer replicas than
+        ``replicas`` confirmed it (the master has the jobs; a failover now could lose them)."""
+        prefix = prefix_of(queue)
+        try:
+            reply, confirmed = await self.router.eval_then(
+                prefix + b"n", scripts.PUSH, [prefix, *args], wait
+            )
+        except ServerError as exc:
+            raise _script_failed(queue, exc) from exc
+        if isinstance(confirmed, int) and confirmed >= self.replicas:
+            return reply, None
+        if isinstance(confirmed, int):
+            why = (
+                f"only {confirmed} of {self.replicas} replicas confirmed it within"
+                f" {self.replica_timeout:g}s (WAIT)"
+            )
+        else:  # an ACL user without +wait, say
+            why = f"WAIT failed: {confirmed}"
+        text = f"queue {queue}: stored on the master, but {why}; a failover now could lose it"
+        self._unconfirmed += 1
+        now = trio.current_time()
+        if now >= self._unconfirmed_warned + UNCONFIRMED_WARNING_INTERVAL:
+            log.warning(
+                "push not confirmed by replicas, answered as possibly stored: %s"
+                " (%d such pushes since the last warning)",
+                text,
+                self._unconfirmed,
+            )
+            self._unconfirmed, self._unconfirmed_warned = 0, now
+        return reply, StoreUncertain(text)
 
     async def depth(self, queue: str, topics: Sequence[str]) -> int:
         prefix = prefix_of(queue)
@@ -692,6 +812,23 @@ class RedisStore(Store):
         if not ids:
             return 0
         return int(await self._eval(queue, scripts.DELETE, topic, *ids))
+
+
+def _script_failed(queue: str, exc: ServerError) -> StoreError:
+    """A script's error reply, as the store error callers see."""
+    if exc.code == "WRONGTYPE":
+        return StoreCorrupt(f"queue {queue}: unexpected Redis data: {exc}")
+    return _refused(queue, exc)
+
+
+def _refused(queue: str, reply: ServerError) -> StoreError:
+    """An error reply to a call for ``queue``, as the store error callers see."""
+    if reply.code == "LOADING":  # refused until the deadline: the routers wait for it
+        return StoreLoading(
+            f"queue {queue}: Redis is still loading its dataset into memory after a restart"
+            f" (waited up to the store's timeout), nothing was done: {reply}"
+        )
+    return StoreUnavailable(f"queue {queue}: Redis refused: {reply}")
 
 
 def _job_record(

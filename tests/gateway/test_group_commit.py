@@ -112,7 +112,7 @@ async def test_a_store_call_out_of_time_answers_every_push_it_held_with_an_error
     with trio.fail_after(5):
         # first's push was in the call: the store may yet carry it out.  second's was not.
         assert await first.line() == (
-            b"-TRYAGAIN no answer from the store, not acknowledged; it may have been stored:"
+            b"-TRYAGAIN not acknowledged; it may have been stored:"
             b" the store did not answer within 0.3s"
         )
         assert await second.line() == (

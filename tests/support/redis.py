@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.storage.redis_client import RedisAddress
@@ -24,7 +25,9 @@ class RedisServer:
         appendonly: bool = False,
         password: str | None = None,
         port: int | None = None,
+        args: Sequence[str] = (),
     ) -> None:
+        """``args``: more redis-server options, given at every start."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         # A cluster node also listens on port + 10000 and must stay at or below 55535.
@@ -32,13 +35,15 @@ class RedisServer:
         self.cluster = cluster
         self.appendonly = appendonly
         self.password = password
+        self.args = tuple(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> RedisAddress:
         return RedisAddress("127.0.0.1", self.port)
 
-    def start(self) -> None:
+    def start(self, *more: str) -> None:
+        """Start the server; ``more``: redis-server options for this start only."""
         args = [
             "redis-server",
             "--port",
@@ -60,6 +65,7 @@ class RedisServer:
         ]
         if self.password is not None:
             args += ["--requirepass", self.password]
+        args += [*self.args, *more]
         if self.cluster:
             args += [
                 "--cluster-enabled",
@@ -158,3 +164,59 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def start_replica(master: RedisServer, workdir: Path) -> RedisServer:
+    """A replica of a standalone ``master`` (``--replicaof``), started and in sync."""
+    replica = RedisServer(workdir, args=("--replicaof", "127.0.0.1", str(master.port)))
+    replica.start()
+    deadline = time.monotonic() + 20
+    while "master_link_status:up" not in replica.cli("INFO", "replication"):
+        if time.monotonic() > deadline:
+            replica.stop()
+            raise RuntimeError(f"the replica of {master.address} did not sync")
+        time.sleep(0.05)
+    return replica
+
+
+#: Microseconds redis-server sleeps per key it loads (its hidden test option key-load-delay).
+_KEY_LOAD_DELAY_US = 1000
+
+
+def restart_loading(server: RedisServer, seconds: float, *, prefix: str = "loading:") -> None:
+    """Restart ``server`` on its port so that it spends about ``seconds`` loading its data,
+    answering every command but a few (AUTH, INFO, ...) with ``-LOADING`` meanwhile, as a
+    Redis restarted with a large dataset does.
+
+    Filler keys (``{prefix}filler:N``; on a cluster node, give a prefix with a hash tag of
+    its slots) are saved with the data, and the server started again
+    with ``key-load-delay`` (a pause per key loaded) and the smallest
+    ``loading-process-events-interval-bytes``, so that it serves connections while loading.
+    Returns once the server is loading (it is, as soon as it accepts connections).
+    """
+    keys = max(1, round(seconds * 1_000_000 / _KEY_LOAD_DELAY_US))
+    # Values of 200 bytes: the server serves its connections every 1 KiB loaded, so every
+    # few keys, every few ms.
+    server.cli(
+        "EVAL",
+        "for i = 1, tonumber(ARGV[2]) do"
+        " redis.call('SET', ARGV[1] .. 'filler:' .. i, string.rep('x', 200)) end",
+        "0",
+        prefix,
+        str(keys),
+    )
+    server.cli("SAVE")
+    server.stop()
+    server.start(
+        "--key-load-delay",
+        str(_KEY_LOAD_DELAY_US),
+        "--loading-process-events-interval-bytes",
+        "1024",
+    )
+    if "loading:1" not in server.cli("INFO", "persistence"):
+        raise RuntimeError(f"{server.address} was not loading once restarted: too few keys?")
+
+
+def loading(server: RedisServer) -> bool:
+    """Whether ``server`` is still loading its dataset."""
+    return "loading:1" in server.cli("INFO", "persistence")
