@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 
@@ -30,7 +31,12 @@ async def test_busgate_demo_delivers_a_job() -> None:
     )
 
 
-async def test_sigterm_stops_the_demo_its_backend_and_removes_its_directory() -> None:
+# SIGHUP: a closed terminal or ssh session must not leave the directory, its admin token and
+# the sample backend behind either.
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_a_signal_stops_the_demo_its_backend_and_removes_its_directory(
+    stop: signal.Signals,
+) -> None:
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "gateway.cli", "demo", "--port", "0", "--http-port", "0"],
         stdout=subprocess.PIPE,
@@ -59,7 +65,7 @@ async def test_sigterm_stops_the_demo_its_backend_and_removes_its_directory() ->
         )
         assert stats.returncode == 0, stats.stderr
         assert b"demo/hello" in stats.stdout or b"hello" in stats.stdout, stats.stdout
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         with trio.fail_after(20):
             assert await process.wait() == 0
     finally:

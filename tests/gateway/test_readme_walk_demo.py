@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,41 +53,6 @@ async def test_the_demo_delivers_whatever_tmpdir_is(tmp_path: Path, name: str) -
     assert socket_path is not None, out
     assert not Path(socket_path.group(1)).parent.exists()  # removed on the way out
     assert list(tmpdir.iterdir()) == []
-
-
-async def test_sighup_stops_the_demo_and_removes_its_directory() -> None:
-    """A closed terminal (or ssh session) sends SIGHUP: the demo stops as on SIGTERM."""
-    process = await trio.lowlevel.open_process(
-        [*DEMO, "--port", "0", "--http-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    out = b""
-    try:
-        with trio.fail_after(30):
-            while b"Ctrl-C to stop." not in out:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, out
-                out += chunk
-        match = re.search(rb"stats -c (\S+)/busgate\.yaml", out)
-        assert match is not None, out
-        workdir = Path(match.group(1).decode())
-        assert workdir.is_dir()
-        process.send_signal(signal.SIGHUP)
-        with trio.fail_after(20):
-            returncode = await process.wait()
-    finally:
-        await _stop(process)
-        await process.stdout.aclose()
-    left = await trio.run_process(["pgrep", "-f", str(workdir)], capture_stdout=True, check=False)
-    directory_left = workdir.exists()
-    for pid in left.stdout.split():  # an orphaned sample backend must not outlive a failure
-        os.kill(int(pid), signal.SIGKILL)
-    shutil.rmtree(workdir, ignore_errors=True)
-    assert returncode == 0
-    assert left.stdout == b""
-    assert not directory_left
 
 
 async def test_the_demo_prints_a_push_that_needs_no_redis_cli() -> None:

@@ -89,7 +89,11 @@ class RedisServer:
     def stop(self, *, hard: bool = False) -> None:
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+        if hard:  # even a frozen one (SIGSTOP), which must not run another command first
+            self.process.send_signal(signal.SIGKILL)
+        else:  # a frozen process does not act on SIGTERM until it is woken
+            self.process.send_signal(signal.SIGCONT)
+            self.process.send_signal(signal.SIGTERM)
         self.process.wait(10)
         self.process = None
 
