@@ -21,7 +21,12 @@ from collections.abc import Sequence
 
 import trio
 
-from adapters.storage.errors import StoreError
+from adapters.storage.errors import (
+    StoreCorrupt,
+    StoreError,
+    StoreRefused,
+    StoreUnsupported,
+)
 from gateway import heap, logs
 from gateway.admin import read_token
 from gateway.admin_cli import add_admin_commands
@@ -263,7 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `run` cannot start; `check-config` or `curl` say which of them failed.
         doing = "cannot start" if args.command in ("run", "demo") else args.command
         print(f"busgate: {doing}: {exc}", file=sys.stderr)
-        return 1
+        # A store that refuses the configured login, is not busgate's, or cannot be read is a
+        # configuration matter too, which starting again does not mend (the unit's
+        # RestartPreventExitStatus=2); one that cannot be reached now may be later.
+        return 2 if isinstance(exc, StoreRefused | StoreUnsupported | StoreCorrupt) else 1
     except OSError as exc:  # a port in use, a file that cannot be read: no traceback
         hint = ""
         if args.command == "demo" and exc.errno == errno.EADDRINUSE:

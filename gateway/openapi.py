@@ -19,7 +19,7 @@ _TRACEPARENT = {
     "description": (
         "W3C trace context: the trace of every job of the request that names none of its own"
         " (a JSON job's \"traceparent\", a raw body's traceparent query parameter). One that"
-        " is not a W3C trace context is a 400."
+        " is not a valid W3C trace context is ignored, as W3C says."
     ),
 }
 _ERROR = {

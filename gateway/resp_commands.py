@@ -50,7 +50,10 @@ class Described:
                 flags(self.categories, protocol),
                 unordered([], protocol),  # no tips: no request or response policy across shards
                 unordered([self._key_spec(protocol)] if self.key else [], protocol),
-                unordered([sub.reply(protocol) for sub in self.subcommands], protocol),
+                # An array when there are some, an empty set when none: as Redis 7 sends it.
+                resp.array([sub.reply(protocol) for sub in self.subcommands])
+                if self.subcommands
+                else unordered([], protocol),
             ]
         )
 
@@ -153,6 +156,17 @@ def describe(name: bytes, arity: int, subcommands: Mapping[bytes, int] | None = 
             for sub, sub_arity in (subcommands or {}).items()
         ),
     )
+
+
+def find(described: Mapping[bytes, Described], name: bytes) -> Described | None:
+    """The command COMMAND INFO names, in any case: ``lpush``, or a subcommand as
+    ``client|list``."""
+    container, bar, _sub = name.upper().partition(b"|")
+    found = described.get(container)
+    if found is None or not bar:
+        return found
+    wanted = name.decode("utf-8", "replace").lower()
+    return next((sub for sub in found.subcommands if sub.name == wanted), None)
 
 
 def listed(commands: Iterable[Described], filters: Sequence[bytes]) -> list[bytes]:

@@ -38,7 +38,7 @@ from gateway.producer import (
     split_target,
 )
 from gateway.resp_commands import HELP as COMMAND_HELP
-from gateway.resp_commands import Described, describe, listed
+from gateway.resp_commands import Described, describe, find, listed
 from gateway.resp_commands import flags as key_flags
 
 if TYPE_CHECKING:
@@ -654,7 +654,7 @@ class RespSession:
             return resp.integer(len(described))
         if sub in (b"", b"INFO"):
             names = args[2:] if sub else ()
-            found = [described.get(name.upper()) for name in names] if names else described.values()
+            found = [find(described, name) for name in names] if names else described.values()
             return resp.array(
                 [resp.null(self.protocol) if d is None else d.reply(self.protocol) for d in found]
             )

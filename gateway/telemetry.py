@@ -208,7 +208,10 @@ class Telemetry:
             return
         now = trio.current_time()
         self._stats = dict(zip(keys, stats, strict=True))
-        self._snapshot = self._build(config, now)
+        # A reload may have come while the store answered: build from the configuration that
+        # runs now, so a topic it removed is marked so at once (its stats were read), and one
+        # it added waits for the next sample, being unread.
+        self._snapshot = self._build(self._config(), now)
         self._snapshot_json = _encode(self._snapshot)
         self._snapshot_message = _encode({"type": "stats", **self._snapshot})
         for subscriber in list(self._subscribers):

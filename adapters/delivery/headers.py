@@ -19,7 +19,10 @@ _TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
 #: What an HTTP field value may not hold (RFC 9110 5.5): control characters other than tab;
 #: and what UTF-8 cannot encode, a lone surrogate (JSON's "\ud800").
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+#: W3C Trace Context: version, trace id, parent id, flags, in lower-case hex.  A later version
+#: may add fields after them (version 00 may not); version ff is invalid, as are all-zero ids.
+_TRACEPARENT = re.compile(r"(?!ff)([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
+_ZERO_TRACE, _ZERO_PARENT = "0" * 32, "0" * 16
 
 
 def enqueued_at_text(timestamp: float) -> str:
@@ -48,7 +51,16 @@ def traceparent(trace_id: str, span_id: str | None = None) -> str:
 def trace_id_of(value: str) -> str | None:
     """The trace id of a W3C ``traceparent`` a producer sent, or None if it is not one."""
     match = _TRACEPARENT.fullmatch(value.strip())
-    return None if match is None else match.group(1)
+    if match is None:
+        return None
+    version, trace_id, parent_id, more = match.groups()
+    if (
+        (version == "00" and more is not None)
+        or trace_id == _ZERO_TRACE
+        or parent_id == _ZERO_PARENT
+    ):
+        return None
+    return trace_id
 
 
 #: The headers every delivery carries, in this order; ``job_header_values`` gives their values.

@@ -117,14 +117,43 @@ async def test_without_the_header_each_job_gets_a_trace_of_its_own(
     assert first != second and HEADER_TRACE not in (first, second)
 
 
+#: Headers W3C Trace Context says to ignore: the jobs get a trace of their own.
+INVALID_HEADERS = [
+    "00-not-a-trace",
+    f"00-{HEADER_TRACE.upper()}-b7ad6b7169203331-01",  # upper case
+    f"ff-{HEADER_TRACE}-b7ad6b7169203331-01",  # version ff
+    f"00-{HEADER_TRACE}-b7ad6b7169203331-01-more",  # version 00 has four fields
+    f"00-{'0' * 32}-b7ad6b7169203331-01",  # all-zero trace id
+    f"00-{HEADER_TRACE}-{'0' * 16}-01",  # all-zero parent id
+]
+
+
 @pytest.mark.parametrize("content_type", ["application/json", "text/plain"], ids=["json", "raw"])
-async def test_an_invalid_header_is_a_400_and_stores_nothing(app: App, content_type: str) -> None:
-    body = b'{"jobs": [{"payload": 1, "traceparent": "%s"}]}' % OWN.encode()
-    status, answer = await trio.to_thread.run_sync(
-        post, app, body, {"Content-Type": content_type, "traceparent": "00-not-a-trace"}
+@pytest.mark.parametrize("header", INVALID_HEADERS)
+async def test_an_invalid_header_is_ignored_as_w3c_says(
+    app: App, backend: RecordingServer, content_type: str, header: str
+) -> None:
+    ids = await push(app, b'{"payload": 1}', {"Content-Type": content_type, "traceparent": header})
+    (trace,) = await delivered_traces(backend, ids)
+    assert trace != HEADER_TRACE and trace.upper() != HEADER_TRACE.upper()
+    assert trace != "0" * 32
+
+
+async def test_a_later_version_with_more_fields_is_read(app: App, backend: RecordingServer) -> None:
+    """A version after 00 may add fields: its trace id is still the jobs' trace."""
+    header = f"01-{HEADER_TRACE}-b7ad6b7169203331-01-what-comes-next"
+    ids = await push(
+        app, b'{"payload": 1}', {"Content-Type": "application/json", "traceparent": header}
     )
-    assert status == 400
-    assert answer == {"error": "the traceparent header is not a W3C trace context"}
+    assert await delivered_traces(backend, ids) == [HEADER_TRACE]
+
+
+async def test_an_invalid_trace_a_job_names_is_a_400(app: App) -> None:
+    body = b'{"payload": 1, "traceparent": "00-%s-b7ad6b7169203331-01"}' % (b"0" * 32)
+    status, answer = await trio.to_thread.run_sync(
+        post, app, body, {"Content-Type": "application/json"}
+    )
+    assert status == 400, answer
     assert app.store is not None
     assert (await app.store.stats("orders", "email")).pushed_total == 0
 

@@ -78,6 +78,21 @@ SAME_BYTES = [
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_container_lists_its_subcommands_as_redis_does(
+    app: App, redis_server: RedisServer, protocol: int
+) -> None:
+    """Redis sends a command's subcommands as an array, and none as an empty set (RESP3)."""
+    hello = [("HELLO", "3")] if protocol == 3 else []
+    empty = b"~0\r\n" if protocol == 3 else b"*0\r\n"
+    # CONFIG: ACL categories, no tips, no key specs, then its five subcommands.
+    config = b"+@slow\r\n" + empty + empty + b"*5\r\n*10\r\n"
+    for port in (daemon_port(app), redis_server.port):
+        assert config in await raw_reply(port, *hello, ("COMMAND", "INFO", "config")), port
+        # PING: no key specs, no subcommands.
+        assert (await raw_reply(port, *hello, ("COMMAND", "INFO", "ping"))).endswith(empty * 2)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
 async def test_command_info_is_redis_own_description(
     app: App, redis_server: RedisServer, protocol: int
 ) -> None:
@@ -104,10 +119,12 @@ async def test_every_command_is_described_with_redis_arity_flags_key_and_categor
         redis_subs = {sub[0]: sub[1] for sub in redis_entry[9]}
         for sub in entry[9]:
             assert redis_subs.get(sub[0], sub[1] if sub[0] in REDIS_72 else None) == sub[1], sub
-    # Asked by name, in any case; an unknown name is a null in its place, as in Redis.
+    # Asked by name, in any case, subcommands too; an unknown name is a null in its place.
     for server in (ours, theirs):
-        nosuch, ping = await listing(server, "COMMAND", "INFO", "nosuch", "PING")
-        assert nosuch is None and ping[:2] == [b"ping", -1]
+        asked = await listing(server, "COMMAND", "INFO", "nosuch", "PING", "CLIENT|list", "x|y")
+        nosuch, ping, client_list, none = asked
+        assert nosuch is None and none is None
+        assert ping[:2] == [b"ping", -1] and client_list[:2] == [b"client|list", -2]
     await ours.stream.aclose()
     await theirs.stream.aclose()
 

@@ -41,9 +41,13 @@ def busgate(command: str, config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def refused(
-    done: subprocess.CompletedProcess[str], *words: str, prefix: str = "busgate: cannot start: "
+    done: subprocess.CompletedProcess[str],
+    *words: str,
+    prefix: str = "busgate: cannot start: ",
+    status: int = 1,
 ) -> None:
-    assert done.returncode == 1, done.stderr[-3000:]
+    """``status`` 2: what restarting cannot mend (the unit's RestartPreventExitStatus)."""
+    assert done.returncode == status, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if line.startswith(prefix)]
     for word in words:
@@ -65,7 +69,7 @@ def test_nothing_listening(tmp_path: Path) -> None:
 
 
 def test_wrong_password(tmp_path: Path, redis: RedisServer) -> None:
-    refused(run(tmp_path, f"redis://:wrong@127.0.0.1:{redis.port}/0"), "WRONGPASS")
+    refused(run(tmp_path, f"redis://:wrong@127.0.0.1:{redis.port}/0"), "WRONGPASS", status=2)
 
 
 def test_acl_user_without_the_wake_up_channel(tmp_path: Path, redis: RedisServer) -> None:
@@ -77,7 +81,7 @@ def test_acl_user_without_the_wake_up_channel(tmp_path: Path, redis: RedisServer
 def test_not_a_database(tmp_path: Path) -> None:
     junk = tmp_path / "junk.db"
     junk.write_bytes(os.urandom(8192))
-    refused(run(tmp_path, f"sqlite:{junk}"), "not a database")
+    refused(run(tmp_path, f"sqlite:{junk}"), "not a database", status=2)
 
 
 async def test_the_startup_line_does_not_show_the_store_password(

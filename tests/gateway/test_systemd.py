@@ -4,11 +4,13 @@ and the shipped unit file read the way an operator's tools would."""
 from __future__ import annotations
 
 import configparser
+import contextlib
 import itertools
 import logging
 import os
 import shlex
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -294,12 +296,16 @@ def test_a_configuration_error_is_not_restarted_but_an_unreachable_store_is(
     prevented = read_unit()["Service"]["RestartPreventExitStatus"]
     broken = tmp_path / "busgate.yaml"
     broken.write_text("store: sqlite:busgate.db\nlisten: {resp: 127.0.0.1:0, http: 127.0.0.1:0\n")
+    foreign = tmp_path / "foreign.db"  # another program's database: not busgate's store
+    with contextlib.closing(sqlite3.connect(foreign)) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
     statuses = [
         busgate_run(broken).returncode,
+        run(tmp_path / "foreign", f"sqlite:{foreign}").returncode,
         run(tmp_path / "down", "redis://127.0.0.1:1/0?timeout=1s").returncode,
     ]
-    assert statuses[0] == int(prevented) == 2, statuses
-    assert statuses[1] not in (0, int(prevented)), statuses
+    assert statuses[:2] == [int(prevented)] * 2 and int(prevented) == 2, statuses
+    assert statuses[2] not in (0, int(prevented)), statuses
 
 
 def test_the_benchmarks_run_the_daemon_at_the_units_nice() -> None:

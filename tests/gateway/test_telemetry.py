@@ -62,3 +62,42 @@ def test_percentiles() -> None:
         99.0,
     )
     assert percentile([], 0.5) is None and percentile([7.0], 0.99) == 7.0
+
+
+async def test_a_reload_during_a_sample_is_what_the_snapshot_shows(tmp_path: Any) -> None:
+    """The sampler reads the store, then builds the snapshot: a reload that came meanwhile
+    must not be undone by it (a removed topic listed as configured for a second)."""
+    from adapters.storage.fanout import Filter
+    from adapters.storage.jobs import NewJob
+    from gateway.config import load_config
+    from tests.support.daemon import write_config
+
+    topic = "queue: q\ntopics:\n  {}: {{backend: 'http://127.0.0.1:9/', paused: true}}\n"
+    both = load_config(
+        write_config(
+            tmp_path / "both",
+            {"q": topic.format("a") + "  b: {backend: 'http://127.0.0.1:9/', paused: true}\n"},
+        )
+    )
+    only_a = load_config(write_config(tmp_path / "only_a", {"q": topic.format("a")}))
+    store = await SQLiteStore.open(str(tmp_path / "t.db"))
+    await store.push("q", [("a", Filter()), ("b", Filter())], [NewJob(b"x")])
+    running = [both]
+
+    class ReloadedMeanwhile:
+        async def stats_many(self, keys: Any) -> Any:
+            stats = await store.stats_many(keys)
+            running[0] = only_a  # a reload removes b while the store answers
+            return stats
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+    telemetry = Telemetry(ReloadedMeanwhile(), lambda: running[0], dict)  # type: ignore[arg-type]
+    try:
+        await telemetry.sample()
+        (queue,) = telemetry.snapshot()["queues"]
+        entries = {t["topic"]: t.get("configured", True) for t in queue["topics"]}
+        assert entries == {"a": True, "b": False}
+    finally:
+        await store.aclose()
