@@ -414,7 +414,7 @@ class Cluster:
                 client, key, script, args, prefix, deadline=deadline, reconnect=False
             )
 
-        (reply,) = await self._routed(key_slot(key), key, call, deadline)
+        (reply,) = await self._routed(key_slot(key), key, call, deadline, script=True)
         if isinstance(reply, ServerError):
             raise reply
         return reply
@@ -435,7 +435,7 @@ class Cluster:
             )
             return [reply]  # redirections and retries are the script's reply's to decide
 
-        (reply,) = await self._routed(key_slot(key), key, call, deadline)
+        (reply,) = await self._routed(key_slot(key), key, call, deadline, script=True)
         if isinstance(reply, ServerError):
             raise reply
         return reply, after[0]
@@ -500,11 +500,17 @@ class Cluster:
         deadline: float,
         *,
         patient: bool = True,
+        script: bool = False,
     ) -> list[Any]:
         """``call(client, asking)`` on the node serving ``slot``, following MOVED and ASK,
         and the slot to another node when its node cannot be reached.  ``what`` names the
         call in messages: a routing key (its queue), or words.  Unless ``patient`` (a health
-        check), replies that ran nothing (``_NOT_RUN``) are returned rather than waited out."""
+        check), replies that ran nothing (``_NOT_RUN``) are returned rather than waited out.
+
+        A ``script``'s ASK is not followed but waited out like TRYAGAIN: its slot is being
+        migrated, and the script touches keys it does not name, some of which may not have
+        moved yet (it would run on the new node without them).  Once the slot has moved,
+        the old node answers MOVED, which is followed."""
         client = self.client(await self._owner(slot, deadline))
         asking = False
         redirects = 0
@@ -557,6 +563,16 @@ class Cluster:
             )
             if redirect is None:
                 return replies
+            if script and redirect.code == "ASK":
+                if trio.current_time() + delay >= deadline:
+                    raise StoreUnavailable(
+                        f"{_describe(what)}: its slot is being migrated to another node, and"
+                        f" the migration did not end in time; nothing was run ({redirect})"
+                    )
+                await trio.sleep(delay)
+                delay = min(delay * 2, _FAILOVER_BACKOFF_MAX)
+                client, asking = self.client(self._slots[slot] or client.address), False
+                continue
             redirects += 1
             if redirects >= _MAX_REDIRECTS:
                 raise StoreUnavailable(f"too many cluster redirections for {_describe(what)}")

@@ -1,8 +1,9 @@
 """The Lua scripts of the Redis store: every step that touches more than one key, atomically.
 
 Keys of queue Q all start with ``bg:{Q}:`` (the prefix, ARGV[1]), so they share a hash slot
-and every script runs unchanged on Redis Cluster; KEYS[1] is always a key of that slot so the
-cluster routes the call.  Layout, per topic T:
+and every script runs unchanged on Redis Cluster; KEYS[1] is ``bg:{Q}:route``, a key of that
+slot that no script writes, so the cluster routes the call (and, while the slot migrates, the
+old node answers ASK for it: see ``redis_store.ROUTE``).  Layout, per topic T:
 
     J:T        hash   id -> the job as pushed, packed (``redis_store.pack_record``): priority
                       byte first, then enqueue and run times, trace id, attributes, payload

@@ -92,6 +92,13 @@ _WAKE_PATTERN = b"bg:{*}:wake"
 UNCONFIRMED_WARNING_INTERVAL = 10.0
 
 
+#: The key a script names (KEYS[1]) so that a cluster routes it to its queue's slot: one no
+#: script ever writes.  While the slot migrates, the old node then answers ASK for every script
+#: (it has no such key), and the router waits for the move to end rather than run a script on
+#: the new node before the queue's data is there (scripts touch keys they do not name).
+ROUTE = b"route"
+
+
 def prefix_of(queue: str) -> bytes:
     return b"bg:{" + queue.encode() + b"}:"
 
@@ -332,7 +339,7 @@ class RedisStore(Store):
     async def _eval(self, queue: str, script: Script, *args: Any) -> Any:
         prefix = prefix_of(queue)
         try:
-            return await self.router.eval(prefix + b"n", script, [prefix, *args])
+            return await self.router.eval(prefix + ROUTE, script, [prefix, *args])
         except ServerError as exc:
             raise _script_failed(queue, exc) from exc
 
@@ -430,7 +437,7 @@ class RedisStore(Store):
         prefix = prefix_of(queue)
         try:
             reply, confirmed = await self.router.eval_then(
-                prefix + b"n", scripts.PUSH, [prefix, *args], wait
+                prefix + ROUTE, scripts.PUSH, [prefix, *args], wait
             )
         except ServerError as exc:
             raise _script_failed(queue, exc) from exc
