@@ -17,7 +17,7 @@ from adapters.delivery.http import HTTPBackend, HTTPTarget
 from adapters.storage.jobs import Job, Priority, State
 from gateway.resp import encode_command
 from tests.support.daemon import running_daemon, write_config
-from tests.support.http_server import RecordingServer
+from tests.support.http_server import RecordingServer, serving
 from tests.support.ports import free_port
 
 
@@ -38,11 +38,8 @@ def job(payload: bytes = b'{"order": 42}', attempt: int = 1) -> Job:
 
 @pytest.fixture
 async def server() -> AsyncIterator[RecordingServer]:
-    recording = RecordingServer()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(recording.run)
+    async with serving(RecordingServer()) as recording:
         yield recording
-        nursery.cancel_scope.cancel()
 
 
 async def test_the_service_gets_a_post_with_the_job_headers(server: RecordingServer) -> None:

@@ -19,7 +19,7 @@ import trio
 
 from gateway.app import App
 from tests.support.daemon import running_daemon, write_config
-from tests.support.http_server import RecordingServer
+from tests.support.http_server import RecordingServer, serving
 
 HEADER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 HEADER = f"00-{HEADER_TRACE}-b7ad6b7169203331-01"
@@ -29,11 +29,8 @@ OWN = f"00-{OWN_TRACE}-00f067aa0ba902b7-01"
 
 @pytest.fixture
 async def backend() -> AsyncIterator[RecordingServer]:
-    server = RecordingServer()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+    async with serving(RecordingServer()) as server:
         yield server
-        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from gateway.dispatcher import SCHEDULER_INTERVAL
 from gateway.policy import Decision, decide
 from gateway.resp import encode_command
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
-from tests.support.http_server import RecordingServer
+from tests.support.http_server import RecordingServer, serving
 from tests.support.phpfpm import PhpFpm
 from tests.support.redis import RedisServer
 
@@ -68,11 +68,8 @@ class TimedServer(RecordingServer):
 
 @pytest.fixture
 async def server() -> AsyncIterator[TimedServer]:
-    recording = TimedServer()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(recording.run)
+    async with serving(TimedServer()) as recording:
         yield recording
-        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

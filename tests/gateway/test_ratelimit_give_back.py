@@ -23,7 +23,7 @@ import trio
 from gateway.app import App
 from gateway.ratelimit import TokenBucket
 from tests.support.daemon import running_daemon, write_config
-from tests.support.http_server import RecordingServer
+from tests.support.http_server import RecordingServer, serving
 from tests.support.redis import RedisServer
 
 #: 12/m: one token every INTERVAL seconds, a bucket of one.
@@ -48,11 +48,8 @@ def test_a_given_back_token_is_spendable_again_up_to_the_burst() -> None:
 
 @pytest.fixture
 async def backend() -> AsyncIterator[RecordingServer]:
-    server = RecordingServer()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+    async with serving(RecordingServer()) as server:
         yield server
-        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

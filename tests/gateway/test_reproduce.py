@@ -26,6 +26,7 @@ from gateway.app import App, build_backend
 from gateway.config import TopicConfig, load_config
 from gateway.reproduce import ReproduceError, job_of, reproduce_command
 from tests.support.daemon import Received, running_daemon, wait_received, write_config
+from tests.support.http_server import serving
 from tests.support.phpfpm import PhpFpm
 from tests.support.ports import free_port
 
@@ -301,11 +302,8 @@ class RecordingHTTPServer:
 
 @pytest.fixture
 async def http_server() -> AsyncIterator[RecordingHTTPServer]:
-    server = RecordingHTTPServer()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+    async with serving(RecordingHTTPServer()) as server:
         yield server
-        nursery.cancel_scope.cancel()
 
 
 def header(request: SeenRequest, name: bytes) -> bytes:

@@ -6,13 +6,34 @@ Like record.php, a JSON payload steers the answer: ``{"respond_status": 503,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol, TypeVar
 
 import h11
 import trio
+
+
+class Runnable(Protocol):
+    @property
+    def run(self) -> Callable[..., Awaitable[None]]: ...
+
+
+R = TypeVar("R", bound=Runnable)
+
+
+@contextlib.asynccontextmanager
+async def serving(server: R) -> AsyncIterator[R]:
+    """``server`` running (its ``run(task_status=...)``) until the block ends: what a test
+    server fixture yields."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        yield server
+        nursery.cancel_scope.cancel()
 
 
 @dataclass
