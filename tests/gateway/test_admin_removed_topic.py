@@ -12,7 +12,6 @@ recording backend, which answers 500: with ``max_attempts: 1`` every job dies at
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -58,6 +57,11 @@ async def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await nursery.start(backend.run)
         token_file = tmp_path / "admin.token"
         token_file.write_text(TOKEN + "\n")
+        store = None
+        if request.param == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            server.cli("FLUSHALL")
+            store = f"redis://127.0.0.1:{server.port}/0"
         config = write_config(
             tmp_path,
             {
@@ -65,12 +69,8 @@ async def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
                 "other": orders_yaml(backend.url, "audit").replace("orders", "other"),
             },
             main_extra="admin_token_file: admin.token\n",
+            store=store,
         )
-        if request.param == "redis":
-            server: RedisServer = request.getfixturevalue("redis_server")
-            server.cli("FLUSHALL")
-            store = f"store: redis://127.0.0.1:{server.port}/0"
-            config.write_text(re.sub("store: .*", store, config.read_text()))
         async with running_daemon(config) as app:
             yield Daemon(app, config, token_file, backend)
         nursery.cancel_scope.cancel()

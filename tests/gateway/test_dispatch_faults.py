@@ -4,7 +4,6 @@ rate-limited topic, and a producer that vanishes mid-pipeline."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 from functools import partial
 from pathlib import Path
@@ -219,9 +218,8 @@ async def test_an_outcome_the_store_has_forgotten_is_logged_as_such(
     config = write_config(
         tmp_path / "daemon",
         {"q": topic_yaml(f"fastcgi://127.0.0.1:{fpm.address.port}", fpm.script("sleep.php"))},
+        store=f"redis://127.0.0.1:{redis_server.port}/0",
     )
-    store = f"store: redis://127.0.0.1:{redis_server.port}/0"
-    config.write_text(re.sub("store: .*", store, config.read_text()))
     drop_in = config.parent / "conf.d" / "q.yaml"
     drop_in.write_text(drop_in.read_text().replace("timeout: 500ms", "timeout: 10s"))
     try:
@@ -279,10 +277,9 @@ async def test_jobs_waiting_in_the_buffer_longer_than_their_lease_keep_it(
 
 def redis_topic_config(tmp_path: Path, fpm: PhpFpm, redis: RedisServer) -> Path:
     topic = one_worker_topic(fpm, "{max_attempts: 3, backoff: 50ms}")
-    config = write_config(tmp_path / "daemon", {"q": topic})
-    store = f"store: redis://127.0.0.1:{redis.port}/0"
-    config.write_text(re.sub("store: .*", store, config.read_text()))
-    return config
+    return write_config(
+        tmp_path / "daemon", {"q": topic}, store=f"redis://127.0.0.1:{redis.port}/0"
+    )
 
 
 async def test_an_outcome_the_store_did_not_take_is_not_counted_and_the_job_comes_back(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,16 +114,17 @@ async def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await nursery.start(backend.run)
         token_file = tmp_path / "admin.token"
         token_file.write_text(TOKEN + "\n")
+        store = None
+        if request.param == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            server.cli("FLUSHALL")
+            store = f"redis://127.0.0.1:{server.port}/0"
         config = write_config(
             tmp_path,
             {"orders": orders_yaml(backend.url)},
             main_extra="admin_token_file: admin.token\n",
+            store=store,
         )
-        if request.param == "redis":
-            server: RedisServer = request.getfixturevalue("redis_server")
-            server.cli("FLUSHALL")
-            store = f"store: redis://127.0.0.1:{server.port}/0"
-            config.write_text(re.sub("store: .*", store, config.read_text()))
         async with running_daemon(config) as app:
             yield Daemon(app, config, token_file, backend)
         nursery.cancel_scope.cancel()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,13 +79,12 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 def config_for(tmp_path: Path, store_kind: str, request: pytest.FixtureRequest, topic: str) -> Path:
     """A daemon config with queue ``q`` and one topic ``t`` (its keys in ``topic``)."""
     queue = "queue: q\ntopics:\n  t:\n" + "".join(f"    {line}\n" for line in topic.splitlines())
-    config = write_config(tmp_path / "daemon", {"q": queue})
+    store = None
     if store_kind == "redis":
         redis: RedisServer = request.getfixturevalue("redis_server")
         redis.cli("FLUSHALL")
-        store = f"store: redis://127.0.0.1:{redis.port}/0"
-        config.write_text(re.sub("store: .*", store, config.read_text()))
-    return config
+        store = f"redis://127.0.0.1:{redis.port}/0"
+    return write_config(tmp_path / "daemon", {"q": queue}, store=store)
 
 
 async def command(app: App, *args: str | bytes) -> bytes:

@@ -20,9 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(tmp_path: Path, store: str) -> subprocess.CompletedProcess[str]:
-    config = write_config(tmp_path / "etc", {})
-    config.write_text(config.read_text().replace(f"sqlite:{tmp_path / 'etc'}/busgate.db", store))
-    return busgate_run(config)
+    return busgate_run(write_config(tmp_path / "etc", {}, store=store))
 
 
 def busgate_run(config: Path) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,9 +193,8 @@ async def test_producers_hear_an_unconfirmed_push_may_have_been_stored(
         topics:
           t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
         """
-    config = write_config(tmp_path, {"q": queue})
-    store = f"store: redis://127.0.0.1:{redis.port}/0?replicas=1&replica_timeout=200ms"
-    config.write_text(re.sub("store: .*", store, config.read_text()))
+    store = f"redis://127.0.0.1:{redis.port}/0?replicas=1&replica_timeout=200ms"
+    config = write_config(tmp_path, {"q": queue}, store=store)
     async with running_daemon(config) as app:
         client = redis_py.Redis(port=int(app.resp_address.rpartition(":")[2]))
         try:

@@ -10,7 +10,6 @@ Against real redis-servers restarted with a dataset that takes a second or two t
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -115,9 +114,7 @@ async def test_the_daemon_answers_a_producer_once_redis_has_loaded(
         topics:
           t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
         """
-    config = write_config(tmp_path, {"q": queue})
-    store = f"store: redis://127.0.0.1:{redis.port}/0"
-    config.write_text(re.sub("store: .*", store, config.read_text()))
+    config = write_config(tmp_path, {"q": queue}, store=f"redis://127.0.0.1:{redis.port}/0")
     async with running_daemon(config) as app:
         http_port = int(app.http_address.rpartition(":")[2])
         client = redis_py.Redis(port=int(app.resp_address.rpartition(":")[2]))

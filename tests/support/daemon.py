@@ -17,15 +17,18 @@ from gateway.app import App
 from gateway.config import load_config
 
 
-def write_config(directory: Path, queues: dict[str, str], *, main_extra: str = "") -> Path:
-    """Write busgate.yaml (SQLite store, RESP on a free port) and one drop-in per queue."""
+def write_config(
+    directory: Path, queues: dict[str, str], *, main_extra: str = "", store: str | None = None
+) -> Path:
+    """Write busgate.yaml (``store``, by default an SQLite file beside it; RESP on a free
+    port) and one drop-in per queue."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "conf.d").mkdir(exist_ok=True)
     main = directory / "busgate.yaml"
     main.write_text(
         textwrap.dedent(
             f"""\
-            store: sqlite:{directory / "busgate.db"}
+            store: {store or f"sqlite:{directory / 'busgate.db'}"}
             listen:
               resp: 127.0.0.1:0
               http: 127.0.0.1:0
