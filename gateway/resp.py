@@ -39,7 +39,7 @@ class RESPProtocolError(Exception):
     """The byte stream is not RESP: reply with the message and close the connection."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs twice as much to make
 class Command:
     args: tuple[bytes, ...]  # never empty: empty requests are skipped, as Redis does
 

@@ -136,6 +136,8 @@ def _only_pushes(read: _Read, parser: FastRequestParser) -> bool:
     events, broken = read
     if broken is not None or not events or parser.buffered:
         return False
+    if len(events) == 1:  # the usual read
+        return events[0].name in _PUSHES
     return all(event.name in _PUSHES for event in events)
 
 
@@ -286,6 +288,18 @@ class _Connection:
         """Write the owed reply, from the task that stored the push."""
         self.write(data)
         self._settle()
+
+    def answer_stored(self, replies: list[bytes]) -> None:
+        """``answer`` the one push a read held (``RespServer._push``), counting an error."""
+        if replies[0][0] == 45:  # "-"
+            assert self.session is not None
+            self.session.server.count_errors(replies)
+        self.answer(replies[0])
+
+    def reply_now(self, data: bytes) -> None:
+        """Write the reply to pushes refused before the store: nothing is owed."""
+        self.write(data)
+        self.since = self.now()  # idle from this reply on, as from a stored push's
 
     async def flushed(self) -> None:
         """Wait until every reply written is sent; SEND_TIMEOUT ends a client that does not
@@ -684,11 +698,21 @@ class RespServer:
         replies are sent once stored (``conn.answer``), from the task making it.  What is
         left to await at once, in this connection's task: that call, if none was under way
         (``RespSession.commit_nowait``)."""
+        if len(group) == 1 and isinstance(push := group[0], resp.Command):
+            # A producer waiting for each reply: one push per read.  Checked, counted and
+            # answered without the lists and closure a run of them needs (``_prepare``).
+            prepared = session.prepare(push.args)
+            self._commands += 1
+            if isinstance(prepared, bytes):  # refused, or queued by MULTI
+                self.count_errors([prepared])
+                conn.reply_now(prepared)
+                return None
+            conn.owed = True
+            return session.commit_nowait([prepared], conn.answer_stored)
         replies, pending, slots = _prepare(session, group)
         if not pending:  # every one refused: nothing to wait for
             self._count(group, replies)
-            conn.write(b"".join(replies))
-            conn.since = conn.now()  # idle from this reply on, as from a stored push's
+            conn.reply_now(b"".join(replies))
             return None
 
         def deliver(stored: list[bytes]) -> None:

@@ -276,8 +276,8 @@ class RespSession:
             return stored_apart
         jobs = pushes[0].jobs if len(pushes) == 1 else [j for p in pushes for j in p.jobs]
 
-        def on_stored(outcome: PushResult | Exception) -> None:
-            deliver(_replies(pushes, outcome))
+        def on_stored(outcome: PushResult | Exception, first: int) -> None:
+            deliver(_replies(pushes, outcome, first))
 
         if self.service.submit_nowait(entry, jobs, on_stored):
             return functools.partial(self.service.flush, entry)
@@ -917,18 +917,20 @@ def _internal_error(exc: Exception, args: tuple[bytes, ...]) -> bytes:
     return resp.error(f"ERR internal error, nothing was acknowledged: {type(exc).__name__}")
 
 
-def _replies(pushes: list[PendingPush], outcome: PushResult | Exception) -> list[bytes]:
-    """The replies to ``pushes``, stored together with ``outcome``."""
+def _replies(
+    pushes: list[PendingPush], outcome: PushResult | Exception, first: int = 0
+) -> list[bytes]:
+    """The replies to ``pushes``, stored together with ``outcome``, where their first job is
+    ``outcome``'s job ``first``."""
     if isinstance(outcome, StoreError):
         return [_store_error(outcome)] * len(pushes)
     if isinstance(outcome, Exception):  # a bug, not a store failure: say so, keep serving
         return [_internal_error(outcome, (b"storing",))] * len(pushes)
     ids = outcome.ids
     if len(pushes) == 1:
-        return [pushes[0].reply(ids)]
-    # A reply needs only the push's first id, not a PushResult of its own (``parts``).
+        return [pushes[0].reply(ids, first)]
+    # A reply needs only the push's first id, not a PushResult of its own.
     replies = []
-    first = 0
     for push in pushes:
         replies.append(push.reply(ids, first))
         first += len(push.jobs)

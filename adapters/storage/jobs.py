@@ -14,7 +14,7 @@ import enum
 import random
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 #: Excerpts of a backend's body and stderr kept per attempt.
@@ -212,15 +212,15 @@ class PushResult:
     def duplicates(self) -> int:
         return self.outcomes.count(Pushed.DUPLICATE)
 
-    def parts(self, sizes: Iterable[int]) -> Iterator[PushResult]:
-        """The results of the requests a push merged, given how many jobs each had, in order."""
-        start = 0
-        for size in sizes:
-            end = start + size
-            yield PushResult(
-                self.ids[start:end], self.outcomes[start:end], self.copies_each[start:end]
-            )
-            start = end
+    def part(self, start: int, count: int) -> PushResult:
+        """The result of ``count`` jobs from ``start``: one request's, of several a push
+        merged."""
+        if start == 0 and count == len(self.ids):
+            return self
+        end = start + count
+        return PushResult(
+            self.ids[start:end], self.outcomes[start:end], self.copies_each[start:end]
+        )
 
 
 @dataclass(frozen=True, slots=True)
