@@ -225,8 +225,12 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     rows = []
     unconfigured = []  # removed by a reload with jobs left: the stats mark them
+    unmatched = []  # per queue, repeated on each of its topics: read from the first
     for queue in document.get("queues", []):
-        for topic in queue.get("topics", []):
+        topics = queue.get("topics", [])
+        if topics and topics[0]["totals"].get("unmatched"):
+            unmatched.append(f"{topics[0]['totals']['unmatched']} pushed to {topics[0]['queue']}")
+        for topic in topics:
             depth, rates = topic["depth"], topic["rates"]
             p95 = topic["duration_ms"]["p95"]
             configured = topic.get("configured", True)
@@ -259,6 +263,11 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
             print(
                 f"not configured (removed by a reload?): {', '.join(unconfigured)};"
                 " their jobs wait in the store, undelivered, until configured again"
+            )
+        if unmatched:
+            print(
+                f"matched no topic's filter, acknowledged and dropped: {', '.join(unmatched)}"
+                " (totals.unmatched)"
             )
     return 0
 
