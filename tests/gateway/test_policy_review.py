@@ -365,8 +365,11 @@ paused: true"""
             )
         due = time.time() + 1.2
         await command(app, "ZADD", "q", f"{due:.3f}", json.dumps({"n": "zadd"}))
-        await command(app, "XADD", "q", "*", "payload", json.dumps({"n": "xadd"}), "delay", "800")
+        # The daemon's clock at the push, not after its reply, starts the delay: take the
+        # time before sending (after the reply, it was late by a round trip, and the job
+        # looked 0.09 ms early on a loaded machine).
         xadd_due = time.time() + 0.8
+        await command(app, "XADD", "q", "*", "payload", json.dumps({"n": "xadd"}), "delay", "800")
         drop_in.write_text(drop_in.read_text().replace("paused: true", "paused: false"))
         report = await app.reload(load_config(config))
         assert report.toggled == (("q", "t"),)
