@@ -51,6 +51,11 @@ def parse_cgi_response(
     """Split a complete CGI response into status, headers and body."""
     limit = max_header_size + 4
     end = stdout.find(b"\r\n\r\n", 0, limit)  # what PHP writes: skip the regex
+    if 0 <= end <= _CACHED_HEAD_SIZE:
+        parsed = _parse_cached_crlf_head(stdout[:end])
+        if parsed is not None:  # the usual answer, in one look-up
+            status, reason, headers = parsed
+            return tuple.__new__(CGIResponse, (status, reason, headers, stdout[end + 4 :]))
     head = stdout[:end] if end >= 0 else b""
     if end >= 0 and b"\n\n" not in head and b"\n\r\n" not in head:
         body = stdout[end + 4 :]
@@ -102,8 +107,18 @@ def _parse_head(head: bytes) -> tuple[int, str, Headers]:
     return status, reason, tuple(headers)
 
 
+def _parse_crlf_head(head: bytes) -> tuple[int, str, Headers] | None:
+    """``_parse_head`` of what precedes the first CRLF blank line, unless a blank line with
+    a bare LF ends the headers before it (None: the general path finds where they end)."""
+    if b"\n\n" in head or b"\n\r\n" in head:
+        return None
+    return _parse_head(head)
+
+
 # An application answers with a handful of header blocks, byte for byte the same each time
 # (a no-op script's is always "X-Powered-By ... Content-type ..."): parsing is a pure
-# function of the bytes, so a short block is parsed once.  The result is immutable, and the
-# size bound caps what the cache holds at 256 KiB.  Errors are not cached; they are rare.
+# function of the bytes, so a short block is parsed once, and looked for bare-LF blank lines
+# once.  The results are immutable, and the size bound caps what each cache holds at
+# 256 KiB.  Errors are not cached; they are rare.
 _parse_cached_head = functools.lru_cache(maxsize=256)(_parse_head)
+_parse_cached_crlf_head = functools.lru_cache(maxsize=256)(_parse_crlf_head)

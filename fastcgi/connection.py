@@ -41,6 +41,7 @@ from fastcgi.records import (
     RecordReader,
     begin_request_body,
     encode_record,
+    encode_request,
     encode_stream,
     parse_end_request_body,
     parse_unknown_type_body,
@@ -196,14 +197,7 @@ class ClientConnection:
         self.keep_conn = keep_conn
         self._role = Role.RESPONDER
         self._stdout_bytes = self._stderr_bytes = self._received = 0
-        return b"".join(
-            (
-                _begin_request_record(rid, Role.RESPONDER, keep_conn),
-                _params_stream(rid, params),
-                encode_stream(RecordType.STDIN, rid, body),
-                _end_of_stream(RecordType.STDIN, rid),
-            )
-        )
+        return encode_request(rid, params.wire, body, keep_conn)
 
     def _expect(self, state: State, event: ClientEvent) -> None:
         if self.state is not state:

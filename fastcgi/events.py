@@ -54,10 +54,12 @@ class Params:
     wire: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_pairs(self.pairs)
         if type(self.encoded) is not bytes:
             raise LocalProtocolError("pre-encoded parameters must be bytes")
-        wire = self.encoded + encode_pairs(self.pairs) if self.pairs else self.encoded
+        wire = self.encoded
+        if self.pairs:  # none, for a delivery's parameters: all pre-encoded, built per job
+            _check_pairs(self.pairs)
+            wire += encode_pairs(self.pairs)
         object.__setattr__(self, "wire", wire)
 
     @classmethod

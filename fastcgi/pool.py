@@ -43,6 +43,7 @@ from fastcgi.pooling import (
     os_reason,
     send_all,
 )
+from fastcgi.spec import ProtocolStatus
 
 __all__ = ["ConnectionPool", "PoolLimits", "PoolStatistics", "Response", "Timeouts"]
 
@@ -51,6 +52,8 @@ __all__ = ["ConnectionPool", "PoolLimits", "PoolStatistics", "Response", "Timeou
 _RECEIVE_SIZE = 64 * 1024
 
 T = TypeVar("T")
+
+_REQUEST_COMPLETE = int(ProtocolStatus.REQUEST_COMPLETE)
 
 #: How long a new connection's first answer may take to begin before a child is freed for it.
 _NUDGE = 0.02
@@ -294,7 +297,7 @@ class ConnectionPool:
         answer = await self._read(conn, read, protocol.receive_response, written, deadline)
         elapsed = now() - started
 
-        if not answer.complete:
+        if answer.protocol_status != _REQUEST_COMPLETE:  # answer.complete, without its call
             raise RequestRejected(self._name, answer.protocol_status)
         cgi = parse_cgi_response(answer.stdout, max_header_size=self.max_header_size)
         # Positional: binding seven keywords costs more than building the object.

@@ -8,11 +8,12 @@ records ended by one with empty content.  Nothing here knows about request state
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
 from fastcgi.errors import LocalProtocolError, RemoteProtocolError
-from fastcgi.spec import HEADER_LEN, KEEP_CONN, MAX_CONTENT_LEN, VERSION_1, RecordType
+from fastcgi.spec import HEADER_LEN, KEEP_CONN, MAX_CONTENT_LEN, VERSION_1, RecordType, Role
 
 _HEADER = struct.Struct("!BBHHBx")
 _BEGIN_REQUEST_BODY = struct.Struct("!HB5x")
@@ -72,6 +73,60 @@ def encode_stream(record_type: int, request_id: int, data: bytes) -> bytes:
     return b"".join(
         encode_record(record_type, request_id, bytes(view[i : i + STREAM_CHUNK]))
         for i in range(0, len(data), STREAM_CHUNK)
+    )
+
+
+# Plain ints, as in connection: an enum member is a slower lookup, and this is per request.
+_BEGIN_REQUEST, _PARAMS, _STDIN = map(
+    int, (RecordType.BEGIN_REQUEST, RecordType.PARAMS, RecordType.STDIN)
+)
+_RESPONDER = int(Role.RESPONDER)
+
+
+def encode_request(request_id: int, params: bytes, body: bytes, keep_conn: bool) -> bytes:
+    """A whole RESPONDER request: BEGIN_REQUEST, the PARAMS stream of the encoded pairs
+    ``params`` and the STDIN stream of ``body``, each stream ended.
+
+    The same bytes as ``encode_record`` and ``encode_stream`` make of them, framed in one join
+    when each stream fits one record (a job's request nearly always does): that is a dozen
+    calls fewer per request.  ``request_id`` must be valid (1..65535).
+    """
+    begin, params_end, body_end = _request_records(request_id, keep_conn)
+    params_len, body_len = len(params), len(body)
+    if not (0 < params_len <= STREAM_CHUNK and 0 < body_len <= STREAM_CHUNK):
+        return b"".join(
+            (
+                begin,
+                encode_stream(_PARAMS, request_id, params),
+                params_end,
+                encode_stream(_STDIN, request_id, body),
+                body_end,
+            )
+        )
+    params_padding, body_padding = -params_len % 8, -body_len % 8
+    return b"".join(
+        (
+            begin,
+            _HEADER.pack(VERSION_1, _PARAMS, request_id, params_len, params_padding),
+            params,
+            _PADDING[:params_padding],
+            params_end,
+            _HEADER.pack(VERSION_1, _STDIN, request_id, body_len, body_padding),
+            body,
+            _PADDING[:body_padding],
+            body_end,
+        )
+    )
+
+
+@functools.cache
+def _request_records(request_id: int, keep_conn: bool) -> tuple[bytes, bytes, bytes]:
+    """The records of a request that are the same for every one on a connection: its
+    BEGIN_REQUEST, and the ends of its PARAMS and STDIN streams."""
+    return (
+        encode_record(_BEGIN_REQUEST, request_id, begin_request_body(_RESPONDER, keep_conn)),
+        encode_record(_PARAMS, request_id),
+        encode_record(_STDIN, request_id),
     )
 
 

@@ -37,6 +37,7 @@ from adapters.delivery.base import Backend, Delivery, Failure
 from adapters.storage.base import Finish, Retention, Store
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import EXCERPT_BYTES, Attempt, Job, Outcome
+from gateway import logs
 from gateway.circuit import CircuitBreaker, CircuitState, CircuitStatistics
 from gateway.config import LEASE_MARGIN, TopicConfig
 from gateway.policy import Backoff, Decision, decide
@@ -159,6 +160,9 @@ class Dispatcher:
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
         self._listener_errors = 0
         self._listener_error_logged_at = -math.inf
+        #: trio's clock; run() binds its own reader, without the three calls behind
+        #: trio.current_time(): every delivery reads it.
+        self._now: Callable[[], float] = trio.current_time
 
     @property
     def key(self) -> tuple[str, str]:
@@ -185,6 +189,7 @@ class Dispatcher:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._now = trio.lowlevel.current_clock().current_time
         try:
             async with trio.open_nursery() as upkeep:
                 await upkeep.start(self.backend.run)
@@ -329,6 +334,11 @@ class Dispatcher:
 
     async def _wait_for_capacity(self, deadline: float) -> None:
         self._capacity = trio.Event()
+        if deadline == math.inf:
+            # A busy topic waits here every few jobs, for a worker to finish: entering and
+            # leaving a cancel scope would cost more than the wait itself.
+            await self._capacity.wait()
+            return
         with trio.move_on_at(deadline):
             await self._capacity.wait()
 
@@ -372,15 +382,17 @@ class Dispatcher:
                 # call and in the order it was reserved.
                 await self._give_back([job, *self._drain_buffer()])
                 continue
-            covered = await self._lease_for_an_attempt(job, lease_until)
-            if covered is None:
-                continue
+            if self._lease_may_run_out(lease_until):
+                covered = await self._extend_for_an_attempt(job, lease_until)
+                if covered is None:
+                    continue
+                lease_until = covered
             if job.id == self._probe:
                 self._probe = None  # on its way: its outcome decides
             self._in_flight += 1
             self._started += 1
             if self._outlasts_lease:
-                self._running_leases[job.id] = covered
+                self._running_leases[job.id] = lease_until
             try:
                 await self._deliver(job)
             finally:
@@ -388,14 +400,21 @@ class Dispatcher:
                 self._in_flight -= 1
                 self._capacity.set()  # a worker is free: the fetcher may refill
 
-    async def _lease_for_an_attempt(self, job: Job, lease_until: float) -> float | None:
-        """The end of ``job``'s lease, extended first if it might run out before the attempt
-        ends, or before ``_keep_leased`` extends it (on a topic whose attempts may outlast the
-        lease, it does so every lease/3).  None if the lease was lost."""
+    def _lease_may_run_out(self, lease_until: float) -> bool:
+        """Whether a lease ending at ``lease_until`` might run out before an attempt begun
+        now ends, or before ``_keep_leased`` extends it (on a topic whose attempts may outlast
+        the lease, it does so every lease/3)."""
         needed = self.lease / 3 if self._outlasts_lease else self.topic.timeout
+        return lease_until - self._clock() <= needed + 1
+
+    async def _extend_for_an_attempt(self, job: Job, lease_until: float) -> float | None:
+        """The new end of ``job``'s lease, extended for an attempt (``_lease_may_run_out``);
+        ``lease_until`` if it could not be extended, None if the lease was lost.
+
+        Only then a coroutine: a job nearly always starts well within its lease, and an
+        ``await`` of one costs more than the check.
+        """
         now = self._clock()
-        if lease_until - now > needed + 1:
-            return lease_until
         try:
             if await self.store.extend(job, self.lease):
                 return now + self.lease
@@ -429,11 +448,20 @@ class Dispatcher:
 
     async def _deliver(self, job: Job) -> None:
         started_at = self._clock()
-        delivery = await self._attempt(job)
+        started = self._now()
+        try:
+            delivery = await self.backend.deliver(job)
+        except Exception as exc:
+            # A bug in the backend's delivery fails this attempt, not the daemon: such a job
+            # spends its attempts like any other failure and ends dead, with the error in its
+            # history, rather than stopping every topic each time it comes round.
+            delivery = _internal_failure(
+                job, self._now() - started, exc, "delivery", "make the request"
+            )
         try:
             decision, attempt = self._judge(job, delivery, started_at)
         except Exception as exc:
-            # A bug in judging the answer fails this attempt, not the daemon (as in _attempt).
+            # A bug in judging the answer fails this attempt, not the daemon (as above).
             delivery = _internal_failure(
                 job, delivery.duration, exc, "judging a delivery", "judge the response"
             )
@@ -456,31 +484,19 @@ class Dispatcher:
             now=self._clock(),
             rng=self._rng,
         )
+        # Positional, in Attempt's field order (attempt, started_at, duration, outcome,
+        # status, error, body, stderr): keywords cost more to bind, once per job.
         attempt = Attempt(
-            attempt=job.attempt,
-            started_at=started_at,
-            duration=delivery.duration,
-            outcome=decision.outcome,
-            status=delivery.status,
-            error=None if decision.outcome is Outcome.DONE else decision.reason,
-            body=delivery.body[:EXCERPT_BYTES],
-            stderr=delivery.stderr[:EXCERPT_BYTES],
+            job.attempt,
+            started_at,
+            delivery.duration,
+            decision.outcome,
+            delivery.status,
+            None if decision.outcome is Outcome.DONE else decision.reason,
+            delivery.body[:EXCERPT_BYTES],
+            delivery.stderr[:EXCERPT_BYTES],
         )
         return decision, attempt
-
-    async def _attempt(self, job: Job) -> Delivery:
-        """The backend's delivery of ``job``; a bug in it fails this attempt, not the daemon.
-
-        Such a job spends its attempts like any other failure and ends dead, with the error
-        in its history, rather than stopping every topic each time it comes round.
-        """
-        started = trio.current_time()
-        try:
-            return await self.backend.deliver(job)
-        except Exception as exc:
-            return _internal_failure(
-                job, trio.current_time() - started, exc, "delivery", "make the request"
-            )
 
     async def _keep_leased(self) -> None:
         """Extend the leases of held jobs before they run out.
@@ -529,8 +545,7 @@ class Dispatcher:
             self._flush_now = trio.Event()
             batch, self._outcomes = self._outcomes, []
             if batch:
-                with trio.CancelScope(shield=True):
-                    await self._record(batch)
+                await self._record(batch)
             if self._workers_done and not self._outcomes:
                 done.set()
                 return
@@ -543,7 +558,9 @@ class Dispatcher:
         began, grace_end = trio.current_time(), self._grace_end()
         answer: list[bool] | None = None
         error = ""
-        with trio.move_on_at(grace_end):
+        # Shielded, so that a shutdown cannot lose a finished attempt, and bounded by the
+        # grace instead: one cancel scope for both (a scope costs more than a job's outcome).
+        with trio.CancelScope(deadline=grace_end, shield=True):
             try:
                 answer = await self.store.finish(items)
             except StoreError as exc:
@@ -669,14 +686,15 @@ def _log_attempt(
     level = logging.INFO if done and recorded else logging.WARNING
     if not log.isEnabledFor(level):
         return
-    log.log(
+    logs.log_line(
+        log,
         level,
         "job=%s queue=%s topic=%s attempt=%d outcome=%s status=%s duration_ms=%.1f trace=%s%s%s",
         job.id,
         job.queue,
         job.topic,
         job.attempt,
-        decision.outcome.value,
+        decision.outcome._value_,  # the plain attribute behind ``value``, a property
         "-" if delivery.status is None else delivery.status,
         delivery.duration * 1000,
         job.trace_id,

@@ -12,6 +12,12 @@ one each, which under systemd is also one wake-up of journald rather than one pe
 ``warning`` or worse is written at once, after the lines logged before it, and whatever is
 held is written on exit (``logging.shutdown``); only a ``kill -9`` can lose the last
 ``FLUSH_INTERVAL`` of ``info`` lines.
+
+A line per job is still most of the cost of logging it: ``logger.log`` builds a ``LogRecord``
+(twenty attributes, a clock read, two path splits) and goes through the logger's and the
+handler's filters and locks to write three of its fields.  ``log_line`` writes the same text
+without a record when the daemon's own handler is the only one the line reaches: a job's line
+costs half the instructions it did (49k to 25k, callgrind).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from typing import TextIO
 
 import trio
@@ -45,6 +52,8 @@ class LineFormatter(logging.Formatter):
         self._date_time = ""
         self._line_format = self._style._fmt  # fmt, or the stock default when empty
         self._uses_time = self.usesTime()  # the format does not change
+        #: Whether ``line`` writes what ``format`` would: the format is the daemon's own.
+        self.plain = self._line_format == FORMAT
 
     def format(self, record: logging.LogRecord) -> str:
         if record.exc_info or record.exc_text or record.stack_info:
@@ -60,11 +69,19 @@ class LineFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return f"{self._date_time_of(int(record.created))},{int(record.msecs):03d}"
+
+    def line(self, created: float, levelname: str, name: str, message: str) -> str:
+        """What ``format`` writes for a record with these fields, when ``plain``."""
+        second = int(created)
+        msecs = int((created - second) * 1000)  # as LogRecord computes ``msecs``
+        return f"{self._date_time_of(second)},{msecs:03d} {levelname} {name} {message}"
+
+    def _date_time_of(self, second: int) -> str:
         if second != self._second:
             self._date_time = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return f"{self._date_time},{int(record.msecs):03d}"  # as default_msec_format does
+        return self._date_time  # and then ",%03d" milliseconds, as default_msec_format does
 
 
 class LineHandler(logging.StreamHandler[TextIO]):
@@ -87,6 +104,17 @@ class LineHandler(logging.StreamHandler[TextIO]):
         except Exception:
             self.handleError(record)
 
+    def emit_line(self, levelno: int, line: str) -> None:
+        """``emit`` of a line formatted already (``log_line``), under the lock that
+        ``Handler.handle`` takes for ``emit``.  Raises what writing it raised."""
+        self.acquire()
+        try:
+            self._held.append(line)
+            if not self.holding or levelno >= logging.WARNING or len(self._held) >= MAX_HELD:
+                self._write()
+        finally:
+            self.release()
+
     def flush(self) -> None:
         self.acquire()  # emit() runs under the same lock (Handler.handle)
         try:
@@ -102,6 +130,66 @@ class LineHandler(logging.StreamHandler[TextIO]):
         self._held.clear()
         self.stream.write(text)
         self.stream.flush()
+
+
+def log_line(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
+    """``logger.log(level, msg, *args)``, for a line per job: the same text, written without
+    a ``LogRecord`` when the line would reach only the daemon's ``LineHandler`` (``setup``).
+
+    Anything else (another handler, a filter, a record factory, a test capturing records)
+    gets the record, through ``logger.log``.
+    """
+    handler = _sole_line_handler(logger, level)
+    # A lone mapping: LogRecord formats the message with it, not with args.
+    if handler is None or (len(args) == 1 and isinstance(args[0], Mapping) and args[0]):
+        logger.log(level, msg, *args)
+        return
+    created = time.time()
+    try:
+        message = msg % args if args else str(msg)  # as LogRecord.getMessage
+    except Exception:
+        logger.log(level, msg, *args)  # the stock path reports the error
+        return
+    formatter = handler.formatter
+    assert isinstance(formatter, LineFormatter)  # checked by _sole_line_handler
+    line = formatter.line(created, logging.getLevelName(level), logger.name, message)
+    try:
+        handler.emit_line(level, line)
+    except Exception:
+        # As Handler.emit reports a failed write: with the record it could not write.
+        handler.handleError(
+            logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, args, None)
+        )
+
+
+def _sole_line_handler(logger: logging.Logger, level: int) -> LineHandler | None:
+    """The handler a ``level`` line of ``logger`` reaches, if it is the only one, a
+    ``LineHandler`` with the daemon's format, and nothing could filter or change the record
+    on the way (what ``Logger.handle`` and ``callHandlers`` look at); else None."""
+    if (
+        not logger.isEnabledFor(level)
+        or logger.disabled
+        or logger.filters
+        or type(logger) is not logging.Logger
+        or logging.getLogRecordFactory() is not logging.LogRecord
+    ):
+        return None
+    found: logging.Handler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if found is not None:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if type(found) is not LineHandler or found.filters or level < found.level:
+        return None
+    formatter = found.formatter
+    if type(formatter) is not LineFormatter or not formatter.plain:
+        return None
+    return found
 
 
 def setup(level: str, stream: TextIO | None = None) -> None:

@@ -57,6 +57,12 @@ def decide(
     now: float,
     rng: random.Random,
 ) -> Decision:
+    status = delivery.status
+    if delivery.failure is None:
+        assert status is not None
+        if 200 <= status < 300:
+            return _done(status)  # nearly every job: before anything a retry needs is built
+
     exhausted = attempt >= max_attempts
 
     def retry(reason: str, delay: float, *, spend: bool = True) -> Decision:
@@ -69,10 +75,7 @@ def decide(
         spend = not delivery.failure.job_never_ran
         return retry(reason, backoff.delay(attempt, rng), spend=spend)
 
-    status = delivery.status
     assert status is not None
-    if 200 <= status < 300:
-        return _done(status)
     if status in (429, 503):
         after = retry_after(delivery.header(b"retry-after"), now)
         if after is not None:

@@ -10,6 +10,7 @@ In ``form`` mode the payload is sent urlencoded as the field ``payload``, so scr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -49,8 +50,21 @@ class FastCGITarget:
     extra_params: tuple[tuple[str, str], ...] = field(default=())
 
 
-#: The CGI names of the job headers, as PHP reads them: ``$_SERVER['HTTP_X_BUSGATE_JOB_ID']``.
-_JOB_PARAM_NAMES = tuple(cgi_name(name) for name in JOB_HEADER_NAMES)
+#: The names of the parameters each job has its own values for (``_job_values``): the body's
+#: length, and the job headers as PHP reads them: ``$_SERVER['HTTP_X_BUSGATE_JOB_ID']``.
+_JOB_PARAM_NAMES = (b"CONTENT_LENGTH", *(cgi_name(name) for name in JOB_HEADER_NAMES))
+
+
+def _escaped(data: bytes) -> bytes:
+    return data.replace(b"%", b"%%")
+
+
+#: Those parameters as ``encode_pairs`` encodes them when every value is under 128 bytes: a
+#: pair is the name's length, the value's length (``%c``), the name, the value (``%b``).  One
+#: ``%`` per delivery builds them, rather than a list of pairs encoded one by one.
+_SHORT_JOB_PAIRS = b"".join(
+    _escaped(bytes((len(name),))) + b"%c" + _escaped(name) + b"%b" for name in _JOB_PARAM_NAMES
+)
 
 
 class FastCGIBackend:
@@ -66,18 +80,46 @@ class FastCGIBackend:
         )
         self._static = _static_params(target)
         self._static_encoded = encode_pairs(self._static)  # the same for every job: once
+        #: trio's clock; run() binds its own reader, without the three calls behind
+        #: trio.current_time(): every delivery reads it.
+        self._now: Callable[[], float] = trio.current_time
 
     def params(self, job: Job, body: bytes) -> list[tuple[bytes, bytes]]:
         """The CGI environment for one delivery (``busgate curl`` prints the same)."""
         return [*self._static, *self._job_params(job, body)]
 
     def _job_params(self, job: Job, body: bytes) -> list[tuple[bytes, bytes]]:
-        params = [(b"CONTENT_LENGTH", b"%d" % len(body))]
-        # str.encode (UTF-8) through map: no comprehension frame per job.
-        params += zip(_JOB_PARAM_NAMES, map(str.encode, job_header_values(job)), strict=True)
+        params = list(zip(_JOB_PARAM_NAMES, _job_values(job, body), strict=True))
         if job.attributes:
-            params += [(cgi_name(n), v.encode("utf-8")) for n, v in attribute_headers(job)]
+            params += _attribute_params(job)
         return params
+
+    def _job_pairs(self, job: Job, body: bytes) -> bytes:
+        """``encode_pairs(self._job_params(job, body))``: the same bytes, built in one step."""
+        values = _job_values(job, body)
+        if max(map(len, values)) < 0x80:
+            length, job_id, queue, topic, attempt, enqueued_at, trace = values
+            pairs = _SHORT_JOB_PAIRS % (
+                len(length),
+                length,
+                len(job_id),
+                job_id,
+                len(queue),
+                queue,
+                len(topic),
+                topic,
+                len(attempt),
+                attempt,
+                len(enqueued_at),
+                enqueued_at,
+                len(trace),
+                trace,
+            )
+        else:
+            pairs = encode_pairs(zip(_JOB_PARAM_NAMES, values, strict=True))
+        if job.attributes:
+            pairs += encode_pairs(_attribute_params(job))
+        return pairs
 
     def body(self, job: Job) -> bytes:
         return request_body(self.target.content_type, job.payload)[1]
@@ -85,17 +127,17 @@ class FastCGIBackend:
     async def deliver(self, job: Job) -> Delivery:
         timeout = self.target.timeout
         body = self.body(job)
-        started = trio.current_time()
+        started = self._now()
         # One deadline for the whole attempt, waiting for and opening a connection included;
         # the pool enforces it without a cancel scope of ours.
         deadline = started + timeout
         # Pairs this backend built itself are bytes by construction: encoded here, they skip
         # the per-pair type check Params makes of pairs handed to it.
-        params = Params((), self._static_encoded + encode_pairs(self._job_params(job, body)))
+        params = Params((), self._static_encoded + self._job_pairs(job, body))
         try:
             response = await self.pool.request(params, body, deadline=deadline)
         except (BackendError, RemoteProtocolError) as exc:
-            now = trio.current_time()
+            now = self._now()
             # Only once the request is on its way is the deadline a timeout, spending an
             # attempt.  Not connected or no free connection by then, php never saw the job:
             # a connect or pool failure, which spends nothing.
@@ -112,13 +154,27 @@ class FastCGIBackend:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.pool.run(task_status=task_status)
+        self._now = trio.lowlevel.current_clock().current_time
+        try:
+            await self.pool.run(task_status=task_status)
+        finally:
+            self._now = trio.current_time
 
     async def aclose(self) -> None:
         await self.pool.aclose()
 
     def statistics(self) -> PoolStatistics:
         return self.pool.statistics()
+
+
+def _job_values(job: Job, body: bytes) -> tuple[bytes, ...]:
+    """The values of ``_JOB_PARAM_NAMES`` for a delivery of ``job`` (a fresh span each time)."""
+    # str.encode (UTF-8) through map: no comprehension frame per job.
+    return (b"%d" % len(body), *map(str.encode, job_header_values(job)))
+
+
+def _attribute_params(job: Job) -> list[tuple[bytes, bytes]]:
+    return [(cgi_name(name), value.encode("utf-8")) for name, value in attribute_headers(job)]
 
 
 def _static_params(target: FastCGITarget) -> list[tuple[bytes, bytes]]:

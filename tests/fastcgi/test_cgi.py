@@ -74,3 +74,14 @@ def test_a_malformed_block_fails_every_time() -> None:
     for _ in range(2):  # errors are not remembered as results
         with pytest.raises(RemoteProtocolError, match="malformed CGI Status"):
             parse_cgi_response(b"Status: 700\r\n\r\n")
+
+
+@pytest.mark.parametrize("blank", [b"\n\n", b"\r\n\n", b"\n\r\n"])
+def test_the_first_blank_line_ends_the_headers_whatever_its_line_ends(blank: bytes) -> None:
+    # A CRLF blank line later in the body must not be taken for the end of the headers, the
+    # second time either (the header block of a PHP answer is parsed once and remembered).
+    raw = b"Status: 201\r\nX-A: 1" + blank + b"Content-Type: a/b\r\n\r\nrest"
+    for _ in range(2):
+        response = parse_cgi_response(raw)
+        assert (response.status, response.headers) == (201, ((b"X-A", b"1"),))
+        assert response.body == b"Content-Type: a/b\r\n\r\nrest"

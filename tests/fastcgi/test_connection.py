@@ -365,6 +365,24 @@ def test_send_request_is_the_three_events_in_one() -> None:
 
 
 @pytest.mark.parametrize("keep_conn", [True, False])
+def test_send_request_frames_small_requests_as_the_events_do(keep_conn: bool) -> None:
+    # A request whose streams fit one record each is framed in one step: every padding,
+    # and the empty streams, must come out as sending the three events does.
+    for params_size in (0, 1, 7, 8, 9, 15, 16, 17, 65528):
+        for body_size in (0, 1, 6, 8, 13, 65528, 65529):
+            params = Params((), b"p" * params_size)
+            body = b"b" * body_size
+            one_by_one = ClientConnection(request_id=513)
+            expected = (
+                one_by_one.send(BeginRequest(keep_conn=keep_conn))
+                + one_by_one.send(params)
+                + one_by_one.send(Stdin(body))
+            )
+            conn = ClientConnection(request_id=513)
+            assert conn.send_request(params, body, keep_conn=keep_conn) == expected
+
+
+@pytest.mark.parametrize("keep_conn", [True, False])
 def test_send_request_keep_conn_flag(keep_conn: bool) -> None:
     conn = ClientConnection()
     records = decode(conn.send_request(Params(()), keep_conn=keep_conn))

@@ -10,6 +10,7 @@ from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
 from adapters.delivery.headers import enqueued_at_text, job_headers
 from adapters.storage.jobs import Job, Priority
 from fastcgi.address import parse_address
+from fastcgi.pairs import decode_pairs, encode_pairs
 
 
 def _job(enqueued_at: float, attributes: dict[str, str] | None = None) -> Job:
@@ -89,3 +90,32 @@ def test_fastcgi_params_are_the_headers_in_cgi_form() -> None:
             assert params[cgi][:36] == value[:36].encode()
         else:
             assert params[cgi] == value.encode()
+
+
+@pytest.mark.parametrize(
+    ("job_id", "attributes", "body"),
+    [
+        ("01JBX0000000000000000000AB", {}, b"12345"),
+        ("01JBX0000000000000000000AB", {"tenant": "acme", "lang": "héllo"}, b""),
+        ("i" * 127, {}, b"x" * 1000),  # the longest value that fits a one-byte length
+        ("i" * 128, {}, b"x"),  # and the shortest that does not
+        ("%c%b%%", {"long": "v" * 300}, b"x"),
+    ],
+)
+def test_fastcgi_params_are_sent_as_they_read(
+    monkeypatch: pytest.MonkeyPatch, job_id: str, attributes: dict[str, str], body: bytes
+) -> None:
+    # The request encodes the job's parameters in one step (FastCGIBackend._job_pairs): they
+    # must be the pairs params() lists (what `busgate curl` shows), byte for byte.
+    monkeypatch.setattr("adapters.delivery.headers.new_span_id", lambda: "00f067aa0ba902b7")
+    backend = FastCGIBackend(
+        FastCGITarget(parse_address("fastcgi://127.0.0.1:9000"), "/srv/app/index.php")
+    )
+    job = _job(1_700_000_000.25, attributes)
+    job.id = job_id
+    expected = encode_pairs(backend.params(job, body))
+    assert backend._static_encoded + backend._job_pairs(job, body) == expected
+    assert decode_pairs(expected)[-len(attributes) - 7 :][:2] == [
+        (b"CONTENT_LENGTH", b"%d" % len(body)),
+        (b"HTTP_X_BUSGATE_JOB_ID", job_id.encode()),
+    ]

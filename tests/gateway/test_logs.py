@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import random
 import sys
+import time
 import weakref
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from gateway.logs import FORMAT, MAX_HELD, LineFormatter, LineHandler, flushing
+from adapters.delivery.base import Delivery
+from adapters.storage.jobs import Attempt, Job, Outcome, Priority
+from gateway import dispatcher
+from gateway.logs import FORMAT, MAX_HELD, LineFormatter, LineHandler, flushing, log_line
+from gateway.policy import Backoff, Decision, decide
 
 
 def record(created: float) -> logging.LogRecord:
@@ -145,3 +154,161 @@ def test_logging_shutdown_writes_what_is_held() -> None:
     emit(line_handler, logging.INFO, "held")
     logging.shutdown([weakref.ref(line_handler)])  # what atexit runs, for this handler
     assert stream.getvalue() == "INFO held\n"
+
+
+# -- log_line: a job's line without a LogRecord ----------------------------------------------
+
+
+@pytest.fixture
+def own_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[logging.Logger, Writes]]:
+    """A logger whose lines reach one LineHandler only, as ``setup`` leaves the daemon's, at a
+    fixed time.  It does not propagate (the root logger has pytest's handlers), and the
+    pytest handlers added to it for the test are set aside (``alone``)."""
+    monkeypatch.setattr(time, "time", lambda: 1763931223.8167)
+    logger = logging.getLogger("busgate.test_log_line")
+    stream = Writes()
+    line_handler = LineHandler(stream)
+    line_handler.setFormatter(LineFormatter())
+    logger.addHandler(line_handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger, stream
+    finally:
+        logger.removeHandler(line_handler)
+        logger.filters.clear()
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def alone(logger: logging.Logger) -> Iterator[None]:
+    """Only the fixture's handler on ``logger`` for the block."""
+    saved = logger.handlers[:]
+    logger.handlers[:] = [h for h in saved if isinstance(h, LineHandler)]
+    try:
+        yield
+    finally:
+        logger.handlers[:] = saved
+
+
+LINES = [
+    (logging.INFO, "job=%s attempt=%d duration_ms=%.1f%s", ("a", 2, 12.345, "")),
+    (logging.WARNING, "job=%s outcome=%s reason=%r", ("b", "retry", "status 500: 'x'")),
+    (logging.INFO, "100%% done, %s", ("c",)),
+    (logging.INFO, "100% done, no arguments", ()),
+    (logging.INFO, "job=%(id)s", ({"id": "d"},)),  # a lone mapping, as LogRecord keeps it
+    (logging.DEBUG, "below the level %s", ("e",)),
+]
+
+
+def test_log_line_writes_what_logger_log_writes(
+    own_logger: tuple[logging.Logger, Writes],
+) -> None:
+    logger, stream = own_logger
+    with alone(logger):
+        for level, msg, args in LINES:
+            logger.log(level, msg, *args)
+        stock = stream.getvalue()
+        stream.seek(0)
+        stream.truncate()
+        for level, msg, args in LINES:
+            log_line(logger, level, msg, *args)
+    assert stream.getvalue() == stock
+    assert stock.startswith(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(1763931223))}")
+    assert stock.splitlines()[0].endswith(
+        ",816 INFO busgate.test_log_line job=a attempt=2 duration_ms=12.3"
+    )
+
+
+def test_a_jobs_line_builds_no_log_record(
+    own_logger: tuple[logging.Logger, Writes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A LogRecord costs more than the rest of the line: log_line writes the same text without
+    # one when the daemon's handler is the only one that would see it.
+    logger, stream = own_logger
+    built: list[logging.LogRecord] = []
+    stock_init = logging.LogRecord.__init__
+
+    def counted(record: logging.LogRecord, *args: Any, **kwargs: Any) -> None:
+        built.append(record)
+        stock_init(record, *args, **kwargs)
+
+    monkeypatch.setattr(logging.LogRecord, "__init__", counted)
+    monkeypatch.setattr(dispatcher, "log", logger)
+    job = Job("j1", "q", "t", b"{}", {}, Priority.NORMAL, 1, 0.0, 0.0, "ab" * 16)
+    attempt = Attempt(1, 0.0, 0.0123, Outcome.DONE, 200)
+    delivery = Delivery(0.0123, 200)
+    with alone(logger):
+        dispatcher._log_attempt(job, attempt, decide_done(delivery), delivery, recorded=True)
+    assert built == []
+    assert stream.getvalue().endswith(
+        " INFO busgate.test_log_line job=j1 queue=q topic=t attempt=1 outcome=done status=200"
+        f" duration_ms=12.3 trace={'ab' * 16}\n"
+    )
+
+
+def decide_done(delivery: Delivery) -> Decision:
+    return decide(
+        delivery,
+        attempt=1,
+        max_attempts=3,
+        backoff=Backoff(1.0, 10.0),
+        dead_on=frozenset(),
+        now=0.0,
+        rng=random.Random(0),
+    )
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_line_anything_else_would_see_goes_through_logging(
+    own_logger: tuple[logging.Logger, Writes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logger, stream = own_logger
+    with alone(logger):
+        # Another handler, before or after the line handler: it gets the record, and the
+        # line handler the same line as ever.
+        for where in (0, 1):
+            capture = Capture()
+            logger.handlers.insert(where, capture)
+            log_line(logger, logging.INFO, "job=%s", f"a{where}")
+            logger.removeHandler(capture)
+            assert [r.getMessage() for r in capture.records] == [f"job=a{where}"]
+            assert stream.getvalue().endswith(f" INFO busgate.test_log_line job=a{where}\n")
+        # A filter on the logger decides, as logger.log lets it.
+        logger.addFilter(lambda record: record.args != ("dropped",))
+        log_line(logger, logging.INFO, "job=%s", "dropped")
+        assert "dropped" not in stream.getvalue()
+        logger.filters.clear()
+    # A record factory sees every record.
+    made: list[str] = []
+    stock_factory = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = stock_factory(*args, **kwargs)
+        made.append(record.getMessage())
+        return record
+
+    monkeypatch.setattr(logging, "_logRecordFactory", factory)
+    with alone(logger):
+        log_line(logger, logging.INFO, "job=%s", "made")
+    assert made == ["job=made"]
+    assert stream.getvalue().endswith(" INFO busgate.test_log_line job=made\n")
+
+
+def test_a_line_that_fails_to_format_is_reported_as_logging_reports_it(
+    own_logger: tuple[logging.Logger, Writes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger, stream = own_logger
+    with alone(logger):
+        log_line(logger, logging.INFO, "attempt=%d", "not a number")
+    assert stream.getvalue() == ""
+    assert "--- Logging error ---" in capsys.readouterr().err
