@@ -252,7 +252,10 @@ class _Batcher:
 
     async def flush(self, entry: QueueEntry) -> None:
         try:
-            with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_GRACE):
+            # Shielded, and bounded by FLUSH_GRACE instead: one cancel scope for both (a scope
+            # costs as much as a trip through the scheduler, and this runs per store call).
+            deadline = trio.current_time() + FLUSH_GRACE
+            with trio.CancelScope(deadline=deadline, shield=True):
                 await self._flush_all(entry)
         finally:
             self._flushing = False
