@@ -91,6 +91,9 @@ class RedisConnection(PooledStream):
         sock = self.sock
         if sock is None:
             return await self._roundtrip_stream(payload, count)
+        # Nothing goes to Redis from a call already cancelled (out of time): it would run the
+        # commands for nobody.  An idle connection from the pool came without a checkpoint.
+        await trio.lowlevel.checkpoint_if_cancelled()
         await send_all(sock, payload, _no_deadline_to_start)
         replies: list[Any] = []
         reader = self.reader
@@ -271,6 +274,9 @@ class RedisClient:
                 except (trio.BrokenResourceError, ssl.SSLError) as exc:
                     tcp.socket.close()
                     raise StoreUnavailable(f"{self.name}: TLS handshake failed: {exc}") from exc
+                except BaseException:  # out of time (connect_timeout), or cancelled
+                    tcp.socket.close()
+                    raise
                 conn = RedisConnection(tls, tcp.socket, trio.current_time())
             else:
                 # trio connected it (TCP_NODELAY); calls use the socket itself.
