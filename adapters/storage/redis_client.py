@@ -308,6 +308,11 @@ class RedisClient:
             replies = await conn.roundtrip(payload, len(commands))
         except (trio.BrokenResourceError, OSError) as exc:
             raise StoreUnavailable(f"{self.name}: connection lost during login: {exc}") from exc
+        except hiredis.ProtocolError as exc:  # the URL names something else: an HTTP port
+            raise StoreRefused(
+                f"{self.name}: the server does not speak the Redis protocol ({exc});"
+                " is this the address of a Redis server?"
+            ) from exc
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ServerError):
                 what = str(command[0])

@@ -8,7 +8,7 @@ import os
 import pytest
 import trio
 
-from adapters.storage.errors import StoreError
+from adapters.storage.errors import StoreError, StoreRefused
 from adapters.storage.redis_client import RedisAddress, RedisClient
 from tests.support.redis import RedisServer
 
@@ -60,4 +60,28 @@ async def test_a_tls_handshake_out_of_time_leaves_no_socket_open() -> None:
         nursery.cancel_scope.cancel()
     for sock in accepted:
         sock.close()
+    listener.close()
+
+
+async def test_a_server_that_is_not_redis_is_named_as_such() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(10)
+
+    async def http_server() -> None:  # what a store URL with a web server's port reaches
+        while True:
+            sock, _ = await listener.accept()
+            with sock:
+                await sock.recv(4096)
+                await sock.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    port = listener.getsockname()[1]
+    client = RedisClient(RedisAddress("127.0.0.1", port), command_timeout=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(http_server)
+        await nursery.start(client.run)
+        with pytest.raises(StoreRefused, match="does not speak the Redis protocol"):
+            await client.execute("PING")
+        await client.aclose()
+        nursery.cancel_scope.cancel()
     listener.close()
