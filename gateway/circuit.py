@@ -103,8 +103,10 @@ class CircuitBreaker:
     def record(self, delivery: Delivery) -> None:
         if backend_failed(delivery):
             self._failure()
-        else:
+        elif self._failures or self.state is not CircuitState.CLOSED:
             self._success()
+        # Else closed without failures: _success would write what is there already (only
+        # _open and a half-open failure change the cooldown, the probe and the reopen time).
 
     def _success(self) -> None:
         self._failures = 0

@@ -83,6 +83,11 @@ class _TopicRecord:
     )
 
 
+# Bound once: module and enum attribute look-ups, per attempt otherwise.
+_bucket_of = bisect.bisect_left
+_DONE = Outcome.DONE
+
+
 def percentile(ordered: Sequence[float], fraction: float) -> float | None:
     if not ordered:
         return None
@@ -126,14 +131,15 @@ class Telemetry:
         record = self._topics.get((job.queue, job.topic))
         if record is None:
             record = self._topics[job.queue, job.topic] = _TopicRecord()
+        duration = attempt.duration  # read once: this runs per attempt
         record.attempts += 1
-        record.durations.append(attempt.duration)
-        record.duration_sum += attempt.duration
-        record.histogram[bisect.bisect_left(DURATION_BUCKETS, attempt.duration)] += 1
+        record.durations.append(duration)
+        record.duration_sum += duration
+        record.histogram[_bucket_of(DURATION_BUCKETS, duration)] += 1
         if delivery.failure is not None:
             kind = delivery.failure.value
             record.failures[kind] = record.failures.get(kind, 0) + 1
-        failed = decision.outcome is not Outcome.DONE
+        failed = decision.outcome is not _DONE
         if not failed and not self._subscribers:
             return  # an event nobody reads: not built
         event = {
