@@ -702,11 +702,11 @@ class RespServer:
             # A producer waiting for each reply: one push per read.  Checked, counted and
             # answered without the lists and closure a run of them needs (``_prepare``).
             prepared = session.prepare(push.args)
-            self._commands += 1
             if isinstance(prepared, bytes):  # refused, or queued by MULTI
-                self.count_errors([prepared])
+                self._count(group, [prepared])
                 conn.reply_now(prepared)
                 return None
+            self._commands += 1  # its reply, if an error, is counted by answer_stored
             conn.owed = True
             return session.commit_nowait([prepared], conn.answer_stored)
         replies, pending, slots = _prepare(session, group)

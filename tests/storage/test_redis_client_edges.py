@@ -4,6 +4,8 @@ handshake that runs out of time leaves no socket open."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -32,56 +34,62 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_a_tls_handshake_out_of_time_leaves_no_socket_open() -> None:
+@asynccontextmanager
+async def serving(
+    handle: Callable[[trio.socket.SocketType], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A TCP server on a free port that runs ``handle`` on each connection it accepts."""
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen(10)
-    accepted: list[trio.socket.SocketType] = []
 
-    async def never_answer() -> None:  # accepts, and never says a word of TLS
+    async def accept() -> None:
         while True:
             sock, _ = await listener.accept()
-            accepted.append(sock)
+            nursery.start_soon(handle, sock)
 
-    port = listener.getsockname()[1]
-    client = RedisClient(
-        RedisAddress("127.0.0.1", port), tls=True, connect_timeout=0.05, command_timeout=0.3
-    )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(never_answer)
-        await nursery.start(client.run)
-        before = _open_fds()
-        with pytest.raises(StoreError):
-            await client.execute("PING")
-        await trio.sleep(0.05)
-        assert accepted, "the client never connected"
-        assert _open_fds() - before - len(accepted) <= 0  # the server's ends only
-        await client.aclose()
-        nursery.cancel_scope.cancel()
+    with listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            yield listener.getsockname()[1]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_tls_handshake_out_of_time_leaves_no_socket_open() -> None:
+    accepted: list[trio.socket.SocketType] = []
+
+    async def never_answer(sock: trio.socket.SocketType) -> None:  # never a word of TLS
+        accepted.append(sock)
+
+    async with serving(never_answer) as port:
+        client = RedisClient(
+            RedisAddress("127.0.0.1", port), tls=True, connect_timeout=0.05, command_timeout=0.3
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            before = _open_fds()
+            with pytest.raises(StoreError):
+                await client.execute("PING")
+            await trio.sleep(0.05)
+            assert accepted, "the client never connected"
+            assert _open_fds() - before - len(accepted) <= 0  # the server's ends only
+            await client.aclose()
+            nursery.cancel_scope.cancel()
     for sock in accepted:
         sock.close()
-    listener.close()
 
 
 async def test_a_server_that_is_not_redis_is_named_as_such() -> None:
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(10)
+    async def http_server(sock: trio.socket.SocketType) -> None:  # a web server's port
+        with sock:
+            await sock.recv(4096)
+            await sock.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
 
-    async def http_server() -> None:  # what a store URL with a web server's port reaches
-        while True:
-            sock, _ = await listener.accept()
-            with sock:
-                await sock.recv(4096)
-                await sock.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-
-    port = listener.getsockname()[1]
-    client = RedisClient(RedisAddress("127.0.0.1", port), command_timeout=2)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(http_server)
-        await nursery.start(client.run)
-        with pytest.raises(StoreRefused, match="does not speak the Redis protocol"):
-            await client.execute("PING")
-        await client.aclose()
-        nursery.cancel_scope.cancel()
-    listener.close()
+    async with serving(http_server) as port:
+        client = RedisClient(RedisAddress("127.0.0.1", port), command_timeout=2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            with pytest.raises(StoreRefused, match="does not speak the Redis protocol"):
+                await client.execute("PING")
+            await client.aclose()
+            nursery.cancel_scope.cancel()
