@@ -36,11 +36,12 @@ from gateway.admin import AdminAPI, read_token
 from gateway.config import Config, StoreConfig, TopicConfig, config_warnings, php_fpm_notes
 from gateway.dispatcher import Dispatcher, DispatcherStatistics
 from gateway.health import BackendHealth
+from gateway.http_server import SEND_TIMEOUT as HTTP_SEND_TIMEOUT
 from gateway.http_server import HTTPServer, Request, Response, Router
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import registry_for
 from gateway.metrics import render as render_metrics
-from gateway.producer import Directory, ProducerService
+from gateway.producer import FLUSH_GRACE, Directory, ProducerService
 from gateway.producer_http import add_producer_routes
 from gateway.resp_server import RespServer, RespStatistics
 from gateway.telemetry import Telemetry
@@ -315,10 +316,13 @@ class App:
 
     async def _drain_producers(self) -> None:
         """Close the Redis-protocol port at once; end its connections once none is owed a
-        reply for a push the store already has (a push now is refused, as on HTTP)."""
-        assert self.resp is not None and self._producers is not None
+        reply for a push the store already has (a push now is refused, as on HTTP).  The
+        HTTP server is ended with the daemon: by then it is answering no request."""
+        assert self.resp is not None and self.http is not None and self._producers is not None
         try:
-            await self.resp.drain()
+            async with trio.open_nursery() as both:
+                both.start_soon(self.resp.drain)
+                both.start_soon(self.http.drain, FLUSH_GRACE + HTTP_SEND_TIMEOUT)
         finally:
             self._producers.cancel()
             self._producers_drained.set()

@@ -17,9 +17,9 @@ Batching is what makes the store cheap per job: SQLite commits (and fsyncs) once
 Redis runs one script per batch.  A lease is short, so a crashed daemon's jobs come back
 quickly; it is extended while a long delivery runs, and before a buffered job starts if its
 wait ate into it.  The circuit breaker and the rate limit gate the fetcher.  On shutdown
-``stop()`` ends reserving; buffered jobs are released at once, in-flight deliveries may finish
-until the deadline, then they are cancelled and their jobs released without spending an
-attempt.
+``stop()`` ends reserving; buffered jobs are released at once (until then their leases are
+kept), in-flight deliveries may finish until the deadline, then they are cancelled and their
+jobs released without spending an attempt.
 """
 
 from __future__ import annotations
@@ -204,6 +204,12 @@ class Dispatcher:
                         workers.start_soon(self._work)
                     await self._fetch_loop()
                     self._jobs_in.close()  # workers finish what they hold, then leave
+                    # What waits in the buffer goes back now, not after the deliveries (a
+                    # long one may run until shutdown_timeout): in a task of its own, so a
+                    # store that does not answer holds the stop no longer than they do.
+                    # What it has not given back by then goes with the final release.
+                    if buffered := self._drain_buffer():
+                        upkeep.start_soon(self._give_back, buffered)
                 self._workers_done = True
                 self._store_deadline = trio.current_time() + RECORD_GRACE
                 # The recorder flushes the last outcomes at once and ends.
@@ -371,9 +377,11 @@ class Dispatcher:
                     job = await jobs.receive()
             except trio.EndOfChannel:
                 return
-            lease_until = self._buffered_leases.pop(job.id, job.lease_until)
             if self._stopping:
-                continue  # buffered: released at the end, no attempt spent
+                # Taken before the buffer was given back: released at the end, no attempt
+                # spent, and its lease kept until then (``_keep_leased``), as in the buffer.
+                continue
+            lease_until = self._buffered_leases.pop(job.id, job.lease_until)
             if self._paused or self.circuit.state is CircuitState.OPEN:
                 # Reserved before a pause or before the circuit opened: give it back rather
                 # than start a delivery the operator stopped (a slow topic's buffer would go

@@ -31,6 +31,8 @@ SEND_TIMEOUT = 30.0
 MAX_HEADERS = 64 * 1024
 DEFAULT_MAX_BODY = 1024 * 1024
 _RECEIVE_SIZE = 64 * 1024
+#: How often a drain looks for requests still being answered.
+_DRAIN_POLL = 0.01
 
 
 class HTTPError(Exception):
@@ -195,6 +197,8 @@ class HTTPServer:
         self._requests = 0
         self._errors = 0
         self._rejected = 0
+        #: Requests read and not yet answered: a push among them may be stored already.
+        self._answering = 0
 
     def statistics(self) -> HTTPStatistics:
         return HTTPStatistics(
@@ -214,6 +218,18 @@ class HTTPServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._serve, listeners)
             task_status.started(self.address)
+
+    async def drain(self, limit: float) -> None:
+        """Return once no request is being answered, or after ``limit`` seconds.
+
+        A push stored while the daemon stops must still get its answer: cut off, the
+        producer would push again what the store has.  The server goes on serving meanwhile
+        (a push now is refused by the stopped service; health and admin calls are answered).
+        """
+        with trio.move_on_after(limit):
+            # Polled, and only here: an event would cost a check on every request's path.
+            while self._answering:  # noqa: ASYNC110
+                await trio.sleep(_DRAIN_POLL)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         if self._connections >= self.max_connections():
@@ -253,24 +269,32 @@ class HTTPServer:
             if idle.cancelled_caught or not isinstance(head, h11.Request):
                 return
             self._requests += 1
+            self._answering += 1
             try:
-                request = _request_of(head, peer)
-            except HTTPError as exc:  # a head refused whatever its route
-                response = exc.response()
-            else:
-                if _is_websocket(head) and request.path in self.router.websockets:
-                    await self._upgrade(stream, head, conn, request)
-                    return
                 try:
-                    response = await self._handle(conn, stream, head, request)
-                except h11.RemoteProtocolError as exc:  # in the body: say so, then close
+                    request = _request_of(head, peer)
+                except HTTPError as exc:  # a head refused whatever its route
+                    response = exc.response()
+                else:
+                    if _is_websocket(head) and request.path in self.router.websockets:
+                        self._answering -= 1  # a conversation from now on, not a request
+                        try:
+                            await self._upgrade(stream, head, conn, request)
+                        finally:
+                            self._answering += 1  # as the finally below takes it off
+                        return
+                    try:
+                        response = await self._handle(conn, stream, head, request)
+                    except h11.RemoteProtocolError as exc:  # in the body: say so, then close
+                        self._errors += 1
+                        await _refuse(stream, exc.error_status_hint, str(exc))
+                        return
+                if response.status >= 400:
                     self._errors += 1
-                    await _refuse(stream, exc.error_status_hint, str(exc))
-                    return
-            if response.status >= 400:
-                self._errors += 1
-            unread = conn.their_state is h11.SEND_BODY  # answered before reading the body
-            keep = await self._respond(conn, stream, head, response, close=unread)
+                unread = conn.their_state is h11.SEND_BODY  # answered before reading the body
+                keep = await self._respond(conn, stream, head, response, close=unread)
+            finally:
+                self._answering -= 1
             if unread:
                 await _lingering_close(stream)
                 return

@@ -294,6 +294,19 @@ async def test_live_websocket(app: App, record: Path) -> None:
     )
 
 
+async def test_an_open_dashboard_does_not_hold_a_shutdown(app: App) -> None:
+    # A shutdown waits for the HTTP requests being answered (a push may be stored already);
+    # a WebSocket is a conversation, not one of them.
+    url = f"ws://{app.http_address}/v1/live"
+    async with trio_websocket.open_websocket_url(url) as socket:
+        await socket.send_message(json.dumps({"token": TOKEN}))
+        assert json.loads(await socket.get_message())["type"] == "stats"
+        app.shutdown()
+        with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed):
+            while True:
+                await socket.get_message()
+
+
 async def test_a_selection_by_ids_counts_only_this_topics_dead_jobs(app: App, record: Path) -> None:
     await push(app, b'{"respond_status": 404}')
     await wait_received(record, 1)

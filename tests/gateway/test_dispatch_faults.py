@@ -275,6 +275,37 @@ async def test_jobs_waiting_in_the_buffer_longer_than_their_lease_keep_it(
     assert all(r.attempt == 1 for r in received)
 
 
+async def test_a_stop_gives_the_buffered_jobs_back_at_once_unspent(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    """Two workers, a lease shorter than the drain: a stop while one delivery runs for 3 s
+    gives the jobs waiting in the buffer back at once.  Before, the free worker took them out
+    of the buffer and dropped them until the end; nothing extended their leases meanwhile,
+    so they expired, and with one attempt allowed went dead without reaching the backend."""
+    topic = one_worker_topic(recording_fpm, "{max_attempts: 1}").replace(
+        "concurrency: 1", "concurrency: 2"
+    )
+    config = write_config(tmp_path, {"q": topic})
+    async with running_daemon(config) as app:
+        await push(
+            app, b'{"sleep_ms": 3000}', *(b'{"sleep_ms": 500, "n": %d}' % n for n in range(6))
+        )
+        await wait_received(record, 2)  # the long one, and the first short one
+        dispatcher = app._dispatchers["q", "t"]
+        app.shutdown(timeout=10)
+        assert app.store is not None
+        with trio.fail_after(1):  # given back while the long delivery runs
+            while (await app.store.stats("q", "t")).ready == 0:
+                await trio.sleep(0.02)
+        with trio.fail_after(10):
+            await dispatcher.finished.wait()
+        stats = await app.store.stats("q", "t")
+    received = read_received(record)
+    assert [r.attempt for r in received] == [1] * len(received)
+    assert (stats.dead_total, stats.expired_total, stats.leased) == (0, 0, 0)
+    assert stats.done_total == len(received) and stats.ready == 7 - len(received)
+
+
 def redis_topic_config(tmp_path: Path, fpm: PhpFpm, redis: RedisServer) -> Path:
     topic = one_worker_topic(fpm, "{max_attempts: 3, backoff: 50ms}")
     return write_config(

@@ -280,3 +280,24 @@ async def test_a_shutdown_sends_the_replies_for_pushes_already_with_the_store(
             host, _, port = app.resp_address.rpartition(":")
             with pytest.raises(OSError):  # the port closed at once
                 await trio.open_tcp_stream(host, int(port))
+
+
+async def test_a_shutdown_answers_an_http_push_the_store_has(tmp_path: Path) -> None:
+    # The daemon used to end the HTTP server with the rest, a push still waiting for its
+    # store call included: stored, but never answered, so the producer pushed it again.
+    async with running_daemon(write_config(tmp_path, QUEUES)) as app:
+        slow = SlowPushes(app, 0.3)
+        host, _, port = app.http_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(
+            b"POST /v1/queues/held/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        await slow.started.wait()  # taken before the shutdown: the store is storing it
+        app.shutdown()
+        answer = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some():
+                answer += chunk
+        assert app.store is not None
+        assert (await app.store.stats("held", "t")).ready == 1
+    assert answer.startswith(b"HTTP/1.1 202"), answer
