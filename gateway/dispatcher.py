@@ -35,7 +35,7 @@ import trio
 
 from adapters.delivery.base import Backend, Delivery, Failure
 from adapters.storage.base import Finish, Retention, Store
-from adapters.storage.errors import StoreError
+from adapters.storage.errors import StoreError, StoreUncertain
 from adapters.storage.jobs import EXCERPT_BYTES, Attempt, Job, Outcome
 from gateway import logs
 from gateway.circuit import CircuitBreaker, CircuitState, CircuitStatistics
@@ -99,6 +99,10 @@ class _Outcome:
     attempt: Attempt
     decision: Decision
     delivery: Delivery
+    lease_until: float  # when the job's lease ends, as last extended
+    #: A call to record it went unanswered: it may have been recorded, even if the store
+    #: says so no longer (``_record``).
+    uncertain: bool = False
 
 
 class Dispatcher:
@@ -402,7 +406,7 @@ class Dispatcher:
             if self._outlasts_lease:
                 self._running_leases[job.id] = lease_until
             try:
-                await self._deliver(job)
+                await self._deliver(job, lease_until)
             finally:
                 self._running_leases.pop(job.id, None)
                 self._in_flight -= 1
@@ -454,7 +458,7 @@ class Dispatcher:
         for job in jobs:
             self._not_delivered(job)
 
-    async def _deliver(self, job: Job) -> None:
+    async def _deliver(self, job: Job, lease_until: float) -> None:
         started_at = self._clock()
         started = self._now()
         try:
@@ -475,8 +479,10 @@ class Dispatcher:
             )
             decision, attempt = self._judge(job, delivery, started_at)
         self.circuit.record(delivery)
+        if self._outlasts_lease:  # extended while it ran (_keep_leased)
+            lease_until = self._running_leases.get(job.id, lease_until)
         # Handed over without an await: a cancellation from here on cannot lose the attempt.
-        self._outcomes.append(_Outcome(job, attempt, decision, delivery))
+        self._outcomes.append(_Outcome(job, attempt, decision, delivery, lease_until))
         self._outcome_ready.set()
         if len(self._outcomes) >= RECORD_BATCH:
             self._flush_now.set()
@@ -552,13 +558,21 @@ class Dispatcher:
             self._outcome_ready = trio.Event()
             self._flush_now = trio.Event()
             batch, self._outcomes = self._outcomes, []
-            if batch:
-                await self._record(batch)
+            if batch and (again := await self._record(batch)):
+                # The store did not take them: once more after a pause (a stop cuts it
+                # short), ahead of what came meanwhile.  Dropped, they would come back when
+                # their leases ran out, an attempt spent: a job done at its last attempt
+                # would go dead.
+                with trio.move_on_after(STORE_ERROR_PAUSE):
+                    await self._flush_now.wait()
+                self._outcomes[:0] = again
+                self._outcome_ready.set()
             if self._workers_done and not self._outcomes:
                 done.set()
                 return
 
-    async def _record(self, batch: list[_Outcome]) -> None:
+    async def _record(self, batch: list[_Outcome]) -> list[_Outcome]:
+        """Record ``batch`` in one store call; what to try again if the store failed."""
         items = [
             Finish(o.job, o.attempt, o.decision.outcome, o.decision.run_at or 0.0, o.decision.spend)
             for o in batch
@@ -566,27 +580,30 @@ class Dispatcher:
         began, grace_end = trio.current_time(), self._grace_end()
         answer: list[bool] | None = None
         error = ""
+        uncertain = True  # cut short by the grace: the call may have been carried out
         # Shielded, so that a shutdown cannot lose a finished attempt, and bounded by the
         # grace instead: one cancel scope for both (a scope costs more than a job's outcome).
         with trio.CancelScope(deadline=grace_end, shield=True):
             try:
                 answer = await self.store.finish(items)
             except StoreError as exc:
-                error = str(exc)
+                error, uncertain = str(exc), isinstance(exc, StoreUncertain)
         answered = answer is not None
+        again: list[_Outcome] = []
         if answer is None:
-            # The jobs stay leased; when their leases expire they are delivered again.
             error = error or f"no answer within {grace_end - began:.3g}s"
             self._store_errors += 1
+            again, batch = self._try_again(batch, uncertain)
             log.error(
-                "recording %d outcomes failed queue=%s topic=%s error=%s",
-                len(batch),
+                "recording %d outcomes failed queue=%s topic=%s error=%s%s",
+                len(again) + len(batch),
                 *self.key,
                 error,
+                f" (trying again in {STORE_ERROR_PAUSE:g}s)" if again else "",
             )
-        recorded = [False] * len(batch) if answer is None else answer
         held = self._held
-        for outcome, ok in zip(batch, recorded, strict=True):
+        for index, outcome in enumerate(batch):
+            ok = answer is not None and answer[index]
             job, decision = outcome.job, outcome.decision
             # _let_go, with the capacity set once for the batch (below): nothing can wait
             # on it before this returns, and that is a call fewer per job.
@@ -603,13 +620,16 @@ class Dispatcher:
             if answered and not ok:
                 log.warning(
                     "outcome not recorded job=%s queue=%s topic=%s attempt=%d: the store no"
-                    " longer held the job's lease (it expired and the job was handed out"
-                    " again, or the job is gone from the store, as after a FLUSHALL or a Redis"
-                    " restart without persistence)",
+                    " longer held the job's lease (%s)",
                     job.id,
                     job.queue,
                     job.topic,
                     job.attempt,
+                    "an earlier call to record it went unanswered, and may have recorded it"
+                    if outcome.uncertain
+                    else "it expired and the job was handed out again, or the job is gone"
+                    " from the store, as after a FLUSHALL or a Redis restart without"
+                    " persistence",
                 )
             for listener in self._listeners:
                 try:
@@ -618,8 +638,28 @@ class Dispatcher:
                     # Telemetry is a listener: a bug there must cost its figures, not every
                     # topic's deliveries (the outcome is recorded already).
                     self._listener_failed(listener)
-            _log_attempt(job, outcome.attempt, decision, outcome.delivery, recorded=ok)
+            recorded = None if not ok and outcome.uncertain else ok
+            _log_attempt(job, outcome.attempt, decision, outcome.delivery, recorded=recorded)
         self._capacity.set()
+        return again
+
+    def _try_again(
+        self, failed: list[_Outcome], uncertain: bool
+    ) -> tuple[list[_Outcome], list[_Outcome]]:
+        """Outcomes the store did not take: those to record again after STORE_ERROR_PAUSE,
+        and those given up (the jobs stay leased there, and are delivered again when their
+        leases run out).  A lease that ends before the next try would have the job handed out
+        again; after a stop's grace, nothing is tried again."""
+        if uncertain:
+            for outcome in failed:
+                outcome.uncertain = True
+        if trio.current_time() + STORE_ERROR_PAUSE >= self._store_deadline:
+            return [], failed
+        # The next try's own call may take the store's timeout too: a lease about to end is
+        # as good as gone.
+        enough = self._clock() + 2 * STORE_ERROR_PAUSE
+        again = [outcome for outcome in failed if outcome.lease_until > enough]
+        return again, [outcome for outcome in failed if outcome.lease_until <= enough]
 
     def _listener_failed(self, listener: AttemptListener) -> None:
         """Log a listener's exception (the one being handled), at most once a minute."""
@@ -690,10 +730,12 @@ def _internal_failure(
 
 
 def _log_attempt(
-    job: Job, attempt: Attempt, decision: Decision, delivery: Delivery, *, recorded: bool
+    job: Job, attempt: Attempt, decision: Decision, delivery: Delivery, *, recorded: bool | None
 ) -> None:
     """The attempt's line.  ``recorded=no`` marks an outcome the store did not take: the job
-    is still leased there and comes back when the lease runs out, whatever ``outcome`` says."""
+    is still leased there and comes back when the lease runs out, whatever ``outcome`` says.
+    ``recorded=unknown`` (``recorded`` None): a call to record it went unanswered, and may
+    have recorded it."""
     done = decision.outcome is Outcome.DONE
     level = logging.INFO if done and recorded else logging.WARNING
     if not log.isEnabledFor(level):
@@ -710,6 +752,6 @@ def _log_attempt(
         "-" if delivery.status is None else delivery.status,
         delivery.duration * 1000,
         job.trace_id,
-        "" if recorded else " recorded=no",
+        "" if recorded else " recorded=no" if recorded is False else " recorded=unknown",
         "" if done else f" reason={decision.reason!r}",
     )

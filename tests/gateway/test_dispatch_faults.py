@@ -353,6 +353,47 @@ async def test_an_outcome_the_store_did_not_take_is_not_counted_and_the_job_come
     assert len(recorded) == 2 and "recorded=no" not in recorded[1]
 
 
+async def test_an_outcome_the_store_failed_to_take_is_recorded_once_it_is_back(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis is down when a delivery ends, and back well before the job's lease runs out.
+    The outcome is recorded on a later try: the job is done, delivered once.  Before, it was
+    dropped: the job came back when its lease ran out, an attempt spent, and with one
+    attempt allowed went dead although its backend had answered 200."""
+    caplog.set_level("INFO", logger="busgate.dispatch")
+    redis = RedisServer(tmp_path / "redis", appendonly=True)  # the job survives the restart
+    redis.start()
+    topic = one_worker_topic(recording_fpm, "{max_attempts: 1}").replace("lease: 1s", "lease: 30s")
+    config = write_config(
+        tmp_path / "daemon",
+        {"q": topic},
+        store=f"redis://127.0.0.1:{redis.port}/0?timeout=1s&connect_timeout=200ms",
+    )
+    try:
+        async with running_daemon(config) as app:
+            await push(app, b'{"sleep_ms": 1000}')
+            dispatcher = app._dispatchers["q", "t"]
+            await wait_received(record, 1)
+            await trio.to_thread.run_sync(redis.stop)
+            with trio.fail_after(10):
+                while dispatcher.statistics().store_errors_total == 0:
+                    await trio.sleep(0.02)
+            await trio.to_thread.run_sync(redis.start)
+            with trio.fail_after(20):
+                while dispatcher.statistics().done_total == 0:
+                    await trio.sleep(0.05)
+            assert app.store is not None
+            stats = await app.store.stats("q", "t")
+    finally:
+        redis.stop()
+    assert (stats.done_total, stats.dead_total, stats.expired_total) == (1, 0, 0)
+    assert len(read_received(record)) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("recording 1 outcomes failed" in m and "trying again in 1s" in m for m in messages)
+    (line,) = [m for m in messages if "outcome=done" in m]
+    assert "recorded=" not in line  # logged once, when recorded
+
+
 async def test_a_hanging_store_holds_a_shutdown_one_grace_past_its_deliveries(
     recording_fpm: PhpFpm,
     record: Path,
@@ -387,4 +428,5 @@ async def test_a_hanging_store_holds_a_shutdown_one_grace_past_its_deliveries(
         redis.stop()  # frozen or not
     messages = [r.getMessage() for r in caplog.records]
     assert any("recording 1 outcomes failed" in m and "no answer within" in m for m in messages)
-    assert any("recorded=no" in m for m in messages)
+    # Cut short, the call may yet run once Redis thaws: not known to be lost.
+    assert any("recorded=unknown" in m for m in messages)
