@@ -86,6 +86,13 @@ class _BusgateCollector(Collector):
             in_flight.add_metric(labels, topic["in_flight"])
             circuit.add_metric(labels, _CIRCUIT[topic["circuit"]["state"]])
             paused.add_metric(labels, 1 if topic["paused"] else 0)
+        store_up = GaugeMetricFamily(
+            "busgate_store_up",
+            "1 when the last stats sample (every second) reached the store; while 0, the"
+            " other series keep the figures of the last sample that did.",
+        )
+        store_up.add_metric([], 1 if snapshot["store"]["ok"] else 0)
+        yield store_up
         yield from counters.values()
         yield from (depth, in_flight, circuit, paused)
         if unconfigured.samples:  # only then: /metrics reads as before while all are configured

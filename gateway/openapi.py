@@ -373,6 +373,21 @@ def document() -> dict[str, Any]:
                                 "properties": {
                                     "generated_at": {"type": ["number", "null"]},
                                     "uptime": {"type": "number"},
+                                    "store": {
+                                        "type": "object",
+                                        "description": "Whether the last sample (every"
+                                        " second) reached the store.  While it does not, the"
+                                        " figures are those of generated_at.",
+                                        "properties": {
+                                            "ok": {"type": "boolean"},
+                                            "error": {"type": ["string", "null"]},
+                                            "since": {
+                                                "type": ["number", "null"],
+                                                "description": "unix time of the first"
+                                                " failed sample of this outage",
+                                            },
+                                        },
+                                    },
                                     "queues": {
                                         "type": "array",
                                         "items": {

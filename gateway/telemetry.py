@@ -115,7 +115,14 @@ class Telemetry:
         self._health = health or dict
         self._clock = clock
         self._topics: dict[tuple[str, str], _TopicRecord] = {}
-        self._snapshot: dict[str, Any] = {"generated_at": None, "queues": []}
+        #: Whether the last sample reached the store, and since when it has not: a snapshot
+        #: kept from before an outage must not pass for the state of things now.
+        self._store: dict[str, Any] = {"ok": True, "error": None, "since": None}
+        self._snapshot: dict[str, Any] = {
+            "generated_at": None,
+            "store": self._store,
+            "queues": [],
+        }
         # Encoded once per sample: every request and every live client gets the same bytes.
         self._snapshot_json = _encode(self._snapshot)
         self._snapshot_message = _encode({"type": "stats", **self._snapshot})
@@ -211,15 +218,23 @@ class Telemetry:
             self.sample_errors += 1
             why = str(exc) or f"the store did not answer within {limit:g}s"
             log.warning("stats sample failed: %s", why)
+            # The figures stay those of the last sample (generated_at says when), marked so.
+            since = self._store["since"] if not self._store["ok"] else self._clock()
+            self._store = {"ok": False, "error": why, "since": since}
+            self._publish({**self._snapshot, "store": self._store})
             return
         now = trio.current_time()
+        self._store = {"ok": True, "error": None, "since": None}
         self._stats = dict(zip(keys, stats, strict=True))
         # A reload may have come while the store answered: build from the configuration that
         # runs now, so a topic it removed is marked so at once (its stats were read), and one
         # it added waits for the next sample, being unread.
-        self._snapshot = self._build(self._config(), now)
-        self._snapshot_json = _encode(self._snapshot)
-        self._snapshot_message = _encode({"type": "stats", **self._snapshot})
+        self._publish(self._build(self._config(), now))
+
+    def _publish(self, snapshot: dict[str, Any]) -> None:
+        self._snapshot = snapshot
+        self._snapshot_json = _encode(snapshot)
+        self._snapshot_message = _encode({"type": "stats", **snapshot})
         for subscriber in list(self._subscribers):
             subscriber.offer(self._snapshot_message)
 
@@ -265,6 +280,7 @@ class Telemetry:
         return {
             "generated_at": self._clock(),
             "uptime": round(self._clock() - self.started_at, 1),
+            "store": self._store,
             "queues": list(queues.values()),
         }
 

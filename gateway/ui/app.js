@@ -22,9 +22,21 @@ const $ = (id) => document.getElementById(id);
 // -- live data -------------------------------------------------------------------------------
 
 function takeSnapshot(snapshot) {
+  showStore(snapshot.store);
   if (!app.history.add(snapshot)) return;
   app.snapshot = snapshot;
   if (app.view && app.view.update) app.view.update(snapshot);
+}
+
+/** A banner while the stats cannot be read from the store: the figures shown are older. */
+function showStore(store) {
+  const banner = $("store-down");
+  banner.hidden = !store || store.ok;
+  if (banner.hidden) return;
+  const since = new Date(store.since * 1000).toLocaleTimeString();
+  banner.textContent =
+    `The store is not answering (since ${since}): ${store.error}. ` +
+    "The figures below are from before that.";
 }
 
 function onLiveMessage(message) {

@@ -29,6 +29,7 @@ from gateway.app import App
 from tests.support.daemon import Received, read_received, running_daemon, write_config
 from tests.support.phpfpm import PhpFpm
 from tests.support.ports import free_port
+from tests.support.redis import RedisServer
 
 if TYPE_CHECKING:
     from playwright.sync_api import ConsoleMessage, Error, Page
@@ -67,11 +68,13 @@ def browser_installed() -> None:
 # -- the daemon ------------------------------------------------------------------------------
 
 
-def daemon_config(directory: Path, queues: dict[str, str]) -> Path:
+def daemon_config(directory: Path, queues: dict[str, str], store: str | None = None) -> Path:
     token_file = directory / "admin.token"
     directory.mkdir(parents=True, exist_ok=True)
     token_file.write_text(TOKEN + "\n")
-    return write_config(directory, queues, main_extra=f"admin_token_file: {token_file}\n")
+    return write_config(
+        directory, queues, main_extra=f"admin_token_file: {token_file}\n", store=store
+    )
 
 
 def recording_topic(fpm: PhpFpm, name: str, *, max_attempts: int) -> str:
@@ -553,3 +556,39 @@ async def test_live_feed_reconnects_and_a_refused_token_asks_again(tmp_path: Pat
 
         await trio.to_thread.run_sync(session)
         await daemon.stop()
+
+
+async def test_a_banner_says_the_store_is_not_answering_and_goes_once_it_is(
+    tmp_path: Path,
+) -> None:
+    queue = """\
+        queue: jobs
+        topics:
+          work:
+            backend: fastcgi://127.0.0.1:9
+            script: /srv/app/work.php
+            paused: true
+        """
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        store = f"redis://127.0.0.1:{server.port}/0?timeout=1s&connect_timeout=200ms"
+        config = daemon_config(tmp_path / "daemon", {"jobs": queue}, store)
+        async with running_daemon(config) as app:
+
+            def session() -> None:
+                with dashboard(app) as (page, errors):
+                    sign_in(page)
+                    page.locator("#topics[data-ready=true]").wait_for()
+                    banner = page.locator("#store-down")
+                    assert banner.is_hidden()
+                    trio.from_thread.run_sync(server.stop)
+                    banner.wait_for(state="visible", timeout=WAIT * 1000)
+                    assert "The store is not answering" in banner.inner_text()
+                    trio.from_thread.run_sync(server.start)
+                    banner.wait_for(state="hidden", timeout=WAIT * 1000)
+                    assert errors == []
+
+            await trio.to_thread.run_sync(session)
+    finally:
+        server.stop()

@@ -1,0 +1,68 @@
+"""While the store does not answer, the stats say so: ``/v1/stats`` and ``/metrics`` (the
+dashboard's banner is tests/ui's).  Before, they went on serving the last snapshot as if it
+were current, with nothing to tell an operator, or an alert, that the store was down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from gateway.app import App
+from tests.gateway.test_admin import TOKEN, api
+from tests.support.daemon import running_daemon, write_config
+from tests.support.redis import RedisServer
+
+QUEUE = """\
+    queue: jobs
+    topics:
+      work: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
+    """
+
+
+async def store_state(app: App) -> dict[str, object]:
+    status, document = await api(app, "GET", "/v1/stats")
+    assert status == 200
+    store: dict[str, object] = document["store"]
+    return store
+
+
+async def store_up(app: App) -> str:
+    status, text = await api(app, "GET", "/metrics")
+    assert status == 200
+    lines: list[str] = text.splitlines()
+    (line,) = [line for line in lines if line.startswith("busgate_store_up ")]
+    return line
+
+
+async def test_the_stats_say_while_the_store_is_down(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    (tmp_path / "admin.token").write_text(TOKEN)
+    config = write_config(
+        tmp_path / "daemon",
+        {"jobs": QUEUE},
+        main_extra=f"admin_token_file: {tmp_path / 'admin.token'}\n",
+        store=f"redis://127.0.0.1:{server.port}/0?timeout=1s&connect_timeout=200ms",
+    )
+    try:
+        async with running_daemon(config) as app:
+            assert await store_state(app) == {"ok": True, "error": None, "since": None}
+            assert await store_up(app) == "busgate_store_up 1.0"
+            await trio.to_thread.run_sync(server.stop)
+            with trio.fail_after(10):
+                while (state := await store_state(app))["ok"]:
+                    await trio.sleep(0.1)
+            assert isinstance(state["error"], str) and state["error"]
+            assert isinstance(state["since"], float)
+            assert await store_up(app) == "busgate_store_up 0.0"
+            # The outage's start stays put from one failed sample to the next.
+            await trio.sleep(1.5)
+            assert (await store_state(app))["since"] == state["since"]
+            await trio.to_thread.run_sync(server.start)
+            with trio.fail_after(10):
+                while not (await store_state(app))["ok"]:
+                    await trio.sleep(0.1)
+            assert await store_up(app) == "busgate_store_up 1.0"
+    finally:
+        server.stop()
