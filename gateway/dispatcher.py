@@ -66,9 +66,6 @@ RATE_WINDOW = 0.25
 RECORD_LINGER = 0.005
 RECORD_BATCH = 256
 STORE_ERROR_PAUSE = 1.0
-#: A failing attempt listener (a bug of ours) is logged with its traceback at most this
-#: often: it would fail for every job, thousands of lines a second.
-LISTENER_ERROR_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +159,11 @@ class Dispatcher:
         #: Set once run() has returned: deliveries drained, unfinished jobs released.
         self.finished = trio.Event()
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
-        self._listener_errors = 0
-        self._listener_error_logged_at = -math.inf
+        #: Store failures (reserve, record, scheduler) and attempt-listener bugs repeat every
+        #: second while they last: logged the first time, then once a minute.
+        self._store_failures = logs.Repeating(log)
+        self._record_failures = logs.Repeating(log)  # apart: they concern finished attempts
+        self._listener_failures = logs.Repeating(log)
         #: trio's clock; run() binds its own reader, without the three calls behind
         #: trio.current_time(): every delivery reads it.
         self._now: Callable[[], float] = trio.current_time
@@ -322,9 +322,15 @@ class Dispatcher:
                     jobs = await self.store.reserve(queue, topic, limit, self.lease)
             except StoreError as exc:
                 self._store_errors += 1
-                log.error("reserve failed queue=%s topic=%s error=%s", queue, topic, exc)
+                self._store_failures.failed(
+                    logging.ERROR, "reserve failed queue=%s topic=%s error=%s", queue, topic, exc
+                )
                 await trio.sleep(STORE_ERROR_PAUSE)
                 continue
+            if self._store_failures.failing:
+                self._store_failures.recovered(
+                    "the store answers again queue=%s topic=%s", *self.key
+                )
             if not jobs:
                 # The doorbell rings on every push; the recheck covers a missed notification
                 # (a Redis subscription reconnecting), so a job is never stuck for long.
@@ -594,13 +600,16 @@ class Dispatcher:
             error = error or f"no answer within {grace_end - began:.3g}s"
             self._store_errors += 1
             again, batch = self._try_again(batch, uncertain)
-            log.error(
+            self._record_failures.failed(
+                logging.ERROR,
                 "recording %d outcomes failed queue=%s topic=%s error=%s%s",
                 len(again) + len(batch),
                 *self.key,
                 error,
                 f" (trying again in {STORE_ERROR_PAUSE:g}s)" if again else "",
             )
+        elif self._record_failures.failing:
+            self._record_failures.recovered("outcomes recorded again queue=%s topic=%s", *self.key)
         held = self._held
         for index, outcome in enumerate(batch):
             ok = answer is not None and answer[index]
@@ -662,18 +671,13 @@ class Dispatcher:
         return again, [outcome for outcome in failed if outcome.lease_until <= enough]
 
     def _listener_failed(self, listener: AttemptListener) -> None:
-        """Log a listener's exception (the one being handled), at most once a minute."""
-        self._listener_errors += 1
-        now = trio.current_time()
-        if now - self._listener_error_logged_at < LISTENER_ERROR_INTERVAL:
-            return
-        self._listener_error_logged_at = now
-        log.exception(
-            "an attempt listener failed inside busgate queue=%s topic=%s listener=%s"
-            " failures=%d (logged at most once a minute)",
+        """Log a listener's exception (the one being handled): it would fail for every job."""
+        self._listener_failures.failed(
+            logging.ERROR,
+            "an attempt listener failed inside busgate queue=%s topic=%s listener=%s",
             *self.key,
             getattr(listener, "__qualname__", repr(listener)),
-            self._listener_errors,
+            exc_info=True,
         )
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -697,8 +701,14 @@ class Dispatcher:
                     next_prune = trio.current_time() + PRUNE_INTERVAL
             except StoreError as exc:
                 self._store_errors += 1
-                log.error("scheduler failed queue=%s topic=%s error=%s", queue, topic, exc)
+                self._store_failures.failed(
+                    logging.ERROR, "scheduler failed queue=%s topic=%s error=%s", queue, topic, exc
+                )
             else:
+                if self._store_failures.failing:
+                    self._store_failures.recovered(
+                        "the store answers again queue=%s topic=%s", queue, topic
+                    )
                 for when in (due.next_at, expired.next_at):
                     if when is not None:
                         next_at = min(next_at, when)

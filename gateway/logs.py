@@ -218,3 +218,41 @@ async def flushing(interval: float = FLUSH_INTERVAL) -> None:
         for handler in handlers:
             handler.holding = False
             handler.flush()
+
+
+class Repeating:
+    """One failure that may repeat every second for as long as it lasts (the store down: each
+    topic's reserve and scheduler fail once a second, fifty topics make a hundred lines a
+    second).  Logged the first time, then at most once per ``interval`` with how many were
+    not, and its end once (``recovered``), each line at its own level."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._logged_at = -float("inf")
+        self._unlogged = 0
+        self.failing = False
+
+    def failed(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        """Log this failure, unless one was logged within ``interval`` (then counted)."""
+        self.failing = True
+        now = time.monotonic()
+        if now - self._logged_at < self._interval:
+            self._unlogged += 1
+            return
+        if self._unlogged:
+            msg += f" (and {self._unlogged} more like it in the last {self._interval:g}s)"
+            self._unlogged = 0
+        self._logged_at = now
+        self._log.log(level, msg, *args, exc_info=exc_info)
+
+    def recovered(self, msg: str, *args: object) -> None:
+        """Log ``msg`` (at ``info``) if this was failing; a new failure is logged at once."""
+        if not self.failing:
+            return
+        self.failing = False
+        if self._unlogged:
+            msg += f" ({self._unlogged} more failures since the last logged)"
+        self._unlogged = 0
+        self._logged_at = -float("inf")
+        self._log.info(msg, *args)

@@ -30,6 +30,7 @@ from adapters.delivery.base import Delivery
 from adapters.storage.base import Store
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import Attempt, Job, Outcome, TopicStats
+from gateway import logs
 from gateway.config import Config, TopicConfig
 from gateway.dispatcher import DispatcherStatistics
 from gateway.policy import Decision
@@ -129,6 +130,7 @@ class Telemetry:
         self._stats: dict[tuple[str, str], TopicStats] = {}
         self._subscribers: set[Subscriber] = set()
         self.sample_errors = 0
+        self._failures = logs.Repeating(log)  # a store down fails a sample every second
         self.started_at = clock()
 
     # -- fed by the dispatchers -----------------------------------------------------------------
@@ -217,13 +219,15 @@ class Telemetry:
         except (StoreError, trio.TooSlowError) as exc:
             self.sample_errors += 1
             why = str(exc) or f"the store did not answer within {limit:g}s"
-            log.warning("stats sample failed: %s", why)
+            self._failures.failed(logging.WARNING, "stats sample failed: %s", why)
             # The figures stay those of the last sample (generated_at says when), marked so.
             since = self._store["since"] if not self._store["ok"] else self._clock()
             self._store = {"ok": False, "error": why, "since": since}
             self._publish({**self._snapshot, "store": self._store})
             return
         now = trio.current_time()
+        if self._failures.failing:
+            self._failures.recovered("stats sample succeeded again")
         self._store = {"ok": True, "error": None, "since": None}
         self._stats = dict(zip(keys, stats, strict=True))
         # A reload may have come while the store answered: build from the configuration that

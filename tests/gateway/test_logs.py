@@ -312,3 +312,27 @@ def test_a_line_that_fails_to_format_is_reported_as_logging_reports_it(
         log_line(logger, logging.INFO, "attempt=%d", "not a number")
     assert stream.getvalue() == ""
     assert "--- Logging error ---" in capsys.readouterr().err
+
+
+def test_a_repeating_failure_is_logged_once_then_with_a_count_and_its_end_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gateway.logs import Repeating
+
+    caplog.set_level("INFO", logger="busgate.test")
+    repeating = Repeating(logging.getLogger("busgate.test"), interval=0.2)
+    repeating.recovered("never failed: not logged")
+    for _ in range(5):
+        repeating.failed(logging.ERROR, "down %s", "x")
+    time.sleep(0.25)
+    repeating.failed(logging.ERROR, "down %s", "y")
+    repeating.failed(logging.ERROR, "down %s", "z")
+    repeating.recovered("up again")
+    repeating.recovered("up again")  # once
+    repeating.failed(logging.WARNING, "down %s", "w")  # a new failure: at once
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "down x"),
+        ("ERROR", "down y (and 4 more like it in the last 0.2s)"),
+        ("INFO", "up again (1 more failures since the last logged)"),
+        ("WARNING", "down w"),
+    ]

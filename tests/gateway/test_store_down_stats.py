@@ -1,11 +1,13 @@
 """While the store does not answer, the stats say so: ``/v1/stats`` and ``/metrics`` (the
 dashboard's banner is tests/ui's).  Before, they went on serving the last snapshot as if it
-were current, with nothing to tell an operator, or an alert, that the store was down."""
+were current, with nothing to tell an operator, or an alert, that the store was down.  And
+the log says so once, not every second for every topic."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from gateway.app import App
@@ -35,7 +37,10 @@ async def store_up(app: App) -> str:
     return line
 
 
-async def test_the_stats_say_while_the_store_is_down(tmp_path: Path) -> None:
+async def test_the_stats_say_while_the_store_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
     server = RedisServer(tmp_path / "redis")
     server.start()
     (tmp_path / "admin.token").write_text(TOKEN)
@@ -66,3 +71,10 @@ async def test_the_stats_say_while_the_store_is_down(tmp_path: Path) -> None:
             assert await store_up(app) == "busgate_store_up 1.0"
     finally:
         server.stop()
+    # Down for about three seconds: the scheduler and the stats sample failed every second,
+    # logged once each (the first), and the end of it once.
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("scheduler failed")]) == 1, messages
+    assert len([m for m in messages if m.startswith("stats sample failed")]) == 1, messages
+    assert any(m.startswith("the store answers again queue=jobs topic=work") for m in messages)
+    assert "stats sample succeeded again" in messages
