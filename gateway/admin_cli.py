@@ -49,6 +49,14 @@ DEFAULT_LIMIT = 50
 REPLAY_CHUNK = 100
 BAR_WIDTH = 30
 _UNIX_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+#: What a producer's text may hold that must not reach the operator's terminal as it is:
+#: control characters (C0, DEL, C1: ESC starts sequences that retitle or clear the terminal,
+#: or worse) and lone surrogates (JSON's "\ud800", in a job stored before pushes refused
+#: them: print cannot encode them).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: What JSON leaves as it is of those: C0 it escapes itself.
+_JSON_UNPRINTABLE = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
+_SHORT_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
 
 Handler = Callable[[argparse.Namespace], int]
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -294,7 +302,8 @@ def _jobs_show(args: argparse.Namespace, settings: Settings) -> int:
         ]
         attributes = copy.get("attributes") or {}
         if attributes:
-            fields.append(("attributes", " ".join(f"{k}={v}" for k, v in attributes.items())))
+            shown = " ".join(f"{_escaped(k)}={_escaped(v)}" for k, v in attributes.items())
+            fields.append(("attributes", shown))
         fields.append(("payload", _payload(copy)))
         for name, value in fields:
             print(f"  {name:<11}{value}")
@@ -549,6 +558,12 @@ def _push(args: argparse.Namespace, settings: Settings) -> int:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise UsageError(f"--attr {item!r}: write NAME=VALUE")
+        try:
+            item.encode()
+        except UnicodeEncodeError:
+            # Bytes of the command line that are not UTF-8 (Python keeps them as surrogates):
+            # an attribute is text, and the producer API refuses what UTF-8 cannot say.
+            raise UsageError(f"--attr {item!r}: an attribute is UTF-8 text") from None
         attributes[name] = value
     payload: bytes | str = sys.stdin.buffer.read() if args.payload == "-" else args.payload
     if isinstance(payload, bytes) and attributes:
@@ -677,7 +692,10 @@ def parse_when(text: str, option: str, now: float) -> float:
 
 
 def _print_json(document: Any) -> None:
-    print(json.dumps(document, indent=2, ensure_ascii=False))
+    # JSON escapes C0 itself, not DEL, C1 or a lone surrogate (which print cannot encode):
+    # those as JSON's own escapes ("\u009b"), the same JSON, safe on a terminal too.
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    print(_JSON_UNPRINTABLE.sub(lambda match: f"\\u{ord(match[0]):04x}", text))
 
 
 def _table(
@@ -706,8 +724,20 @@ def _when(moment: float | None) -> str:
 
 
 def _oneline(text: str, limit: int) -> str:
-    flat = text.strip().replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    flat = _escaped(text.strip())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _escaped(text: str) -> str:
+    """A producer's text, safe to print for a human: on one line, every control character
+    and lone surrogate written as an escape (\\n, \\x1b, \\ud800)."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 def _payload(job: Mapping[str, Any], limit: int = 120) -> str:

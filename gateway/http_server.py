@@ -85,8 +85,11 @@ class Response:
     def json(
         cls, document: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()
     ) -> Response:
-        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
-        return cls(status, body, tuple(headers))
+        text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+        # A lone surrogate (a job stored before pushes refused them) is the one thing UTF-8
+        # cannot encode; backslashreplace writes it as JSON's own escape, "\ud800", so the
+        # answer stays valid JSON and the operator can still see and act on that job.
+        return cls(status, text.encode("utf-8", "backslashreplace"), tuple(headers))
 
 
 Handler = Callable[[Request], Awaitable[Response]]

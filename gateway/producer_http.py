@@ -128,11 +128,23 @@ def payload_bytes(value: Any) -> bytes:
 
 
 def attributes_of(value: Any) -> dict[str, str]:
-    """A JSON ``attributes`` field, checked: an object of strings (400 otherwise)."""
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    """A JSON ``attributes`` field, checked: an object of strings, all valid Unicode (400
+    otherwise)."""
+    if not isinstance(value, dict):
         raise HTTPError(400, "attributes must be an object of strings")
+    for name, text in value.items():
+        if not (isinstance(name, str) and isinstance(text, str)):
+            raise HTTPError(400, "attributes must be an object of strings")
+        # JSON lets a lone surrogate ("\ud800") through, as for a payload; UTF-8 cannot say
+        # it, so no backend would ever see the attribute: refused now, not stored.  ASCII,
+        # most attributes, cannot hold one: isascii() is a flag, no scan.
+        if not (name.isascii() and text.isascii()):
+            try:
+                (name + text).encode()
+            except UnicodeEncodeError:
+                raise HTTPError(
+                    400, f"attribute {name!r} is not valid Unicode (a lone surrogate)"
+                ) from None
     return value
 
 
