@@ -259,6 +259,13 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
                     ("yes" if topic["paused"] else "no") if configured else "-",
                 ]
             )
+    store = document.get("store") or {"ok": True}
+    if not store["ok"]:
+        print(
+            f"the store is not answering, since {_when(store['since'])}:"
+            f" {_oneline(store['error'] or '', 300)}; the figures below are from"
+            f" {_when(document.get('generated_at'))}"
+        )
     if document.get("generated_at") is None:
         print("no stats yet: the daemon has not read its store; try again in a second")
     elif not rows:
