@@ -22,7 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from gateway.config import DEFAULT_CONFIG, Config, Listen, QueueConfig, load_config, load_main
+from gateway.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    Listen,
+    QueueConfig,
+    drop_in_files,
+    load_main,
+    load_queue,
+    queue_name,
+)
 
 TOKEN_ENV = "BUSGATE_ADMIN_TOKEN"
 PASSWORD_ENV = "BUSGATE_QUEUE_PASSWORD"
@@ -147,8 +157,26 @@ class Settings:
         return self._config
 
     def queue_config(self, name: str) -> QueueConfig | None:
-        """A queue's settings, from the drop-ins (read on each call: it is a rare one)."""
-        return load_config(self.config_path or DEFAULT_CONFIG, self.environ).queue(name)
+        """A queue's settings, from its own drop-in (read on each call: it is a rare one).
+
+        Only that file must be complete: another queue's ``${SECRET}`` need not be in the
+        operator's environment.  A drop-in whose queue name cannot be read at all (invalid
+        YAML, no ``queue``) may be this queue's: its error is raised if no other file is.
+        """
+        unreadable: ConfigError | None = None
+        for path in drop_in_files(self.config):
+            if os.path.isdir(path):
+                continue  # the daemon refuses such an include; not this command's to say
+            try:
+                found = queue_name(path, self.environ)
+            except ConfigError as exc:
+                unreadable = unreadable or exc
+                continue
+            if found == name:
+                return load_queue(path, self.environ)
+        if unreadable is not None:
+            raise unreadable
+        return None
 
     @property
     def config_given(self) -> bool:

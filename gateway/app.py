@@ -81,10 +81,14 @@ class ReloadReport:
         )
 
 
-async def open_store(config: StoreConfig, *, clock: Callable[[], float] = time.time) -> Store:
+async def open_store(
+    config: StoreConfig, *, clock: Callable[[], float] = time.time, read_only: bool = False
+) -> Store:
+    """``read_only``: an operator's look (``busgate curl``), which may not write an SQLite
+    store's files; a Redis store's login decides alone what it may do."""
     if config.kind == "sqlite":
         assert config.path is not None
-        return await SQLiteStore.open(config.path, clock=clock)
+        return await SQLiteStore.open(config.path, clock=clock, read_only=read_only)
 
     def client(address: RedisAddress) -> RedisClient:
         return RedisClient(

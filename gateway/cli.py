@@ -200,7 +200,8 @@ def _curl(args: argparse.Namespace) -> int:
         return 1
 
     async def copies() -> list[JobRecord]:
-        store = await open_store(store_config)
+        # Only to read: an operator who may read the store, not write it, can run this.
+        store = await open_store(store_config, read_only=True)
         try:
             return await store.get_job(args.job_id)
         finally:

@@ -25,7 +25,7 @@ import math
 import os
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
@@ -893,15 +893,9 @@ def _load_main(path: str | os.PathLike[str], env: Mapping[str, str]) -> tuple[Co
 def _load_queues(
     main: Config, include_line: int | None, environ: Mapping[str, str]
 ) -> dict[str, QueueConfig]:
-    # The main file's directory is a path, not a pattern: "etc[1]/" must not match "etc1/".
-    pattern = os.path.join(glob.escape(os.path.dirname(main.path)), main.include)
-    main_file = os.path.abspath(main.path)
-    files = sorted(
-        name for name in glob.glob(pattern, recursive=True) if os.path.abspath(name) != main_file
-    )
     queues: dict[str, QueueConfig] = {}
     first_lines: dict[str, int] = {}
-    for file in files:
+    for file in drop_in_files(main):
         if os.path.isdir(file):
             raise ConfigError(
                 main.path,
@@ -922,6 +916,47 @@ def _load_queues(
         queues[queue.name] = queue
         first_lines[queue.name] = queue_node.line
     return queues
+
+
+def drop_in_files(main: Config) -> list[str]:
+    """The files the main file's ``include`` matches, in the order they are read (a
+    directory among them is an error the daemon reports: ``_load_queues``)."""
+    # The main file's directory is a path, not a pattern: "etc[1]/" must not match "etc1/".
+    pattern = os.path.join(glob.escape(os.path.dirname(main.path)), main.include)
+    main_file = os.path.abspath(main.path)
+    return sorted(
+        name for name in glob.glob(pattern, recursive=True) if os.path.abspath(name) != main_file
+    )
+
+
+def load_queue(path: str, environ: Mapping[str, str]) -> QueueConfig:
+    """One drop-in's queue, read as the daemon reads it."""
+    return _load_queue(path, environ)[0]
+
+
+def queue_name(path: str, environ: Mapping[str, str]) -> str:
+    """The ``queue`` a drop-in names, whatever variables the rest of it lacks (another
+    queue's ``${SECRET}`` need not be in an operator's environment to push to this one)."""
+    reader = _Reader(path, _EmptyWhenUnset(environ))
+    root = reader.mapping(reader.read(), None)
+    return reader.text(root.required("queue"))
+
+
+class _EmptyWhenUnset(Mapping[str, str]):
+    """The environment with every variable it lacks set to "", which the config reads as it
+    reads an empty one (``${NAME:-default}`` gives the default)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def __getitem__(self, name: str) -> str:
+        return self._environ.get(name, "")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._environ)
+
+    def __len__(self) -> int:
+        return len(self._environ)
 
 
 def _path(reader: _Reader, node: _Node, directory: str) -> str:

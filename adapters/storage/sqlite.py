@@ -25,6 +25,7 @@ import queue as queue_module
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -152,18 +153,26 @@ _JOB_COLUMNS = (
 
 
 class SQLiteStore(Store):
-    """Open with ``await SQLiteStore.open(path)``; close with ``aclose()``."""
+    """Open with ``await SQLiteStore.open(path)``; close with ``aclose()``.
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
+    ``read_only`` opens it for an operator's look (``busgate curl``): see _connect_read_only.
+    Reads work as a user who may read the files but not write them; writes fail.
+    """
+
+    def __init__(
+        self, path: str, *, clock: Callable[[], float] = time.time, read_only: bool = False
+    ) -> None:
         super().__init__()
         self.path = path
         self._clock = clock
-        self._writer = _Writer(path)
+        self._writer = _Writer(path, read_only=read_only)
         self._schedulers: dict[tuple[str, str], PriorityScheduler] = {}
 
     @classmethod
-    async def open(cls, path: str, *, clock: Callable[[], float] = time.time) -> Self:
-        store = cls(path, clock=clock)
+    async def open(
+        cls, path: str, *, clock: Callable[[], float] = time.time, read_only: bool = False
+    ) -> Self:
+        store = cls(path, clock=clock, read_only=read_only)
         await store._writer.start()
         return store
 
@@ -831,10 +840,15 @@ class _Writer:
     outcomes and maintenance commit without an fsync (``NORMAL``): WAL keeps them through a
     crash of the process; a power cut could lose the last of them, which redelivers a job —
     at-least-once still holds — and saves an fsync on every reserve and every batch of acks.
+
+    With ``read_only`` the connection only reads (_connect_read_only), and each group is a
+    plain (deferred) transaction: one snapshot, and no write lock to wait for or to hold.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
         self.path = path
+        self._read_only = read_only
+        self._begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
         self._queue: queue_module.SimpleQueue[_Item | None] = queue_module.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._failed: StoreError | None = None
@@ -876,17 +890,17 @@ class _Writer:
         try:
             return box[0].unwrap()
         except sqlite3.Error as exc:
-            raise _store_error(self.path, exc) from exc
+            raise _store_error(self.path, exc, read_only=self._read_only) from exc
 
     def _main(self) -> None:
         try:
-            conn = _connect(self.path)
+            conn = _connect_read_only(self.path) if self._read_only else _connect(self.path)
             self._identity = _identity(self.path)
         except StoreError as exc:
             self._failed = exc
             conn = None
         except (sqlite3.Error, OSError) as exc:
-            self._failed = _store_error(self.path, exc)
+            self._failed = _store_error(self.path, exc, read_only=self._read_only)
             conn = None
         while True:
             item = self._queue.get()
@@ -935,7 +949,7 @@ class _Writer:
         results: list[outcome.Outcome[Any]]
         changes = conn.total_changes
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(self._begin)
             results = [outcome.Value(operation(conn)) for operation, _, _ in group]
             conn.execute("COMMIT")
         except Exception:
@@ -965,14 +979,13 @@ class _Writer:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # the next group's BEGIN says what is wrong
-        error = _store_error(self.path, exc)
+        error = _store_error(self.path, exc, read_only=self._read_only)
         for _, finish, _ in group:
             finish(outcome.Error(error))
 
-    @staticmethod
-    def _alone(conn: sqlite3.Connection, operation: Operation[Any]) -> outcome.Outcome[Any]:
+    def _alone(self, conn: sqlite3.Connection, operation: Operation[Any]) -> outcome.Outcome[Any]:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(self._begin)
             value = operation(conn)
             conn.execute("COMMIT")
         except Exception as exc:
@@ -1000,6 +1013,45 @@ def _connect(path: str) -> sqlite3.Connection:
         (check,) = conn.execute("PRAGMA quick_check").fetchone()
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    """Open the store only to read it: no write lock, no switch to WAL, no schema change,
+    and no integrity check (the daemon checks the file when it opens it; reading all of it
+    for one job would take about 20 s per 1.5 GB).  A user who may read the files, not
+    write them or their directory (the unit's 0750 directory and UMask=0027 give the
+    daemon's group just that), can open it.
+
+    While busgate runs, the -wal and -shm files exist, and SQLite (3.22 and later) reads
+    through them with read permission only, whatever the daemon writes meanwhile.  Once the
+    last connection has closed, everything is in the file and SQLite has deleted them; a
+    reader who may not create them cannot open a WAL file then, except as ``immutable``:
+    read as it is, with no lock and no -wal (which it would miss: so only when there is
+    none; a daemon starting meanwhile writes to a new -wal, not to the file, until its
+    first checkpoint).
+    """
+    absolute = os.path.abspath(path)
+    options = "mode=ro" if os.path.exists(f"{absolute}-wal") else "mode=ro&immutable=1"
+    uri = f"file:{urllib.parse.quote(absolute)}?{options}"
+    conn = sqlite3.connect(uri, isolation_level=None, check_same_thread=False, uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("BEGIN")
+        try:
+            application_id, version = _stamp(conn, path)
+            if (application_id, version) != (_APPLICATION_ID, _SCHEMA_VERSION):
+                # Only the daemon creates the tables or upgrades them, writing.
+                raise StoreUnsupported(
+                    f"{path}: store schema version {version}, not yet this busgate's"
+                    f" {_SCHEMA_VERSION}: the daemon creates or upgrades the tables when it"
+                    " starts on the file; start it, then look again"
+                )
+        finally:
+            conn.execute("COMMIT")
     except BaseException:
         conn.close()
         raise
@@ -1066,21 +1118,7 @@ def _check_and_stamp(
         ) from exc
     moved: int | None = None
     try:
-        (application_id,) = conn.execute("PRAGMA application_id").fetchone()
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if (application_id == 0 and version != 0) or application_id not in (0, _APPLICATION_ID):
-            raise StoreUnsupported(
-                f"{path}: not a busgate store (SQLite application_id {application_id:#x},"
-                f" user_version {version}): point store at a file of busgate's own"
-            )
-        if version > _SCHEMA_VERSION:
-            raise StoreUnsupported(
-                f"{path}: written by a newer busgate (store schema version {version}; this"
-                f" busgate knows version {_SCHEMA_VERSION} and older): run that busgate or a"
-                " newer one"
-            )
-        if application_id == 0:
-            _check_unstamped(conn, path)
+        application_id, version = _stamp(conn, path)
         if version < 2 and "payload" in _columns(conn, "jobs"):
             if not alone:
                 raise _UpgradeNeeded
@@ -1096,6 +1134,27 @@ def _check_and_stamp(
             conn.execute("ROLLBACK")
         raise
     return moved
+
+
+def _stamp(conn: sqlite3.Connection, path: str) -> tuple[int, int]:
+    """The file's application_id and schema version; raises StoreUnsupported for a file
+    that is not a busgate store, or that a newer busgate wrote."""
+    (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if (application_id == 0 and version != 0) or application_id not in (0, _APPLICATION_ID):
+        raise StoreUnsupported(
+            f"{path}: not a busgate store (SQLite application_id {application_id:#x},"
+            f" user_version {version}): point store at a file of busgate's own"
+        )
+    if version > _SCHEMA_VERSION:
+        raise StoreUnsupported(
+            f"{path}: written by a newer busgate (store schema version {version}; this"
+            f" busgate knows version {_SCHEMA_VERSION} and older): run that busgate or a"
+            " newer one"
+        )
+    if application_id == 0:
+        _check_unstamped(conn, path)
+    return application_id, version
 
 
 def _move_payloads(conn: sqlite3.Connection) -> int:
@@ -1163,21 +1222,22 @@ def _probe_write(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM probe")
 
 
-def _store_error(path: str, exc: BaseException) -> StoreError:
+def _store_error(path: str, exc: BaseException, *, read_only: bool = False) -> StoreError:
     text = str(exc)
     if isinstance(exc, sqlite3.DatabaseError) and (
         "not a database" in text or "malformed" in text or "integrity" in text
     ):
         return StoreCorrupt(f"{path}: the SQLite file is corrupt or not a database ({text})")
-    why = _permission_problem(path, getattr(exc, "sqlite_errorcode", None))
+    why = _permission_problem(path, getattr(exc, "sqlite_errorcode", None), read_only=read_only)
     return StoreUnavailable(f"{path}: {text}" + (f" ({why})" if why else ""))
 
 
-def _permission_problem(path: str, code: int | None) -> str | None:
+def _permission_problem(path: str, code: int | None, *, read_only: bool = False) -> str | None:
     """What SQLite's "unable to open" or "readonly" means here, in the operator's terms.
 
     SQLite says "attempt to write a readonly database" when it is the directory that is
     read-only: WAL mode keeps two files beside the database and must be able to create them.
+    Opened ``read_only`` (_connect_read_only), the files need only be readable.
     """
     if code is None or path == ":memory:" or path.startswith("file:"):
         return None
@@ -1190,12 +1250,14 @@ def _permission_problem(path: str, code: int | None) -> str | None:
         )
     if (
         code & 0xFF == sqlite3.SQLITE_CANTOPEN
+        and not read_only  # which creates nothing
         and not os.path.exists(path)
         and not os.access(directory, os.W_OK | os.X_OK)
     ):
         return f"{user} may not create files in {directory}"
+    access, may = (os.R_OK, "read") if read_only else (os.R_OK | os.W_OK, "read and write")
     if code & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
         for name in (path, f"{path}-wal", f"{path}-shm"):
-            if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
-                return f"{user} may not read and write {name}"
+            if os.path.exists(name) and not os.access(name, access):
+                return f"{user} may not {may} {name}"
     return None
