@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from adapters.delivery.headers import trace_id_of
-from adapters.storage.errors import StoreError, store_error_text
+from adapters.storage.errors import StoreError, StoreUnavailable, store_error_text
 from adapters.storage.jobs import NewJob, Priority, check_job_id
 from gateway.http_server import HTTPError, Request, Response, Router
 from gateway.producer import (
@@ -87,6 +87,8 @@ def _http_error(exc: ProducerError | StoreError, queue: str) -> HTTPError:
         return HTTPError(413, str(exc))
     if isinstance(exc, ShuttingDown):
         return HTTPError(503, str(exc), [("Retry-After", "5")])
+    if isinstance(exc, StoreUnavailable):  # down, loading, refusing us: try again soon
+        return HTTPError(503, store_error_text(exc), [("Retry-After", "1")])
     if isinstance(exc, StoreError):
         return HTTPError(503, store_error_text(exc))
     return HTTPError(400, str(exc))

@@ -5,6 +5,8 @@ the log says so once, not every second for every topic."""
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,17 @@ async def store_up(app: App) -> str:
     return line
 
 
+def post_job(app: App) -> tuple[int, str | None, str]:
+    request = urllib.request.Request(
+        f"http://{app.http_address}/v1/queues/jobs/jobs", data=b"hello", method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Retry-After"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Retry-After"], error.read().decode()
+
+
 async def test_the_stats_say_while_the_store_is_down(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -67,6 +80,10 @@ async def test_the_stats_say_while_the_store_is_down(
             assert shown.code == 0, shown
             assert shown.out.startswith("the store is not answering, since "), shown.out
             assert "the figures below are from" in shown.out.splitlines()[0]
+            # A push meanwhile is refused, and told when to try again.
+            pushed = await trio.to_thread.run_sync(post_job, app)
+            assert pushed[0] == 503 and pushed[1] == "1", pushed
+            assert "nothing was acknowledged" in pushed[2], pushed
             # The outage's start stays put from one failed sample to the next.
             await trio.sleep(1.5)
             assert (await store_state(app))["since"] == state["since"]
