@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 from typing import Any
 from urllib.parse import urlsplit
@@ -95,14 +96,30 @@ def _http_error(exc: ProducerError | StoreError, queue: str) -> HTTPError:
 
 
 def _same_origin(request: Request) -> bool:
+    """No ``Origin`` (a program), or a page of this very host named by an address.
+
+    By name is not enough: a hostile page whose DNS then points its name at 127.0.0.1 (DNS
+    rebinding) is the same origin as the requests it sends here, by name.  An address, or
+    localhost, names this host whatever any DNS says.
+    """
     origin = request.header("origin")
     if origin is None:
         return True
+    host = (request.header("host") or "").lower()
     try:
         origin_host: str = urlsplit(origin).netloc
+        hostname = urlsplit(f"//{host}").hostname or ""
     except ValueError:  # "http://[x": not an origin any browser sends
         return False
-    return origin_host.lower() == (request.header("host") or "").lower()
+    return origin_host.lower() == host and (hostname == "localhost" or _is_address(hostname))
+
+
+def _is_address(hostname: str) -> bool:
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
 
 
 async def _push(service: ProducerService, request: Request) -> Response:

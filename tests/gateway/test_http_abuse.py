@@ -187,17 +187,22 @@ async def test_connections_past_max_connections_get_a_503(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("origin", "status"),
+    ("host", "origin", "status"),
     [
-        ("http://evil.example", 403),
-        ("null", 403),
-        ("http://[x", 403),
-        ("http://x", 202),
-        (None, 202),
+        ("x", "http://evil.example", 403),
+        ("x", "null", 403),
+        ("x", "http://[x", 403),
+        # DNS rebinding: the hostile page's own name, pointed at 127.0.0.1 by its DNS, is the
+        # same origin by name.  Only an address (or localhost) names this host for sure.
+        ("evil.example:12019", "http://evil.example:12019", 403),
+        ("127.0.0.1:12019", "http://127.0.0.1:12019", 202),
+        ("localhost:12019", "http://localhost:12019", 202),
+        ("[::1]:12019", "http://[::1]:12019", 202),
+        ("x", None, 202),
     ],
 )
 async def test_a_page_on_another_site_cannot_push(
-    app: App, origin: str | None, status: int
+    app: App, host: str, origin: str | None, status: int
 ) -> None:
     # A form a page submits in the operator's browser: text/plain needs no CORS preflight.
     header = f"Origin: {origin}\r\n" if origin else ""
@@ -205,7 +210,7 @@ async def test_a_page_on_another_site_cannot_push(
     stream = await connect(app)
     async with stream:
         await stream.send_all(
-            f"POST /v1/queues/open/jobs HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n"
+            f"POST /v1/queues/open/jobs HTTP/1.1\r\nHost: {host}\r\n{header}Connection: close\r\n"
             f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
