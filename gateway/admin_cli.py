@@ -48,6 +48,8 @@ DEFAULT_LIMIT = 50
 #: Ids per replay call when the rate does not ask for smaller steps.
 REPLAY_CHUNK = 100
 BAR_WIDTH = 30
+#: Off a terminal, a replay's progress is a line this often.
+PROGRESS_LINE_INTERVAL = 10.0
 _UNIX_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
 #: What a producer's text may hold that must not reach the operator's terminal as it is:
 #: control characters (C0, DEL, C1: ESC starts sequences that retitle or clear the terminal,
@@ -611,7 +613,9 @@ def _push(args: argparse.Namespace, settings: Settings) -> int:
 
 
 class ProgressBar:
-    """``[#####     ] 500/1000 jobs, 100/s`` redrawn in place, only on a terminal."""
+    """``[#####     ] 500/1000 jobs, 100/s`` redrawn in place on a terminal; elsewhere (a
+    log, a pipe) a line ``replayed 500/1000 jobs, 100/s`` every PROGRESS_LINE_INTERVAL, so a
+    slow ``--rate`` replay in a script is not silent for minutes."""
 
     def __init__(self, total: int, stream: TextIO) -> None:
         self.total = total
@@ -619,13 +623,19 @@ class ProgressBar:
         self.live = stream.isatty()
         self.started = time.monotonic()
         self._drawn = False
+        self._line_at = self.started  # when the last line was written, off a terminal
 
     def show(self, done: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
         if not self.live:
+            if now - self._line_at >= PROGRESS_LINE_INTERVAL and done < self.total:
+                self._line_at = now
+                self.stream.write(f"busgate: replayed {done}/{self.total} jobs, {rate:.0f}/s\n")
+                self.stream.flush()
             return
         filled = BAR_WIDTH * done // self.total if self.total else BAR_WIDTH
-        elapsed = time.monotonic() - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
         bar = "#" * filled + " " * (BAR_WIDTH - filled)
         self.stream.write(f"\r[{bar}] {done}/{self.total} jobs, {rate:.0f}/s")
         self.stream.flush()

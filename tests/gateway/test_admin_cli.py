@@ -8,6 +8,7 @@ port, ``admin_token_file``), as an operator's shell would.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import pty
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import trio
 
+from gateway import admin_cli
 from gateway.app import App
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
@@ -459,3 +461,22 @@ async def test_queue_secrets_are_needed_only_by_commands_that_read_queues(
     ok(await daemon.cli("push", "orders", "{}", "--password", "s3cret"))
     ok(await daemon.cli("push", "orders", "{}", env={"ORDERS_PASSWORD": "s3cret"}))
     assert len(await wait_received(daemon.record, 2)) == 2
+
+
+def test_a_replays_progress_off_a_terminal_is_a_line_now_and_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In a script or a log, a `--rate 1` replay of thousands ran silent for hours.
+    clock = [100.0]
+    monkeypatch.setattr("gateway.admin_cli.time.monotonic", lambda: clock[0])
+    stream = io.StringIO()
+    bar = admin_cli.ProgressBar(3000, stream)
+    for done in range(0, 3000, 10):  # ten jobs a second for five minutes
+        bar.show(done)
+        clock[0] += 1.0
+    bar.show(3000)  # the end: the command's own summary says it
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 29  # one every 10 s
+    assert lines[0] == "busgate: replayed 100/3000 jobs, 10/s"
+    assert "\r" not in stream.getvalue()
