@@ -11,7 +11,9 @@ never reused: bytes still in flight on it would be read as the next response.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -447,4 +449,25 @@ class ConnectionPool:
         # trio connected it (happy eyeballs, TCP_NODELAY); the exchange uses the socket itself.
         sock = socket.socket(fileno=stream.socket.detach())
         sock.setblocking(False)
+        if address.is_unix:
+            _check_connected(sock, self._name)
         return FastCGIConnection(sock, self.response_limits, trio.current_time())
+
+
+def _check_connected(sock: socket.socket, name: str) -> None:
+    """Raise ConnectError if a unix socket trio reported connected is not.
+
+    A unix socket whose listen queue is full (every php-fpm child busy, ``listen.backlog``
+    reached) refuses connect() with EAGAIN, which trio takes for "in progress" and then
+    reports as connected.  The request would go nowhere, a lost connection spending an
+    attempt of a job php never saw; TCP says so as a connect failure, and so does this.
+    """
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.ENOTCONN:
+            raise ConnectError(name, f"cannot connect: {os.strerror(exc.errno or 0)}") from exc
+        raise ConnectError(
+            name, "cannot connect: its listen queue is full (every worker busy)"
+        ) from None

@@ -11,7 +11,9 @@ import enum
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol
+from urllib.parse import urljoin
 
 import trio
 
@@ -107,3 +109,46 @@ async def running(backend: Backend) -> AsyncIterator[Backend]:
         finally:
             await backend.aclose()
             nursery.cancel_scope.cancel()
+
+
+#: How much of a redirect's target its message shows: enough to tell one target from
+#: another, not a page of query string in every log line and dead-letter entry.
+_LOCATION_SHOWN = 200
+
+
+def redirect_message(status: int, headers: tuple[tuple[bytes, bytes], ...], base: str) -> str:
+    """Where a 3xx answer points, resolved against ``base`` (the URL the backend was asked)
+    as a client following it would: busgate does not follow it, so the operator must see
+    where the service moved to.  The status's own phrase, not the server's (which may say
+    anything).  An HTTP answer and a script's CGI headers (any case) alike."""
+    try:
+        said = f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        said = str(status)
+    # Location is a singleton field (RFC 9110 10.2.2).  The same value repeated is that
+    # value; different values are malformed: nobody can tell which the service meant,
+    # and joining them with ", " (right only for list fields) makes a URL of neither.
+    locations = list(dict.fromkeys(value for name, value in headers if name.lower() == b"location"))
+    if not locations:
+        return f"{said}, without a Location"
+    if len(locations) > 1:
+        return f"{said} -> {len(locations)} different Location fields"
+    target = _printable(locations[0].decode("utf-8", "backslashreplace"))
+    try:
+        target = urljoin(base, target)
+    except ValueError:  # "http://[oops": not a URL; shown as it came
+        pass
+    if len(target) > _LOCATION_SHOWN:
+        target = target[:_LOCATION_SHOWN] + "…"
+    return f"{said} -> {target}"
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable written as its escape (``\\x1b``,
+    ``\\u202e``, ``\\t``): a backend's text goes to log lines, terminals and the dashboard,
+    where a control character or a right-to-left override would rewrite what is shown."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from adapters.delivery.base import Delivery, Failure, failure_of
+from adapters.delivery.base import Delivery, Failure, failure_of, redirect_message
 from adapters.delivery.headers import (
     JOB_HEADER_NAMES,
     SERVER_SOFTWARE,
@@ -80,6 +80,9 @@ class FastCGIBackend:
         )
         self._static = _static_params(target)
         self._static_encoded = encode_pairs(self._static)  # the same for every job: once
+        #: What a relative Location in a script's answer is relative to: the URL it was
+        #: asked for, as the application sees it (HTTP_HOST, REQUEST_URI).
+        self._location_base = f"http://{target.host}{target.uri}"
         #: trio's clock; run() binds its own reader, without the three calls behind
         #: trio.current_time(): every delivery reads it.
         self._now: Callable[[], float] = trio.current_time
@@ -148,10 +151,14 @@ class FastCGIBackend:
                     message=f"{self.target.address}: no response within {timeout:g}s",
                 )
             return Delivery(now - started, failure=failure_of(exc), message=str(exc))
+        status = response.status
         # Positional (duration, status, headers, body, stderr): keywords cost more to bind.
-        return Delivery(
-            response.elapsed, response.status, response.headers, response.body, response.stderr
+        delivery = Delivery(
+            response.elapsed, status, response.headers, response.body, response.stderr
         )
+        if 300 <= status < 400:  # not followed: the attempt says where it pointed
+            delivery.message = redirect_message(status, response.headers, self._location_base)
+        return delivery
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._now = trio.lowlevel.current_clock().current_time

@@ -20,13 +20,12 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import dataclass
-from http import HTTPStatus
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import h11
 import trio
 
-from adapters.delivery.base import Delivery, Failure, failure_of
+from adapters.delivery.base import Delivery, Failure, failure_of, redirect_message
 from adapters.delivery.headers import SERVER_SOFTWARE, job_headers, request_body
 from adapters.storage.jobs import Job
 from fastcgi.errors import (
@@ -47,9 +46,6 @@ _MAX_HEADER_BLOCK = 64 * 1024
 #: answer is read (a task more per delivery).
 _WRITE_FIRST = 64 * 1024
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-#: How much of a redirect's target its message shows: enough to tell one target from
-#: another, not a page of query string in every log line and dead-letter entry.
-_LOCATION_SHOWN = 200
 
 
 class ProtocolViolation(BackendError):
@@ -202,33 +198,10 @@ class HTTPBackend:
             status=status,
             headers=answer.headers,
             body=answer.body,
-            message=self._redirect(status, answer.headers) if 300 <= status < 400 else "",
+            message=redirect_message(status, answer.headers, self.target.url)
+            if 300 <= status < 400
+            else "",
         )
-
-    def _redirect(self, status: int, headers: tuple[tuple[bytes, bytes], ...]) -> str:
-        """Where a 3xx answer points, resolved against the topic's URL as a client following
-        it would: busgate does not follow it, so the operator must see where the service
-        moved to.  The status's own phrase, not the server's (which may say anything)."""
-        try:
-            said = f"{status} {HTTPStatus(status).phrase}"
-        except ValueError:
-            said = str(status)
-        # Location is a singleton field (RFC 9110 10.2.2).  The same value repeated is that
-        # value; different values are malformed: nobody can tell which the service meant,
-        # and joining them with ", " (right only for list fields) makes a URL of neither.
-        locations = list(dict.fromkeys(value for name, value in headers if name == b"location"))
-        if not locations:
-            return f"{said}, without a Location"
-        if len(locations) > 1:
-            return f"{said} -> {len(locations)} different Location fields"
-        target = _printable(locations[0].decode("utf-8", "backslashreplace"))
-        try:
-            target = urljoin(self.target.url, target)
-        except ValueError:  # "http://[oops": not a URL; shown as it came
-            pass
-        if len(target) > _LOCATION_SHOWN:
-            target = target[:_LOCATION_SHOWN] + "…"
-        return f"{said} -> {target}"
 
     async def _exchange(self, conn: HTTPConnection, job: Job) -> _Answer:
         request_headers, body = self.request(job)
@@ -394,14 +367,3 @@ def tls_reason(exc: BaseException) -> str:
         # reason: "WRONG_VERSION_NUMBER" (an http:// server), "TLSV1_ALERT_PROTOCOL_VERSION"…
         return cause.reason.replace("_", " ").lower() if cause.reason else str(cause)
     return "the server closed the connection" if cause is None else os_reason(cause)
-
-
-def _printable(text: str) -> str:
-    """``text`` with every character that is not printable written as its escape (``\\x1b``,
-    ``\\u202e``, ``\\t``): a backend's text goes to log lines, terminals and the dashboard,
-    where a control character or a right-to-left override would rewrite what is shown."""
-    if text.isprintable():
-        return text
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    )

@@ -1,14 +1,17 @@
 """The job's deadline in the FastCGI adapter: a timeout spends an attempt only once the
-request is on its way to php-fpm."""
+request is on its way to php-fpm; nor does a full listen queue.  And what a 3xx says."""
 
 from __future__ import annotations
 
+import socket
 import time
+from pathlib import Path
 
 from adapters.delivery.base import Failure, running
 from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
 from adapters.storage.jobs import Job, Priority, new_job_id, new_trace_id
-from fastcgi.address import parse_address
+from fastcgi.address import Address, parse_address
+from tests.support.phpfpm import PhpFpm
 from tests.support.ports import unanswered_port
 
 
@@ -30,3 +33,35 @@ async def test_a_connect_cut_short_by_the_jobs_timeout_spends_no_attempt() -> No
     assert delivery.failure is Failure.CONNECT and delivery.failure.job_never_ran
     assert "not connected before the deadline" in delivery.message, delivery.message
     assert 0.45 < delivery.duration < 1.5
+
+
+async def test_a_full_unix_listen_queue_spends_no_attempt(tmp_path: Path) -> None:
+    # php-fpm on a unix socket, every child busy and its listen queue full: connect() says
+    # EAGAIN, which trio takes for "in progress", then reports connected.  The request went
+    # nowhere ("Transport endpoint is not connected"), as a lost connection: an attempt
+    # spent, and jobs dead in a second without php seeing them.
+    path = str(tmp_path / "fpm.sock")
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as filler:
+        listener.bind(path)
+        listener.listen(0)  # never accepts: the queue holds one connection
+        filler.connect(path)  # and this one fills it
+        backend = FastCGIBackend(FastCGITarget(Address(path=path), "/srv/index.php", timeout=2))
+        async with running(backend):
+            delivery = await backend.deliver(job())
+    assert delivery.failure is Failure.CONNECT and delivery.failure.job_never_ran, delivery
+    assert "listen queue is full" in delivery.message, delivery.message
+
+
+async def test_a_redirect_says_where_it_pointed(php_fpm_unix: PhpFpm) -> None:
+    # As the HTTP adapter says it: busgate does not follow it, the operator must see where.
+    target = FastCGITarget(
+        php_fpm_unix.address,
+        php_fpm_unix.script("redirect.php"),
+        host="app.example",
+        uri="/jobs/run",
+    )
+    backend = FastCGIBackend(target)
+    async with running(backend):
+        delivery = await backend.deliver(job())
+    assert delivery.status == 302
+    assert delivery.message == "302 Found -> http://app.example/login?next=%2Fjobs"
