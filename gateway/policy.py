@@ -76,12 +76,13 @@ def decide(
         return retry(reason, backoff.delay(attempt, rng), spend=spend)
 
     assert status is not None
+    # dead_on first: an operator who lists 429 or 503 there means it, Retry-After or not.
+    if status in dead_on:
+        return Decision(Outcome.DEAD, _said(f"status {status} is in dead_on", delivery))
     if status in (429, 503):
         after = retry_after(delivery.header(b"retry-after"), now)
         if after is not None:
             return retry(f"status {status}, Retry-After {after:g}s", after)
-    if status in dead_on:
-        return Decision(Outcome.DEAD, _said(f"status {status} is in dead_on", delivery))
     return retry(_said(f"status {status}", delivery), backoff.delay(attempt, rng))
 
 

@@ -55,6 +55,20 @@ def test_statuses() -> None:
     assert verdict(answer(503, "30"), attempt=5)[0] is Outcome.DEAD
 
 
+def test_a_503_listed_in_dead_on_is_dead_even_with_retry_after() -> None:
+    # The operator's explicit list comes first; it used to lose to Retry-After.
+    d = decide(
+        answer(503, "30"),
+        attempt=1,
+        max_attempts=5,
+        backoff=BACKOFF,
+        dead_on=frozenset({503}),
+        now=NOW,
+        rng=random.Random(7),
+    )
+    assert (d.outcome, d.reason) == (Outcome.DEAD, "status 503 is in dead_on")
+
+
 def test_a_redirects_target_is_in_the_reason() -> None:
     # The HTTP adapter says where a 3xx points; the dead letter and the log line keep it.
     moved = Delivery(0.01, status=302, message="302 Found -> https://sso.example/login")
