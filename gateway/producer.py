@@ -214,11 +214,11 @@ class ProducerService:
         batcher = self._batchers.get(entry.config.name)
         if batcher is None:
             batcher = self._batchers[entry.config.name] = _Batcher(self.store)
-        return batcher.add(jobs, on_stored)
+        return batcher.add(entry, jobs, on_stored)
 
     async def flush(self, entry: QueueEntry) -> None:
         """Make the store calls a ``submit_nowait`` that returned True left to this caller."""
-        await self._batchers[entry.config.name].flush(entry)
+        await self._batchers[entry.config.name].flush()
 
 
 #: Called once with what became of submitted jobs: the result of the store call they went
@@ -233,30 +233,35 @@ MAX_BATCH = 5000
 FLUSH_GRACE = 30.0
 
 
+#: Jobs handed to a queue's next store call: the queue as they were checked against (its
+#: topics, as of that moment's configuration), the jobs, and who to tell.
+_Submission = tuple[QueueEntry, Sequence[NewJob], OnStored]
+
+
 class _Batcher:
     """Group commit for one queue's pushes."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._waiting: list[tuple[Sequence[NewJob], OnStored]] = []
-        self._sending: list[tuple[Sequence[NewJob], OnStored]] = []  # in the call under way
+        self._waiting: list[_Submission] = []
+        self._sending: list[_Submission] = []  # in the call under way
         self._flushing = False
 
-    def add(self, jobs: Sequence[NewJob], on_stored: OnStored) -> bool:
+    def add(self, entry: QueueEntry, jobs: Sequence[NewJob], on_stored: OnStored) -> bool:
         """Queue ``jobs`` for the next call; True if the caller is to make it (``flush``)."""
-        self._waiting.append((jobs, on_stored))
+        self._waiting.append((entry, jobs, on_stored))
         if self._flushing:
             return False
         self._flushing = True
         return True
 
-    async def flush(self, entry: QueueEntry) -> None:
+    async def flush(self) -> None:
         try:
             # Shielded, and bounded by FLUSH_GRACE instead: one cancel scope for both (a scope
             # costs as much as a trip through the scheduler, and this runs per store call).
             deadline = trio.current_time() + FLUSH_GRACE
             with trio.CancelScope(deadline=deadline, shield=True):
-                await self._flush_all(entry)
+                await self._flush_all()
         finally:
             self._flushing = False
             # Out of time (or broken): whoever has no answer yet gets an error, not a hang.
@@ -266,31 +271,36 @@ class _Batcher:
             self._sending.clear()
             self._waiting.clear()
             late = f"the store did not answer within {FLUSH_GRACE:g}s"
-            for _, callback in sending:
+            for _, _, callback in sending:
                 callback(StoreUncertain(late), 0)
-            for _, callback in waiting:
+            for _, _, callback in waiting:
                 callback(StoreUnavailable(f"{late}; this push was not sent to it"), 0)
 
-    async def _flush_all(self, entry: QueueEntry) -> None:
+    async def _flush_all(self) -> None:
         while self._waiting:
+            # One call per configuration: pushes checked after a reload go to the topics it
+            # made, not those of the push that started this flush (under steady load, a
+            # topic the reload added would get no job, a removed one would go on getting
+            # them).  The same entry object means the same configuration.
+            entry = self._waiting[0][0]
             taken = size = 0
-            for submitted, _ in self._waiting:
-                if taken and size + len(submitted) > MAX_BATCH:
+            for submitted_entry, submitted, _ in self._waiting:
+                if submitted_entry is not entry or (taken and size + len(submitted) > MAX_BATCH):
                     break
                 size += len(submitted)
                 taken += 1
             batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
-            jobs = [job for submitted, _ in batch for job in submitted]
+            jobs = [job for _, submitted, _ in batch for job in submitted]
             self._sending = batch  # if the deadline cancels the call, these are the stranded
             try:
                 result = await self.store.push(entry.config.name, entry.routes, jobs)
             except Exception as exc:
                 self._sending = []
-                for _, callback in batch:
+                for _, _, callback in batch:
                     callback(exc, 0)
                 continue
             self._sending = []
             first = 0
-            for submitted, callback in batch:
+            for _, submitted, callback in batch:
                 callback(result, first)
                 first += len(submitted)

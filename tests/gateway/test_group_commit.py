@@ -21,6 +21,7 @@ import trio.testing
 from adapters.storage.jobs import PushResult
 from fastcgi.readiness import Readiness
 from gateway.app import App
+from gateway.config import load_config
 from gateway.resp import encode_command
 from gateway.resp_server import _Connection
 from tests.gateway.test_producer_protocol import QUEUES, Client, CountingPushes
@@ -301,3 +302,32 @@ async def test_a_shutdown_answers_an_http_push_the_store_has(tmp_path: Path) -> 
         assert app.store is not None
         assert (await app.store.stats("held", "t")).ready == 1
     assert answer.startswith(b"HTTP/1.1 202"), answer
+
+
+async def test_a_push_checked_after_a_reload_goes_to_the_topics_it_made(tmp_path: Path) -> None:
+    # A store call is under way when a reload adds topic "more" to queue held.  A push
+    # checked before the reload waits for the next call, and so does one checked after it.
+    # The merged call used to carry every push to the topics of the one that started the
+    # flush: under steady load, the new topic got no job (and a removed one went on getting
+    # copies nobody delivers).
+    config = write_config(tmp_path, QUEUES)
+    async with running_daemon(config) as app:
+        pushes, first, before = await a_store_call_under_way(app)
+        await before.stream.send_all(encode_command("LPUSH", "held", "before"))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        held = (tmp_path / "conf.d" / "held.yaml").read_text()
+        (tmp_path / "conf.d" / "held.yaml").write_text(
+            held + "  more:\n    backend: fastcgi://127.0.0.1:9\n    script: /srv/x.php\n"
+            "    paused: true\n"
+        )
+        await app.reload(load_config(config))
+        after = await Client.connect(app)
+        await after.stream.send_all(encode_command("LPUSH", "held", "after"))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        pushes.gate.set()
+        with trio.fail_after(5):
+            assert [await first.line(), await before.line(), await after.line()] == [b":1"] * 3
+        assert app.store is not None
+        assert (await app.store.stats("held", "t")).ready == 3
+        (copy,) = await app.store.reserve("held", "more", 10, 30)
+        assert copy.payload == b"after"
