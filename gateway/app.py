@@ -70,6 +70,9 @@ class ReloadReport:
     removed: tuple[TopicKey, ...]
     changed: tuple[TopicKey, ...]  # restarted with the new settings
     toggled: tuple[TopicKey, ...]  # only paused/resumed
+    #: Other settings that took effect: a queue's password or max_payload, the producer
+    #: limits, shutdown_timeout, the admin token (named, never shown).
+    settings: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         def names(keys: tuple[TopicKey, ...]) -> str:
@@ -78,7 +81,26 @@ class ReloadReport:
         return (
             f"added={names(self.added)} removed={names(self.removed)}"
             f" changed={names(self.changed)} paused/resumed={names(self.toggled)}"
+            f" settings={','.join(self.settings) or '-'}"
         )
+
+
+def _settings_changed(old: Config, new: Config, token_changed: bool) -> tuple[str, ...]:
+    """What a reload changed besides topics (``ReloadReport.settings``)."""
+    changed = [
+        f"{name}.{field}"
+        for name in old.queues.keys() & new.queues.keys()
+        for field in ("password", "max_payload")
+        if getattr(old.queues[name], field) != getattr(new.queues[name], field)
+    ]
+    changed.sort()
+    if old.producer != new.producer:
+        changed.append("producer")
+    if old.shutdown_timeout != new.shutdown_timeout:
+        changed.append("shutdown_timeout")
+    if token_changed:
+        changed.append("admin_token")
+    return tuple(changed)
 
 
 async def open_store(
@@ -195,6 +217,9 @@ class App:
         self.http: HTTPServer | None = None
         self._draining = False
         self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
+        #: Those a reload stopped, until their deliveries have drained: a shutdown meanwhile
+        #: cuts them short too, and the stats count what they have in flight.
+        self._stopping: dict[tuple[str, str], Dispatcher] = {}
         self._dispatcher_nursery: trio.Nursery | None = None
         self._producers: trio.CancelScope | None = None
         self._producers_drained = trio.Event()
@@ -214,7 +239,9 @@ class App:
         return self._dispatchers[queue, topic]
 
     def dispatcher_statistics(self) -> dict[tuple[str, str], DispatcherStatistics]:
-        return {key: d.statistics() for key, d in self._dispatchers.items()}
+        # A changed topic's new dispatcher starts once its old one has drained: one a key.
+        running = {**self._stopping, **self._dispatchers}
+        return {key: d.statistics() for key, d in running.items()}
 
     def statistics(self) -> AppStatistics:
         assert self.resp is not None
@@ -392,6 +419,7 @@ class App:
             backends = build_backends(new, {*added, *changed})
         except StartupError as exc:
             raise ReloadRefused(str(exc)) from None
+        settings = _settings_changed(old, new, token != self.admin.token)
         self.config = new
         self.service.reload(Directory(new))
         if self.resp is not None:
@@ -405,20 +433,28 @@ class App:
             else:
                 dispatcher.resume()
         now = trio.current_time()
-        stopping = [self._dispatchers.pop(key) for key in removed + changed]
-        for dispatcher in stopping:
+        for key in removed + changed:
+            dispatcher = self._stopping[key] = self._dispatchers.pop(key)
             # Nothing stops the daemon here: a delivery may run to its own timeout (and a
             # moment more for that to fire), rather than be cut and run again.
             dispatcher.stop(now + max(new.shutdown_timeout, dispatcher.topic.timeout + 1))
         for key in added:
             if not self._draining:  # a shutdown began: start nothing more
                 await self._start_dispatcher(new_topics[key], backends[key])
-        for dispatcher in stopping:
-            await dispatcher.finished.wait()
-        for key in changed:
-            if not self._draining:
+
+        async def replace_when_drained(key: Key) -> None:
+            # Each topic on its own: a slow delivery of one holds back no other.
+            await self._stopping[key].finished.wait()
+            del self._stopping[key]
+            if key in new_topics and not self._draining:
                 await self._start_dispatcher(new_topics[key], backends[key])
-        report = ReloadReport(tuple(added), tuple(removed), tuple(changed), tuple(toggled))
+
+        async with trio.open_nursery() as drains:
+            for key in removed + changed:
+                drains.start_soon(replace_when_drained, key)
+        report = ReloadReport(
+            tuple(added), tuple(removed), tuple(changed), tuple(toggled), settings
+        )
         log.info("configuration reloaded: %s", report)
         await self._warn_of_jobs_left(removed)
         for note in php_fpm_notes(new):
@@ -472,6 +508,6 @@ class App:
             self._nursery.start_soon(self._drain_producers)
         elif first:  # still starting: no producer has been served
             self._producers_drained.set()
-        for dispatcher in self._dispatchers.values():
+        for dispatcher in [*self._dispatchers.values(), *self._stopping.values()]:
             dispatcher.stop(deadline)
         self._stopped.set()

@@ -280,7 +280,9 @@ class Telemetry:
                     "configured": False,
                 }
             record = self._topics.setdefault((queue_name, topic_name), _TopicRecord())
-            entry["topics"].append(self._topic(None, stats, record, None, None, now))
+            # A reload's drain may still be delivering its last jobs: counted in flight.
+            draining = dispatchers.get((queue_name, topic_name))
+            entry["topics"].append(self._topic(None, stats, record, draining, None, now))
         return {
             "generated_at": self._clock(),
             "uptime": round(self._clock() - self.started_at, 1),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from gateway.app import App, ReloadRefused
 from gateway.config import load_config
@@ -367,3 +368,50 @@ async def test_sigterm_during_a_reload_is_acted_on_at_once(
             daemon.wait()
     assert "configuration reloaded" in log.read_text()
     assert len(read_received(record)) == 1  # the changed topic did not start again
+
+
+async def test_a_slow_drain_holds_back_no_other_topic_and_a_shutdown_cuts_it_short(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    # A reload changes topics slow and fast while slow has a 3 s delivery in flight.  Fast's
+    # new dispatcher used to wait for slow's drain; the stats counted nothing in flight for
+    # the draining topic; and a shutdown then left the drain its reload deadline (here 6 s),
+    # not the shutdown's.
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"slow": "/s", "fast": "/f"})})
+    async with running_daemon(config) as app:
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(encode_command("LPUSH", "q/slow", b'{"sleep_ms": 3000}'))
+        assert await stream.receive_some(100) == b":1\r\n"
+        await wait_received(record, 1)
+        set_topics(tmp_path, recording_fpm, {"slow": "/s2", "fast": "/f2"})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.reload, load_config(config))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert app.dispatcher_statistics()["q", "slow"].in_flight == 1
+            await stream.send_all(encode_command("LPUSH", "q/fast", b"quick"))
+            assert await stream.receive_some(100) == b":1\r\n"
+            with trio.fail_after(2):  # not after slow's 3 s
+                received = await wait_received(record, 2)
+            assert received[1].server["REQUEST_URI"] == "/f2"
+            began = trio.current_time()
+            app.shutdown(timeout=0.5)
+        assert trio.current_time() - began < 2
+    assert [r.server["REQUEST_URI"] for r in read_received(record)] == ["/s", "/f2"]
+
+
+async def test_the_reload_line_names_the_settings_that_changed(
+    recording_fpm: PhpFpm, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="busgate")
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a"})})
+    async with running_daemon(config) as app:
+        text = queue(recording_fpm, {"a": "/a"}).replace(
+            "queue: q\n", "queue: q\npassword: s3cret\nmax_payload: 2KiB\n"
+        )
+        (tmp_path / "conf.d" / "q.yaml").write_text(text)
+        report = await app.reload(load_config(config))
+    assert report.settings == ("q.max_payload", "q.password")
+    (line,) = [r.getMessage() for r in caplog.records if "configuration reloaded" in r.getMessage()]
+    assert line.endswith("settings=q.max_payload,q.password")
+    assert "s3cret" not in line
