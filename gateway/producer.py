@@ -257,11 +257,11 @@ class _Batcher:
 
     async def flush(self) -> None:
         try:
-            # Shielded, and bounded by FLUSH_GRACE instead: one cancel scope for both (a scope
-            # costs as much as a trip through the scheduler, and this runs per store call).
-            deadline = trio.current_time() + FLUSH_GRACE
-            with trio.CancelScope(deadline=deadline, shield=True):
-                await self._flush_all()
+            # Shielded, and bounded by FLUSH_GRACE per store call instead: one cancel scope
+            # for both, its deadline moved on before each call (a scope costs as much as a
+            # trip through the scheduler; the calls go on for as long as pushes come).
+            with trio.CancelScope(shield=True) as scope:
+                await self._flush_all(scope)
         finally:
             self._flushing = False
             # Out of time (or broken): whoever has no answer yet gets an error, not a hang.
@@ -276,7 +276,7 @@ class _Batcher:
             for _, _, callback in waiting:
                 callback(StoreUnavailable(f"{late}; this push was not sent to it"), 0)
 
-    async def _flush_all(self) -> None:
+    async def _flush_all(self, scope: trio.CancelScope) -> None:
         while self._waiting:
             # One call per configuration: pushes checked after a reload go to the topics it
             # made, not those of the push that started this flush (under steady load, a
@@ -292,6 +292,7 @@ class _Batcher:
             batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
             jobs = [job for _, submitted, _ in batch for job in submitted]
             self._sending = batch  # if the deadline cancels the call, these are the stranded
+            scope.deadline = trio.current_time() + FLUSH_GRACE
             try:
                 result = await self.store.push(entry.config.name, entry.routes, jobs)
             except Exception as exc:

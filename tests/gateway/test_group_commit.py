@@ -12,16 +12,18 @@ import random
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from adapters.storage.jobs import PushResult
+from adapters.storage.jobs import NewJob, Pushed, PushResult
 from fastcgi.readiness import Readiness
 from gateway.app import App
 from gateway.config import load_config
+from gateway.producer import FLUSH_GRACE, _Batcher
 from gateway.resp import encode_command
 from gateway.resp_server import _Connection
 from tests.gateway.test_producer_protocol import QUEUES, Client, CountingPushes
@@ -331,3 +333,44 @@ async def test_a_push_checked_after_a_reload_goes_to_the_topics_it_made(tmp_path
         assert (await app.store.stats("held", "t")).ready == 3
         (copy,) = await app.store.reserve("held", "more", 10, 30)
         assert copy.payload == b"after"
+
+
+class _TenMillisecondStore:
+    """A store whose every push takes 10 ms (the group commit's one layer under test)."""
+
+    calls = 0
+
+    async def push(self, queue: str, routes: Any, jobs: list[Any]) -> PushResult:
+        self.calls += 1
+        await trio.sleep(0.01)
+        count = len(jobs)
+        return PushResult(tuple(map(str, range(count))), (Pushed.STORED,) * count, (1,) * count)
+
+
+async def test_a_steady_stream_of_pushes_outlasts_the_flush_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The flush loops for as long as pushes keep coming.  Its 30 s deadline was the whole
+    # loop's: after 30 s of steady load the call under way was cancelled, its pushes told
+    # "may have been stored" (pushed again: duplicates), though every call took 10 ms.
+    store = _TenMillisecondStore()
+    batcher = _Batcher(store)  # type: ignore[arg-type]
+    entry = SimpleNamespace(config=SimpleNamespace(name="q"), routes=())
+    errors: list[Exception] = []
+    stored = 0
+
+    def on_stored(outcome: PushResult | Exception, first: int) -> None:
+        nonlocal stored
+        if isinstance(outcome, Exception):
+            errors.append(outcome)
+        else:
+            stored += 1
+
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        while trio.current_time() - start < FLUSH_GRACE + 10:  # a push every 5 ms
+            if batcher.add(entry, [NewJob(b"x")], on_stored):  # type: ignore[arg-type]
+                nursery.start_soon(batcher.flush)
+            await trio.sleep(0.005)
+    assert errors == []
+    assert stored > 7000 and store.calls > 3000
