@@ -737,7 +737,10 @@ def _table(
 def _when(moment: float | None) -> str:
     if moment is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment))
+    except (OverflowError, OSError, ValueError):  # past what the C library can show
+        return f"{moment:.0f}"
 
 
 def _oneline(text: str, limit: int) -> str:

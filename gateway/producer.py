@@ -44,13 +44,17 @@ class WrongPassword(ProducerError):
 
 
 class PayloadTooLarge(ProducerError):
-    pass
+    """A payload over max_payload, attributes over MAX_ATTRIBUTE_BYTES, or more jobs in one
+    push than one store call takes."""
 
 
 class BadDelay(ProducerError):
     pass
 
 
+#: A job's attributes, names and values, may hold this much at most: they travel as HTTP
+#: headers (``X-Busgate-Attr-…``), and servers refuse a header section much larger (431).
+MAX_ATTRIBUTE_BYTES = 8 * 1024
 #: A delay may be this long at most: 100 years, in milliseconds.
 MAX_DELAY_MS = 100 * 366 * 24 * 3600 * 1000
 
@@ -160,6 +164,12 @@ class ProducerService:
         return entry
 
     def check_sizes(self, entry: QueueEntry, payloads: Sequence[bytes]) -> None:
+        # One command is one store call: a push of 300,000 payloads held every producer of
+        # every queue (and the store) for seconds.
+        if len(payloads) > MAX_BATCH:
+            raise PayloadTooLarge(
+                f"{len(payloads)} payloads in one push; at most {MAX_BATCH}: split it"
+            )
         limit = entry.config.max_payload
         for payload in payloads:
             if len(payload) > limit:
@@ -167,6 +177,15 @@ class ProducerService:
                     f"payload of {len(payload)} bytes exceeds max_payload of {limit} bytes"
                     f" for queue '{entry.config.name}'"
                 )
+
+    @staticmethod
+    def check_attributes(attributes: Mapping[str, str]) -> None:
+        size = sum(len(name.encode()) + len(value.encode()) for name, value in attributes.items())
+        if size > MAX_ATTRIBUTE_BYTES:
+            raise PayloadTooLarge(
+                f"attributes of {size} bytes (names and values) exceed the limit of"
+                f" {MAX_ATTRIBUTE_BYTES} bytes: they are sent as HTTP headers"
+            )
 
     async def push(self, entry: QueueEntry, jobs: Sequence[NewJob]) -> PushResult:
         """Store ``jobs`` (already resolved and size-checked); returns once durable.

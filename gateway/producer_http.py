@@ -303,6 +303,7 @@ def _job(
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from None
     attributes = attributes_of(options.get("attributes", {}))
+    service.check_attributes(attributes)
     if "traceparent" in options:
         trace_id = trace_id_of(str(options["traceparent"]))
         if trace_id is None:

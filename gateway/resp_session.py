@@ -30,6 +30,7 @@ from adapters.storage.errors import StoreError, store_error_text
 from adapters.storage.jobs import NewJob, Priority, PushResult, check_job_id
 from gateway import __version__, resp
 from gateway.producer import (
+    MAX_DELAY_MS,
     Directory,
     ProducerError,
     ProducerService,
@@ -351,6 +352,7 @@ class RespSession:
         if not rest or len(rest) % 2:
             raise CommandError("syntax error")
         times = []
+        latest = self.service.run_at(MAX_DELAY_MS)
         for score in rest[0::2]:
             try:
                 run_at = float(score)
@@ -358,6 +360,8 @@ class RespSession:
                 raise CommandError("value is not a valid float") from None
             if not math.isfinite(run_at):
                 raise CommandError("the score (unix seconds to run at) must be finite")
+            if run_at > latest:  # as XADD's delay: a store keeps milliseconds in 64 bits
+                raise CommandError("the score (unix seconds to run at) is over 100 years away")
             times.append(run_at)
         entry, topic = self._resolve(args[1])
         payloads = rest[1::2]
@@ -416,6 +420,7 @@ class RespSession:
             raise CommandError("XADD needs a 'payload' field")
         entry, topic = self._resolve(args[1])
         self.service.check_sizes(entry, [payload])
+        self.service.check_attributes(attributes)
         job = NewJob(
             payload,
             id=job_id,
