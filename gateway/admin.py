@@ -55,6 +55,8 @@ MAX_PAGE = 500
 MAX_PACED_SECONDS = 600.0
 DEFAULT_PAGE = 50
 AUTH_TIMEOUT = 5.0
+#: The most a live-feed client may send in one message: its login, {"token": ...}.
+LIVE_MAX_MESSAGE = 4096
 #: A closing WebSocket client has this long to answer our close frame.
 CLOSE_TIMEOUT = 5.0
 TEST_PAYLOAD_LIMIT = 16 * 1024 * 1024
@@ -581,7 +583,11 @@ class AdminAPI:
         async with trio.open_nursery() as nursery:
             socket = None
             with trio.move_on_after(AUTH_TIMEOUT):
-                handshake = await trio_websocket.wrap_server_stream(nursery, stream)
+                # The client sends one message, its login: a megabyte (the library's
+                # default) before it has logged in would be a megabyte for anyone.
+                handshake = await trio_websocket.wrap_server_stream(
+                    nursery, stream, max_message_size=LIVE_MAX_MESSAGE
+                )
                 socket = await handshake.accept()
             if socket is None:  # the handshake never came whole
                 nursery.cancel_scope.cancel()

@@ -316,13 +316,12 @@ class App:
         add_producer_routes(router, self.service)
         router.add("GET", "/healthz", self._healthz)
         router.add("GET", "/readyz", self._readyz)
-        router.add("GET", "/metrics", self._metrics)
+        router.add("GET", "/metrics", self._metrics, guard=self.admin.authorize)
         self.admin.routes(router)
         self._registry = registry_for(self.telemetry)
         return router
 
     async def _metrics(self, request: Request) -> Response:
-        self.admin.authorize(request)
         return Response(200, render_metrics(self._registry), content_type=METRICS_CONTENT_TYPE)
 
     async def _healthz(self, request: Request) -> Response:

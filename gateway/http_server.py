@@ -128,9 +128,13 @@ class Router:
         template: str,
         handler: Handler,
         *,
-        max_body: BodyLimit = DEFAULT_MAX_BODY,
+        max_body: BodyLimit | None = None,
         guard: Guard | None = None,
     ) -> None:
+        """``max_body``: by default none for a GET (which carries no body: read anyway, an
+        unguarded one would hold a megabyte for anyone), DEFAULT_MAX_BODY otherwise."""
+        if max_body is None:
+            max_body = 0 if method == "GET" else DEFAULT_MAX_BODY
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
         self.routes.append(Route(method, re.compile(f"{regex}$"), handler, max_body, guard))
 
@@ -270,6 +274,11 @@ class HTTPServer:
                 await _refuse(stream, exc.error_status_hint, str(exc))
                 return
             if idle.cancelled_caught or not isinstance(head, h11.Request):
+                return
+            if _head_size(head) > MAX_HEADERS:
+                # h11 bounds a head only while it is incomplete: one that a later read
+                # completes (64 KiB each) got through at up to twice the limit.
+                await _refuse(stream, 431, f"the request head is over {MAX_HEADERS} bytes")
                 return
             self._requests += 1
             self._answering += 1
@@ -460,6 +469,14 @@ async def _lingering_close(stream: trio.SocketStream) -> None:
                 drained += len(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+def _head_size(head: h11.Request) -> int:
+    """About the size the request head had on the wire (its line and fields)."""
+    size = len(head.method) + len(head.target) + 12  # " ", " HTTP/1.1\r\n"
+    for name, value in head.headers:
+        size += len(name) + len(value) + 4  # ": ", "\r\n"
+    return size
 
 
 async def _refuse(

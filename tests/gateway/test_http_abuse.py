@@ -235,3 +235,42 @@ async def test_a_rotated_admin_token_ends_the_live_feeds_opened_with_the_old_one
                     await socket.get_message()
     assert closed.value.reason is not None
     assert closed.value.reason.reason == "the admin token changed"
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [("/metrics", 401), ("/healthz", 413), ("/ui/app.js", 413)]
+)
+async def test_a_get_with_a_body_is_answered_on_its_head(app: App, path: str, status: int) -> None:
+    # A megabyte announced to a GET that needs no token (or checked its token only in the
+    # handler, as /metrics did) was invited (100 Continue) and held: 150 such connections
+    # took the daemon from 41 to 203 MB.  A GET carries no body; /metrics is guarded.
+    stream = await connect(app)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        answer = await read_until(stream, b"\r\n\r\n", timeout=2)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer
+
+
+async def test_a_head_completed_by_a_later_read_is_held_to_the_limit(app: App) -> None:
+    # h11 bounds a head only while incomplete: one completed in a second read was served
+    # at up to twice MAX_HEADERS (64 KiB).
+    stream = await connect(app)
+    async with stream:
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65_000)
+        await trio.sleep(0.2)  # read on its own
+        await stream.send_all(b"a" * 35_000 + b"\r\n\r\n")
+        answer = await read_until(stream, b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+
+
+async def test_the_live_feed_takes_no_large_message_before_its_login(app: App) -> None:
+    # A megabyte (the library's default) per connection before any token was checked.
+    url = f"ws://{app.http_address}/v1/live"
+    async with trio_websocket.open_websocket_url(url) as socket:
+        await socket.send_message("x" * 10_000)
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await socket.get_message()
+    assert closed.value.reason is not None and closed.value.reason.code == 1009
