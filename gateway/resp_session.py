@@ -789,10 +789,12 @@ class RespSession:
                 ("used_cpu_user", f"{usage.ru_utime:.6f}"),
             ]
         # Keyspace: the queues.  No dbN:keys line: counting the jobs pending would cost a
-        # store query per queue on every INFO, and a made-up number would mislead.
+        # store query per queue on every INFO, and a made-up number would mislead.  Numbered
+        # as Redis numbers its databases, the name a value: a queue's name may hold ":"
+        # ("app:emails"), which clients take for the end of an INFO field's name.
         return [
-            (f"queue_{queue}", f"topics={len(entry.topics)}")
-            for queue, entry in self.service.directory.queues.items()
+            (f"queue{index}", f"name={queue},topics={len(entry.topics)}")
+            for index, (queue, entry) in enumerate(self.service.directory.queues.items())
         ]
 
 

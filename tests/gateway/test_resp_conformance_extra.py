@@ -133,7 +133,7 @@ async def test_info_answers_the_sections_asked_for(app: App) -> None:
     # between them; an unknown one adds nothing.
     several = await bulk(client, "INFO", "keyspace", "Clients", "clients", "nosuch")
     assert titles(several) == ["Clients", "Keyspace"]
-    assert b"\r\n\r\n# Keyspace\r\nqueue_" in several
+    assert b"\r\n\r\n# Keyspace\r\nqueue0:name=" in several
     assert not several.endswith(b"\r\n\r\n")
     assert await bulk(client, "INFO", "nosuch") == b""
     assert await bulk(client, "INFO", "commandstats") == b""  # a Redis section busgate lacks
@@ -360,3 +360,25 @@ async def test_too_many_arguments_are_refused_with_an_error_the_client_reads(app
     assert app.resp.statistics().protocol_errors_total == 1
     other = await Client.connect(app)
     assert await other.call("LLEN", "open") == b":0"
+
+
+async def test_info_keyspace_names_a_queue_with_a_colon_as_clients_read_it(
+    tmp_path: Path,
+) -> None:
+    # "queue_app:emails:topics=1" read, in redis-py, as {"queue_app": {"emails:topics": 1}}.
+    queues = {
+        "app": """\
+            queue: "app:emails"
+            topics:
+              t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
+            """
+    }
+    async with running_daemon(write_config(tmp_path, queues)) as app:
+        host, _, port = app.resp_address.rpartition(":")
+
+        def keyspace() -> dict[str, object]:
+            return redis.Redis(host=host, port=int(port), protocol=2).info("keyspace")
+
+        assert await trio.to_thread.run_sync(keyspace) == {
+            "queue0": {"name": "app:emails", "topics": 1}
+        }
