@@ -330,6 +330,10 @@ class Cluster:
                     ranges = StoreUnavailable(
                         f"{client.name}: no answer within {client.connect_timeout:g}s"
                     )
+                if isinstance(ranges, list) and not ranges:
+                    # A node outside any cluster (reset by `redis-cli --cluster del-node`, or
+                    # not joined yet) serves no slot: its empty map is no map.
+                    ranges = StoreUnavailable(f"{client.name}: serves no slot (not in the cluster)")
                 if isinstance(ranges, StoreUnavailable):
                     self._failing.add(address)
                 if isinstance(ranges, StoreUnavailable | ServerError):

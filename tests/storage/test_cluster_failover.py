@@ -27,6 +27,7 @@ from adapters.storage.fanout import Filter
 from adapters.storage.jobs import NewJob
 from adapters.storage.redis_client import RedisAddress, RedisClient
 from adapters.storage.redis_routing import Cluster
+from adapters.storage.redis_store import RedisStore
 
 # The fixture `cluster`: three masters, no replicas, a master down leaves the others serving.
 from tests.storage.test_cluster_subscription import cluster as cluster
@@ -34,6 +35,7 @@ from tests.storage.test_cluster_subscription import queue_on
 from tests.storage.test_redis_subscription import opened
 from tests.support.ports import unanswered_port
 from tests.support.redis import RedisCluster, RedisServer
+from tests.support.stores import running_store
 
 ROUTES = [("email", Filter())]
 
@@ -220,3 +222,22 @@ async def test_a_reply_redis_garbled_may_have_been_stored() -> None:
             await client.pipeline([("PING",)])
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_seed_outside_the_cluster_is_not_taken_for_the_slot_map(tmp_path: Path) -> None:
+    # `redis-cli --cluster del-node` resets the node it removes and leaves it running: it
+    # answers CLUSTER SLOTS with [].  Listed first in the store URL, it was believed: no slot
+    # had a node, every push failed, /readyz said ready (no master to check), for good.
+    cluster = RedisCluster(tmp_path / "cluster")
+    lone = RedisServer(tmp_path / "lone", cluster=True)
+    cluster.start()
+    lone.start()
+    try:
+        store = RedisStore(Cluster([lone.address, *cluster.seeds], RedisClient))
+        async with running_store(store):
+            await store.check()
+            result = await store.push("orders", ROUTES, [NewJob(b"x")])
+            assert len(result.ids) == 1
+    finally:
+        lone.stop()
+        cluster.stop()
