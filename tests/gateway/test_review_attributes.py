@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,37 +21,12 @@ import trio
 
 from adapters.storage.jobs import NewJob
 from gateway.app import App
-from tests.gateway.test_admin import TOKEN, api
+from tests.gateway.test_admin import api
 from tests.gateway.test_admin_cli import busgate
-from tests.gateway.test_operator_review import DIES, Daemon, orders_yaml
-from tests.support.daemon import running_daemon, write_config
-from tests.support.http_server import RecordingServer
-from tests.support.redis import RedisServer
+from tests.gateway.test_operator_review import DIES, Daemon
+from tests.gateway.test_operator_review import daemon as daemon  # the fixture
 
 LONE = "x\ud800"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Daemon]:
-    backend = RecordingServer()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(backend.run)
-        token_file = tmp_path / "admin.token"
-        token_file.write_text(TOKEN + "\n")
-        store = None
-        if request.param == "redis":
-            server: RedisServer = request.getfixturevalue("redis_server")
-            server.cli("FLUSHALL")
-            store = f"redis://127.0.0.1:{server.port}/0"
-        config = write_config(
-            tmp_path,
-            {"orders": orders_yaml(backend.url)},
-            main_extra="admin_token_file: admin.token\n",
-            store=store,
-        )
-        async with running_daemon(config) as app:
-            yield Daemon(app, config, token_file, backend)
-        nursery.cancel_scope.cancel()
 
 
 def push_json(app: App, document: Any) -> tuple[int, dict[str, Any]]:
