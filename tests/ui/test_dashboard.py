@@ -48,6 +48,15 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 TOKEN = "dashboard-test-token-7f3c9a1e"
 WAIT = 15.0  # seconds for anything the page or the daemon should do promptly
+#: A queue whose one topic delivers nothing: for tests of the page, not of deliveries.
+PAUSED_QUEUE = """\
+    queue: jobs
+    topics:
+      work:
+        backend: fastcgi://127.0.0.1:9
+        script: /srv/app/work.php
+        paused: true
+    """
 
 
 @pytest.fixture(autouse=True)
@@ -505,15 +514,7 @@ async def test_overview_of_500_topics_renders_within_a_second(tmp_path: Path) ->
 
 
 async def test_live_feed_reconnects_and_a_refused_token_asks_again(tmp_path: Path) -> None:
-    queue = """\
-        queue: jobs
-        topics:
-          work:
-            backend: fastcgi://127.0.0.1:9
-            script: /srv/app/work.php
-            paused: true
-        """
-    config = daemon_config(tmp_path, {"jobs": queue})
+    config = daemon_config(tmp_path, {"jobs": PAUSED_QUEUE})
     # a fixed port, so the restarted daemon is where the page reconnects to
     config.write_text(
         config.read_text().replace("http: 127.0.0.1:0", f"http: 127.0.0.1:{free_port()}")
@@ -561,19 +562,11 @@ async def test_live_feed_reconnects_and_a_refused_token_asks_again(tmp_path: Pat
 async def test_a_banner_says_the_store_is_not_answering_and_goes_once_it_is(
     tmp_path: Path,
 ) -> None:
-    queue = """\
-        queue: jobs
-        topics:
-          work:
-            backend: fastcgi://127.0.0.1:9
-            script: /srv/app/work.php
-            paused: true
-        """
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:
         store = f"redis://127.0.0.1:{server.port}/0?timeout=1s&connect_timeout=200ms"
-        config = daemon_config(tmp_path / "daemon", {"jobs": queue}, store)
+        config = daemon_config(tmp_path / "daemon", {"jobs": PAUSED_QUEUE}, store)
         async with running_daemon(config) as app:
 
             def session() -> None:
