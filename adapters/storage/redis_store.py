@@ -87,6 +87,11 @@ _RETRY = Outcome.RETRY
 _RETRY_UNSPENT = "retry-unspent"
 _PRIORITY_ARGS = tuple(str(int(p)) for p in Priority)
 _WAKE_PATTERN = b"bg:{*}:wake"
+
+#: Error codes of a Redis that answers but takes no writes: out of memory (noeviction), a
+#: failed snapshot (stop-writes-on-bgsave-error), a replica, too few replicas
+#: (min-replicas-to-write).
+_WRITE_REFUSALS = frozenset({"OOM", "MISCONF", "READONLY", "NOREPLICAS"})
 #: While a replica is down every push is unconfirmed: one warning per this many seconds, with
 #: the count since the last, rather than one per push.
 UNCONFIRMED_WARNING_INTERVAL = 10.0
@@ -261,6 +266,9 @@ class RedisStore(Store):
         self._ready_counts: dict[tuple[str, str], list[int]] = {}
         self._registered: set[tuple[str, str]] = set()
         self._registered_until = -math.inf
+        # The queue of the last write Redis refused (out of memory, failed snapshot, a
+        # replica, too few replicas); None once a probe write succeeds again.
+        self._write_refused: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -299,6 +307,13 @@ class RedisStore(Store):
         await self.router.aclose()
 
     async def check(self) -> None:
+        """Every master answers; and, if the last write was refused (``OOM``, ``MISCONF``,
+        ``READONLY``, ``NOREPLICAS``: PING answers through all of them), a write now succeeds.
+
+        The probe write is made only then, on the refused queue's node, so a ready store costs
+        no write per probe, and readiness comes back once Redis takes writes, with no push to
+        find out.
+        """
         try:
             await self.router.execute_everywhere("PING")
         except ServerError as exc:
@@ -308,6 +323,10 @@ class RedisStore(Store):
                     " store calls wait for it, up to the store's timeout"
                 ) from exc
             raise
+        queue = self._write_refused
+        if queue is not None:
+            await self._pipeline(queue, [("SET", prefix_of(queue) + b"probe", "1", "PX", "1000")])
+            self._write_refused = None
 
     async def check_replicas(self) -> None:
         """At startup, with ``replicas``: refuse a Redis user that may not WAIT (every push
@@ -341,7 +360,16 @@ class RedisStore(Store):
         try:
             return await self.router.eval(prefix + ROUTE, script, [prefix, *args])
         except ServerError as exc:
-            raise _script_failed(queue, exc) from exc
+            raise self._script_failed(queue, exc) from exc
+
+    def _script_failed(self, queue: str, exc: ServerError) -> StoreError:
+        """A script's error reply, as the store error callers see; a refused write is
+        remembered for ``check``."""
+        if exc.code in _WRITE_REFUSALS:
+            self._write_refused = queue
+        if exc.code == "WRONGTYPE":
+            return StoreCorrupt(f"queue {queue}: unexpected Redis data: {exc}")
+        return _refused(queue, exc)
 
     async def _pipeline(self, queue: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
         replies = await self.router.pipeline(prefix_of(queue) + b"n", commands)
@@ -440,7 +468,7 @@ class RedisStore(Store):
                 prefix + ROUTE, scripts.PUSH, [prefix, *args], wait
             )
         except ServerError as exc:
-            raise _script_failed(queue, exc) from exc
+            raise self._script_failed(queue, exc) from exc
         if isinstance(confirmed, int) and confirmed >= self.replicas:
             return reply, None
         if isinstance(confirmed, int):
@@ -819,13 +847,6 @@ class RedisStore(Store):
         if not ids:
             return 0
         return int(await self._eval(queue, scripts.DELETE, topic, *ids))
-
-
-def _script_failed(queue: str, exc: ServerError) -> StoreError:
-    """A script's error reply, as the store error callers see."""
-    if exc.code == "WRONGTYPE":
-        return StoreCorrupt(f"queue {queue}: unexpected Redis data: {exc}")
-    return _refused(queue, exc)
 
 
 def _refused(queue: str, reply: ServerError) -> StoreError:

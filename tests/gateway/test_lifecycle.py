@@ -21,6 +21,7 @@ from adapters.storage.sqlite import SQLiteStore
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
 from tests.support.ports import free_port, wait_connectable
+from tests.support.redis import RedisServer
 from tests.support.sqlite import cap_pages
 
 
@@ -176,6 +177,49 @@ async def test_readyz_says_not_ready_while_the_sqlite_disk_is_full(tmp_path: Pat
         assert (await http(http_port, "GET", "/readyz"))[0] == 200
         assert await trio.to_thread.run_sync(push) == 1
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("refusal", "restore", "error"),
+    [
+        # Out of memory with noeviction: PING answers, every write is refused.
+        (("maxmemory", "1"), ("maxmemory", "0"), "OOM"),
+        # Fewer good replicas than min-replicas-to-write.
+        (("min-replicas-to-write", "1"), ("min-replicas-to-write", "0"), "NOREPLICAS"),
+    ],
+)
+async def test_readyz_says_not_ready_while_redis_refuses_writes(
+    tmp_path: Path, refusal: tuple[str, str], restore: tuple[str, str], error: str
+) -> None:
+    # PING alone said ready while every push was refused.
+    server = RedisServer(tmp_path / "redis", args=["--maxmemory-policy", "noeviction"])
+    server.start()
+    queue = """\
+        queue: q
+        topics:
+          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
+        """
+    config = write_config(tmp_path, {"q": queue}, store=f"redis://{server.address}")
+    try:
+        async with running_daemon(config) as app:
+            http_port = int(app.http_address.rpartition(":")[2])
+            client = redis.Redis(port=int(app.resp_address.rpartition(":")[2]))
+
+            def push() -> object:
+                return client.lpush("q", b"x")
+
+            assert (await http(http_port, "GET", "/readyz"))[0] == 200
+            server.cli("CONFIG", "SET", *refusal)
+            with pytest.raises(redis.exceptions.ResponseError, match=error):
+                await trio.to_thread.run_sync(push)
+            status, _, body = await http(http_port, "GET", "/readyz")
+            assert status == 503 and error.encode() in body, body
+            server.cli("CONFIG", "SET", *restore)  # /readyz finds out with no push
+            assert (await http(http_port, "GET", "/readyz"))[0] == 200
+            assert await trio.to_thread.run_sync(push) == 1
+            client.close()
+    finally:
+        server.stop()
 
 
 async def test_a_connection_that_pushed_before_a_drain_is_refused_during_it(
