@@ -4,6 +4,9 @@
       ^                                    ^                      │ one probe delivery
       └──────────────(probe succeeds)──────┴──(probe fails)───────┘
 
+(Any success closes it: a delivery that started before the circuit opened and succeeds
+late says the backend answers again.  Only the probe's failure reopens it.)
+
 While open, the dispatcher reserves nothing, so jobs wait in the store instead of burning
 attempts against a dead backend; the probe decides, by itself, when deliveries resume.
 Each failed probe doubles the cooldown, up to ``max_cooldown``.  A backend "failure" is a
@@ -100,9 +103,10 @@ class CircuitBreaker:
         """When an open circuit lets a probe through (clock time); inf otherwise."""
         return self._reopen_at if self.state is CircuitState.OPEN else math.inf
 
-    def record(self, delivery: Delivery) -> None:
+    def record(self, delivery: Delivery, *, probe: bool) -> None:
+        """An attempt's outcome; ``probe``: it was the half-open probe (``started``)."""
         if backend_failed(delivery):
-            self._failure()
+            self._failure(probe)
         elif self._failures or self.state is not CircuitState.CLOSED:
             self._success()
         # Else closed without failures: _success would write what is there already (only
@@ -115,9 +119,12 @@ class CircuitBreaker:
         self.state = CircuitState.CLOSED
         self._reopen_at = math.inf
 
-    def _failure(self) -> None:
+    def _failure(self, probe: bool) -> None:
         self._failures += 1
-        if self.state is CircuitState.HALF_OPEN:
+        if self.state is CircuitState.HALF_OPEN and probe:
+            # Only the probe's failure reopens: one of a delivery started before the circuit
+            # opened says nothing new, and taking it for the probe's would let a second probe
+            # out at the next reopen while the first is still running.
             self._probing = False
             self._cooldown = min(self._cooldown * 2, self.max_cooldown)
             self._open()

@@ -405,14 +405,15 @@ class Dispatcher:
                 if covered is None:
                     continue
                 lease_until = covered
-            if job.id == self._probe:
+            probe = job.id == self._probe
+            if probe:
                 self._probe = None  # on its way: its outcome decides
             self._in_flight += 1
             self._started += 1
             if self._outlasts_lease:
                 self._running_leases[job.id] = lease_until
             try:
-                await self._deliver(job, lease_until)
+                await self._deliver(job, lease_until, probe)
             finally:
                 self._running_leases.pop(job.id, None)
                 self._in_flight -= 1
@@ -464,7 +465,7 @@ class Dispatcher:
         for job in jobs:
             self._not_delivered(job)
 
-    async def _deliver(self, job: Job, lease_until: float) -> None:
+    async def _deliver(self, job: Job, lease_until: float, probe: bool) -> None:
         started_at = self._clock()
         started = self._now()
         try:
@@ -484,7 +485,7 @@ class Dispatcher:
                 job, delivery.duration, exc, "judging a delivery", "judge the response"
             )
             decision, attempt = self._judge(job, delivery, started_at)
-        self.circuit.record(delivery)
+        self.circuit.record(delivery, probe=probe)
         if self._outlasts_lease:  # extended while it ran (_keep_leased)
             lease_until = self._running_leases.get(job.id, lease_until)
         # Handed over without an await: a cancellation from here on cannot lose the attempt.

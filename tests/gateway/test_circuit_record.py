@@ -15,9 +15,9 @@ from gateway.circuit import CircuitBreaker, backend_failed
 class PlainCircuit(CircuitBreaker):
     """The rule as first written: every outcome through ``_success`` or ``_failure``."""
 
-    def record(self, delivery: Delivery) -> None:
+    def record(self, delivery: Delivery, *, probe: bool) -> None:
         if backend_failed(delivery):
-            self._failure()
+            self._failure(probe)
         else:
             self._success()
 
@@ -54,8 +54,9 @@ def test_record_does_what_the_plain_rule_does(seed: int) -> None:
         if step < 0.6:
             # Mostly successes, so that runs of them follow every state.
             delivery = OUTCOMES[0] if rng.random() < 0.5 else rng.choice(OUTCOMES)
-            fast.record(delivery)
-            plain.record(delivery)
+            probe = rng.random() < 0.5
+            fast.record(delivery, probe=probe)
+            plain.record(delivery, probe=probe)
         elif step < 0.75:
             assert fast.allowance() == plain.allowance()
         elif step < 0.85:

@@ -168,24 +168,24 @@ def test_circuit_opens_probes_and_closes() -> None:
     circuit = CircuitBreaker(failures=3, cooldown=10, clock=clock)
     down = Delivery(0.0, failure=Failure.CONNECT, message="refused")
     for _ in range(2):
-        circuit.record(down)
-    circuit.record(answer(404))  # the backend answered: not its failure
+        circuit.record(down, probe=False)
+    circuit.record(answer(404), probe=False)  # the backend answered: not its failure
     assert circuit.state is CircuitState.CLOSED
     for _ in range(3):
-        circuit.record(down)
+        circuit.record(down, probe=False)
     assert circuit.statistics().state is CircuitState.OPEN and circuit.allowance() == 0
     assert circuit.reopen_at == 110
     clock.now = 110
     assert circuit.allowance() == 1  # half-open: one probe
-    circuit.started()
+    assert circuit.started()
     assert circuit.allowance() == 0  # only one
-    circuit.record(answer(502))
+    circuit.record(answer(502), probe=True)
     assert circuit.statistics().state is CircuitState.OPEN
     assert circuit.reopen_at == 130  # cooldown doubled
     clock.now = 130
     assert circuit.allowance() == 1
-    circuit.started()
-    circuit.record(answer(200))
+    assert circuit.started()
+    circuit.record(answer(200), probe=True)
     stats = circuit.statistics()
     assert (stats.state, stats.opened_total, stats.consecutive_failures) == (
         CircuitState.CLOSED,
@@ -198,7 +198,7 @@ def test_circuit_opens_probes_and_closes() -> None:
 def test_a_withdrawn_probe_lets_the_next_job_probe() -> None:
     clock = Clock()
     circuit = CircuitBreaker(failures=1, cooldown=10, clock=clock)
-    circuit.record(answer(500))
+    circuit.record(answer(500), probe=False)
     clock.now += 10
     assert circuit.allowance() == 1
     assert circuit.started() is True  # the probe
@@ -206,6 +206,24 @@ def test_a_withdrawn_probe_lets_the_next_job_probe() -> None:
     circuit.probe_withdrawn()  # it went back to the store undelivered (a pause)
     assert circuit.statistics().state is CircuitState.HALF_OPEN
     assert circuit.allowance() == 1  # before, 0 for ever: a wedged topic
+
+
+def test_a_late_failure_half_open_is_not_the_probes() -> None:
+    # A delivery started before the circuit opened fails while the probe is out: taken for
+    # the probe's failure, it reopened the circuit and let a second probe out at the next
+    # reopen, with the first still running.
+    clock = Clock()
+    circuit = CircuitBreaker(failures=1, cooldown=1, clock=clock)
+    circuit.record(answer(500), probe=False)  # opens
+    clock.now += 1
+    assert circuit.allowance() == 1 and circuit.started()  # the probe goes out
+    clock.now += 2
+    circuit.record(answer(500), probe=False)  # the late one
+    clock.now += 2
+    assert circuit.statistics().state is CircuitState.HALF_OPEN
+    assert circuit.allowance() == 0  # the probe has not answered: nothing more goes
+    circuit.record(answer(200), probe=True)
+    assert circuit.allowance() is None
 
 
 def test_token_bucket() -> None:

@@ -307,6 +307,35 @@ circuit: {{failures: 3, cooldown: 300ms}}"""
     assert counted.delivered_total == len(server.requests) == 12 + stats_store.retried_total
 
 
+async def test_a_late_failure_from_before_the_circuit_opened_is_not_the_probes(
+    server: TimedServer, tmp_path: Path, store_kind: str, request: pytest.FixtureRequest
+) -> None:
+    # A fails after 1 s; B at once, opening the circuit; C probes at 300 ms and takes 2 s.
+    # A's failure, half-open, was taken for the probe's: the circuit reopened and let D out
+    # as a second probe at 1.6 s, with C still running.
+    topic = f"""backend: {server.url}
+concurrency: 2
+retry: {{max_attempts: 5, backoff: 30s, max_backoff: 30s}}
+circuit: {{failures: 1, cooldown: 300ms}}"""
+    async with running_daemon(config_for(tmp_path, store_kind, request, topic)) as app:
+        dispatcher = app._dispatchers["q", "t"]
+        await push(
+            app,
+            {"k": "A", "respond_status": 500, "sleep_ms": 1000},
+            {"k": "B", "respond_status": 500},
+        )
+        with trio.fail_after(10):
+            while dispatcher.circuit.statistics().opened_total < 1:
+                await trio.sleep(0.005)
+        await push(app, {"k": "C", "sleep_ms": 2000}, {"k": "D"})
+        await server.reached(4, timeout=15)
+    order = [json.loads(r.body)["k"] for r in server.requests]
+    assert order[2:] == ["C", "D"], order
+    # D went out only once the probe C had succeeded and closed the circuit.
+    assert server.arrived[3] - server.arrived[2] >= 2.0, server.gaps()
+    assert dispatcher.circuit.statistics().opened_total == 1
+
+
 async def test_a_delivery_longer_than_its_lease_runs_once(
     recording_fpm: PhpFpm,
     record: Path,
