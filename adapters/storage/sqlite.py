@@ -72,6 +72,9 @@ Operation = Callable[[sqlite3.Connection], T]
 _MAX_GROUP = 1024  # operations per transaction
 _PENDING = (State.READY, State.DELAYED, State.LEASED)
 
+#: Bytes of -wal kept once a checkpoint has emptied it (``PRAGMA journal_size_limit``).
+WAL_SIZE_LIMIT = 8 << 20
+
 #: ``PRAGMA application_id`` of a busgate store ("bsgt"): tells its file from another program's.
 _APPLICATION_ID = 0x62736774
 #: ``PRAGMA user_version``: the layout of the tables below.  A busgate finding a higher one
@@ -510,22 +513,28 @@ class SQLiteStore(Store):
                 sql += " AND (finished_at < ? OR (finished_at = ? AND id < ?))"
                 params += [after[0], after[0], after[1]]
             sql += " ORDER BY finished_at DESC, id DESC LIMIT ?"
-            rows = conn.execute(sql, (*params, DEAD_SCAN_LIMIT)).fetchall()
+            # Read row by row: a page's matches are usually its first rows, and fetching all
+            # DEAD_SCAN_LIMIT of them for each page of 100 made `dead replay --all` read
+            # 50 times what it used.
+            rows = conn.execute(sql, (*params, DEAD_SCAN_LIMIT))
             found: list[tuple[int, str, Mapping[str, str], int, float, int | None, str | None]] = []
             last: tuple[float, str] | None = None
+            scanned = 0
             for seq, job_id, attributes, attempt, died_at, status, error in rows:
+                scanned += 1
                 last = (died_at, job_id)
                 attrs = _attributes(attributes)
                 if where.matches(status, error, died_at, attrs):
                     found.append((seq, job_id, attrs, attempt, died_at, status, error))
                     if len(found) == limit:
                         break
+            rows.close()
             payloads = _payloads(conn, [seq for seq, *_ in found])
             jobs = tuple(
                 DeadJob(job_id, queue, topic, payloads[seq], attrs, attempt, died_at, status, error)
                 for seq, job_id, attrs, attempt, died_at, status, error in found
             )
-            more = len(found) == limit or len(rows) == DEAD_SCAN_LIMIT
+            more = len(found) == limit or scanned == DEAD_SCAN_LIMIT
             next_cursor = dead_cursor(*last) if more and last is not None else None
             return DeadPage(jobs, next_cursor)
 
@@ -1007,6 +1016,10 @@ def _connect(path: str) -> sqlite3.Connection:
             raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
         # FULL until a group says otherwise (see _Writer).
         conn.execute("PRAGMA synchronous = FULL")
+        # SQLite reuses the -wal from its start once a checkpoint has emptied it, and never
+        # shrinks it by itself: one large group commit, or a long read holding checkpoints
+        # back, would keep that much disk for as long as the daemon runs.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         # A plain path is written at once, so a file this user may not write stops the start
         # rather than every push; a URI may ask for a read-only store (mode=ro).
         _prepare_schema(conn, path, write=not is_uri)
