@@ -54,7 +54,23 @@ READY_TIMEOUT = 2.0
 
 
 class StartupError(Exception):
-    """The daemon cannot start with this configuration (the message says why)."""
+    """The daemon cannot start with this configuration (the message says why): a file it
+    names cannot be used (the admin token, a ``ca_file``).  Like a `ConfigError`, starting
+    again does not mend it: ``busgate`` exits with status 2 (RestartPreventExitStatus)."""
+
+
+def token_problem(path: str | None, error: Exception) -> str:
+    """Why the admin token in ``path`` cannot be used, as a start, a reload or
+    check-config says it."""
+    return f"admin_token_file: {error if path is None else _naming(path, error)}"
+
+
+def _naming(path: str, error: Exception) -> str:
+    """``error``'s text with the file it is about, ``[Errno 2] No such file or directory:
+    '/etc/busgate/ca.pem'``, unless it names it already: a decoding error does not, nor an
+    OSError from ssl."""
+    text = str(error)
+    return text if path in text else f"{text}: {path!r}"
 
 
 class ReloadRefused(Exception):
@@ -167,9 +183,16 @@ def build_backends(config: Config, only: Container[Key] | None = None) -> dict[K
             try:
                 backends[key] = build_backend(topic)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                field = f"topics.{topic.name}" + (".ca_file" if topic.ca_file else "")
-                raise StartupError(f"{queue.source}: {field}: {exc}") from None
+                raise StartupError(f"{queue.source}: {_setup_problem(topic, exc)}") from None
     return backends
+
+
+def _setup_problem(topic: TopicConfig, error: Exception) -> str:
+    """The key and what is wrong, as a config error words it; with the ``ca_file`` named,
+    which neither ssl's errors nor an OSError from it do."""
+    if topic.ca_file is None:
+        return f"topics.{topic.name}: {error}"
+    return f"topics.{topic.name}.ca_file: {_naming(topic.ca_file, error)}"
 
 
 def build_backend(topic: TopicConfig) -> Backend:
@@ -255,7 +278,7 @@ class App:
         try:
             token = read_token(config.admin_token_file)
         except (OSError, ValueError) as exc:
-            raise StartupError(f"admin_token_file: {exc}") from None
+            raise StartupError(token_problem(config.admin_token_file, exc)) from None
         backends = build_backends(config)
         self.store = store = await open_store(config.store, clock=self._clock)
         try:
@@ -398,7 +421,7 @@ class App:
         try:
             token = read_token(new.admin_token_file)
         except (OSError, ValueError) as exc:
-            raise ReloadRefused(f"admin_token_file: {exc}") from None
+            raise ReloadRefused(token_problem(new.admin_token_file, exc)) from None
         assert self.service is not None
         new_topics = {(q.name, t.name): t for q in new.queues.values() for t in q.topics}
         old_topics = {(q.name, t.name): t for q in old.queues.values() for t in q.topics}

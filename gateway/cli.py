@@ -30,7 +30,7 @@ from adapters.storage.errors import (
 from gateway import heap, logs
 from gateway.admin import read_token
 from gateway.admin_cli import add_admin_commands
-from gateway.app import App, ReloadRefused, StartupError, build_backends
+from gateway.app import App, ReloadRefused, StartupError, build_backends, token_problem
 from gateway.config import (
     DEFAULT_CONFIG,
     ConfigError,
@@ -173,7 +173,7 @@ def _check_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     except (OSError, ValueError) as exc:
-        raise StartupError(f"admin_token_file: {exc}") from None
+        raise StartupError(token_problem(config.admin_token_file, exc)) from None
     build_backends(config)  # an https topic's ca_file is read at start: so it is here
     for warning in config_warnings(config):
         print(f"busgate: warning: {warning}", file=sys.stderr)
@@ -222,9 +222,7 @@ def _curl(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="busgate", description="A job gateway.")
     parser.add_argument(
-        "--log-level",
-        default=os.environ.get("BUSGATE_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
+        "--log-level", choices=logs.LEVELS, help="default: $BUSGATE_LOG_LEVEL, else info"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -255,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_admin_commands(commands)
 
     args = parser.parse_args(argv)
-    logs.setup(args.log_level)
+    logs.setup(args.log_level or _environ_log_level(parser))
     try:
         try:
             code: int = args.handler(args)
@@ -269,10 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `run` cannot start; `check-config` or `curl` say which of them failed.
         doing = "cannot start" if args.command in ("run", "demo") else args.command
         print(f"busgate: {doing}: {exc}", file=sys.stderr)
-        # A store that refuses the configured login, is not busgate's, or cannot be read is a
+        # A file the configuration names that cannot be used (StartupError), or a store that
+        # refuses the configured login, is not busgate's, or cannot be read, is a
         # configuration matter too, which starting again does not mend (the unit's
-        # RestartPreventExitStatus=2); one that cannot be reached now may be later.
-        return 2 if isinstance(exc, StoreRefused | StoreUnsupported | StoreCorrupt) else 1
+        # RestartPreventExitStatus=2); a store that cannot be reached now may be later.
+        permanent = StartupError | StoreRefused | StoreUnsupported | StoreCorrupt
+        return 2 if isinstance(exc, permanent) else 1
     except OSError as exc:  # a port in use, a file that cannot be read: no traceback
         hint = ""
         if args.command == "demo" and exc.errno == errno.EADDRINUSE:
@@ -286,6 +286,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _environ_log_level(parser: argparse.ArgumentParser) -> str:
+    """``$BUSGATE_LOG_LEVEL``, or info when it is unset or empty (``BUSGATE_LOG_LEVEL=`` in
+    an EnvironmentFile).  argparse checks the choices of a flag given, not of a default, so
+    a level it does not know is refused here, as the flag would be: exit status 2."""
+    level = os.environ.get("BUSGATE_LOG_LEVEL") or "info"
+    if level not in logs.LEVELS:
+        parser.error(
+            f"BUSGATE_LOG_LEVEL: invalid choice: {level!r} (choose from {', '.join(logs.LEVELS)})"
+        )
+    return level
 
 
 def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:

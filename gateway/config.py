@@ -25,6 +25,7 @@ import math
 import os
 import posixpath
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -164,8 +165,10 @@ def _check_dead_status(value: object) -> None:
 
 def backend_kind(url: str) -> KindName:
     """``fastcgi`` or ``http`` for a backend URL; ``ValueError`` says what is wrong with it."""
+    # Refused for its form, a URL may still carry a password (user:password@): not shown.
+    shown = _redact_userinfo(url) if isinstance(url, str) else url
     if not isinstance(url, str) or not _VISIBLE.fullmatch(url):
-        raise ValueError(f"{url!r}: a backend URL has no spaces or control characters")
+        raise ValueError(f"{shown!r}: a backend URL has no spaces or control characters")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in ("fastcgi", "fastcgi+unix", "http", "https") and "@" in urlsplit(url).netloc:
         # Refused before anything else can repeat the URL, password and all, in a message.
@@ -190,7 +193,7 @@ def backend_kind(url: str) -> KindName:
             )
         return "http"
     raise ValueError(
-        f"{url!r}: expected fastcgi://host:port, fastcgi+unix:///path/to.sock,"
+        f"{shown!r}: expected fastcgi://host:port, fastcgi+unix:///path/to.sock,"
         " http://host[:port]/path or https://host[:port]/path"
     )
 
@@ -537,6 +540,12 @@ class _Node:
         return {"null": "empty", "mapping": "a mapping", "sequence": "a list"}[self.kind]
 
 
+def _abridged(text: str, length: int = 40) -> str:
+    """``text``, cut to ``length`` characters and an ellipsis if longer (a number of 5,000
+    digits in an error message)."""
+    return text if len(text) <= length else f"{text[:length]}…"
+
+
 def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
@@ -722,7 +731,7 @@ class _Reader:
             raise self.error(node, f"must be an integer, not {node.describe()}")
         digits = node.text.strip().replace("_", "")
         if len(digits.lstrip("+-")) > _MAX_DIGITS:
-            raise self.error(node, f"{node.text[:40]}… is out of range")
+            raise self.error(node, f"{_abridged(node.text)} is out of range")
         return int(digits)
 
     def boolean(self, node: _Node) -> bool:
@@ -746,7 +755,7 @@ class _Reader:
         except ValueError as exc:
             raise self.error(node, str(exc)) from None
         except OverflowError:  # 400 digits of seconds
-            raise self.error(node, f"{node.text[:40]}… is out of range") from None
+            raise self.error(node, f"{_abridged(node.text)} is out of range") from None
 
     def json_scalar(self, node: _Node) -> JSONScalar:
         """A filter value, read as JSON would: only true/false are booleans, ``01`` is text."""
@@ -762,8 +771,15 @@ class _Reader:
         if number is None:
             return node.text
         if number.group(1) is None and number.group(2) is None:
-            if len(node.text.lstrip("-")) > _MAX_DIGITS:
-                raise self.error(node, f"{node.text[:40]}… is out of range")
+            # Compared with the payload's numbers as Python's json reads them: integers
+            # exactly (int64 ids, snowflakes), up to the digits it accepts (4,300).
+            limit = sys.get_int_max_str_digits()
+            if limit and len(node.text.lstrip("-")) > limit:
+                raise self.error(
+                    node,
+                    f"{_abridged(node.text)} is out of range: a payload's JSON numbers have"
+                    f" at most {limit} digits",
+                )
             return int(node.text)
         value = float(node.text)
         if not math.isfinite(value):
@@ -920,13 +936,35 @@ def _load_queues(
 
 def drop_in_files(main: Config) -> list[str]:
     """The files the main file's ``include`` matches, in the order they are read (a
-    directory among them is an error the daemon reports: ``_load_queues``)."""
+    directory among them is an error the daemon reports: ``_load_queues``).
+
+    A directory the pattern lists but may not (``conf.d/`` mode 0700, another owner) is a
+    `ConfigError` naming it: glob would skip it as if it were empty, and a reload would
+    remove every queue.  A missing one matches nothing, as documented.
+    """
     # The main file's directory is a path, not a pattern: "etc[1]/" must not match "etc1/".
     pattern = os.path.join(glob.escape(os.path.dirname(main.path)), main.include)
+    _check_listable(os.path.dirname(pattern))
     main_file = os.path.abspath(main.path)
     return sorted(
         name for name in glob.glob(pattern, recursive=True) if os.path.abspath(name) != main_file
     )
+
+
+def _check_listable(directories: str) -> None:
+    """Raise `ConfigError` for a directory matching the pattern ``directories`` that glob
+    would list but cannot (those that a pattern above it matches are checked first)."""
+    if glob.has_magic(directories):
+        _check_listable(os.path.dirname(directories))
+    for directory in glob.glob(directories, recursive=True) or [directories]:
+        try:
+            os.scandir(directory).close()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise ConfigError(
+                directory, None, None, f"cannot list the directory: {exc.strerror or exc}"
+            ) from None
 
 
 def load_queue(path: str, environ: Mapping[str, str]) -> QueueConfig:
@@ -1156,7 +1194,7 @@ def _store_options(shown: str, query: str) -> dict[str, tuple[str, float]]:
             raise ValueError(f"{shown!r}: option {name!r}: {exc}") from None
         except OverflowError:  # 400 digits of seconds
             raise ValueError(
-                f"{shown!r}: option {name!r}: {value[:40]!r}… is out of range"
+                f"{shown!r}: option {name!r}: {_abridged(value)!r} is out of range"
             ) from None
         options[field] = (name, seconds)
     return options
@@ -1173,7 +1211,8 @@ def _replica_count(shown: str, name: str, value: str | None) -> int:
         )
     if len(value.lstrip("0")) > 9:  # int() of thousands of digits is slow: out of range anyway
         raise ValueError(
-            f"{shown!r}: option {name!r}: must be between 0 and {MAX_REPLICAS}, not {value[:40]}…"
+            f"{shown!r}: option {name!r}: must be between 0 and {MAX_REPLICAS},"
+            f" not {_abridged(value)}"
         )
     return int(value)
 
@@ -1211,16 +1250,18 @@ def _redact_options(url: str) -> str:
 
 
 def _redact_userinfo(url: str) -> str:
+    """``url`` with the password before its last ``@`` hidden, whatever the scheme: the URL
+    of a store or a backend, and one refused for a mistyped scheme (``reddis://``) or a stray
+    space, which is when it is shown."""
     scheme, separator, rest = url.partition("://")
-    userinfo, at, location = rest.rpartition("@")
     if not separator:  # mistyped ("redis:/user:pw@host"): whatever precedes the @ may be secret
-        before, at, location = url.rpartition("@")
-        return f"{before.partition(':')[0]}:{REDACTED}@{location}" if at else url
-    if not at or not scheme.lower().startswith("redis"):
+        scheme, rest = "", url
+    userinfo, at, location = rest.rpartition("@")
+    if not at:
         return url
     user, colon, _ = userinfo.partition(":")
     hidden = f"{user}:{REDACTED}" if colon else REDACTED
-    return f"{scheme}://{hidden}@{location}"
+    return f"{scheme}{separator}{hidden}@{location}"
 
 
 # -- queue drop-ins ----------------------------------------------------------------------------
@@ -1440,7 +1481,8 @@ def _escape_references(value: Any) -> Any:
         escaped = _NEEDS_ESCAPE.sub("$$", value)
         return _Quoted(escaped) if isinstance(value, _Quoted) else escaped
     if isinstance(value, dict):
-        return {_escape_references(k): _escape_references(v) for k, v in value.items()}
+        # Keys are read as written, ``$`` and all: only values are substituted.
+        return {key: _escape_references(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_escape_references(item) for item in value]
     return value

@@ -31,6 +31,8 @@ from typing import TextIO
 import trio
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+#: The levels ``setup`` takes (``--log-level``, ``$BUSGATE_LOG_LEVEL``).
+LEVELS = ("debug", "info", "warning", "error")
 #: The longest an ``info`` line waits to be written while the daemon runs.
 FLUSH_INTERVAL = 0.05
 #: Held lines are written once there are this many, whatever the time.
@@ -193,7 +195,7 @@ def _sole_line_handler(logger: logging.Logger, level: int) -> LineHandler | None
 
 
 def setup(level: str, stream: TextIO | None = None) -> None:
-    """Log at ``level`` (debug, info, warning, error) to ``stream``, by default stderr."""
+    """Log at ``level`` (one of ``LEVELS``) to ``stream``, by default stderr."""
     logging._srcfile = None  # no caller lookup: the format shows no file or line
     logging.logThreads = False
     logging.logProcesses = False

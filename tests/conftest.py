@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +108,14 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory outside pytest's (root-only) temp tree, so another user can reach it."""
+    path = Path(tempfile.mkdtemp(prefix="busgate-shared-"))
+    path.chmod(0o755)
+    yield path
+    for directory, _, _ in os.walk(path):
+        os.chmod(directory, 0o755)  # so that it can be removed
+    shutil.rmtree(path)

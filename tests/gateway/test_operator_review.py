@@ -431,5 +431,5 @@ def test_a_token_outside_ascii_is_refused_at_start(tmp_path: Path) -> None:
     Python's http.client (Latin-1) got in, and crashed the CLI outside Latin-1."""
     config = with_token_file(tmp_path, "jeton-d'administration-\u00e9t\u00e9\n")
     words = ("admin_token_file", "printable ASCII", "admin.token")
-    refused(check_config(config), *words, prefix="busgate: check-config: ")
-    refused(busgate_run(config), *words)
+    refused(check_config(config), *words, prefix="busgate: check-config: ", status=2)
+    refused(busgate_run(config), *words, status=2)

@@ -6,12 +6,9 @@ queue's drop-in to be complete."""
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,17 +31,6 @@ topics:
     backend: http://127.0.0.1:9/hooks/order
     retry: {max_attempts: 1000, backoff: 50ms, max_backoff: 100ms}
 """
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory outside pytest's (root-only) temp tree, so another user can reach it."""
-    path = Path(tempfile.mkdtemp(prefix="busgate-ro-"))
-    path.chmod(0o755)
-    yield path
-    for directory, _, _ in os.walk(path):
-        os.chmod(directory, 0o755)  # so that it can be removed
-    shutil.rmtree(path)
 
 
 def may_only_read(directory: Path) -> None:

@@ -153,8 +153,9 @@ def test_check_config_refuses_a_token_file_the_daemon_would_refuse(
     tmp_path: Path, token: str | None, words: tuple[str, ...]
 ) -> None:
     config = with_token_file(tmp_path, token)
-    refused(check_config(config), "admin_token_file", *words, prefix="busgate: check-config: ")
-    refused(busgate_run(config), "admin_token_file", *words)  # the same words from `run`
+    check = check_config(config)
+    refused(check, "admin_token_file", *words, prefix="busgate: check-config: ", status=2)
+    refused(busgate_run(config), "admin_token_file", *words, status=2)  # the same from `run`
 
 
 def test_check_config_only_warns_when_this_user_may_not_read_the_token(

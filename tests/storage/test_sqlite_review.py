@@ -7,8 +7,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -110,17 +108,6 @@ async def test_another_programs_database_is_refused_and_left_alone(tmp_path: Pat
     conn.close()
     with pytest.raises(StoreUnsupported, match=rf"{other}: not a busgate store"):
         await SQLiteStore.open(str(other))
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory outside pytest's (root-only) temp tree, so another user can reach it."""
-    path = Path(tempfile.mkdtemp(prefix="busgate-perm-"))
-    path.chmod(0o755)
-    yield path
-    for directory, _, _ in os.walk(path):
-        os.chmod(directory, 0o755)  # so that it can be removed
-    shutil.rmtree(path)
 
 
 def open_as_other_user(path: Path) -> str:
