@@ -148,9 +148,26 @@ class Store(abc.ABC):
     async def promote_due(self, queue: str, topic: str) -> Due:
         """Make delayed jobs whose time has come ready."""
 
-    @abc.abstractmethod
     async def prune(self, queue: str, topic: str, done: Retention, dead: Retention) -> int:
-        """Drop finished history beyond the retention limits; returns rows removed."""
+        """Drop finished history beyond the retention limits; returns rows removed.
+
+        In store calls of at most ``PRUNE_BATCH`` rows per state and rule, as many as it
+        takes: one call for all would hold pushes up behind it (a second for 100k rows on
+        SQLite), and one call a minute of a batch would let the history of a topic finishing
+        more than that grow without bound.
+        """
+        removed = 0
+        while True:
+            some = await self._prune_some(queue, topic, done, dead, PRUNE_BATCH)
+            removed += some
+            if some < PRUNE_BATCH:  # no rule had more than a batch left
+                return removed
+
+    @abc.abstractmethod
+    async def _prune_some(
+        self, queue: str, topic: str, done: Retention, dead: Retention, limit: int
+    ) -> int:
+        """What ``prune`` drops, at most ``limit`` rows per state and rule; rows removed."""
 
     # -- operators ----------------------------------------------------------------------------
 
@@ -205,6 +222,9 @@ class Store(abc.ABC):
     async def aclose(self) -> None:
         """Flush and close; the store is unusable afterwards."""
 
+
+#: Finished jobs a prune removes per store call, per state and rule (age, count).
+PRUNE_BATCH = 1000
 
 #: Dead jobs examined per ``list_dead`` call, whatever the filter.
 DEAD_SCAN_LIMIT = 5000

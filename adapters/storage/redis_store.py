@@ -632,13 +632,15 @@ class RedisStore(Store):
             self.doorbells.ring(queue, topic)
         return Due(int(count), float(first) if first else None)
 
-    async def prune(self, queue: str, topic: str, done: Retention, dead: Retention) -> int:
+    async def _prune_some(
+        self, queue: str, topic: str, done: Retention, dead: Retention, limit: int
+    ) -> int:
         removed = await self._eval(
             queue,
             scripts.PRUNE,
             topic,
             _stamp(self._clock()),
-            _BATCH,
+            limit,
             done.max_count,
             done.max_age,
             dead.max_count,

@@ -415,7 +415,9 @@ class SQLiteStore(Store):
             self.doorbells.ring(queue, topic)
         return due
 
-    async def prune(self, queue: str, topic: str, done: Retention, dead: Retention) -> int:
+    async def _prune_some(
+        self, queue: str, topic: str, done: Retention, dead: Retention, limit: int
+    ) -> int:
         def op(conn: sqlite3.Connection) -> int:
             now = self._clock()
             removed = 0
@@ -425,7 +427,7 @@ class SQLiteStore(Store):
                     for (seq,) in conn.execute(
                         "SELECT seq FROM jobs WHERE queue=? AND topic=? AND state=?"
                         " AND (finished_at < ? OR seq NOT IN (SELECT seq FROM jobs WHERE queue=?"
-                        " AND topic=? AND state=? ORDER BY finished_at DESC LIMIT ?))",
+                        " AND topic=? AND state=? ORDER BY finished_at DESC LIMIT ?)) LIMIT ?",
                         (
                             queue,
                             topic,
@@ -435,6 +437,7 @@ class SQLiteStore(Store):
                             topic,
                             state,
                             keep.max_count,
+                            limit,
                         ),
                     )
                 ]

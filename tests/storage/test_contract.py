@@ -286,6 +286,27 @@ async def test_prune_keeps_history_bounded(store: Store, clock: FakeClock) -> No
     assert (stats.done, stats.dead, stats.done_total) == (0, 0, 20)
 
 
+async def test_one_prune_removes_more_than_a_batch(store: Store, clock: FakeClock) -> None:
+    # Redis removed at most 1,000 per state and rule per call, once a minute: a topic
+    # finishing more than that a minute grew its history without bound.
+    jobs = 3000
+    await store.push("orders", ROUTES, [NewJob(b"x") for _ in range(jobs)])
+    for job in await store.reserve("orders", "email", jobs, 30):
+        await store.ack(job, attempt_of(job))
+    removed = await store.prune("orders", "email", Retention(10, 3600), Retention(10, 3600))
+    assert removed == jobs - 10
+    assert (await store.stats("orders", "email")).done == 10
+    clock.advance(3601)
+    await store.push("orders", ROUTES, [NewJob(b"y") for _ in range(jobs)])
+    for job in await store.reserve("orders", "email", jobs, 30):
+        await store.bury(job, attempt_of(job, Outcome.DEAD, 400))
+    clock.advance(3601)  # all past max_age: the rule by age, this time
+    assert (
+        await store.prune("orders", "email", Retention(10**6, 3600), Retention(10**6, 3600))
+        == jobs + 10
+    )
+
+
 async def test_get_job_unknown_is_empty(store: Store) -> None:
     assert await store.get_job("nope") == []
 
