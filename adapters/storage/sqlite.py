@@ -1244,8 +1244,34 @@ def _store_error(path: str, exc: BaseException, *, read_only: bool = False) -> S
         "not a database" in text or "malformed" in text or "integrity" in text
     ):
         return StoreCorrupt(f"{path}: the SQLite file is corrupt or not a database ({text})")
-    why = _permission_problem(path, getattr(exc, "sqlite_errorcode", None), read_only=read_only)
+    code = getattr(exc, "sqlite_errorcode", None)
+    why = _file_system_problem(path, code) or _permission_problem(path, code, read_only=read_only)
     return StoreUnavailable(f"{path}: {text}" + (f" ({why})" if why else ""))
+
+
+#: Free space under which a failing write is put down to a full file system.
+_NEARLY_FULL = 1 << 20
+
+
+def _file_system_problem(path: str, code: int | None) -> str | None:
+    """A full or read-only-mounted file system, when SQLite's error does not say so: on a
+    full disk, opening the store fails as "disk I/O error" (the -shm file cannot grow), and
+    on a read-only mount every file looks like one this user may not write."""
+    if code is None or code & 0xFF not in _NO_ROOM | {sqlite3.SQLITE_CANTOPEN}:
+        return None
+    if path == ":memory:":
+        return None
+    directory = os.path.dirname(os.path.abspath(path.removeprefix("file:").partition("?")[0]))
+    try:
+        vfs = os.statvfs(directory)
+    except OSError:
+        return None
+    if vfs.f_flag & os.ST_RDONLY:
+        return f"the file system holding {directory} is mounted read-only"
+    free = (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) * vfs.f_frsize
+    if free < _NEARLY_FULL and code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        return f"the file system holding {directory} is full ({free // 1024} KiB free)"
+    return None
 
 
 def _permission_problem(path: str, code: int | None, *, read_only: bool = False) -> str | None:

@@ -284,3 +284,50 @@ async def test_a_page_of_dead_jobs_reads_about_the_rows_it_returns(
     finally:
         await store.aclose()
     assert scanning_5000 < 3 * scanning_200, (scanning_5000, scanning_200)
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "flag", "free_blocks", "cause"),
+    [
+        (sqlite3.SQLITE_IOERR_SHMSIZE, "disk I/O error", 0, 3, "is full (12 KiB free)"),
+        (
+            sqlite3.SQLITE_CANTOPEN,
+            "unable to open database file",
+            os.ST_RDONLY,
+            10**6,
+            "is mounted read-only",
+        ),
+        (sqlite3.SQLITE_IOERR_SHMSIZE, "disk I/O error", 0, 10**6, None),
+    ],
+    ids=["full", "read-only mount", "room left"],
+)
+def test_an_error_on_a_full_or_read_only_file_system_says_so(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    code: int,
+    text: str,
+    flag: int,
+    free_blocks: int,
+    cause: str | None,
+) -> None:
+    # Opening on a full disk said only "disk I/O error" (the -shm file cannot grow), and on
+    # a read-only mount "user id 0 may not create files": the file system is the cause.
+    path = tmp_path / "busgate.db"
+    error = sqlite3.OperationalError(text)
+    error.sqlite_errorcode = code
+    real = os.statvfs(tmp_path)
+
+    def statvfs(directory: str) -> os.statvfs_result:
+        assert directory == str(tmp_path)
+        fields = list(real)
+        fields[0] = fields[1] = 4096  # f_bsize, f_frsize
+        fields[3] = fields[4] = free_blocks  # f_bfree, f_bavail
+        fields[8] = flag  # f_flag
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    message = str(sqlite_module._store_error(str(path), error))
+    if cause is None:
+        assert message == f"{path}: {text}"
+    else:
+        assert message == f"{path}: {text} (the file system holding {tmp_path} {cause})"
