@@ -1488,15 +1488,26 @@ def _escape_references(value: Any) -> Any:
     return value
 
 
+#: A whole value that reads like a shell variable: only ``${VAR}`` is substituted.
+_BARE_VARIABLE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
+
+
 def config_warnings(config: Config) -> list[str]:
     """What is valid but likely a mistake: check-config prints it, the daemon logs it."""
-    if config.queues:
-        return []
-    directory = os.path.dirname(os.path.abspath(config.path))
-    return [
-        f"include {config.include!r} (from {directory}) matches no queue file: there is no"
-        " queue, so every push is refused until a reload adds one"
+    warnings = [
+        # Not shown, even so: it may be the password after all.
+        f"{queue.source}: password: reads like a variable ($NAME), but only ${{NAME}} is"
+        " taken from the environment: this one is the password as written"
+        for queue in config.queues.values()
+        if queue.password is not None and _BARE_VARIABLE.fullmatch(queue.password)
     ]
+    if not config.queues:
+        directory = os.path.dirname(os.path.abspath(config.path))
+        warnings.append(
+            f"include {config.include!r} (from {directory}) matches no queue file: there is no"
+            " queue, so every push is refused until a reload adds one"
+        )
+    return warnings
 
 
 def php_fpm_notes(config: Config) -> list[str]:

@@ -187,6 +187,23 @@ def test_a_config_without_queues_is_valid_but_warned_about(tmp_path: Path) -> No
     assert "queues: []" in done.stdout
 
 
+def test_a_password_written_like_a_shell_variable_is_warned_about(tmp_path: Path) -> None:
+    # `password: $ORDERS_PASSWORD` was taken as those 16 characters without a word: only
+    # ${ORDERS_PASSWORD} is substituted.  The warning does not repeat it (it may be meant).
+    queue = "password: $ORDERS_PASSWORD\n" + ONE_QUEUE
+    config = write_config(
+        tmp_path / "etc", {"q": queue, "r": ONE_QUEUE.replace("queue: q", "queue: r")}
+    )
+    done = check_config(config)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        f"busgate: warning: {tmp_path / 'etc' / 'conf.d' / 'q.yaml'}: password: reads like a"
+        " variable ($NAME), but only ${NAME} is taken from the environment: this one is the"
+        " password as written\n"
+    )
+    assert "ORDERS_PASSWORD" not in done.stderr
+
+
 async def test_the_daemon_logs_the_same_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
