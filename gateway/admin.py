@@ -386,6 +386,7 @@ class AdminAPI:
         if unknown:
             raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
         ids, where = self._selection(body)
+        named = ids  # as given: below, `ids` may keep only the dead ones
         rate = body.get("rate")
         # JSON's true is an int to Python, and json.loads reads NaN and Infinity.
         if rate is not None and (
@@ -425,10 +426,14 @@ class AdminAPI:
             raise HTTPError(503, f"store unavailable: {exc}") from None
         if matched == 0:
             # With the counts: a client replaying in chunks tells a chunk whose jobs are no
-            # longer dead (another operator was first) from an unknown queue or topic.
-            return Response.json(
-                {"error": "no dead job matches that filter", "matched": 0, done: 0, **extra}, 404
+            # longer dead (another operator was first) from an unknown queue or topic.  Ids
+            # are said to be no dead jobs, not to miss a filter the operator never gave.
+            error = (
+                "no dead job matches that filter"
+                if named is None
+                else _none_dead(named, queue, name)
             )
+            return Response.json({"error": error, "matched": 0, done: 0, **extra}, 404)
         log.info("%s queue=%s topic=%s jobs=%d", done, queue, name, count)
         # As after a pause: the `busgate stats` an operator runs next shows the change, not
         # the sample taken up to a second before it.
@@ -649,6 +654,12 @@ def _ever_held(stats: TopicStats) -> bool:
             stats.replayed_total,
         )
     )
+
+
+def _none_dead(ids: list[str], queue: str, topic: str) -> str:
+    given = len(set(ids))
+    named = f"job {ids[0]} is not" if given == 1 else f"none of the {given} jobs is"
+    return f"{named} a dead job of {queue}/{topic} (replayed or deleted already, or unknown)"
 
 
 def _unconfigured(configured: bool) -> dict[str, bool]:

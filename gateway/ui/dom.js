@@ -138,6 +138,7 @@ export function confirmAction({ title, message, confirm = "Confirm", danger = fa
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
     dialog.showModal();
-    ok.focus();
+    // Enter, pressed out of habit, must not delete for good: it cancels such an action.
+    (danger ? document.getElementById("confirm-cancel") : ok).focus();
   });
 }

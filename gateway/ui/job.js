@@ -75,6 +75,8 @@ export class JobView {
     this.id = id;
     this.disposed = false;
     this.reloadTimer = null;
+    this.copies = [];
+    this.moved = null; // the counters of the topics whose copies may still change
   }
 
   crumbs() {
@@ -109,7 +111,33 @@ export class JobView {
     this.reloadTimer = setTimeout(() => this.load(), 300);
   }
 
+  /**
+   * The live feed samples job events over every topic, so this job's may not come while
+   * other topics are busy.  The snapshot counts every attempt, replay and deletion: when
+   * those of a topic holding a copy that is not done yet move, the job is read again.
+   */
+  update(snapshot) {
+    const open = new Set(
+      this.copies.filter((c) => c.state !== "done").map((c) => `${c.queue}\u0000${c.topic}`),
+    );
+    const counters = [];
+    for (const q of snapshot.queues) {
+      for (const t of q.topics) {
+        if (!open.has(`${t.queue}\u0000${t.topic}`)) continue;
+        const { done, retried, dead, expired, replayed } = t.totals;
+        counters.push(t.queue, t.topic, done, retried, dead, expired, replayed, t.depth.dead);
+      }
+    }
+    const moved = JSON.stringify(counters);
+    const changed = this.moved !== null && moved !== this.moved;
+    this.moved = moved;
+    if (changed && this.reloadTimer === null) {
+      this.reloadTimer = setTimeout(() => this.load(), 300);
+    }
+  }
+
   async load() {
+    this.reloadTimer = null;
     let answer;
     try {
       answer = await get(`/v1/jobs/${encodeURIComponent(this.id)}`);
@@ -122,6 +150,7 @@ export class JobView {
       return;
     }
     if (this.disposed) return;
+    this.copies = answer.copies;
     this.body.replaceChildren(...answer.copies.map((copy) => this.copySection(copy)));
   }
 
@@ -164,6 +193,12 @@ export class JobView {
           this.load();
         } catch (error) {
           if (!(error instanceof ApiError)) throw error;
+          if (error.status === 404) {
+            // Replayed or deleted meanwhile (the daemon says which job): show it as it is now.
+            notify(`Replay: ${error.message}`, "info");
+            this.load();
+            return;
+          }
           replay.disabled = false;
           if (error.status !== 401) notify(`Replay failed: ${error.message}`, "error");
         }

@@ -491,16 +491,18 @@ export class OverviewView {
       const y = b.values?.[key] ?? -1;
       return direction * (x - y) || (a.topic ?? a.queue).localeCompare(b.topic ?? b.queue);
     };
+    const orderOf = (groups) =>
+      groups
+        .map((g) => `${g.row.queue}\u0001${g.sorted.map((r) => r.topic).join("\u0001")}`)
+        .join("\u0000");
     const groups = [...this.queueRows.values()];
-    if (key !== "name" || direction < 0) {
-      groups.sort((a, b) => compare(a.row, b.row));
-      for (const group of groups) group.sorted = [...group.topics].sort(compare);
-    } else for (const group of groups) group.sorted = group.topics;
-    const order = groups
-      .map((g) => `${g.row.queue}\u0001${g.sorted.map((r) => r.topic).join("\u0001")}`)
-      .join("\u0000");
-    const asBuilt = key === "name" && direction > 0;
-    const reorder = this.order === null ? !asBuilt : order !== this.order;
+    for (const group of groups) group.sorted = group.topics;
+    // As built is configuration order (files, then topics as written), not by name.
+    const built = this.order ?? orderOf(groups);
+    groups.sort((a, b) => compare(a.row, b.row));
+    for (const group of groups) group.sorted = [...group.topics].sort(compare);
+    const order = orderOf(groups);
+    const reorder = order !== built;
     this.order = order;
     for (const group of groups) {
       let visible = 0;

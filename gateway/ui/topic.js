@@ -20,12 +20,18 @@ import { CAPACITY } from "./history.js";
 
 const LIVE_ROWS = 20;
 const FAILURE_ROWS = 50;
+// How long new dead letters wait before the list is read again: deaths in a burst share it.
+const DEAD_RELOAD_DELAY = 500;
 // A topic the stats list with "configured": false (removed by a reload, jobs left).
 const UNCONFIGURED_INFO =
   "Not configured: removed from the configuration (by a reload?). Its jobs wait in the" +
   " store, undelivered, until a topic of this name is configured again; its dead letters" +
   " can be listed and deleted, not replayed.";
 const NO_REPLAY = "Not configured: add the topic back and reload before replaying";
+// A topic the stats do not list at all.
+const UNKNOWN_INFO =
+  "Unknown topic: not in the configuration, and no job of it in the store (removed by a" +
+  " reload, or a mistyped address).";
 
 function findTopic(snapshot, queue, topic) {
   for (const q of snapshot.queues) {
@@ -91,6 +97,11 @@ function attemptHead() {
   );
 }
 
+/** Whether a total of the snapshot went further than the live events told since `mark`. */
+function missedEvents(total, mark, events) {
+  return mark !== null && total - mark.total > events - mark.events;
+}
+
 /** datetime-local value -> unix seconds, or undefined when empty. */
 function unixSeconds(value) {
   if (!value) return undefined;
@@ -107,7 +118,16 @@ export class TopicView {
     this.dead = { filter: {}, cursors: [null], page: 0, selected: new Set(), ids: [] };
     this.disposed = false;
     this.deadEvents = 0; // dead-letter events seen, so a list fetched meanwhile is known stale
+    this.deadTimer = null;
+    // The live feed samples job events over every topic (so many a second), so this topic's
+    // may not come while others are busy.  The snapshot's counters miss none: each list
+    // remembers the counter it was read at and the events seen since, to tell when it
+    // missed some (`missedEvents`).
+    this.failureEvents = 0; // failed attempts the live feed told of
+    this.failuresMark = null;
+    this.deadMark = null;
     this.unconfigured = false;
+    this.unknown = false;
   }
 
   crumbs() {
@@ -255,8 +275,22 @@ export class TopicView {
       this.throughput.draw(times, series);
       this.latency.draw(times, series);
     }
-    if (!t) return;
+    if (!t) {
+      this.showUnknown();
+      return;
+    }
+    if (this.unknown) {
+      this.unknown = false;
+      this.showSelection();
+    }
     this.stats = t;
+    // Lists read before the first snapshot count from it.
+    this.failuresMark ??= this.mark("failed", this.failureEvents);
+    this.deadMark ??= this.mark("dead", this.deadEvents);
+    if (missedEvents(t.totals.failed, this.failuresMark, this.failureEvents)) {
+      this.loadFailures();
+    }
+    if (missedEvents(t.totals.dead, this.deadMark, this.deadEvents)) this.newDeadLetters();
     const set = (key, text) => {
       const element = this.figures.get(key);
       if (element.textContent !== text) element.textContent = text;
@@ -310,6 +344,24 @@ export class TopicView {
     this.deadCount.textContent = `${plural(t.depth.dead, "dead letter")} kept`;
   }
 
+  /** Figures of a topic that is gone would pass for its state now: shown as unknown. */
+  showUnknown() {
+    if (this.unknown) return;
+    this.unknown = true;
+    this.stats = null;
+    for (const element of this.figures.values()) element.textContent = DASH;
+    this.figures.get("dead").classList.remove("bad");
+    this.info.textContent = UNKNOWN_INFO;
+    this.info.classList.add("form-error");
+    this.showUnconfigured();
+    this.badges.state.textContent = "unknown";
+    // Nothing to replay to or test; `update` brings them back if the topic comes back.
+    this.unconfigured = true;
+    this.showSelection();
+    this.testCard.hidden = true;
+    this.deadCount.textContent = "";
+  }
+
   showState(paused, circuit) {
     const state = this.badges.state;
     state.textContent = paused ? "paused" : "running";
@@ -349,6 +401,11 @@ export class TopicView {
         notify(`Could not ${verb} ${this.title()}: ${error.message}`, "error");
       } else if (!(error instanceof ApiError)) throw error;
     }
+  }
+
+  /** What a list read now reflects: a total of the snapshot and the live events so far. */
+  mark(total, events) {
+    return this.stats ? { total: this.stats.totals[total], events } : null;
   }
 
   // -- attempts and failures -------------------------------------------------------------------
@@ -396,6 +453,7 @@ export class TopicView {
   }
 
   async loadFailures() {
+    this.failuresMark = this.mark("failed", this.failureEvents);
     try {
       const answer = await get(this.path);
       if (this.disposed) return;
@@ -425,6 +483,7 @@ export class TopicView {
     this.liveEmpty.hidden = true;
     this.liveTable.hidden = false;
     if (event.outcome !== "done") {
+      this.failureEvents += 1;
       this.failures.prepend(attemptRow(event));
       while (this.failures.children.length > FAILURE_ROWS) this.failures.lastElementChild.remove();
       this.failuresEmpty.hidden = true;
@@ -438,10 +497,15 @@ export class TopicView {
 
   /** Keep the first page current, unless the operator is in the middle of choosing. */
   newDeadLetters() {
-    if (this.dead.page === 0 && this.dead.selected.size === 0) {
-      clearTimeout(this.deadTimer);
-      this.deadTimer = setTimeout(() => this.loadDead(0), 500);
-    } else this.deadStale.hidden = false;
+    // Throttled, not debounced: jobs dying faster than the delay would put the reload off
+    // for as long as they keep dying.  One reload serves every death until it runs.
+    if (this.deadTimer !== null) return;
+    this.deadTimer = setTimeout(() => {
+      this.deadTimer = null;
+      // Asked now, not when scheduled: the operator may have started choosing meanwhile.
+      if (this.dead.page === 0 && this.dead.selected.size === 0) this.loadDead(0);
+      else this.deadStale.hidden = false;
+    }, DEAD_RELOAD_DELAY);
   }
 
   // -- dead letters ----------------------------------------------------------------------------
@@ -511,7 +575,7 @@ export class TopicView {
     this.replayMatching = button("dead-replay-filter", "Replay all matching filter", "", () =>
       this.actOnFilter("replay"),
     );
-    const deleteMatching = button(
+    this.deleteMatching = button(
       "dead-delete-filter",
       "Delete all matching filter",
       "danger",
@@ -559,7 +623,7 @@ export class TopicView {
         this.selectionText,
         h("span", { class: "spacer" }),
         this.replayMatching,
-        deleteMatching,
+        this.deleteMatching,
       ),
       this.deadStale,
       h(
@@ -623,8 +687,9 @@ export class TopicView {
   showSelection() {
     const count = this.dead.selected.size;
     this.replaySelected.disabled = count === 0 || this.unconfigured;
-    this.deleteSelected.disabled = count === 0;
+    this.deleteSelected.disabled = count === 0 || this.unknown;
     this.replayMatching.disabled = this.unconfigured;
+    this.deleteMatching.disabled = this.unknown;
     const replayTitle = this.unconfigured ? NO_REPLAY : "";
     this.replaySelected.title = replayTitle;
     this.replayMatching.title = replayTitle;
@@ -645,6 +710,7 @@ export class TopicView {
     this.nextButton.disabled = true;
     this.prevButton.disabled = true;
     const events = this.deadEvents;
+    this.deadMark = this.mark("dead", events);
     let answer;
     try {
       answer = await get(`${this.path}/dead?${params}`);
@@ -706,9 +772,11 @@ export class TopicView {
       h("td", { class: "payload" }, payload),
       h(
         "td",
-        null,
+        { class: "attrs" },
         attributes.length
-          ? attributes.map(([k, v]) => h("span", { class: "attr" }, `${k}=${v}`))
+          ? attributes.map(([k, v]) =>
+              h("span", { class: "attr", title: `${k}=${v}` }, `${k}=${v}`),
+            )
           : DASH,
       ),
     );
@@ -733,7 +801,8 @@ export class TopicView {
       this.dead.selected.clear(); // done with them: let the list follow new dead letters
       const done = action === "replay" ? answer.replayed : answer.deleted;
       const verb = action === "replay" ? "Replayed" : "Deleted";
-      const missed = answer.matched - done;
+      // "matched" counts the selected jobs that were still dead: the others were skipped.
+      const missed = ids.length - done;
       notify(
         `${verb} ${plural(done, "job")}` +
           (missed > 0 ? ` (${fmtInt(missed)} no longer dead: replayed or deleted already)` : "") +
@@ -741,10 +810,10 @@ export class TopicView {
       );
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
-      if (error.status !== 401) {
-        const word = action === "replay" ? "Replay" : "Delete";
-        notify(`${word} failed: ${error.message}`, "error");
-      }
+      const word = action === "replay" ? "Replay" : "Delete";
+      // 404: none of them is dead any more (the daemon says so), nothing failed.
+      if (error.status === 404) notify(`${word}: ${error.message}`, "info");
+      else if (error.status !== 401) notify(`${word} failed: ${error.message}`, "error");
     }
     if (!this.disposed) this.loadDead(this.dead.page);
   }

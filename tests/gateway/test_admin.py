@@ -318,5 +318,16 @@ async def test_a_selection_by_ids_counts_only_this_topics_dead_jobs(app: App, re
         200,
         {"matched": 1, "replayed": 0, "dry_run": True},
     )
+    # Named jobs none of which is dead are said so: no filter was given.
     status, result = await api(app, "POST", base + "/delete", {"ids": ["no-such-job"]})
-    assert status == 404 and "no dead job matches" in result["error"]
+    assert (status, result) == (
+        404,
+        {
+            "error": "job no-such-job is not a dead job of orders/email"
+            " (replayed or deleted already, or unknown)",
+            "matched": 0,
+            "deleted": 0,
+        },
+    )
+    status, result = await api(app, "POST", base + "/replay", {"ids": ["a", "b", "a"]})
+    assert status == 404 and result["error"].startswith("none of the 2 jobs is a dead job of")
