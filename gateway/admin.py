@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import mimetypes
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,6 +176,8 @@ class AdminAPI:
         self.app = app
         self.telemetry = telemetry
         self.token = token
+        # The main file (a reload re-reads the same one): `busgate curl … -c PATH` names it.
+        self.config_path = os.path.abspath(app.config.path)
 
     @property
     def store(self) -> Store:
@@ -339,7 +342,7 @@ class AdminAPI:
         return int(raw)
 
     async def effective_config(self, request: Request) -> Response:
-        return Response.json(effective_document(self.config))
+        return Response.json({"path": self.config_path, **effective_document(self.config)})
 
     # -- changing -------------------------------------------------------------------------------
 

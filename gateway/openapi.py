@@ -613,7 +613,8 @@ def document() -> dict[str, Any]:
             },
             "/v1/config": {
                 "get": {
-                    "summary": "The effective configuration, secrets redacted",
+                    "summary": "The effective configuration, secrets redacted, and its main"
+                    " file's path",
                     "security": admin,
                     "responses": {"200": {"description": "as JSON"}, **_errors(401, 403)},
                 }

@@ -4,7 +4,22 @@
 import { ApiError, get, post, topicPath } from "./api.js";
 import { DASH, fmtInt, fmtMs, fmtTime, h, jobHref, notify, topicHref } from "./dom.js";
 
-const CONFIG_PATH = "/etc/busgate/busgate.yaml";
+// The daemon's main file, for `busgate curl … -c PATH`: asked once (GET /v1/config); the
+// packaged default until it answers, or if it cannot.
+let configPath = "/etc/busgate/busgate.yaml";
+let configPathAsked = null;
+
+function askConfigPath() {
+  configPathAsked ??= get("/v1/config").then(
+    (config) => {
+      if (typeof config.path === "string") configPath = config.path;
+    },
+    () => {
+      configPathAsked = null; // asked again on the next job page
+    },
+  );
+  return configPathAsked;
+}
 const ATTEMPT_COLUMNS = [
   "Attempt",
   "Started",
@@ -30,7 +45,7 @@ export function curlCommand(copy) {
     "--topic",
     shellWord(`${copy.queue}/${copy.topic}`),
     "-c",
-    CONFIG_PATH,
+    shellWord(configPath),
   ].join(" ");
 }
 
@@ -140,7 +155,10 @@ export class JobView {
     this.reloadTimer = null;
     let answer;
     try {
-      answer = await get(`/v1/jobs/${encodeURIComponent(this.id)}`);
+      [answer] = await Promise.all([
+        get(`/v1/jobs/${encodeURIComponent(this.id)}`),
+        askConfigPath(),
+      ]);
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
       if (error.status === 401 || this.disposed) return;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -255,6 +256,7 @@ async def test_config_is_redacted(app: App) -> None:
     assert status == 200
     assert "s3cret" not in json.dumps(document)
     assert document["queues"][0]["password"] == "********"
+    assert document["path"] == os.path.abspath(app.config.path)  # the main file
 
 
 async def test_metrics(app: App, record: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -298,8 +299,9 @@ async def test_sign_in_and_the_overview_follows_pushes_live(
             assert "done" in first_attempt
             assert "200" in first_attempt
             command = email.locator("input.command")
+            # The daemon's own main file, not the packaged default.
             assert command.input_value() == (
-                f"busgate curl {job_id} --topic orders/email -c /etc/busgate/busgate.yaml"
+                f"busgate curl {job_id} --topic orders/email -c {os.path.abspath(config)}"
             )
             page.context.grant_permissions(["clipboard-read", "clipboard-write"])
             email.locator("button.copy-curl").click()
