@@ -275,3 +275,39 @@ async def test_replay_selected_counts_the_jobs_another_operator_took(
 
     async with running_daemon(config) as app:
         await trio.to_thread.run_sync(session, app)
+
+
+async def test_on_a_phone_the_overview_table_scrolls_not_the_page(tmp_path: Path) -> None:
+    # At 375 px the 1,050 px table widened the whole page: the header bar and the name
+    # column scrolled off screen with it.
+    config = daemon_config(tmp_path, {"jobs": PAUSED_QUEUE})
+
+    def session(app: App) -> None:
+        with dashboard(app) as (page, errors):
+            page.set_viewport_size({"width": 375, "height": 800})
+            sign_in(page)
+            page.locator("#topics[data-ready=true]").wait_for()
+            page_width, viewport, card_width, card_scroll = page.evaluate(
+                """() => {
+                    const card = document.querySelector('.table-card');
+                    return [document.documentElement.scrollWidth, window.innerWidth,
+                            card.clientWidth, card.scrollWidth];
+                }"""
+            )
+            assert page_width <= viewport, (page_width, viewport)
+            assert card_scroll > card_width  # the table scrolls inside its card
+            page.goto("/#/topic/jobs/work")
+            page.locator("#dead-table").wait_for()
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= viewport, ("topic page", width)
+            producer = redis.Redis(port=resp_port(app))
+            job_id = producer.execute_command("XADD", "jobs", "*", "payload", "{}").decode()  # type: ignore[no-untyped-call]
+            producer.close()
+            page.goto(f"/#/job/{job_id}")
+            page.locator("input.command").wait_for()
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= viewport, ("job page", width)
+            assert errors == []
+
+    async with running_daemon(config) as app:
+        await trio.to_thread.run_sync(session, app)
