@@ -288,6 +288,9 @@ class RedisStore(Store):
         # dispatcher looks now, not at its recheck (up to 5 s later).
         self.doorbells.ring_all()
         self.timers.ring_all()
+        # The subscription broke: Redis may have restarted without its data, the registry
+        # of topics with it.  Each push says its topics again, not at the next refresh.
+        self._registered.clear()
 
     def _on_wake(self, channel: bytes, data: bytes) -> None:
         # channel: bg:{queue}:wake; data: topic, or ~topic for a delayed job.
@@ -721,9 +724,13 @@ class RedisStore(Store):
 
     async def get_job(self, job_id: str) -> list[JobRecord]:
         (members,) = await self.router.pipeline(_REGISTRY, [("SMEMBERS", _REGISTRY)])
+        # With the topics this daemon pushes to and reserves from: a Redis that restarted
+        # without its data has forgotten the registry, which pushes say again only at their
+        # next refresh (REGISTRY_REFRESH), and jobs pushed meanwhile must be found.
+        pairs = {tuple(member.decode().partition("/")[::2]) for member in members}
+        pairs |= self._registered | self._schedulers.keys()
         records = []
-        for member in sorted(members):
-            queue, _, topic = member.decode().partition("/")
+        for queue, topic in sorted(pairs):
             prefix = prefix_of(queue)
             raw, state, delayed_at = await self._pipeline(
                 queue,

@@ -311,3 +311,18 @@ async def test_jobs_pushed_after_redis_forgot_everything_are_found_by_id(
         await store.push("orders", ROUTES, [NewJob(b"after", id="after")])
         (record,) = await store.get_job("after")
     assert (record.topic, record.payload) == ("email", b"after")
+
+
+async def test_after_redis_forgot_everything_jobs_are_found_by_id_at_once(
+    redis_server: RedisServer,
+) -> None:
+    # The registry is said again only every REGISTRY_REFRESH (a minute): until then both
+    # the daemon that pushed a job and one delivering its topic answered "no such job".
+    async with two_hosts(redis_server) as (pusher, deliverer):
+        await pusher.push("orders", ROUTES, [NewJob(b"before", id="before")])
+        await deliverer.reserve("orders", "email", 1, 30)
+        redis_server.cli("FLUSHALL")  # as a restart without persistence
+        await pusher.push("orders", ROUTES, [NewJob(b"after", id="after")])
+        for store in (pusher, deliverer):
+            (record,) = await store.get_job("after")
+            assert (record.topic, record.payload) == ("email", b"after")
