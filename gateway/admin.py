@@ -381,7 +381,8 @@ class AdminAPI:
             raise HTTPError(
                 409,
                 f"topic {queue}/{name} is not configured: replayed jobs would wait"
-                " undelivered; add it back and reload first",
+                " undelivered; add it back and reload first (or, with daemons sharing a"
+                " Redis store, replay through one that has it)",
             )
         body = self._json_body(request)
         allowed = {"ids", "filter", "all", "dry_run"} | ({"rate"} if done == "replayed" else set())

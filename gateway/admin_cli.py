@@ -279,7 +279,7 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
         if unconfigured:
             print(
                 f"not configured (removed by a reload?): {', '.join(unconfigured)};"
-                " their jobs wait in the store, undelivered, until configured again"
+                " this daemon does not deliver their jobs (another sharing its Redis store may)"
             )
         if unmatched:
             print(

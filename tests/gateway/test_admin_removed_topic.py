@@ -29,7 +29,8 @@ from tests.support.redis import RedisServer
 FAILS = json.dumps({"respond_status": 500})
 REFUSED = (
     "topic orders/sms is not configured: replayed jobs would wait undelivered;"
-    " add it back and reload first"
+    " add it back and reload first (or, with daemons sharing a Redis store, replay through"
+    " one that has it)"
 )
 NOTE = (
     "busgate: orders/sms is not configured (removed by a reload?): its dead jobs can be"
