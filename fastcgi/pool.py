@@ -41,6 +41,7 @@ from fastcgi.pooling import (
     PooledStream,
     PoolLimits,
     PoolStatistics,
+    closed_while_idle,
     none_inf,
     os_reason,
     send_all,
@@ -223,11 +224,12 @@ class ConnectionPool:
         pool.requests_total += 1
         try:
             conn = await pool.acquire(deadline)
+            sent_at = trio.current_time()
             try:
                 response = await self._exchange(conn, params, body, read, deadline)
             except (RemoteProtocolError, ConnectionLost):
                 pool.discard(conn)
-                if conn.requests == 1 or not conn.protocol.answered_nothing:
+                if not closed_while_idle(conn, not conn.protocol.answered_nothing, sent_at):
                     raise
                 # A kept-alive connection found closed when reused, before any byte of an
                 # answer: the backend closed it while it sat idle, too recently for the

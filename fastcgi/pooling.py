@@ -107,6 +107,21 @@ class PooledStream:
         return bool(self._poller.poll(0))
 
 
+#: How soon after a request went out on a reused connection its loss, before any byte of an
+#: answer, reads as that connection having been closed while idle, and the request goes once
+#: more on a new connection.  A server's keep-alive close crossing the request answers it
+#: with a reset within a round trip; a later loss is a backend that took the request and
+#: died working on it (a killed worker), whose attempt ends there, spent: sent again, the job
+#: would run twice as one attempt, and twice at every attempt on a backend it kills.
+STALE_WINDOW = 0.1
+
+
+def closed_while_idle(conn: PooledStream, answered: bool, sent_at: float) -> bool:
+    """Whether a request lost on ``conn`` (sent at ``sent_at``, trio time) may go once more
+    on a new connection: ``conn`` was reused, had answered nothing, and failed at once."""
+    return conn.requests > 1 and not answered and trio.current_time() - sent_at <= STALE_WINDOW
+
+
 C = TypeVar("C", bound=PooledStream)
 
 

@@ -34,7 +34,14 @@ from fastcgi.errors import (
     ConnectionLost,
     ConnectTimeout,
 )
-from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason
+from fastcgi.pooling import (
+    Pool,
+    PooledStream,
+    PoolLimits,
+    PoolStatistics,
+    closed_while_idle,
+    os_reason,
+)
 
 _RECEIVE_SIZE = 64 * 1024
 #: Response bodies are kept up to this size; the rest is read (to keep the connection
@@ -157,18 +164,18 @@ class HTTPBackend:
             # spent "no response" whenever the topic's timeout was under the connect timeout.
             conn = await pool.acquire(deadline)
             with trio.CancelScope(deadline=deadline) as scope:
+                sent_at = trio.current_time()
                 try:
                     answer = await self._exchange(conn, job)
                 except ConnectionLost:
                     pool.discard(conn)
-                    if conn.requests == 1 or conn.answered:
+                    if not closed_while_idle(conn, conn.answered, sent_at):
                         raise
                     # A kept-alive connection found closed when reused, before any byte of an
-                    # answer: the server closed it while it sat idle (its keep-alive timeout),
-                    # too recently for the check before reuse to see.  Once more, on a new
-                    # connection.  (Were it a server that took the request and died before
-                    # answering, it gets the job again: delivery is at-least-once.)  Under
-                    # our scope: by now the job may have run, so its deadline is a timeout.
+                    # answer and at once: the server closed it while it sat idle (its
+                    # keep-alive timeout), too recently for the check before reuse to see.
+                    # Once more, on a new connection.  Under our scope: should the server
+                    # have had the job after all, its deadline is a timeout.
                     conn = await pool.acquire(fresh=True)
                     try:
                         answer = await self._exchange(conn, job)

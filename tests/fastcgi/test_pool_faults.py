@@ -139,6 +139,30 @@ async def test_idle_connection_closed_by_the_server_is_not_reused() -> None:
     assert served == 5
 
 
+async def test_a_reused_connection_lost_while_the_backend_works_is_not_sent_again() -> None:
+    # A worker killed while it ran the request (php-fpm's request_terminate_timeout): the
+    # request went out again at once on a new connection, so the job ran twice as one try.
+    served = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal served
+        await read_request(stream)
+        served += 1
+        await stream.send_all(ok_response())
+        await read_request(stream)
+        served += 1
+        await trio.sleep(0.5)  # works on it, then the worker is gone
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(nursery, handler)
+        async with ConnectionPool(address) as pool:
+            assert (await pool.request({})).body == b"ok"
+            with pytest.raises(ConnectionLost):
+                await pool.request({})
+        nursery.cancel_scope.cancel()
+    assert served == 2
+
+
 async def test_bytes_after_end_request_discard_the_connection() -> None:
     async def handler(stream: trio.SocketStream) -> None:
         while True:

@@ -128,6 +128,27 @@ async def test_a_reused_connection_closed_before_any_answer_goes_again_once(endi
     assert backend.statistics().failures_total == 0
 
 
+async def test_a_reused_connection_lost_while_the_server_works_is_not_sent_again() -> None:
+    # A server that took the job, worked on it, then died without answering (a gunicorn
+    # worker timeout, an OOM-killed worker): busgate sent it again at once as the same
+    # attempt, so the job ran twice and one run was never counted.
+    requests: list[int] = []
+
+    async def handler(stream: trio.SocketStream, number: int) -> None:
+        _, rest = await read_request(stream)
+        requests.append(number)
+        await stream.send_all(OK)
+        _, rest = await read_request(stream, rest)
+        requests.append(number)
+        await trio.sleep(0.5)  # works on it, then the worker is gone
+
+    ((first, second), connections, backend) = await deliver_in_turn(handler, 2)
+    assert first.status == 200
+    assert second.failure is Failure.CONNECTION_LOST, second.message
+    assert "closed the connection before answering" in second.message
+    assert requests == [1, 1] and connections == [1]
+
+
 async def read_then(stream: trio.abc.Stream, answer: bytes) -> None:
     await read_request(stream)
     await stream.send_all(answer)
