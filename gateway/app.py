@@ -35,6 +35,7 @@ from fastcgi.address import parse_address
 from gateway.admin import AdminAPI, read_token
 from gateway.config import Config, StoreConfig, TopicConfig, config_warnings, php_fpm_notes
 from gateway.dispatcher import Dispatcher, DispatcherStatistics
+from gateway.dns import Resolver
 from gateway.health import BackendHealth
 from gateway.http_server import SEND_TIMEOUT as HTTP_SEND_TIMEOUT
 from gateway.http_server import HTTPServer, Request, Response, Router
@@ -280,6 +281,8 @@ class App:
         except (OSError, ValueError) as exc:
             raise StartupError(token_problem(config.admin_token_file, exc)) from None
         backends = build_backends(config)
+        # Before the store: a Redis named by host name is looked up through it too.
+        trio.socket.set_custom_hostname_resolver(Resolver())
         self.store = store = await open_store(config.store, clock=self._clock)
         try:
             self.service = ProducerService(store, Directory(config), clock=self._clock)
