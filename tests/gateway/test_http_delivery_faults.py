@@ -147,6 +147,7 @@ async def test_a_reused_connection_lost_while_the_server_works_is_not_sent_again
     assert second.failure is Failure.CONNECTION_LOST, second.message
     assert "closed the connection before answering" in second.message
     assert requests == [1, 1] and connections == [1]
+    assert backend.statistics().failures_total == 1
 
 
 async def read_then(stream: trio.abc.Stream, answer: bytes) -> None:
