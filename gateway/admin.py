@@ -39,6 +39,7 @@ from adapters.storage.jobs import (
     new_job_id,
     new_trace_id,
 )
+from gateway import logs
 from gateway.config import NAME_PATTERN, Config, TopicConfig, effective_document
 from gateway.http_server import SEND_TIMEOUT, HTTPError, Request, Response, Router
 from gateway.producer_http import attributes_of, payload_bytes
@@ -530,6 +531,21 @@ class AdminAPI:
         )
         async with running(build_backend(topic)) as backend:
             delivery = await backend.deliver(job)
+        # It reached the backend as a job would, with an id and a trace: the line that lets
+        # the backend's own logs be matched to it.
+        log.info(
+            "test delivery job=%s queue=%s topic=%s attempt=%d status=%s duration_ms=%.1f"
+            " trace=%s%s%s",
+            job.id,
+            job.queue,
+            job.topic,
+            job.attempt,
+            "-" if delivery.status is None else delivery.status,
+            delivery.duration * 1000,
+            job.trace_id,
+            "" if delivery.failure is None else f" failure={delivery.failure.value}",
+            f" message={logs.quoted(delivery.message)}" if delivery.message else "",
+        )
         return Response.json(
             {
                 "job_id": job.id,

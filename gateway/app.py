@@ -293,6 +293,7 @@ class App:
                 self.dispatcher_statistics,
                 self.health.current,
                 clock=self._clock,
+                refused=self.service.refusals.statistics,
             )
             self.admin = AdminAPI(self, self.telemetry, token)
             self.resp = RespServer(self.service, config.listen_resp, config.producer)

@@ -260,7 +260,10 @@ class Dispatcher:
             except StoreError as exc:
                 # Their leases will expire and they will be redelivered: nothing is lost.
                 log.error(
-                    "release failed queue=%s topic=%s jobs=%d error=%s", *self.key, len(jobs), exc
+                    "release failed queue=%s topic=%s jobs=%d error=%s",
+                    *self.key,
+                    len(jobs),
+                    logs.quoted(exc),
                 )
             else:
                 log.info("released queue=%s topic=%s jobs=%d", *self.key, released)
@@ -299,9 +302,12 @@ class Dispatcher:
                 await self._wait_for_capacity(math.inf)
                 continue
             limit = room
+            circuit_was = self.circuit.state
             allowance = self.circuit.allowance()
             if allowance is not None:
                 limit = min(limit, allowance)
+                if self.circuit.state is not circuit_was:  # its cooldown is over
+                    log.info("circuit half-open queue=%s topic=%s: one probe delivery", *self.key)
             if self._bucket is not None and limit > 0:
                 tokens = self._bucket.available()
                 if tokens == 0:
@@ -323,7 +329,11 @@ class Dispatcher:
             except StoreError as exc:
                 self._store_errors += 1
                 self._store_failures.failed(
-                    logging.ERROR, "reserve failed queue=%s topic=%s error=%s", queue, topic, exc
+                    logging.ERROR,
+                    "reserve failed queue=%s topic=%s error=%s",
+                    queue,
+                    topic,
+                    logs.quoted(exc),
                 )
                 await trio.sleep(STORE_ERROR_PAUSE)
                 continue
@@ -438,7 +448,7 @@ class Dispatcher:
             if await self.store.extend(job, self.lease):
                 return now + self.lease
         except StoreError as exc:
-            log.warning("lease extension failed job=%s error=%s", job.id, exc)
+            log.warning("lease extension failed job=%s error=%s", job.id, logs.quoted(exc))
             return lease_until  # deliver anyway: at worst the job is delivered twice, never lost
         self._not_delivered(job)  # the lease was lost: the job belongs to someone else now
         return None
@@ -460,7 +470,10 @@ class Dispatcher:
         except StoreError as exc:
             # Their leases run out and they come back, each having spent an attempt.
             log.warning(
-                "release failed queue=%s topic=%s jobs=%d error=%s", *self.key, len(jobs), exc
+                "release failed queue=%s topic=%s jobs=%d error=%s",
+                *self.key,
+                len(jobs),
+                logs.quoted(exc),
             )
         for job in jobs:
             self._not_delivered(job)
@@ -470,6 +483,20 @@ class Dispatcher:
         started = self._now()
         try:
             delivery = await self.backend.deliver(job)
+        except trio.Cancelled:
+            # A stop's deadline (shutdown_timeout): the job is released unspent, but the
+            # backend may have run it already, and it will run it again.
+            log.warning(
+                "delivery cancelled unfinished job=%s queue=%s topic=%s attempt=%d trace=%s"
+                " after_ms=%.1f: released, to be delivered again; the backend may have run it",
+                job.id,
+                job.queue,
+                job.topic,
+                job.attempt,
+                job.trace_id,
+                (self._now() - started) * 1000,
+            )
+            raise
         except Exception as exc:
             # A bug in the backend's delivery fails this attempt, not the daemon: such a job
             # spends its attempts like any other failure and ends dead, with the error in its
@@ -485,7 +512,10 @@ class Dispatcher:
                 job, delivery.duration, exc, "judging a delivery", "judge the response"
             )
             decision, attempt = self._judge(job, delivery, started_at)
+        circuit_was = self.circuit.state
         self.circuit.record(delivery, probe=probe)
+        if self.circuit.state is not circuit_was:
+            self._log_circuit(circuit_was, delivery)
         if self._outlasts_lease:  # extended while it ran (_keep_leased)
             lease_until = self._running_leases.get(job.id, lease_until)
         # Handed over without an await: a cancellation from here on cannot lose the attempt.
@@ -493,6 +523,25 @@ class Dispatcher:
         self._outcome_ready.set()
         if len(self._outcomes) >= RECORD_BATCH:
             self._flush_now.set()
+
+    def _log_circuit(self, was: CircuitState, delivery: Delivery) -> None:
+        """The circuit changed state on ``delivery``'s outcome: opened, or closed."""
+        if self.circuit.state is CircuitState.CLOSED:
+            log.info("circuit closed queue=%s topic=%s: the backend answers again", *self.key)
+            return
+        statistics = self.circuit.statistics()
+        assert statistics.reopen_at is not None  # open
+        log.warning(
+            "circuit opened queue=%s topic=%s %s status=%s error=%s: nothing is delivered"
+            " for %.3gs, then one probe",
+            *self.key,
+            "probe=failed"
+            if was is CircuitState.HALF_OPEN
+            else f"failures={statistics.consecutive_failures}",
+            "-" if delivery.status is None else delivery.status,
+            logs.quoted(delivery.message or (delivery.failure and delivery.failure.value) or ""),
+            statistics.reopen_at - trio.current_time(),
+        )
 
     def _judge(self, job: Job, delivery: Delivery, started_at: float) -> tuple[Decision, Attempt]:
         """What becomes of ``job`` after ``delivery``, and the attempt its history keeps."""
@@ -547,7 +596,7 @@ class Dispatcher:
                 try:
                     extended = await self.store.extend(job, self.lease)
                 except StoreError as exc:
-                    log.warning("lease extension failed job=%s error=%s", job_id, exc)
+                    log.warning("lease extension failed job=%s error=%s", job_id, logs.quoted(exc))
                     continue
                 if extended and job_id in leases:
                     leases[job_id] = now + self.lease
@@ -606,7 +655,7 @@ class Dispatcher:
                 "recording %d outcomes failed queue=%s topic=%s error=%s%s",
                 len(again) + len(batch),
                 *self.key,
-                error,
+                logs.quoted(error),
                 f" (trying again in {STORE_ERROR_PAUSE:g}s)" if again else "",
             )
         elif self._record_failures.failing:
@@ -697,13 +746,33 @@ class Dispatcher:
                 expired = await self.store.recover_expired(
                     queue, topic, topic_config.retry.max_attempts
                 )
+                if expired.count:
+                    # The store does not say which: their histories do (``GET /v1/jobs/{id}``).
+                    log.warning(
+                        "leases expired queue=%s topic=%s jobs=%d: each attempt spent, the"
+                        " jobs ready again or dead at max_attempts=%d",
+                        queue,
+                        topic,
+                        expired.count,
+                        topic_config.retry.max_attempts,
+                    )
                 if trio.current_time() >= next_prune:
-                    await self.store.prune(queue, topic, done_keep, dead_keep)
+                    if pruned := await self.store.prune(queue, topic, done_keep, dead_keep):
+                        log.info(
+                            "pruned queue=%s topic=%s jobs=%d: done and dead jobs past retention",
+                            queue,
+                            topic,
+                            pruned,
+                        )
                     next_prune = trio.current_time() + PRUNE_INTERVAL
             except StoreError as exc:
                 self._store_errors += 1
                 self._store_failures.failed(
-                    logging.ERROR, "scheduler failed queue=%s topic=%s error=%s", queue, topic, exc
+                    logging.ERROR,
+                    "scheduler failed queue=%s topic=%s error=%s",
+                    queue,
+                    topic,
+                    logs.quoted(exc),
                 )
             else:
                 if self._store_failures.failing:
@@ -764,5 +833,5 @@ def _log_attempt(
         delivery.duration * 1000,
         job.trace_id,
         "" if recorded else " recorded=no" if recorded is False else " recorded=unknown",
-        "" if done else f" reason={decision.reason!r}",
+        "" if done else f" reason={logs.quoted(decision.reason)}",
     )

@@ -134,6 +134,27 @@ class LineHandler(logging.StreamHandler[TextIO]):
         self.stream.flush()
 
 
+#: What ``quoted`` escapes: the quote and the backslash, and every character that could end
+#: a line or hide text for a reader (C0 and C1 controls, DEL, the Unicode line separators).
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
+    **{code: f"\\u{code:04x}" for code in (0x2028, 0x2029)},
+    ord("\t"): "\\t",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord('"'): '\\"',
+    ord("\\"): "\\\\",
+}
+
+
+def quoted(text: object) -> str:
+    """``text`` as a logfmt value: in double quotes, with quotes, backslashes and control
+    characters escaped.  For whatever a line carries from outside (a backend's message, an
+    error): unquoted, ``Location: https://x/ outcome=done`` would read as a second field,
+    and a newline as a second line."""
+    return '"' + str(text).translate(_ESCAPES) + '"'
+
+
 def log_line(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
     """``logger.log(level, msg, *args)``, for a line per job: the same text, written without
     a ``LogRecord`` when the line would reach only the daemon's ``LineHandler`` (``setup``).

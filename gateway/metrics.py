@@ -59,6 +59,12 @@ class _BusgateCollector(Collector):
             "Circuit breaker: 0 closed, 1 half-open, 2 open.",
             labels=_LABELS,
         )
+        opened = CounterMetricFamily(
+            "busgate_circuit_opened",
+            "Times the circuit breaker opened (a probe that failed reopens it), since the"
+            " topic's dispatcher started.",
+            labels=_LABELS,
+        )
         paused = GaugeMetricFamily("busgate_paused", "1 when the topic is paused.", labels=_LABELS)
         unconfigured = GaugeMetricFamily(
             "busgate_topic_unconfigured",
@@ -85,6 +91,7 @@ class _BusgateCollector(Collector):
                 continue
             in_flight.add_metric(labels, topic["in_flight"])
             circuit.add_metric(labels, _CIRCUIT[topic["circuit"]["state"]])
+            opened.add_metric(labels, topic["circuit"]["opened_total"])
             paused.add_metric(labels, 1 if topic["paused"] else 0)
         store_up = GaugeMetricFamily(
             "busgate_store_up",
@@ -94,7 +101,7 @@ class _BusgateCollector(Collector):
         store_up.add_metric([], 1 if snapshot["store"]["ok"] else 0)
         yield store_up
         yield from counters.values()
-        yield from (depth, in_flight, circuit, paused)
+        yield from (depth, in_flight, circuit, opened, paused)
         if unconfigured.samples:  # only then: /metrics reads as before while all are configured
             yield unconfigured
 
@@ -123,6 +130,16 @@ class _BusgateCollector(Collector):
                 continue
             errors.add_metric([queue, topic_name, kind], count)
         yield errors
+
+        refused = CounterMetricFamily(
+            "busgate_pushes_refused",
+            "Pushes (and producer logins) refused before anything was stored, by queue (empty"
+            " when it is not one of the configuration's) and reason.",
+            labels=["queue", "reason"],
+        )
+        for queue, reason, count in self.telemetry.refused_pushes():
+            refused.add_metric([queue, reason], count)
+        yield refused
 
 
 def registry_for(telemetry: Telemetry) -> CollectorRegistry:

@@ -9,6 +9,7 @@ half of each.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,38 +19,47 @@ import trio
 from adapters.storage.base import Route, Store
 from adapters.storage.errors import StoreUnavailable, StoreUncertain
 from adapters.storage.jobs import NewJob, PushResult
+from gateway import logs
 from gateway.config import Config, QueueConfig
+
+log = logging.getLogger("busgate.producer")
 
 
 class ProducerError(Exception):
     """A push refused before anything was stored; ``code`` is the RESP error prefix."""
 
     code = "ERR"
+    #: Why, as ``busgate_pushes_refused_total`` labels it (``Refusals``).
+    reason = "invalid"
 
 
 class UnknownQueue(ProducerError):
-    pass
+    reason = "unknown_queue"
 
 
 class UnknownTopic(ProducerError):
-    pass
+    reason = "unknown_topic"
 
 
 class AuthRequired(ProducerError):
     code = "NOAUTH"
+    reason = "noauth"
 
 
 class WrongPassword(ProducerError):
     code = "WRONGPASS"
+    reason = "wrong_password"
 
 
 class PayloadTooLarge(ProducerError):
     """A payload over max_payload, attributes over MAX_ATTRIBUTE_BYTES, or more jobs in one
     push than one store call takes."""
 
+    reason = "too_large"
+
 
 class BadDelay(ProducerError):
-    pass
+    reason = "bad_delay"
 
 
 #: A job's attributes, names and values, may hold this much at most: they travel as HTTP
@@ -63,6 +73,40 @@ class ShuttingDown(ProducerError):
     """The daemon is draining: pushes go to another instance, or wait for the restart."""
 
     code = "TRYAGAIN"
+    reason = "shutting_down"
+
+
+class Refusals:
+    """Pushes refused before anything was stored (and failed logins), counted by queue and
+    reason for ``/metrics``, and logged: the first of a kind at once, then at most one line
+    a minute with how many were not, since a misbehaving producer may retry in a loop.
+
+    The queue is one of the configuration's, or "" (an unknown name, or none given): a
+    name a producer made up must not become a series, or a line each, of its own.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self._lines: dict[tuple[str, str], logs.Repeating] = {}
+
+    def statistics(self) -> dict[tuple[str, str], int]:
+        """Pushes refused so far, by (queue, reason): what ``/metrics`` exports."""
+        return dict(self.counts)
+
+    def refused(self, queue: str, reason: str, message: str, via: str) -> None:
+        key = (queue, reason)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = logs.Repeating(log)
+        line.failed(
+            logging.WARNING,
+            "push refused via=%s queue=%s reason=%s error=%s",
+            via,
+            queue or "-",
+            reason,
+            logs.quoted(message),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +154,15 @@ class ProducerService:
         self.clock = clock
         self._batchers: dict[str, _Batcher] = {}
         self.accepting = True
+        self.refusals = Refusals()
 
     def reload(self, directory: Directory) -> None:
         self.directory = directory
+
+    def refused(self, queue: str, reason: str, message: str, *, via: str) -> None:
+        """Count and log a push (or login) refused: ``queue`` as the producer named it."""
+        known = queue if queue in self.directory.queues else ""
+        self.refusals.refused(known, reason, message, via)
 
     def run_at(self, delay_ms: int) -> float:
         """When a job pushed now with a delay of ``delay_ms`` is due (the store's clock)."""

@@ -65,18 +65,24 @@ def add_producer_routes(router: Router, service: ProducerService) -> None:
 def _admit(service: ProducerService, request: Request) -> QueueEntry:
     """The queue (or queue/topic) a push goes to, once its head shows it may: checked
     before the body is read, and again with it."""
+    queue = request.params["queue"]
     if not _same_origin(request):
         # A page on another site, submitting a form in the operator's browser: producers
         # are programs, and send no Origin.
-        raise HTTPError(403, "cross-origin browser requests cannot push jobs")
-    queue = request.params["queue"]
+        message = "cross-origin browser requests cannot push jobs"
+        service.refused(queue, "cross_origin", message, via="http")
+        raise HTTPError(403, message)
     topic = request.params.get("topic")
     target = queue if topic is None else f"{queue}/{topic}"
     try:
         service.directory.entry(queue)  # unknown queue: 404 before any password check
         return service.resolve(target, _authenticate(service, queue, request))
     except ProducerError as exc:
+        service.refused(queue, exc.reason, str(exc), via="http")
         raise _http_error(exc, queue) from None
+    except HTTPError as exc:  # malformed credentials
+        service.refused(queue, "invalid", exc.message, via="http")
+        raise
 
 
 def _http_error(exc: ProducerError | StoreError, queue: str) -> HTTPError:
@@ -128,7 +134,13 @@ async def _push(service: ProducerService, request: Request) -> Response:
         jobs = _jobs_of(service, request, request.params.get("topic"))
         service.check_sizes(entry, [job.payload for job in jobs])
         result = await service.push(entry, jobs)
+    except HTTPError as exc:  # a body that is not jobs
+        reason = "too_large" if exc.status == 413 else "invalid"
+        service.refused(entry.config.name, reason, exc.message, via="http")
+        raise
     except (ProducerError, StoreError) as exc:
+        if isinstance(exc, ProducerError):  # a store error refuses nothing of the push's
+            service.refused(entry.config.name, exc.reason, str(exc), via="http")
         raise _http_error(exc, entry.config.name) from None
     return Response.json({"ids": list(result.ids), "duplicates": result.duplicates}, 202)
 

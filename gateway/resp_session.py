@@ -200,6 +200,9 @@ class RespSession:
         try:
             return await spec.handler(self, args)
         except (CommandError, ProducerError) as exc:
+            if isinstance(exc, WrongPassword):  # AUTH, HELLO … AUTH: a refused login
+                login = args[1] if len(args) == 3 and args[0].upper() == b"AUTH" else b""
+                self._refused(login, exc)
             return resp.error(f"{exc.code} {exc}")
         except StoreError as exc:
             return _store_error(exc)
@@ -225,9 +228,16 @@ class RespSession:
         try:
             return prepare(self, args)
         except (CommandError, ProducerError) as exc:
+            self._refused(args[1], exc)
             return resp.error(f"{exc.code} {exc}")
         except Exception as exc:
             return _internal_error(exc, args)
+
+    def _refused(self, target: bytes, exc: CommandError | ProducerError) -> None:
+        """Count and log a refused push or login (``ProducerService.refused``)."""
+        queue = split_target(target.decode("utf-8", "replace"))[0]
+        reason = exc.reason if isinstance(exc, ProducerError) else "invalid"
+        self.service.refused(queue, reason, f"{exc.code} {exc}", via="resp")
 
     async def commit(self, pushes: list[PendingPush]) -> list[bytes]:
         """Store prepared pushes, one store call per queue; their replies, in order.

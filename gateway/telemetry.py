@@ -109,11 +109,14 @@ class Telemetry:
         health: Callable[[], Mapping[tuple[str, str], dict[str, Any] | None]] | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        refused: Callable[[], Mapping[tuple[str, str], int]] | None = None,
     ) -> None:
         self.store = store
         self._config = config
         self._dispatchers = dispatchers
         self._health = health or dict
+        #: Pushes refused, by (queue, reason): the producer service's ``Refusals``.
+        self._refused = refused or dict
         self._clock = clock
         self._topics: dict[tuple[str, str], _TopicRecord] = {}
         #: Whether the last sample reached the store, and since when it has not: a snapshot
@@ -192,6 +195,10 @@ class Telemetry:
     def duration_histograms(self) -> Iterable[tuple[str, str, list[int], float, int]]:
         for (queue, topic), record in self._topics.items():
             yield queue, topic, record.histogram, record.duration_sum, record.attempts
+
+    def refused_pushes(self) -> Iterable[tuple[str, str, int]]:
+        for (queue, reason), count in self._refused().items():
+            yield queue, reason, count
 
     def backend_failures(self) -> Iterable[tuple[str, str, str, int]]:
         for (queue, topic), record in self._topics.items():
