@@ -230,6 +230,17 @@ class ProducerService:
 
     @staticmethod
     def check_attributes(attributes: Mapping[str, str]) -> None:
+        # Names that one header carries to a backend: HTTP compares header names without
+        # case, and CGI also reads `-` as `_` (headers.cgi_name).  Both sent, an HTTP
+        # backend would get two values and php only the last: not the same job.
+        seen: dict[str, str] = {}
+        for name in attributes:
+            other = seen.setdefault(name.upper().replace("-", "_"), name)
+            if other is not name:
+                raise ProducerError(
+                    f"attributes {other!r} and {name!r} would be one header to the backend"
+                    " (names are compared without case, and `-` as `_`): rename one"
+                )
         size = sum(len(name.encode()) + len(value.encode()) for name, value in attributes.items())
         if size > MAX_ATTRIBUTE_BYTES:
             raise PayloadTooLarge(

@@ -100,6 +100,36 @@ async def test_attributes_past_the_limit_are_refused(app: App) -> None:
     assert await held(app) == 1  # the one that fits
 
 
+async def test_attributes_that_would_be_one_header_are_refused(app: App) -> None:
+    # `tenant` and `Tenant` went to an HTTP backend as two headers, and php saw only the
+    # last (HTTP_X_BUSGATE_ATTR_TENANT): the two backends did not get the same job.
+    def xadd(names: tuple[str, str]) -> redis.ResponseError:
+        with pytest.raises(redis.ResponseError) as refused:
+            client(app).xadd("held", {"payload": b"p", names[0]: "a", names[1]: "b"})
+        return refused.value
+
+    for names in (("tenant", "Tenant"), ("x-region", "X_REGION")):
+        refused = await trio.to_thread.run_sync(xadd, names)
+        assert f"attributes {names[0]!r} and {names[1]!r} would be one header" in str(refused)
+
+    def post() -> tuple[int, bytes]:
+        body = json.dumps({"payload": "p", "attributes": {"a-b": "1", "A_b": "2"}}).encode()
+        request = urllib.request.Request(
+            f"http://{app.http_address}/v1/queues/held/jobs",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return int(answer.status), answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    status, body = await trio.to_thread.run_sync(post)
+    assert status == 400 and b"would be one header" in body
+    assert await held(app) == 0
+
+
 async def test_one_push_takes_at_most_one_store_calls_worth_of_payloads(app: App) -> None:
     def lpush(count: int) -> object:
         try:
