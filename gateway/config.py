@@ -181,9 +181,11 @@ def backend_kind(url: str) -> KindName:
     if scheme in ("http", "https"):
         parts = urlsplit(url)
         try:
-            parts.port  # noqa: B018 - validates the port
+            port = parts.port
         except ValueError as exc:
             raise ValueError(f"{url!r}: {exc}") from None
+        if port == 0:  # urlsplit takes it; the adapter would have gone to the default port
+            raise ValueError(f"{url!r}: port 0 is no port to connect to")
         if not parts.hostname:
             raise ValueError(f"{url!r}: expected {scheme}://host[:port]/path")
         if not url.isascii():

@@ -437,6 +437,7 @@ def test_merge_keys_share_topic_settings(tmp_path: Path) -> None:
         ),
         ("backend: http:///path\n", 4, "topics.t.backend", "expected http://host"),
         ("backend: http://h:99999/\n", 4, "topics.t.backend", "out of range"),
+        ("backend: http://h:0/\n", 4, "topics.t.backend", "port 0 is no port"),
         ("backend: https://u:pw@h/\n", 4, "topics.t.backend", "cannot carry credentials"),
         ("backend: http://h/café\n", 4, "topics.t.backend", "percent-encode the path"),
         ("backend: http://exämple.org/\n", 4, "topics.t.backend", "xn-- form"),
