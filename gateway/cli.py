@@ -292,7 +292,8 @@ def _environ_log_level(parser: argparse.ArgumentParser) -> str:
     """``$BUSGATE_LOG_LEVEL``, or info when it is unset or empty (``BUSGATE_LOG_LEVEL=`` in
     an EnvironmentFile).  argparse checks the choices of a flag given, not of a default, so
     a level it does not know is refused here, as the flag would be: exit status 2."""
-    level = os.environ.get("BUSGATE_LOG_LEVEL") or "info"
+    # In any case, as before the check (`INFO` in an env file worked, and must go on).
+    level = (os.environ.get("BUSGATE_LOG_LEVEL") or "info").lower()
     if level not in logs.LEVELS:
         parser.error(
             f"BUSGATE_LOG_LEVEL: invalid choice: {level!r} (choose from {', '.join(logs.LEVELS)})"

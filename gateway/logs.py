@@ -32,7 +32,7 @@ import trio
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 #: The levels ``setup`` takes (``--log-level``, ``$BUSGATE_LOG_LEVEL``).
-LEVELS = ("debug", "info", "warning", "error")
+LEVELS = ("debug", "info", "warning", "error", "critical")
 #: The longest an ``info`` line waits to be written while the daemon runs.
 FLUSH_INTERVAL = 0.05
 #: Held lines are written once there are this many, whatever the time.

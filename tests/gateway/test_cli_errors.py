@@ -90,7 +90,7 @@ def test_a_ca_file_that_holds_no_certificate_is_named(tmp_path: Path) -> None:
     assert "topics.t.ca_file: " in done.stderr and done.stderr.endswith(f": '{junk}'\n")
 
 
-@pytest.mark.parametrize("level", ["notice", "INFO", " "])
+@pytest.mark.parametrize("level", ["notice", "loud", " "])
 def test_an_unknown_log_level_in_the_environment_is_a_usage_error(
     tmp_path: Path, level: str
 ) -> None:
@@ -101,8 +101,17 @@ def test_an_unknown_log_level_in_the_environment_is_a_usage_error(
     assert "Traceback" not in done.stderr
     assert done.stderr.endswith(
         f"busgate: error: BUSGATE_LOG_LEVEL: invalid choice: {level!r}"
-        " (choose from debug, info, warning, error)\n"
+        " (choose from debug, info, warning, error, critical)\n"
     )
+
+
+@pytest.mark.parametrize("level", ["INFO", "Warning", "critical"])
+def test_a_log_level_in_the_environment_is_read_in_any_case(tmp_path: Path, level: str) -> None:
+    # Before the check, any case worked (`getattr(logging, level.upper())`): an env file
+    # saying INFO must not stop the daemon after an upgrade.
+    config = write_config(tmp_path, {"q": QUEUE})
+    done = busgate("check-config", "-c", str(config), BUSGATE_LOG_LEVEL=level)
+    assert done.returncode == 0, done.stderr
 
 
 def test_an_empty_log_level_in_the_environment_is_the_default(tmp_path: Path) -> None:
