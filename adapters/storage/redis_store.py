@@ -328,7 +328,12 @@ class RedisStore(Store):
             raise
         queue = self._write_refused
         if queue is not None:
-            await self._pipeline(queue, [("SET", prefix_of(queue) + b"probe", "1", "PX", "1000")])
+            key = prefix_of(queue) + b"probe"
+            (reply,) = await self.router.pipeline(key, [("SET", key, "1", "PX", "1000")])
+            if isinstance(reply, ServerError) and reply.code in _WRITE_REFUSALS:
+                raise _refused(queue, reply)
+            # Written; or refused for another reason (an ACL user that may not SET: its
+            # pushes may well go through), which says nothing of the refusal any more.
             self._write_refused = None
 
     async def check_replicas(self) -> None:

@@ -222,6 +222,32 @@ async def test_readyz_says_not_ready_while_redis_refuses_writes(
         server.stop()
 
 
+async def test_readyz_comes_back_for_a_redis_user_that_may_not_set(tmp_path: Path) -> None:
+    # The probe write after a refusal is a SET: a least-privilege user without it got
+    # NOPERM, and /readyz stayed 503 for good though pushes went through again.
+    server = RedisServer(tmp_path / "redis", args=["--maxmemory-policy", "noeviction"])
+    server.start()
+    server.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all", "-set")
+    queue = """\
+        queue: q
+        topics:
+          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
+        """
+    config = write_config(tmp_path, {"q": queue}, store=f"redis://app:s3cret@{server.address}")
+    try:
+        async with running_daemon(config) as app:
+            http_port = int(app.http_address.rpartition(":")[2])
+            client = redis.Redis(port=int(app.resp_address.rpartition(":")[2]))
+            server.cli("CONFIG", "SET", "maxmemory", "1")
+            with pytest.raises(redis.exceptions.ResponseError, match="OOM"):
+                await trio.to_thread.run_sync(client.lpush, "q", b"x")
+            server.cli("CONFIG", "SET", "maxmemory", "0")
+            assert (await http(http_port, "GET", "/readyz"))[0] == 200
+            client.close()
+    finally:
+        server.stop()
+
+
 async def test_a_connection_that_pushed_before_a_drain_is_refused_during_it(
     recording_fpm: PhpFpm, tmp_path: Path
 ) -> None:
