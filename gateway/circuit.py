@@ -63,6 +63,7 @@ class CircuitBreaker:
         self._cooldown = cooldown
         self._reopen_at = math.inf
         self._probing = False
+        self._probes = 0  # probes let out so far: the number of the one out, while _probing
         self._opened_total = 0
 
     def statistics(self) -> CircuitStatistics:
@@ -83,12 +84,14 @@ class CircuitBreaker:
             return 1
         return 0
 
-    def started(self) -> bool:
-        """A job was taken for delivery; True if it is the half-open probe."""
+    def started(self) -> int:
+        """A job was taken for delivery: the half-open probe's number if it is the probe,
+        else 0.  ``record`` takes the number back with the probe's outcome."""
         if self.state is CircuitState.HALF_OPEN and not self._probing:
             self._probing = True
-            return True
-        return False
+            self._probes += 1
+            return self._probes
+        return 0
 
     def probe_withdrawn(self) -> None:
         """The probe went back undelivered (a pause, a lost lease): the next job probes.
@@ -103,8 +106,8 @@ class CircuitBreaker:
         """When an open circuit lets a probe through (clock time); inf otherwise."""
         return self._reopen_at if self.state is CircuitState.OPEN else math.inf
 
-    def record(self, delivery: Delivery, *, probe: bool) -> None:
-        """An attempt's outcome; ``probe``: it was the half-open probe (``started``)."""
+    def record(self, delivery: Delivery, *, probe: int) -> None:
+        """An attempt's outcome; ``probe``: its number from ``started`` (0: no probe)."""
         if backend_failed(delivery):
             self._failure(probe)
         elif self._failures or self.state is not CircuitState.CLOSED:
@@ -119,12 +122,13 @@ class CircuitBreaker:
         self.state = CircuitState.CLOSED
         self._reopen_at = math.inf
 
-    def _failure(self, probe: bool) -> None:
+    def _failure(self, probe: int) -> None:
         self._failures += 1
-        if self.state is CircuitState.HALF_OPEN and probe:
-            # Only the probe's failure reopens: one of a delivery started before the circuit
-            # opened says nothing new, and taking it for the probe's would let a second probe
-            # out at the next reopen while the first is still running.
+        if self.state is CircuitState.HALF_OPEN and probe == self._probes and self._probing:
+            # Only the failure of the probe out now reopens: one of a delivery started before
+            # the circuit opened, or of an earlier probe (the circuit has closed and opened
+            # again since), says nothing new, and taking it for this probe's would let a
+            # second probe out at the next reopen while this one is still running.
             self._probing = False
             self._cooldown = min(self._cooldown * 2, self.max_cooldown)
             self._open()

@@ -156,6 +156,7 @@ class Dispatcher:
         self._deliveries: trio.CancelScope | None = None
         #: The id of the half-open circuit's probe until a worker delivers it.
         self._probe: str | None = None
+        self._probe_number = 0  # its number from circuit.started(), for circuit.record()
         #: Set once run() has returned: deliveries drained, unfinished jobs released.
         self.finished = trio.Event()
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
@@ -349,8 +350,8 @@ class Dispatcher:
             if self._bucket is not None:
                 self._bucket.take(len(jobs))
             for job in jobs:
-                if self.circuit.started():
-                    self._probe = job.id
+                if probe := self.circuit.started():
+                    self._probe, self._probe_number = job.id, probe
                 self._held[job.id] = job
                 self._buffered_leases[job.id] = job.lease_until
                 self._jobs_in.send_nowait(job)
@@ -415,8 +416,9 @@ class Dispatcher:
                 if covered is None:
                     continue
                 lease_until = covered
-            probe = job.id == self._probe
-            if probe:
+            probe = 0
+            if job.id == self._probe:
+                probe = self._probe_number
                 self._probe = None  # on its way: its outcome decides
             self._in_flight += 1
             self._started += 1
@@ -478,7 +480,7 @@ class Dispatcher:
         for job in jobs:
             self._not_delivered(job)
 
-    async def _deliver(self, job: Job, lease_until: float, probe: bool) -> None:
+    async def _deliver(self, job: Job, lease_until: float, probe: int) -> None:
         started_at = self._clock()
         started = self._now()
         try:

@@ -15,7 +15,7 @@ from gateway.circuit import CircuitBreaker, backend_failed
 class PlainCircuit(CircuitBreaker):
     """The rule as first written: every outcome through ``_success`` or ``_failure``."""
 
-    def record(self, delivery: Delivery, *, probe: bool) -> None:
+    def record(self, delivery: Delivery, *, probe: int) -> None:
         if backend_failed(delivery):
             self._failure(probe)
         else:
@@ -54,7 +54,7 @@ def test_record_does_what_the_plain_rule_does(seed: int) -> None:
         if step < 0.6:
             # Mostly successes, so that runs of them follow every state.
             delivery = OUTCOMES[0] if rng.random() < 0.5 else rng.choice(OUTCOMES)
-            probe = rng.random() < 0.5
+            probe = rng.choice([0, 1, 2, 3])
             fast.record(delivery, probe=probe)
             plain.record(delivery, probe=probe)
         elif step < 0.75:

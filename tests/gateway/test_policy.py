@@ -168,24 +168,26 @@ def test_circuit_opens_probes_and_closes() -> None:
     circuit = CircuitBreaker(failures=3, cooldown=10, clock=clock)
     down = Delivery(0.0, failure=Failure.CONNECT, message="refused")
     for _ in range(2):
-        circuit.record(down, probe=False)
-    circuit.record(answer(404), probe=False)  # the backend answered: not its failure
+        circuit.record(down, probe=0)
+    circuit.record(answer(404), probe=0)  # the backend answered: not its failure
     assert circuit.state is CircuitState.CLOSED
     for _ in range(3):
-        circuit.record(down, probe=False)
+        circuit.record(down, probe=0)
     assert circuit.statistics().state is CircuitState.OPEN and circuit.allowance() == 0
     assert circuit.reopen_at == 110
     clock.now = 110
     assert circuit.allowance() == 1  # half-open: one probe
-    assert circuit.started()
+    probe = circuit.started()
+    assert probe == 1
     assert circuit.allowance() == 0  # only one
-    circuit.record(answer(502), probe=True)
+    circuit.record(answer(502), probe=probe)
     assert circuit.statistics().state is CircuitState.OPEN
     assert circuit.reopen_at == 130  # cooldown doubled
     clock.now = 130
     assert circuit.allowance() == 1
-    assert circuit.started()
-    circuit.record(answer(200), probe=True)
+    probe = circuit.started()
+    assert probe == 2
+    circuit.record(answer(200), probe=probe)
     stats = circuit.statistics()
     assert (stats.state, stats.opened_total, stats.consecutive_failures) == (
         CircuitState.CLOSED,
@@ -198,11 +200,11 @@ def test_circuit_opens_probes_and_closes() -> None:
 def test_a_withdrawn_probe_lets_the_next_job_probe() -> None:
     clock = Clock()
     circuit = CircuitBreaker(failures=1, cooldown=10, clock=clock)
-    circuit.record(answer(500), probe=False)
+    circuit.record(answer(500), probe=0)
     clock.now += 10
     assert circuit.allowance() == 1
-    assert circuit.started() is True  # the probe
-    assert circuit.allowance() == 0 and circuit.started() is False
+    assert circuit.started() == 1  # the probe
+    assert circuit.allowance() == 0 and circuit.started() == 0
     circuit.probe_withdrawn()  # it went back to the store undelivered (a pause)
     assert circuit.statistics().state is CircuitState.HALF_OPEN
     assert circuit.allowance() == 1  # before, 0 for ever: a wedged topic
@@ -214,16 +216,40 @@ def test_a_late_failure_half_open_is_not_the_probes() -> None:
     # reopen, with the first still running.
     clock = Clock()
     circuit = CircuitBreaker(failures=1, cooldown=1, clock=clock)
-    circuit.record(answer(500), probe=False)  # opens
+    circuit.record(answer(500), probe=0)  # opens
     clock.now += 1
-    assert circuit.allowance() == 1 and circuit.started()  # the probe goes out
+    assert circuit.allowance() == 1
+    probe = circuit.started()  # the probe goes out
     clock.now += 2
-    circuit.record(answer(500), probe=False)  # the late one
+    circuit.record(answer(500), probe=0)  # the late one
     clock.now += 2
     assert circuit.statistics().state is CircuitState.HALF_OPEN
     assert circuit.allowance() == 0  # the probe has not answered: nothing more goes
-    circuit.record(answer(200), probe=True)
+    circuit.record(answer(200), probe=probe)
     assert circuit.allowance() is None
+
+
+def test_an_earlier_probes_late_failure_is_not_the_current_probes() -> None:
+    # Probe 1 is out; a late success closes the circuit, a failure opens it again, probe 2
+    # goes out.  Probe 1 failing then was taken for probe 2's: the circuit reopened and,
+    # after the cooldown, let a third probe out with the second still running.
+    clock = Clock()
+    circuit = CircuitBreaker(failures=1, cooldown=10, clock=clock)
+    circuit.record(answer(503), probe=0)
+    clock.now += 10
+    assert circuit.allowance() == 1
+    first = circuit.started()
+    circuit.record(answer(200), probe=0)  # started before the circuit opened: closes it
+    circuit.record(answer(503), probe=0)  # open again
+    clock.now += 10
+    assert circuit.allowance() == 1
+    second = circuit.started()
+    circuit.record(answer(503), probe=first)
+    assert circuit.statistics().state is CircuitState.HALF_OPEN
+    clock.now += 100
+    assert circuit.allowance() == 0  # the second probe has not answered
+    circuit.record(answer(503), probe=second)
+    assert circuit.statistics().state is CircuitState.OPEN
 
 
 def test_token_bucket() -> None:
