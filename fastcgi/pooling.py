@@ -71,6 +71,7 @@ class PooledStream:
 
     __slots__ = (
         "_poller",
+        "connect_time",
         "created_at",
         "expired",
         "idle_since",
@@ -80,6 +81,7 @@ class PooledStream:
 
     def __init__(self, socket: trio.socket.SocketType, now: float) -> None:
         self.socket = socket
+        self.connect_time = 0.0  # seconds connecting took (TCP, and TLS): about a round trip
         self.created_at = now
         self.idle_since = now
         self.requests = 0
@@ -109,17 +111,19 @@ class PooledStream:
 
 #: How soon after a request went out on a reused connection its loss, before any byte of an
 #: answer, reads as that connection having been closed while idle, and the request goes once
-#: more on a new connection.  A server's keep-alive close crossing the request answers it
-#: with a reset within a round trip; a later loss is a backend that took the request and
-#: died working on it (a killed worker), whose attempt ends there, spent: sent again, the job
-#: would run twice as one attempt, and twice at every attempt on a backend it kills.
+#: more on a new connection: this, plus two of the round trips connecting took (a distant
+#: server).  A server's keep-alive close crossing the request answers it with a reset
+#: within a round trip; a later loss is a backend that took the request and died working on
+#: it (a killed worker), whose attempt ends there, spent: sent again, the job would run
+#: twice as one attempt, and twice at every attempt on a backend it kills.
 STALE_WINDOW = 0.1
 
 
 def closed_while_idle(conn: PooledStream, answered: bool, sent_at: float) -> bool:
     """Whether a request lost on ``conn`` (sent at ``sent_at``, trio time) may go once more
     on a new connection: ``conn`` was reused, had answered nothing, and failed at once."""
-    return conn.requests > 1 and not answered and trio.current_time() - sent_at <= STALE_WINDOW
+    window = STALE_WINDOW + 2 * conn.connect_time
+    return conn.requests > 1 and not answered and trio.current_time() - sent_at <= window
 
 
 C = TypeVar("C", bound=PooledStream)
@@ -195,10 +199,12 @@ class Pool(Generic[C]):
         try:
             conn = None if fresh else self._take_idle()
             if conn is None:
+                connecting = trio.current_time()
                 with trio.move_on_at(deadline):
                     conn = await self._connect()
                 if conn is None:
                     raise ConnectTimeout(self.name, "not connected before the deadline")
+                conn.connect_time = trio.current_time() - connecting
                 self.opened_total += 1
         except BaseException:
             self._slots.release()

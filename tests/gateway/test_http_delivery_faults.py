@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -148,6 +149,37 @@ async def test_a_reused_connection_lost_while_the_server_works_is_not_sent_again
     assert "closed the connection before answering" in second.message
     assert requests == [1, 1] and connections == [1]
     assert backend.statistics().failures_total == 1
+
+
+async def test_on_a_distant_server_the_keep_alive_race_takes_the_round_trip_into_account(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Connecting took 200 ms (two round trips away): a reset 150 ms after the request is
+    # still the server's idle close crossing it, and the request goes again, unspent.
+    connect = HTTPBackend._connect
+
+    async def distant(self: HTTPBackend) -> Any:
+        await trio.sleep(0.2)
+        return await connect(self)
+
+    monkeypatch.setattr(HTTPBackend, "_connect", distant)
+    requests: list[int] = []
+
+    async def handler(stream: trio.SocketStream, number: int) -> None:
+        _, rest = await read_request(stream)
+        requests.append(number)
+        await stream.send_all(OK)
+        if number == 1:
+            _, rest = await read_request(stream, rest)
+            requests.append(number)
+            await trio.sleep(0.15)
+            return  # closed without a byte of answer
+        await read_request(stream, rest)
+
+    ((first, second), connections, backend) = await deliver_in_turn(handler, 2)
+    assert (first.status, second.status) == (200, 200), second.message
+    assert requests == [1, 1, 2] and connections == [1, 2]
+    assert backend.statistics().failures_total == 0
 
 
 async def read_then(stream: trio.abc.Stream, answer: bytes) -> None:
