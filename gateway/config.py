@@ -946,26 +946,32 @@ def drop_in_files(main: Config) -> list[str]:
     """
     # The main file's directory is a path, not a pattern: "etc[1]/" must not match "etc1/".
     pattern = os.path.join(glob.escape(os.path.dirname(main.path)), main.include)
-    _check_listable(os.path.dirname(pattern))
+    _check_listable(pattern)
     main_file = os.path.abspath(main.path)
     return sorted(
         name for name in glob.glob(pattern, recursive=True) if os.path.abspath(name) != main_file
     )
 
 
-def _check_listable(directories: str) -> None:
-    """Raise `ConfigError` for a directory matching the pattern ``directories`` that glob
-    would list but cannot (those that a pattern above it matches are checked first)."""
-    if glob.has_magic(directories):
-        _check_listable(os.path.dirname(directories))
-    for directory in glob.glob(directories, recursive=True) or [directories]:
+def _check_listable(pattern: str) -> None:
+    """Raise `ConfigError` for a directory glob must list to match ``pattern`` but cannot:
+    one holding a wildcard component (``*.yaml``), checked from the top.  A literal name is
+    looked up, not listed: its directory needs no read permission."""
+    directory, name = os.path.split(pattern)
+    if glob.has_magic(directory):
+        _check_listable(directory)
+    if not glob.has_magic(name):
+        return
+    for listed in (
+        glob.glob(directory, recursive=True) if glob.has_magic(directory) else [directory]
+    ):
         try:
-            os.scandir(directory).close()
+            os.scandir(listed or ".").close()
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:
             raise ConfigError(
-                directory, None, None, f"cannot list the directory: {exc.strerror or exc}"
+                listed, None, None, f"cannot list the directory: {exc.strerror or exc}"
             ) from None
 
 

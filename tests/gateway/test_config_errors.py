@@ -30,10 +30,13 @@ def error_of(config: Path) -> ConfigError:
 # -- an unreadable conf.d ----------------------------------------------------------------------
 
 
-def check_config_shut_out_of(config: Path, directory: Path) -> subprocess.CompletedProcess[str]:
-    """check-config as the daemon's user meets ``directory``: mode 0700, another owner.
-    Root lists anything, so it runs as nobody then; otherwise the mode shuts its owner out."""
-    directory.chmod(0o700)
+def check_config_shut_out_of(
+    config: Path, directory: Path, *, may_enter: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """check-config as the daemon's user meets ``directory``: mode 0700 (0711 if it
+    ``may_enter``), another owner.  Root lists anything, so it runs as nobody then;
+    otherwise the mode (0300: enter, not list) shuts its owner out."""
+    directory.chmod(0o711 if may_enter else 0o700)
     user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     if os.geteuid() != 0:
         user = []
@@ -74,6 +77,21 @@ def test_every_directory_an_include_pattern_lists_is_checked(shared_dir: Path) -
     assert done.stderr == (
         f"busgate: configuration error: {other}: cannot list the directory: Permission denied\n"
     )
+
+
+def test_a_literal_include_needs_no_listing(shared_dir: Path) -> None:
+    # `include: conf.d/q.yaml` names its file: glob looks it up without listing conf.d/,
+    # which the check took for a directory it must list.
+    config = write_config(shared_dir / "etc", {"q": QUEUE})
+    config.write_text(
+        config.read_text().replace("include: conf.d/*.yaml", "include: conf.d/q.yaml")
+    )
+    (shared_dir / "etc").chmod(0o755)
+    config.chmod(0o644)
+    (shared_dir / "etc" / "conf.d" / "q.yaml").chmod(0o644)
+    done = check_config_shut_out_of(config, shared_dir / "etc" / "conf.d", may_enter=True)
+    assert done.returncode == 0, done.stderr
+    assert "queue: q" in done.stdout
 
 
 async def test_a_reload_that_cannot_list_conf_d_keeps_every_queue(
