@@ -444,8 +444,9 @@ class StoreConfig:
 
     @property
     def redacted_url(self) -> str:
-        """The URL with its password replaced by ``********``."""
-        return _redact_url(self.url)
+        """The URL with its password replaced by ``********``; an SQLite URL as it is (a path
+        holds no password, and `team@prod/` in one is no user)."""
+        return self.url if self.kind == "sqlite" else _redact_url(self.url)
 
 
 @dataclass(frozen=True, slots=True)

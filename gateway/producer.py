@@ -230,6 +230,8 @@ class ProducerService:
 
     @staticmethod
     def check_attributes(attributes: Mapping[str, str]) -> None:
+        if not attributes:  # nearly every push
+            return
         # Names that one header carries to a backend: HTTP compares header names without
         # case, and CGI also reads `-` as `_` (headers.cgi_name).  Both sent, an HTTP
         # backend would get two values and php only the last: not the same job.

@@ -262,6 +262,12 @@ def test_sqlite_store_urls(tmp_path: Path) -> None:
         assert load_config(write(tmp_path, f"store: {url}\n"), {}).store.path == path
 
 
+def test_an_sqlite_url_is_shown_as_written(tmp_path: Path) -> None:
+    # A path holds no password: `team@prod/` was shown as `********@prod/` in the startup line.
+    store = load_config(write(tmp_path, "store: sqlite:///srv/team@prod/jobs.db\n"), {}).store
+    assert store.redacted_url == "sqlite:///srv/team@prod/jobs.db"
+
+
 def test_environment_substitution(tmp_path: Path) -> None:
     queue = """\
         queue: q
