@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,22 @@ async def test_draining_daemon_refuses_http_pushes_and_stores_none_of_them(
     assert (stats.ready, stats.leased, stats.done) == (0, 0, 1)  # "late" was never stored
 
 
+PAUSED_QUEUE = """\
+    queue: q
+    topics:
+      t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
+    """
+
+
+@pytest.fixture
+def noeviction_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, whose maxmemory refuses writes rather than evict."""
+    server = RedisServer(tmp_path / "redis", args=["--maxmemory-policy", "noeviction"])
+    server.start()
+    yield server
+    server.stop()
+
+
 async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, Any, bytes]:
     def call() -> tuple[int, Any, bytes]:
         request = urllib.request.Request(
@@ -154,12 +171,7 @@ async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[in
 
 
 async def test_readyz_says_not_ready_while_the_sqlite_disk_is_full(tmp_path: Path) -> None:
-    queue = """\
-        queue: q
-        topics:
-          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
-        """
-    async with running_daemon(write_config(tmp_path, {"q": queue})) as app:
+    async with running_daemon(write_config(tmp_path, {"q": PAUSED_QUEUE})) as app:
         assert isinstance(app.store, SQLiteStore)
         http_port = int(app.http_address.rpartition(":")[2])
         client = redis.Redis(port=int(app.resp_address.rpartition(":")[2]))
@@ -189,63 +201,52 @@ async def test_readyz_says_not_ready_while_the_sqlite_disk_is_full(tmp_path: Pat
     ],
 )
 async def test_readyz_says_not_ready_while_redis_refuses_writes(
-    tmp_path: Path, refusal: tuple[str, str], restore: tuple[str, str], error: str
+    tmp_path: Path,
+    noeviction_redis: RedisServer,
+    refusal: tuple[str, str],
+    restore: tuple[str, str],
+    error: str,
 ) -> None:
     # PING alone said ready while every push was refused.
-    server = RedisServer(tmp_path / "redis", args=["--maxmemory-policy", "noeviction"])
-    server.start()
-    queue = """\
-        queue: q
-        topics:
-          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
-        """
-    config = write_config(tmp_path, {"q": queue}, store=f"redis://{server.address}")
-    try:
-        async with running_daemon(config) as app:
-            http_port = int(app.http_address.rpartition(":")[2])
-            client = redis.Redis(port=int(app.resp_address.rpartition(":")[2]))
+    server = noeviction_redis
+    config = write_config(tmp_path, {"q": PAUSED_QUEUE}, store=f"redis://{server.address}")
+    async with running_daemon(config) as app:
+        http_port = int(app.http_address.rpartition(":")[2])
+        client = redis.Redis(port=int(app.resp_address.rpartition(":")[2]))
 
-            def push() -> object:
-                return client.lpush("q", b"x")
+        def push() -> object:
+            return client.lpush("q", b"x")
 
-            assert (await http(http_port, "GET", "/readyz"))[0] == 200
-            server.cli("CONFIG", "SET", *refusal)
-            with pytest.raises(redis.exceptions.ResponseError, match=error):
-                await trio.to_thread.run_sync(push)
-            status, _, body = await http(http_port, "GET", "/readyz")
-            assert status == 503 and error.encode() in body, body
-            server.cli("CONFIG", "SET", *restore)  # /readyz finds out with no push
-            assert (await http(http_port, "GET", "/readyz"))[0] == 200
-            assert await trio.to_thread.run_sync(push) == 1
-            client.close()
-    finally:
-        server.stop()
+        assert (await http(http_port, "GET", "/readyz"))[0] == 200
+        server.cli("CONFIG", "SET", *refusal)
+        with pytest.raises(redis.exceptions.ResponseError, match=error):
+            await trio.to_thread.run_sync(push)
+        status, _, body = await http(http_port, "GET", "/readyz")
+        assert status == 503 and error.encode() in body, body
+        server.cli("CONFIG", "SET", *restore)  # /readyz finds out with no push
+        assert (await http(http_port, "GET", "/readyz"))[0] == 200
+        assert await trio.to_thread.run_sync(push) == 1
+        client.close()
 
 
-async def test_readyz_comes_back_for_a_redis_user_that_may_not_set(tmp_path: Path) -> None:
+async def test_readyz_comes_back_for_a_redis_user_that_may_not_set(
+    tmp_path: Path, noeviction_redis: RedisServer
+) -> None:
     # The probe write after a refusal is a SET: a least-privilege user without it got
     # NOPERM, and /readyz stayed 503 for good though pushes went through again.
-    server = RedisServer(tmp_path / "redis", args=["--maxmemory-policy", "noeviction"])
-    server.start()
+    server = noeviction_redis
     server.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all", "-set")
-    queue = """\
-        queue: q
-        topics:
-          t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
-        """
-    config = write_config(tmp_path, {"q": queue}, store=f"redis://app:s3cret@{server.address}")
-    try:
-        async with running_daemon(config) as app:
-            http_port = int(app.http_address.rpartition(":")[2])
-            client = redis.Redis(port=int(app.resp_address.rpartition(":")[2]))
-            server.cli("CONFIG", "SET", "maxmemory", "1")
-            with pytest.raises(redis.exceptions.ResponseError, match="OOM"):
-                await trio.to_thread.run_sync(client.lpush, "q", b"x")
-            server.cli("CONFIG", "SET", "maxmemory", "0")
-            assert (await http(http_port, "GET", "/readyz"))[0] == 200
-            client.close()
-    finally:
-        server.stop()
+    store = f"redis://app:s3cret@{server.address}"
+    config = write_config(tmp_path, {"q": PAUSED_QUEUE}, store=store)
+    async with running_daemon(config) as app:
+        http_port = int(app.http_address.rpartition(":")[2])
+        client = redis.Redis(port=int(app.resp_address.rpartition(":")[2]))
+        server.cli("CONFIG", "SET", "maxmemory", "1")
+        with pytest.raises(redis.exceptions.ResponseError, match="OOM"):
+            await trio.to_thread.run_sync(client.lpush, "q", b"x")
+        server.cli("CONFIG", "SET", "maxmemory", "0")
+        assert (await http(http_port, "GET", "/readyz"))[0] == 200
+        client.close()
 
 
 async def test_a_connection_that_pushed_before_a_drain_is_refused_during_it(
