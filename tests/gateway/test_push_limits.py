@@ -48,6 +48,20 @@ def client(app: App) -> redis.Redis:
     return redis.Redis(host=host, port=int(port), protocol=2)
 
 
+def post_job(app: App, job: object) -> tuple[int, bytes]:
+    """POST one job to queue `held` over the HTTP producer API: the status and body."""
+    request = urllib.request.Request(
+        f"http://{app.http_address}/v1/queues/held/jobs",
+        data=json.dumps(job).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status), answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
 async def held(app: App) -> int:
     assert app.store is not None
     return (await app.store.stats("held", "t")).ready
@@ -83,20 +97,8 @@ async def test_attributes_past_the_limit_are_refused(app: App) -> None:
         lambda: client(app).xadd("held", {"payload": b"p", "tenant": fits})
     )
 
-    def post() -> int:
-        body = json.dumps({"payload": "p", "attributes": {"tenant": big}}).encode()
-        request = urllib.request.Request(
-            f"http://{app.http_address}/v1/queues/held/jobs",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                return int(answer.status)
-        except urllib.error.HTTPError as error:
-            return error.code
-
-    assert await trio.to_thread.run_sync(post) == 413
+    job = {"payload": "p", "attributes": {"tenant": big}}
+    assert (await trio.to_thread.run_sync(post_job, app, job))[0] == 413
     assert await held(app) == 1  # the one that fits
 
 
@@ -112,20 +114,8 @@ async def test_attributes_that_would_be_one_header_are_refused(app: App) -> None
         refused = await trio.to_thread.run_sync(xadd, names)
         assert f"attributes {names[0]!r} and {names[1]!r} would be one header" in str(refused)
 
-    def post() -> tuple[int, bytes]:
-        body = json.dumps({"payload": "p", "attributes": {"a-b": "1", "A_b": "2"}}).encode()
-        request = urllib.request.Request(
-            f"http://{app.http_address}/v1/queues/held/jobs",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                return int(answer.status), answer.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-
-    status, body = await trio.to_thread.run_sync(post)
+    job = {"payload": "p", "attributes": {"a-b": "1", "A_b": "2"}}
+    status, body = await trio.to_thread.run_sync(post_job, app, job)
     assert status == 400 and b"would be one header" in body
     assert await held(app) == 0
 

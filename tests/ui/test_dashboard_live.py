@@ -50,6 +50,16 @@ def dead_ids(app: App) -> list[str]:
     return [job["id"] for job in page["jobs"]]
 
 
+def xadd(app: App, queue: str, *fields: str) -> str:
+    """XADD one job with these fields, as a producer would: its id."""
+    producer = redis.Redis(port=resp_port(app))
+    try:
+        job_id = producer.execute_command("XADD", queue, "*", *fields)  # type: ignore[no-untyped-call]
+    finally:
+        producer.close()
+    return str(job_id.decode())
+
+
 def rows(page: Page, selector: str) -> int:
     return page.locator(selector).count()
 
@@ -194,11 +204,7 @@ async def test_a_long_attribute_does_not_widen_the_dead_letter_table(
     long_value = "x" * 3000
 
     def session(app: App) -> None:
-        producer = redis.Redis(port=resp_port(app))
-        producer.execute_command(  # type: ignore[no-untyped-call]
-            "XADD", "orders", "*", "payload", DIES, "tenant", "acme", "trace", long_value
-        )
-        producer.close()
+        xadd(app, "orders", "payload", DIES, "tenant", "acme", "trace", long_value)
         wait_until("the job to die", lambda: len(dead_ids(app)) == 1)
         with dashboard(app) as (page, errors):
             sign_in(page)
@@ -300,9 +306,7 @@ async def test_on_a_phone_the_overview_table_scrolls_not_the_page(tmp_path: Path
             page.locator("#dead-table").wait_for()
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= viewport, ("topic page", width)
-            producer = redis.Redis(port=resp_port(app))
-            job_id = producer.execute_command("XADD", "jobs", "*", "payload", "{}").decode()  # type: ignore[no-untyped-call]
-            producer.close()
+            job_id = xadd(app, "jobs", "payload", "{}")
             page.goto(f"/#/job/{job_id}")
             page.locator("input.command").wait_for()
             width = page.evaluate("document.documentElement.scrollWidth")
