@@ -6,7 +6,8 @@
              and after; a raw client's minimal request is reported too, and the CPU
              each process spent per job (2 cores: the run is bound by their sum)
     ingest   redis-benchmark -t lpush (50 clients) against the gateway (queue "mylist",
-             topic paused) and against redis-server, unpipelined and with -P 16; and
+             topic paused) and against redis-server, unpipelined (-n 100000) and with -P 16
+             (-n 1000000); and
              against a bare trio server that only replies, the ceiling for one trio process;
              with busgate's CPU per push, and how much of its one core that was
     latency  push -> the backend's first byte at 1,000 jobs/s: p50 and p99
@@ -58,6 +59,11 @@ from tests.support.redis import RedisServer
 CHILDREN = 8
 HERE = Path(__file__).resolve().parent
 PUSHER = HERE / "pusher.py"
+#: redis-benchmark's pushes per run, by pipeline depth: its default -n unpipelined.  At -P 16
+#: redis-server takes 100,000 in under 0.1 s, so the 50 clients' connecting and the first
+#: batches weigh on both sides: here redis-server measured 0.81-1.10M/s over such runs and
+#: 1.14-1.28M/s over runs of 1,000,000, busgate 94k/s and 118-140k/s.
+INGEST_REQUESTS = {1: 100_000, 16: 1_000_000}
 UNIT = HERE.parent / "systemd" / "busgate.service"
 
 
@@ -412,13 +418,14 @@ def redis_benchmark(port: int, pipeline: int, requests: int) -> float:
     return float(match.group(1))
 
 
-async def bench_ingest(kinds: list[str], requests: int) -> None:
+async def bench_ingest(kinds: list[str], requests: dict[int, int]) -> None:
+    """``requests``: how many pushes redis-benchmark sends, per pipeline depth."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         baseline = RedisServer(tmp / "baseline")
         baseline.start()
         try:
-            raw = {p: redis_benchmark(baseline.port, p, requests) for p in (1, 16)}
+            raw = {p: redis_benchmark(baseline.port, p, requests[p]) for p in requests}
         finally:
             baseline.stop()
         floor = await bare_trio_rates(requests)
@@ -440,11 +447,11 @@ async def bench_ingest(kinds: list[str], requests: int) -> None:
                         async with daemon(config) as app:
                             port = int(app.resp_address.rpartition(":")[2])
                             results[kind, nice] = {
-                                p: await _ingest_rate(port, p, requests) for p in (1, 16)
+                                p: await _ingest_rate(port, p, n) for p, n in requests.items()
                             }
-    print(f"ingest: redis-benchmark -t lpush -c 50 -n {requests}")
+    print("ingest: redis-benchmark -t lpush -c 50")
     for pipeline, target in ((1, 0.5), (16, 0.1)):
-        print(f"  -P {pipeline:2}: redis-server {raw[pipeline]:9.0f}/s")
+        print(f"  -P {pipeline:2} -n {requests[pipeline]}: redis-server {raw[pipeline]:9.0f}/s")
         print(
             f"         bare trio server  {floor[pipeline]:9.0f}/s ="
             f" {floor[pipeline] / raw[pipeline]:.2f}x"
@@ -457,8 +464,8 @@ async def bench_ingest(kinds: list[str], requests: int) -> None:
                 f" {rate / raw[pipeline]:.2f}x (target >= {target}x){_as_the_unit(nice)}"
             )
             print(
-                f"           busgate's CPU: {cpu / requests * 1e6:.1f} us per push,"
-                f" {cpu * rate / requests:.2f} of a core (its event loop is one thread)"
+                f"           busgate's CPU: {cpu / requests[pipeline] * 1e6:.1f} us per push,"
+                f" {cpu * rate / requests[pipeline]:.2f} of a core (its event loop is one thread)"
             )
 
 
@@ -487,7 +494,7 @@ async def _reply_only(stream: trio.SocketStream) -> None:
             await send_all(sock, b":1\r\n" * data.count(b"*"), lambda: None)
 
 
-async def bare_trio_rates(requests: int) -> dict[int, float]:
+async def bare_trio_rates(requests: dict[int, int]) -> dict[int, float]:
     """What redis-benchmark gets from a trio server that only replies: the ceiling on what
     busgate's RESP server (one trio process) could reach, measured in the same run."""
     async with trio.open_nursery() as nursery:
@@ -495,7 +502,8 @@ async def bare_trio_rates(requests: int) -> dict[int, float]:
         port = listeners[0].socket.getsockname()[1]
         nursery.start_soon(trio.serve_listeners, _reply_only, listeners)
         rates = {
-            p: await trio.to_thread.run_sync(redis_benchmark, port, p, requests) for p in (1, 16)
+            p: await trio.to_thread.run_sync(redis_benchmark, port, p, n)
+            for p, n in requests.items()
         }
         nursery.cancel_scope.cancel()
     return rates
@@ -658,7 +666,7 @@ async def main(args: argparse.Namespace) -> None:
         if which == "e2e":
             await bench_e2e(kinds, args.jobs)
         elif which == "ingest":
-            await bench_ingest(kinds, 100_000)
+            await bench_ingest(kinds, INGEST_REQUESTS)
         elif which == "latency":
             await bench_latency(kinds, 5000, 1000.0)
         elif which == "rss":
