@@ -266,9 +266,10 @@ class RedisStore(Store):
         self._ready_counts: dict[tuple[str, str], list[int]] = {}
         self._registered: set[tuple[str, str]] = set()
         self._registered_until = -math.inf
-        # The queue of the last write Redis refused (out of memory, failed snapshot, a
-        # replica, too few replicas); None once a probe write succeeds again.
-        self._write_refused: str | None = None
+        # The queues whose last write Redis refused (out of memory, failed snapshot, a
+        # replica, too few replicas), each until a probe write on its node succeeds: in a
+        # Cluster, one node may refuse while another takes writes again.
+        self._write_refused: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -313,7 +314,7 @@ class RedisStore(Store):
         """Every master answers; and, if the last write was refused (``OOM``, ``MISCONF``,
         ``READONLY``, ``NOREPLICAS``: PING answers through all of them), a write now succeeds.
 
-        The probe write is made only then, on the refused queue's node, so a ready store costs
+        The probe write is made only then, on each refused queue's node, so a ready store costs
         no write per probe, and readiness comes back once Redis takes writes, with no push to
         find out.
         """
@@ -326,15 +327,14 @@ class RedisStore(Store):
                     " store calls wait for it, up to the store's timeout"
                 ) from exc
             raise
-        queue = self._write_refused
-        if queue is not None:
+        for queue in sorted(self._write_refused):
             key = prefix_of(queue) + b"probe"
             (reply,) = await self.router.pipeline(key, [("SET", key, "1", "PX", "1000")])
             if isinstance(reply, ServerError) and reply.code in _WRITE_REFUSALS:
                 raise _refused(queue, reply)
             # Written; or refused for another reason (an ACL user that may not SET: its
             # pushes may well go through), which says nothing of the refusal any more.
-            self._write_refused = None
+            self._write_refused.discard(queue)
 
     async def check_replicas(self) -> None:
         """At startup, with ``replicas``: refuse a Redis user that may not WAIT (every push
@@ -374,7 +374,7 @@ class RedisStore(Store):
         """A script's error reply, as the store error callers see; a refused write is
         remembered for ``check``."""
         if exc.code in _WRITE_REFUSALS:
-            self._write_refused = queue
+            self._write_refused.add(queue)
         if exc.code == "WRONGTYPE":
             return StoreCorrupt(f"queue {queue}: unexpected Redis data: {exc}")
         return _refused(queue, exc)

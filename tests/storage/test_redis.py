@@ -85,14 +85,7 @@ async def test_ask_during_slot_migration(redis_cluster: RedisCluster) -> None:
     queue = "migrating"
     slot = key_slot(prefix_of(queue) + b"n")
     ids = {n.port: n.cli("CLUSTER", "MYID").strip() for n in redis_cluster.nodes}
-    owner = next(
-        n
-        for n in redis_cluster.nodes
-        if any(
-            "myself" in line and _serves(line, slot)
-            for line in n.cli("CLUSTER", "NODES").splitlines()
-        )
-    )
+    owner = _owner(redis_cluster, slot)
     target = next(n for n in redis_cluster.nodes if n is not owner)
     target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[owner.port])
     owner.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target.port])
@@ -114,6 +107,45 @@ async def test_ask_during_slot_migration(redis_cluster: RedisCluster) -> None:
     finally:
         for node in redis_cluster.nodes:
             node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+
+
+async def test_readiness_waits_for_every_cluster_node_refusing_writes(
+    redis_cluster: RedisCluster,
+) -> None:
+    # Readiness kept only the last refused queue: once its node took writes again, the
+    # store said ready while the other masters still refused every push.
+    redis_cluster.flush()
+    queues = [f"refused{i}" for i in range(12)]
+    async with opened(Cluster(redis_cluster.seeds, RedisClient)) as store:
+        await store.check()
+        try:
+            for node in redis_cluster.nodes:
+                node.cli("CONFIG", "SET", "min-replicas-to-write", "1")
+            for queue in queues:
+                with pytest.raises(StoreUnavailable, match="NOREPLICAS"):
+                    await store.push(queue, ROUTES, [NewJob(b"x")])
+            last = _owner(redis_cluster, key_slot(prefix_of(queues[-1]) + b"n"))
+            last.cli("CONFIG", "SET", "min-replicas-to-write", "0")
+            with pytest.raises(StoreUnavailable, match="NOREPLICAS"):
+                await store.check()
+        finally:
+            for node in redis_cluster.nodes:
+                node.cli("CONFIG", "SET", "min-replicas-to-write", "0")
+        await store.check()
+        for queue in queues:
+            assert (await store.push(queue, ROUTES, [NewJob(b"x")])).copies == 1
+
+
+def _owner(cluster: RedisCluster, slot: int) -> RedisServer:
+    """The master serving ``slot``."""
+    return next(
+        node
+        for node in cluster.nodes
+        if any(
+            "myself" in line and _serves(line, slot)
+            for line in node.cli("CLUSTER", "NODES").splitlines()
+        )
+    )
 
 
 def _serves(line: str, slot: int) -> bool:
