@@ -49,6 +49,9 @@ class AuthRequired(ProducerError):
 class WrongPassword(ProducerError):
     code = "WRONGPASS"
     reason = "wrong_password"
+    #: The queue the producer logged in as (``AUTH queue password``), for the refusal's log
+    #: line and count; "" for a password alone.
+    login = ""
 
 
 class PayloadTooLarge(ProducerError):

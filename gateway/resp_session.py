@@ -201,8 +201,7 @@ class RespSession:
             return await spec.handler(self, args)
         except (CommandError, ProducerError) as exc:
             if isinstance(exc, WrongPassword):  # AUTH, HELLO … AUTH: a refused login
-                login = args[1] if len(args) == 3 and args[0].upper() == b"AUTH" else b""
-                self._refused(login, exc)
+                self._refused(exc.login.encode(), exc)
             return resp.error(f"{exc.code} {exc}")
         except StoreError as exc:
             return _store_error(exc)
@@ -462,7 +461,11 @@ class RespSession:
             return await self.auth((b"AUTH", args[2]))
         if len(args) == 3:
             queue, password = _text(args[1], "queue name"), _text(args[2], "password")
-            self.service.check_password(queue, password)
+            try:
+                self.service.check_password(queue, password)
+            except WrongPassword as exc:
+                exc.login = queue
+                raise
             self.authenticated[queue] = password
             return resp.OK
         raise CommandError("syntax error")

@@ -232,9 +232,10 @@ async def test_refused_pushes_are_logged_once_then_counted(
             *[("LPUSH", "nosuch", "x")] * 3,  # a producer retrying in a loop: one line
             ("XADD", "q", "*", "payload", "x", "traceparent", "bad"),
             ("AUTH", "locked", "wrong"),
+            ("HELLO", "3", "AUTH", "locked", "wrong"),  # counted as the same queue's
             ("LPUSH", "locked", "x"),
         )
-        assert [reply[:1] for reply in replies.split(b"\r\n")[:-1]] == [b"-"] * 6
+        assert [reply[:1] for reply in replies.split(b"\r\n")[:-1]] == [b"-"] * 7
         status = await trio.to_thread.run_sync(
             lambda: http(app, "POST", "/v1/queues/q/jobs", {"payload": 1, "traceparent": "bad"})
         )
@@ -265,7 +266,7 @@ async def test_refused_pushes_are_logged_once_then_counted(
     assert app.service.refusals.counts == {
         ("", "unknown_queue"): 3,
         ("q", "invalid"): 2,
-        ("locked", "wrong_password"): 1,
+        ("locked", "wrong_password"): 2,
         ("locked", "noauth"): 1,
         ("locked", "invalid"): 1,
     }
