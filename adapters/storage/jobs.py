@@ -124,7 +124,7 @@ class NewJob:
     """A job as a producer pushes it, before it is copied to topics."""
 
     payload: bytes
-    id: str | None = None  # explicit id: idempotency key while a copy is pending
+    id: str | None = None  # explicit id: idempotency key while a copy is pending or dead
     topic: str | None = None  # `queue/topic`: this topic only, no fan-out
     priority: Priority = Priority.NORMAL
     run_at: float | None = None  # unix seconds; None or past means now

@@ -119,7 +119,9 @@ for j = 1, njobs do
         for _, t in ipairs(all) do
           if redis.call('HEXISTS', K('J', t), id) == 1 then
             local st = get_state(t, id)
-            if not st or st.s == '0' or st.s == '1' or st.s == '2' then dup = true; break end
+            -- pending (0 ready, 1 delayed, 2 leased) or dead (3): a dead letter waits for
+            -- an operator, a producer's retry does not replace it
+            if not st or st.s ~= '4' then dup = true; break end
           end
         end
       end

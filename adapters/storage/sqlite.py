@@ -214,7 +214,7 @@ class SQLiteStore(Store):
                     outcomes.append(Pushed.UNMATCHED)
                     copies_each.append(0)
                     continue
-                if job.id is not None and _has_pending_copy(conn, queue, job_id):
+                if job.id is not None and _has_unfinished_copy(conn, queue, job_id):
                     outcomes.append(Pushed.DUPLICATE)
                     copies_each.append(0)
                     continue
@@ -657,10 +657,12 @@ def _topic_stats(
     )
 
 
-def _has_pending_copy(conn: sqlite3.Connection, queue: str, job_id: str) -> bool:
+def _has_unfinished_copy(conn: sqlite3.Connection, queue: str, job_id: str) -> bool:
+    """Whether a push of an explicit id is a duplicate: a copy is pending, or dead (a dead
+    letter waits for an operator; the producer's retry must not replace it)."""
     row = conn.execute(
-        "SELECT 1 FROM jobs WHERE id=? AND queue=? AND state IN (?,?,?) LIMIT 1",
-        (job_id, queue, *_PENDING),
+        "SELECT 1 FROM jobs WHERE id=? AND queue=? AND state IN (?,?,?,?) LIMIT 1",
+        (job_id, queue, *_PENDING, State.DEAD),
     ).fetchone()
     return row is not None
 
@@ -672,7 +674,7 @@ def _forget_finished(
     job_id: str,
     moves: dict[tuple[str, State], int],
 ) -> None:
-    """An explicit id may be reused once its earlier job finished: drop the old history."""
+    """An explicit id may be reused once its earlier job is done: drop the old history."""
     row = conn.execute(
         "SELECT seq, state FROM jobs WHERE queue=? AND topic=? AND id=?", (queue, topic, job_id)
     ).fetchone()

@@ -90,6 +90,25 @@ async def test_explicit_id_is_an_idempotency_key(store: Store) -> None:
     assert (stats.ready, stats.leased, stats.done) == (0, 1, 0)
 
 
+async def test_an_explicit_id_pushed_again_leaves_its_dead_letter_alone(store: Store) -> None:
+    # A producer retrying with its idempotency key replaced the dead job: its payload,
+    # attributes and attempts were gone before an operator saw them.
+    await store.push(
+        "orders", ROUTES, [NewJob(b"first", id="order-7", attributes={"tenant": "acme"})]
+    )
+    (job,) = await store.reserve("orders", "email", 1, lease=30)
+    assert await store.bury(job, attempt_of(job, Outcome.DEAD, 404))
+    again = await store.push("orders", ROUTES, [NewJob(b"second", id="order-7")])
+    assert (again.ids, again.copies, again.duplicates) == (("order-7",), 0, 1)
+    (record,) = await store.get_job("order-7")
+    assert record.state is State.DEAD
+    assert (record.payload, dict(record.attributes)) == (b"first", {"tenant": "acme"})
+    assert [a.status for a in record.attempts] == [404]
+    # Once the operator deletes it, the id may be used again.
+    assert await store.delete_dead("orders", "email", ["order-7"]) == 1
+    assert (await store.push("orders", ROUTES, [NewJob(b"third", id="order-7")])).copies == 1
+
+
 async def test_delayed_jobs_wait_for_their_time(store: Store, clock: FakeClock) -> None:
     await store.push("orders", ROUTES, [NewJob(b"later", run_at=clock.now + 60), NewJob(b"now")])
     assert [j.payload for j in await store.reserve("orders", "email", 5, 30)] == [b"now"]
