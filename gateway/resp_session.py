@@ -31,6 +31,7 @@ from adapters.storage.jobs import NewJob, Priority, PushResult, check_job_id
 from gateway import __version__, resp
 from gateway.producer import (
     MAX_DELAY_MS,
+    BadDelay,
     Directory,
     ProducerError,
     ProducerService,
@@ -118,10 +119,12 @@ def _text(value: bytes, what: str) -> str:
 
 
 def _integer(value: bytes, what: str = "value") -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise CommandError(f"{what} is not an integer or out of range") from None
+    """An integer argument, read as Redis reads one (``_strict_integer``): Python's int()
+    would also take " 5", "1_000" and "+5", which a producer's typo should not pass as."""
+    number = _strict_integer(value)
+    if number is None:
+        raise CommandError(f"{what} is not an integer or out of range")
+    return number
 
 
 _STRICT_INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,18}")
@@ -364,13 +367,17 @@ class RespSession:
         latest = self.service.run_at(MAX_DELAY_MS)
         for score in rest[0::2]:
             try:
+                # Redis takes no spaces around a score, nor Python's "1_000".
+                if score.strip() != score or b"_" in score:
+                    raise ValueError
                 run_at = float(score)
             except ValueError:
                 raise CommandError("value is not a valid float") from None
+            # Out of range is a delay refused, as XADD's delay and HTTP's delay_ms are.
             if not math.isfinite(run_at):
-                raise CommandError("the score (unix seconds to run at) must be finite")
+                raise BadDelay("the score (unix seconds to run at) must be finite")
             if run_at > latest:  # as XADD's delay: a store keeps milliseconds in 64 bits
-                raise CommandError("the score (unix seconds to run at) is over 100 years away")
+                raise BadDelay("the score (unix seconds to run at) is over 100 years away")
             times.append(run_at)
         entry, topic = self._resolve(args[1])
         payloads = rest[1::2]

@@ -82,6 +82,35 @@ async def test_a_zadd_score_past_100_years_is_refused_alone(app: App) -> None:
     assert await held(app) == 2
 
 
+async def test_scores_and_delays_are_read_as_redis_reads_them(app: App) -> None:
+    # Python's float() and int() took " 5", "1_000" and "+5"; and a ZADD score out of
+    # range counted as reason "invalid" while XADD's delay counted as "bad_delay".
+    def refusal(*command: str) -> str:
+        with pytest.raises(redis.ResponseError) as refused:
+            client(app).execute_command(*command)  # type: ignore[no-untyped-call]
+        return str(refused.value)
+
+    def refusals() -> list[str]:
+        return [
+            refusal("ZADD", "held", " 5", "x"),
+            refusal("ZADD", "held", "1_000", "x"),
+            refusal("XADD", "held", "*", "payload", "x", "delay", "1_500"),
+            refusal("XADD", "held", "*", "payload", "x", "delay", " 1500"),
+            refusal("XADD", "held", "*", "payload", "x", "delay", "+5"),
+            refusal("ZADD", "held", "nan", "x"),
+            refusal("ZADD", "held", "inf", "x"),
+        ]
+
+    messages = await trio.to_thread.run_sync(refusals)
+    assert all("not a valid float" in m for m in messages[:2]), messages
+    assert all("delay is not an integer" in m for m in messages[2:5]), messages
+    assert all("must be finite" in m for m in messages[5:]), messages
+    assert await held(app) == 0
+    assert app.service is not None
+    counts = app.service.refusals.counts
+    assert (counts[("held", "bad_delay")], counts[("held", "invalid")]) == (2, 5), counts
+
+
 async def test_attributes_past_the_limit_are_refused(app: App) -> None:
     big = "v" * MAX_ATTRIBUTE_BYTES
 
