@@ -209,6 +209,7 @@ def build_backend(topic: TopicConfig) -> Backend:
                 content_type=topic.content_type,
                 timeout=topic.timeout,
                 max_connections=topic.concurrency,
+                keep_alive=topic.keep_alive,
             )
         )
     return HTTPBackend(

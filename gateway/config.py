@@ -257,6 +257,10 @@ class TopicConfig:
     circuit_cooldown: float = 10.0  # seconds open before one probe delivery is let through
     paused: bool = False
     host: str = "localhost"  # FastCGI: HTTP_HOST / SERVER_NAME the application sees
+    #: FastCGI: reuse a connection for the next job.  False opens one per job, for scripts
+    #: that answer early (fastcgi_finish_request()) and go on working: the child keeps
+    #: the connection, so the next job sent on it would wait for that work.
+    keep_alive: bool = True
     verify_tls: bool = True  # https: check the server's certificate
     ca_file: str | None = None  # https: trust these CAs instead of the system's
 
@@ -296,10 +300,12 @@ class TopicConfig:
                 "document_root": self.document_root is not None,
                 "status_path": self.status_path is not None,
                 "host": self.host != "localhost",
+                "keep_alive": not self.keep_alive,
             }
             for name, set_ in fastcgi_only.items():
                 if set_:
                     raise InvalidField(name, FASTCGI_ONLY)
+        _check_boolean(self.keep_alive, "keep_alive")
         _check_boolean(self.verify_tls, "verify_tls")
         if self.ca_file is not None:
             _check_absolute(self.ca_file, "ca_file")
@@ -1283,6 +1289,7 @@ _TOPIC_KEYS = (
     "document_root",
     "host",
     "status_path",
+    "keep_alive",
     "content_type",
     "concurrency",
     "timeout",
@@ -1298,7 +1305,7 @@ _TOPIC_KEYS = (
     "verify_tls",
     "ca_file",
 )
-_FASTCGI_KEYS = ("script", "uri", "document_root", "host", "status_path")
+_FASTCGI_KEYS = ("script", "uri", "document_root", "host", "status_path", "keep_alive")
 _HTTPS_KEYS = ("verify_tls", "ca_file")
 _TOPIC_FIELD_KEYS = {
     "dead_max_count": "dead.max_count",
@@ -1370,6 +1377,7 @@ def _topic(
         "document_root": reader.text,
         "host": reader.text,
         "status_path": reader.text,
+        "keep_alive": reader.boolean,
         "content_type": reader.text,
         "concurrency": reader.integer,
         "timeout": reader.duration,
@@ -1580,6 +1588,7 @@ def _render_topic(topic: TopicConfig) -> dict[str, Any]:
             document_root=topic.document_root,
             host=topic.host,
             status_path=topic.status_path,
+            keep_alive=topic.keep_alive,
         )
     if topic.backend.lower().startswith("https:"):
         out.update(verify_tls=topic.verify_tls, ca_file=topic.ca_file)

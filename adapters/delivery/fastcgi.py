@@ -47,6 +47,11 @@ class FastCGITarget:
     #: An idle connection still holds its php-fpm worker, which nginx or another daemon may
     #: need: let it go soon.  Reconnecting costs a connect(); a busy topic never idles this long.
     idle_timeout: float = 2.0
+    #: Reuse a connection for the next job.  A script that calls fastcgi_finish_request()
+    #: answers, then keeps its php-fpm child (and this connection) while it works on; a
+    #: job sent on the connection meanwhile waits for that work, which its timeout and
+    #: duration then count.  A new connection per job is accepted by a free child.
+    keep_alive: bool = True
     extra_params: tuple[tuple[str, str], ...] = field(default=())
 
 
@@ -74,7 +79,9 @@ class FastCGIBackend:
         self.pool = ConnectionPool(
             target.address,
             limits=PoolLimits(
-                max_connections=target.max_connections, idle_timeout=target.idle_timeout
+                max_connections=target.max_connections,
+                idle_timeout=target.idle_timeout,
+                max_requests=None if target.keep_alive else 1,
             ),
             timeouts=Timeouts(connect=target.connect_timeout, write=None, read=None),
         )

@@ -432,6 +432,13 @@ def test_merge_keys_share_topic_settings(tmp_path: Path) -> None:
         ("backend: fastcgi://h:1\n", 3, "topics.t.script", "is required for a FastCGI backend"),
         ("backend: http://h/x\nscript: /x.php\n", 5, "topics.t.script", "only applies to FastCGI"),
         ("backend: http://h/x\nuri: /x\n", 5, "topics.t.uri", "only applies to FastCGI"),
+        ("backend: http://h/x\nkeep_alive: no\n", 5, "topics.t.keep_alive", "only applies"),
+        (
+            "backend: fastcgi://h:1\nscript: /x.php\nkeep_alive: sometimes\n",
+            6,
+            "topics.t.keep_alive",
+            "true or false",
+        ),
         ("backend: http://h/x\nverify_tls: false\n", 5, "topics.t.verify_tls", "https://"),
         ("backend: gopher://h\n", 4, "topics.t.backend", "expected fastcgi://host:port"),
         ("backend: fastcgi://h\nscript: /x.php\n", 4, "topics.t.backend", "fastcgi://host:port"),

@@ -1,11 +1,14 @@
 """The job's deadline in the FastCGI adapter: a timeout spends an attempt only once the
-request is on its way to php-fpm; nor does a full listen queue.  And what a 3xx says."""
+request is on its way to php-fpm; nor does a full listen queue.  What a 3xx says.  And a
+script that answers early and works on (``keep_alive``)."""
 
 from __future__ import annotations
 
 import socket
 import time
 from pathlib import Path
+
+import pytest
 
 from adapters.delivery.base import Failure, running
 from adapters.delivery.fastcgi import FastCGIBackend, FastCGITarget
@@ -65,3 +68,30 @@ async def test_a_redirect_says_where_it_pointed(php_fpm_unix: PhpFpm) -> None:
         delivery = await backend.deliver(job())
     assert delivery.status == 302
     assert delivery.message == "302 Found -> http://app.example/login?next=%2Fjobs"
+
+
+@pytest.mark.parametrize("keep_alive", [True, False])
+async def test_keep_alive_false_for_scripts_that_answer_early(
+    php_fpm_unix: PhpFpm, keep_alive: bool
+) -> None:
+    # fastcgi_finish_request() ends the answer, and the php-fpm child works on, keeping the
+    # connection: the next job sent on it waited 1.5 s for that work, counted in its
+    # duration (and its timeout: a job could time out before its script started).  A
+    # connection per job is accepted by a free child.
+    target = FastCGITarget(
+        php_fpm_unix.address,
+        php_fpm_unix.script("finish_early.php"),
+        max_connections=1,
+        keep_alive=keep_alive,
+    )
+    backend = FastCGIBackend(target)
+    async with running(backend):
+        first = await backend.deliver(job())
+        second = await backend.deliver(job())
+    assert (first.status, second.status) == (200, 200)
+    assert first.duration < 0.5
+    if keep_alive:
+        assert second.duration > 1.0  # what keep_alive: false is for
+    else:
+        assert second.duration < 0.5, second.duration
+    assert backend.pool.statistics().opened_total == (1 if keep_alive else 2)
