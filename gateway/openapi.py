@@ -22,6 +22,17 @@ _TRACEPARENT = {
         " is not a valid W3C trace context is ignored, as W3C says."
     ),
 }
+#: A raw body's options (never with a JSON body, where they are the job's fields: a 400).
+_RAW_OPTIONS = [
+    {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer" if name == "delay_ms" else "string"},
+        "description": "For a raw (not JSON) body; attributes as attr.NAME=value.",
+    }
+    for name in ("id", "delay_ms", "priority", "traceparent")
+]
 _ERROR = {
     "description": "What is wrong, in words",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -285,7 +296,7 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "Push jobs (producer API)",
                     "security": [{"queue": []}],
-                    "parameters": [_TOPIC_PARAMS[0], _TRACEPARENT],
+                    "parameters": [_TOPIC_PARAMS[0], _TRACEPARENT, *_RAW_OPTIONS],
                     "requestBody": {
                         "content": {
                             "application/json": {
@@ -310,7 +321,8 @@ def document() -> dict[str, Any]:
                                 "schema": {
                                     "type": "string",
                                     "format": "binary",
-                                    "description": "One job; options as query parameters.",
+                                    "description": "One job, the body as sent;"
+                                    " options as query parameters.",
                                 }
                             },
                         }
@@ -326,7 +338,7 @@ def document() -> dict[str, Any]:
                             },
                             "Stored durably",
                         ),
-                        **_errors(400, 401, 404, 413, 503),
+                        **_errors(400, 401, 403, 404, 413, 415, 503),
                     },
                 },
             },
@@ -334,10 +346,10 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "Push jobs to one topic only (no fan-out)",
                     "security": [{"queue": []}],
-                    "parameters": [*_TOPIC_PARAMS, _TRACEPARENT],
+                    "parameters": [*_TOPIC_PARAMS, _TRACEPARENT, *_RAW_OPTIONS],
                     "responses": {
                         "202": {"description": "Stored durably"},
-                        **_errors(400, 401, 404, 413, 503),
+                        **_errors(400, 401, 403, 404, 413, 415, 503),
                     },
                 },
             },

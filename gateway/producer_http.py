@@ -194,14 +194,18 @@ def _authenticate(service: ProducerService, queue: str, request: Request) -> dic
         except (binascii.Error, ValueError):  # ValueError: non-ASCII
             raise HTTPError(400, "malformed Basic credentials") from None
         user_pass = _credential_text(decoded)
+        if ":" not in user_pass:  # no user/password split: what it holds may be a password
+            raise HTTPError(400, "malformed Basic credentials")
         # A queue name may hold ':' ("app:emails"), which Basic auth also uses to end the
         # user: the queue of the URL, when the credentials start with it, is the user.
         if user_pass.startswith(f"{queue}:"):
             password = user_pass[len(queue) + 1 :]
         else:
             user, _, password = user_pass.partition(":")
-            if user:
+            if user in service.directory.queues:
                 raise WrongPassword(f"credentials are for queue '{user}', not '{queue}'")
+            if user:  # not echoed: a producer that swapped its fields sent a password there
+                raise WrongPassword(f"credentials are for another queue, not '{queue}'")
     else:
         raise HTTPError(400, f"unsupported Authorization scheme {scheme!r}: use Bearer or Basic")
     service.check_password(queue, password)
@@ -219,9 +223,15 @@ def _credential_text(raw: bytes) -> str:
 
 def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> list[NewJob]:
     trace_id = _header_trace_id(request)
+    encoding = request.header("content-encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        # Stored as sent, a compressed body would reach the backend as bytes it never asked for.
+        raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported: send the body as is")
     content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
     if content_type != "application/json":
         # A raw body carries its options in the query; attributes as attr.NAME=value.
+        if "payload" in request.query:
+            raise HTTPError(400, "the payload of a raw body is the body, not ?payload=")
         options: dict[str, Any] = {
             name: values[-1]
             for name, values in request.query.items()
@@ -235,8 +245,17 @@ def _jobs_of(service: ProducerService, request: Request, topic: str | None) -> l
         if attributes:
             options["attributes"] = attributes
         return [_job(service, request.body, options, topic, trace_id=trace_id)]
+    if request.query:  # options in two places: one would be dropped without a word
+        raise HTTPError(
+            400,
+            f"query option(s) {', '.join(sorted(request.query))} with a JSON body: "
+            "give options in the JSON body, or send a raw body",
+        )
     document = request.json()
     if isinstance(document, dict) and "jobs" in document:
+        beside = set(document) - {"jobs"}
+        if beside:  # a batch's options would not reach its jobs
+            raise HTTPError(400, f"unknown batch field(s): {', '.join(sorted(beside))}")
         items = document["jobs"]
         if not isinstance(items, list) or not items:
             raise HTTPError(400, "'jobs' must be a non-empty list")
@@ -297,8 +316,10 @@ def _job(
         raise HTTPError(400, f"unknown job field(s): {', '.join(sorted(unknown))}")
     job_id = options.get("id")
     if job_id is not None:
+        if not isinstance(job_id, str):  # 12 and 12.0 would be one key, or two
+            raise HTTPError(400, "id must be a string")
         try:
-            job_id = check_job_id(str(job_id))
+            job_id = check_job_id(job_id)
         except ValueError as exc:
             raise HTTPError(400, str(exc)) from None
     run_at = None

@@ -274,17 +274,24 @@ async def test_numbers_that_are_not_numbers_are_refused(daemon: Daemon) -> None:
         return await api(daemon.app, "POST", f"{DEAD}/{action}", raw.encode())
 
     for body, message in [
-        ('{"all": true, "rate": NaN}', '"rate" must be a positive number of jobs per second'),
-        ('{"all": true, "rate": Infinity}', '"rate" must be a positive number of jobs per second'),
         ('{"all": true, "rate": true}', '"rate" must be a positive number of jobs per second'),
         ('{"all": true, "dry_run": "no"}', '"dry_run" must be true or false'),
-        ('{"filter": {"since": NaN}}', "since must be a finite number, not nan"),
-        ('{"filter": {"until": -Infinity}}', "until must be a finite number, not -inf"),
     ]:
         for action in ("replay", "delete"):
             if "rate" in body and action == "delete":
                 continue
             assert await post(action, body) == (400, {"error": message}), body
+    # Not JSON (RFC 8259), though Python's json reads them: refused as the body is read.
+    for body in (
+        '{"all": true, "rate": NaN}',
+        '{"all": true, "rate": Infinity}',
+        '{"filter": {"since": NaN}}',
+        '{"filter": {"until": -Infinity}}',
+        '{"filter": {"until": 1e400}}',
+    ):
+        for action in ("replay", "delete"):
+            status, answer = await post(action, body)
+            assert status == 400 and "the body is not valid JSON" in answer["error"], body
     for query in ("since=nan", "until=inf", "cursor=nan/x", "cursor=abc"):
         status, answer = await api(daemon.app, "GET", f"{DEAD}?{query}")
         assert status == 400, (query, answer)
