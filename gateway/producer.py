@@ -161,6 +161,12 @@ class ProducerService:
 
     def reload(self, directory: Directory) -> None:
         self.directory = directory
+        # A removed queue's batcher goes with it, unless a store call of its is under way
+        # (its flush ends with what it has); a daemon whose queues come and go by reload
+        # kept one per name it ever had.
+        for name in [n for n, b in self._batchers.items() if n not in directory.queues]:
+            if not self._batchers[name].busy:
+                del self._batchers[name]
 
     def refused(self, queue: str, reason: str, message: str, *, via: str) -> None:
         """Count and log a push (or login) refused: ``queue`` as the producer named it."""
@@ -331,6 +337,11 @@ class _Batcher:
         self._waiting: list[_Submission] = []
         self._sending: list[_Submission] = []  # in the call under way
         self._flushing = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether pushes wait or a store call is under way."""
+        return self._flushing or bool(self._waiting)
 
     def add(self, entry: QueueEntry, jobs: Sequence[NewJob], on_stored: OnStored) -> bool:
         """Queue ``jobs`` for the next call; True if the caller is to make it (``flush``)."""

@@ -258,6 +258,7 @@ class Telemetry:
         health = self._health()
         queues: dict[str, dict[str, Any]] = {}
         configured: set[tuple[str, str]] = set()
+        listed: set[tuple[str, str]] = set()  # removed, but still holding jobs
         for queue in config.queues.values():
             topics = []
             for topic in queue.topics:
@@ -290,6 +291,13 @@ class Telemetry:
             # A reload's drain may still be delivering its last jobs: counted in flight.
             draining = dispatchers.get((queue_name, topic_name))
             entry["topics"].append(self._topic(None, stats, record, draining, None, now))
+            listed.add((queue_name, topic_name))
+        # What is no longer listed (removed, and holding no jobs) nor draining goes: a daemon
+        # whose topics come and go by reload kept each name's durations and failures
+        # (about 100 KB with full failure excerpts) for good.
+        kept = configured | listed | dispatchers.keys()
+        for key in [k for k in self._topics if k not in kept]:
+            del self._topics[key]
         return {
             "generated_at": self._clock(),
             "uptime": round(self._clock() - self.started_at, 1),

@@ -415,3 +415,33 @@ async def test_the_reload_line_names_the_settings_that_changed(
     (line,) = [r.getMessage() for r in caplog.records if "configuration reloaded" in r.getMessage()]
     assert line.endswith("settings=q.max_payload,q.password")
     assert "s3cret" not in line
+
+
+async def test_what_a_reload_removes_leaves_no_state_behind(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    # A removed topic's durations and recent failures (about 100 KB with their excerpts)
+    # and a removed queue's push batcher stayed for good: a daemon whose topics come and go
+    # by reload (generated names) grew without bound.
+    other = queue(recording_fpm, {"a": "/r"}).replace("queue: q", "queue: r")
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/a", "b": "/b"}), "r": other})
+    async with running_daemon(config) as app:
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        for name in ("q", "r"):
+            await stream.send_all(encode_command("LPUSH", name, b"{}"))
+            assert await stream.receive_some(100) == b":1\r\n"
+        await stream.aclose()
+        await wait_received(record, 3)
+        assert app.store is not None and app.service is not None
+        with trio.fail_after(10):
+            while (await app.store.stats("r", "a")).done_total < 1:
+                await trio.sleep(0.05)
+        await app.telemetry.sample()
+        assert set(app.telemetry._topics) == {("q", "a"), ("q", "b"), ("r", "a")}
+        set_topics(tmp_path, recording_fpm, {"a": "/a"})
+        (tmp_path / "conf.d" / "r.yaml").unlink()
+        await app.reload(load_config(config))
+        await app.telemetry.sample()
+        assert set(app.telemetry._topics) == {("q", "a")}
+        assert set(app.service._batchers) == {"q"}
