@@ -127,9 +127,11 @@ class Telemetry:
             "store": self._store,
             "queues": [],
         }
-        # Encoded once per sample: every request and every live client gets the same bytes.
-        self._snapshot_json = _encode(self._snapshot)
-        self._snapshot_message = _encode({"type": "stats", **self._snapshot})
+        # Encoded at most once per sample, when first asked for: every request and every live
+        # client gets the same bytes, and a daemon nobody watches encodes nothing (with
+        # hundreds of topics, encoding every second was a good part of its idle CPU).
+        self._snapshot_json: bytes | None = None
+        self._snapshot_message: bytes | None = None
         self._stats: dict[tuple[str, str], TopicStats] = {}
         self._subscribers: set[Subscriber] = set()
         self.sample_errors = 0
@@ -186,7 +188,15 @@ class Telemetry:
 
     def snapshot_json(self) -> bytes:
         """The snapshot as JSON, encoded once per sample."""
+        if self._snapshot_json is None:
+            self._snapshot_json = _encode(self._snapshot)
         return self._snapshot_json
+
+    def _message(self) -> bytes:
+        """The snapshot as the live feed sends it, encoded once per sample."""
+        if self._snapshot_message is None:
+            self._snapshot_message = _encode({"type": "stats", **self._snapshot})
+        return self._snapshot_message
 
     def recent_failures(self, queue: str, topic: str) -> list[dict[str, Any]]:
         record = self._topics.get((queue, topic))
@@ -244,10 +254,9 @@ class Telemetry:
 
     def _publish(self, snapshot: dict[str, Any]) -> None:
         self._snapshot = snapshot
-        self._snapshot_json = _encode(snapshot)
-        self._snapshot_message = _encode({"type": "stats", **snapshot})
+        self._snapshot_json = self._snapshot_message = None
         for subscriber in list(self._subscribers):
-            subscriber.offer(self._snapshot_message)
+            subscriber.offer(self._message())
 
     def _build(self, config: Config, now: float) -> dict[str, Any]:
         """Every configured topic, and after them those of a queue the configuration no
@@ -390,7 +399,7 @@ class Telemetry:
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber(self)
         self._subscribers.add(subscriber)
-        subscriber.offer(self._snapshot_message)
+        subscriber.offer(self._message())
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
