@@ -49,9 +49,12 @@ class AuthRequired(ProducerError):
 class WrongPassword(ProducerError):
     code = "WRONGPASS"
     reason = "wrong_password"
-    #: The queue the producer logged in as (``AUTH queue password``), for the refusal's log
-    #: line and count; "" for a password alone.
-    login = ""
+
+    def __init__(self, message: str, login: str = "") -> None:
+        super().__init__(message)
+        #: The queue the producer logged in as (``AUTH queue password``), for the refusal's
+        #: log line and count; "" for a password alone.
+        self.login = login
 
 
 class PayloadTooLarge(ProducerError):
@@ -191,7 +194,7 @@ class ProducerService:
         if entry is None or (
             expected is not None and not hmac.compare_digest(expected.encode(), password.encode())
         ):
-            raise WrongPassword("invalid username-password pair or user is disabled.")
+            raise WrongPassword("invalid username-password pair or user is disabled.", queue)
 
     def queues_opened_by(self, password: str) -> list[str]:
         """Queues whose password is ``password`` (the one-argument ``AUTH`` form)."""

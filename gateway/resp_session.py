@@ -468,11 +468,7 @@ class RespSession:
             return await self.auth((b"AUTH", args[2]))
         if len(args) == 3:
             queue, password = _text(args[1], "queue name"), _text(args[2], "password")
-            try:
-                self.service.check_password(queue, password)
-            except WrongPassword as exc:
-                exc.login = queue
-                raise
+            self.service.check_password(queue, password)
             self.authenticated[queue] = password
             return resp.OK
         raise CommandError("syntax error")
