@@ -172,11 +172,12 @@ async def test_expired_leases_are_logged(tmp_path: Path, caplog: pytest.LogCaptu
     """A daemon that died holding a job: its lease runs out, and with max_attempts 1 the job
     goes dead.  That must not happen without a line."""
     caplog.set_level("INFO", logger="busgate.dispatch")
-    config = daemon_config(tmp_path, "http://127.0.0.1:9/", extra="            paused: true\n")
+    extra = "            paused: true\n            lease: 1s\n"
+    config = daemon_config(tmp_path, "http://127.0.0.1:9/", extra=extra)
     async with running_daemon(config) as app:
         await push(app, b"{}")
         assert app.store is not None
-        assert await app.store.reserve("q", "t", 1, 0.2)  # by a daemon that dies
+        assert await app.store.reserve("q", "t", 1, 1.0)  # by a daemon that dies
         (line,) = await logged(caplog, "leases expired")
         stats = await app.store.stats("q", "t")
     assert "queue=q topic=t jobs=1" in line

@@ -22,7 +22,6 @@ from gateway import dispatcher as dispatcher_module
 from gateway.app import App
 from gateway.circuit import CircuitState
 from gateway.config import load_config
-from gateway.dispatcher import SCHEDULER_INTERVAL
 from gateway.policy import Decision, decide
 from gateway.resp import encode_command
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
@@ -406,9 +405,10 @@ paused: true"""
     order = [json.loads(r.body)["n"] for r in server.requests]
     assert order[:12] == [0, 6, 1, 10, 7, 2, 3, 8, 4, 11, 9, 5], order
     when = dict(zip(order, server.arrived_wall, strict=True))
-    # Never early; late by at most the scheduler's own recheck interval on a busy machine.
-    assert xadd_due <= when["xadd"] < xadd_due + SCHEDULER_INTERVAL
-    assert due <= when["zadd"] < due + SCHEDULER_INTERVAL
+    # Never early; late by well under a second on a busy machine: the pushes rang the
+    # scheduler's timer, which sleeps until the first is due.
+    assert xadd_due <= when["xadd"] < xadd_due + 1.0
+    assert due <= when["zadd"] < due + 1.0
 
 
 async def test_a_job_past_a_thousand_attempts_still_backs_off(
