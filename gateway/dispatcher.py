@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import trio
 
 from adapters.delivery.base import Backend, Delivery, Failure
-from adapters.storage.base import Finish, Retention, Store
+from adapters.storage.base import Expiry, Finish, Retention, Store
 from adapters.storage.errors import StoreError, StoreUncertain
 from adapters.storage.jobs import EXCERPT_BYTES, Attempt, Job, Outcome
 from gateway import logs
@@ -757,16 +757,8 @@ class Dispatcher:
                 expired = await self.store.recover_expired(
                     queue, topic, topic_config.retry.max_attempts
                 )
-                if expired.count:
-                    # The store does not say which: their histories do (``GET /v1/jobs/{id}``).
-                    log.warning(
-                        "leases expired queue=%s topic=%s jobs=%d: each attempt spent, the"
-                        " jobs ready again or dead at max_attempts=%d",
-                        queue,
-                        topic,
-                        expired.count,
-                        topic_config.retry.max_attempts,
-                    )
+                for expiry in expired.expired:
+                    _log_expiry(queue, topic, expiry)
                 if trio.current_time() >= next_prune:
                     if pruned := await self.store.prune(queue, topic, done_keep, dead_keep):
                         log.info(
@@ -819,6 +811,23 @@ def _internal_failure(
         duration,
         failure=Failure.INTERNAL,
         message=f"busgate could not {could_not}: {type(exc).__name__}: {exc}",
+    )
+
+
+def _log_expiry(queue: str, topic: str, expiry: Expiry) -> None:
+    """The line of an attempt whose lease ran out (a daemon died or lost the store while it
+    held the job): in the attempt lines' form, so ``grep job=ID`` finds it."""
+    logs.log_line(
+        log,
+        logging.WARNING,
+        "job=%s queue=%s topic=%s attempt=%d outcome=expired status=- reason=%s",
+        expiry.id,
+        queue,
+        topic,
+        expiry.attempt,
+        '"lease expired before an outcome was recorded: dead at max_attempts"'
+        if expiry.dead
+        else '"lease expired before an outcome was recorded: ready again"',
     )
 
 

@@ -35,11 +35,21 @@ Route = tuple[str, Filter]
 
 
 @dataclass(frozen=True, slots=True)
+class Expiry:
+    """A job whose lease ran out before an outcome was recorded (``recover_expired``)."""
+
+    id: str
+    attempt: int  # the attempt it spent
+    dead: bool  # that was its last: dead, not ready again
+
+
+@dataclass(frozen=True, slots=True)
 class Due:
     """What a maintenance step did, and when (unix seconds) it has work again."""
 
     count: int
     next_at: float | None
+    expired: tuple[Expiry, ...] = ()  # recover_expired: which jobs, in lease order
 
 
 #: By value: an Enum hashes through a Python-level __hash__, and this runs once per job.

@@ -391,6 +391,7 @@ local lkey = K('l', topic)
 local expired = redis.call('ZRANGEBYSCORE', lkey, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
 local count, dead = 0, 0
 local reason = 'lease expired before an outcome was recorded'
+local jobs = {}  -- id, attempt, 1 if dead: for the daemon's log
 for i = 1, #expired, 2 do
   local id, lease = expired[i], expired[i + 1]
   local st = get_state(topic, id) or new_state()
@@ -409,12 +410,13 @@ for i = 1, #expired, 2 do
   end
   put_state(topic, id, st)
   count = count + 1
+  jobs[3 * count - 2], jobs[3 * count - 1], jobs[3 * count] = id, n, n >= max_attempts and 1 or 0
 end
 if count > 0 then redis.call('HINCRBY', K('n', topic), 'expired', count) end
 if dead > 0 then redis.call('HINCRBY', K('n', topic), 'dead', dead) end
 if count > dead then redis.call('PUBLISH', prefix .. 'wake', topic) end
 local first = redis.call('ZRANGE', lkey, 0, 0, 'WITHSCORES')
-return {count, first[2] or ''}
+return {count, first[2] or '', jobs}
 """
 )
 

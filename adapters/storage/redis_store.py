@@ -33,6 +33,7 @@ from adapters.storage import redis_scripts as scripts
 from adapters.storage.base import (
     DEAD_SCAN_LIMIT,
     Due,
+    Expiry,
     Finish,
     Retention,
     Route,
@@ -625,12 +626,16 @@ class RedisStore(Store):
     # -- maintenance --------------------------------------------------------------------------
 
     async def recover_expired(self, queue: str, topic: str, max_attempts: int) -> Due:
-        count, first = await self._eval(
+        count, first, jobs = await self._eval(
             queue, scripts.RECOVER, topic, _stamp(self._clock()), max_attempts, _BATCH
         )
         if count:
             self.doorbells.ring(queue, topic)
-        return Due(int(count), float(first) if first else None)
+        expired = tuple(
+            Expiry(jobs[i].decode(), int(jobs[i + 1]), jobs[i + 2] == 1)
+            for i in range(0, len(jobs), 3)
+        )
+        return Due(int(count), float(first) if first else None, expired)
 
     async def promote_due(self, queue: str, topic: str) -> Due:
         count, first = await self._eval(

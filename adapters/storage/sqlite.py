@@ -36,6 +36,7 @@ import trio
 from adapters.storage.base import (
     DEAD_SCAN_LIMIT,
     Due,
+    Expiry,
     Finish,
     Retention,
     Route,
@@ -362,11 +363,11 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> Due:
             now = self._clock()
             expired = conn.execute(
-                "SELECT seq, attempt, lease_until FROM jobs WHERE queue=? AND topic=? AND state=?"
-                " AND lease_until<=?",
+                "SELECT seq, id, attempt, lease_until FROM jobs WHERE queue=? AND topic=?"
+                " AND state=? AND lease_until<=? ORDER BY lease_until",
                 (queue, topic, State.LEASED, now),
             ).fetchall()
-            for seq, attempt, lease_until in expired:
+            for seq, _, attempt, lease_until in expired:
                 state = State.DEAD if attempt >= max_attempts else State.READY
                 error = "lease expired before an outcome was recorded"
                 conn.execute(
@@ -387,7 +388,10 @@ class SQLiteStore(Store):
                 "SELECT MIN(lease_until) FROM jobs WHERE queue=? AND topic=? AND state=?",
                 (queue, topic, State.LEASED),
             ).fetchone()
-            return Due(len(expired), next_at)
+            jobs = tuple(
+                Expiry(id_, attempt, attempt >= max_attempts) for _, id_, attempt, _ in expired
+            )
+            return Due(len(expired), next_at, jobs)
 
         due = await self._writer.run(op)
         if due.count:

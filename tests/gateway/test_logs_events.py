@@ -177,10 +177,11 @@ async def test_expired_leases_are_logged(tmp_path: Path, caplog: pytest.LogCaptu
     async with running_daemon(config) as app:
         await push(app, b"{}")
         assert app.store is not None
-        assert await app.store.reserve("q", "t", 1, 1.0)  # by a daemon that dies
-        (line,) = await logged(caplog, "leases expired")
+        (job,) = await app.store.reserve("q", "t", 1, 1.0)  # by a daemon that dies
+        (line,) = await logged(caplog, "outcome=expired")
         stats = await app.store.stats("q", "t")
-    assert "queue=q topic=t jobs=1" in line
+    assert f"job={job.id} queue=q topic=t attempt=1 outcome=expired status=- " in line
+    assert 'reason="lease expired before an outcome was recorded: dead at max_attempts"' in line
     assert (stats.expired_total, stats.dead_total) == (1, 1)
 
 

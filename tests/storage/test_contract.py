@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 import trio
 
-from adapters.storage.base import Finish, Retention, Store
+from adapters.storage.base import Expiry, Finish, Retention, Store
 from adapters.storage.fanout import FieldCondition, Filter
 from adapters.storage.jobs import Attempt, DeadFilter, Job, NewJob, Outcome, Priority, State
 from tests.storage.conftest import FakeClock
@@ -218,12 +218,14 @@ async def test_expired_leases_come_back_then_die(store: Store, clock: FakeClock)
     clock.advance(20)
     assert (await store.recover_expired("orders", "email", 2)).count == 0
     clock.advance(11)
-    assert (await store.recover_expired("orders", "email", 2)).count == 1
+    due = await store.recover_expired("orders", "email", 2)
+    assert (due.count, due.expired) == (1, (Expiry(job.id, 1, dead=False),))
     assert not await store.ack(job, attempt_of(job))  # the stale holder is refused
     (again,) = await store.reserve("orders", "email", 1, lease=30)
     assert again.attempt == 2
     clock.advance(31)
-    assert (await store.recover_expired("orders", "email", 2)).count == 1
+    due = await store.recover_expired("orders", "email", 2)
+    assert (due.count, due.expired) == (1, (Expiry(job.id, 2, dead=True),))
     (record,) = await store.get_job(job.id)
     assert record.state is State.DEAD
     assert [a.outcome for a in record.attempts] == [Outcome.EXPIRED, Outcome.EXPIRED]
