@@ -21,7 +21,8 @@ from tests.support.redis import RedisServer
 QUEUE = """\
     queue: jobs
     topics:
-      work: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
+      # A 2 s lease: the idle scheduler looks every second, as the outage lasts 3 s.
+      work: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true, lease: 2s}
     """
 
 
