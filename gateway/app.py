@@ -208,6 +208,7 @@ def build_backend(topic: TopicConfig) -> Backend:
                 host=topic.host,
                 content_type=topic.content_type,
                 timeout=topic.timeout,
+                connect_timeout=topic.connect_timeout,
                 max_connections=topic.concurrency,
                 keep_alive=topic.keep_alive,
             )
@@ -216,6 +217,7 @@ def build_backend(topic: TopicConfig) -> Backend:
         HTTPTarget(
             url=topic.backend,
             timeout=topic.timeout,
+            connect_timeout=topic.connect_timeout,
             content_type=topic.content_type,
             max_connections=topic.concurrency,
             verify_tls=topic.verify_tls,

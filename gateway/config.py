@@ -243,6 +243,9 @@ class TopicConfig:
     content_type: str = "application/json"  # any media type, or "form"
     concurrency: int = 4  # also the cap on open connections to the backend
     timeout: float = 30.0
+    #: One connection attempt (TCP, and TLS for https), within what is left of ``timeout``:
+    #: a connect not made by then is a connect failure, spending no attempt.
+    connect_timeout: float = 5.0
     lease: float | None = None  # how long a reserved job is held; None: see effective_lease
     rate_limit: Rate | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -323,6 +326,7 @@ class TopicConfig:
             )
         _check_integer(self.concurrency, "concurrency", 1, 1024)
         _check_seconds(self.timeout, "timeout", positive=True)
+        _check_seconds(self.connect_timeout, "connect_timeout", positive=True)
         if self.lease is not None:
             _check_seconds(self.lease, "lease")
             if self.lease < 1:
@@ -1293,6 +1297,7 @@ _TOPIC_KEYS = (
     "content_type",
     "concurrency",
     "timeout",
+    "connect_timeout",
     "lease",
     "rate_limit",
     "retry",
@@ -1381,6 +1386,7 @@ def _topic(
         "content_type": reader.text,
         "concurrency": reader.integer,
         "timeout": reader.duration,
+        "connect_timeout": reader.duration,
         "lease": reader.duration,
         "rate_limit": reader.rate,
         "retry": lambda item: _retry(reader, item),
@@ -1596,6 +1602,7 @@ def _render_topic(topic: TopicConfig) -> dict[str, Any]:
         content_type=topic.content_type,
         concurrency=topic.concurrency,
         timeout=format_duration(topic.timeout),
+        connect_timeout=format_duration(topic.connect_timeout),
         lease=format_duration(topic.effective_lease),
         rate_limit=None if topic.rate_limit is None else format_rate(topic.rate_limit),
         retry={

@@ -27,7 +27,13 @@ from adapters.delivery.headers import (
 )
 from adapters.storage.jobs import Job
 from fastcgi.address import Address
-from fastcgi.errors import BackendError, ReadTimeout, RemoteProtocolError, WriteTimeout
+from fastcgi.errors import (
+    BackendError,
+    ConnectTimeout,
+    ReadTimeout,
+    RemoteProtocolError,
+    WriteTimeout,
+)
 from fastcgi.events import Params
 from fastcgi.pairs import encode_pairs
 from fastcgi.pool import ConnectionPool, PoolLimits, PoolStatistics, Timeouts
@@ -157,7 +163,8 @@ class FastCGIBackend:
                     failure=Failure.TIMEOUT,
                     message=f"{self.target.address}: no response within {timeout:g}s",
                 )
-            return Delivery(now - started, failure=failure_of(exc), message=str(exc))
+            message = self._failure_message(exc, now, deadline)
+            return Delivery(now - started, failure=failure_of(exc), message=message)
         status = response.status
         # Positional (duration, status, headers, body, stderr): keywords cost more to bind.
         delivery = Delivery(
@@ -166,6 +173,16 @@ class FastCGIBackend:
         if 300 <= status < 400:  # not followed: the attempt says where it pointed
             delivery.message = redirect_message(status, response.headers, self._location_base)
         return delivery
+
+    def _failure_message(
+        self, exc: BackendError | RemoteProtocolError, now: float, deadline: float
+    ) -> str:
+        if isinstance(exc, ConnectTimeout) and now < deadline:
+            # The topic's connect_timeout ran out, not the attempt's: say it was the connect
+            # (the pool's words, "not connected within 5.0s", leave the reader to guess).
+            connect_timeout = self.target.connect_timeout
+            return f"{exc.address}: connect timeout: not connected within {connect_timeout:g}s"
+        return str(exc)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._now = trio.lowlevel.current_clock().current_time

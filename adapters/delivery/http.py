@@ -138,6 +138,12 @@ class HTTPBackend:
             ),
         )
 
+    @property
+    def url(self) -> str:
+        """What the daemon requests: the origin and the request target as sent (no
+        fragment, no empty "?", dot segments as written)."""
+        return self._origin + self._path
+
     def request(self, job: Job) -> tuple[list[tuple[str, str]], bytes]:
         """The request's headers and body (``busgate curl`` prints the same)."""
         content_type, body = request_body(self.target.content_type, job.payload)
@@ -349,7 +355,9 @@ class HTTPBackend:
                     raise
                 stream = tls
         if scope.cancelled_caught:
-            raise ConnectTimeout(name, f"not connected within {self.target.connect_timeout}s")
+            raise ConnectTimeout(
+                name, f"connect timeout: not connected within {self.target.connect_timeout:g}s"
+            )
         return HTTPConnection(stream, tcp.socket, trio.current_time())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
