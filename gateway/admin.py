@@ -30,6 +30,7 @@ from adapters.storage.base import Store, parse_dead_cursor
 from adapters.storage.bulk import delete_where, matching_dead_ids, replay_ids, replay_where
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import (
+    EXCERPT_BYTES,
     DeadFilter,
     DeadJob,
     Job,
@@ -62,6 +63,10 @@ LIVE_MAX_MESSAGE = 4096
 #: A closing WebSocket client has this long to answer our close frame.
 CLOSE_TIMEOUT = 5.0
 TEST_PAYLOAD_LIMIT = 16 * 1024 * 1024
+#: How much of each payload a dead-letter page carries: the dashboard shows 60 characters
+#: of it, and 50 dead jobs of 1 MiB were 52 MB a refresh.  ``?payload=full`` (an export)
+#: or the job (``/v1/jobs/{id}``) gives it whole.
+DEAD_PAYLOAD_EXCERPT = EXCERPT_BYTES
 
 
 def read_token(path: str | None) -> str | None:
@@ -94,6 +99,27 @@ def payload_fields(payload: bytes) -> dict[str, Any]:
         return {"payload": base64.b64encode(payload).decode(), "payload_encoding": "base64"}
 
 
+def payload_excerpt(payload: bytes, limit: int | None) -> dict[str, Any]:
+    """``payload_fields`` of at most the first ``limit`` bytes (all of them if None), with
+    the payload's whole size and whether it was cut.
+
+    The encoding is the whole payload's, as the job's own page shows it; text is cut where a
+    character starts, so the excerpt is text too.
+    """
+    size = len(payload)
+    cut = size if limit is None else min(size, limit)
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        encoded = base64.b64encode(payload[:cut]).decode()
+        fields = {"payload": encoded, "payload_encoding": "base64"}
+    else:
+        while cut < size and payload[cut] & 0xC0 == 0x80:  # a continuation byte
+            cut -= 1
+        fields = {"payload": payload[:cut].decode("utf-8"), "payload_encoding": "utf-8"}
+    return {**fields, "payload_size": size, "payload_truncated": cut < size}
+
+
 def job_document(record: JobRecord) -> dict[str, Any]:
     return {
         "id": record.id,
@@ -124,10 +150,11 @@ def job_document(record: JobRecord) -> dict[str, Any]:
     }
 
 
-def dead_document(job: DeadJob) -> dict[str, Any]:
+def dead_document(job: DeadJob, excerpt: int | None = DEAD_PAYLOAD_EXCERPT) -> dict[str, Any]:
+    """A dead job for a listing: its payload cut to ``excerpt`` bytes (None: whole)."""
     return {
         "id": job.id,
-        **payload_fields(job.payload),
+        **payload_excerpt(job.payload, excerpt),
         "attributes": dict(job.attributes),
         "attempt": job.attempt,
         "died_at": job.died_at,
@@ -154,12 +181,7 @@ def dead_filter(source: Mapping[str, Any]) -> DeadFilter:
         return number
 
     attribute = source.get("attribute")
-    pair = None
-    if attribute:
-        name, sep, value = str(attribute).partition(":")
-        if not sep or not name:
-            raise HTTPError(400, "attribute must read name:value")
-        pair = (name, value)
+    pair = _attribute_pair(str(attribute)) if attribute else None
     unknown = set(source) - {"status", "error", "since", "until", "attribute", "cursor", "limit"}
     if unknown:
         raise HTTPError(400, f"unknown filter field(s): {', '.join(sorted(unknown))}")
@@ -170,6 +192,26 @@ def dead_filter(source: Mapping[str, Any]) -> DeadFilter:
         until=number("until", float),
         attribute=pair,
     )
+
+
+def _attribute_pair(text: str) -> tuple[str, str]:
+    """``name:value`` split at the first ':' no backslash escapes: an attribute's name may
+    hold ':' (XADD takes any), written ``\\:`` (``\\\\`` a backslash); the value, a URL
+    say, is as written, ':' and all."""
+    name: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == ":":
+            if not name:
+                break
+            return "".join(name), text[index + 1 :]
+        if char == "\\" and text[index + 1 : index + 2] in (":", "\\"):
+            index += 1
+            char = text[index]
+        name.append(char)
+        index += 1
+    raise HTTPError(400, "attribute must read name:value")
 
 
 class AdminAPI:
@@ -317,6 +359,7 @@ class AdminAPI:
     async def dead(self, request: Request) -> Response:
         queue, topic, configured = await self._dead_letters_of(request)
         args = {name: values[-1] for name, values in request.query.items()}
+        excerpt = _payload_excerpt(args.pop("payload", None))
         where = dead_filter(args)
         limit = self._limit(args.get("limit"))
         cursor = args.get("cursor") or None
@@ -328,7 +371,7 @@ class AdminAPI:
             raise HTTPError(503, f"store unavailable: {exc}") from None
         return Response.json(
             {
-                "jobs": [dead_document(j) for j in page.jobs],
+                "jobs": [dead_document(j, excerpt) for j in page.jobs],
                 "cursor": page.cursor,
                 **_unconfigured(configured),
             }
@@ -674,6 +717,15 @@ def _ever_held(stats: TopicStats) -> bool:
             stats.replayed_total,
         )
     )
+
+
+def _payload_excerpt(mode: str | None) -> int | None:
+    """How much of each payload a dead-letter page carries, from its ``payload`` option."""
+    if mode is None or mode == "" or mode == "excerpt":
+        return DEAD_PAYLOAD_EXCERPT
+    if mode == "full":
+        return None
+    raise HTTPError(400, f"payload must be excerpt (the default) or full, not {mode!r}")
 
 
 def _none_dead(ids: list[str], queue: str, topic: str) -> str:

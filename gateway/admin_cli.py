@@ -54,11 +54,12 @@ _UNIX_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
 #: What a producer's text may hold that must not reach the operator's terminal as it is:
 #: control characters (C0, DEL, C1: ESC starts sequences that retitle or clear the terminal,
 #: or worse) and lone surrogates (JSON's "\ud800", in a job stored before pushes refused
-#: them: print cannot encode them).
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-#: What JSON leaves as it is of those: C0 it escapes itself.
+#: them: print cannot encode them); and the backslash, so that a producer's text "\x1b"
+#: does not print as ESC does.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\\]")
+#: What JSON leaves as it is of those: C0 and the backslash it escapes itself.
 _JSON_UNPRINTABLE = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
-_SHORT_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+_SHORT_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\\": "\\\\"}
 
 Handler = Callable[[argparse.Namespace], int]
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -95,7 +96,9 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--since", metavar="T", help="died at or after T: unix seconds, ISO-8601, or 1h (ago)"
     )
     group.add_argument("--until", metavar="T", help="died before T (same forms as --since)")
-    group.add_argument("--attribute", metavar="NAME:VALUE", help="an attribute's value")
+    group.add_argument(
+        "--attribute", metavar="NAME:VALUE", help="an attribute's value (a ':' in NAME as \\:)"
+    )
     selection = argparse.ArgumentParser(add_help=False, parents=[filters])
     selection.add_argument(
         "--ids", nargs="+", metavar="ID", help="these dead jobs (after QUEUE/TOPIC)"
@@ -135,6 +138,11 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     listing.add_argument("--cursor", help="continue where a previous listing stopped")
     listing.add_argument("--all-pages", action="store_true", help="every matching dead job")
+    listing.add_argument(
+        "--full-payloads",
+        action="store_true",
+        help="whole payloads (an export with --json); by default each is cut to its first KiB",
+    )
     listing.set_defaults(handler=_handler(_dead_list))
 
     replay = dead_commands.add_parser(
@@ -342,6 +350,8 @@ def _jobs_show(args: argparse.Namespace, settings: Settings) -> int:
 def _dead_list(args: argparse.Namespace, settings: Settings) -> int:
     queue, topic = _topic(args.target)
     where = _filter(args)
+    if args.full_payloads:
+        where["payload"] = "full"  # a query option beside the filter, as the server reads it
     client = settings.admin_client()
     if args.all_pages:
         jobs: list[dict[str, Any]] = []
@@ -356,6 +366,7 @@ def _dead_list(args: argparse.Namespace, settings: Settings) -> int:
     else:
         document = _dead_up_to(client, queue, topic, where, args.cursor, args.limit)
     _note_unconfigured(document, queue, topic)
+    _note_cut_payloads(document["jobs"])
     if args.json:
         _print_json(document)
         return 0
@@ -405,6 +416,18 @@ def _dead_up_to(
         cursor = page.get("cursor")
         if not cursor or len(jobs) >= wanted:
             return {"jobs": jobs, "cursor": cursor, **_unconfigured(page)}
+
+
+def _note_cut_payloads(jobs: Sequence[Mapping[str, Any]]) -> None:
+    """The server sends the first KiB of each payload: say when one was cut, and how to
+    have it whole, so neither the table nor an export passes an excerpt off as the job."""
+    cut = sum(1 for job in jobs if job.get("payload_truncated"))
+    if cut:
+        print(
+            f"busgate: {_count(cut, 'payload')} cut to the first KiB (payload_truncated):"
+            " --full-payloads lists them whole, `busgate jobs show ID --json` shows one",
+            file=sys.stderr,
+        )
 
 
 def _unconfigured(answer: Mapping[str, Any]) -> dict[str, Any]:
@@ -574,16 +597,9 @@ def _push(args: argparse.Namespace, settings: Settings) -> int:
             # an attribute is text, and the producer API refuses what UTF-8 cannot say.
             raise UsageError(f"--attr {item!r}: an attribute is UTF-8 text") from None
         attributes[name] = value
-    payload: bytes | str = sys.stdin.buffer.read() if args.payload == "-" else args.payload
-    if isinstance(payload, bytes) and attributes:
-        # The producer API reads attributes only from a JSON body; text can go there intact.
-        try:
-            payload = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(
-                "--attr needs a UTF-8 payload: the producer API takes attributes only in a"
-                " JSON body, and a binary payload goes as the raw body"
-            ) from None
+    # The bytes as given, whatever they are: a command line's that are not UTF-8 (Python
+    # keeps them as surrogates) are the bytes it had, as fsencode gives them back.
+    payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
     client = settings.producer_client()
     password = args.password or settings.environ.get(PASSWORD_ENV) or None
     if password is None and (settings.config_given or settings.url is None):
@@ -750,7 +766,7 @@ def _oneline(text: str, limit: int) -> str:
 
 def _escaped(text: str) -> str:
     """A producer's text, safe to print for a human: on one line, every control character
-    and lone surrogate written as an escape (\\n, \\x1b, \\ud800)."""
+    and lone surrogate written as an escape (\\n, \\x1b, \\ud800), a backslash as \\\\."""
     return _UNPRINTABLE.sub(_escape, text)
 
 
@@ -761,10 +777,17 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def _payload(job: Mapping[str, Any], limit: int = 120) -> str:
+    """The payload on one line; ``…`` at the end when it is cut, here or by the server (a
+    dead-letter listing carries the first KiB, and says its whole size)."""
+    payload = job.get("payload", "")
+    cut = bool(job.get("payload_truncated"))
     if job.get("payload_encoding") == "base64":
-        size = len(job["payload"]) * 3 // 4 - job["payload"][-2:].count("=")
-        return f"(binary, {_count(size, 'byte')}) base64:{_oneline(job['payload'], limit)}"
-    return _oneline(job.get("payload", ""), limit)
+        size = job.get("payload_size", len(payload) * 3 // 4 - payload[-2:].count("="))
+        shown = _oneline(payload, limit)
+        ellipsis = "…" if cut and not shown.endswith("…") else ""
+        return f"(binary, {_count(size, 'byte')}) base64:{shown}{ellipsis}"
+    shown = _oneline(payload, limit)
+    return shown + "…" if cut and not shown.endswith("…") else shown
 
 
 def _count(n: int, noun: str, plural: str | None = None) -> str:

@@ -359,8 +359,8 @@ class AdminClient:
         """Push one job through the producer API.
 
         Bytes go as the raw body (``application/octet-stream``) with the options in the query
-        string; a string goes in a JSON body, sent as its UTF-8 bytes.  The producer API takes
-        attributes only in a JSON body, so bytes with attributes are refused here.
+        string, attributes as ``attr.NAME=value``; a string goes in a JSON body, sent as its
+        UTF-8 bytes.
         """
         path = f"/v1/queues/{_segment(queue)}"
         if topic is not None:
@@ -378,12 +378,12 @@ class AdminClient:
             pair = f"{queue}:{password}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
         if isinstance(payload, bytes):
-            if attributes:
-                raise ValueError("attributes need a JSON body; a raw payload cannot carry them")
+            query = {name: str(value) for name, value in options.items()}
+            query.update({f"attr.{name}": value for name, value in (attributes or {}).items()})
             return self._call(
                 "POST",
                 path,
-                query={name: str(value) for name, value in options.items()},
+                query=query,
                 data=payload,
                 content_type="application/octet-stream",
                 headers=headers,

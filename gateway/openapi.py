@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from adapters.storage.jobs import EXCERPT_BYTES
 from gateway import __version__
 
 _TOPIC_PARAMS = [
@@ -133,9 +134,13 @@ def document() -> dict[str, Any]:
                     "properties": {
                         "payload": {
                             "description": "A string is sent as its UTF-8 bytes;"
-                            " anything else as compact JSON."
+                            " anything else as the JSON text it was written as.",
                         },
-                        "id": {"type": "string", "description": "Idempotency key."},
+                        "id": {
+                            "type": "string",
+                            "description": "Idempotency key: 1-128 letters, digits and"
+                            " _ . : @ + = -, not . or .. (no URL can name those).",
+                        },
                         "delay_ms": {"type": "integer", "minimum": 0},
                         "priority": {"enum": ["high", "normal", "low"]},
                         "attributes": {
@@ -157,7 +162,11 @@ def document() -> dict[str, Any]:
                         "error": {"type": "string", "description": "Substring, any case."},
                         "since": {"type": "number", "description": "Unix seconds."},
                         "until": {"type": "number", "description": "Unix seconds."},
-                        "attribute": {"type": "string", "description": "name:value"},
+                        "attribute": {
+                            "type": "string",
+                            "description": "name:value, split at the first ':' (one in the"
+                            " name as \\:, a backslash as \\\\).",
+                        },
                     },
                     "additionalProperties": False,
                 },
@@ -197,8 +206,22 @@ def document() -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "id": {"type": "string"},
-                        "payload": {"type": "string"},
+                        "payload": {
+                            "type": "string",
+                            "description": f"The first {EXCERPT_BYTES} bytes of the payload"
+                            " (text cut where a character starts; base64 of them when the"
+                            " payload is not UTF-8), or all of it with payload=full.",
+                        },
                         "payload_encoding": {"enum": ["utf-8", "base64"]},
+                        "payload_size": {
+                            "type": "integer",
+                            "description": "The whole payload's size in bytes.",
+                        },
+                        "payload_truncated": {
+                            "type": "boolean",
+                            "description": "Whether payload is cut: GET /v1/jobs/{job_id}, or"
+                            " this list with payload=full, gives it whole.",
+                        },
                         "attributes": {"type": "object"},
                         "attempt": {"type": "integer"},
                         "died_at": {"type": "number"},
@@ -485,6 +508,13 @@ def document() -> dict[str, Any]:
                                 ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
                             )
                         ),
+                        {
+                            "name": "payload",
+                            "in": "query",
+                            "schema": {"enum": ["excerpt", "full"], "default": "excerpt"},
+                            "description": f"excerpt: each payload's first {EXCERPT_BYTES}"
+                            " bytes; full: whole payloads (an export).",
+                        },
                     ],
                     "responses": {
                         "200": _json(

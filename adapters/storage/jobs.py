@@ -116,6 +116,10 @@ def check_job_id(job_id: str) -> str:
     """Validate an id given by a producer (an idempotency key)."""
     if not _EXPLICIT_ID.fullmatch(job_id):
         raise ValueError("a job id is 1-128 characters of letters, digits and _ . : @ + = -")
+    if job_id in (".", ".."):
+        # No URL can name it: clients resolve /v1/jobs/.. to /v1/ (RFC 3986 5.2.4), so
+        # neither the dashboard nor the admin API could ever show the job.
+        raise ValueError(f"a job id cannot be {job_id!r}: no URL can name it")
     return job_id
 
 

@@ -756,10 +756,24 @@ export class TopicView {
     });
     box.addEventListener("change", () => this.select(job.id, box.checked));
     const attributes = Object.entries(job.attributes || {});
-    const payload =
+    const shown =
       job.payload_encoding === "base64"
         ? h("span", null, h("span", { class: "badge" }, "base64"), " ", longText(job.payload, 60))
         : longText(job.payload, 60);
+    // The list carries each payload's first KiB: say so, and where the whole one is.
+    const payload = job.payload_truncated
+      ? h(
+          "span",
+          null,
+          shown,
+          " ",
+          h(
+            "a",
+            { href: jobHref(job.id), class: "muted small payload-cut" },
+            `(cut: ${fmtInt(job.payload_size)} bytes in all, whole on the job page)`,
+          ),
+        )
+      : shown;
     return h(
       "tr",
       { dataset: { id: job.id } },

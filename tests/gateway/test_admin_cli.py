@@ -228,9 +228,10 @@ async def test_push_text_and_binary_then_jobs_show(daemon: Daemon) -> None:
     assert run.code == 1 and run.out == ""
     assert run.err.startswith("busgate: invalid username-password pair")
     assert "--password" in run.err
-    run = await daemon.cli("push", "orders", "-", "--attr", "a=b", stdin=b"\xff\xfe")
-    assert run.code == 2 and "--attr needs a UTF-8 payload" in run.err
-    assert len(read_received(daemon.record)) == 2
+    # A binary payload with attributes: the raw body, attributes in the query.
+    ok(await daemon.cli("push", "orders", "-", "--attr", "a=b", stdin=b"\xff\xfe"))
+    third = (await wait_received(daemon.record, 3))[2]
+    assert (third.body, third.server["HTTP_X_BUSGATE_ATTR_A"]) == (b"\xff\xfe", "b")
 
 
 async def test_dead_jobs_listed_replayed_and_deleted(daemon: Daemon) -> None:

@@ -92,7 +92,7 @@ async def test_a_content_type_sent_twice_alike_is_read_once(app: App) -> None:
     assert status == 202, body
     assert app.store is not None
     (record,) = await app.store.get_job(json.loads(body)["ids"][0])
-    assert record.payload == b'{"order":42}'  # was the whole document, as a raw body
+    assert record.payload == b'{"order": 42}'  # was the whole document, as a raw body
 
 
 async def test_an_authorization_sent_twice_alike_logs_in(app: App) -> None:

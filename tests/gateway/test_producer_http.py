@@ -82,7 +82,7 @@ async def test_json_push_single_and_batch(app: App) -> None:
     assert app.store is not None
     records = await app.store.get_job(job_id)
     assert {r.topic for r in records} == {"email", "audit"}  # fanned out
-    assert records[0].payload == b'{"order":42}'
+    assert records[0].payload == b'{"order": 42}'  # the text sent (test_bytes_edges.py)
     assert records[0].priority is Priority.HIGH
     assert records[0].attributes == {"tenant": "acme"}
     batch = {
