@@ -20,6 +20,7 @@ gets one), and the attempt number is the one the job's last delivery carried (se
 from __future__ import annotations
 
 import base64
+import re
 import shlex
 from collections.abc import Sequence
 
@@ -30,13 +31,18 @@ from gateway.app import build_backend
 from gateway.config import Config, TopicConfig
 
 #: ``-q`` must come first.  ``-g``: brackets and braces in the URL are not curl globs.
-_CURL = "curl -q -sS -i -g --http1.1 --noproxy '*'"
+#: ``--path-as-is``: curl would squash ``./`` and ``../`` that the daemon sends as written.
+_CURL = "curl -q -sS -i -g --path-as-is --http1.1 --noproxy '*'"
 #: Under ``env -i`` there is no PATH: cgi-fcgi in /usr/local/bin would not be found.
 _CGI_FCGI = '"$(command -v cgi-fcgi || echo cgi-fcgi)"'
 
 #: Pipeline stages start a continued line; a stage's arguments are indented below it.
 _STAGE = " \\\n  "
 _ARGUMENT = " \\\n      "
+
+#: What the printed command may not hold raw: C0 controls, DEL and C1 controls (U+009B is an
+#: 8-bit CSI to a terminal), which a producer's attribute can carry.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ReproduceError(Exception):
@@ -105,7 +111,10 @@ def topic_of(config: Config, record: JobRecord) -> TopicConfig:
 
 
 def reproduce_command(topic: TopicConfig, record: JobRecord) -> str:
-    """A shell command (bash or POSIX sh) that delivers ``record`` to ``topic``'s backend."""
+    """A shell command that delivers ``record`` to ``topic``'s backend.
+
+    bash or zsh; POSIX sh too unless a value holds control characters (see ``_quote``).
+    """
     if topic.kind == "fastcgi":
         return fastcgi_command(topic, record)
     return http_command(topic, record)
@@ -128,9 +137,7 @@ def fastcgi_command(topic: TopicConfig, record: JobRecord) -> str:
     job = job_of(record)
     body = backend.body(job)
     assignments = [_assignment(name, value) for name, value in backend.params(job, body)]
-    run = _ARGUMENT.join(
-        ["env -i", *assignments, f"{_CGI_FCGI} -bind -connect {shlex.quote(connect)}"]
-    )
+    run = _ARGUMENT.join(["env -i", *assignments, f"{_CGI_FCGI} -bind -connect {_quote(connect)}"])
     return _STAGE.join([*_payload_stages(body), f"| {run}"])
 
 
@@ -139,11 +146,13 @@ def http_command(topic: TopicConfig, record: JobRecord) -> str:
     backend = build_backend(topic)
     assert isinstance(backend, HTTPBackend)
     headers, body = backend.request(job_of(record))
-    options = [_CURL, "-X POST", shlex.quote(topic.backend)]
+    options = [_CURL, "-X POST", _quote(backend.url)]
     if not topic.verify_tls:
         options.append("--insecure")
     if topic.ca_file is not None:
-        options.append(f"--cacert {shlex.quote(topic.ca_file)}")
+        # The daemon trusts that file only; curl would also trust its built-in CApath
+        # (/etc/ssl/certs on Debian) unless given one where no certificate can be found.
+        options.append(f"--cacert {_quote(topic.ca_file)} --capath /dev/null")
     header_options = [_header(name, value) for name, value in headers]
     # curl adds Accept, and Expect: 100-continue to large bodies; the daemon sends neither.
     header_options += ["-H 'Accept:'", "-H 'Expect:'"]
@@ -162,10 +171,27 @@ def _assignment(name: bytes, value: bytes) -> str:
             f"the CGI parameter {name!r} cannot be set through an environment (it holds '=' or NUL)"
         )
     # The adapter encodes every parameter from text as UTF-8, so decoding cannot fail.
-    return f"{shlex.quote(name.decode())}={shlex.quote(value.decode())}"
+    return f"{_quote(name.decode())}={_quote(value.decode())}"
 
 
 def _header(name: str, value: str) -> str:
     # `-H 'Name:'` would remove the header; `-H 'Name;'` sends it with an empty value.
     line = f"{name}: {value}" if value else f"{name};"
-    return f"-H {shlex.quote(line)}"
+    return f"-H {_quote(line)}"
+
+
+def _quote(text: str) -> str:
+    """``text`` as one shell word that puts no control character on the terminal.
+
+    Plain text is single-quoted (POSIX).  Text with control characters becomes bash/zsh
+    ``$'...'`` with those characters as ``\\xHH`` escapes of their UTF-8 bytes, which the
+    shell turns back into the same bytes whatever its locale.
+    """
+    if not _CONTROL.search(text):
+        return shlex.quote(text)
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    return "$'" + _CONTROL.sub(_escape, escaped) + "'"
+
+
+def _escape(match: re.Match[str]) -> str:
+    return "".join(f"\\x{byte:02x}" for byte in match.group().encode())
