@@ -19,7 +19,7 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -33,6 +33,7 @@ from gateway.producer import (
     MAX_DELAY_MS,
     BadDelay,
     Directory,
+    PayloadTooLarge,
     ProducerError,
     ProducerService,
     QueueEntry,
@@ -54,6 +55,11 @@ _XADD_TRIM = {b"MAXLEN", b"MINID"}
 
 Handler = Callable[["RespSession", tuple[bytes, ...]], Awaitable[bytes]]
 Preparer = Callable[["RespSession", tuple[bytes, ...]], "PendingPush"]
+#: What a push's size checks read, found in its arguments alone: its target (b"queue" or
+#: b"queue/topic"), its payloads and its attributes (XADD's).  A sizer raises CommandError
+#: for a command too malformed to say.
+Sizes = tuple[bytes, Sequence[bytes], Mapping[str, str]]
+Sizer = Callable[[tuple[bytes, ...]], Sizes]
 
 log = logging.getLogger("busgate.resp")
 
@@ -84,6 +90,7 @@ class Spec:
     arity: int  # Redis convention: N exactly, -N at least N (command name included)
     handler: Handler | None = None  # what any command but a push runs
     prepare: Preparer | None = None  # a push: checks it and builds its jobs (see commit)
+    sizes: Sizer | None = None  # a push: what MULTI checks while queueing it (``_queue``)
     #: A container command's subcommands and their arity (CLIENT LIST is 2 of -2): checked
     #: with the command, so that one unknown or given the wrong number of arguments is
     #: refused before it runs, as Redis refuses it (not queued by MULTI, not counted as run).
@@ -142,6 +149,69 @@ def _strict_integer(value: bytes) -> int | None:
 def _shown(value: bytes, limit: int = 128) -> str:
     """An argument quoted in an error reply."""
     return value[:limit].decode("utf-8", "replace")
+
+
+def _zadd_pairs(args: tuple[bytes, ...]) -> list[bytes]:
+    """ZADD's score and payload pairs, after its flags."""
+    rest = list(args[2:])
+    while rest and rest[0].upper() in (b"NX", b"XX", b"GT", b"LT", b"CH"):
+        rest.pop(0)  # every job is a new member: these flags change nothing
+    if rest and rest[0].upper() == b"INCR":
+        raise CommandError("INCR is not supported: ZADD schedules jobs")
+    if not rest or len(rest) % 2:
+        raise CommandError("syntax error")
+    return rest
+
+
+def _xadd_fields(args: tuple[bytes, ...]) -> tuple[int, tuple[bytes, ...]]:
+    """Where XADD's id is, after its stream options, and the field-value pairs after it."""
+    i = 2
+    # Stream options some clients always send; a job stream has nothing to trim.
+    while i < len(args):
+        word = args[i].upper()
+        if word == b"NOMKSTREAM":
+            i += 1
+        elif word in _XADD_TRIM:
+            i += 1
+            if i < len(args) and args[i] in (b"=", b"~"):
+                i += 1
+            i += 1
+            if i < len(args) and args[i].upper() == b"LIMIT":
+                i += 2
+        else:
+            break
+    fields = args[i + 1 :]
+    if i >= len(args) or not fields or len(fields) % 2:
+        raise CommandError("wrong number of arguments for 'xadd' command")
+    return i, fields
+
+
+# -- sizers: a push's sizes, read as its preparer reads them (Spec.sizes) ----------------------
+
+
+def _list_sizes(args: tuple[bytes, ...]) -> Sizes:
+    return args[1], args[2:], {}
+
+
+def _zadd_sizes(args: tuple[bytes, ...]) -> Sizes:
+    return args[1], _zadd_pairs(args)[1::2], {}
+
+
+#: XADD's fields that are not attributes (``RespSession.xadd``).
+_XADD_FIELDS = frozenset(("payload", "delay", "priority", "traceparent"))
+
+
+def _xadd_sizes(args: tuple[bytes, ...]) -> Sizes:
+    fields = _xadd_fields(args)[1]
+    payloads: tuple[bytes, ...] = ()
+    attributes: dict[str, str] = {}
+    for key, value in zip(fields[::2], fields[1::2], strict=True):
+        name = _text(key, "field name")
+        if name.lower() == "payload":
+            payloads = (value,)  # the last one given, as for the job
+        elif name.lower() not in _XADD_FIELDS:
+            attributes[name] = _text(value, f"attribute {name.lower()}")
+    return args[1], payloads, attributes
 
 
 def _check_attribute(value: bytes, message: str) -> bytes:
@@ -356,13 +426,7 @@ class RespSession:
         return PendingPush(entry, [NewJob(p, topic=topic) for p in payloads], reply_id=False)
 
     def zadd(self, args: tuple[bytes, ...]) -> PendingPush:
-        rest = list(args[2:])
-        while rest and rest[0].upper() in (b"NX", b"XX", b"GT", b"LT", b"CH"):
-            rest.pop(0)  # every job is a new member: these flags change nothing
-        if rest and rest[0].upper() == b"INCR":
-            raise CommandError("INCR is not supported: ZADD schedules jobs")
-        if not rest or len(rest) % 2:
-            raise CommandError("syntax error")
+        rest = _zadd_pairs(args)
         times = []
         latest = self.service.run_at(MAX_DELAY_MS)
         for score in rest[0::2]:
@@ -386,24 +450,7 @@ class RespSession:
         return PendingPush(entry, jobs, reply_id=False)
 
     def xadd(self, args: tuple[bytes, ...]) -> PendingPush:
-        i = 2
-        # Stream options some clients always send; a job stream has nothing to trim.
-        while i < len(args):
-            word = args[i].upper()
-            if word == b"NOMKSTREAM":
-                i += 1
-            elif word in _XADD_TRIM:
-                i += 1
-                if i < len(args) and args[i] in (b"=", b"~"):
-                    i += 1
-                i += 1
-                if i < len(args) and args[i].upper() == b"LIMIT":
-                    i += 2
-            else:
-                break
-        fields = args[i + 1 :]
-        if i >= len(args) or not fields or len(fields) % 2:
-            raise CommandError("wrong number of arguments for 'xadd' command")
+        i, fields = _xadd_fields(args)
         job_id = None
         if args[i] != b"*":
             try:
@@ -430,7 +477,7 @@ class RespSession:
                 trace_id = trace_id_of(_text(value, "traceparent"))
                 if trace_id is None:
                     raise CommandError("traceparent is not a W3C trace context")
-            else:
+            else:  # an attribute, as _xadd_sizes reads it (_XADD_FIELDS)
                 attributes[_text(key, "field name")] = _text(value, f"attribute {name}")
         if payload is None:
             raise CommandError("XADD needs a 'payload' field")
@@ -543,9 +590,35 @@ class RespSession:
         if isinstance(spec, bytes):  # unknown, or the wrong number of arguments
             self._queue_refused = True
             return spec
+        if spec.sizes is not None and (too_large := self._too_large(spec.sizes, args)):
+            self._refused(args[1], too_large)
+            return self.refuse(resp.error(f"{too_large.code} {too_large}"))
         self._queued.append(args)
         self.server.recount(run=-1)  # not run yet: EXEC counts it if it runs it
         return b"+QUEUED\r\n"
+
+    def _too_large(self, sizes: Sizer, args: tuple[bytes, ...]) -> PayloadTooLarge | None:
+        """The size error a push queued by MULTI would meet at EXEC, if its queue is known.
+
+        A payload over the parser's limit (the largest max_payload, and some slack) is refused
+        before it is queued, and aborts the transaction (``refuse``); one over its queue's
+        max_payload but under that limit must too, or the same error would store the rest of
+        the transaction or nothing, by the payload's size.  The check is the push's own
+        (``ProducerService.check_sizes``), made whether or not the producer has logged in,
+        as the parser's is.  Any other error (unknown queue, NOAUTH, syntax) is one Redis
+        would answer at EXEC, where the push runs: it is left to EXEC.
+        """
+        try:
+            target, payloads, attributes = sizes(args)
+            entry = self.service.directory.queues.get(split_target(_text(target, "queue"))[0])
+            if entry is not None:
+                self.service.check_sizes(entry, payloads)
+                self.service.check_attributes(attributes)
+        except PayloadTooLarge as exc:
+            return exc
+        except (CommandError, ProducerError):  # not a size: EXEC answers it
+            pass
+        return None
 
     def refuse(self, reply: bytes) -> bytes:
         """A command refused before it got here (an argument over the size limit, never
@@ -962,10 +1035,10 @@ def _replies(
 
 RespSession.commands = {
     b"AUTH": Spec(-2, RespSession.auth),
-    b"LPUSH": Spec(-3, prepare=RespSession.lpush),
-    b"RPUSH": Spec(-3, prepare=RespSession.lpush),
-    b"ZADD": Spec(-4, prepare=RespSession.zadd),
-    b"XADD": Spec(-5, prepare=RespSession.xadd),
+    b"LPUSH": Spec(-3, prepare=RespSession.lpush, sizes=_list_sizes),
+    b"RPUSH": Spec(-3, prepare=RespSession.lpush, sizes=_list_sizes),
+    b"ZADD": Spec(-4, prepare=RespSession.zadd, sizes=_zadd_sizes),
+    b"XADD": Spec(-5, prepare=RespSession.xadd, sizes=_xadd_sizes),
     b"LLEN": Spec(2, RespSession.llen),
     b"PING": Spec(-1, RespSession.ping),
     b"ECHO": Spec(2, RespSession.echo),
