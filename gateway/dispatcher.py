@@ -49,6 +49,8 @@ log = logging.getLogger("busgate.dispatch")
 #: The scheduler looks at leases and due jobs at least this often, and at least every half
 #: lease (see ``_schedule``): an idle topic costs two store calls per look.
 SCHEDULER_INTERVAL = 10.0
+#: ... and every second on a store whose other users do not ring its timers.
+SHARED_FILE_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
 #: An idle dispatcher reserves at least this often even if no doorbell rang.
 RECHECK = 5.0
@@ -747,8 +749,13 @@ class Dispatcher:
         # sharing the store.  Unheard of is a lease another daemon takes after a look: it
         # ends a lease after it was taken at the soonest (the daemons share queue files), so
         # looking every half lease recovers it on time.  Waking every second instead cost
-        # 1,200 store calls a second for 600 idle topics.
-        interval = min(SCHEDULER_INTERVAL, self.lease / 2)
+        # 1,200 store calls a second for 600 idle topics.  A store that does not hear other
+        # processes (a SQLite file two daemons share) is looked at every second.
+        interval = (
+            min(SCHEDULER_INTERVAL, self.lease / 2)
+            if self.store.hears_other_processes
+            else SHARED_FILE_INTERVAL
+        )
         while True:
             next_at = math.inf
             look_again = interval

@@ -86,6 +86,11 @@ class Retention:
 class Store(abc.ABC):
     """A job store.  Methods raise ``StoreError`` subclasses; nothing else on purpose."""
 
+    #: Whether a delayed push or a retry made by another process sharing the store rings this
+    #: one's ``timers`` (Redis publishes them; SQLite has no way to), so that a scheduler may
+    #: sleep until what the store said is next.
+    hears_other_processes = False
+
     def __init__(self) -> None:
         #: Rung when a topic gets ready jobs (its dispatcher reserves).
         self.doorbells = Doorbells()

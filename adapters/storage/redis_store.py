@@ -240,6 +240,8 @@ def decode_attempt(raw: bytes) -> Attempt:
 
 
 class RedisStore(Store):
+    hears_other_processes = True  # the wake channel: see _on_wake
+
     def __init__(
         self,
         router: Router,

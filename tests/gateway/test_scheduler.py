@@ -28,7 +28,7 @@ from tests.support.redis import RedisServer
 from tests.support.stores import running_store
 
 
-class CountingSQLite(SQLiteStore):
+class CountingRedis(RedisStore):
     promotes: int = 0
 
     async def promote_due(self, queue: str, topic: str) -> Due:
@@ -75,13 +75,38 @@ async def two_daemons(kind: str, tmp_path: Path) -> AsyncIterator[tuple[Store, S
 
 
 async def test_an_idle_topic_does_not_look_every_second(tmp_path: Path) -> None:
-    store = await CountingSQLite.open(str(tmp_path / "jobs.db"))
+    server = RedisServer(tmp_path / "redis")
+    server.start()
     try:
-        async with dispatching(store, topic_config()):  # lease 45 s: a look every 10 s
+        counting = CountingRedis(Standalone(RedisClient(server.address)))
+        async with (
+            running_store(counting) as store,
+            dispatching(store, topic_config()),  # lease 45 s: a look every 10 s
+        ):
             await trio.sleep(3)
     finally:
-        await store.aclose()
+        server.stop()
     assert store.promotes == 1  # at start; every second, 3 or 4
+
+
+async def test_a_delayed_push_by_another_daemon_on_the_sqlite_file_is_not_late(
+    tmp_path: Path,
+) -> None:
+    # Nothing rings our timer for the other daemon's push: we look every second.
+    path = str(tmp_path / "jobs.db")
+    async with (
+        running_store(await SQLiteStore.open(path)) as ours,
+        running_store(await SQLiteStore.open(path)) as theirs,
+        dispatching(ours, topic_config()) as backend,
+    ):
+        await trio.sleep(0.3)  # our scheduler has looked: nothing due
+        due = time.time() + 1.0
+        await theirs.push("q", [("t", Filter())], [NewJob(b"delayed", id="d", run_at=due)])
+        with trio.fail_after(15):
+            while not backend.delivered:
+                await trio.sleep(0.02)
+        late = time.time() - due
+    assert late < 1.3  # a look a second, not one every 10 s
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
