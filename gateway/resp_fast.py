@@ -13,18 +13,15 @@ request's first byte: errors, oversized arguments and every limit are its own.
 
 hiredis allocates an aggregate's whole list as soon as it reads its count line, nested ones
 included (about 1,000 deep): a few bytes that never complete a request could hold hundreds
-of MB.  So hiredis is never given a ``*`` followed by four digits or more, nor a RESP3 push
-line (``>`` at the start of a line): such input (a request of 1,000 arguments or more, or a
-payload that happens to hold such bytes) is handed over before hiredis reads it.  An
-incomplete request with a second ``*`` line holds a nested array (or a payload that looks
-so) and is handed over too, which frees what hiredis had reserved for it: a connection
-holds at most one list of 999 entries, and one read can make hiredis reserve at most about
-8 MB for the moment before it is handed over.  (The two searches add about 1,000
-instructions to a read of one push, 240 a push to a read of 16.)  Two
-differences in timing: hiredis does not look at the two bytes after a bulk string, so a
-request with a wrong terminator is refused once all of it has arrived rather than as soon as
-the terminator has; and an element of another type that reserves nothing (``$-1``, ``_``,
-``#``) is refused once the request's other elements have arrived.
+of MB.  So hiredis is never given a ``*`` or a ``>`` (a RESP3 push, reserved for as an array)
+followed by four digits or more: such input (a request of 1,000 arguments or more, or a
+payload that happens to hold such bytes) is handed over before hiredis reads it, and the
+most a connection can make hiredis reserve is 1,000 nested lists of 999 entries, 8 MB.  (The
+searches add about 1,000 instructions to a read of one push.)  Two differences in timing:
+hiredis does not look at the two bytes after a bulk string, so a request with a wrong
+terminator is refused once all of it has arrived rather than as soon as the terminator has;
+and an element of another type (``$-1``, ``_``, ``#``, a nested array) is refused once the
+request's other elements have arrived.
 
 Measured with callgrind (feed one 3-argument LPUSH, then next_event until it returns None):
 31,700 instructions with ``RequestParser``, 19,400 here; the whole push path of a RESP
@@ -42,10 +39,12 @@ from gateway.resp import Command, OversizedCommand, RequestParser
 #: A count line of 1,000 or more arguments; a payload byte sequence looking like one.
 _LARGE_COUNT = re.compile(rb"\*[0-9]{4}")
 _LARGE_COUNT_BYTES = 5
-#: The start of a RESP3 push line, whose count hiredis reserves a list for whatever its size
-#: (its maps, sets and attributes reserve nothing up front).  A search of its own: one
-#: alternation with ``_LARGE_COUNT`` costs three times as much per read (callgrind).
-_PUSH_LINE = b"\n>"
+#: The same for a RESP3 push, whose count hiredis reserves a list for as an array's (its maps,
+#: sets and attributes reserve nothing up front).  Not only at a line start: hiredis skips the
+#: two bytes after a bulk string unread, so "$1\r\nAXY>50000000" is a push count to it.  A
+#: search of its own, and only once a cheaper one finds a ">": one alternation with
+#: ``_LARGE_COUNT`` costs three times as much per read (callgrind).
+_LARGE_PUSH = re.compile(rb">[0-9]{4}")
 #: A bulk length of 100 MB or more in an incomplete request: RequestParser refuses one over
 #: Redis's limit at once, where hiredis would wait for all of it to arrive.
 _HUGE_BULK = re.compile(rb"\$[0-9]{9}")
@@ -94,11 +93,15 @@ class FastRequestParser:
         # A count line may straddle this read and an incomplete request before it.
         if pending:
             seam = pending[-(_LARGE_COUNT_BYTES - 1) :] + data[: _LARGE_COUNT_BYTES - 1]
-            straddles = bool(_LARGE_COUNT.search(seam)) or _PUSH_LINE in seam
+            straddles = bool(_LARGE_COUNT.search(seam) or _LARGE_PUSH.search(seam))
         else:
             straddles = False
         pending += data
-        if straddles or _LARGE_COUNT.search(data) or data.find(_PUSH_LINE) >= 0:
+        if (
+            straddles
+            or _LARGE_COUNT.search(data)
+            or (data.find(b">") >= 0 and _LARGE_PUSH.search(data))
+        ):
             self._hand_over()  # before hiredis sees it
             return
         self._reader.feed(data)
@@ -119,11 +122,7 @@ class FastRequestParser:
         except (hiredis.ProtocolError, MemoryError):
             return self._hand_over().next_event()
         if request is False:
-            if (
-                len(pending) - start > MAX_INCOMPLETE
-                or _HUGE_BULK.search(pending, start)
-                or pending.find(b"\n*", start) >= 0  # nested: see the module docstring
-            ):
+            if len(pending) - start > MAX_INCOMPLETE or _HUGE_BULK.search(pending, start):
                 return self._hand_over().next_event()
             return None
         if type(request) is not list or not request:
