@@ -604,16 +604,16 @@ class RespSession:
         before it is queued, and aborts the transaction (``refuse``); one over its queue's
         max_payload but under that limit must too, or the same error would store the rest of
         the transaction or nothing, by the payload's size.  The check is the push's own
-        (``ProducerService.check_sizes``), made whether or not the producer has logged in,
-        as the parser's is.  Any other error (unknown queue, NOAUTH, syntax) is one Redis
-        would answer at EXEC, where the push runs: it is left to EXEC.
+        (``ProducerService.check_sizes``), once the producer may push to the queue: one that
+        has not logged in learns nothing of it but NOAUTH.  Any other error (unknown queue,
+        NOAUTH, syntax) is one Redis would answer at EXEC, where the push runs: it is left
+        to EXEC.
         """
         try:
             target, payloads, attributes = sizes(args)
-            entry = self.service.directory.queues.get(split_target(_text(target, "queue"))[0])
-            if entry is not None:
-                self.service.check_sizes(entry, payloads)
-                self.service.check_attributes(attributes)
+            entry = self.service.resolve(_text(target, "queue"), self.authenticated)
+            self.service.check_sizes(entry, payloads)
+            self.service.check_attributes(attributes)
         except PayloadTooLarge as exc:
             return exc
         except (CommandError, ProducerError):  # not a size: EXEC answers it

@@ -193,7 +193,7 @@ async def test_other_errors_still_come_with_exec(app: App) -> None:
         8,
         ("MULTI",),
         ("LPUSH", "nowhere", b"x" * (MAX_PAYLOAD + 1)),
-        ("LPUSH", "locked", "x"),
+        ("LPUSH", "locked", b"x" * (MAX_PAYLOAD + 1)),  # NOAUTH, not the queue's limit
         ("ZADD", "q", "NX", "1"),
         ("LPUSH", "q", "ok"),
         ("EXEC",),
@@ -206,9 +206,9 @@ async def test_other_errors_still_come_with_exec(app: App) -> None:
     ]
     assert await wire.lines(2) == [b"-ERR syntax error", b":1"]
     assert await pushed(app) == 1
-    # A push over its queue's size is refused while queueing whether or not the producer has
-    # logged in, as the parser refuses one over its limit: AUTH inside the transaction runs
-    # only at EXEC, and the outcome must not depend on where the login is.
+    # Before a login, a queue's limits are not told: the push is queued, and EXEC, which
+    # runs the AUTH first, answers its size error (the other push is stored, as for any
+    # error Redis meets at EXEC).  Logged in before MULTI, it is refused while queueing.
     replies = await wire.lines(
         5,
         ("MULTI",),
@@ -217,7 +217,19 @@ async def test_other_errors_still_come_with_exec(app: App) -> None:
         ("LPUSH", "locked", b"x" * (MAX_PAYLOAD + 1)),
         ("EXEC",),
     )
-    assert replies[:3] == [b"+OK", b"+QUEUED", b"+QUEUED"]
-    assert replies[3].startswith(b"-ERR payload of 101 bytes exceeds max_payload of 100")
-    assert replies[4] == EXECABORT
-    assert await pushed(app, "locked") == 0
+    assert replies == [b"+OK", b"+QUEUED", b"+QUEUED", b"+QUEUED", b"*3"]
+    assert await wire.lines(2) == [b"+OK", b":1"]
+    (error,) = await wire.lines(1)
+    assert error.startswith(b"-ERR payload of 101 bytes exceeds max_payload of 100")
+    assert await pushed(app, "locked") == 1
+    replies = await wire.lines(
+        4,
+        ("MULTI",),
+        ("LPUSH", "locked", "ok"),
+        ("LPUSH", "locked", b"x" * (MAX_PAYLOAD + 1)),
+        ("EXEC",),
+    )
+    assert replies[:2] == [b"+OK", b"+QUEUED"]
+    assert replies[2].startswith(b"-ERR payload of 101 bytes exceeds max_payload of 100")
+    assert replies[3] == EXECABORT
+    assert await pushed(app, "locked") == 1
