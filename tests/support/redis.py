@@ -16,6 +16,10 @@ from adapters.storage.redis_client import RedisAddress
 from tests.support.ports import free_port, free_port_pair, wait_connectable
 
 
+class PortTaken(RuntimeError):
+    """redis-server could not bind its port (or its cluster bus port)."""
+
+
 class RedisServer:
     def __init__(
         self,
@@ -32,6 +36,9 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # A cluster node also listens on port + 10000 and must stay at or below 55535.
         self.port = port or (free_port_pair(10000) if cluster else free_port())
+        #: Until its first start, a port we chose may be taken by another process between
+        #: our look and redis's bind: start() then takes another (``_first_start``).
+        self._chosen_port = port is None
         self.cluster = cluster
         self.appendonly = appendonly
         self.password = password
@@ -44,6 +51,20 @@ class RedisServer:
 
     def start(self, *more: str) -> None:
         """Start the server; ``more``: redis-server options for this start only."""
+        for _ in range(3):
+            if not self._chosen_port:
+                break
+            try:
+                self._start(*more)
+            except PortTaken:
+                self.port = free_port_pair(10000) if self.cluster else free_port()
+                continue
+            self._chosen_port = False  # restarts keep the port: clients and peers know it
+            return
+        self._start(*more)
+        self._chosen_port = False
+
+    def _start(self, *more: str) -> None:
         args = [
             "redis-server",
             "--port",
@@ -81,10 +102,10 @@ class RedisServer:
         except TimeoutError:
             log = self.workdir / "redis.log"
             self.stop()
-            raise RuntimeError(
-                f"redis-server on port {self.port} did not start:\n"
-                + (log.read_text()[-2000:] if log.exists() else "(no log)")
-            ) from None
+            text = log.read_text()[-2000:] if log.exists() else "(no log)"
+            if "Address already in use" in text:
+                raise PortTaken(text) from None
+            raise RuntimeError(f"redis-server on port {self.port} did not start:\n{text}") from None
 
     def stop(self, *, hard: bool = False) -> None:
         if self.process is None:
