@@ -21,6 +21,7 @@ import trio
 from gateway.app import App
 from gateway.producer import MAX_ATTRIBUTE_BYTES
 from gateway.resp import encode_command
+from tests.gateway.test_producer_protocol import Client
 from tests.support.daemon import running_daemon, write_config
 
 MAX_PAYLOAD = 100
@@ -125,28 +126,13 @@ async def test_xadd_attributes_over_their_limit_abort_the_transaction(app: App) 
     assert await pushed(app) == 0
 
 
-class Wire:
-    """A raw RESP connection: sends a pipelined run of commands, reads their reply lines."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    @classmethod
-    async def connect(cls, app: App) -> Wire:
-        host, _, port = app.resp_address.rpartition(":")
-        return cls(await trio.open_tcp_stream(host, int(port)))
+class Wire(Client):
+    """A raw RESP connection that sends a pipelined run of commands at once."""
 
     async def lines(self, count: int, *commands: tuple[str | bytes, ...]) -> list[bytes]:
         await self.stream.send_all(b"".join(encode_command(*c) for c in commands))
-        lines: list[bytes] = []
         with trio.fail_after(10):
-            while len(lines) < count:
-                while b"\r\n" not in self.buffer:
-                    self.buffer += await self.stream.receive_some(65536)
-                line, _, self.buffer = self.buffer.partition(b"\r\n")
-                lines.append(line)
-        return lines
+            return [await self.line() for _ in range(count)]
 
 
 @pytest.mark.parametrize("size", SIZES)

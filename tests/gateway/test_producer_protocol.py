@@ -7,7 +7,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import trio
@@ -61,7 +61,7 @@ class Client:
         self.buffer = b""
 
     @classmethod
-    async def connect(cls, app: App) -> Client:
+    async def connect(cls, app: App) -> Self:
         host, _, port = app.resp_address.rpartition(":")
         return cls(await trio.open_tcp_stream(host, int(port)))
 
