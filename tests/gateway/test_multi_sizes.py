@@ -32,27 +32,18 @@ PARSER_LIMIT = MAX_PAYLOAD + 1024
 #: over the parser's limit (refused while queueing already).
 SIZES = (MAX_PAYLOAD + 1, PARSER_LIMIT, PARSER_LIMIT + 1, 200_000)
 
-QUEUES = {
-    "q": f"""\
-        queue: q
-        max_payload: {MAX_PAYLOAD}
-        topics:
-          t:
-            backend: fastcgi://127.0.0.1:9
-            script: /srv/app/index.php
-            paused: true
-        """,
-    "locked": f"""\
-        queue: locked
-        password: s3cret
-        max_payload: {MAX_PAYLOAD}
-        topics:
-          t:
-            backend: fastcgi://127.0.0.1:9
-            script: /srv/app/index.php
-            paused: true
-        """,
-}
+
+def queue(name: str, *, password: str | None = None) -> str:
+    """A queue of MAX_PAYLOAD bytes a payload, with one paused topic: nothing is delivered."""
+    login = f"password: {password}\n" if password else ""
+    return (
+        f"queue: {name}\n{login}max_payload: {MAX_PAYLOAD}\n"
+        "topics:\n  t: {backend: 'fastcgi://127.0.0.1:9', script: /srv/app/index.php,"
+        " paused: true}\n"
+    )
+
+
+QUEUES = {"q": queue("q"), "locked": queue("locked", password="s3cret")}
 
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors."
 

@@ -209,16 +209,21 @@ def stored_record(
     )
 
 
-async def test_cgi_fcgi_command_over_a_unix_socket(php_fpm_unix: PhpFpm) -> None:
-    """A job not delivered yet (attempt 0) is reproduced as its first delivery."""
-    topic = TopicConfig(
+def echo_topic(fpm: PhpFpm) -> TopicConfig:
+    """A FastCGI topic whose script echoes the request it got, over php-fpm's unix socket."""
+    return TopicConfig(
         queue="orders",
         name="email",
-        backend=f"fastcgi+unix://{php_fpm_unix.address.path}",
+        backend=f"fastcgi+unix://{fpm.address.path}",
         kind="fastcgi",
-        script=php_fpm_unix.script("echo.php"),
+        script=fpm.script("echo.php"),
         uri="/jobs/echo",
     )
+
+
+async def test_cgi_fcgi_command_over_a_unix_socket(php_fpm_unix: PhpFpm) -> None:
+    """A job not delivered yet (attempt 0) is reproduced as its first delivery."""
+    topic = echo_topic(php_fpm_unix)
     record = stored_record(BINARY_PAYLOAD, attempt=0, attributes={"lang": "héllo wörld"})
     command = reproduce_command(topic, record)
     assert f'cgi-fcgi)" -bind -connect {php_fpm_unix.address.path}' in command

@@ -22,6 +22,7 @@ from gateway.reproduce import job_of, reproduce_command
 from tests.gateway.test_reproduce import (
     RecordingHTTPServer,
     all_but_the_span,
+    echo_topic,
     run_printed,
     stored_record,
 )
@@ -97,14 +98,7 @@ async def test_zsh_reads_the_escapes_as_bash_does(http_server: RecordingHTTPServ
 
 
 async def test_cgi_parameters_with_control_characters(php_fpm_unix: PhpFpm) -> None:
-    topic = TopicConfig(
-        queue="orders",
-        name="email",
-        backend=f"fastcgi+unix://{php_fpm_unix.address.path}",
-        kind="fastcgi",
-        script=php_fpm_unix.script("echo.php"),
-        uri="/jobs/echo",
-    )
+    topic = echo_topic(php_fpm_unix)
     record = stored_record(b"{}", attempt=1, attributes={"note": C1_TEXT})
     command = reproduce_command(topic, record)
     assert not TERMINAL_CONTROL.search(command)
