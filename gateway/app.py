@@ -34,7 +34,7 @@ from adapters.storage.sqlite import SQLiteStore
 from fastcgi.address import parse_address
 from gateway.admin import AdminAPI, read_token
 from gateway.config import Config, StoreConfig, TopicConfig, config_warnings, php_fpm_notes
-from gateway.dispatcher import Dispatcher, DispatcherStatistics
+from gateway.dispatcher import RECORD_GRACE, Dispatcher, DispatcherStatistics
 from gateway.dns import Resolver
 from gateway.health import BackendHealth
 from gateway.http_server import SEND_TIMEOUT as HTTP_SEND_TIMEOUT
@@ -374,15 +374,20 @@ class App:
             return Response.json({"status": "store unavailable", "error": error}, 503)
         return Response.json({"status": "ready"})
 
-    async def _drain_producers(self) -> None:
+    async def _drain_producers(self, deadline: float) -> None:
         """Close the Redis-protocol port at once; end its connections once none is owed a
         reply for a push the store already has (a push now is refused, as on HTTP).  The
-        HTTP server is ended with the daemon: by then it is answering no request."""
+        HTTP server is ended with the daemon: by then it is answering no request.
+
+        No later than ``deadline``, the deliveries' own bound: a producer that does not read
+        its replies must not hold the stop past what the README promises.
+        """
         assert self.resp is not None and self.http is not None and self._producers is not None
         try:
-            async with trio.open_nursery() as both:
-                both.start_soon(self.resp.drain)
-                both.start_soon(self.http.drain, FLUSH_GRACE + HTTP_SEND_TIMEOUT)
+            with trio.move_on_at(deadline):
+                async with trio.open_nursery() as both:
+                    both.start_soon(self.resp.drain)
+                    both.start_soon(self.http.drain, FLUSH_GRACE + HTTP_SEND_TIMEOUT)
         finally:
             self._producers.cancel()
             self._producers_drained.set()
@@ -534,7 +539,7 @@ class App:
         if self.service is not None:
             self.service.stop()  # HTTP pushes; the RESP listener closes below
         if first and self._nursery is not None:
-            self._nursery.start_soon(self._drain_producers)
+            self._nursery.start_soon(self._drain_producers, deadline + RECORD_GRACE)
         elif first:  # still starting: no producer has been served
             self._producers_drained.set()
         for dispatcher in [*self._dispatchers.values(), *self._stopping.values()]:

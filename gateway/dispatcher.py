@@ -258,19 +258,23 @@ class Dispatcher:
             return
         jobs = list(self._held.values())
         self._held.clear()
+        error: object = f"the store did not answer within the stop's {RECORD_GRACE:g}s grace"
         with trio.move_on_at(self._grace_end()):
             try:
                 released = await self.store.release(jobs)
             except StoreError as exc:
-                # Their leases will expire and they will be redelivered: nothing is lost.
-                log.error(
-                    "release failed queue=%s topic=%s jobs=%d error=%s",
-                    *self.key,
-                    len(jobs),
-                    logs.quoted(exc),
-                )
+                error = exc
             else:
                 log.info("released queue=%s topic=%s jobs=%d", *self.key, released)
+                return
+        # Their leases will expire and they will be redelivered (an attempt spent): nothing
+        # is lost, but an operator wonders why they wait.
+        log.error(
+            "release failed queue=%s topic=%s jobs=%d error=%s",
+            *self.key,
+            len(jobs),
+            logs.quoted(error),
+        )
 
     def _grace_end(self) -> float:
         """The deadline of a store call recording outcomes or releasing jobs."""

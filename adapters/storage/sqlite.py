@@ -71,6 +71,8 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
 
 _MAX_GROUP = 1024  # operations per transaction
+#: How long closing the store waits for the writer to run what is queued (see _Writer.stop).
+CLOSE_GRACE = 5.0
 _PENDING = (State.READY, State.DELAYED, State.LEASED)
 
 #: Bytes of -wal kept once a checkpoint has emptied it (``PRAGMA journal_size_limit``).
@@ -882,11 +884,25 @@ class _Writer:
         await self.run(_ready)  # raises the open/initialise error, naming the file
 
     async def stop(self) -> None:
+        """Run what is queued, then close; give up after CLOSE_GRACE.
+
+        What is still queued then belongs to callers that stopped waiting (their calls ran
+        out of time, a locked file holding them): their outcome was already "maybe".  The
+        thread is left to the interpreter's exit; a transaction it has not committed is
+        rolled back by SQLite when the file is next opened.
+        """
         if self._thread is None:
             return
         self._queue.put(None)
         thread, self._thread = self._thread, None
-        await trio.to_thread.run_sync(thread.join)
+        await trio.to_thread.run_sync(thread.join, CLOSE_GRACE)
+        if thread.is_alive():
+            log.warning(
+                "%s: the store's writer did not finish within %gs (the file locked by another"
+                " process?): closing without the writes it still had",
+                self.path,
+                CLOSE_GRACE,
+            )
 
     async def run(self, operation: Operation[T], *, durable: bool = False) -> T:
         if self._thread is None:
@@ -899,7 +915,10 @@ class _Writer:
 
         def finish(result: outcome.Outcome[T]) -> None:
             box.append(result)
-            token.run_sync_soon(done.set)
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass  # a writer left behind by stop(), answering after the daemon's end
 
         self._queue.put((operation, finish, durable))
         # If this task is cancelled the operation still runs (it may already be committed);
@@ -968,13 +987,20 @@ class _Writer:
         changes = conn.total_changes
         try:
             conn.execute(self._begin)
-            results = [outcome.Value(operation(conn)) for operation, _, _ in group]
-            conn.execute("COMMIT")
-        except Exception:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            changes = conn.total_changes
-            results = [self._alone(conn, operation) for operation, _, _ in group]
+        except sqlite3.Error as exc:
+            # No operation ran: the file is locked (past busy_timeout) or cannot be written.
+            # Each alone would wait for the same lock again, a group of N taking N+1 times
+            # busy_timeout, and a stop behind it as long.
+            results = [outcome.Error(exc) for _ in group]  # an outcome unwraps once
+        else:
+            try:
+                results = [outcome.Value(operation(conn)) for operation, _, _ in group]
+                conn.execute("COMMIT")
+            except Exception:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                changes = conn.total_changes
+                results = [self._alone(conn, operation) for operation, _, _ in group]
         no_room = next(
             (r.error for r in results if isinstance(r, outcome.Error) and _out_of_room(r.error)),
             None,
