@@ -93,6 +93,8 @@ _WAKE_PATTERN = b"bg:{*}:wake"
 #: failed snapshot (stop-writes-on-bgsave-error), a replica, too few replicas
 #: (min-replicas-to-write).
 _WRITE_REFUSALS = frozenset({"OOM", "MISCONF", "READONLY", "NOREPLICAS"})
+#: In the error of a command a script ran: "... script: <sha>, on @user_script:125."
+_SCRIPT_LINE = "@user_script:"
 #: While a replica is down every push is unconfirmed: one warning per this many seconds, with
 #: the count since the last, rather than one per push.
 UNCONFIRMED_WARNING_INTERVAL = 10.0
@@ -380,6 +382,13 @@ class RedisStore(Store):
             self._write_refused.add(queue)
         if exc.code == "WRONGTYPE":
             return StoreCorrupt(f"queue {queue}: unexpected Redis data: {exc}")
+        if _SCRIPT_LINE in str(exc) and exc.code not in _WRITE_REFUSALS:
+            # A command inside the script failed (an ACL user without PUBLISH, say): Redis
+            # keeps what the script wrote before it, so a push may be stored.  A refused
+            # write (OOM, READONLY, ...) is refused at a script's first write, the state it
+            # hangs on cannot change while a script runs; and an error before the script
+            # ran (NOSCRIPT, BUSY) names no script line.
+            return StoreUncertain(f"queue {queue}: a Redis script failed part way: {exc}")
         return _refused(queue, exc)
 
     async def _pipeline(self, queue: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
