@@ -297,6 +297,7 @@ class App:
                 self.health.current,
                 clock=self._clock,
                 refused=self.service.refusals.statistics,
+                failed=self.service.failures.statistics,
             )
             self.admin = AdminAPI(self, self.telemetry, token)
             self.resp = RespServer(self.service, config.listen_resp, config.producer)

@@ -141,6 +141,16 @@ class _BusgateCollector(Collector):
             refused.add_metric([queue, reason], count)
         yield refused
 
+        failed = CounterMetricFamily(
+            "busgate_pushes_failed",
+            "Pushes accepted and then failed by the store, by queue and whether they may be"
+            ' stored ("no": the producer was told nothing was; "maybe": that it may have been).',
+            labels=["queue", "stored"],
+        )
+        for queue, stored, count in self.telemetry.failed_pushes():
+            failed.add_metric([queue, stored], count)
+        yield failed
+
 
 def registry_for(telemetry: Telemetry) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from adapters.storage.base import Route, Store
-from adapters.storage.errors import StoreUnavailable, StoreUncertain
+from adapters.storage.errors import StoreError, StoreUnavailable, StoreUncertain
 from adapters.storage.jobs import NewJob, PushResult
 from gateway import logs
 from gateway.config import Config, QueueConfig
@@ -115,6 +115,44 @@ class Refusals:
         )
 
 
+class PushFailures:
+    """Pushes the store failed once they were accepted (Redis out of memory, a user it
+    refuses, no answer in time), counted by queue and whether they may be stored, for
+    ``/metrics``; and logged, per queue the first at once, then at most one line a minute,
+    and once when pushes are stored again.  The producers were told, each in its protocol's
+    words, but an operator must not have to ask them."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self._lines: dict[str, logs.Repeating] = {}
+
+    def statistics(self) -> dict[tuple[str, str], int]:
+        """Pushes failed so far, by (queue, stored): "no", or "maybe" (StoreUncertain)."""
+        return dict(self.counts)
+
+    def failed(self, queue: str, jobs: int, exc: StoreError) -> None:
+        stored = "maybe" if isinstance(exc, StoreUncertain) else "no"
+        key = (queue, stored)
+        self.counts[key] = self.counts.get(key, 0) + jobs
+        line = self._lines.get(queue)
+        if line is None:
+            line = self._lines[queue] = logs.Repeating(log)
+        line.failed(
+            logging.WARNING,
+            "push failed queue=%s jobs=%d stored=%s error=%s",
+            queue,
+            jobs,
+            stored,
+            logs.quoted(exc),
+        )
+
+    def stored(self, queue: str) -> None:
+        """A store call for ``queue`` succeeded: once per call, not per push."""
+        line = self._lines.get(queue)
+        if line is not None and line.failing:
+            line.recovered("pushes stored again queue=%s", queue)
+
+
 @dataclass(frozen=True, slots=True)
 class QueueEntry:
     config: QueueConfig
@@ -161,6 +199,7 @@ class ProducerService:
         self._batchers: dict[str, _Batcher] = {}
         self.accepting = True
         self.refusals = Refusals()
+        self.failures = PushFailures()
 
     def reload(self, directory: Directory) -> None:
         self.directory = directory
@@ -307,7 +346,7 @@ class ProducerService:
         """
         batcher = self._batchers.get(entry.config.name)
         if batcher is None:
-            batcher = self._batchers[entry.config.name] = _Batcher(self.store)
+            batcher = self._batchers[entry.config.name] = _Batcher(self.store, self.failures)
         return batcher.add(entry, jobs, on_stored)
 
     async def flush(self, entry: QueueEntry) -> None:
@@ -335,8 +374,9 @@ _Submission = tuple[QueueEntry, Sequence[NewJob], OnStored]
 class _Batcher:
     """Group commit for one queue's pushes."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, failures: PushFailures) -> None:
         self.store = store
+        self.failures = failures
         self._waiting: list[_Submission] = []
         self._sending: list[_Submission] = []  # in the call under way
         self._flushing = False
@@ -370,10 +410,12 @@ class _Batcher:
             self._sending.clear()
             self._waiting.clear()
             late = f"the store did not answer within {FLUSH_GRACE:g}s"
-            for _, _, callback in sending:
-                callback(StoreUncertain(late), 0)
-            for _, _, callback in waiting:
-                callback(StoreUnavailable(f"{late}; this push was not sent to it"), 0)
+            for submissions, error in (
+                (sending, StoreUncertain(late)),
+                (waiting, StoreUnavailable(f"{late}; this push was not sent to it")),
+            ):
+                if submissions:
+                    self._failed(submissions, error)
 
     async def _flush_all(self, scope: trio.CancelScope) -> None:
         while self._waiting:
@@ -396,11 +438,18 @@ class _Batcher:
                 result = await self.store.push(entry.config.name, entry.routes, jobs)
             except Exception as exc:
                 self._sending = []
-                for _, _, callback in batch:
-                    callback(exc, 0)
+                self._failed(batch, exc)
                 continue
             self._sending = []
+            self.failures.stored(entry.config.name)
             first = 0
             for _, submitted, callback in batch:
                 callback(result, first)
                 first += len(submitted)
+
+    def _failed(self, batch: list[_Submission], exc: Exception) -> None:
+        if isinstance(exc, StoreError):  # anything else is a bug, logged where it is answered
+            queue = batch[0][0].config.name
+            self.failures.failed(queue, sum(len(jobs) for _, jobs, _ in batch), exc)
+        for _, _, callback in batch:
+            callback(exc, 0)

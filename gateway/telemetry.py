@@ -110,6 +110,7 @@ class Telemetry:
         *,
         clock: Callable[[], float] = time.time,
         refused: Callable[[], Mapping[tuple[str, str], int]] | None = None,
+        failed: Callable[[], Mapping[tuple[str, str], int]] | None = None,
     ) -> None:
         self.store = store
         self._config = config
@@ -117,6 +118,8 @@ class Telemetry:
         self._health = health or dict
         #: Pushes refused, by (queue, reason): the producer service's ``Refusals``.
         self._refused = refused or dict
+        #: Pushes the store failed, by (queue, stored): the producer service's ``PushFailures``.
+        self._failed = failed or dict
         self._clock = clock
         self._topics: dict[tuple[str, str], _TopicRecord] = {}
         #: Whether the last sample reached the store, and since when it has not: a snapshot
@@ -209,6 +212,10 @@ class Telemetry:
     def refused_pushes(self) -> Iterable[tuple[str, str, int]]:
         for (queue, reason), count in self._refused().items():
             yield queue, reason, count
+
+    def failed_pushes(self) -> Iterable[tuple[str, str, int]]:
+        for (queue, stored), count in self._failed().items():
+            yield queue, stored, count
 
     def backend_failures(self) -> Iterable[tuple[str, str, str, int]]:
         for (queue, topic), record in self._topics.items():

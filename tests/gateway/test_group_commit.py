@@ -23,7 +23,7 @@ from adapters.storage.jobs import NewJob, Pushed, PushResult
 from fastcgi.readiness import Readiness
 from gateway.app import App
 from gateway.config import load_config
-from gateway.producer import FLUSH_GRACE, _Batcher
+from gateway.producer import FLUSH_GRACE, PushFailures, _Batcher
 from gateway.resp import encode_command
 from gateway.resp_server import _Connection
 from tests.gateway.test_producer_protocol import QUEUES, Client, CountingPushes
@@ -354,7 +354,7 @@ async def test_a_steady_stream_of_pushes_outlasts_the_flush_grace(
     # loop's: after 30 s of steady load the call under way was cancelled, its pushes told
     # "may have been stored" (pushed again: duplicates), though every call took 10 ms.
     store = _TenMillisecondStore()
-    batcher = _Batcher(store)  # type: ignore[arg-type]
+    batcher = _Batcher(store, PushFailures())  # type: ignore[arg-type]
     entry = SimpleNamespace(config=SimpleNamespace(name="q"), routes=())
     errors: list[Exception] = []
     stored = 0
