@@ -27,7 +27,13 @@ import trio_websocket
 
 from adapters.delivery.base import running
 from adapters.storage.base import Store, parse_dead_cursor
-from adapters.storage.bulk import delete_where, matching_dead_ids, replay_ids, replay_where
+from adapters.storage.bulk import (
+    Confirmation,
+    delete_ids,
+    matching_dead,
+    matching_dead_ids,
+    replay_ids,
+)
 from adapters.storage.errors import StoreError
 from adapters.storage.jobs import (
     EXCERPT_BYTES,
@@ -429,7 +435,8 @@ class AdminAPI:
                 " Redis store, replay through one that has it)",
             )
         body = self._json_body(request)
-        allowed = {"ids", "filter", "all", "dry_run"} | ({"rate"} if done == "replayed" else set())
+        allowed = {"ids", "filter", "all", "dry_run", "confirm"}
+        allowed |= {"rate"} if done == "replayed" else set()
         unknown = set(body) - allowed
         if unknown:
             raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -444,6 +451,7 @@ class AdminAPI:
         dry_run = body.get("dry_run", False)
         if not isinstance(dry_run, bool):
             raise HTTPError(400, '"dry_run" must be true or false')
+        confirmed = _confirmation(body.get("confirm"), ids)
         store, extra = self.store, _unconfigured(configured)
         try:
             if ids is not None and not dry_run and rate is None:
@@ -452,15 +460,26 @@ class AdminAPI:
                 # a replay of N dead jobs in chunks of ids (the CLI's) read N²/100 of them.
                 count = matched = await self._act(done, queue, name, list(dict.fromkeys(ids)))
             else:
+                token: dict[str, str] = {}
                 if ids is None:
+                    # Listed once, and acted on by id: listing again to act counted the
+                    # failures that arrived meanwhile, which were never matched.
                     assert where is not None
-                    matched = len(await matching_dead_ids(store, queue, name, where))
+                    found = await matching_dead(store, queue, name, where, within=confirmed)
+                    ids = found.ids
+                    if confirmed is not None and not confirmed.matches(ids):
+                        error = _changed(confirmed, len(ids), queue, name)
+                        answer = {"error": error, "matched": len(ids), done: 0, **extra}
+                        return Response.json(answer, 409)
+                    if found.newest is not None:
+                        token = {"confirm": Confirmation.of(found).token()}
                 else:  # those of the ids that are dead jobs of this topic
                     dead = set(await matching_dead_ids(store, queue, name, DeadFilter()))
                     ids = [job_id for job_id in dict.fromkeys(ids) if job_id in dead]
-                    matched = len(ids)
+                matched = len(ids)
                 if dry_run:
-                    return Response.json({"matched": matched, done: 0, "dry_run": True, **extra})
+                    answer = {"matched": matched, done: 0, "dry_run": True, **token, **extra}
+                    return Response.json(answer)
                 if matched and rate is not None and matched / rate > MAX_PACED_SECONDS:
                     raise HTTPError(
                         400,
@@ -469,7 +488,7 @@ class AdminAPI:
                         " replay fewer jobs per call, or use `busgate dead replay --rate`,"
                         " which paces itself",
                     )
-                count = await self._act(done, queue, name, ids, where, rate) if matched else 0
+                count = await self._act(done, queue, name, ids, rate) if matched else 0
         except StoreError as exc:
             raise HTTPError(503, f"store unavailable: {exc}") from None
         if matched == 0:
@@ -489,27 +508,12 @@ class AdminAPI:
         return Response.json({"matched": matched, done: count, **extra})
 
     async def _act(
-        self,
-        done: str,
-        queue: str,
-        name: str,
-        ids: list[str] | None,
-        where: DeadFilter | None = None,
-        rate: float | None = None,
+        self, done: str, queue: str, name: str, ids: list[str], rate: float | None = None
     ) -> int:
-        """Replay or delete the dead jobs among ``ids`` (or matching ``where``)."""
-        store = self.store
+        """Replay or delete the dead jobs among ``ids``."""
         if done == "replayed":
-            return (
-                await replay_ids(store, queue, name, ids, rate=rate)
-                if ids is not None
-                else await replay_where(store, queue, name, where or DeadFilter(), rate=rate)
-            )
-        return (
-            await store.delete_dead(queue, name, ids)
-            if ids is not None
-            else await delete_where(store, queue, name, where or DeadFilter())
-        )
+            return await replay_ids(self.store, queue, name, ids, rate=rate)
+        return await delete_ids(self.store, queue, name, ids)
 
     async def pause(self, request: Request) -> Response:
         return await self._set_paused(request, True)
@@ -732,6 +736,29 @@ def _none_dead(ids: list[str], queue: str, topic: str) -> str:
     given = len(set(ids))
     named = f"job {ids[0]} is not" if given == 1 else f"none of the {given} jobs is"
     return f"{named} a dead job of {queue}/{topic} (replayed or deleted already, or unknown)"
+
+
+def _confirmation(token: Any, ids: list[str] | None) -> Confirmation | None:
+    """The set a dry run matched, from its ``confirm`` token (None without one)."""
+    if token is None:
+        return None
+    if ids is not None:
+        raise HTTPError(400, '"confirm" goes with the "filter" or "all" its dry run was given')
+    if not isinstance(token, str):
+        raise HTTPError(400, '"confirm" must be the token a dry run answered')
+    try:
+        return Confirmation.parse(token)
+    except ValueError as exc:
+        raise HTTPError(400, f"confirm: {exc}") from None
+
+
+def _changed(confirmed: Confirmation, now: int, queue: str, topic: str) -> str:
+    # New failures are not in `now`: the listing starts at the newest confirmed job.
+    return (
+        f"the dead jobs of {queue}/{topic} matching that filter are no longer the"
+        f" {confirmed.count} the dry run counted ({now} now, new failures aside: replayed or"
+        " deleted meanwhile?); nothing was done: run the dry run again"
+    )
 
 
 def _unconfigured(configured: bool) -> dict[str, bool]:

@@ -458,12 +458,15 @@ def _dead_replay(args: argparse.Namespace, settings: Settings) -> int:
         return _dry_run(args, counted, f"{queue}/{topic}", "replayed")
     if counted["matched"] == 0:
         raise ClientError("no dead job matches that filter")
-    if not _confirmed(args, counted["matched"], f"{queue}/{topic}", "replay"):
-        return _fail("nothing replayed", 1)
-    # An id given twice is one job: counted once, not reported as "no longer dead".
+    # An id given twice is one job: counted once, not reported as "no longer dead".  A
+    # filter's ids are collected before asking: what is replayed is what the question
+    # counted, not also what failed while the operator read it.
     ids = list(dict.fromkeys(selection.ids)) or _matching_ids(client, queue, topic, selection)
     if not ids:
         raise ClientError("no dead job matches any more: nothing replayed")
+    count = counted["matched"] if selection.ids else len(ids)
+    if not _confirmed(args, count, f"{queue}/{topic}", "replay"):
+        return _fail("nothing replayed", 1)
     size = REPLAY_CHUNK if args.rate is None else max(1, min(REPLAY_CHUNK, int(args.rate)))
     bar = ProgressBar(len(ids), sys.stderr)
     replayed = done = 0
@@ -535,7 +538,9 @@ def _dead_delete(args: argparse.Namespace, settings: Settings) -> int:
         raise ClientError("no dead job matches that filter")
     if not _confirmed(args, counted["matched"], f"{queue}/{topic}", "delete"):
         return _fail("nothing deleted", 1)
-    result = client.delete(queue, topic, selection)
+    # The dry run's token: the server deletes the jobs it counted (none if they changed),
+    # not also those that failed while the operator read the question.
+    result = client.delete(queue, topic, selection, confirm=counted.get("confirm"))
     if args.json:
         _print_json(result)
     else:

@@ -312,10 +312,13 @@ class AdminClient:
         *,
         dry_run: bool = False,
         rate: float | None = None,
+        confirm: str | None = None,
     ) -> dict[str, Any]:
         body = selection.body()
         if dry_run:
             body["dry_run"] = True
+        if confirm is not None:
+            body["confirm"] = confirm
         if rate is not None:
             body["rate"] = rate
         return self._admin(
@@ -326,11 +329,21 @@ class AdminClient:
         )
 
     def delete(
-        self, queue: str, topic: str, selection: Selection, *, dry_run: bool = False
+        self,
+        queue: str,
+        topic: str,
+        selection: Selection,
+        *,
+        dry_run: bool = False,
+        confirm: str | None = None,
     ) -> dict[str, Any]:
+        """With ``confirm`` (the token a dry run of a filter answered): the jobs it counted,
+        or none (409) when they changed since."""
         body = selection.body()
         if dry_run:
             body["dry_run"] = True
+        if confirm is not None:
+            body["confirm"] = confirm
         return self._admin(
             "POST",
             _topic_path(queue, topic) + "/dead/delete",

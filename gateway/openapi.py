@@ -83,7 +83,21 @@ def _selection(action: str) -> dict[str, Any]:
             },
             "filter": _ref("DeadFilter"),
             "all": {"type": "boolean", "const": True},
-            "dry_run": {"type": "boolean", "description": "Count the matches, change nothing."},
+            "dry_run": {
+                "type": "boolean",
+                "description": (
+                    'Count the matches, change nothing; with "filter" or "all", the answer\'s'
+                    ' "confirm" names the jobs counted.'
+                ),
+            },
+            "confirm": {
+                "type": "string",
+                "description": (
+                    "A dry run's token, with the same filter or all: act on exactly the jobs"
+                    " it counted (failures since are left alone), or, if some of them were"
+                    " replayed or deleted meanwhile, on none (409)."
+                ),
+            },
         },
         "additionalProperties": False,
     }
@@ -557,13 +571,17 @@ def document() -> dict[str, Any]:
                                     "matched": {"type": "integer"},
                                     "replayed": {"type": "integer"},
                                     "dry_run": {"type": "boolean"},
+                                    "confirm": {"type": "string"},
                                 },
                             }
                         ),
                         **_errors(400, 401, 403, 404, 415, 503),
                         "409": {
                             **_ERROR,
-                            "description": "The topic is not configured (removed by a reload)",
+                            "description": (
+                                "The topic is not configured (removed by a reload), or the"
+                                " confirmed jobs changed since the dry run"
+                            ),
                         },
                     },
                 }
@@ -586,11 +604,16 @@ def document() -> dict[str, Any]:
                                     "matched": {"type": "integer"},
                                     "deleted": {"type": "integer"},
                                     "dry_run": {"type": "boolean"},
+                                    "confirm": {"type": "string"},
                                     "configured": _CONFIGURED,
                                 },
                             }
                         ),
                         **_errors(400, 401, 403, 404, 415, 503),
+                        "409": {
+                            **_ERROR,
+                            "description": "The confirmed jobs changed since the dry run",
+                        },
                     },
                 }
             },

@@ -835,9 +835,9 @@ export class TopicView {
   async actOnFilter(action) {
     const filter = this.readFilter();
     const word = action === "replay" ? "Replay" : "Delete";
-    let matched;
+    let matched, confirm;
     try {
-      ({ matched } = await post(`${this.path}/dead/${action}`, { filter, dry_run: true }));
+      ({ matched, confirm } = await post(`${this.path}/dead/${action}`, { filter, dry_run: true }));
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
       if (error.status !== 401) {
@@ -864,7 +864,9 @@ export class TopicView {
     });
     if (!sure) return;
     try {
-      const answer = await post(`${this.path}/dead/${action}`, { filter });
+      // With the dry run's token the daemon acts on the jobs counted above (or on none, 409,
+      // if they changed), not also on those that failed while the dialog was open.
+      const answer = await post(`${this.path}/dead/${action}`, { filter, confirm });
       const done = action === "replay" ? answer.replayed : answer.deleted;
       notify(`${action === "replay" ? "Replayed" : "Deleted"} ${plural(done, "job")}.`);
     } catch (error) {
