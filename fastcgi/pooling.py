@@ -23,6 +23,7 @@ import math
 import os
 import select
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -361,6 +362,20 @@ def os_reason(exc: BaseException) -> str:
             if linked is not None:
                 pending.append(linked)
     return str(exc)
+
+
+def tls_reason(exc: BaseException) -> str:
+    """Why a TLS handshake failed, in OpenSSL's words: trio's BrokenResourceError says
+    nothing itself, its cause (an ``ssl.SSLError``) does."""
+    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | trio.BrokenResourceError):
+        return "the server closed the connection"
+    if isinstance(cause, ssl.SSLError):
+        # reason: "WRONG_VERSION_NUMBER" (an http:// server), "TLSV1_ALERT_PROTOCOL_VERSION"…
+        return cause.reason.replace("_", " ").lower() if cause.reason else str(cause)
+    return "the server closed the connection" if cause is None else os_reason(cause)
 
 
 def none_inf(value: float | None) -> float:

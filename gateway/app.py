@@ -33,7 +33,14 @@ from adapters.storage.redis_store import RedisStore, check_redis_version
 from adapters.storage.sqlite import SQLiteStore
 from fastcgi.address import parse_address
 from gateway.admin import AdminAPI, read_token
-from gateway.config import Config, StoreConfig, TopicConfig, config_warnings, php_fpm_notes
+from gateway.config import (
+    Config,
+    StoreConfig,
+    TopicConfig,
+    config_warnings,
+    php_fpm_notes,
+    store_tls_context,
+)
 from gateway.dispatcher import RECORD_GRACE, Dispatcher, DispatcherStatistics
 from gateway.dns import Resolver
 from gateway.health import BackendHealth
@@ -128,6 +135,10 @@ async def open_store(
     if config.kind == "sqlite":
         assert config.path is not None
         return await SQLiteStore.open(config.path, clock=clock, read_only=read_only)
+    try:
+        tls = store_tls_context(config)  # read once for every node of a cluster
+    except ValueError as exc:  # a file gone or spoilt since the configuration was read
+        raise StartupError(f"store: {exc}") from None
 
     def client(address: RedisAddress) -> RedisClient:
         return RedisClient(
@@ -135,7 +146,7 @@ async def open_store(
             username=config.username,
             password=config.password,
             db=config.db,
-            tls=config.tls,
+            tls=tls or False,
             connect_timeout=config.connect_timeout,
             command_timeout=config.command_timeout,
         )

@@ -25,12 +25,13 @@ import math
 import os
 import posixpath
 import re
+import ssl
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import yaml
 
@@ -39,6 +40,7 @@ from adapters.storage.redis_client import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_REPLICA_TIMEOUT,
+    tls_context,
 )
 from fastcgi.address import parse_address
 from gateway.units import (
@@ -406,8 +408,17 @@ class StoreConfig:
     # redis: how many replicas must confirm a push (WAIT), and how long it waits for them
     replicas: int = 0
     replica_timeout: float = DEFAULT_REPLICA_TIMEOUT
+    # rediss: trust this CA file's CAs instead of the system's; show this client certificate
+    # (its key in key_file, or in cert_file too) to a Redis with tls-auth-clients
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def __post_init__(self) -> None:
+        files = {name: getattr(self, name) for name in _STORE_FILE_OPTIONS}
+        given = {name: path for name, path in files.items() if path is not None}
+        for name, path in given.items():
+            _check_absolute(path, name)
         if self.kind == "sqlite":
             _check_absolute(self.path, "path")
             timeouts = (self.command_timeout, self.connect_timeout)
@@ -424,6 +435,8 @@ class StoreConfig:
                 )
             if self.replicas or self.replica_timeout != DEFAULT_REPLICA_TIMEOUT:
                 raise InvalidField("replicas", "an SQLite store has no replicas")
+            if given:
+                raise InvalidField(next(iter(given)), "an SQLite store has no TLS")
             return
         if self.kind not in ("redis", "redis-cluster"):
             raise InvalidField("kind", f"{self.kind!r} is not sqlite, redis or redis-cluster")
@@ -443,6 +456,12 @@ class StoreConfig:
         _check_seconds(self.connect_timeout, "connect_timeout", positive=True)
         _check_integer(self.replicas, "replicas", 0, MAX_REPLICAS)
         _check_seconds(self.replica_timeout, "replica_timeout", positive=True)
+        if given and not self.tls:
+            raise InvalidField(
+                next(iter(given)), "is for TLS (rediss://); a redis:// connection is plain"
+            )
+        if self.key_file is not None and self.cert_file is None:
+            raise InvalidField("key_file", "needs cert_file, the certificate the key is for")
         if self.replicas and self.replica_timeout >= self.command_timeout:
             # The WAIT is part of the push's call: past the call's timeout its connection is
             # given up, and the push answered uncertain anyway, without saying why.
@@ -1077,6 +1096,13 @@ _STORE_OPTIONS = {
     "replicas": "replicas",
     "replica_timeout": "replica_timeout",
 }
+#: A ``rediss://`` URL's files (``?ca_file=ca.pem``), each the StoreConfig field of its name;
+#: relative to the main file's directory, as every path in it is.
+_STORE_FILE_OPTIONS = ("ca_file", "cert_file", "key_file")
+_FILE_OPTION_FORMS = (
+    "rediss:// takes ca_file (the CAs to trust instead of the system's), and cert_file with"
+    " key_file (a client certificate, for Redis's tls-auth-clients)"
+)
 #: More replicas than any deployment runs per master: a larger number is a typo, and a push
 #: would wait for replicas that do not exist.
 MAX_REPLICAS = 100
@@ -1095,9 +1121,10 @@ _STORE_OPTION_FORMS = {
     "replica_timeout": _REPLICA_OPTION_FORMS,
 }
 _ALL_STORE_OPTION_FORMS = (
-    "the options are timeout and connect_timeout, durations such as 30s or 500ms, and"
+    "the options are timeout and connect_timeout, durations such as 30s or 500ms,"
     f" replicas, how many replicas must confirm a push (0 to {MAX_REPLICAS}), with"
-    " replica_timeout, how long a push waits for them"
+    " replica_timeout, how long a push waits for them, and for rediss:// ca_file, cert_file"
+    " and key_file"
 )
 
 
@@ -1129,6 +1156,7 @@ def parse_store(url: str, directory: str) -> StoreConfig:
     if "#" in location:
         raise ValueError(f"{shown!r}: a fragment ('#…') is not supported")
     location, _, query = location.partition("?")
+    query, files = _file_options(shown, query, directory)
     options = _store_options(shown, query)
     values = {field: value for field, (_, value) in options.items()}
     hosts, _, database = location.partition("/")
@@ -1149,7 +1177,7 @@ def parse_store(url: str, directory: str) -> StoreConfig:
     if cluster and db:
         raise ValueError(f"{shown!r}: a Redis Cluster has only database 0")
     try:
-        return StoreConfig(
+        store = StoreConfig(
             url=url,
             kind="redis-cluster" if cluster else "redis",
             nodes=nodes,
@@ -1161,13 +1189,77 @@ def parse_store(url: str, directory: str) -> StoreConfig:
             connect_timeout=values.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
             replicas=int(values.get("replicas", 0)),
             replica_timeout=values.get("replica_timeout", _default_replica_timeout(values)),
+            **files,
         )
     except InvalidField as exc:
         if exc.field in options:
             raise ValueError(
                 f"{shown!r}: option {options[exc.field][0]!r}: {exc.message}"
             ) from None
+        if exc.field in files:
+            raise ValueError(f"{shown!r}: option {exc.field!r}: {exc.message}") from None
         raise ValueError(f"{shown!r}: {exc.message}") from None
+    if files:  # read now, as the daemon will: a missing file is a mistake in this line
+        try:
+            store_tls_context(store)
+        except ValueError as exc:
+            raise ValueError(f"{shown!r}: {exc}") from None
+    return store
+
+
+def store_tls_context(store: StoreConfig) -> ssl.SSLContext | None:
+    """What a ``rediss://`` store's connections check and show (None: a plain store).
+
+    Raises ``ValueError`` naming the option and the file that cannot be used: ssl's own
+    errors name neither.
+    """
+    if not store.tls:
+        return None
+    for name in _STORE_FILE_OPTIONS:
+        path = getattr(store, name)
+        if path is None:
+            continue
+        try:  # which file is missing or unreadable: load_cert_chain does not say
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"option {name!r}: {_with_path(path, exc)}") from None
+    try:
+        ssl.create_default_context(cafile=store.ca_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ValueError(f"option 'ca_file': {_with_path(str(store.ca_file), exc)}") from None
+    try:
+        return tls_context(store.ca_file, store.cert_file, store.key_file)
+    except (OSError, ValueError) as exc:
+        names = "'cert_file' and 'key_file'" if store.key_file else "'cert_file'"
+        raise ValueError(f"options {names}: {exc}") from None
+
+
+def _with_path(path: str, error: Exception) -> str:
+    """``error``'s text with the file it is about, unless it names it already (an OSError
+    from open() does, ssl's errors do not)."""
+    text = str(error)
+    return text if path in text else f"{text}: {path!r}"
+
+
+def _file_options(shown: str, query: str, directory: str) -> tuple[str, dict[str, str]]:
+    """A Redis URL's options without its files (``ca_file=…``), and those as absolute paths,
+    relative ones taken from ``directory``."""
+    rest: list[str] = []
+    files: dict[str, str] = {}
+    for item in query.split("&"):
+        written, _, value = item.partition("=")
+        name = unquote(written)
+        if name not in _STORE_FILE_OPTIONS:
+            rest.append(item)
+            continue
+        if name in files:
+            raise ValueError(f"{shown!r}: option {name!r} is given twice")
+        path = unquote(value)
+        if not path.strip():
+            raise ValueError(f"{shown!r}: option {name!r} needs a file, as in {name}=ca.pem")
+        files[name] = os.path.normpath(os.path.join(directory, path))
+    return "&".join(rest), files
 
 
 def _default_replica_timeout(values: Mapping[str, float]) -> float:
@@ -1189,9 +1281,9 @@ def _store_options(shown: str, query: str) -> dict[str, tuple[str, float]]:
         name = unquote(written)
         field = _STORE_OPTIONS.get(name)
         if field is None:
-            close = difflib.get_close_matches(name, _STORE_OPTIONS, n=1)
+            close = difflib.get_close_matches(name, [*_STORE_OPTIONS, *_STORE_FILE_OPTIONS], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            forms = _STORE_OPTION_FORMS[_STORE_OPTIONS[close[0]]] if close else None
+            forms = _option_forms(close[0]) if close else None
             raise ValueError(
                 f"{shown!r}: unknown option {name!r}{hint} ({forms or _ALL_STORE_OPTION_FORMS})"
             )
@@ -1217,6 +1309,13 @@ def _store_options(shown: str, query: str) -> dict[str, tuple[str, float]]:
             ) from None
         options[field] = (name, seconds)
     return options
+
+
+def _option_forms(name: str) -> str:
+    """The family of options ``name`` belongs to, explained."""
+    if name in _STORE_FILE_OPTIONS:
+        return _FILE_OPTION_FORMS
+    return _STORE_OPTION_FORMS[_STORE_OPTIONS[name]]
 
 
 def _replica_count(shown: str, name: str, value: str | None) -> int:
@@ -1263,7 +1362,7 @@ def _redact_options(url: str) -> str:
     items = []
     for item in query.split("&"):
         name, equals, _ = item.partition("=")
-        known = unquote(name) in _STORE_OPTIONS
+        known = unquote(name) in _STORE_OPTIONS or unquote(name) in _STORE_FILE_OPTIONS
         items.append(item if known or not equals else f"{name}={REDACTED}")
     return f"{url[:start]}{head}?{'&'.join(items)}"
 
@@ -1560,7 +1659,7 @@ def effective_document(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, secrets redacted (admin API, YAML)."""
     store = config.store
     document: dict[str, Any] = {
-        "store": f"sqlite://{store.path}" if store.kind == "sqlite" else store.redacted_url,
+        "store": f"sqlite://{store.path}" if store.kind == "sqlite" else _shown_store_url(store),
         "listen": {"resp": str(config.listen_resp), "http": str(config.listen_http)},
         "admin_token_file": config.admin_token_file,
         "include": config.include,
@@ -1573,6 +1672,22 @@ def effective_document(config: Config) -> dict[str, Any]:
         "queues": [_render_queue(queue) for queue in config.queues.values()],
     }
     return document
+
+
+def _shown_store_url(store: StoreConfig) -> str:
+    """The redacted store URL with its files (``ca_file=…``) as the daemon reads them: the
+    absolute path of one written relative to the main file."""
+    url = store.redacted_url
+    start = url.rfind("@") + 1  # the options follow the last '@', as in _redact_options
+    head, question, query = url[start:].partition("?")
+    if not question:
+        return url
+    items = []
+    for item in query.split("&"):
+        name = unquote(item.partition("=")[0])
+        path = getattr(store, name) if name in _STORE_FILE_OPTIONS else None
+        items.append(item if path is None else f"{name}={quote(path)}")
+    return f"{url[:start]}{head}?{'&'.join(items)}"
 
 
 def _render_queue(queue: QueueConfig) -> dict[str, Any]:

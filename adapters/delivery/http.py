@@ -41,6 +41,7 @@ from fastcgi.pooling import (
     PoolStatistics,
     closed_while_idle,
     os_reason,
+    tls_reason,
 )
 
 _RECEIVE_SIZE = 64 * 1024
@@ -368,17 +369,3 @@ class HTTPBackend:
 
     def statistics(self) -> PoolStatistics:
         return self.pool.statistics()
-
-
-def tls_reason(exc: BaseException) -> str:
-    """Why a TLS handshake failed, in OpenSSL's words: trio's BrokenResourceError says
-    nothing itself, its cause (an ``ssl.SSLError``) does."""
-    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | trio.BrokenResourceError):
-        return "the server closed the connection"
-    if isinstance(cause, ssl.SSLError):
-        # reason: "WRONG_VERSION_NUMBER" (an http:// server), "TLSV1_ALERT_PROTOCOL_VERSION"…
-        return cause.reason.replace("_", " ").lower() if cause.reason else str(cause)
-    return "the server closed the connection" if cause is None else os_reason(cause)

@@ -11,6 +11,7 @@ router turns that off and retries itself, asking the cluster first where the slo
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket as stdlib_socket
 import ssl
 from collections.abc import Sequence
@@ -22,7 +23,17 @@ import trio
 
 from adapters.storage.errors import StoreError, StoreRefused, StoreUnavailable, StoreUncertain
 from fastcgi.errors import BackendError
-from fastcgi.pooling import Pool, PooledStream, PoolLimits, PoolStatistics, os_reason, send_all
+from fastcgi.pooling import (
+    Pool,
+    PooledStream,
+    PoolLimits,
+    PoolStatistics,
+    os_reason,
+    send_all,
+    tls_reason,
+)
+
+log = logging.getLogger("busgate.redis")
 
 Arg = bytes | str | int | float
 Command = Sequence[Arg]
@@ -147,6 +158,26 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
+def tls_context(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """What a ``rediss://`` connection checks and shows: the server's certificate against
+    ``ca_file``'s CAs (the system's without one), and ``cert_file`` (its key in ``key_file``,
+    or in the same file) to a Redis that asks for a client's (``tls-auth-clients``).
+
+    Raises ``OSError`` (``ssl.SSLError`` is one) for a file that cannot be used, and
+    ``ValueError`` for an encrypted key: there is no terminal to ask a passphrase on.
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file, password=_no_passphrase)
+    return context
+
+
+def _no_passphrase() -> str:
+    raise ValueError("the key is encrypted; busgate needs it unencrypted (readable only by it)")
+
+
 class RedisClient:
     """Connections to one Redis server."""
 
@@ -157,20 +188,25 @@ class RedisClient:
         username: str | None = None,
         password: str | None = None,
         db: int = 0,
-        tls: bool = False,
+        tls: bool | ssl.SSLContext = False,
         max_connections: int = 32,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         idle_timeout: float = 60.0,
     ) -> None:
+        """``tls``: True checks the server's certificate against the system's CAs; a context
+        (``tls_context``) says what else to trust or show.  One context serves every client
+        of a store, so a cluster's nodes do not each read the files."""
         self.address = address
-        self.name = f"redis://{address}"
+        self.name = f"{'rediss' if tls else 'redis'}://{address}"  # the scheme configured
         self.username = username
         self.password = password
         self.db = db
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
-        self._ssl = ssl.create_default_context() if tls else None
+        self._ssl = tls_context() if tls is True else tls or None
+        #: CLIENT SETNAME was refused once (said once, then no more).
+        self._unnamed = False
         self._pool: Pool[RedisConnection] = Pool(
             self.name,
             self._connect,
@@ -227,7 +263,7 @@ class RedisClient:
                 pool.discard(conn)
                 if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
                     pool.failures_total += 1
-                    raise StoreUncertain(f"{self.name}: connection lost: {exc}") from exc
+                    raise StoreUncertain(f"{self.name}: connection lost: {_reason(exc)}") from exc
                 if isinstance(exc, hiredis.ProtocolError):
                     # The commands went out: Redis may have run them, whatever came back.
                     pool.failures_total += 1
@@ -273,7 +309,9 @@ class RedisClient:
                     await tls.do_handshake()
                 except (trio.BrokenResourceError, ssl.SSLError) as exc:
                     tcp.socket.close()
-                    raise StoreUnavailable(f"{self.name}: TLS handshake failed: {exc}") from exc
+                    raise StoreUnavailable(
+                        f"{self.name}: TLS handshake failed: {tls_reason(exc)}{_tls_hint(exc)}"
+                    ) from exc
                 except BaseException:  # out of time (connect_timeout), or cancelled
                     tcp.socket.close()
                     raise
@@ -307,13 +345,50 @@ class RedisClient:
         try:
             replies = await conn.roundtrip(payload, len(commands))
         except (trio.BrokenResourceError, OSError) as exc:
-            raise StoreUnavailable(f"{self.name}: connection lost during login: {exc}") from exc
+            hint = _tls_hint(exc)
+            if not hint and self._ssl is not None and _was_reset(exc):
+                # Redis's alert and its reset race our login: the reset may come first.
+                hint = " (does Redis ask for a client certificate? name it with ?cert_file=…)"
+            raise StoreUnavailable(
+                f"{self.name}: connection lost during login: {_reason(exc)}{hint}"
+            ) from exc
         except hiredis.ProtocolError as exc:  # the URL names something else: an HTTP port
             raise StoreRefused(
                 f"{self.name}: the server does not speak the Redis protocol ({exc});"
                 " is this the address of a Redis server?"
             ) from exc
         for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, ServerError):
-                what = str(command[0])
-                raise StoreRefused(f"{self.name}: {what} failed: {reply}")
+            if not isinstance(reply, ServerError):
+                continue
+            if command[0] == "CLIENT":
+                # The name only labels our connections in CLIENT LIST: a Redis that renamed
+                # CLIENT away, or a user not granted it (-NOPERM), serves the store all the
+                # same.  Said once: every connection would say it again.
+                if not self._unnamed:
+                    self._unnamed = True
+                    log.info("%s: connections go unnamed: CLIENT SETNAME: %s", self.name, reply)
+                continue
+            raise StoreRefused(f"{self.name}: {command[0]!s} failed: {reply}")
+
+
+def _reason(exc: BaseException) -> str:
+    """What broke a connection: over TLS, trio's BrokenResourceError says nothing itself, the
+    ``ssl.SSLError`` it was raised from does (a Redis that wants a client certificate sends
+    its alert after the handshake, at the first read)."""
+    if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):
+        return tls_reason(exc)
+    return str(exc) or type(exc).__name__
+
+
+def _was_reset(exc: BaseException) -> bool:
+    return any(isinstance(e, ConnectionResetError) for e in (exc, exc.__cause__, exc.__context__))
+
+
+def _tls_hint(exc: BaseException) -> str:
+    """Which store URL option mends a refused certificate, either way."""
+    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return " (a private CA is named with ?ca_file=…)"
+    if isinstance(cause, ssl.SSLError) and "CERTIFICATE_REQUIRED" in (cause.reason or ""):
+        return " (Redis asks for a client certificate: name it with ?cert_file=…&key_file=…)"
+    return ""
