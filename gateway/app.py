@@ -166,6 +166,8 @@ async def open_store(
         for info in await router.execute_everywhere("INFO", "server"):
             check_redis_version(info.decode() if isinstance(info, bytes) else str(info))
         await store.check_replicas()
+        if not read_only:  # a replica, an evicting maxmemory-policy, missing permissions
+            await store.check_server()
     except StoreUnsupported as exc:
         await store.aclose()
         where = ", ".join(f"{host}:{port}" for host, port in config.nodes)

@@ -102,6 +102,12 @@ def new_trace() -> bytes:
     return _random.getrandbits(128).to_bytes(16, "little")
 
 
+def new_lease() -> str:
+    """A reservation's token: 16 hex digits, one per reserve call (a job is leased at most
+    once in a call, and each lease of it comes from another call)."""
+    return f"{_random.getrandbits(64):016x}"
+
+
 def new_trace_id() -> str:
     """32 hex digits, a W3C trace id."""
     return new_trace().hex()
@@ -151,6 +157,11 @@ class Job:
     run_at: float
     trace_id: str
     lease_until: float = 0.0
+    #: Which reservation this is (``new_lease``): outcomes, extensions and releases name it.
+    #: (id, attempt) does not tell leases apart: a replay, or a push of a finished explicit
+    #: id again, numbers attempts from 1 again, and a daemon that outlived its lease (frozen,
+    #: partitioned) would record its late outcome on another delivery's lease.
+    lease: str = ""
 
 
 @dataclass(slots=True)

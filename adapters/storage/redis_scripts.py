@@ -17,6 +17,7 @@ old node answers ASK for it: see ``redis_store.ROUTE``).  Layout, per topic T:
     r:T:<p>    list   ready ids of priority p, FIFO
     d:T        zset   delayed ids by run_at
     l:T        zset   leased ids by lease_until
+    L:T        hash   leased id -> its lease's token (Job.lease): which reservation holds it
     x:T / c:T  zset   dead / completed ids by finished_at
     n:T        hash   counters: pushed, done, retried, dead, expired, replayed
     n          hash   queue counters: unmatched
@@ -53,9 +54,15 @@ local function ready_list(topic, id)
   local record = redis.call('HGET', K('J', topic), id)
   return prefix .. 'r:' .. topic .. ':' .. string.byte(record, 1)
 end
-local function leased(topic, id, attempt)
+-- A lease is its job's state (leased, at this attempt) and its token in L:T: a replay or a
+-- new push of a finished id numbers attempts from 1 again, so the attempt alone would let a
+-- holder that outlived its lease finish another delivery's.
+local function leased(topic, id, attempt, token)
   local st = get_state(topic, id)
-  if st and st.s == '2' and st.n == attempt then return st end
+  if st and st.s == '2' and st.n == attempt
+    and redis.call('HGET', K('L', topic), id) == token then
+    return st
+  end
   return nil
 end
 local function add_attempt(st, record)
@@ -80,6 +87,7 @@ end
 local function forget(topic, id)
   redis.call('HDEL', K('J', topic), id)
   redis.call('HDEL', K('S', topic), id)
+  redis.call('HDEL', K('L', topic), id)
   redis.call('ZREM', K('x', topic), id)
   redis.call('ZREM', K('c', topic), id)
 end
@@ -173,7 +181,7 @@ RESERVE = Script(
 -- One command per batch, not per job, for every step that can take many keys or members:
 -- LPOP with a count, HMGET, and variadic HSET and ZADD.  Per-job work is Lua only, and
 -- appends use a counter: table.insert costs 6x as much, several times per job.
-local topic, lease_until, plan = ARGV[2], ARGV[3], ARGV[4]
+local topic, lease_until, plan, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local jobs_key, states_key, leases_key = K('J', topic), K('S', topic), K('l', topic)
 local ready_prefix = prefix .. 'r:' .. topic .. ':'
 local wanted = {['0'] = 0, ['1'] = 0, ['2'] = 0}
@@ -213,14 +221,18 @@ for c = 1, #plan do
     nids = nids + 1; ids[nids] = id
   end
 end
-local out, nout = {}, 0
+local out, nout, lost = {}, 0, 0
 if nids > 0 then
   local records = hmget_many(jobs_key, ids)
   local states = hmget_many(states_key, ids)
-  local new_states, leases, npairs = {}, {}, 0
+  local new_states, leases, tokens, npairs = {}, {}, {}, 0
   for k = 1, nids do
     local id, record = ids[k], records[k]
-    if record then
+    if not record then
+      -- Ready, but its record is gone: evicted (an allkeys-* maxmemory-policy) or deleted
+      -- outside busgate.  Nothing can be delivered; the caller says so.
+      lost = lost + 1
+    else
       local attempt, run_at, state = '1', '', '2|1||' .. lease_until .. '|||'
       if states[k] then  -- reserved before: keep its run_at and attempts, count one more
         local s, n, t, l, f, ls, rest = string.match(states[k],
@@ -232,6 +244,7 @@ if nids > 0 then
       npairs = npairs + 2
       new_states[npairs - 1] = id; new_states[npairs] = state
       leases[npairs - 1] = lease_until; leases[npairs] = id
+      tokens[npairs - 1] = id; tokens[npairs] = token
       -- Flat (id, record, attempt, run_at, ...): a table per job costs more than the
       -- four values it holds, here and in the client's parser.
       out[nout + 1] = id; out[nout + 2] = record; out[nout + 3] = attempt
@@ -241,11 +254,12 @@ if nids > 0 then
   if npairs > 0 then
     call_many('HSET', states_key, new_states)
     call_many('ZADD', leases_key, leases)
+    call_many('HSET', K('L', topic), tokens)
   end
 end
 local counts = {}
 for p = 0, 2 do counts[p + 1] = redis.call('LLEN', ready_prefix .. p) end
-return {out, counts}
+return {out, counts, lost}
 """
 )
 
@@ -254,25 +268,26 @@ FINISH = Script(
     + """
 local topic, now = ARGV[2], ARGV[3]
 local states_key, leases_key = K('S', topic), K('l', topic)
--- Per job: id, attempt, kind, tail ("status|error" of the state), attempt record, and for
--- the retry kinds run_at.  Every argument is a Lua string made on entry, so there are no
--- more than the script needs.  Appends use counters, as in RESERVE.
-local ids, attempts, kinds, tails, records, run_ats, nids = {}, {}, {}, {}, {}, {}, 0
+-- Per job: id, attempt, lease token, kind, tail ("status|error" of the state), attempt
+-- record, and for the retry kinds run_at.  Every argument is a Lua string made on entry,
+-- so there are no more than the script needs.  Appends use counters, as in RESERVE.
+local ids, attempts, tokens, kinds, tails, records, run_ats, nids = {}, {}, {}, {}, {}, {}, {}, 0
 local i, nargs = 4, #ARGV
 while i <= nargs do
   nids = nids + 1
-  ids[nids], attempts[nids], kinds[nids] = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  tails[nids], records[nids] = ARGV[i + 3], ARGV[i + 4]
+  ids[nids], attempts[nids], tokens[nids] = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  kinds[nids], tails[nids], records[nids] = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   if kinds[nids] == 'done' or kinds[nids] == 'dead' then
-    i = i + 5
+    i = i + 6
   else
-    run_ats[nids] = ARGV[i + 5]; i = i + 6
+    run_ats[nids] = ARGV[i + 6]; i = i + 7
   end
 end
 -- Read every state in one command; what this batch writes is kept in `states` too, so an
 -- id finished twice in one batch sees its first finish.
 local states = {}
 local read_states = hmget_many(states_key, ids)
+local held = hmget_many(K('L', topic), ids)  -- each lease's token (see leased())
 for k, id in ipairs(ids) do
   if states[id] == nil then states[id] = read_states[k] or '' end
 end
@@ -285,7 +300,7 @@ for k = 1, nids do
   local id, attempt, kind, record = ids[k], attempts[k], kinds[k], records[k]
   -- Only state, attempt and run_at survive a finish: parse those, not the whole string.
   local state, n, t = string.match(states[id], '^(%d)|(%d*)|([^|]*)|')
-  if state ~= '2' or n ~= attempt then
+  if state ~= '2' or n ~= attempt or held[k] ~= tokens[k] then
     results[k] = 0
   else
     nunleased = nunleased + 1; unleased[nunleased] = id
@@ -328,6 +343,7 @@ for k = 1, nids do
 end
 if nunleased > 0 then
   call_many('ZREM', leases_key, unleased)
+  call_many('HDEL', K('L', topic), unleased)
   local state_pairs = {}
   for j = 1, nunleased do
     local id = unleased[j]
@@ -350,8 +366,8 @@ return results
 EXTEND = Script(
     _COMMON
     + """
-local topic, id, attempt, lease_until = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local st = leased(topic, id, attempt)
+local topic, id, attempt, token, lease_until = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local st = leased(topic, id, attempt, token)
 if not st then return 0 end
 st.l = lease_until
 put_state(topic, id, st)
@@ -366,11 +382,12 @@ RELEASE = Script(
 local topic = ARGV[2]
 local released = 0
 -- Last first: each goes to the front, so the first given back ends up first in line.
-for i = #ARGV - 1, 3, -2 do
+for i = #ARGV - 2, 3, -3 do  -- (id, attempt, token) per job
   local id = ARGV[i]
-  local st = leased(topic, id, ARGV[i + 1])
+  local st = leased(topic, id, ARGV[i + 1], ARGV[i + 2])
   if st then
     redis.call('ZREM', K('l', topic), id)
+    redis.call('HDEL', K('L', topic), id)
     st.s, st.l, st.n = '0', '', tostring(tonumber(st.n) - 1)
     put_state(topic, id, st)
     -- to the front: these were next in line before they were given back
@@ -397,6 +414,7 @@ for i = 1, #expired, 2 do
   local st = get_state(topic, id) or new_state()
   local n = tonumber(st.n) or 0
   redis.call('ZREM', lkey, id)
+  redis.call('HDEL', K('L', topic), id)
   local expiry = {n = n, s = tonumber(lease), d = 0, o = 'expired', e = reason}
   add_attempt(st, cjson.encode(expiry))
   st.l, st.ls, st.le = '', '', reason
@@ -494,5 +512,49 @@ for i = 3, #ARGV do
   end
 end
 return deleted
+"""
+)
+
+CHECK = Script(
+    """
+-- At start: every command the other scripts and the store's pipelines run, on keys of this
+-- script's own (``bg:{~check}:probe:*``: no queue name holds a ``~``), each in a pcall so that
+-- one refused does not hide the next.  Nothing is left behind: a write is tried only once
+-- the command that undoes it was allowed (tried first, on a key that does not exist).
+-- Returns (command, error) pairs: what Redis refused.
+local prefix = ARGV[1]
+local h, l, z = prefix .. 'probe:h', prefix .. 'probe:l', prefix .. 'probe:z'
+local refused, n = {}, 0
+local function try(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    refused[n + 1] = (...); refused[n + 2] = reply.err; n = n + 2
+    return false
+  end
+  return true
+end
+try('HGET', h, 'f'); try('HEXISTS', h, 'f'); try('HMGET', h, 'f'); try('HGETALL', h)
+if try('HDEL', h, 'f') then
+  if try('HSET', h, 'f', '1') then
+    -- SADD on the hash: a user who may run it is refused for the key's type (WRONGTYPE),
+    -- which the caller ignores, and nothing is added.
+    try('SADD', h, 'm')
+  end
+  try('HINCRBY', h, 'f', '1')
+  try('HDEL', h, 'f')
+end
+try('LLEN', l)
+if try('LPOP', l, 2) then
+  try('RPUSH', l, 'a'); try('LPUSH', l, 'b'); try('LPOP', l, 2)
+end
+try('ZSCORE', z, 'a'); try('ZCARD', z); try('ZRANGE', z, 0, 0)
+try('ZRANGEBYSCORE', z, '-inf', '+inf'); try('ZREVRANGEBYSCORE', z, '+inf', '-inf')
+if try('ZREM', z, 'a') then
+  try('ZADD', z, 0, 'a'); try('ZREM', z, 'a')
+end
+try('SMEMBERS', prefix .. 'probe:s')
+-- Every daemon hears this: busgate's wake-up handler rings no waiting dispatcher for it.
+try('PUBLISH', prefix .. 'wake', '')
+return refused
 """
 )

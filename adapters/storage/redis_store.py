@@ -66,6 +66,7 @@ from adapters.storage.jobs import (
     State,
     TopicStats,
     new_job_id,
+    new_lease,
     new_trace,
 )
 from adapters.storage.priority import PriorityScheduler
@@ -132,6 +133,66 @@ def check_redis_version(info: str) -> None:
                 )
             return
     raise StoreUnsupported("the server did not report a redis_version in INFO server")
+
+
+def _info_fields(info: str) -> dict[str, str]:
+    """The ``name:value`` lines of ``INFO`` text."""
+    fields = {}
+    for line in info.splitlines():
+        name, colon, value = line.partition(":")
+        if colon:
+            fields[name] = value.strip()
+    return fields
+
+
+def check_not_replica(info: str) -> None:
+    """Raise ``StoreRefused`` if ``INFO`` text is a replica's: it refuses every write
+    (``READONLY``), or, made writable, loses them at its next sync with its master."""
+    fields = _info_fields(info)
+    if fields.get("role") == "slave":
+        master = f"{fields.get('master_host', '?')}:{fields.get('master_port', '?')}"
+        raise StoreRefused(
+            f"this Redis is a replica (of {master}), which takes no writes: point the store"
+            " URL at the master"
+        )
+
+
+def eviction_warning(info: str) -> str | None:
+    """What to warn an operator of if ``INFO`` text shows a ``maxmemory-policy`` that can
+    evict busgate's keys, or None.
+
+    Only the ``allkeys-*`` policies can: the ``volatile-*`` ones evict keys with a TTL, and
+    busgate sets none on its data (only on ``check``'s probe key, which nothing reads).
+    """
+    fields = _info_fields(info)
+    policy = fields.get("maxmemory_policy", "noeviction")
+    if fields.get("maxmemory", "0") == "0" or not policy.startswith("allkeys-"):
+        return None
+    return (
+        f"Redis has maxmemory-policy {policy} (maxmemory {fields.get('maxmemory_human')}):"
+        " once full, it deletes busgate's jobs, acknowledged ones included, with no error"
+        " to anyone; set maxmemory-policy noeviction (a full Redis then refuses pushes,"
+        " and producers are told nothing was stored)"
+    )
+
+
+#: No queue is named so (``~`` is not allowed in names): the start-up check's keys.
+_CHECK_PREFIX = prefix_of("~check")
+#: Errors of the start-up check that are no permission missing: its SADD on a hash, and a
+#: Redis that takes no writes now (out of memory, say), which ``check`` reports meanwhile.
+_NOT_DENIED = _WRITE_REFUSALS | {"WRONGTYPE"}
+#: The ACL rules of a Redis user that may do all busgate does, and nothing more (README,
+#: Stores: Redis): keys under ``bg:``, the wake-up channels (PSUBSCRIBE's pattern must be one
+#: of the user's literally), and each command the store sends.
+ACL_RULES = (
+    "resetkeys ~bg:* resetchannels &bg:{*}:wake -@all +evalsha +eval +publish +psubscribe +ping"
+    " +info +select +client|setname +cluster|slots +asking +wait +set +sadd +smembers"
+    " +llen +zcard +zscore +zrevrangebyscore +hget +hmget +hgetall +hexists +hset +hdel"
+    " +hincrby +rpush +lpush +lpop +zadd +zrem +zrange +zrangebyscore"
+)
+#: Lost jobs found while Redis keeps losing them: one warning per this many seconds, with the
+#: count since the last, rather than one per reserve.
+LOST_WARNING_INTERVAL = 10.0
 
 
 _RECORD_HEAD = struct.Struct("!BQQ16sI")
@@ -275,6 +336,10 @@ class RedisStore(Store):
         # replica, too few replicas), each until a probe write on its node succeeds: in a
         # Cluster, one node may refuse while another takes writes again.
         self._write_refused: set[str] = set()
+        self._lost = 0  # ready jobs RESERVE found without a record, since the last warning
+        self._lost_warned = -math.inf
+        # Once started: where a subscription that comes back looks at Redis's settings again.
+        self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -287,6 +352,7 @@ class RedisStore(Store):
                     on_subscribed=self._on_subscribed,
                 )
             )
+            self._nursery = nursery
             task_status.started()
 
     def _on_subscribed(self) -> None:
@@ -297,6 +363,52 @@ class RedisStore(Store):
         # The subscription broke: Redis may have restarted without its data, the registry
         # of topics with it.  Each push says its topics again, not at the next refresh.
         self._registered.clear()
+        # And with another configuration, perhaps: one INFO per reconnection, none per call.
+        if self._nursery is not None:
+            self._nursery.start_soon(self._recheck_eviction)
+
+    async def check_server(self) -> None:
+        """At a daemon's start: refuse a replica, and a Redis user that may not run what
+        busgate needs (every push would fail, some after writing); warn of a
+        ``maxmemory-policy`` that evicts jobs.  One ``INFO`` per master and one script call.
+
+        Not for a look that only reads (``busgate curl``): its user may well not write."""
+        try:
+            for info in await self.router.execute_everywhere("INFO"):
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                check_not_replica(text)
+                if warning := eviction_warning(text):
+                    log.warning("%s", warning)
+            replies = await self.router.eval(_CHECK_PREFIX + ROUTE, scripts.CHECK, [_CHECK_PREFIX])
+        except ServerError as exc:
+            if exc.code == "NOPERM":  # EVALSHA, or EVAL once the script is not cached
+                raise StoreRefused(
+                    f"the Redis user may not run busgate's scripts (EVALSHA, EVAL, on keys"
+                    f" bg:*): {exc}; grant what README, Stores: Redis lists ({ACL_RULES})"
+                ) from exc
+            raise StoreUnavailable(f"Redis refused busgate's start-up check: {exc}") from exc
+        denied = [
+            f"{command.decode()}: {error.decode()}"
+            for command, error in zip(replies[0::2], replies[1::2], strict=True)
+            if error.partition(b" ")[0].decode() not in _NOT_DENIED
+        ]
+        if denied:
+            raise StoreRefused(
+                "the Redis user may not do all busgate does (these commands, on keys bg:*"
+                f" and channels bg:{{*}}:wake): {'; '.join(denied)}; grant what README,"
+                f" Stores: Redis lists ({ACL_RULES})"
+            )
+
+    async def _recheck_eviction(self) -> None:
+        try:
+            infos = await self.router.execute_everywhere("INFO", "memory")
+        except (StoreError, ServerError) as exc:  # only a warning lost: no reason to stop
+            log.debug("could not read Redis's maxmemory-policy again: %s", exc)
+            return
+        for info in infos:
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if warning := eviction_warning(text):
+                log.warning("%s", warning)
 
     def _on_wake(self, channel: bytes, data: bytes) -> None:
         # channel: bg:{queue}:wake; data: topic, or ~topic for a delayed job.
@@ -539,15 +651,18 @@ class RedisStore(Store):
         if not plan:
             self._ready_counts[key] = [0, 0, 0]
             return []
-        lease_until = self._clock() + lease
-        rows, fresh_counts = await self._eval(
+        lease_until, token = self._clock() + lease, new_lease()
+        rows, fresh_counts, lost = await self._eval(
             queue,
             scripts.RESERVE,
             topic,
             _stamp(lease_until),
             "".join([_PRIORITY_ARGS[p] for p in plan]),
+            token,
         )
         self._ready_counts[key] = [int(n) for n in fresh_counts]
+        if lost:
+            self._warn_lost(queue, topic, lost)
         jobs = []
         fields = iter(rows)  # flat: id, record, attempt, run_at for each job
         for job_id, raw, attempt, run_at in zip(fields, fields, fields, fields, strict=True):
@@ -566,9 +681,25 @@ class RedisStore(Store):
                     float(run_at) if run_at else record.run_at,
                     record.trace_id,
                     lease_until,
+                    token,
                 )
             )
         return jobs
+
+    def _warn_lost(self, queue: str, topic: str, lost: int) -> None:
+        self._lost += lost
+        now = trio.current_time()
+        if now >= self._lost_warned + LOST_WARNING_INTERVAL:
+            log.warning(
+                "queue %s topic %s: %d ready jobs had no record in Redis and were dropped"
+                " (%d in all since the last warning): they were lost from Redis, evicted"
+                " (maxmemory-policy) or deleted outside busgate",
+                queue,
+                topic,
+                lost,
+                self._lost,
+            )
+            self._lost, self._lost_warned = 0, now
 
     async def finish(self, items: Sequence[Finish]) -> list[bool]:
         now = self._clock()
@@ -586,6 +717,7 @@ class RedisStore(Store):
                 args += [
                     item.job.id,
                     str(item.job.attempt),
+                    item.job.lease,
                     # The FINISH kinds are the outcome values.  ``_value_`` is the plain
                     # attribute behind ``value`` (a property), and a dict keyed by an Enum
                     # hashes through a Python-level __hash__: this is once per job.
@@ -615,6 +747,7 @@ class RedisStore(Store):
             job.topic,
             job.id,
             job.attempt,
+            job.lease,
             _stamp(self._clock() + lease),
         )
         return bool(extended)
@@ -627,7 +760,7 @@ class RedisStore(Store):
         for (queue, topic), group in groups.items():
             args = [topic]
             for job in group:
-                args += [job.id, str(job.attempt)]
+                args += [job.id, str(job.attempt), job.lease]
             count = int(await self._eval(queue, scripts.RELEASE, *args))
             if count:
                 self.doorbells.ring(queue, topic)

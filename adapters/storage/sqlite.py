@@ -61,6 +61,7 @@ from adapters.storage.jobs import (
     State,
     TopicStats,
     new_job_id,
+    new_lease,
     new_trace_id,
 )
 from adapters.storage.priority import PriorityScheduler
@@ -82,8 +83,9 @@ WAL_SIZE_LIMIT = 8 << 20
 _APPLICATION_ID = 0x62736774
 #: ``PRAGMA user_version``: the layout of the tables below.  A busgate finding a higher one
 #: refuses the file (it would misread it); files from before the stamp are version 1.
-#: Version 2 moved the payloads out of ``jobs`` into ``payloads`` (see _move_payloads).
-_SCHEMA_VERSION = 2
+#: Version 2 moved the payloads out of ``jobs`` into ``payloads`` (see _move_payloads);
+#: version 3 added ``jobs.lease`` (see _add_lease).
+_SCHEMA_VERSION = 3
 
 #: One payload per job row (so per topic copy of a fanned-out job, as the Redis store keeps
 #: them), under the row's seq; deleted with the row (_delete_jobs).
@@ -105,6 +107,7 @@ _SCHEMA = (
     enqueued_at REAL    NOT NULL,
     run_at      REAL    NOT NULL,
     lease_until REAL,
+    lease       TEXT,                               -- the reservation's token (Job.lease)
     finished_at REAL,
     trace_id    TEXT    NOT NULL,
     last_status INTEGER,
@@ -297,19 +300,19 @@ class SQLiteStore(Store):
                 return []
             taken = {p: iter(seqs) for p, seqs in candidates.items()}
             order = [next(taken[p]) for p in plan]
-            lease_until = now + lease
+            lease_until, token = now + lease, new_lease()
             rows = {
                 row[0]: row
                 for row in conn.execute(
-                    f"UPDATE jobs SET state=?, attempt=attempt+1, lease_until=?"
+                    f"UPDATE jobs SET state=?, attempt=attempt+1, lease_until=?, lease=?"
                     f" WHERE seq IN ({','.join('?' * len(order))}) RETURNING {_JOB_COLUMNS}",
-                    (State.LEASED, lease_until, *order),
+                    (State.LEASED, lease_until, token, *order),
                 )
             }
             _add_depth(conn, queue, topic, State.READY, -len(order))
             _add_depth(conn, queue, topic, State.LEASED, len(order))
             payloads = _payloads(conn, order)
-            return [_job(rows[seq], payloads[seq]) for seq in order]
+            return [_job(rows[seq], payloads[seq], token) for seq in order]
 
         return await self._writer.run(op)
 
@@ -329,8 +332,16 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
                 "UPDATE jobs SET lease_until=? WHERE queue=? AND topic=? AND id=? AND state=?"
-                " AND attempt=?",
-                (self._clock() + lease, job.queue, job.topic, job.id, State.LEASED, job.attempt),
+                " AND attempt=? AND lease=?",
+                (
+                    self._clock() + lease,
+                    job.queue,
+                    job.topic,
+                    job.id,
+                    State.LEASED,
+                    job.attempt,
+                    job.lease,
+                ),
             )
             return cursor.rowcount == 1
 
@@ -713,8 +724,9 @@ def _payloads(conn: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, bytes]
 
 def _leased_seq(conn: sqlite3.Connection, job: Job) -> int | None:
     row = conn.execute(
-        "SELECT seq FROM jobs WHERE queue=? AND topic=? AND id=? AND state=? AND attempt=?",
-        (job.queue, job.topic, job.id, State.LEASED, job.attempt),
+        "SELECT seq FROM jobs WHERE queue=? AND topic=? AND id=? AND state=? AND attempt=?"
+        " AND lease=?",
+        (job.queue, job.topic, job.id, State.LEASED, job.attempt, job.lease),
     ).fetchone()
     return None if row is None else int(row[0])
 
@@ -765,7 +777,7 @@ def _attributes(text: str | None) -> Mapping[str, str]:
     return {} if text is None else dict(json.loads(text))
 
 
-def _job(row: Sequence[Any], payload: bytes) -> Job:
+def _job(row: Sequence[Any], payload: bytes, lease: str) -> Job:
     (
         _seq,
         job_id,
@@ -793,6 +805,7 @@ def _job(row: Sequence[Any], payload: bytes) -> Job:
         run_at=run_at,
         trace_id=trace_id,
         lease_until=lease_until or 0.0,
+        lease=lease,
     )
 
 
@@ -1131,7 +1144,7 @@ def _prepare_schema(conn: sqlite3.Connection, path: str, *, write: bool) -> None
     conn.execute("PRAGMA user_version")  # a read: the exclusive lock goes with it
     if moved is not None:  # else another busgate upgraded it in the meantime
         log.info(
-            "%s: store upgraded to schema version 2: moved the payloads of %d jobs to their"
+            "%s: store upgraded from schema version 1: moved the payloads of %d jobs to their"
             " own table in %.2fs",
             path,
             moved,
@@ -1171,6 +1184,8 @@ def _check_and_stamp(
             if not alone:
                 raise _UpgradeNeeded
             moved = _move_payloads(conn)
+        if version < 3:
+            _add_lease(conn)
         if write or (application_id, version) != (_APPLICATION_ID, _SCHEMA_VERSION):
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -1215,6 +1230,15 @@ def _move_payloads(conn: sqlite3.Connection) -> int:
     moved = conn.execute("INSERT INTO payloads (seq, payload) SELECT seq, payload FROM jobs")
     conn.execute("ALTER TABLE jobs DROP COLUMN payload")
     return moved.rowcount
+
+
+def _add_lease(conn: sqlite3.Connection) -> None:
+    """Schema version 2 to 3: ``jobs.lease``.  ADD COLUMN writes no row, and a busgate of
+    version 2 still running on the file goes on (it names no column it does not know).  Its
+    leases have no token: only it can finish them, or their expiry."""
+    columns = _columns(conn, "jobs")
+    if columns and "lease" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN lease TEXT")
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:

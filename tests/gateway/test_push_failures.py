@@ -66,10 +66,12 @@ async def test_pushes_redis_refuses_are_logged_counted_and_their_end_said(
 async def test_a_push_that_may_be_stored_is_counted_as_such(
     server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A user that may not PUBLISH: the push script fails after its writes.
-    server.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all", "-publish")
+    server.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all")
     store = f"redis://app:s3cret@127.0.0.1:{server.port}/0"
     async with running_daemon(config(tmp_path, store)) as app:
+        # Then a user that may not PUBLISH: the push script fails after its writes (taken
+        # away once started: such a user is refused at start).
+        server.cli("ACL", "SETUSER", "app", "-publish")
         reply = await resp(app, ("RPUSH", "q", "a"))
         assert reply.startswith(b"-TRYAGAIN not acknowledged; it may have been stored")
         assert await samples(app, "busgate_pushes_failed") == {("q", "maybe"): 1}

@@ -233,6 +233,51 @@ async def test_expired_leases_come_back_then_die(store: Store, clock: FakeClock)
     assert (stats.dead, stats.expired_total, stats.leased, stats.ready) == (1, 2, 0, 0)
 
 
+async def test_a_stale_lease_never_stands_for_a_replayed_jobs_new_one(
+    store: Store, clock: FakeClock
+) -> None:
+    """A holder that outlived its lease (frozen, partitioned) comes back after the job died
+    and was replayed: the new delivery is attempt 1 again, as the stale one was.  Its late
+    outcome, extension or release must not land on the new lease (hunt 27: a 400 from
+    before the replay was recorded as the replayed attempt's)."""
+    await store.push("orders", ROUTES, [NewJob(b"x")])
+    (stale,) = await store.reserve("orders", "email", 1, lease=30)
+    clock.advance(31)
+    assert (await store.recover_expired("orders", "email", max_attempts=1)).count == 1
+    assert await store.replay_dead("orders", "email", [stale.id]) == 1
+    (fresh,) = await store.reserve("orders", "email", 1, lease=30)
+    assert (fresh.id, fresh.attempt) == (stale.id, stale.attempt)
+    assert not await store.extend(stale, 30)
+    assert await store.release([stale]) == 0
+    assert not await store.ack(stale, attempt_of(stale, Outcome.DEAD, 400))
+    assert await store.ack(fresh, attempt_of(fresh))
+    (record,) = await store.get_job(fresh.id)
+    assert record.state is State.DONE
+    assert [(a.outcome, a.status) for a in record.attempts] == [
+        (Outcome.EXPIRED, None),
+        (Outcome.DONE, 200),
+    ]
+
+
+async def test_a_stale_lease_never_stands_for_a_pushed_again_jobs_new_one(
+    store: Store, clock: FakeClock
+) -> None:
+    """The same with an explicit id pushed again once its job was done: the stale holder's
+    answer to the old payload must not finish the new job (it would never be delivered)."""
+    await store.push("orders", ROUTES, [NewJob(b"old", id="order-7")])
+    (stale,) = await store.reserve("orders", "email", 1, lease=30)
+    clock.advance(31)
+    assert (await store.recover_expired("orders", "email", max_attempts=3)).count == 1
+    (second,) = await store.reserve("orders", "email", 1, lease=30)
+    assert await store.ack(second, attempt_of(second))
+    await store.push("orders", ROUTES, [NewJob(b"new", id="order-7")])
+    (fresh,) = await store.reserve("orders", "email", 1, lease=30)
+    assert (fresh.payload, fresh.attempt) == (b"new", stale.attempt)
+    assert not await store.ack(stale, attempt_of(stale))
+    (record,) = await store.get_job("order-7")
+    assert (record.state, record.attempts) == (State.LEASED, ())
+
+
 async def test_release_gives_jobs_back_without_an_attempt(store: Store) -> None:
     await store.push("orders", ROUTES, [NewJob(b"a"), NewJob(b"b")])
     jobs = await store.reserve("orders", "email", 2, 30)

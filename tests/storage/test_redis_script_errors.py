@@ -25,10 +25,12 @@ ROUTES = [("email", Filter())]
 async def test_a_push_whose_script_fails_after_writing_may_be_stored(
     redis: RedisServer, tmp_path: Path
 ) -> None:
-    # The user may do all but PUBLISH, which the push script calls after its writes.
-    redis.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all", "-publish")
+    redis.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all")
     url = f"redis://app:s3cret@127.0.0.1:{redis.port}/0"
     async with store_at(url, tmp_path) as store:
+        # Then the user may do all but PUBLISH, which the push script calls after its writes
+        # (taken away once started: a user that may not PUBLISH is refused at start).
+        redis.cli("ACL", "SETUSER", "app", "-publish")
         with pytest.raises(StoreUncertain, match=r"failed part way: .*can't run this command"):
             await store.push("orders", ROUTES, [NewJob(b"x")])
         # And it was: Redis keeps the writes before the failing command.
@@ -54,7 +56,7 @@ async def test_a_push_refused_before_its_script_runs_was_not_stored(
 async def test_a_producer_is_told_its_push_may_have_been_stored(
     redis: RedisServer, tmp_path: Path
 ) -> None:
-    redis.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all", "-publish")
+    redis.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all")
     queue = """\
         queue: q
         topics:
@@ -65,6 +67,7 @@ async def test_a_producer_is_told_its_push_may_have_been_stored(
         """
     store = f"redis://app:s3cret@127.0.0.1:{redis.port}/0"
     async with running_daemon(write_config(tmp_path, {"q": queue}, store=store)) as app:
+        redis.cli("ACL", "SETUSER", "app", "-publish")  # once started: refused at start
         port = int(app.resp_address.rpartition(":")[2])
         client = redis_py.Redis(port=port, socket_timeout=10)
         try:

@@ -43,10 +43,10 @@ def tables(path: Path) -> set[str]:
         conn.close()
 
 
-async def test_a_new_store_is_stamped_as_busgate_schema_2(tmp_path: Path) -> None:
+async def test_a_new_store_is_stamped_as_busgate_schema_3(tmp_path: Path) -> None:
     store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
     await store.aclose()
-    assert stamp(tmp_path / "busgate.db") == (BUSGATE_APPLICATION_ID, 2)
+    assert stamp(tmp_path / "busgate.db") == (BUSGATE_APPLICATION_ID, 3)
 
 
 async def test_a_store_from_before_the_stamp_keeps_its_jobs_and_is_stamped(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ async def test_a_store_from_before_the_stamp_keeps_its_jobs_and_is_stamped(tmp_p
         assert (job.id, job.payload) == (pushed.ids[0], b"from an older busgate")
     finally:
         await store.aclose()
-    assert stamp(path) == (BUSGATE_APPLICATION_ID, 2)
+    assert stamp(path) == (BUSGATE_APPLICATION_ID, 3)
 
 
 async def test_a_store_from_a_newer_busgate_is_refused_naming_both_versions(
@@ -81,15 +81,15 @@ async def test_a_store_from_a_newer_busgate_is_refused_naming_both_versions(
     await store.aclose()
     conn = sqlite3.connect(path)
     conn.execute("ALTER TABLE jobs ADD COLUMN tenant TEXT")  # what a newer busgate might do
-    conn.execute("PRAGMA user_version = 3")
+    conn.execute("PRAGMA user_version = 4")
     conn.close()
     with pytest.raises(
         StoreUnsupported,
-        match=rf"{path}: written by a newer busgate \(store schema version 3; this busgate"
-        r" knows version 2",
+        match=rf"{path}: written by a newer busgate \(store schema version 4; this busgate"
+        r" knows version 3",
     ):
         await SQLiteStore.open(str(path))
-    assert stamp(path) == (BUSGATE_APPLICATION_ID, 3)  # left as it was
+    assert stamp(path) == (BUSGATE_APPLICATION_ID, 4)  # left as it was
 
 
 async def test_another_programs_database_is_refused_and_left_alone(tmp_path: Path) -> None:

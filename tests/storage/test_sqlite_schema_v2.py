@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import sys
@@ -138,9 +139,11 @@ def dump(path: Path) -> dict[str, list[Any]]:
             jobs = conn.execute(
                 "SELECT " + V1_JOB_COLUMNS.replace(" payload,", "") + " FROM jobs ORDER BY seq"
             ).fetchall()
-        else:
+        else:  # version 1's columns: version 3's lease tokens are no version 1 store's
             payloads = conn.execute("SELECT seq, payload FROM payloads ORDER BY seq").fetchall()
-            jobs = conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+            jobs = conn.execute(
+                "SELECT " + V1_JOB_COLUMNS.replace(" payload,", "") + " FROM jobs ORDER BY seq"
+            ).fetchall()
         return {
             "jobs": jobs,
             "payloads": payloads,
@@ -244,7 +247,7 @@ async def test_a_version_1_store_migrates_on_open_keeping_every_job(
     assert stamp_and_layout(old) == stamp_and_layout(source_path)
     (line,) = [r.getMessage() for r in caplog.records if "upgraded" in r.getMessage()]
     assert re.fullmatch(
-        rf"{old}: store upgraded to schema version 2: moved the payloads of 14 jobs to their"
+        rf"{old}: store upgraded from schema version 1: moved the payloads of 14 jobs to their"
         r" own table in \d+\.\d\ds",
         line,
     ), line
@@ -311,7 +314,7 @@ async def test_a_crash_in_the_middle_of_the_migration_leaves_the_version_1_file(
     assert dump(old) == before
 
     assert await read_everything(old, ids, clock) == await read_everything(source_path, ids, clock)
-    assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 2)
+    assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 3)
 
 
 async def test_the_upgrade_waits_for_the_file_to_itself(
@@ -409,3 +412,29 @@ async def test_a_state_change_does_not_write_the_payload_again(tmp_path: Path) -
     small = await wal_bytes_of_a_jobs_life(tmp_path / "small.db", 1024)
     big = await wal_bytes_of_a_jobs_life(tmp_path / "big.db", 16 << 20)
     assert big - small < 1 << 20, f"{big} bytes of WAL against {small} for a 1 KiB job"
+
+
+async def test_a_version_2_store_gains_the_lease_column_and_goes_on(
+    source: tuple[Path, list[str]], tmp_path: Path, clock: FakeClock
+) -> None:
+    """Version 3 adds ``jobs.lease`` in place: every job stays, and a new lease works."""
+    source_path, ids = source
+    old = tmp_path / "v2.db"
+    shutil.copy(source_path, old)
+    conn = sqlite3.connect(old)
+    try:  # the layout of a version 2 store
+        conn.execute("ALTER TABLE jobs DROP COLUMN lease")
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+    finally:
+        conn.close()
+    assert "lease" not in stamp_and_layout(old)[3]
+    assert await read_everything(old, ids, clock) == await read_everything(source_path, ids, clock)
+    assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 3)
+    assert "lease" in stamp_and_layout(old)[3]
+    store = await SQLiteStore.open(str(old), clock=clock)
+    try:
+        (job,) = await store.reserve(QUEUE, "email", 1, lease=60)
+        assert job.lease and await store.ack(job, attempt(job.attempt, Outcome.DONE, 200, None))
+    finally:
+        await store.aclose()
