@@ -159,7 +159,7 @@ async def test_curl_leaves_a_store_it_would_have_to_write_to_the_daemon(tmp_path
     done = await busgate_curl(config, "order-1")
     assert (done.returncode, done.stdout) == (2, b"")
     assert done.stderr.decode() == (
-        f"busgate: curl: {path}: store schema version 0, not yet this busgate's 2: the daemon"
+        f"busgate: curl: {path}: store schema version 0, not yet this busgate's 3: the daemon"
         " creates or upgrades the tables when it starts on the file; start it, then look"
         " again\n"
     )

@@ -211,7 +211,7 @@ async def read_everything(path: Path, ids: list[str], clock: FakeClock) -> list[
 
 @pytest.fixture
 async def source(tmp_path: Path, clock: FakeClock) -> tuple[Path, list[str]]:
-    """A version 2 store holding jobs in every state, closed; the ids of its jobs."""
+    """A store of this busgate holding jobs in every state, closed; the ids of its jobs."""
     path = tmp_path / "source.db"
     store = await SQLiteStore.open(str(path), clock=clock)
     try:
