@@ -7,9 +7,10 @@ old node answers ASK for it: see ``redis_store.ROUTE``).  Layout, per topic T:
 
     J:T        hash   id -> the job as pushed, packed (``redis_store.pack_record``): priority
                       byte first, then enqueue and run times, trace id, attributes, payload
-    S:T        hash   id -> "state|attempt|run_at|lease_until|finished_at|status|error", only
+    S:T        hash   id -> "state|attempt|run_at|lease|finished_at|status|error", only
                       once the job has been reserved; a job without it is ready or delayed
-                      (state 0 ready, 1 delayed, 2 leased, 3 dead, 4 done).  Its attempts
+                      (state 0 ready, 1 delayed, 2 leased, 3 dead, 4 done); a leased
+                      one's lease is "lease_until/token" (Job.lease names it).  Its attempts
                       follow, one JSON object per line after a newline (the error of the
                       state line never holds one): one field per job, not a second hash,
                       because adding a field to a large hash costs several times as much
@@ -17,7 +18,6 @@ old node answers ASK for it: see ``redis_store.ROUTE``).  Layout, per topic T:
     r:T:<p>    list   ready ids of priority p, FIFO
     d:T        zset   delayed ids by run_at
     l:T        zset   leased ids by lease_until
-    L:T        hash   leased id -> its lease's token (Job.lease): which reservation holds it
     x:T / c:T  zset   dead / completed ids by finished_at
     n:T        hash   counters: pushed, done, retried, dead, expired, replayed
     n          hash   queue counters: unmatched
@@ -54,15 +54,16 @@ local function ready_list(topic, id)
   local record = redis.call('HGET', K('J', topic), id)
   return prefix .. 'r:' .. topic .. ':' .. string.byte(record, 1)
 end
--- A lease is its job's state (leased, at this attempt) and its token in L:T: a replay or a
--- new push of a finished id numbers attempts from 1 again, so the attempt alone would let a
--- holder that outlived its lease finish another delivery's.
+-- A lease is its job's state (leased, at this attempt) and the token its state's lease
+-- field ends with ("lease_until/token"): a replay or a new push of a finished id numbers
+-- attempts from 1 again, so the attempt alone would let a holder that outlived its lease
+-- finish another delivery's.  In the state line, not a key of its own: no command more.
+local function holds(lease, token)
+  return token ~= '' and string.sub(lease, -#token - 1) == '/' .. token
+end
 local function leased(topic, id, attempt, token)
   local st = get_state(topic, id)
-  if st and st.s == '2' and st.n == attempt
-    and redis.call('HGET', K('L', topic), id) == token then
-    return st
-  end
+  if st and st.s == '2' and st.n == attempt and holds(st.l, token) then return st end
   return nil
 end
 local function add_attempt(st, record)
@@ -87,7 +88,6 @@ end
 local function forget(topic, id)
   redis.call('HDEL', K('J', topic), id)
   redis.call('HDEL', K('S', topic), id)
-  redis.call('HDEL', K('L', topic), id)
   redis.call('ZREM', K('x', topic), id)
   redis.call('ZREM', K('c', topic), id)
 end
@@ -225,7 +225,8 @@ local out, nout, lost = {}, 0, 0
 if nids > 0 then
   local records = hmget_many(jobs_key, ids)
   local states = hmget_many(states_key, ids)
-  local new_states, leases, tokens, npairs = {}, {}, {}, 0
+  local new_states, leases, npairs = {}, {}, 0
+  local lease = lease_until .. '/' .. token
   for k = 1, nids do
     local id, record = ids[k], records[k]
     if not record then
@@ -233,18 +234,17 @@ if nids > 0 then
       -- outside busgate.  Nothing can be delivered; the caller says so.
       lost = lost + 1
     else
-      local attempt, run_at, state = '1', '', '2|1||' .. lease_until .. '|||'
+      local attempt, run_at, state = '1', '', '2|1||' .. lease .. '|||'
       if states[k] then  -- reserved before: keep its run_at and attempts, count one more
         local s, n, t, l, f, ls, rest = string.match(states[k],
           '^(%d)|(%d*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
         attempt, run_at = tostring((tonumber(n) or 0) + 1), t
-        state = '2|' .. attempt .. '|' .. t .. '|' .. lease_until
+        state = '2|' .. attempt .. '|' .. t .. '|' .. lease
           .. '|' .. f .. '|' .. ls .. '|' .. rest
       end
       npairs = npairs + 2
       new_states[npairs - 1] = id; new_states[npairs] = state
       leases[npairs - 1] = lease_until; leases[npairs] = id
-      tokens[npairs - 1] = id; tokens[npairs] = token
       -- Flat (id, record, attempt, run_at, ...): a table per job costs more than the
       -- four values it holds, here and in the client's parser.
       out[nout + 1] = id; out[nout + 2] = record; out[nout + 3] = attempt
@@ -254,7 +254,6 @@ if nids > 0 then
   if npairs > 0 then
     call_many('HSET', states_key, new_states)
     call_many('ZADD', leases_key, leases)
-    call_many('HSET', K('L', topic), tokens)
   end
 end
 local counts = {}
@@ -287,7 +286,6 @@ end
 -- id finished twice in one batch sees its first finish.
 local states = {}
 local read_states = hmget_many(states_key, ids)
-local held = hmget_many(K('L', topic), ids)  -- each lease's token (see leased())
 for k, id in ipairs(ids) do
   if states[id] == nil then states[id] = read_states[k] or '' end
 end
@@ -298,9 +296,10 @@ local counts = {done = 0, dead = 0, retried = 0}
 local woke_ready, woke_delayed = false, false
 for k = 1, nids do
   local id, attempt, kind, record = ids[k], attempts[k], kinds[k], records[k]
-  -- Only state, attempt and run_at survive a finish: parse those, not the whole string.
-  local state, n, t = string.match(states[id], '^(%d)|(%d*)|([^|]*)|')
-  if state ~= '2' or n ~= attempt or held[k] ~= tokens[k] then
+  -- Only state, attempt and run_at survive a finish (the lease names its holder): parse
+  -- those, not the whole string.
+  local state, n, t, lease = string.match(states[id], '^(%d)|(%d*)|([^|]*)|([^|]*)|')
+  if state ~= '2' or n ~= attempt or not holds(lease, tokens[k]) then
     results[k] = 0
   else
     nunleased = nunleased + 1; unleased[nunleased] = id
@@ -343,7 +342,6 @@ for k = 1, nids do
 end
 if nunleased > 0 then
   call_many('ZREM', leases_key, unleased)
-  call_many('HDEL', K('L', topic), unleased)
   local state_pairs = {}
   for j = 1, nunleased do
     local id = unleased[j]
@@ -369,7 +367,7 @@ EXTEND = Script(
 local topic, id, attempt, token, lease_until = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = leased(topic, id, attempt, token)
 if not st then return 0 end
-st.l = lease_until
+st.l = lease_until .. '/' .. token
 put_state(topic, id, st)
 redis.call('ZADD', K('l', topic), 'XX', lease_until, id)
 return 1
@@ -387,7 +385,6 @@ for i = #ARGV - 2, 3, -3 do  -- (id, attempt, token) per job
   local st = leased(topic, id, ARGV[i + 1], ARGV[i + 2])
   if st then
     redis.call('ZREM', K('l', topic), id)
-    redis.call('HDEL', K('L', topic), id)
     st.s, st.l, st.n = '0', '', tostring(tonumber(st.n) - 1)
     put_state(topic, id, st)
     -- to the front: these were next in line before they were given back
@@ -414,7 +411,6 @@ for i = 1, #expired, 2 do
   local st = get_state(topic, id) or new_state()
   local n = tonumber(st.n) or 0
   redis.call('ZREM', lkey, id)
-  redis.call('HDEL', K('L', topic), id)
   local expiry = {n = n, s = tonumber(lease), d = 0, o = 'expired', e = reason}
   add_attempt(st, cjson.encode(expiry))
   st.l, st.ls, st.le = '', '', reason
