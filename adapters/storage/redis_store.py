@@ -490,11 +490,15 @@ class RedisStore(Store):
     def _script_failed(self, queue: str, exc: ServerError) -> StoreError:
         """A script's error reply, as the store error callers see; a refused write is
         remembered for ``check``."""
-        if exc.code in _WRITE_REFUSALS:
+        text = str(exc)
+        # Redis before 7.0 wraps a script's error in ERR ("ERR Error running script ...
+        # @user_script:125: -OOM command not allowed ..."): the refusal is in the text.
+        refusal = exc.code in _WRITE_REFUSALS or any(f": -{c} " in text for c in _WRITE_REFUSALS)
+        if refusal:
             self._write_refused.add(queue)
         if exc.code == "WRONGTYPE":
             return StoreCorrupt(f"queue {queue}: unexpected Redis data: {exc}")
-        if _SCRIPT_LINE in str(exc) and exc.code not in _WRITE_REFUSALS:
+        if _SCRIPT_LINE in text and not refusal:
             # A command inside the script failed (an ACL user without PUBLISH, say): Redis
             # keeps what the script wrote before it, so a push may be stored.  A refused
             # write (OOM, READONLY, ...) is refused at a script's first write, the state it

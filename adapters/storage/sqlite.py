@@ -356,7 +356,8 @@ class SQLiteStore(Store):
                 if seq is None:
                     continue
                 conn.execute(
-                    "UPDATE jobs SET state=?, lease_until=NULL, attempt=attempt-1 WHERE seq=?",
+                    "UPDATE jobs SET state=?, lease_until=NULL, lease=NULL, attempt=attempt-1"
+                    " WHERE seq=?",
                     (State.READY, seq),
                 )
                 _add_depth(conn, job.queue, job.topic, State.LEASED, -1)
@@ -384,8 +385,8 @@ class SQLiteStore(Store):
                 state = State.DEAD if attempt >= max_attempts else State.READY
                 error = "lease expired before an outcome was recorded"
                 conn.execute(
-                    "UPDATE jobs SET state=?, lease_until=NULL, finished_at=?, last_status=NULL,"
-                    " last_error=? WHERE seq=?",
+                    "UPDATE jobs SET state=?, lease_until=NULL, lease=NULL, finished_at=?,"
+                    " last_status=NULL, last_error=? WHERE seq=?",
                     (state, now if state is State.DEAD else None, error, seq),
                 )
                 _record_attempt(
@@ -624,7 +625,7 @@ def _finish_one(conn: sqlite3.Connection, item: Finish, now: float) -> State | N
     if item.outcome is Outcome.RETRY:
         state = State.DELAYED if item.run_at > now else State.READY
         conn.execute(
-            "UPDATE jobs SET state=?, run_at=?, lease_until=NULL, attempt=attempt-?,"
+            "UPDATE jobs SET state=?, run_at=?, lease_until=NULL, lease=NULL, attempt=attempt-?,"
             " last_status=?, last_error=? WHERE seq=?",
             (
                 state,
@@ -638,7 +639,7 @@ def _finish_one(conn: sqlite3.Connection, item: Finish, now: float) -> State | N
     else:
         state = _FINAL_STATE[item.outcome]
         conn.execute(
-            "UPDATE jobs SET state=?, finished_at=?, lease_until=NULL, last_status=?,"
+            "UPDATE jobs SET state=?, finished_at=?, lease_until=NULL, lease=NULL, last_status=?,"
             " last_error=? WHERE seq=?",
             (state, now, attempt.status, attempt.error or None, seq),
         )
@@ -1000,20 +1001,16 @@ class _Writer:
         changes = conn.total_changes
         try:
             conn.execute(self._begin)
-        except sqlite3.Error as exc:
-            # No operation ran: the file is locked (past busy_timeout) or cannot be written.
-            # Each alone would wait for the same lock again, a group of N taking N+1 times
-            # busy_timeout, and a stop behind it as long.
-            results = [outcome.Error(exc) for _ in group]  # an outcome unwraps once
-        else:
-            try:
-                results = [outcome.Value(operation(conn)) for operation, _, _ in group]
-                conn.execute("COMMIT")
-            except Exception:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                changes = conn.total_changes
-                results = [self._alone(conn, operation) for operation, _, _ in group]
+            results = [outcome.Value(operation(conn)) for operation, _, _ in group]
+            conn.execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            changes = conn.total_changes
+            # Each alone: one failing operation must not fail the others.  Under a lock held
+            # elsewhere each waits busy_timeout again, which waits out a short lock; a stop
+            # waits for this no longer than CLOSE_GRACE (stop()).
+            results = [self._alone(conn, operation) for operation, _, _ in group]
         no_room = next(
             (r.error for r in results if isinstance(r, outcome.Error) and _out_of_room(r.error)),
             None,

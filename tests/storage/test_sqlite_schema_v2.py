@@ -438,3 +438,31 @@ async def test_a_version_2_store_gains_the_lease_column_and_goes_on(
         assert job.lease and await store.ack(job, attempt(job.attempt, Outcome.DONE, 200, None))
     finally:
         await store.aclose()
+
+
+async def test_a_version_2_daemons_lease_is_no_stale_version_3_holders(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A version 2 busgate on the same file reserves without a token: the row must not keep
+    the token of an expired version 3 lease, or that stale holder's late outcome would land on
+    the version 2 daemon's lease.  Every path that ends a lease clears the token."""
+    path = tmp_path / "busgate.db"
+    store = await SQLiteStore.open(str(path), clock=clock)
+    try:
+        await store.push(QUEUE, [("email", Filter())], [NewJob(b"x")])
+        (stale,) = await store.reserve(QUEUE, "email", 1, lease=30)
+        clock.advance(31)
+        assert (await store.recover_expired(QUEUE, "email", max_attempts=1)).count == 1
+        assert await store.replay_dead(QUEUE, "email", [stale.id]) == 1
+        conn = sqlite3.connect(path)
+        try:  # what a version 2 busgate's reserve does
+            conn.execute(
+                "UPDATE jobs SET state=?, attempt=attempt+1, lease_until=? WHERE id=?",
+                (State.LEASED, clock.now + 30, stale.id),
+            )
+            conn.commit()
+        finally:
+            conn.close()
+        assert not await store.ack(stale, attempt(stale.attempt, Outcome.DEAD, 400, "late"))
+    finally:
+        await store.aclose()
