@@ -4,7 +4,6 @@ are logged and counted: the producers were told, the operator must be too."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,16 +24,6 @@ QUEUE = """\
     """
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def config(tmp_path: Path, store: str) -> Path:
     (tmp_path / "admin.token").write_text(TOKEN + "\n")
     return write_config(
@@ -43,15 +32,15 @@ def config(tmp_path: Path, store: str) -> Path:
 
 
 async def test_pushes_redis_refuses_are_logged_counted_and_their_end_said(
-    server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with running_daemon(config(tmp_path, f"redis://127.0.0.1:{server.port}/0")) as app:
-        server.cli("CONFIG", "SET", "maxmemory", "1")  # every write refused: OOM
+    async with running_daemon(config(tmp_path, f"redis://127.0.0.1:{redis.port}/0")) as app:
+        redis.cli("CONFIG", "SET", "maxmemory", "1")  # every write refused: OOM
         for _ in range(3):
             reply = await resp(app, ("RPUSH", "q", "a", "b"))
             assert reply.startswith(b"-TRYAGAIN store unavailable, nothing was acknowledged")
-        server.cli("CONFIG", "SET", "maxmemory", "0")
+        redis.cli("CONFIG", "SET", "maxmemory", "0")
         assert await resp(app, ("RPUSH", "q", "c")) == b":1\r\n"
         assert await samples(app, "busgate_pushes_failed") == {("q", "no"): 6}
     lines = [r.getMessage() for r in caplog.records if r.name == "busgate.producer"]
@@ -64,14 +53,14 @@ async def test_pushes_redis_refuses_are_logged_counted_and_their_end_said(
 
 
 async def test_a_push_that_may_be_stored_is_counted_as_such(
-    server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all")
-    store = f"redis://app:s3cret@127.0.0.1:{server.port}/0"
+    redis.cli("ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all")
+    store = f"redis://app:s3cret@127.0.0.1:{redis.port}/0"
     async with running_daemon(config(tmp_path, store)) as app:
         # Then a user that may not PUBLISH: the push script fails after its writes (taken
         # away once started: such a user is refused at start).
-        server.cli("ACL", "SETUSER", "app", "-publish")
+        redis.cli("ACL", "SETUSER", "app", "-publish")
         reply = await resp(app, ("RPUSH", "q", "a"))
         assert reply.startswith(b"-TRYAGAIN not acknowledged; it may have been stored")
         assert await samples(app, "busgate_pushes_failed") == {("q", "maybe"): 1}
