@@ -103,24 +103,39 @@ for k = 1, ntopics do all[k] = ARGV[3 + k] end
 local i = 4 + ntopics
 local njobs = tonumber(ARGV[i]); i = i + 1
 local outcomes = {}  -- per job j: [2j-1] 0 stored, 1 duplicate, 2 unmatched; [2j] its copies
+-- Whether every job was stored to every topic the call names, as nearly every push is: the
+-- reply then leaves the outcomes out, two integers per job that both sides would convert.
+local plain = true
 local unmatched = 0
 local ready, delayed, pushed = {}, {}, {}
 -- Records and ready ids are written once per key at the end (variadic HSET and RPUSH);
 -- `stored` remembers this batch's ids so a repeated explicit id is still a duplicate.
 local records, queued, stored = {}, {}, {}
+-- Per job: id; its topics, "*" for all of them or a count followed by their names, after a
+-- "!" if the id is the producer's own; the record, whose first byte is the priority; and
+-- the time to run it, "" for at once.  Four arguments for the usual job: each one costs
+-- both sides, and this loop runs per job.
 for j = 1, njobs do
-  local id, explicit, nt = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
-  local topics = {}
-  for k = 1, nt do topics[k] = ARGV[i]; i = i + 1 end
-  local record, prio, run_at = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  i = i + 3
+  local id, spec = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local explicit = string.byte(spec, 1) == 33  -- "!"
+  if explicit then spec = string.sub(spec, 2) end
+  local topics, nt
+  if spec == '*' then
+    topics, nt = all, ntopics
+  else
+    nt = tonumber(spec); topics = {}
+    for k = 1, nt do topics[k] = ARGV[i]; i = i + 1 end
+  end
+  local record, run_at = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local prio = string.byte(record, 1)
   if nt == 0 then
     unmatched = unmatched + 1
-    outcomes[2 * j - 1] = 2; outcomes[2 * j] = 0
+    outcomes[2 * j - 1] = 2; outcomes[2 * j] = 0; plain = false
   else
     local dup = false
-    if explicit == '1' then
+    if explicit then
       if stored[id] then
         dup = true
       else
@@ -135,12 +150,12 @@ for j = 1, njobs do
       end
     end
     if dup then
-      outcomes[2 * j - 1] = 1; outcomes[2 * j] = 0
+      outcomes[2 * j - 1] = 1; outcomes[2 * j] = 0; plain = false
     else
       stored[id] = true
-      local is_delayed = tonumber(run_at) > now
+      local is_delayed = run_at ~= ''
       for _, t in ipairs(topics) do
-        if explicit == '1' then forget(t, id) end
+        if explicit then forget(t, id) end
         local jobs_key = K('J', t)
         local pairs_of = records[jobs_key]
         if not pairs_of then pairs_of = {}; records[jobs_key] = pairs_of end
@@ -157,6 +172,7 @@ for j = 1, njobs do
         pushed[t] = (pushed[t] or 0) + 1
       end
       outcomes[2 * j - 1] = 0; outcomes[2 * j] = #topics
+      if #topics ~= ntopics then plain = false end
     end
   end
 end
@@ -171,6 +187,7 @@ end
 for t in pairs(delayed) do
   table.insert(delayed_list, t); redis.call('PUBLISH', prefix .. 'wake', '~' .. t)
 end
+if plain then outcomes = {} end
 return {outcomes, ready_list, delayed_list}
 """
 )

@@ -88,6 +88,7 @@ _RETRY = Outcome.RETRY
 #: FINISH's kind for a retry that does not count against max_attempts (overloaded).
 _RETRY_UNSPENT = "retry-unspent"
 _PRIORITY_ARGS = tuple(str(int(p)) for p in Priority)
+_ALL_TOPICS = ("*",)  # PUSH: the job goes to every topic the call names
 _WAKE_PATTERN = b"bg:{*}:wake"
 
 #: Error codes of a Redis that answers but takes no writes: out of memory (noeviction), a
@@ -546,32 +547,27 @@ class RedisStore(Store):
         args: list[Any] = [now_stamp, str(len(all_topics)), *all_topics, str(len(jobs))]
         # Without filters every job goes to every topic: route once, not per job.
         everyone = all(f.accepts_all for _, f in routes)
-        everyone_args = [str(len(all_topics)), *all_topics]
         ids = []
         for job in jobs:
+            # The PUSH script's arguments per job: id, topics, record, run time (see there).
             job_id = job.id or new_job_id(now)
             ids.append(job_id)
             if job.topic is not None:
-                topic_args = ["1", job.topic]
+                topic_args: tuple[str, ...] = ("1", job.topic)
             elif everyone:
-                topic_args = everyone_args
+                topic_args = _ALL_TOPICS
             else:
                 topics = route(job.payload, routes)
-                topic_args = [str(len(topics)), *topics]
+                topic_args = (str(len(topics)), *topics)
+            if job.id is not None:
+                topic_args = ("!" + topic_args[0], *topic_args[1:])
             if job.run_at is not None and job.run_at > now:
                 run_ms, run_stamp = round(job.run_at * 1000), _stamp(job.run_at)
             else:
-                run_ms, run_stamp = now_ms, now_stamp
+                run_ms, run_stamp = now_ms, ""
             trace = bytes.fromhex(job.trace_id) if job.trace_id else new_trace()
             # One extend rather than an append per argument: this loop runs per job.
-            args += (
-                job_id,
-                "1" if job.id is not None else "0",
-                *topic_args,
-                pack_record(job, now_ms, run_ms, trace),
-                _PRIORITY_ARGS[job.priority],  # an IntEnum indexes as its value
-                run_stamp,
-            )
+            args += (job_id, *topic_args, pack_record(job, now_ms, run_ms, trace), run_stamp)
         unconfirmed = None
         if self._wait is None:
             outcomes, ready, delayed = await self._eval(queue, scripts.PUSH, *args)
@@ -585,6 +581,10 @@ class RedisStore(Store):
             self.timers.ring(queue, topic.decode())
         if unconfirmed is not None:  # stored on the master: delivered, but not acknowledged
             raise unconfirmed
+        if not outcomes:  # each job stored to every topic named (PUSH leaves the list out)
+            return PushResult(
+                tuple(ids), (Pushed.STORED,) * len(ids), (len(all_topics),) * len(ids)
+            )
         # map, not generators: two per job otherwise.
         return PushResult(
             tuple(ids),

@@ -10,7 +10,16 @@ import trio
 
 from adapters.storage.base import Expiry, Finish, Retention, Store
 from adapters.storage.fanout import FieldCondition, Filter
-from adapters.storage.jobs import Attempt, DeadFilter, Job, NewJob, Outcome, Priority, State
+from adapters.storage.jobs import (
+    Attempt,
+    DeadFilter,
+    Job,
+    NewJob,
+    Outcome,
+    Priority,
+    Pushed,
+    State,
+)
 from tests.storage.conftest import FakeClock
 
 NO_FILTER = Filter()
@@ -40,6 +49,23 @@ async def test_push_reserve_ack(store: Store) -> None:
     (record,) = await store.get_job(jobs[0].id)
     assert record.state is State.DONE
     assert record.attempts[0].outcome is Outcome.DONE and record.attempts[0].status == 200
+
+
+async def test_each_job_has_its_own_outcome_in_a_batch(store: Store) -> None:
+    # The Redis store's PUSH leaves the per-job outcomes out of its reply when every job went
+    # to every topic; a batch where one did not must still say which.
+    routes = [("email", NO_FILTER), ("sms", NO_FILTER)]
+    plain = await store.push("orders", routes, [NewJob(b"a"), NewJob(b"b", id="k1")])
+    assert plain.outcomes == (Pushed.STORED, Pushed.STORED) and plain.copies_each == (2, 2)
+    mixed = await store.push(
+        "orders",
+        routes,
+        [NewJob(b"c"), NewJob(b"d", topic="sms"), NewJob(b"e", id="k1"), NewJob(b"f")],
+    )
+    assert mixed.outcomes == (Pushed.STORED, Pushed.STORED, Pushed.DUPLICATE, Pushed.STORED)
+    assert mixed.copies_each == (2, 1, 0, 2)
+    assert await store.depth("orders", ["email"]) == 4
+    assert await store.depth("orders", ["sms"]) == 5
 
 
 async def test_fan_out_with_filters_is_counted(store: Store) -> None:
