@@ -28,7 +28,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 import outcome
 import trio
@@ -1094,7 +1094,8 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
     """
     absolute = os.path.abspath(path)
     options = "mode=ro" if os.path.exists(f"{absolute}-wal") else "mode=ro&immutable=1"
-    uri = f"file:{urllib.parse.quote(absolute)}?{options}"
+    # "file://" and an empty authority: a path POSIX lets start with "//" stays a path.
+    uri = f"file://{urllib.parse.quote(absolute)}?{options}"
     conn = sqlite3.connect(uri, isolation_level=None, check_same_thread=False, uri=True)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
@@ -1118,47 +1119,62 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
 
 def _prepare_schema(conn: sqlite3.Connection, path: str, *, write: bool) -> None:
     """Refuse a file that is not a busgate store of a version we know; create or stamp it;
-    upgrade a version 1 store, with the file to itself."""
+    upgrade an older store, with the file to itself."""
     try:
         _check_and_stamp(conn, path, write=write, alone=False)
-    except _UpgradeNeeded:
-        pass
+    except _UpgradeNeeded as needed:
+        old = needed.version
     else:
         return
-    # A busgate of version 1 still running on the file would fail on every call once the
-    # payload column is gone (one started afterwards refuses the file).  In WAL mode every
-    # open connection holds a shared lock on the file, so an exclusive lock is had only once
-    # every other process has let go of it.
-    log.info("%s: upgrading the store from schema version 1 to 2", path)
+    # A busgate of an older version still running on the file would fail on every call
+    # once version 2 has moved the payloads, and would reuse an ended lease's token under
+    # version 3 (its statements leave the column alone); one started afterwards refuses the
+    # file.  In WAL mode every open connection holds a shared lock on the file, so an
+    # exclusive lock is had only once every other process has let go of it.
+    log.info("%s: upgrading the store from schema version %d to %d", path, old, _SCHEMA_VERSION)
     started = time.perf_counter()
     conn.execute("PRAGMA locking_mode = EXCLUSIVE")
-    moved = _check_and_stamp(conn, path, write=write, alone=True)
-    if moved is not None:
+    upgrade = _check_and_stamp(conn, path, write=write, alone=True)
+    if upgrade is not None and upgrade.moved:
         # The upgrade wrote about twice the payloads to the WAL: give that room back now,
         # while no reader can hold the checkpoint up, rather than when busgate stops.
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("PRAGMA locking_mode = NORMAL")
     conn.execute("PRAGMA user_version")  # a read: the exclusive lock goes with it
-    if moved is not None:  # else another busgate upgraded it in the meantime
+    if upgrade is not None:  # else another busgate upgraded it in the meantime
+        moved = (
+            f": moved the payloads of {upgrade.moved} jobs to their own table"
+            if upgrade.moved is not None
+            else ""
+        )
         log.info(
-            "%s: store upgraded from schema version 1: moved the payloads of %d jobs to their"
-            " own table in %.2fs",
+            "%s: store upgraded from schema version %d to %d%s in %.2fs",
             path,
+            upgrade.version,
+            _SCHEMA_VERSION,
             moved,
             time.perf_counter() - started,
         )
 
 
 class _UpgradeNeeded(Exception):
-    """A version 1 store, left as it was: the upgrade needs the file to itself."""
+    """A store of an older version, left as it was: the upgrade needs the file to itself."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(version)
+        self.version = version
+
+
+class _Upgrade(NamedTuple):
+    version: int  # the file's schema version before
+    moved: int | None  # jobs whose payload moved (from version 1)
 
 
 def _check_and_stamp(
     conn: sqlite3.Connection, path: str, *, write: bool, alone: bool
-) -> int | None:
+) -> _Upgrade | None:
     """Check the file and create or stamp the schema, in one transaction; with ``alone``
-    (under an exclusive lock) upgrade a version 1 store too.  How many jobs the upgrade
-    moved; None without one.
+    (under an exclusive lock) upgrade an older store too.  The upgrade made, if any.
 
     A crash or an error part way leaves the file as it was.
     """
@@ -1169,20 +1185,26 @@ def _check_and_stamp(
         if not alone or getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
             raise
         raise StoreUnavailable(
-            f"{path}: this busgate upgrades the store from schema version 1 to 2 on its"
-            " first start, which needs the file to itself, and another process has it open"
-            " (a busgate of the previous version still running?): stop it, then start this"
-            " one"
+            f"{path}: this busgate upgrades the store to schema version {_SCHEMA_VERSION} on"
+            " its first start, which needs the file to itself, and another process has it"
+            " open (a busgate of the previous version still running?): stop it, then start"
+            " this one"
         ) from exc
-    moved: int | None = None
+    upgrade: _Upgrade | None = None
     try:
         application_id, version = _stamp(conn, path)
-        if version < 2 and "payload" in _columns(conn, "jobs"):
+        columns = _columns(conn, "jobs")
+        # By the layout: files from before the stamp read version 0.
+        move_payloads = version < 2 and "payload" in columns
+        add_lease = bool(columns) and "lease" not in columns
+        if move_payloads or add_lease:
+            before = 1 if move_payloads else 2
             if not alone:
-                raise _UpgradeNeeded
-            moved = _move_payloads(conn)
-        if version < 3:
-            _add_lease(conn)
+                raise _UpgradeNeeded(before)
+            moved = _move_payloads(conn) if move_payloads else None
+            if add_lease:
+                _add_lease(conn)
+            upgrade = _Upgrade(before, moved)
         if write or (application_id, version) != (_APPLICATION_ID, _SCHEMA_VERSION):
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -1193,7 +1215,7 @@ def _check_and_stamp(
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return moved
+    return upgrade
 
 
 def _stamp(conn: sqlite3.Connection, path: str) -> tuple[int, int]:
@@ -1230,12 +1252,13 @@ def _move_payloads(conn: sqlite3.Connection) -> int:
 
 
 def _add_lease(conn: sqlite3.Connection) -> None:
-    """Schema version 2 to 3: ``jobs.lease``.  ADD COLUMN writes no row, and a busgate of
-    version 2 still running on the file goes on (it names no column it does not know).  Its
-    leases have no token: only it can finish them, or their expiry."""
-    columns = _columns(conn, "jobs")
-    if columns and "lease" not in columns:
-        conn.execute("ALTER TABLE jobs ADD COLUMN lease TEXT")
+    """Schema version 2 to 3: ``jobs.lease``.  ADD COLUMN writes no row.
+
+    Runs in _check_and_stamp's transaction, under its exclusive lock: a busgate of version
+    2 running on (its statements leave the column alone) would reserve a job and keep the
+    token of a lease it ended, and a version 3 daemon that outlived that lease could then
+    record its late outcome on the version 2 daemon's."""
+    conn.execute("ALTER TABLE jobs ADD COLUMN lease TEXT")
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:

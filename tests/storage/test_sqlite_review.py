@@ -331,3 +331,24 @@ def test_an_error_on_a_full_or_read_only_file_system_says_so(
         assert message == f"{path}: {text}"
     else:
         assert message == f"{path}: {text} (the file system holding {tmp_path} {cause})"
+
+
+@pytest.mark.parametrize("slashes", ["/", "//"])
+async def test_an_operators_look_opens_the_path_the_daemon_opens(
+    tmp_path: Path, slashes: str
+) -> None:
+    # POSIX lets a path start with "//" (store: sqlite:////srv/busgate.db gives one): the
+    # daemon opened it, and the read-only look ``busgate curl`` takes read it as a URI
+    # authority ("invalid uri authority", hunt 28).
+    path = slashes + str(tmp_path / "busgate.db").lstrip("/")
+    store = await SQLiteStore.open(path)
+    try:
+        pushed = await store.push("orders", ROUTES, [NewJob(b"seen")])
+    finally:
+        await store.aclose()
+    look = await SQLiteStore.open(path, read_only=True)
+    try:
+        (record,) = await look.get_job(pushed.ids[0])
+        assert record.state is State.READY
+    finally:
+        await look.aclose()

@@ -247,8 +247,8 @@ async def test_a_version_1_store_migrates_on_open_keeping_every_job(
     assert stamp_and_layout(old) == stamp_and_layout(source_path)
     (line,) = [r.getMessage() for r in caplog.records if "upgraded" in r.getMessage()]
     assert re.fullmatch(
-        rf"{old}: store upgraded from schema version 1: moved the payloads of 14 jobs to their"
-        r" own table in \d+\.\d\ds",
+        rf"{old}: store upgraded from schema version 1 to 3: moved the payloads of 14 jobs to"
+        r" their own table in \d+\.\d\ds",
         line,
     ), line
 
@@ -330,8 +330,8 @@ async def test_the_upgrade_waits_for_the_file_to_itself(
         running.execute("SELECT count(*) FROM jobs").fetchone()
         with pytest.raises(
             StoreUnavailable,
-            match=rf"{old}: this busgate upgrades the store from schema version 1 to 2 on its"
-            r" first start, which needs the file to itself, and another process has it open",
+            match=rf"{old}: this busgate upgrades the store to schema version 3 on its first"
+            r" start, which needs the file to itself, and another process has it open",
         ):
             await SQLiteStore.open(str(old), clock=clock)
         assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 1)
@@ -420,14 +420,7 @@ async def test_a_version_2_store_gains_the_lease_column_and_goes_on(
     """Version 3 adds ``jobs.lease`` in place: every job stays, and a new lease works."""
     source_path, ids = source
     old = tmp_path / "v2.db"
-    shutil.copy(source_path, old)
-    conn = sqlite3.connect(old)
-    try:  # the layout of a version 2 store
-        conn.execute("ALTER TABLE jobs DROP COLUMN lease")
-        conn.execute("PRAGMA user_version = 2")
-        conn.commit()
-    finally:
-        conn.close()
+    write_v2_store(source_path, old)
     assert "lease" not in stamp_and_layout(old)[3]
     assert await read_everything(old, ids, clock) == await read_everything(source_path, ids, clock)
     assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 3)
@@ -438,6 +431,53 @@ async def test_a_version_2_store_gains_the_lease_column_and_goes_on(
         assert job.lease and await store.ack(job, attempt(job.attempt, Outcome.DONE, 200, None))
     finally:
         await store.aclose()
+
+
+def write_v2_store(source: Path, target: Path) -> None:
+    """A copy of the store at ``source`` laid out and stamped as schema version 2."""
+    shutil.copy(source, target)
+    conn = sqlite3.connect(target)
+    try:
+        conn.execute("ALTER TABLE jobs DROP COLUMN lease")
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_the_version_3_upgrade_waits_for_the_file_to_itself(
+    source: tuple[Path, list[str]],
+    tmp_path: Path,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A version 2 busgate running on would leave ``jobs.lease`` as it found it: a lease it
+    ended would keep a version 3 holder's token, and that holder's late outcome would land on
+    the version 2 daemon's next lease of the job (hunt 28).  So version 3 is added as
+    version 2 was, with the file to itself."""
+    source_path, ids = source
+    old = tmp_path / "v2.db"
+    write_v2_store(source_path, old)
+    before = dump(old)
+    running = sqlite3.connect(old, isolation_level=None)  # a version 2 busgate's connection
+    try:
+        running.execute("SELECT count(*) FROM jobs").fetchone()
+        with pytest.raises(
+            StoreUnavailable,
+            match=rf"{old}: this busgate upgrades the store to schema version 3 on its first"
+            r" start, which needs the file to itself, and another process has it open",
+        ):
+            await SQLiteStore.open(str(old), clock=clock)
+        assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 2)
+        assert "lease" not in stamp_and_layout(old)[3] and dump(old) == before
+        running.execute("UPDATE jobs SET lease_until = lease_until")  # it goes on
+    finally:
+        running.close()
+    with caplog.at_level(logging.INFO, logger="busgate.sqlite"):
+        upgraded = await read_everything(old, ids, clock)
+    assert upgraded == await read_everything(source_path, ids, clock)
+    (line,) = [r.getMessage() for r in caplog.records if "upgraded" in r.getMessage()]
+    assert re.fullmatch(rf"{old}: store upgraded from schema version 2 to 3 in \d+\.\d\ds", line)
 
 
 async def test_a_version_2_daemons_lease_is_no_stale_version_3_holders(
