@@ -356,24 +356,27 @@ async def bench_e2e(kinds: list[str], jobs: int, rounds: int) -> None:
             for kind in kinds:
                 for nice in nices:
                     measured = Rounds()
+                    # The raw client before and after each daemon run: the run's baseline is
+                    # their mean, so a drift during the round is split between them.
+                    raw_meter = CpuMeter(fpm)
                     with niced(nice):
-                        # The raw client before and after each daemon run: the run's baseline
-                        # is their mean, so a drift during the round is split between them.
-                        raw_meter = CpuMeter(fpm)
                         before = await run_raw(fpm.address, same, jobs)
-                        for round_ in range(rounds):
-                            # A fresh store each round: the daemon's check that the store
-                            # recorded every job counts this round's only.
-                            here = tmp / f"{kind}{nice}-{round_}"
-                            async with stores(kind, here) as url:
-                                config = write_config(here, url, {"e2e": e2e_topic(fpm)})
-                                meter = CpuMeter(fpm, store_pid(url))
+                    for round_ in range(rounds):
+                        # A fresh store each round: the daemon's check that the store recorded
+                        # every job counts this round's only.  Started before ``niced``: the
+                        # unit's Nice= is busgate's, not its store's.
+                        here = tmp / f"{kind}{nice}-{round_}"
+                        async with stores(kind, here) as url:
+                            config = write_config(here, url, {"e2e": e2e_topic(fpm)})
+                            meter = CpuMeter(fpm, store_pid(url))
+                            with niced(nice):
                                 rate = await _e2e_rate(config, jobs, meter)
+                        with niced(nice):
                             raw_meter.start()
                             after = await run_raw(fpm.address, same, jobs)
                             raw_meter.stop()
-                            measured.add((before + after) / 2, rate)
-                            before = after
+                        measured.add((before + after) / 2, rate)
+                        before = after
                     results[kind, nice] = (measured, meter, raw_meter)
         finally:
             fpm.stop()

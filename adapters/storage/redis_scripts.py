@@ -96,11 +96,10 @@ end
 PUSH = Script(
     _COMMON
     + """
-local now = tonumber(ARGV[2])
-local ntopics = tonumber(ARGV[3])
+local ntopics = tonumber(ARGV[2])
 local all = {}
-for k = 1, ntopics do all[k] = ARGV[3 + k] end
-local i = 4 + ntopics
+for k = 1, ntopics do all[k] = ARGV[2 + k] end
+local i = 3 + ntopics
 local njobs = tonumber(ARGV[i]); i = i + 1
 local outcomes = {}  -- per job j: [2j-1] 0 stored, 1 duplicate, 2 unmatched; [2j] its copies
 -- Whether every job was stored to every topic the call names, as nearly every push is: the

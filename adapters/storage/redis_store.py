@@ -542,9 +542,9 @@ class RedisStore(Store):
         now = self._clock()
         all_topics = [name for name, _ in routes]
         await self._register(queue, all_topics)
-        now_stamp, now_ms = _stamp(now), round(now * 1000)
+        now_ms = round(now * 1000)
         # Every argument a str: hiredis packs an int at 4x the cost, and this is per job.
-        args: list[Any] = [now_stamp, str(len(all_topics)), *all_topics, str(len(jobs))]
+        args: list[Any] = [str(len(all_topics)), *all_topics, str(len(jobs))]
         # Without filters every job goes to every topic: route once, not per job.
         everyone = all(f.accepts_all for _, f in routes)
         ids = []

@@ -1092,7 +1092,8 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
     none; a daemon starting meanwhile writes to a new -wal, not to the file, until its
     first checkpoint).
     """
-    absolute = os.path.abspath(path)
+    # The file itself, not a link to it: SQLite keeps the -wal beside the file a link names.
+    absolute = os.path.realpath(path)
     options = "mode=ro" if os.path.exists(f"{absolute}-wal") else "mode=ro&immutable=1"
     # "file://" and an empty authority: a path POSIX lets start with "//" stays a path.
     uri = f"file://{urllib.parse.quote(absolute)}?{options}"
@@ -1187,8 +1188,8 @@ def _check_and_stamp(
         raise StoreUnavailable(
             f"{path}: this busgate upgrades the store to schema version {_SCHEMA_VERSION} on"
             " its first start, which needs the file to itself, and another process has it"
-            " open (a busgate of the previous version still running?): stop it, then start"
-            " this one"
+            " open (a busgate of the previous version still running, or another busgate"
+            " upgrading it at the same moment?): stop it, then start this one"
         ) from exc
     upgrade: _Upgrade | None = None
     try:

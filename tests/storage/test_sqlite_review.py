@@ -352,3 +352,25 @@ async def test_an_operators_look_opens_the_path_the_daemon_opens(
         assert record.state is State.READY
     finally:
         await look.aclose()
+
+
+async def test_an_operators_look_through_a_link_reads_what_the_daemon_has_not_checkpointed(
+    tmp_path: Path,
+) -> None:
+    # SQLite keeps the -wal beside the file a link names; looking for it beside the link, the
+    # look opened the file as immutable and missed every write still in the WAL (review).
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "busgate.db"
+    link.symlink_to(tmp_path / "data" / "busgate.db")
+    daemon = await SQLiteStore.open(str(link))
+    try:
+        pushed = await daemon.push("orders", ROUTES, [NewJob(b"in the WAL")])
+        assert (tmp_path / "data" / "busgate.db-wal").exists()
+        look = await SQLiteStore.open(str(link), read_only=True)
+        try:
+            (record,) = await look.get_job(pushed.ids[0])
+            assert record.payload == b"in the WAL"
+        finally:
+            await look.aclose()
+    finally:
+        await daemon.aclose()
