@@ -104,8 +104,10 @@ class Store(abc.ABC):
         """Store ``jobs`` atomically, each copied to every route whose filter matches.
 
         A job with ``topic`` set goes to that topic only.  A job with an explicit ``id`` that
-        still has a pending (ready, delayed or leased) copy in the queue is skipped and
-        counted as a duplicate.  Returns only after the jobs are durable.
+        still has an unfinished (ready, delayed, leased or dead) copy in the queue is skipped
+        and counted as a duplicate: a dead letter waits for an operator.  (The Redis store
+        looks in the topics ``routes`` names: a copy left in a topic a reload removed is not
+        seen there.)  Returns only after the jobs are durable.
         """
 
     @abc.abstractmethod

@@ -644,9 +644,10 @@ class RedisStore(Store):
             scheduler = self._schedulers[key] = PriorityScheduler()
         # The previous reserve returned the ready counts per priority: under load, plan from
         # those rather than spend a round trip asking again.  Ask only when there are none,
-        # or the topic was empty last time (then a push woke us and the counts are stale).
+        # or the topic was empty last time (then a push woke us).
         counts = self._ready_counts.get(key)
-        if not counts or not any(counts):
+        cached = counts is not None and any(counts)
+        if counts is None or not cached:
             prefix = prefix_of(queue)
             counts = await self._pipeline(
                 queue, [("LLEN", prefix + f"r:{topic}:{int(p)}".encode()) for p in Priority]
@@ -655,6 +656,12 @@ class RedisStore(Store):
         if not plan:
             self._ready_counts[key] = [0, 0, 0]
             return []
+        if cached and len(plan) < limit:
+            # Jobs pushed since the last reserve are not in its counts: ask for the rest of
+            # the limit too, which RESERVE takes from the highest priority that has jobs.  (A
+            # full plan from those counts may still pass over a priority that had none: for
+            # this call only.)
+            plan += [Priority.HIGH] * (limit - len(plan))
         lease_until, token = self._clock() + lease, new_lease()
         rows, fresh_counts, lost = await self._eval(
             queue,

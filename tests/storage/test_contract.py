@@ -68,6 +68,17 @@ async def test_each_job_has_its_own_outcome_in_a_batch(store: Store) -> None:
     assert await store.depth("orders", ["sms"]) == 5
 
 
+async def test_a_reserve_takes_what_was_pushed_since_the_last_one(store: Store) -> None:
+    # The Redis store plans a reserve from the counts the previous one returned: two low jobs
+    # then, one of them taken, capped this one at the one left (model check, hunt 29).
+    await store.push("orders", ROUTES, [NewJob(b"low", priority=Priority.LOW)] * 2)
+    assert len(await store.reserve("orders", "email", 1, lease=30)) == 1
+    await store.push("orders", ROUTES, [NewJob(b"normal")] * 5)
+    taken = await store.reserve("orders", "email", 4, lease=30)
+    assert len(taken) == 4
+    assert sorted(job.priority for job in taken).count(Priority.NORMAL) >= 3
+
+
 async def test_fan_out_with_filters_is_counted(store: Store) -> None:
     routes = [
         ("all", NO_FILTER),
