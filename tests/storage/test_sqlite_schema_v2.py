@@ -317,6 +317,16 @@ async def test_a_crash_in_the_middle_of_the_migration_leaves_the_version_1_file(
     assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 3)
 
 
+async def assert_refused_while_open(path: Path, clock: FakeClock) -> None:
+    """Opening ``path``, which needs an upgrade, while another connection holds it fails."""
+    with pytest.raises(
+        StoreUnavailable,
+        match=rf"{path}: this busgate upgrades the store to schema version 3 on its first"
+        r" start, which needs the file to itself, and another process has it open",
+    ):
+        await SQLiteStore.open(str(path), clock=clock)
+
+
 async def test_the_upgrade_waits_for_the_file_to_itself(
     source: tuple[Path, list[str]], tmp_path: Path, clock: FakeClock
 ) -> None:
@@ -328,12 +338,7 @@ async def test_the_upgrade_waits_for_the_file_to_itself(
     running = sqlite3.connect(old, isolation_level=None)
     try:
         running.execute("SELECT count(*) FROM jobs").fetchone()
-        with pytest.raises(
-            StoreUnavailable,
-            match=rf"{old}: this busgate upgrades the store to schema version 3 on its first"
-            r" start, which needs the file to itself, and another process has it open",
-        ):
-            await SQLiteStore.open(str(old), clock=clock)
+        await assert_refused_while_open(old, clock)
         assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 1)
         assert dump(old) == before
         # ... which goes on working: the layout it writes is still there.
@@ -462,12 +467,7 @@ async def test_the_version_3_upgrade_waits_for_the_file_to_itself(
     running = sqlite3.connect(old, isolation_level=None)  # a version 2 busgate's connection
     try:
         running.execute("SELECT count(*) FROM jobs").fetchone()
-        with pytest.raises(
-            StoreUnavailable,
-            match=rf"{old}: this busgate upgrades the store to schema version 3 on its first"
-            r" start, which needs the file to itself, and another process has it open",
-        ):
-            await SQLiteStore.open(str(old), clock=clock)
+        await assert_refused_while_open(old, clock)
         assert stamp_and_layout(old)[:2] == (BUSGATE_APPLICATION_ID, 2)
         assert "lease" not in stamp_and_layout(old)[3] and dump(old) == before
         running.execute("UPDATE jobs SET lease_until = lease_until")  # it goes on
