@@ -487,6 +487,37 @@ return removed
 """
 )
 
+DEAD_SCAN = Script(
+    _COMMON
+    + """
+-- Up to ARGV[3] dead ids with their finished_at, newest first (finished_at, then id, both
+-- descending: the order ZREVRANGEBYSCORE gives), after the page that ended at finished_at
+-- ARGV[4] with id ARGV[5] when those are given.  The ids that share that finished_at and
+-- sort at or above the page's last were on it: they are skipped by count, so a millisecond
+-- that more jobs died in than one scan reads is still paged through.
+local key, limit = K('x', ARGV[2]), ARGV[3]
+local top, skip = '+inf', 0
+if ARGV[4] then
+  top = ARGV[4]
+  local after = ARGV[5]
+  -- Byte order, as a sorted set orders its members: Lua's < on strings follows the
+  -- server's collation locale.
+  local function below(id)
+    for i = 1, math.min(#id, #after) do
+      local a, b = string.byte(id, i), string.byte(after, i)
+      if a ~= b then return a < b end
+    end
+    return #id < #after
+  end
+  for _, id in ipairs(redis.call('ZREVRANGEBYSCORE', key, top, top)) do
+    if below(id) then break end
+    skip = skip + 1
+  end
+end
+return redis.call('ZREVRANGEBYSCORE', key, top, '-inf', 'WITHSCORES', 'LIMIT', skip, limit)
+"""
+)
+
 REPLAY = Script(
     _COMMON
     + """

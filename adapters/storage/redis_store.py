@@ -925,37 +925,15 @@ class RedisStore(Store):
         self, queue: str, topic: str, where: DeadFilter, cursor: str | None, limit: int
     ) -> DeadPage:
         prefix = prefix_of(queue)
-        dead_key = prefix + f"x:{topic}".encode()
-        top = "+inf"
-        after: tuple[float, str] | None = None
+        after: list[str] = []
         if cursor is not None:
-            after = parse_dead_cursor(cursor)
-            top = _stamp(after[0])
-        (entries,) = await self._pipeline(
-            queue,
-            [
-                (
-                    "ZREVRANGEBYSCORE",
-                    dead_key,
-                    top,
-                    "-inf",
-                    "WITHSCORES",
-                    "LIMIT",
-                    0,
-                    DEAD_SCAN_LIMIT,
-                )
-            ],
-        )
+            # The score as Redis holds it (repr round-trips a float exactly), not _stamp's.
+            died_at, job_id = parse_dead_cursor(cursor)
+            after = [repr(died_at), job_id]
+        entries = await self._eval(queue, scripts.DEAD_SCAN, topic, DEAD_SCAN_LIMIT, *after)
         candidates = [
             (entries[i].decode(), float(entries[i + 1])) for i in range(0, len(entries), 2)
         ]
-        if after is not None:
-            # Same score as the cursor: ids sort in reverse, so skip up to and including it.
-            candidates = [
-                (job_id, died)
-                for job_id, died in candidates
-                if died < after[0] - 0.0005 or job_id < after[1]
-            ]
         job_key, state_key = prefix + f"J:{topic}".encode(), prefix + f"S:{topic}".encode()
         ids = [job_id for job_id, _ in candidates]
         # States first, for every candidate: they decide status, error and time.  Records
