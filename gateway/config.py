@@ -139,8 +139,10 @@ def _check_boolean(value: object, field: str) -> None:
 
 
 def _check_absolute(value: object, field: str) -> None:
-    if not isinstance(value, str) or not value.startswith("/") or "\x00" in value:
+    if not isinstance(value, str) or not value.startswith("/"):
         raise InvalidField(field, f"{value!r} must be an absolute path")
+    if "\x00" in value:
+        raise InvalidField(field, f"{value!r} must not hold a NUL byte (\\0)")
 
 
 def _check_visible(value: object, field: str, *, absolute: bool = False) -> None:

@@ -950,7 +950,8 @@ class _Writer:
         except StoreError as exc:
             self._failed = exc
             conn = None
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:  # sqlite3, OS, or a path it cannot take: start() says so
+            # Were the thread to die here instead, start() would wait for _ready forever.
             self._failed = _store_error(self.path, exc, read_only=self._read_only)
             conn = None
         while True:

@@ -525,6 +525,7 @@ def test_queue_errors(tmp_path: Path, queue: str, line: int, key: str | None, te
     [
         ("store: mysql://x\n", 1, "store", "expected sqlite:///absolute/path.db"),
         ("store: sqlite://host/x.db\n", 1, "store", "an SQLite URL has no host"),
+        ('store: "sqlite:///x\\0.db"\n', 1, "store", "must not hold a NUL byte"),
         ("store: 'redis://a:1,b:2'\n", 1, "store", "several hosts need redis+cluster://"),
         ("store: redis://h:1/x\n", 1, "store", "the database must be a number"),
         ("store: redis+cluster://h:1/3\n", 1, "store", "only database 0"),

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from adapters.storage.errors import StoreCorrupt, StoreUnavailable
 from adapters.storage.fanout import Filter
@@ -51,6 +52,10 @@ async def test_unopenable_path_names_the_file(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(StoreUnavailable, match=str(blocker / "busgate.db")):
         await SQLiteStore.open(str(blocker / "busgate.db"))
+    # Python refuses this path before SQLite sees it (ValueError): open() once waited for
+    # the writer thread that exception had ended.
+    with trio.fail_after(10), pytest.raises(StoreUnavailable, match="embedded null byte"):
+        await SQLiteStore.open(str(tmp_path / "a\0b.db"))
 
 
 async def test_read_only_file_rejects_writes_with_a_clear_error(tmp_path: Path) -> None:
