@@ -105,9 +105,9 @@ class Store(abc.ABC):
 
         A job with ``topic`` set goes to that topic only.  A job with an explicit ``id`` that
         still has an unfinished (ready, delayed, leased or dead) copy in the queue is skipped
-        and counted as a duplicate: a dead letter waits for an operator.  (The Redis store
-        looks in the topics ``routes`` names: a copy left in a topic a reload removed is not
-        seen there.)  Returns only after the jobs are durable.
+        and counted as a duplicate: a dead letter waits for an operator.  That copy may be in
+        any topic of the queue, one a reload removed too.  Returns only after the jobs are
+        durable.
         """
 
     @abc.abstractmethod

@@ -21,6 +21,9 @@ old node answers ASK for it: see ``redis_store.ROUTE``).  Layout, per topic T:
     x:T / c:T  zset   dead / completed ids by finished_at
     n:T        hash   counters: pushed, done, retried, dead, expired, replayed
     n          hash   queue counters: unmatched
+    topics     set    every topic pushes have named (PUSH adds them when RedisStore._register
+                      says): PUSH looks for a producer's own id in each, those a reload
+                      has removed too
     wake       channel  PUBLISHed topic names ("~T" for a delayed job) after a change
 
 A pending job costs one hash field (its packed record) and one list entry: no key of its
@@ -96,7 +99,10 @@ end
 PUSH = Script(
     _COMMON
     + """
-local ntopics = tonumber(ARGV[2])
+-- The topics this call names, their count after a "+" when the queue's `topics` set must be
+-- told them (RedisStore._register: the first push to each, and every minute).
+local register = string.byte(ARGV[2], 1) == 43  -- "+"
+local ntopics = tonumber(register and string.sub(ARGV[2], 2) or ARGV[2])
 local all = {}
 for k = 1, ntopics do all[k] = ARGV[2 + k] end
 local i = 3 + ntopics
@@ -110,6 +116,17 @@ local ready, delayed, pushed = {}, {}, {}
 -- Records and ready ids are written once per key at the end (variadic HSET and RPUSH);
 -- `stored` remembers this batch's ids so a repeated explicit id is still a duplicate.
 local records, queued, stored = {}, {}, {}
+-- Where a producer's own id may already be: the topics named here first, then every other
+-- one the queue has had.  Read at the call's first such id: most pushes have none.
+local known
+local function known_topics()
+  local seen, list = {}, {}
+  for _, t in ipairs(all) do seen[t] = true; list[#list + 1] = t end
+  for _, t in ipairs(redis.call('SMEMBERS', prefix .. 'topics')) do
+    if not seen[t] then seen[t] = true; list[#list + 1] = t end
+  end
+  return list
+end
 -- Per job: id; its topics, "*" for all of them or a count followed by their names, after a
 -- "!" if the id is the producer's own; the record, whose first byte is the priority; and
 -- the time to run it, "" for at once.  Four arguments for the usual job: each one costs
@@ -138,7 +155,8 @@ for j = 1, njobs do
       if stored[id] then
         dup = true
       else
-        for _, t in ipairs(all) do
+        known = known or known_topics()
+        for _, t in ipairs(known) do
           if redis.call('HEXISTS', K('J', t), id) == 1 then
             local st = get_state(t, id)
             -- pending (0 ready, 1 delayed, 2 leased) or dead (3): a dead letter waits for
@@ -175,6 +193,7 @@ for j = 1, njobs do
     end
   end
 end
+if register then call_many('SADD', prefix .. 'topics', all) end
 for key, pairs_of in pairs(records) do call_many('HSET', key, pairs_of) end
 for list, ids in pairs(queued) do call_many('RPUSH', list, ids) end
 for t, n in pairs(pushed) do redis.call('HINCRBY', K('n', t), 'pushed', n) end

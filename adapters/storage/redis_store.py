@@ -515,8 +515,10 @@ class RedisStore(Store):
                 raise _refused(queue, reply)
         return replies
 
-    async def _register(self, queue: str, topics: Sequence[str]) -> None:
-        """Remember (queue, topic) pairs so a job can be found by id alone.
+    async def _register(self, queue: str, topics: Sequence[str]) -> bool:
+        """Remember (queue, topic) pairs so a job can be found by id alone; True when the
+        push must list them in its queue's ``topics`` too (see redis_scripts.PUSH).  The
+        caller marks them registered once the push has run.
 
         Said again every REGISTRY_REFRESH: a Redis restarted without persistence (or
         flushed) has forgotten them, and jobs pushed since could not be looked up by id.
@@ -534,17 +536,19 @@ class RedisStore(Store):
                 # Waited for up to the call's timeout already: the push fails now, rather
                 # than wait as long again for its script.
                 raise _refused(queue, added)
-            self._registered.update((queue, t) for t in new)
+        return bool(new)
 
     # -- producers ----------------------------------------------------------------------------
 
     async def push(self, queue: str, routes: Sequence[Route], jobs: Sequence[NewJob]) -> PushResult:
         now = self._clock()
         all_topics = [name for name, _ in routes]
-        await self._register(queue, all_topics)
+        register = await self._register(queue, all_topics)
         now_ms = round(now * 1000)
         # Every argument a str: hiredis packs an int at 4x the cost, and this is per job.
-        args: list[Any] = [str(len(all_topics)), *all_topics, str(len(jobs))]
+        # "+" before the topic count: add them to the queue's list of topics.
+        count = ("+" if register else "") + str(len(all_topics))
+        args: list[Any] = [count, *all_topics, str(len(jobs))]
         # Without filters every job goes to every topic: route once, not per job.
         everyone = all(f.accepts_all for _, f in routes)
         ids = []
@@ -575,6 +579,8 @@ class RedisStore(Store):
             (outcomes, ready, delayed), unconfirmed = await self._push_replicated(
                 queue, args, self._wait
             )
+        if register:
+            self._registered.update((queue, t) for t in all_topics)
         for topic in ready:
             self.doorbells.ring(queue, topic.decode())
         for topic in delayed:

@@ -128,6 +128,19 @@ async def test_explicit_id_is_an_idempotency_key(store: Store) -> None:
     assert (stats.ready, stats.leased, stats.done) == (0, 1, 0)
 
 
+async def test_an_explicit_id_is_a_duplicate_of_a_copy_in_a_topic_a_reload_removed(
+    store: Store,
+) -> None:
+    # The Redis store once looked only in the topics the push named (model check, hunt 29).
+    await store.push("orders", [("sms", NO_FILTER)], [NewJob(b"a", id="order-9")])
+    again = await store.push("orders", ROUTES, [NewJob(b"b", id="order-9")])
+    assert (again.copies, again.duplicates) == (0, 1)
+    assert await store.depth("orders", ["email"]) == 0
+    (job,) = await store.reserve("orders", "sms", 1, lease=30)
+    await store.ack(job, attempt_of(job))
+    assert (await store.push("orders", ROUTES, [NewJob(b"c", id="order-9")])).copies == 1
+
+
 async def test_an_explicit_id_pushed_again_leaves_its_dead_letter_alone(store: Store) -> None:
     # A producer retrying with its idempotency key replaced the dead job: its payload,
     # attributes and attempts were gone before an operator saw them.
