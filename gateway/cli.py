@@ -268,9 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         doing = "cannot start" if args.command in ("run", "demo") else args.command
         print(f"busgate: {doing}: {exc}", file=sys.stderr)
         # A file the configuration names that cannot be used (StartupError), or a store that
-        # refuses the configured login, is not busgate's, or cannot be read, is a
-        # configuration matter too, which starting again does not mend (the unit's
-        # RestartPreventExitStatus=2); a store that cannot be reached now may be later.
+        # refuses the configured login (or busgate's user), is not busgate's, or cannot be
+        # read, is a configuration matter too, which starting again does not mend (the
+        # unit's RestartPreventExitStatus=2); a store that cannot be reached now may be later.
         permanent = StartupError | StoreRefused | StoreUnsupported | StoreCorrupt
         return 2 if isinstance(exc, permanent) else 1
     except OSError as exc:  # a port in use, a file that cannot be read: no traceback

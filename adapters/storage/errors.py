@@ -25,8 +25,8 @@ class StoreLoading(StoreUnavailable):
 
 
 class StoreRefused(StoreUnavailable):
-    """The store turned our login down (wrong password, no such database): trying again
-    will not help until the configuration changes."""
+    """The store turned our login down (wrong password, no such database), or busgate's
+    user may not write its SQLite file: trying again will not help until an operator acts."""
 
 
 class StoreCorrupt(StoreError):

@@ -18,6 +18,7 @@ retry, an ack) would write the payload again each time.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -44,7 +45,13 @@ from adapters.storage.base import (
     dead_cursor,
     parse_dead_cursor,
 )
-from adapters.storage.errors import StoreCorrupt, StoreError, StoreUnavailable, StoreUnsupported
+from adapters.storage.errors import (
+    StoreCorrupt,
+    StoreError,
+    StoreRefused,
+    StoreUnavailable,
+    StoreUnsupported,
+)
 from adapters.storage.fanout import route
 from adapters.storage.jobs import (
     Attempt,
@@ -1323,29 +1330,49 @@ def _store_error(path: str, exc: BaseException, *, read_only: bool = False) -> S
     ):
         return StoreCorrupt(f"{path}: the SQLite file is corrupt or not a database ({text})")
     code = getattr(exc, "sqlite_errorcode", None)
-    why = _file_system_problem(path, code) or _permission_problem(path, code, read_only=read_only)
-    return StoreUnavailable(f"{path}: {text}" + (f" ({why})" if why else ""))
+    denied = _read_only_mount(path, code) or _permission_problem(path, code, read_only=read_only)
+    if denied is not None or (isinstance(exc, OSError) and exc.errno in _DENIED):
+        # Stays so until an operator acts (a systemd unit's ReadWritePaths= forgotten, say):
+        # starting again does not mend it, so `busgate run` exits 2 (see cli.main).
+        return StoreRefused(f"{path}: {text}" + (f" ({denied})" if denied else ""))
+    full = _full(path, code)
+    return StoreUnavailable(f"{path}: {text}" + (f" ({full})" if full else ""))
 
 
+#: Why a directory for the store could not be made (os.mkdir): permission, read-only mount.
+_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 #: Free space under which a failing write is put down to a full file system.
 _NEARLY_FULL = 1 << 20
 
 
-def _file_system_problem(path: str, code: int | None) -> str | None:
-    """A full or read-only-mounted file system, when SQLite's error does not say so: on a
-    full disk, opening the store fails as "disk I/O error" (the -shm file cannot grow), and
-    on a read-only mount every file looks like one this user may not write."""
+def _file_system(path: str, code: int | None) -> tuple[str, os.statvfs_result] | None:
+    """The directory holding the store and its file system, for an error that a full or
+    read-only-mounted one may explain (SQLite's error does not say so: on a full disk,
+    opening the store fails as "disk I/O error", as the -shm file cannot grow, and on a
+    read-only mount every file looks like one this user may not write)."""
     if code is None or code & 0xFF not in _NO_ROOM | {sqlite3.SQLITE_CANTOPEN}:
         return None
     if path == ":memory:":
         return None
     directory = os.path.dirname(os.path.abspath(path.removeprefix("file:").partition("?")[0]))
     try:
-        vfs = os.statvfs(directory)
+        return directory, os.statvfs(directory)
     except OSError:
         return None
-    if vfs.f_flag & os.ST_RDONLY:
-        return f"the file system holding {directory} is mounted read-only"
+
+
+def _read_only_mount(path: str, code: int | None) -> str | None:
+    found = _file_system(path, code)
+    if found is None or not found[1].f_flag & os.ST_RDONLY:
+        return None
+    return f"the file system holding {found[0]} is mounted read-only"
+
+
+def _full(path: str, code: int | None) -> str | None:
+    found = _file_system(path, code)
+    if found is None or code is None:
+        return None
+    directory, vfs = found
     free = (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) * vfs.f_frsize
     if free < _NEARLY_FULL and code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
         return f"the file system holding {directory} is full ({free // 1024} KiB free)"

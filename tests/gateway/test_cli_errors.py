@@ -126,3 +126,32 @@ def test_the_log_level_flag_wins_over_the_environment(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"q": QUEUE})
     done = busgate("--log-level", "debug", "check-config", "-c", str(config), BUSGATE_LOG_LEVEL="x")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("where", ["busgate.db", "state/busgate.db"], ids=["file", "directory"])
+def test_a_store_the_daemon_may_not_create_is_a_configuration_error(
+    shared_dir: Path, where: str
+) -> None:
+    # It exited 1, so Restart=on-failure started it again every 5s for ever; a systemd unit
+    # whose ProtectSystem=strict lacks the store's ReadWritePaths= fails this way (read-only).
+    locked = shared_dir / "locked"
+    locked.mkdir(mode=0o555)  # root's (or, not running as root, this user's): not writable
+    path = locked / where
+    config = write_config(shared_dir / "etc", {"q": QUEUE}, store=f"sqlite://{path}")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    user = nobody if os.geteuid() == 0 else []
+    done = subprocess.run(
+        [*user, sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    uid = 65534 if os.geteuid() == 0 else os.geteuid()
+    why = (
+        f"unable to open database file (user id {uid} may not create files in {locked})"
+        if where == "busgate.db"
+        else f"[Errno 13] Permission denied: '{path.parent}'"
+    )
+    refused(done, f"busgate: cannot start: {path}: {why}")
