@@ -263,6 +263,8 @@ class App:
         self._dispatcher_nursery: trio.Nursery | None = None
         self._producers: trio.CancelScope | None = None
         self._producers_drained = trio.Event()
+        #: Bounds the producers' drain; a second shutdown() may bring it forward.
+        self._producer_drain = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
 
@@ -397,8 +399,9 @@ class App:
         its replies must not hold the stop past what the README promises.
         """
         assert self.resp is not None and self.http is not None and self._producers is not None
+        self._producer_drain.deadline = min(self._producer_drain.deadline, deadline)
         try:
-            with trio.move_on_at(deadline):
+            with self._producer_drain:
                 async with trio.open_nursery() as both:
                     both.start_soon(self.resp.drain)
                     both.start_soon(self.http.drain, FLUSH_GRACE + HTTP_SEND_TIMEOUT)
@@ -544,11 +547,15 @@ class App:
                 )
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop accepting and reserving now; cancel deliveries still running after ``timeout``."""
+        """Stop accepting and reserving now; cancel deliveries still running after ``timeout``.
+
+        Called again during the drain, it only brings the end forward (a second SIGTERM).
+        """
         grace = self.config.shutdown_timeout if timeout is None else timeout
         deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
-        log.info("shutting down: draining in-flight deliveries for up to %gs", grace)
         first = not self._draining
+        if first:
+            log.info("shutting down: draining in-flight deliveries for up to %gs", grace)
         self._draining = True
         if self.service is not None:
             self.service.stop()  # HTTP pushes; the RESP listener closes below
@@ -556,6 +563,9 @@ class App:
             self._nursery.start_soon(self._drain_producers, deadline + RECORD_GRACE)
         elif first:  # still starting: no producer has been served
             self._producers_drained.set()
+        else:
+            drain = self._producer_drain
+            drain.deadline = min(drain.deadline, deadline + RECORD_GRACE)
         for dispatcher in [*self._dispatchers.values(), *self._stopping.values()]:
             dispatcher.stop(deadline)
         self._stopped.set()

@@ -17,7 +17,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
@@ -70,7 +70,22 @@ async def serve(config_path: str) -> None:
                         app.shutdown()
                         break
                     reloads.request(nursery)
+                outer.start_soon(_hurry, signals, app)
             outer.cancel_scope.cancel()
+
+
+async def _hurry(signals: AsyncIterator[int], app: App) -> None:
+    """A second SIGTERM or SIGINT (Ctrl-C twice) during the drain: stop waiting for
+    in-flight deliveries, and release their jobs to the store now.  A backend may have
+    started one: it is delivered again (at-least-once), with no attempt spent."""
+    async for signum in signals:
+        if signum != signal.SIGHUP:
+            log.warning(
+                "%s again: cancelling in-flight deliveries now; their jobs go back to the store",
+                signal.Signals(signum).name,
+            )
+            app.shutdown(0)
+            return
 
 
 #: Descriptors beside the producer connections: backends, the store, logs, listeners.

@@ -112,6 +112,36 @@ async def test_delivery_past_the_shutdown_timeout_is_released_without_an_attempt
     assert "released queue=q topic=t jobs=1" in log.read_text()
 
 
+async def test_a_second_sigterm_releases_in_flight_jobs_at_once(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    # A second signal (Ctrl-C twice, an impatient operator) was ignored: the drain waited out
+    # shutdown_timeout for a delivery that might take that long.
+    config, port = configure(tmp_path, recording_fpm, "60s")
+    log = tmp_path / "daemon.log"
+    daemon = start(config, log)
+    await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
+    await push(port, '{"sleep_ms": 8000}')
+    (first,) = await wait_received(record, 1)
+    daemon.send_signal(signal.SIGTERM)
+    await trio.sleep(0.5)
+    assert daemon.poll() is None  # draining: waiting for the delivery
+    started = trio.current_time()
+    daemon.send_signal(signal.SIGTERM)
+    assert await trio.to_thread.run_sync(daemon.wait, 20) == 0
+    assert trio.current_time() - started < 3  # not the 8 s script, nor the 60 s drain
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    try:
+        (job,) = await store.get_job(first.job_id)
+    finally:
+        await store.aclose()
+    assert (job.state, job.attempt, job.attempts) == (State.READY, 0, ())
+    text = log.read_text()
+    assert "SIGTERM again: cancelling in-flight deliveries now" in text
+    assert "released queue=q topic=t jobs=1" in text
+    assert text.count("shutting down: draining") == 1
+
+
 async def test_draining_daemon_refuses_http_pushes_and_stores_none_of_them(
     recording_fpm: PhpFpm, record: Path, tmp_path: Path
 ) -> None:
