@@ -159,25 +159,27 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def recover_expired(self, queue: str, topic: str, max_attempts: int) -> Due:
-        """Return jobs whose lease ran out to ready (an attempt spent), or dead past the limit."""
+        """Return jobs whose lease ran out to ready (an attempt spent), or dead past the limit:
+        at most ``MAINTENANCE_BATCH``, the soonest expired first."""
 
     @abc.abstractmethod
     async def promote_due(self, queue: str, topic: str) -> Due:
-        """Make delayed jobs whose time has come ready."""
+        """Make delayed jobs whose time has come ready: at most ``MAINTENANCE_BATCH``, the
+        soonest due first."""
 
     async def prune(self, queue: str, topic: str, done: Retention, dead: Retention) -> int:
         """Drop finished history beyond the retention limits; returns rows removed.
 
-        In store calls of at most ``PRUNE_BATCH`` rows per state and rule, as many as it
+        In store calls of at most ``MAINTENANCE_BATCH`` rows per state and rule, as many as it
         takes: one call for all would hold pushes up behind it (a second for 100k rows on
         SQLite), and one call a minute of a batch would let the history of a topic finishing
         more than that grow without bound.
         """
         removed = 0
         while True:
-            some = await self._prune_some(queue, topic, done, dead, PRUNE_BATCH)
+            some = await self._prune_some(queue, topic, done, dead, MAINTENANCE_BATCH)
             removed += some
-            if some < PRUNE_BATCH:  # no rule had more than a batch left
+            if some < MAINTENANCE_BATCH:  # no rule had more than a batch left
                 return removed
 
     @abc.abstractmethod
@@ -240,8 +242,11 @@ class Store(abc.ABC):
         """Flush and close; the store is unusable afterwards."""
 
 
-#: Finished jobs a prune removes per store call, per state and rule (age, count).
-PRUNE_BATCH = 1000
+#: Jobs one maintenance store call moves at most: delayed ones made ready, expired leases
+#: recovered, finished ones pruned (per state and rule, age and count).  One call for all
+#: would hold every other call up behind it (on SQLite, a second for 100k rows): the
+#: scheduler calls again at once while there is more (``Due.next_at`` already past).
+MAINTENANCE_BATCH = 1000
 
 #: Dead jobs examined per ``list_dead`` call, whatever the filter.
 DEAD_SCAN_LIMIT = 5000

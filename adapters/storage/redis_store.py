@@ -32,6 +32,7 @@ import trio
 from adapters.storage import redis_scripts as scripts
 from adapters.storage.base import (
     DEAD_SCAN_LIMIT,
+    MAINTENANCE_BATCH,
     Due,
     Expiry,
     Finish,
@@ -75,8 +76,6 @@ from adapters.storage.redis_routing import Router
 
 log = logging.getLogger("busgate.redis")
 
-#: Jobs moved per maintenance script call (promotion, recovery, pruning).
-_BATCH = 1000
 #: Dead jobs' records fetched per round trip when a page filters on an attribute: a record
 #: holds its payload, so this many max_payloads at most are held at once (a scan of 5,000
 #: is then up to 500 round trips, for an operator's page).
@@ -788,7 +787,7 @@ class RedisStore(Store):
 
     async def recover_expired(self, queue: str, topic: str, max_attempts: int) -> Due:
         count, first, jobs = await self._eval(
-            queue, scripts.RECOVER, topic, _stamp(self._clock()), max_attempts, _BATCH
+            queue, scripts.RECOVER, topic, _stamp(self._clock()), max_attempts, MAINTENANCE_BATCH
         )
         if count:
             self.doorbells.ring(queue, topic)
@@ -800,7 +799,7 @@ class RedisStore(Store):
 
     async def promote_due(self, queue: str, topic: str) -> Due:
         count, first = await self._eval(
-            queue, scripts.PROMOTE, topic, _stamp(self._clock()), _BATCH
+            queue, scripts.PROMOTE, topic, _stamp(self._clock()), MAINTENANCE_BATCH
         )
         if count:
             self.doorbells.ring(queue, topic)

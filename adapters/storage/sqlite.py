@@ -36,6 +36,7 @@ import trio
 
 from adapters.storage.base import (
     DEAD_SCAN_LIMIT,
+    MAINTENANCE_BATCH,
     Due,
     Expiry,
     Finish,
@@ -385,8 +386,8 @@ class SQLiteStore(Store):
             now = self._clock()
             expired = conn.execute(
                 "SELECT seq, id, attempt, lease_until FROM jobs WHERE queue=? AND topic=?"
-                " AND state=? AND lease_until<=? ORDER BY lease_until",
-                (queue, topic, State.LEASED, now),
+                " AND state=? AND lease_until<=? ORDER BY lease_until LIMIT ?",
+                (queue, topic, State.LEASED, now, MAINTENANCE_BATCH),
             ).fetchall()
             for seq, _, attempt, lease_until in expired:
                 state = State.DEAD if attempt >= max_attempts else State.READY
@@ -423,8 +424,9 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> Due:
             now = self._clock()
             promoted = conn.execute(
-                "UPDATE jobs SET state=? WHERE queue=? AND topic=? AND state=? AND run_at<=?",
-                (State.READY, queue, topic, State.DELAYED, now),
+                "UPDATE jobs SET state=? WHERE seq IN (SELECT seq FROM jobs WHERE queue=?"
+                " AND topic=? AND state=? AND run_at<=? ORDER BY run_at LIMIT ?)",
+                (State.READY, queue, topic, State.DELAYED, now, MAINTENANCE_BATCH),
             ).rowcount
             if promoted:
                 _add_depth(conn, queue, topic, State.DELAYED, -promoted)

@@ -259,6 +259,35 @@ async def test_batches_of_thousands_push_reserve_and_finish_whole(store: Store) 
     assert (stats.ready, stats.leased, stats.done_total) == (0, 0, count)
 
 
+async def test_maintenance_moves_a_batch_per_call_soonest_first(
+    store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite promoted every due job in one statement: 300k due at once held every push to
+    # any queue up for 2.7 s behind it (hunt 31).  Each call now moves a batch, and says the
+    # next is due already, so the scheduler calls again at once.
+    monkeypatch.setattr(redis_store, "MAINTENANCE_BATCH", 3)
+    monkeypatch.setattr(sqlite, "MAINTENANCE_BATCH", 3)
+    start = clock.now
+    await store.push(
+        "orders", ROUTES, [NewJob(bytes([n]), run_at=start + 10 + n) for n in reversed(range(7))]
+    )
+    clock.advance(20)
+    counts, batches = [], []
+    while (due := await store.promote_due("orders", "email")).count:
+        counts.append(due.count)
+        assert due.next_at is None or due.next_at <= clock.now
+        batches.append({j.payload[0] for j in await store.reserve("orders", "email", 10, 30)})
+    assert counts == [3, 3, 1] and due.next_at is None
+    assert batches == [{0, 1, 2}, {3, 4, 5}, {6}]  # the soonest due first
+    clock.advance(31)
+    counts = []
+    while (expired := await store.recover_expired("orders", "email", 5)).count:
+        counts.append(expired.count)
+        assert expired.next_at is None or expired.next_at <= clock.now
+    assert counts == [3, 3, 1] and expired.next_at is None
+    assert (await store.stats("orders", "email")).ready == 7
+
+
 async def test_expired_leases_come_back_then_die(store: Store, clock: FakeClock) -> None:
     await store.push("orders", ROUTES, [NewJob(b"x")])
     (job,) = await store.reserve("orders", "email", 1, lease=30)
