@@ -109,6 +109,10 @@ class ReloadReport:
         )
 
 
+def _topics_of(config: Config) -> dict[Key, TopicConfig]:
+    return {(q.name, t.name): t for q in config.queues.values() for t in q.topics}
+
+
 def _settings_changed(old: Config, new: Config, token_changed: bool) -> tuple[str, ...]:
     """What a reload changed besides topics (``ReloadReport.settings``)."""
     changed = [
@@ -261,6 +265,12 @@ class App:
         #: cuts them short too, and the stats count what they have in flight.
         self._stopping: dict[tuple[str, str], Dispatcher] = {}
         self._dispatcher_nursery: trio.Nursery | None = None
+        #: A reload's changes are made one reload at a time (``apply``), and a drained
+        #: topic's restart (``_restart_when_drained``) between two of them.
+        self._reload_lock = trio.Lock()
+        #: The backend each stopping topic starts with once drained (a changed topic).
+        self._waiting: dict[Key, Backend] = {}
+        self._restarted = trio.Event()  # set (and replaced) as each stopping topic is done
         self._producers: trio.CancelScope | None = None
         self._producers_drained = trio.Event()
         #: Bounds the producers' drain; a second shutdown() may bring it forward.
@@ -427,14 +437,41 @@ class App:
         await self._dispatcher_nursery.start(dispatcher.run)
 
     async def reload(self, new: Config) -> ReloadReport:
+        """``apply`` a new configuration, then wait until every topic it changed runs again
+        (``settled``)."""
+        report = await self.apply(new)
+        await self.settled()
+        return report
+
+    async def apply(self, new: Config) -> ReloadReport:
         """Apply a new configuration without stopping pushes or losing a delivery.
 
-        Producers switch to the new queues in one assignment.  A removed or changed topic's
-        dispatcher stops reserving and drains its in-flight deliveries (each may run to its
-        topic's timeout) before a changed topic's new dispatcher starts, so a FastCGI pool is
-        never open twice.  Raises ``ReloadRefused`` for changes that need a restart, or a
+        Producers switch to the new queues in one assignment, and added topics start.  A
+        removed or changed topic's dispatcher stops reserving and drains its in-flight
+        deliveries (each may run to its topic's timeout); a changed topic's new dispatcher
+        starts once it has, so a FastCGI pool is never open twice.  That happens on its own,
+        each topic on its own: this returns without waiting for it, so a reload that comes
+        meanwhile (a new queue, a rotated password) takes effect at once rather than behind
+        a slow delivery.  Raises ``ReloadRefused`` for changes that need a restart, or a
         backend that cannot be set up; nothing has changed then.
         """
+        async with self._reload_lock:  # one at a time; its drains are not waited for
+            report = await self._apply(new)
+        log.info("configuration reloaded: %s", report)
+        await self._warn_of_jobs_left(list(report.removed))
+        for note in php_fpm_notes(new):
+            log.info("%s", note)
+        for warning in config_warnings(new):
+            log.warning("%s", warning)
+        return report
+
+    async def settled(self) -> None:
+        """Wait until no topic a reload stopped is still draining, and those it changed run
+        again."""
+        while self._stopping:
+            await self._restarted.wait()
+
+    async def _apply(self, new: Config) -> ReloadReport:
         old = self.config
         refused = [
             what
@@ -451,9 +488,8 @@ class App:
             token = read_token(new.admin_token_file)
         except (OSError, ValueError) as exc:
             raise ReloadRefused(token_problem(new.admin_token_file, exc)) from None
-        assert self.service is not None
-        new_topics = {(q.name, t.name): t for q in new.queues.values() for t in q.topics}
-        old_topics = {(q.name, t.name): t for q in old.queues.values() for t in q.topics}
+        assert self.service is not None and self._dispatcher_nursery is not None
+        new_topics, old_topics = _topics_of(new), _topics_of(old)
         removed = [key for key in old_topics if key not in new_topics]
         added = [key for key in new_topics if key not in old_topics]
         changed, toggled = [], []
@@ -477,42 +513,45 @@ class App:
             self.resp.limits = new.producer  # read afresh by every connection and read
         self.admin.token = token
         for key in toggled:
-            dispatcher = self._dispatchers[key]
-            dispatcher.topic = new_topics[key]
-            if new_topics[key].paused:
-                dispatcher.pause()
-            else:
-                dispatcher.resume()
+            # One still draining after an earlier reload starts with this config's `paused`.
+            if (dispatcher := self._dispatchers.get(key)) is not None:
+                dispatcher.topic = new_topics[key]
+                if new_topics[key].paused:
+                    dispatcher.pause()
+                else:
+                    dispatcher.resume()
         now = trio.current_time()
         for key in removed + changed:
-            dispatcher = self._stopping[key] = self._dispatchers.pop(key)
-            # Nothing stops the daemon here: a delivery may run to its own timeout (and a
-            # moment more for that to fire), rather than be cut and run again.
-            dispatcher.stop(now + max(new.shutdown_timeout, dispatcher.topic.timeout + 1))
+            if (dispatcher := self._dispatchers.pop(key, None)) is not None:
+                self._stopping[key] = dispatcher
+                # Nothing stops the daemon here: a delivery may run to its own timeout (and
+                # a moment more for that to fire), rather than be cut and run again.
+                dispatcher.stop(now + max(new.shutdown_timeout, dispatcher.topic.timeout + 1))
+                self._dispatcher_nursery.start_soon(self._restart_when_drained, key)
+            # Otherwise an earlier reload's dispatcher still drains: what starts after it is
+            # what the latest reload says.
+            if key in changed:
+                self._waiting[key] = backends[key]
+            else:
+                self._waiting.pop(key, None)
         for key in added:
-            if not self._draining:  # a shutdown began: start nothing more
+            if key in self._stopping:  # removed by an earlier reload, and still draining
+                self._waiting[key] = backends[key]
+            elif not self._draining:  # a shutdown began: start nothing more
                 await self._start_dispatcher(new_topics[key], backends[key])
+        return ReloadReport(tuple(added), tuple(removed), tuple(changed), tuple(toggled), settings)
 
-        async def replace_when_drained(key: Key) -> None:
-            # Each topic on its own: a slow delivery of one holds back no other.
-            await self._stopping[key].finished.wait()
+    async def _restart_when_drained(self, key: Key) -> None:
+        """Once the dispatcher a reload stopped has drained, start what the configuration
+        now says for its topic, if anything."""
+        await self._stopping[key].finished.wait()
+        async with self._reload_lock:
+            backend = self._waiting.pop(key, None)
+            if backend is not None and not self._draining:
+                await self._start_dispatcher(_topics_of(self.config)[key], backend)
             del self._stopping[key]
-            if key in new_topics and not self._draining:
-                await self._start_dispatcher(new_topics[key], backends[key])
-
-        async with trio.open_nursery() as drains:
-            for key in removed + changed:
-                drains.start_soon(replace_when_drained, key)
-        report = ReloadReport(
-            tuple(added), tuple(removed), tuple(changed), tuple(toggled), settings
-        )
-        log.info("configuration reloaded: %s", report)
-        await self._warn_of_jobs_left(removed)
-        for note in php_fpm_notes(new):
-            log.info("%s", note)
-        for warning in config_warnings(new):
-            log.warning("%s", warning)
-        return report
+        self._restarted.set()
+        self._restarted = trio.Event()
 
     async def _warn_of_jobs_left(self, removed: list[Key]) -> None:
         """A removed topic's jobs stay in the store, where nothing delivers them: say so,

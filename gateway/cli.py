@@ -160,7 +160,9 @@ async def reload(app: App, config_path: str) -> bool:
     log.info("SIGHUP: reloading %s", config_path)
     try:
         new = load_config(config_path)
-        await app.reload(new)
+        # Not app.reload: a changed topic restarts once drained, by itself, and the next
+        # SIGHUP must not wait for that.
+        await app.apply(new)
     except (ConfigError, ReloadRefused, StartupError) as exc:
         log.error("reload rejected, the running configuration stays: %s", exc)
         return False

@@ -108,6 +108,49 @@ async def test_in_flight_delivery_finishes_when_its_topic_changes(
     assert received[1].server["REQUEST_URI"] == "/new"
 
 
+async def test_a_reload_during_a_slow_drain_takes_effect_at_once(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    # A reload waited for every topic it changed to drain, and the next SIGHUP waited behind
+    # it: a new queue, or a rotated password, took a slow delivery's timeout (hunt 31).
+    config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/old"})})
+    async with running_daemon(config) as app:
+        host, _, port = app.resp_address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(encode_command("LPUSH", "q", b'{"sleep_ms": 1500}'))
+        await stream.receive_some(100)
+        (slow,) = await wait_received(record, 1)  # sleeping in php
+        with trio.fail_after(0.5):
+            set_topics(tmp_path, recording_fpm, {"a": "/v2"})
+            assert (await app.apply(load_config(config))).changed == (("q", "a"),)
+            # While /old drains: a new queue, a, changed again, then removed and back.
+            (tmp_path / "conf.d" / "n.yaml").write_text(
+                queue(recording_fpm, {"n": "/n"}).replace("queue: q", "queue: n")
+            )
+            set_topics(tmp_path, recording_fpm, {"a": "/v3"})
+            assert (await app.apply(load_config(config))).changed == (("q", "a"),)
+            set_topics(tmp_path, recording_fpm, {"b": "/b"})
+            assert (await app.apply(load_config(config))).removed == (("q", "a"),)
+            set_topics(tmp_path, recording_fpm, {"a": "/v4"})
+            assert (await app.apply(load_config(config))).added == (("q", "a"),)
+            await stream.send_all(encode_command("LPUSH", "n", b"new queue"))
+            assert await stream.receive_some(100) == b":1\r\n"
+        (new_queue,) = [r for r in await wait_received(record, 2) if r.body == b"new queue"]
+        assert new_queue.server["REQUEST_URI"] == "/n"
+        with trio.fail_after(5):
+            await app.settled()
+        assert app.store is not None
+        (job,) = await app.store.get_job(slow.job_id)
+        assert job.state.name == "DONE" and len(job.attempts) == 1  # drained, not cut
+        await stream.send_all(encode_command("LPUSH", "q", b"after"))
+        await stream.receive_some(100)
+        received = await wait_received(record, 3)
+        await stream.aclose()
+    # One dispatcher for a, with what the last reload said.
+    assert [r.server["REQUEST_URI"] for r in received if r.body == b"after"] == ["/v4"]
+    assert app.dispatcher("q", "a").topic.uri == "/v4"
+
+
 async def test_pausing_by_reload_keeps_jobs_and_resuming_delivers(
     recording_fpm: PhpFpm, record: Path, tmp_path: Path
 ) -> None:
