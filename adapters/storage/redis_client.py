@@ -212,6 +212,8 @@ class RedisClient:
             self._connect,
             limits=PoolLimits(max_connections=max_connections, idle_timeout=idle_timeout),
         )
+        #: Calls that hold their connection for long (``lingers``): at most half the pool.
+        self._lingering = trio.CapacityLimiter(max(1, max_connections // 2))
 
     def statistics(self) -> PoolStatistics:
         return self._pool.statistics()
@@ -237,6 +239,7 @@ class RedisClient:
         *,
         deadline: float | None = None,
         reconnect: bool = True,
+        lingers: bool = False,
     ) -> list[Any]:
         """Send commands in one write and read their replies; error replies are returned.
 
@@ -246,7 +249,11 @@ class RedisClient:
         timeout for a call that spans several attempts (a cluster router's).  Unless
         ``reconnect``, a failed connect is raised at once rather than retried until the
         deadline: on a cluster, retrying a dead master would only wait for nothing.
+        ``lingers``: the commands may hold the connection for long (a ``WAIT`` for replicas
+        that are down runs to its timeout); at most half the pool's connections do at once.
         """
+        if lingers:
+            return await self._pipeline_lingering(commands, deadline, reconnect)
         payload = b"".join([pack(command) for command in commands])
         limit = self.command_timeout
         if deadline is None:
@@ -275,6 +282,24 @@ class RedisClient:
         pool.timeouts_total += 1
         lost = StoreUncertain if sent else StoreUnavailable
         raise lost(f"{self.name}: no answer within {limit:g}s")
+
+    async def _pipeline_lingering(
+        self, commands: Sequence[Command], deadline: float | None, reconnect: bool
+    ) -> list[Any]:
+        # Pushes of forty queues, each waiting out a WAIT while a replica was down, held every
+        # connection: reserves, outcomes and the readiness check queued behind them, and
+        # deliveries on every topic fell to a few a second.  Now only such calls wait.
+        if deadline is None:
+            deadline = trio.current_time() + self.command_timeout
+        with trio.move_on_at(deadline):
+            async with self._lingering:
+                return await self.pipeline(commands, deadline=deadline, reconnect=reconnect)
+        self._pool.failures_total += 1
+        self._pool.timeouts_total += 1
+        raise StoreUnavailable(
+            f"{self.name}: no connection free within {self.command_timeout:g}s: as many"
+            f" calls as may ({self._lingering.total_tokens}) wait for replicas (WAIT)"
+        )
 
     # -- connections --------------------------------------------------------------------------
 

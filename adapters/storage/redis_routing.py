@@ -134,11 +134,13 @@ async def _eval_on(
     reconnect: bool = True,
 ) -> list[Any]:
     """EVALSHA between ``prefix`` and ``suffix`` in one pipeline, sent again as EVAL when the
-    node has not cached the script yet: the replies of the script and of ``suffix``."""
+    node has not cached the script yet: the replies of the script and of ``suffix``.  A
+    ``suffix`` is eval_then's WAIT, which may hold the connection (``lingers``)."""
     at = len(prefix)
+    lingers = bool(suffix)
     for command in (("EVALSHA", script.sha, 1, key, *args), ("EVAL", script.source, 1, key, *args)):
         replies = await client.pipeline(
-            [*prefix, command, *suffix], deadline=deadline, reconnect=reconnect
+            [*prefix, command, *suffix], deadline=deadline, reconnect=reconnect, lingers=lingers
         )
         reply = replies[at]
         if isinstance(reply, ServerError) and reply.code == "NOSCRIPT":

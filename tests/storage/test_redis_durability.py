@@ -101,6 +101,34 @@ async def test_a_push_no_replica_confirmed_is_uncertain_and_kept(
         assert (await store.stats("orders", "email")).pushed_total == 6  # each one once
 
 
+async def test_pushes_waiting_for_a_frozen_replica_leave_connections_for_the_rest(
+    redis: RedisServer, replica: RedisServer, tmp_path: Path
+) -> None:
+    # Each such push holds its connection for replica_timeout.  Forty queues pushing at
+    # once held all 32 of the pool's: reserves, outcomes and reads queued behind them, and
+    # deliveries on every topic fell to a few a second (hunt 31).
+    url = f"redis://127.0.0.1:{redis.port}/0?replicas=1&replica_timeout=2s"
+    async with store_at(url, tmp_path) as store:
+        await store.push("held", ROUTES, [NewJob(b"ready")] * 5)
+        for n in range(40):
+            await store.push(f"q{n}", ROUTES, [NewJob(b"warm-up")])  # scripts cached
+
+        async def push(queue: str) -> None:
+            with pytest.raises(StoreUncertain):
+                await store.push(queue, ROUTES, [NewJob(b"unconfirmed")])
+
+        with frozen(replica):
+            async with trio.open_nursery() as pushes:
+                for n in range(40):
+                    pushes.start_soon(push, f"q{n}")
+                await trio.sleep(0.3)  # every push is under way, many waiting in WAIT
+                with trio.fail_after(0.5):
+                    assert len(await store.reserve("held", "email", 2, lease=30)) == 2
+                    assert (await store.stats("held", "email")).ready == 3
+        for n in range(40):  # each stored on the master all the same
+            assert (await store.stats(f"q{n}", "email")).ready == 2
+
+
 async def test_without_the_option_nothing_changes(
     redis: RedisServer, replica: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
