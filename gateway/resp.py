@@ -55,6 +55,8 @@ class OversizedCommand:
     name: bytes | None  # upper-cased; None if the oversized argument was the name itself
     size: int  # length of the first oversized argument
     limit: int
+    #: The argument after the name (a push's queue), if it came before the oversized one.
+    target: bytes | None = None
 
 
 class RequestParser:
@@ -197,7 +199,8 @@ class RequestParser:
                     remaining -= 1
                     if self._oversized is None:
                         name = args[0].upper() if args else None
-                        self._oversized = OversizedCommand(name, length, self.max_bulk_len)
+                        target = args[1] if len(args) > 1 else None
+                        self._oversized = OversizedCommand(name, length, self.max_bulk_len, target)
                         args.clear()
                         limit = -1
                     skip = length + 2

@@ -65,7 +65,7 @@ from fastcgi.readiness import Readiness
 from gateway import resp
 from gateway.config import Listen, ProducerLimits
 from gateway.http_server import open_listeners
-from gateway.producer import FLUSH_GRACE, Directory, ProducerService
+from gateway.producer import FLUSH_GRACE, Directory, PayloadTooLarge, ProducerService
 from gateway.resp_fast import FastRequestParser
 from gateway.resp_session import Peer, PendingPush, RespSession
 
@@ -382,13 +382,14 @@ class _Connection:
         self.sock.close()
 
 
-def _oversized(event: resp.OversizedCommand) -> bytes:
-    # Refused before its queue is known: the limit named is the largest queue's.
+def _oversized(session: RespSession, event: resp.OversizedCommand) -> bytes:
+    # Refused before its queue's limit is looked at: the limit named is the largest queue's.
     largest = event.limit - _PARSER_SLACK
-    return resp.error(
-        f"ERR payload of {event.size} bytes exceeds max_payload of {largest} bytes"
+    too_large = PayloadTooLarge(
+        f"payload of {event.size} bytes exceeds max_payload of {largest} bytes"
         " (the largest of any queue)"
     )
+    return session.refuse_unread(event.name, event.target, too_large)
 
 
 class RespServer:
@@ -594,7 +595,7 @@ class RespServer:
             replies = [
                 await session.execute(event.args)
                 if isinstance(event, resp.Command)
-                else session.refuse(_oversized(event))
+                else _oversized(session, event)
             ]
         else:
             replies, pending, slots = _prepare(session, group)
@@ -794,7 +795,7 @@ def _prepare(
         prepared = (
             session.prepare(event.args)
             if isinstance(event, resp.Command)
-            else session.refuse(_oversized(event))
+            else _oversized(session, event)
         )
         if isinstance(prepared, bytes):
             replies[index] = prepared

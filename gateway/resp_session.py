@@ -620,6 +620,16 @@ class RespSession:
             pass
         return None
 
+    def refuse_unread(
+        self, name: bytes | None, target: bytes | None, error: ProducerError
+    ) -> bytes:
+        """``refuse`` a command whose arguments were not read (one was over the parser's
+        limit), counted and logged as a refused push if it is one; ``target``, its queue,
+        is None when the oversized argument came first."""
+        if name is not None and (spec := self.commands.get(name)) is not None and spec.prepare:
+            self._refused(target or b"", error)
+        return self.refuse(resp.error(f"{error.code} {error}"))
+
     def refuse(self, reply: bytes) -> bytes:
         """A command refused before it got here (an argument over the size limit, never
         buffered): inside MULTI it makes EXEC discard the transaction, as Redis does.  It did

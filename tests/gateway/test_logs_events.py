@@ -274,6 +274,26 @@ async def test_refused_pushes_are_logged_once_then_counted(
     }
 
 
+async def test_a_payload_over_every_queues_limit_is_counted_as_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Past the largest max_payload the parser skips a payload unread, before its queue's
+    # limit is looked at: those refusals were answered, but neither logged nor counted.
+    caplog.set_level("INFO", logger="busgate.producer")
+    config = daemon_config(tmp_path, "http://127.0.0.1:9/", extra="            paused: true\n")
+    big = "x" * (3 * 1024 * 1024)
+    async with running_daemon(config) as app:
+        replies = await resp(
+            app, ("LPUSH", "q", big), ("LPUSH", "q", "fits", big), ("LPUSH", big, "x"), ("PING",)
+        )
+        assert replies.count(b"-ERR payload of 3145728 bytes exceeds max_payload") == 3
+        assert replies.endswith(b"+PONG\r\n")
+        assert app.service is not None
+        assert app.service.refusals.counts == {("q", "too_large"): 2, ("", "too_large"): 1}
+    (line,) = lines(caplog, "via=resp queue=q reason=too_large")
+    assert "exceeds max_payload of 1048576 bytes (the largest of any queue)" in line
+
+
 async def test_a_delivery_cancelled_at_shutdown_is_logged_with_its_job(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

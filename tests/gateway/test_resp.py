@@ -177,7 +177,7 @@ def test_oversized_argument_streams_through_without_buffering() -> None:
             assert parser.buffered <= 4096
         events += drain(parser)
         assert parser.buffered <= 4096
-    assert events == [OversizedCommand(b"LPUSH", size, 1000), Command((b"PING",))]
+    assert events == [OversizedCommand(b"LPUSH", size, 1000, b"orders"), Command((b"PING",))]
     assert parser.buffered == 0
 
 
@@ -187,7 +187,7 @@ OVERSIZED_WIRE = (
     + encode_command("LPUSH", "q", b"fits in10!")
 )
 OVERSIZED_EXPECTED = [
-    OversizedCommand(b"LPUSH", 50, 10),
+    OversizedCommand(b"LPUSH", 50, 10, b"q"),
     OversizedCommand(None, 20, 10),
     Command((b"LPUSH", b"q", b"fits in10!")),
 ]
@@ -202,7 +202,7 @@ def test_oversized_argument_as_last_argument() -> None:
     wire = encode_command("LPUSH", "q", b"y" * 11) + encode_command("PING")
     for pieces in splits(wire):
         assert parse_in_pieces(pieces, max_bulk_len=10) == [
-            OversizedCommand(b"LPUSH", 11, 10),
+            OversizedCommand(b"LPUSH", 11, 10, b"q"),
             Command((b"PING",)),
         ]
 
@@ -232,7 +232,8 @@ def test_oversized_in_any_chunking(
     def expected(args: list[bytes]) -> Event:
         for i, arg in enumerate(args):
             if len(arg) > limit:
-                return OversizedCommand(args[0].upper() if i else None, len(arg), limit)
+                name, target = (args[0].upper() if i else None), (args[1] if i > 1 else None)
+                return OversizedCommand(name, len(arg), limit, target)
         return Command(tuple(args))
 
     wire = b"".join(encode_command(*args) for args in commands)

@@ -175,7 +175,7 @@ def test_a_long_incomplete_request_goes_to_the_exact_parser() -> None:
 def test_an_oversized_argument_is_reported_as_the_exact_parser_does() -> None:
     parser = FastRequestParser(RequestParser(max_bulk_len=5))
     parser.feed(encode_command("LPUSH", "q", "toolong") + encode_command("PING"))
-    assert parser.next_event() == OversizedCommand(b"LPUSH", 7, 5)
+    assert parser.next_event() == OversizedCommand(b"LPUSH", 7, 5, b"q")
     assert parser.next_event() == Command((b"PING",))
 
 
