@@ -291,15 +291,21 @@ class RedisClient:
         # deliveries on every topic fell to a few a second.  Now only such calls wait.
         if deadline is None:
             deadline = trio.current_time() + self.command_timeout
-        with trio.move_on_at(deadline):
-            async with self._lingering:
-                return await self.pipeline(commands, deadline=deadline, reconnect=reconnect)
-        self._pool.failures_total += 1
-        self._pool.timeouts_total += 1
-        raise StoreUnavailable(
-            f"{self.name}: no connection free within {self.command_timeout:g}s: as many"
-            f" calls as may ({self._lingering.total_tokens}) wait for replicas (WAIT)"
-        )
+        # Only the wait for a turn is bounded here: once sent, the call's own deadline
+        # says whether the commands may have run (StoreUncertain), not this.
+        with trio.move_on_at(deadline) as waiting:
+            await self._lingering.acquire()  # cancelled only while it has not acquired
+        if waiting.cancelled_caught:
+            self._pool.failures_total += 1
+            self._pool.timeouts_total += 1
+            raise StoreUnavailable(
+                f"{self.name}: no connection free within {self.command_timeout:g}s: as many"
+                f" calls as may ({self._lingering.total_tokens}) wait for replicas (WAIT)"
+            )
+        try:
+            return await self.pipeline(commands, deadline=deadline, reconnect=reconnect)
+        finally:
+            self._lingering.release()
 
     # -- connections --------------------------------------------------------------------------
 

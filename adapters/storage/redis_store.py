@@ -332,6 +332,7 @@ class RedisStore(Store):
         self._ready_counts: dict[tuple[str, str], list[int]] = {}
         self._registered: set[tuple[str, str]] = set()
         self._registered_until = -math.inf
+        self._seeded: set[str] = set()  # queues whose topics set _seed_topics has filled
         # The queues whose last write Redis refused (out of memory, failed snapshot, a
         # replica, too few replicas), each until a probe write on its node succeeds: in a
         # Cluster, one node may refuse while another takes writes again.
@@ -535,7 +536,26 @@ class RedisStore(Store):
                 # Waited for up to the call's timeout already: the push fails now, rather
                 # than wait as long again for its script.
                 raise _refused(queue, added)
+            if queue not in self._seeded:
+                await self._seed_topics(queue, topics)
         return bool(new)
+
+    async def _seed_topics(self, queue: str, topics: Sequence[str]) -> None:
+        """Add to the queue's ``topics`` set those of its topics only the global registry
+        names: pushed to by a busgate from before the set, and since removed.  Once per
+        queue: later pushes keep the set themselves."""
+        (members,) = await self.router.pipeline(_REGISTRY, [("SMEMBERS", _REGISTRY)])
+        if isinstance(members, ServerError):
+            return  # the registry only helps here: the push goes on without it
+        named = set(topics)
+        older = set()
+        for member in members:
+            owner, slash, topic = member.decode("utf-8", "replace").partition("/")
+            if slash and owner == queue and topic and topic not in named:
+                older.add(topic)
+        if older:
+            await self._pipeline(queue, [("SADD", prefix_of(queue) + b"topics", *sorted(older))])
+        self._seeded.add(queue)
 
     # -- producers ----------------------------------------------------------------------------
 

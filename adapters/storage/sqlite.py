@@ -1401,6 +1401,9 @@ def _permission_problem(path: str, code: int | None, *, read_only: bool = False)
         code & 0xFF == sqlite3.SQLITE_CANTOPEN
         and not read_only  # which creates nothing
         and not os.path.exists(path)
+        # A directory that cannot be looked at now (a network mount gone stale) is not one
+        # this user may not write: that may pass, and the start is then retried (exit 1).
+        and os.path.isdir(directory)
         and not os.access(directory, os.W_OK | os.X_OK)
     ):
         return f"{user} may not create files in {directory}"

@@ -197,6 +197,20 @@ async def test_reserve_takes_other_priorities_when_its_plan_runs_short(
         assert (await host_a.stats("orders", "email")).leased == 8
 
 
+async def test_an_explicit_id_is_found_in_a_topic_removed_before_the_topics_set(
+    redis_server: RedisServer,
+) -> None:
+    # A busgate from before bg:{Q}:topics pushed order-9 to sms, and a reload then removed
+    # sms: only the global registry names it (review).  The set is filled from it once.
+    async with two_hosts(redis_server) as (old, new):
+        await old.push("orders", [("sms", Filter())], [NewJob(b"a", id="order-9")])
+        redis_server.cli("DEL", "bg:{orders}:topics")  # what the older version left
+        again = await new.push("orders", ROUTES, [NewJob(b"b", id="order-9")])
+        assert (again.copies, again.duplicates) == (0, 1)
+        members = redis_server.cli("SMEMBERS", "bg:{orders}:topics").split()
+        assert sorted(members) == ["email", "sms"]
+
+
 async def test_redis_down_at_push_is_an_error_and_nothing_is_acknowledged() -> None:
     client = RedisClient(RedisAddress("127.0.0.1", free_port()), command_timeout=0.5)
     store = RedisStore(Standalone(client))

@@ -129,6 +129,21 @@ async def test_pushes_waiting_for_a_frozen_replica_leave_connections_for_the_res
             assert (await store.stats(f"q{n}", "email")).ready == 2
 
 
+async def test_a_replicated_push_redis_never_answers_may_have_been_stored(
+    redis: RedisServer, replica: RedisServer, tmp_path: Path
+) -> None:
+    # Such a push waits for its turn under a deadline of its own: that deadline, not the
+    # call's, once caught the call's end, and a push Redis had read was answered "nothing
+    # was acknowledged" (review).
+    url = f"redis://127.0.0.1:{redis.port}/0?replicas=1&replica_timeout=200ms&timeout=500ms"
+    async with store_at(url, tmp_path) as store:
+        await store.push("orders", ROUTES, [NewJob(b"confirmed")])
+        unanswered = pytest.raises(StoreUncertain, match=r"no answer within 0\.5s")
+        with frozen(redis), trio.fail_after(5), unanswered:
+            await store.push("orders", ROUTES, [NewJob(b"sent")])
+        assert (await store.stats("orders", "email")).ready == 2  # it was
+
+
 async def test_without_the_option_nothing_changes(
     redis: RedisServer, replica: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
