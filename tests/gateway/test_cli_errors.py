@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import write_config
+from tests.support.users import as_unprivileged, unprivileged_uid
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "queue: q\ntopics:\n  t: {backend: 'http://127.0.0.1:9/', paused: true}\n"
@@ -138,17 +139,15 @@ def test_a_store_the_daemon_may_not_create_is_a_configuration_error(
     locked.mkdir(mode=0o555)  # root's (or, not running as root, this user's): not writable
     path = locked / where
     config = write_config(shared_dir / "etc", {"q": QUEUE}, store=f"sqlite://{path}")
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    user = nobody if os.geteuid() == 0 else []
     done = subprocess.run(
-        [*user, sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+        [*as_unprivileged(), sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    uid = 65534 if os.geteuid() == 0 else os.geteuid()
+    uid = unprivileged_uid()
     why = (
         f"unable to open database file (user id {uid} may not create files in {locked})"
         if where == "busgate.db"

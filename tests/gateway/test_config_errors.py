@@ -16,6 +16,7 @@ from adapters.storage.fanout import parse_document
 from gateway import cli
 from gateway.config import ConfigError, load_config, load_queue, render_effective
 from tests.support.daemon import running_daemon, write_config
+from tests.support.users import as_unprivileged
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "queue: q\ntopics:\n  t:\n    backend: http://127.0.0.1:9/\n    paused: true\n"
@@ -37,9 +38,8 @@ def check_config_shut_out_of(
     ``may_enter``), another owner.  Root lists anything, so it runs as nobody then;
     otherwise the mode (0300: enter, not list) shuts its owner out."""
     directory.chmod(0o711 if may_enter else 0o700)
-    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    user = as_unprivileged()
     if os.geteuid() != 0:
-        user = []
         directory.chmod(0o300)
     try:
         return subprocess.run(

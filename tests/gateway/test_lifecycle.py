@@ -17,9 +17,15 @@ import pytest
 import redis
 import trio
 
-from adapters.storage.jobs import State
+from adapters.storage.jobs import JobRecord, State
 from adapters.storage.sqlite import SQLiteStore
-from tests.support.daemon import read_received, running_daemon, wait_received, write_config
+from tests.support.daemon import (
+    Received,
+    read_received,
+    running_daemon,
+    wait_received,
+    write_config,
+)
 from tests.support.phpfpm import PhpFpm
 from tests.support.ports import free_port, wait_connectable
 from tests.support.redis import RedisServer
@@ -58,6 +64,27 @@ async def push(port: int, *payloads: str) -> None:
     assert done.stdout.strip() == str(len(payloads)).encode()
 
 
+async def delivering(
+    config: Path, port: int, log: Path, record: Path, payload: str
+) -> tuple[subprocess.Popen[bytes], Received]:
+    """A daemon started on ``config``, with ``payload`` pushed and being delivered."""
+    daemon = start(config, log)
+    await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
+    await push(port, payload)
+    (first,) = await wait_received(record, 1)
+    return daemon, first
+
+
+async def job_in_store(tmp_path: Path, job_id: str) -> JobRecord:
+    """The job as the stopped daemon left it in its SQLite file."""
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    try:
+        (job,) = await store.get_job(job_id)
+    finally:
+        await store.aclose()
+    return job
+
+
 async def test_sigterm_finishes_in_flight_work_and_leaves_the_rest_ready(
     recording_fpm: PhpFpm, record: Path, tmp_path: Path
 ) -> None:
@@ -87,19 +114,12 @@ async def test_delivery_past_the_shutdown_timeout_is_released_without_an_attempt
 ) -> None:
     config, port = configure(tmp_path, recording_fpm, "300ms")
     log = tmp_path / "daemon.log"
-    daemon = start(config, log)
-    await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
-    await push(port, '{"sleep_ms": 3000}')
-    (first,) = await wait_received(record, 1)
+    daemon, first = await delivering(config, port, log, record, '{"sleep_ms": 3000}')
     started = trio.current_time()
     daemon.send_signal(signal.SIGTERM)
     assert await trio.to_thread.run_sync(daemon.wait, 20) == 0
     assert trio.current_time() - started < 2.5  # did not wait for the 3 s script
-    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
-    try:
-        (job,) = await store.get_job(first.job_id)
-    finally:
-        await store.aclose()
+    job = await job_in_store(tmp_path, first.job_id)
     assert (job.state, job.attempt, job.attempts) == (State.READY, 0, ())
     # Restarted, the daemon delivers it again as attempt 1: the cut-short one did not count.
     daemon = start(config, log)
@@ -119,10 +139,7 @@ async def test_a_second_sigterm_releases_in_flight_jobs_at_once(
     # shutdown_timeout for a delivery that might take that long.
     config, port = configure(tmp_path, recording_fpm, "60s")
     log = tmp_path / "daemon.log"
-    daemon = start(config, log)
-    await trio.to_thread.run_sync(wait_connectable, "127.0.0.1", port)
-    await push(port, '{"sleep_ms": 8000}')
-    (first,) = await wait_received(record, 1)
+    daemon, first = await delivering(config, port, log, record, '{"sleep_ms": 8000}')
     daemon.send_signal(signal.SIGTERM)
     await trio.sleep(0.5)
     assert daemon.poll() is None  # draining: waiting for the delivery
@@ -130,11 +147,7 @@ async def test_a_second_sigterm_releases_in_flight_jobs_at_once(
     daemon.send_signal(signal.SIGTERM)
     assert await trio.to_thread.run_sync(daemon.wait, 20) == 0
     assert trio.current_time() - started < 3  # not the 8 s script, nor the 60 s drain
-    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
-    try:
-        (job,) = await store.get_job(first.job_id)
-    finally:
-        await store.aclose()
+    job = await job_in_store(tmp_path, first.job_id)
     assert (job.state, job.attempt, job.attempts) == (State.READY, 0, ())
     text = log.read_text()
     assert "SIGTERM again: cancelling in-flight deliveries now" in text

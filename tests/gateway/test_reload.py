@@ -19,7 +19,13 @@ import trio.testing
 from gateway.app import App, ReloadRefused
 from gateway.config import load_config
 from gateway.resp import encode_command
-from tests.support.daemon import read_received, running_daemon, wait_received, write_config
+from tests.support.daemon import (
+    Received,
+    read_received,
+    running_daemon,
+    wait_received,
+    write_config,
+)
 from tests.support.phpfpm import PhpFpm
 from tests.support.ports import free_port, wait_connectable
 
@@ -87,16 +93,22 @@ async def test_topics_come_and_go_without_a_failed_push(
     assert len(by_topic["a"]) == 300  # topic a got every job, before and after its change
 
 
+async def sleeping(app: App, record: Path, ms: int) -> tuple[trio.SocketStream, Received]:
+    """A connection to ``app`` that pushed a job to q now sleeping ``ms`` in php, and it."""
+    host, _, port = app.resp_address.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(encode_command("LPUSH", "q", b'{"sleep_ms": %d}' % ms))
+    await stream.receive_some(100)
+    (slow,) = await wait_received(record, 1)  # recorded, now sleeping in php
+    return stream, slow
+
+
 async def test_in_flight_delivery_finishes_when_its_topic_changes(
     recording_fpm: PhpFpm, record: Path, tmp_path: Path
 ) -> None:
     config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/old"})})
     async with running_daemon(config) as app:
-        host, _, port = app.resp_address.rpartition(":")
-        stream = await trio.open_tcp_stream(host, int(port))
-        await stream.send_all(encode_command("LPUSH", "q", b'{"sleep_ms": 500}'))
-        await stream.receive_some(100)
-        (slow,) = await wait_received(record, 1)  # recorded, now sleeping in php
+        stream, slow = await sleeping(app, record, 500)
         set_topics(tmp_path, recording_fpm, {"a": "/new"})
         await app.reload(load_config(config))  # waits for the old dispatcher to drain
         assert app.store is not None
@@ -115,11 +127,7 @@ async def test_a_reload_during_a_slow_drain_takes_effect_at_once(
     # it: a new queue, or a rotated password, took a slow delivery's timeout (hunt 31).
     config = write_config(tmp_path, {"q": queue(recording_fpm, {"a": "/old"})})
     async with running_daemon(config) as app:
-        host, _, port = app.resp_address.rpartition(":")
-        stream = await trio.open_tcp_stream(host, int(port))
-        await stream.send_all(encode_command("LPUSH", "q", b'{"sleep_ms": 1500}'))
-        await stream.receive_some(100)
-        (slow,) = await wait_received(record, 1)  # sleeping in php
+        stream, slow = await sleeping(app, record, 1500)
         with trio.fail_after(0.5):
             set_topics(tmp_path, recording_fpm, {"a": "/v2"})
             assert (await app.apply(load_config(config))).changed == (("q", "a"),)

@@ -20,6 +20,7 @@ from adapters.storage.jobs import NewJob
 from adapters.storage.sqlite import SQLiteStore
 from tests.support.daemon import running_daemon, write_config
 from tests.support.ports import free_port
+from tests.support.users import as_unprivileged, unprivileged_uid
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,10 +47,9 @@ async def busgate_curl(
     config: Path, job_id: str, *, unprivileged: bool = False
 ) -> subprocess.CompletedProcess[bytes]:
     """``busgate curl`` in a subprocess; ``unprivileged``: as another user than root."""
-    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     return await trio.run_process(
         [
-            *(drop if unprivileged and os.geteuid() == 0 else []),
+            *(as_unprivileged() if unprivileged else []),
             sys.executable,
             *("-m", "gateway.cli", "curl", job_id, "-c", str(config)),
         ],
@@ -83,7 +83,7 @@ async def xadd(resp_address: str, job_id: str) -> None:
 
 async def test_curl_reads_the_store_as_a_user_who_may_only_read_it(shared_dir: Path) -> None:
     directory = shared_dir / "busgate"
-    reader = 65534 if os.geteuid() == 0 else os.geteuid()
+    reader = unprivileged_uid()
     config = write_config(directory, {"orders": ORDERS})
     async with running_daemon(config) as app:
         await xadd(app.resp_address, "1-1")  # acknowledged once stored: in the -wal for now

@@ -17,6 +17,7 @@ from adapters.storage.errors import StoreUnavailable, StoreUnsupported
 from adapters.storage.fanout import Filter
 from adapters.storage.jobs import DeadFilter, NewJob, State
 from adapters.storage.sqlite import SQLiteStore
+from tests.support.users import NOBODY, as_unprivileged, unprivileged_uid
 
 ROUTES = [("email", Filter())]
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,9 +134,8 @@ def open_as_other_user(path: Path) -> str:
         "        await store.aclose()\n"
         "trio.run(main)\n"
     )
-    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     result = subprocess.run(
-        [*(drop if os.geteuid() == 0 else []), sys.executable, "-c", script, str(path)],
+        [*as_unprivileged(), sys.executable, "-c", script, str(path)],
         capture_output=True,
         text=True,
         check=True,
@@ -148,7 +148,7 @@ def open_as_other_user(path: Path) -> str:
 
 def give_to_other_user(path: Path) -> None:
     if os.geteuid() == 0:
-        os.chown(path, 65534, 65534)
+        os.chown(path, NOBODY, NOBODY)
 
 
 async def test_a_read_only_directory_is_named_as_the_cause(shared_dir: Path) -> None:
@@ -182,7 +182,7 @@ async def test_a_directory_this_user_may_not_write_is_named(shared_dir: Path) ->
     locked = shared_dir / "locked"
     locked.mkdir(mode=0o555)  # root's (or, not running as root, this user's): not writable
     said = open_as_other_user(locked / "busgate.db")
-    user = 65534 if os.geteuid() == 0 else os.geteuid()
+    user = unprivileged_uid()
     assert said == (
         f"open: {locked / 'busgate.db'}: unable to open database file"
         f" (user id {user} may not create files in {locked})"
