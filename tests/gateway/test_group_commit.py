@@ -23,7 +23,7 @@ from adapters.storage.jobs import NewJob, Pushed, PushResult
 from fastcgi.readiness import Readiness
 from gateway.app import App
 from gateway.config import load_config
-from gateway.producer import FLUSH_GRACE, PushFailures, _Batcher
+from gateway.producer import FLUSH_GRACE, MERGE_LIMIT, PushFailures, _Batcher
 from gateway.resp import encode_command
 from gateway.resp_server import _Connection
 from tests.gateway.test_producer_protocol import QUEUES, Client, CountingPushes
@@ -90,6 +90,27 @@ async def test_a_joined_push_is_answered_before_the_next_command(app: App) -> No
     assert app.resp is not None
     stats = app.resp.statistics()
     assert (stats.commands_total, stats.errors_total) == (4, 0)
+
+
+async def test_pushes_waiting_for_a_store_call_are_merged_up_to_the_limit(app: App) -> None:
+    """A store call takes the pushes waiting up to MERGE_LIMIT jobs, so that the next call's
+    are read and prepared while the store runs it; one push larger than that is one call."""
+    pushes, first, second = await a_store_call_under_way(app)
+    third = await Client.connect(app)
+    size = MERGE_LIMIT * 2 // 3  # two of them do not fit in one call
+    sent = {}
+    for n, client in enumerate([second, third, first]):
+        sent[n] = [b"%d-%d" % (n, i) for i in range(size if n < 2 else MERGE_LIMIT + 1)]
+        await client.stream.send_all(encode_command("LPUSH", "held", *sent[n]))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    pushes.gate.set()
+    with trio.fail_after(5):
+        assert await first.line() == b":1"
+        assert await second.line() == b":%d" % size
+        assert await third.line() == b":%d" % size
+        assert await first.line() == b":%d" % (MERGE_LIMIT + 1)
+    assert pushes.calls == [[b"a"], sent[0], sent[1], sent[2]]
+    assert await first.call("LLEN", "held") == b":%d" % (1 + 2 * size + MERGE_LIMIT + 1)
 
 
 async def test_a_producer_that_half_closes_still_gets_its_reply(app: App) -> None:
