@@ -151,7 +151,7 @@ def pack(command: Command) -> bytes:
 
 
 class Script:
-    """A Lua script sent by SHA once it is cached (EVALSHA, then EVAL on NOSCRIPT)."""
+    """A Lua script: sent as EVAL to a server that has not run it yet, then by SHA (EVALSHA)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -214,6 +214,9 @@ class RedisClient:
         )
         #: Calls that hold their connection for long (``lingers``): at most half the pool.
         self._lingering = trio.CapacityLimiter(max(1, max_connections // 2))
+        #: SHA1s of the scripts this server has run for us: sent by SHA from then on, and as
+        #: source before (``redis_routing._eval_on``).
+        self.scripts: set[str] = set()
 
     def statistics(self) -> PoolStatistics:
         return self._pool.statistics()

@@ -133,18 +133,28 @@ async def _eval_on(
     deadline: float | None = None,
     reconnect: bool = True,
 ) -> list[Any]:
-    """EVALSHA between ``prefix`` and ``suffix`` in one pipeline, sent again as EVAL when the
-    node has not cached the script yet: the replies of the script and of ``suffix``.  A
-    ``suffix`` is eval_then's WAIT, which may hold the connection (``lingers``)."""
+    """The script between ``prefix`` and ``suffix`` in one pipeline: the replies of the script
+    and of ``suffix``.  A ``suffix`` is eval_then's WAIT, which may hold the connection
+    (``lingers``).
+
+    The script goes as EVAL the first time this node is sent it (which caches it there), then
+    as EVALSHA, and as EVAL again if the node answers NOSCRIPT (restarted, or SCRIPT FLUSH).
+    Not EVALSHA first to find out: the WAIT behind a NOSCRIPT waits for nothing, and with a
+    replica down it would hold the first push for ``replica_timeout`` twice.
+    """
     at = len(prefix)
     lingers = bool(suffix)
+    cached = script.sha in client.scripts
     for command in (("EVALSHA", script.sha, 1, key, *args), ("EVAL", script.source, 1, key, *args)):
+        if command[0] == "EVALSHA" and not cached:
+            continue
         replies = await client.pipeline(
             [*prefix, command, *suffix], deadline=deadline, reconnect=reconnect, lingers=lingers
         )
         reply = replies[at]
         if isinstance(reply, ServerError) and reply.code == "NOSCRIPT":
             continue
+        client.scripts.add(script.sha)
         return replies[at:] if at else replies
     raise AssertionError("unreachable: EVAL does not answer NOSCRIPT")
 

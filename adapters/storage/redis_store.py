@@ -371,7 +371,7 @@ class RedisStore(Store):
     async def check_server(self) -> None:
         """At a daemon's start: refuse a replica, and a Redis user that may not run what
         busgate needs (every push would fail, some after writing); warn of a
-        ``maxmemory-policy`` that evicts jobs.  One ``INFO`` per master and one script call.
+        ``maxmemory-policy`` that evicts jobs.  One ``INFO`` per master and two script calls.
 
         Not for a look that only reads (``busgate curl``): its user may well not write."""
         try:
@@ -380,7 +380,12 @@ class RedisStore(Store):
                 check_not_replica(text)
                 if warning := eviction_warning(text):
                     log.warning("%s", warning)
-            replies = await self.router.eval(_CHECK_PREFIX + ROUTE, scripts.CHECK, [_CHECK_PREFIX])
+            # Twice: sent as EVAL the first time, then by SHA as every later script call is
+            # (redis_routing._eval_on); a user denied either must be refused now.
+            for _ in range(2):
+                replies = await self.router.eval(
+                    _CHECK_PREFIX + ROUTE, scripts.CHECK, [_CHECK_PREFIX]
+                )
         except ServerError as exc:
             if exc.code == "NOPERM":  # EVALSHA, or EVAL once the script is not cached
                 raise StoreRefused(

@@ -1,5 +1,6 @@
-"""The Redis client at the edges of a call: one already cancelled sends nothing, and a TLS
-handshake that runs out of time leaves no socket open."""
+"""The Redis client at the edges of a call: one already cancelled sends nothing, a TLS
+handshake that runs out of time leaves no socket open, and a script the server has forgotten
+is sent again."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import trio
 
 from adapters.storage.errors import StoreError, StoreRefused
-from adapters.storage.redis_client import RedisAddress, RedisClient
+from adapters.storage.redis_client import RedisAddress, RedisClient, Script
+from adapters.storage.redis_routing import Standalone
 from tests.support.redis import RedisServer
 
 
@@ -93,3 +95,31 @@ async def test_a_server_that_is_not_redis_is_named_as_such() -> None:
                 await client.execute("PING")
             await client.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_script_goes_as_source_first_then_by_sha_and_again_once_forgotten(
+    redis_server: RedisServer,
+) -> None:
+    def calls(command: str) -> int:
+        stats = redis_server.cli("INFO", "commandstats")
+        for line in stats.splitlines():
+            if line.startswith(f"cmdstat_{command}:"):
+                return int(line.partition("calls=")[2].partition(",")[0])
+        return 0
+
+    script = Script("return redis.call('INCR', KEYS[1])")
+    redis_server.cli("SCRIPT", "FLUSH")
+    redis_server.cli("DEL", "edge:n")
+    client = RedisClient(redis_server.address)
+    router = Standalone(client)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        before = calls("eval"), calls("evalsha")
+        assert await router.eval(b"edge:n", script, []) == 1
+        assert await router.eval(b"edge:n", script, []) == 2
+        assert (calls("eval"), calls("evalsha")) == (before[0] + 1, before[1] + 1)
+        redis_server.cli("SCRIPT", "FLUSH")  # as a restart would: NOSCRIPT, then EVAL again
+        assert await router.eval(b"edge:n", script, []) == 3
+        assert (calls("eval"), calls("evalsha")) == (before[0] + 2, before[1] + 2)
+        await client.aclose()
+        nursery.cancel_scope.cancel()

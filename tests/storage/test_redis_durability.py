@@ -69,9 +69,7 @@ async def test_a_push_no_replica_confirmed_is_uncertain_and_kept(
         assert isinstance(store, RedisStore)
         await store.push("orders", ROUTES, [NewJob(b"confirmed")])  # the replica keeps up
         assert replica.cli("HLEN", "bg:{orders}:J:email").strip() == "1"  # WAIT waited for it
-        # The first push of a connection also sent EVALSHA and WAIT before the script itself
-        # (NOSCRIPT); from now on, one WAIT per push, in the script's pipeline.
-        sent = waits(redis)
+        sent = waits(redis)  # one WAIT per push, in the script's pipeline
 
         with frozen(replica), trio.fail_after(5):
             started = trio.current_time()
@@ -99,6 +97,23 @@ async def test_a_push_no_replica_confirmed_is_uncertain_and_kept(
         await store.push("orders", ROUTES, [NewJob(b"confirmed again")])
         assert replica.cli("HLEN", "bg:{orders}:J:email").strip() == "6"
         assert (await store.stats("orders", "email")).pushed_total == 6  # each one once
+
+
+async def test_the_first_push_with_the_replica_down_waits_for_it_once(
+    redis: RedisServer, replica: RedisServer, tmp_path: Path
+) -> None:
+    # The first push sends the script's source (EVAL), not its SHA to be told NOSCRIPT: a
+    # WAIT behind that would hold the push for replica_timeout with nothing written.
+    url = f"redis://127.0.0.1:{redis.port}/0?replicas=1&replica_timeout=400ms"
+    async with store_at(url, tmp_path) as store:
+        sent = waits(redis)
+        with frozen(replica), trio.fail_after(5):
+            started = trio.current_time()
+            with pytest.raises(StoreUncertain):
+                await store.push("orders", ROUTES, [NewJob(b"first")])
+            assert 0.4 <= trio.current_time() - started < 0.75
+        assert waits(redis) == sent + 1
+        assert (await store.stats("orders", "email")).pushed_total == 1
 
 
 async def test_pushes_waiting_for_a_frozen_replica_leave_connections_for_the_rest(
