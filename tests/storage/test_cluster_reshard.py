@@ -61,6 +61,7 @@ async def test_a_busy_queue_moved_to_another_master_loses_and_repeats_nothing(
     reserved: Counter[bytes] = Counter()
     refused_acks: list[bytes] = []
     pushing = True
+    produced = trio.Event()  # the producer's last push answered (it may outlast ``pushing``)
 
     async with running_store(RedisStore(Cluster(cluster.seeds, RedisClient))) as store:
 
@@ -72,9 +73,10 @@ async def test_a_busy_queue_moved_to_another_master_loses_and_repeats_nothing(
                 pushed.extend(batch)
                 count += 3
                 await trio.sleep(0.01)
+            produced.set()
 
         async def consume() -> None:
-            while pushing or len(reserved) < len(pushed):
+            while not produced.is_set() or len(reserved) < len(pushed):
                 jobs = await store.reserve(queue, "email", 5, 60)
                 if not jobs:
                     await trio.sleep(0.01)
