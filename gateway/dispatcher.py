@@ -441,8 +441,15 @@ class Dispatcher:
     def _lease_may_run_out(self, lease_until: float) -> bool:
         """Whether a lease ending at ``lease_until`` might run out before an attempt begun
         now ends, or before ``_keep_leased`` extends it (on a topic whose attempts may outlast
-        the lease, it does so every lease/3)."""
-        needed = self.lease / 3 if self._outlasts_lease else self.topic.timeout
+        the lease, it does so every lease/3).
+
+        With half of LEASE_MARGIN to spare at the end of the attempt: leases are in each
+        host's wall-clock time, and another daemon whose clock runs ahead takes a lease back
+        that much sooner (README, Stores: Redis).  A job that waited in the buffer for
+        seconds started with barely its timeout left, and one 3 s ahead delivered it again.
+        A job just reserved has the whole margin: the extension costs only jobs that waited.
+        """
+        needed = self.lease / 3 if self._outlasts_lease else self.topic.timeout + LEASE_MARGIN / 2
         return lease_until - self._clock() <= needed + 1
 
     async def _extend_for_an_attempt(self, job: Job, lease_until: float) -> float | None:

@@ -15,6 +15,7 @@ from adapters.storage.jobs import DeadFilter, Outcome, State
 from gateway import dispatcher as dispatch
 from gateway.app import App
 from gateway.circuit import CircuitState
+from gateway.config import LEASE_MARGIN
 from gateway.resp import encode_command
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
@@ -273,6 +274,26 @@ async def test_jobs_waiting_in_the_buffer_longer_than_their_lease_keep_it(
         assert (stats.dead_total, stats.expired_total) == (0, 0)
     assert sorted(json.loads(r.body)["n"] for r in received) == [0, 1, 2, 3]
     assert all(r.attempt == 1 for r in received)
+
+
+async def test_an_attempt_starts_with_half_the_lease_margin_to_spare(
+    recording_fpm: PhpFpm, tmp_path: Path
+) -> None:
+    """A job is extended before its attempt unless its lease outlasts the timeout by half
+    LEASE_MARGIN: another host whose clock runs a few seconds ahead takes a lease back that
+    much sooner.  Before, a job that had waited in the buffer started with its timeout + 1 s
+    left, and a host 3 s ahead delivered it a second time while it ran."""
+    lease = 10 + LEASE_MARGIN  # the timeout's default lease
+    topic = one_worker_topic(recording_fpm, "{max_attempts: 1}")
+    topic = topic.replace("lease: 1s", f"lease: {lease:g}s")
+    async with running_daemon(write_config(tmp_path, {"q": topic})) as app:
+        dispatcher = app._dispatchers["q", "t"]
+        now = trio.current_time()
+        dispatcher._clock = lambda: now
+        spare = 10 + LEASE_MARGIN / 2 + 1
+        assert dispatcher._lease_may_run_out(now + spare)
+        assert not dispatcher._lease_may_run_out(now + spare + 0.1)
+        assert not dispatcher._lease_may_run_out(now + lease)  # just reserved
 
 
 async def test_a_stop_gives_the_buffered_jobs_back_at_once_unspent(
