@@ -139,7 +139,9 @@ class Telemetry:
         self._subscribers: set[Subscriber] = set()
         self.sample_errors = 0
         self._failures = logs.Repeating(log)  # a store down fails a sample every second
-        self.started_at = clock()
+        # Uptime is measured on a monotonic clock: the wall clock may be stepped (NTP), and
+        # /v1/stats showed a negative uptime after a step back.
+        self._started = time.monotonic()
 
     # -- fed by the dispatchers -----------------------------------------------------------------
 
@@ -316,7 +318,7 @@ class Telemetry:
             del self._topics[key]
         return {
             "generated_at": self._clock(),
-            "uptime": round(self._clock() - self.started_at, 1),
+            "uptime": round(time.monotonic() - self._started, 1),
             "store": self._store,
             "queues": list(queues.values()),
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -10,13 +12,15 @@ from adapters.storage.sqlite import SQLiteStore
 from gateway.telemetry import EVENTS_PER_SECOND, SUBSCRIBER_BUFFER, Telemetry, percentile
 
 
-async def telemetry(tmp_path: Any) -> tuple[Telemetry, SQLiteStore]:
+async def telemetry(
+    tmp_path: Any, clock: Callable[[], float] = time.time
+) -> tuple[Telemetry, SQLiteStore]:
     store = await SQLiteStore.open(str(tmp_path / "t.db"))
     from gateway.config import load_config
     from tests.support.daemon import write_config
 
     config = load_config(write_config(tmp_path, {}))
-    return Telemetry(store, lambda: config, dict), store
+    return Telemetry(store, lambda: config, dict, clock=clock), store
 
 
 async def test_events_are_sampled_per_second(tmp_path: Any) -> None:
@@ -101,3 +105,13 @@ async def test_a_reload_during_a_sample_is_what_the_snapshot_shows(tmp_path: Any
         assert entries == {"a": True, "b": False}
     finally:
         await store.aclose()
+
+
+async def test_uptime_stays_true_when_the_wall_clock_is_stepped_back(tmp_path: Any) -> None:
+    wall = [1_800_000_000.0]
+    t, store = await telemetry(tmp_path, clock=lambda: wall[0])
+    await trio.sleep(0.05)
+    wall[0] -= 3600  # NTP steps the clock back an hour
+    await t.sample()
+    assert 0.0 <= t.snapshot()["uptime"] < 5
+    await store.aclose()
