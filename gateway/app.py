@@ -53,6 +53,7 @@ from gateway.producer import FLUSH_GRACE, Directory, ProducerService
 from gateway.producer_http import add_producer_routes
 from gateway.resp_server import RespServer, RespStatistics
 from gateway.telemetry import Telemetry
+from gateway.wallclock import WallClock
 
 log = logging.getLogger("busgate")
 
@@ -253,6 +254,7 @@ class App:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._clock = clock
+        self._wallclock = WallClock(clock)  # steps since the start, for every dispatcher
         self.store: Store | None = None
         self.service: ProducerService | None = None
         self.resp: RespServer | None = None
@@ -431,6 +433,7 @@ class App:
             topic,
             backend,
             clock=self._clock,
+            wallclock=self._wallclock,
             listeners=(self.telemetry.record,),
         )
         self._dispatchers[dispatcher.key] = dispatcher

@@ -43,6 +43,7 @@ from gateway.circuit import CircuitBreaker, CircuitState, CircuitStatistics
 from gateway.config import LEASE_MARGIN, TopicConfig
 from gateway.policy import Backoff, Decision, decide
 from gateway.ratelimit import TokenBucket
+from gateway.wallclock import STEP, WallClock
 
 log = logging.getLogger("busgate.dispatch")
 
@@ -113,13 +114,17 @@ class Dispatcher:
         backend: Backend,
         *,
         clock: Callable[[], float] = time.time,
+        wallclock: WallClock | None = None,
         rng: random.Random | None = None,
         listeners: tuple[AttemptListener, ...] = (),
     ) -> None:
+        """``clock`` is the wall clock; ``wallclock`` watches it for steps, one for the whole
+        daemon (the dispatchers of a reload measure from the daemon's start)."""
         self.store = store
         self.topic = topic
         self.backend = backend
         self._clock = clock
+        self._wallclock = wallclock or WallClock(clock)
         self._rng = rng or random.Random()
         self._listeners = listeners
         self._backoff = Backoff(topic.retry.backoff, topic.retry.max_backoff)
@@ -617,6 +622,29 @@ class Dispatcher:
                 if extended and job_id in leases:
                     leases[job_id] = now + self.lease
 
+    async def _after_a_step(self, stepped: float) -> None:
+        """The wall clock has just been stepped ``stepped`` seconds forward: the leases of
+        the jobs held here, written before, look that much nearer their end, or past it.
+        Extended now, before this daemon's own scheduler or another's takes them back while
+        they are delivered.  (A step back needs nothing: leases only look longer.)"""
+        log.warning(
+            "wall clock stepped forward queue=%s topic=%s seconds=%.1f: extending the leases"
+            " of the %d jobs held",
+            *self.key,
+            stepped,
+            len(self._held),
+        )
+        now = self._clock()
+        for job_id, job in list(self._held.items()):
+            try:
+                extended = await self.store.extend(job, self.lease)
+            except StoreError as exc:
+                log.warning("lease extension failed job=%s error=%s", job_id, logs.quoted(exc))
+                continue
+            for leases in (self._buffered_leases, self._running_leases):
+                if extended and job_id in leases:
+                    leases[job_id] = now + self.lease
+
     # -- recording ----------------------------------------------------------------------------
 
     async def _record_loop(self, done: trio.Event) -> None:
@@ -752,8 +780,6 @@ class Dispatcher:
         queue, topic = self.key
         timer = self.store.timers[queue, topic]
         topic_config = self.topic
-        done_keep = Retention(topic_config.completed_max_count, topic_config.completed_max_age)
-        dead_keep = Retention(topic_config.dead_max_count, topic_config.dead_max_age)
         next_prune = trio.current_time()
         # The store says when the next delayed job is due and the next lease ends, and a
         # delayed push or a retry rings the timer, here or (Redis publishes it) in any daemon
@@ -767,10 +793,14 @@ class Dispatcher:
             if self.store.hears_other_processes
             else SHARED_FILE_INTERVAL
         )
+        offset = self._wallclock.offset()
         while True:
             next_at = math.inf
             look_again = interval
             try:
+                if (stepped := self._wallclock.offset() - offset) > STEP:
+                    await self._after_a_step(stepped)  # before the leases are looked at
+                offset += stepped
                 due = await self.store.promote_due(queue, topic)
                 expired = await self.store.recover_expired(
                     queue, topic, topic_config.retry.max_attempts
@@ -778,6 +808,15 @@ class Dispatcher:
                 for expiry in expired.expired:
                     _log_expiry(queue, topic, expiry)
                 if trio.current_time() >= next_prune:
+                    # History finished before a step forward looks older than it is: kept
+                    # that much longer (see gateway/wallclock.py).
+                    ahead = self._wallclock.ahead()
+                    done_keep = Retention(
+                        topic_config.completed_max_count, topic_config.completed_max_age + ahead
+                    )
+                    dead_keep = Retention(
+                        topic_config.dead_max_count, topic_config.dead_max_age + ahead
+                    )
                     if pruned := await self.store.prune(queue, topic, done_keep, dead_keep):
                         log.info(
                             "pruned queue=%s topic=%s jobs=%d: done and dead jobs past retention",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import textwrap
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +45,13 @@ def write_config(
 
 
 @asynccontextmanager
-async def running_daemon(config_path: Path) -> AsyncIterator[App]:
+async def running_daemon(
+    config_path: Path, *, clock: Callable[[], float] = time.time
+) -> AsyncIterator[App]:
+    """The daemon of ``config_path``, in this process; ``clock`` is its wall clock."""
     config = load_config(config_path)
     async with trio.open_nursery() as nursery:
-        app: App = await nursery.start(App(config).run)
+        app: App = await nursery.start(App(config, clock=clock).run)
         try:
             yield app
         finally:
