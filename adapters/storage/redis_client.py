@@ -98,6 +98,12 @@ class RedisConnection(PooledStream):
         # pass over every reply to convert them afterwards.
         self.reader = hiredis.Reader(replyError=ServerError)
 
+    def reusable(self) -> bool:
+        # A reply no command asked for (a server or proxy that sent one twice) would be read
+        # as the answer to the next call on this connection, and every call after would be
+        # one behind.  The socket's own leftovers the pool sees before reuse; these are read.
+        return not self.reader.has_data()
+
     async def roundtrip(self, payload: bytes, count: int) -> list[Any]:
         sock = self.sock
         if sock is None:

@@ -1,6 +1,6 @@
 """The Redis client at the edges of a call: one already cancelled sends nothing, a TLS
-handshake that runs out of time leaves no socket open, and a script the server has forgotten
-is sent again."""
+handshake that runs out of time leaves no socket open, a reply nobody asked for is not read as
+the next call's, and a script the server has forgotten is sent again."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import hiredis
 import pytest
 import trio
 
@@ -93,6 +94,35 @@ async def test_a_server_that_is_not_redis_is_named_as_such() -> None:
             await nursery.start(client.run)
             with pytest.raises(StoreRefused, match="does not speak the Redis protocol"):
                 await client.execute("PING")
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reply_sent_twice_is_not_taken_for_the_next_calls_answer() -> None:
+    async def answers_get_a_twice(sock: trio.socket.SocketType) -> None:
+        commands = hiredis.Reader()
+        with sock:
+            while data := await sock.recv(65536):
+                commands.feed(data)
+                out = b""
+                while (command := commands.gets()) is not False:
+                    if command[0].upper() != b"GET":
+                        out += b"+OK\r\n"  # the handshake's CLIENT SETNAME
+                        continue
+                    value = b"value-of-" + command[1]
+                    out += b"$%d\r\n%s\r\n" % (len(value), value) * (2 if value[-1:] == b"a" else 1)
+                await sock.send(out)
+
+    async with serving(answers_get_a_twice) as port:
+        client = RedisClient(RedisAddress("127.0.0.1", port), command_timeout=2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            assert await client.execute("GET", "a") == b"value-of-a"
+            assert [await client.execute("GET", key) for key in "bcd"] == [
+                b"value-of-b",
+                b"value-of-c",
+                b"value-of-d",
+            ]
             await client.aclose()
             nursery.cancel_scope.cancel()
 
