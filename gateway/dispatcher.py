@@ -611,16 +611,24 @@ class Dispatcher:
                 if until <= soon and job_id in self._held
             ]
             for job_id, leases in due:
-                job = self._held.get(job_id)
-                if job is None or job_id not in leases:
-                    continue  # delivered, or moved from the buffer to a worker, meanwhile
-                try:
-                    extended = await self.store.extend(job, self.lease)
-                except StoreError as exc:
-                    log.warning("lease extension failed job=%s error=%s", job_id, logs.quoted(exc))
-                    continue
-                if extended and job_id in leases:
-                    leases[job_id] = now + self.lease
+                if job_id in leases:  # else delivered, or moved from the buffer to a worker
+                    await self._extend_held(job_id, now)
+
+    async def _extend_held(self, job_id: str, now: float) -> None:
+        """Extend the lease of held job ``job_id`` from ``now``, and note its new end where
+        the buffer or a worker keeps one.  A failure is logged: the job goes on, and at worst
+        it is delivered twice, never lost."""
+        job = self._held.get(job_id)
+        if job is None:
+            return  # recorded meanwhile
+        try:
+            extended = await self.store.extend(job, self.lease)
+        except StoreError as exc:
+            log.warning("lease extension failed job=%s error=%s", job_id, logs.quoted(exc))
+            return
+        for leases in (self._buffered_leases, self._running_leases):
+            if extended and job_id in leases:
+                leases[job_id] = now + self.lease
 
     async def _after_a_step(self, stepped: float) -> None:
         """The wall clock has just been stepped ``stepped`` seconds forward: the leases of
@@ -635,15 +643,8 @@ class Dispatcher:
             len(self._held),
         )
         now = self._clock()
-        for job_id, job in list(self._held.items()):
-            try:
-                extended = await self.store.extend(job, self.lease)
-            except StoreError as exc:
-                log.warning("lease extension failed job=%s error=%s", job_id, logs.quoted(exc))
-                continue
-            for leases in (self._buffered_leases, self._running_leases):
-                if extended and job_id in leases:
-                    leases[job_id] = now + self.lease
+        for job_id in list(self._held):
+            await self._extend_held(job_id, now)
 
     # -- recording ----------------------------------------------------------------------------
 
