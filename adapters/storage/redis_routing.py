@@ -144,19 +144,23 @@ async def _eval_on(
     """
     at = len(prefix)
     lingers = bool(suffix)
-    cached = script.sha in client.scripts
-    for command in (("EVALSHA", script.sha, 1, key, *args), ("EVAL", script.source, 1, key, *args)):
-        if command[0] == "EVALSHA" and not cached:
-            continue
+    by_source = script.sha not in client.scripts
+    while True:
+        # One tuple per call: a push's arguments run to thousands, so the other form of the
+        # command is built only if it is sent.
+        head = ("EVAL", script.source) if by_source else ("EVALSHA", script.sha)
         replies = await client.pipeline(
-            [*prefix, command, *suffix], deadline=deadline, reconnect=reconnect, lingers=lingers
+            [*prefix, (*head, 1, key, *args), *suffix],
+            deadline=deadline,
+            reconnect=reconnect,
+            lingers=lingers,
         )
         reply = replies[at]
-        if isinstance(reply, ServerError) and reply.code == "NOSCRIPT":
+        if not by_source and isinstance(reply, ServerError) and reply.code == "NOSCRIPT":
+            by_source = True
             continue
         client.scripts.add(script.sha)
         return replies[at:] if at else replies
-    raise AssertionError("unreachable: EVAL does not answer NOSCRIPT")
 
 
 class Standalone:
