@@ -164,41 +164,32 @@ class HTTPBackend:
         pool.requests_total += 1
         deadline = started + timeout
         try:
-            # The job's deadline bounds getting a connection too, enforced by the pool (our
-            # scope around it would take the cancellation for itself): a deadline passed
-            # before a connection was had is the pool's PoolTimeout or ConnectTimeout.  The
-            # job never left, so no attempt is spent, as with a refused connection; it was a
-            # spent "no response" whenever the topic's timeout was under the connect timeout.
+            # The job's deadline bounds getting a connection too, enforced by the pool (a
+            # scope of ours around it would take the cancellation for itself): a deadline
+            # passed before a connection was had is the pool's PoolTimeout or ConnectTimeout.
+            # The job never left, so no attempt is spent, as with a refused connection; it
+            # was a spent "no response" whenever the topic's timeout was under the connect
+            # timeout.
             conn = await pool.acquire(deadline)
-            with trio.CancelScope(deadline=deadline) as scope:
-                sent_at = trio.current_time()
-                try:
-                    answer = await self._exchange(conn, job)
-                except ConnectionLost:
-                    pool.discard(conn)
-                    if not closed_while_idle(conn, conn.answered, sent_at):
-                        raise
-                    # A kept-alive connection found closed when reused, before any byte of an
-                    # answer and at once: the server closed it while it sat idle (its
-                    # keep-alive timeout), too recently for the check before reuse to see.
-                    # Once more, on a new connection.  Under our scope: should the server
-                    # have had the job after all, its deadline is a timeout.
-                    conn = await pool.acquire(fresh=True)
-                    try:
-                        answer = await self._exchange(conn, job)
-                    except BaseException:
-                        pool.discard(conn)
-                        raise
-                except BaseException:
-                    pool.discard(conn)
+            sent_at = trio.current_time()
+            try:
+                answer = await self._send(conn, job, deadline)
+            except ConnectionLost:
+                if not closed_while_idle(conn, conn.answered, sent_at):
                     raise
-                pool.release(conn)
+                # A kept-alive connection found closed when reused, before any byte of an
+                # answer and at once: the server closed it while it sat idle (its
+                # keep-alive timeout), too recently for the check before reuse to see.
+                # Once more, on a new connection, got as the first one was: a connect that
+                # fails or hangs is the same unspent failure here.
+                conn = await pool.acquire(deadline, fresh=True)
+                answer = await self._send(conn, job, deadline)
         except BackendError as exc:
             pool.failures_total += 1
             return Delivery(
                 trio.current_time() - started, failure=failure_of(exc), message=str(exc)
             )
-        if scope.cancelled_caught:
+        if answer is None:
             pool.failures_total += 1
             pool.timeouts_total += 1
             return Delivery(
@@ -216,6 +207,20 @@ class HTTPBackend:
             if 300 <= status < 400
             else "",
         )
+
+    async def _send(self, conn: HTTPConnection, job: Job, deadline: float) -> _Answer | None:
+        """One exchange on ``conn`` under the job's deadline: its answer, or None if the
+        deadline came first.  The connection goes back to the pool only after a whole
+        exchange."""
+        with trio.CancelScope(deadline=deadline):
+            try:
+                answer = await self._exchange(conn, job)
+            except BaseException:
+                self.pool.discard(conn)
+                raise
+            self.pool.release(conn)
+            return answer
+        return None
 
     async def _exchange(self, conn: HTTPConnection, job: Job) -> _Answer:
         request_headers, body = self.request(job)

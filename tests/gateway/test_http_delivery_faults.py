@@ -182,6 +182,39 @@ async def test_on_a_distant_server_the_keep_alive_race_takes_the_round_trip_into
     assert backend.statistics().failures_total == 0
 
 
+async def test_a_new_connection_that_hangs_after_the_keep_alive_race_is_an_unspent_connect_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The request meets an idle-closed connection and goes again on a new one, whose
+    # connect hangs (a SYN dropped by a full backlog) past the job's timeout.  The job never
+    # reached the server, as the first connect failing would say: an unspent connect failure.
+    # The new connection was got under the job's own cancel scope, so this was a spent
+    # "no response within" timeout.
+    connect = HTTPBackend._connect
+    connects = 0
+
+    async def second_hangs(self: HTTPBackend) -> Any:
+        nonlocal connects
+        connects += 1
+        if connects == 2:
+            await trio.sleep_forever()
+        return await connect(self)
+
+    monkeypatch.setattr(HTTPBackend, "_connect", second_hangs)
+
+    async def handler(stream: trio.SocketStream, number: int) -> None:
+        _, rest = await read_request(stream)
+        await stream.send_all(OK)
+        await read_request(stream, rest)  # closed without a byte of answer
+
+    ((first, second), connections, backend) = await deliver_in_turn(handler, 2, timeout=0.5)
+    assert first.status == 200
+    assert second.failure is Failure.CONNECT, second.message
+    assert second.duration < 1.5
+    assert connections == [1] and connects == 2
+    assert backend.statistics().in_use == 0
+
+
 async def read_then(stream: trio.abc.Stream, answer: bytes) -> None:
     await read_request(stream)
     await stream.send_all(answer)
