@@ -88,6 +88,13 @@ local function hmget_many(key, fields)
   end
   return values
 end
+-- A leased job back to the front of its ready list, its attempt given back (unspent).
+local function unlease(topic, id, st)
+  redis.call('ZREM', K('l', topic), id)
+  st.s, st.l, st.n = '0', '', tostring(tonumber(st.n) - 1)
+  put_state(topic, id, st)
+  redis.call('LPUSH', ready_list(topic, id), id)
+end
 local function forget(topic, id)
   redis.call('HDEL', K('J', topic), id)
   redis.call('HDEL', K('S', topic), id)
@@ -418,13 +425,33 @@ local released = 0
 for i = #ARGV - 2, 3, -3 do  -- (id, attempt, token) per job
   local id = ARGV[i]
   local st = leased(topic, id, ARGV[i + 1], ARGV[i + 2])
-  if st then
-    redis.call('ZREM', K('l', topic), id)
-    st.s, st.l, st.n = '0', '', tostring(tonumber(st.n) - 1)
-    put_state(topic, id, st)
-    -- to the front: these were next in line before they were given back
-    redis.call('LPUSH', ready_list(topic, id), id)
+  if st then  -- to the front: these were next in line before they were given back
+    unlease(topic, id, st)
     released = released + 1
+  end
+end
+if released > 0 then redis.call('PUBLISH', prefix .. 'wake', topic) end
+return released
+"""
+)
+
+UNRESERVE = Script(
+    _COMMON
+    + """
+-- What reserves whose answer never came took: (lease_until, token) per reserve, as RESERVE
+-- stamped them.  Nobody holds those leases; their jobs go back unspent.  A reserve's jobs
+-- share its lease_until, so the lease zset finds them without a scan.
+local topic = ARGV[2]
+local released = 0
+for i = 3, #ARGV - 1, 2 do
+  local lease_until, token = ARGV[i], ARGV[i + 1]
+  local ids = redis.call('ZRANGEBYSCORE', K('l', topic), lease_until, lease_until)
+  for k = #ids, 1, -1 do  -- to the front in id order: their order went with the answer
+    local st = get_state(topic, ids[k])
+    if st and st.s == '2' and holds(st.l, token) then
+      unlease(topic, ids[k], st)
+      released = released + 1
+    end
   end
 end
 if released > 0 then redis.call('PUBLISH', prefix .. 'wake', topic) end

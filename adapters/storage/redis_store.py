@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from itertools import chain
 from typing import Any, NamedTuple
 
 import trio
@@ -193,6 +194,9 @@ ACL_RULES = (
 #: Lost jobs found while Redis keeps losing them: one warning per this many seconds, with the
 #: count since the last, rather than one per reserve.
 LOST_WARNING_INTERVAL = 10.0
+#: Unanswered reserves remembered per topic (see RedisStore.reserve): a Redis that keeps not
+#: answering fails every reserve; older leases have run out by the time it answers again.
+MAX_UNANSWERED = 16
 
 
 _RECORD_HEAD = struct.Struct("!BQQ16sI")
@@ -337,6 +341,9 @@ class RedisStore(Store):
         # replica, too few replicas), each until a probe write on its node succeeds: in a
         # Cluster, one node may refuse while another takes writes again.
         self._write_refused: set[str] = set()
+        # Reserves whose answer was lost, (lease_until stamp, token) per (queue, topic): the
+        # jobs they leased are held by nobody.  The topic's next reserve gives them back.
+        self._unanswered: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self._lost = 0  # ready jobs RESERVE found without a record, since the last warning
         self._lost_warned = -math.inf
         # Once started: where a subscription that comes back looks at Redis's settings again.
@@ -668,6 +675,8 @@ class RedisStore(Store):
 
     async def reserve(self, queue: str, topic: str, limit: int, lease: float) -> list[Job]:
         key = (queue, topic)
+        if self._unanswered:
+            await self._unreserve(queue, topic)
         # get, not setdefault: that would build a scheduler on every call to throw away.
         scheduler = self._schedulers.get(key)
         if scheduler is None:
@@ -693,14 +702,25 @@ class RedisStore(Store):
             # this call only.)
             plan += [Priority.HIGH] * (limit - len(plan))
         lease_until, token = self._clock() + lease, new_lease()
-        rows, fresh_counts, lost = await self._eval(
-            queue,
-            scripts.RESERVE,
-            topic,
-            _stamp(lease_until),
-            "".join([_PRIORITY_ARGS[p] for p in plan]),
-            token,
-        )
+        stamp = _stamp(lease_until)
+        try:
+            rows, fresh_counts, lost = await self._eval(
+                queue,
+                scripts.RESERVE,
+                topic,
+                stamp,
+                "".join([_PRIORITY_ARGS[p] for p in plan]),
+                token,
+            )
+        except StoreUncertain:
+            # Redis may have run it (the connection broke, or no answer came in time): the
+            # jobs would stay leased to nobody until the lease ran out, an attempt spent for
+            # a delivery that never started (dead at max_attempts: 1).  Given back by the
+            # next reserve, not now: a Redis that stalled may not have run it yet.
+            pending = self._unanswered.setdefault(key, [])
+            pending.append((stamp, token))
+            del pending[:-MAX_UNANSWERED]
+            raise
         self._ready_counts[key] = [int(n) for n in fresh_counts]
         if lost:
             self._warn_lost(queue, topic, lost)
@@ -726,6 +746,42 @@ class RedisStore(Store):
                 )
             )
         return jobs
+
+    async def _unreserve(self, queue: str, topic: str) -> None:
+        """Give back what the topic's unanswered reserves leased (see ``reserve``)."""
+        pending = self._unanswered.pop((queue, topic), None)
+        now = self._clock()
+        # A lease run out is RECOVER's (an attempt spent): it may have been reserved again.
+        pending = [(stamp, token) for stamp, token in pending or () if float(stamp) > now]
+        if not pending:
+            return
+        try:
+            released = int(
+                await self._eval(queue, scripts.UNRESERVE, topic, *chain.from_iterable(pending))
+            )
+        except StoreUnavailable:
+            # Redis is away again (or did not answer this either: giving back twice is
+            # harmless).  The reserve would fail the same way.
+            self._unanswered.setdefault((queue, topic), pending)
+            raise
+        except StoreError as exc:
+            log.warning(
+                "queue %s topic %s: the jobs of a reserve whose answer was lost could not be"
+                " given back (%s): they return when their lease runs out",
+                queue,
+                topic,
+                exc,
+            )
+            return
+        if released:
+            self.doorbells.ring(queue, topic)
+            log.warning(
+                "queue %s topic %s: the answer to a reserve was lost; the %d jobs it leased"
+                " are back in line, no attempt spent",
+                queue,
+                topic,
+                released,
+            )
 
     def _warn_lost(self, queue: str, topic: str, lost: int) -> None:
         self._lost += lost

@@ -243,6 +243,45 @@ async def test_a_push_redis_read_but_did_not_answer_in_time_may_be_stored(tmp_pa
         server.stop()
 
 
+async def test_the_jobs_of_a_reserve_whose_answer_was_lost_go_back_unspent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis frozen past the command timeout as a dispatcher reserves: it runs RESERVE when it
+    # wakes, leasing jobs under a token nobody holds.  They stayed leased until the lease ran
+    # out, then came back with an attempt spent: dead at max_attempts: 1, never delivered.
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    try:
+        store = RedisStore(Standalone(RedisClient(server.address, command_timeout=0.5)))
+        await store.push("orders", ROUTES, [NewJob(p) for p in (b"a", b"b", b"c", b"d")])
+        (held,) = await store.reserve("orders", "email", 1, 30)  # ready counts now known
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUncertain, match=r"no answer within 0\.5s"):
+                await store.reserve("orders", "email", 2, 30)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        with trio.fail_after(5):
+            while server.cli("ZCARD", "bg:{orders}:l:email").strip() != "3":
+                await trio.sleep(0.05)  # Redis ran it once it woke
+        jobs = await store.reserve("orders", "email", 3, 30)
+        # Back at the front of the line (in id order: the lost answer had their order).
+        assert sorted((job.payload, job.attempt) for job in jobs) == [
+            (b"b", 1),
+            (b"c", 1),
+            (b"d", 1),
+        ]
+        assert jobs[-1].payload == b"d"
+        assert "the answer to a reserve was lost; the 2 jobs it leased are back" in caplog.text
+        # The lease a dispatcher holds is left alone.
+        assert server.cli("ZCARD", "bg:{orders}:l:email").strip() == "4"
+        assert await store.extend(held, 30)
+        await store.aclose()
+    finally:
+        server.stop()
+
+
 async def test_error_replies_are_server_errors_at_any_depth(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     server.start()
