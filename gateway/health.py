@@ -64,11 +64,20 @@ async def probe(topic: TopicConfig) -> dict[str, Any]:
         return {"error": f"{topic.status_path} answered {response.status}: is pm.status_path set?"}
     try:
         status = json.loads(response.body)
-    except ValueError:
-        return {"error": f"{topic.status_path} did not answer JSON"}
-    return {ours: status.get(theirs) for theirs, ours in _FIELDS.items()} | {
-        "pool": status.get("pool")
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
+        status = None
+    if not isinstance(status, dict):
+        # Some other script at that path (a front controller answering every URI, say):
+        # what it says is no count of ours.
+        return {"error": f"{topic.status_path} did not answer php-fpm's JSON status"}
+    pool = status.get("pool")
+    return {ours: _count(status.get(theirs)) for theirs, ours in _FIELDS.items()} | {
+        "pool": pool if isinstance(pool, str) else None
     }
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class BackendHealth:
