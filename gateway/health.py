@@ -70,9 +70,9 @@ async def probe(topic: TopicConfig) -> dict[str, Any]:
         # Some other script at that path (a front controller answering every URI, say):
         # what it says is no count of ours.
         return {"error": f"{topic.status_path} did not answer php-fpm's JSON status"}
-    pool = status.get("pool")
+    name = status.get("pool")
     return {ours: _count(status.get(theirs)) for theirs, ours in _FIELDS.items()} | {
-        "pool": pool if isinstance(pool, str) else None
+        "pool": name if isinstance(name, str) else None
     }
 
 
