@@ -86,6 +86,10 @@ class LineFormatter(logging.Formatter):
         return self._date_time  # and then ",%03d" milliseconds, as default_msec_format does
 
 
+#: What ``handleError`` is told failed when held lines could not be written.
+_UNWRITTEN = logging.makeLogRecord({"msg": "held log lines could not be written"})
+
+
 class LineHandler(logging.StreamHandler[TextIO]):
     """A ``StreamHandler`` that can hold ``info`` lines and write them together.
 
@@ -123,6 +127,10 @@ class LineHandler(logging.StreamHandler[TextIO]):
             if self._held:
                 self._write()
             super().flush()
+        except Exception:
+            # As emit does: a log that cannot be written (a full disk, a reader gone) loses
+            # those lines, reported as logging reports such errors, and the daemon goes on.
+            self.handleError(_UNWRITTEN)
         finally:
             self.release()
 

@@ -336,3 +336,31 @@ def test_a_repeating_failure_is_logged_once_then_with_a_count_and_its_end_once(
         ("INFO", "up again (1 more failures since the last logged)"),
         ("WARNING", "down w"),
     ]
+
+
+async def test_a_log_that_cannot_be_written_loses_lines_not_the_daemon(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The log on a full disk (or a pipe whose reader has gone): held lines written every
+    # 50 ms raised out of flushing(), which ended the daemon.  emit() reported such errors
+    # and went on; now so does the flush.
+    full = open("/dev/full", "w")  # noqa: SIM115 (closing it fails too: see the end)
+    line_handler = LineHandler(full)
+    line_handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(line_handler)
+    try:
+        with trio.move_on_after(0.3):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flushing, 0.05)
+                await trio.testing.wait_all_tasks_blocked()
+                for n in range(3):
+                    emit(line_handler, logging.INFO, f"line {n}")
+                    await trio.sleep(0.06)
+        emit(line_handler, logging.INFO, "after")  # holding no more: written at once
+    finally:
+        root.removeHandler(line_handler)
+        with contextlib.suppress(OSError):
+            full.close()  # flushes what the buffer holds: no space for it either
+    err = capsys.readouterr().err
+    assert "--- Logging error ---" in err and "No space left on device" in err
