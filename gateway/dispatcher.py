@@ -486,17 +486,30 @@ class Dispatcher:
             drained.append(job)
 
     async def _give_back(self, jobs: list[Job]) -> None:
-        try:
-            await self.store.release(jobs)
-        except StoreError as exc:
-            # Their leases run out and they come back, each having spent an attempt.
-            log.warning(
-                "release failed queue=%s topic=%s jobs=%d error=%s",
-                *self.key,
-                len(jobs),
-                logs.quoted(exc),
-            )
+        """Release ``jobs``, taken from the buffer undelivered.  Until the store has them
+        they stay held, their leases kept as in the buffer: let go, they stayed leased until
+        the lease ran out, an attempt spent (dead at the last one without reaching the
+        backend).  A paused or broken topic asks again; a stop leaves them to its final
+        release."""
+        while True:
+            try:
+                await self.store.release(jobs)
+            except StoreError as exc:
+                log.warning(
+                    "release failed queue=%s topic=%s jobs=%d error=%s",
+                    *self.key,
+                    len(jobs),
+                    logs.quoted(exc),
+                )
+                for job in jobs:  # _keep_leased extends them from the lease they had
+                    self._buffered_leases.setdefault(job.id, job.lease_until)
+                if self._stopping:
+                    return  # _release_unfinished tries again
+                await trio.sleep(STORE_ERROR_PAUSE)
+                continue
+            break
         for job in jobs:
+            self._buffered_leases.pop(job.id, None)
             self._not_delivered(job)
 
     async def _deliver(self, job: Job, lease_until: float, probe: int) -> None:

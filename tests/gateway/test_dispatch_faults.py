@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
-from adapters.storage.jobs import DeadFilter, Outcome, State
+from adapters.storage.errors import StoreUnavailable
+from adapters.storage.jobs import DeadFilter, Job, Outcome, State
 from gateway import dispatcher as dispatch
 from gateway.app import App
 from gateway.circuit import CircuitState
@@ -325,6 +327,67 @@ async def test_a_stop_gives_the_buffered_jobs_back_at_once_unspent(
     assert [r.attempt for r in received] == [1] * len(received)
     assert (stats.dead_total, stats.expired_total, stats.leased) == (0, 0, 0)
     assert stats.done_total == len(received) and stats.ready == 7 - len(received)
+
+
+def release_failing_once(app: App) -> list[int]:
+    """Make the store's first release fail (a blip); the sizes of the releases asked."""
+    store = app.store
+    assert store is not None
+    release, asked = store.release, []
+
+    async def failing_once(jobs: Sequence[Job]) -> int:
+        asked.append(len(jobs))
+        if len(asked) == 1:
+            raise StoreUnavailable("injected: connection reset")
+        return await release(jobs)
+
+    store.release = failing_once  # type: ignore[method-assign]
+    return asked
+
+
+async def test_buffered_jobs_a_stop_failed_to_give_back_go_with_the_final_release(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    # The early give-back failed, and the jobs were let go all the same: the final release,
+    # there for what is still held, never saw them.  They stayed leased and, with one attempt
+    # allowed, went dead without reaching the backend.
+    topic = one_worker_topic(recording_fpm, "{max_attempts: 1}")
+    config = write_config(tmp_path, {"q": topic})
+    async with running_daemon(config) as app:
+        asked = release_failing_once(app)
+        await push(app, b'{"sleep_ms": 1000}', b'{"n": 1}', b'{"n": 2}')
+        await wait_received(record, 1)
+        dispatcher = app._dispatchers["q", "t"]
+        assert dispatcher.statistics().buffered == 2
+        app.shutdown(timeout=10)
+        with trio.fail_after(10):
+            await dispatcher.finished.wait()
+        assert app.store is not None
+        stats = await app.store.stats("q", "t")
+    assert asked == [2, 2]
+    assert (stats.leased, stats.ready, stats.done_total, stats.dead_total) == (0, 2, 1, 0)
+
+
+async def test_buffered_jobs_a_pause_failed_to_give_back_are_asked_for_again(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    topic = one_worker_topic(recording_fpm, "{max_attempts: 1}")
+    config = write_config(tmp_path, {"q": topic})
+    async with running_daemon(config) as app:
+        asked = release_failing_once(app)
+        await push(app, b'{"sleep_ms": 500}', b'{"n": 1}', b'{"n": 2}')
+        await wait_received(record, 1)
+        dispatcher = app._dispatchers["q", "t"]
+        dispatcher.pause()
+        assert app.store is not None
+        with trio.fail_after(dispatch.STORE_ERROR_PAUSE + 3):
+            while (await app.store.stats("q", "t")).ready < 2:
+                await trio.sleep(0.05)
+        assert asked == [2, 2]
+        assert not dispatcher._held
+        dispatcher.resume()
+        await wait_received(record, 3)
+    assert [r.attempt for r in read_received(record)] == [1, 1, 1]
 
 
 def redis_topic_config(tmp_path: Path, fpm: PhpFpm, redis: RedisServer) -> Path:
