@@ -1,7 +1,7 @@
 """Benchmarks of the whole daemon, each against a raw baseline measured in the same run.
 
-    e2e      jobs pushed over RESP -> store -> php-fpm no-op (8 static children) -> ack,
-             against a raw trio FastCGI client driving the same pool with 8 connections and
+    e2e      jobs pushed over RESP (100 per LPUSH, one redis-py producer) -> store ->
+             php-fpm no-op (8 static children) -> ack, against a raw trio FastCGI client driving the same pool with 8 connections and
              sending busgate's own request (the same CGI params and body), measured before
              and after; a raw client's minimal request is reported too, and the CPU
              each process spent per job (2 cores: the run is bound by their sum)
@@ -10,8 +10,10 @@
              (-n 1000000); and
              against a bare trio server that only replies, the ceiling for one trio process;
              with busgate's CPU per push, and how much of its one core that was
-    latency  push -> the backend's first byte at 1,000 jobs/s: p50 and p99
-    rss      daemon RSS with 100 topics and 1,000,000 pending jobs
+    latency  push -> the backend's first byte at 1,000 jobs/s: p50 and p99, from the time each
+             push was due on a fixed schedule (open loop: see bench/pusher.py)
+    rss      daemon RSS with 100 topics and 1,000,000 pending jobs (the daemon's own; on the
+             Redis store the jobs are in redis-server)
 
 The daemon runs in this process (as in production, one process), logging at ``info`` as
 ``busgate run`` does by default (to /dev/null); producers run in separate processes, as real
@@ -52,6 +54,7 @@ import trio
 
 from adapters.delivery.fastcgi import FastCGIBackend
 from adapters.storage.jobs import Job, Priority, new_job_id, new_trace_id
+from bench import pusher as pusher_module
 from bench.fastcgi_pool import encoded_request, request_env, run_raw
 from fastcgi.connection import ClientConnection
 from fastcgi.events import Params
@@ -65,6 +68,10 @@ from tests.support.redis import RedisServer
 CHILDREN = 8
 HERE = Path(__file__).resolve().parent
 PUSHER = HERE / "pusher.py"
+#: Jobs per LPUSH of e2e's producer: one process pushing one job a command waits a round trip
+#: each and measures itself (1,810 jobs/s on the Redis store here), not the delivery path the
+#: target is about.  Ingest measures single pushes (redis-benchmark, 50 clients).
+E2E_BATCH = 100
 #: redis-benchmark's pushes per run, by pipeline depth: its default -n unpipelined.  At -P 16
 #: redis-server takes 100,000 in under 0.1 s, so the 50 clients' connecting and the first
 #: batches weigh on both sides: here redis-server measured 0.81-1.10M/s over such runs and
@@ -157,7 +164,13 @@ async def stores(kind: str, tmp: Path) -> AsyncIterator[str]:
 
 
 def pusher(
-    port: int, queue: str, count: int, *, rate: float = 0, batch: int = 100, ready: bool = False
+    port: int,
+    queue: str,
+    count: int,
+    *,
+    rate: float = 0,
+    batch: int = E2E_BATCH,
+    ready: bool = False,
 ) -> list[str]:
     argv = [sys.executable, str(PUSHER), str(port), queue, str(count), str(rate), str(batch)]
     return [*argv, "--ready"] if ready else argv
@@ -351,7 +364,7 @@ async def bench_e2e(kinds: list[str], jobs: int, rounds: int) -> None:
             same = busgate_request(
                 write_config(tmp / "shape", "sqlite:unused", {"e2e": e2e_topic(fpm)})
             )
-            await run_raw(fpm.address, same, 2000)  # warm opcache
+            await run_raw(fpm.address, same, 2000)  # warm-up: connections, php-fpm's children
             raw_minimal = await run_raw(fpm.address, minimal, jobs)
             for kind in kinds:
                 for nice in nices:
@@ -382,7 +395,8 @@ async def bench_e2e(kinds: list[str], jobs: int, rounds: int) -> None:
             fpm.stop()
     print(
         f"e2e: RESP push -> store -> php-fpm no-op ({CHILDREN} static children) -> ack,"
-        f" {jobs} jobs, {rounds} rounds (median)"
+        f" {jobs} jobs pushed by one redis-py producer, {E2E_BATCH} per LPUSH,"
+        f" {rounds} rounds (median)"
     )
     print(
         f"  raw trio FastCGI client, {CHILDREN} connections, minimal request, nice   0:"
@@ -394,7 +408,7 @@ async def bench_e2e(kinds: list[str], jobs: int, rounds: int) -> None:
             f" {statistics.median(measured.baselines):8.0f} req/s"
         )
         print(f"    CPU per request (last round): {raw_meter.per_job(jobs, 'client')}")
-        target = 0.5 if kind == "redis" else None  # the issue asks for SQLite's figure only
+        target = 0.5 if kind == "redis" else None  # the issue's target; SQLite's is reported
         print(
             f"  busgate, {kind:6} store, nice {nice:3}{_as_the_unit(nice)}:"
             f" {measured.summary(target)}"
@@ -605,22 +619,33 @@ async def bench_latency(kinds: list[str], jobs: int, rate: float) -> None:
                         with niced(nice):
                             sent = await _push_paced(config, jobs, rate, record)
                     starts = dict(line.split() for line in record.read_text().splitlines())
-                    latencies = sorted(float(starts[i]) - t for i, t in sent.items())
+                    # From the time each push was due: one sent late (the producer's own
+                    # hiccup, or a store slow to answer its connection) counts as waiting.
+                    latencies = sorted(float(starts[i]) - due for i, (due, _) in sent.items())
                     p50 = statistics.median(latencies)
                     p99 = latencies[int(len(latencies) * 0.99)]
-                    results[kind, nice] = (p50, p99)
+                    late = max(at - due for due, at in sent.values())
+                    span = max(at for _, at in sent.values()) - min(at for _, at in sent.values())
+                    results[kind, nice] = (p50, p99, late, (jobs - 1) / span)
         finally:
             fpm.stop()
-    print(f"latency: push sent -> php-fpm request start, {jobs} jobs at {rate:.0f} jobs/s")
-    for (kind, nice), (p50, p99) in results.items():
+    print(
+        f"latency: push due -> php-fpm request start, {jobs} jobs at {rate:.0f} jobs/s, one"
+        f" XADD each on a fixed schedule over {pusher_module.PACED_CONNECTIONS} connections"
+    )
+    for (kind, nice), (p50, p99, late, sent_rate) in results.items():
         print(
             f"  {kind:6}, nice {nice:3}: p50 {p50 * 1000:6.2f} ms (target <= 2), p99"
-            f" {p99 * 1000:6.2f} ms (target <= 10){_as_the_unit(nice)}"
+            f" {p99 * 1000:6.2f} ms (target <= 10){_as_the_unit(nice)};"
+            f" sent at {sent_rate:.0f} jobs/s, at most {late * 1000:.1f} ms late"
         )
 
 
-async def _push_paced(config: Path, jobs: int, rate: float, record: Path) -> dict[str, float]:
-    """Job id -> the time its push was sent, once the backend has recorded every start."""
+async def _push_paced(
+    config: Path, jobs: int, rate: float, record: Path
+) -> dict[str, tuple[float, float]]:
+    """Job id -> the times its push was due and sent, once the backend has recorded every
+    start."""
     async with daemon(config) as app:
         port = int(app.resp_address.rpartition(":")[2])
         done = await trio.run_process(
@@ -628,7 +653,7 @@ async def _push_paced(config: Path, jobs: int, rate: float, record: Path) -> dic
             capture_stdout=True,
             preexec_fn=default_priority,
         )
-        sent: dict[str, float] = json.loads(done.stdout)
+        sent: dict[str, tuple[float, float]] = json.loads(done.stdout)
         await until(lambda: _recorded(record, jobs), 60)
     return sent
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from bench import shares
 from fastcgi.address import Address
 from fastcgi.connection import ClientConnection
 from fastcgi.events import BeginRequest, Params, Stdin
@@ -81,8 +82,8 @@ async def raw_worker(address: Address, wire: bytes, count: int) -> None:
 async def run_raw(address: Address, wire: bytes, total: int) -> float:
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
-        for _ in range(CONNECTIONS):
-            nursery.start_soon(raw_worker, address, wire, total // CONNECTIONS)
+        for count in shares(total, CONNECTIONS):
+            nursery.start_soon(raw_worker, address, wire, count)
     return total / (time.perf_counter() - start)
 
 
@@ -100,8 +101,8 @@ async def run_pool(address: Address, env: dict[bytes, bytes], total: int) -> flo
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            for _ in range(CONNECTIONS):
-                nursery.start_soon(worker, total // CONNECTIONS)
+            for count in shares(total, CONNECTIONS):
+                nursery.start_soon(worker, count)
         rate = total / (time.perf_counter() - start)
         stats = pool.statistics()
         assert stats.failures_total == 0 and stats.opened_total == CONNECTIONS
@@ -115,7 +116,7 @@ async def main(requests: int, rounds: int) -> None:
         try:
             env = request_env(fpm.script("noop.php"))
             wire = encoded_request(env)
-            await run_raw(fpm.address, wire, 2000)  # warm the workers' opcache
+            await run_raw(fpm.address, wire, 2000)  # warm-up: connections, php-fpm's children
             raw_rates, pool_rates, raw_cpu, pool_cpu = [], [], [], []
             for _ in range(rounds):  # interleaved, so drift on the machine hits both
                 cpu = time.process_time()

@@ -27,6 +27,7 @@ from adapters.storage.redis_client import RedisClient
 from adapters.storage.redis_routing import Standalone
 from adapters.storage.redis_store import RedisStore
 from adapters.storage.sqlite import SQLiteStore
+from bench import shares
 from tests.support.redis import RedisServer
 
 ROUTES = [("work", Filter())]
@@ -62,30 +63,40 @@ def redis_benchmark(port: int, payload: int) -> dict[str, float]:
     return rates
 
 
-async def in_parallel(total: int, work: Callable[[int], Awaitable[None]]) -> float:
-    """Run ``work(count)`` on WORKERS tasks sharing ``total`` jobs; return jobs/s."""
+async def in_parallel(total: int, work: Callable[[int], Awaitable[int]]) -> float:
+    """Run ``work(count)`` on WORKERS tasks sharing ``total`` jobs; return jobs/s.  Each
+    says how many jobs it moved, and a rate is only given over all of them."""
+    moved = []
+
+    async def one(count: int) -> None:
+        moved.append(await work(count))
+
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
-        for _ in range(WORKERS):
-            nursery.start_soon(work, total // WORKERS)
-    return total / (time.perf_counter() - start)
+        for count in shares(total, WORKERS):
+            nursery.start_soon(one, count)
+    elapsed = time.perf_counter() - start
+    if sum(moved) != total:
+        raise RuntimeError(f"{sum(moved)} of {total} jobs were moved")
+    return total / elapsed
 
 
 async def push_rate(store: Store, queue: str, jobs: int, payload: bytes) -> float:
-    async def work(count: int) -> None:
-        for _ in range(count // BATCH):
-            await store.push(queue, ROUTES, [NewJob(payload)] * BATCH)
+    async def work(count: int) -> int:
+        for start in range(0, count, BATCH):
+            await store.push(queue, ROUTES, [NewJob(payload)] * min(BATCH, count - start))
+        return count
 
     return await in_parallel(jobs, work)
 
 
 async def reserve_ack_rate(store: Store, queue: str, jobs: int) -> float:
-    async def work(count: int) -> None:
+    async def work(count: int) -> int:
         done = 0
         while done < count:
             batch = await store.reserve(queue, "work", min(BATCH, count - done), 60)
             if not batch:
-                break
+                break  # another worker took the rest: in_parallel counts
             await store.finish(
                 [
                     Finish(
@@ -97,6 +108,7 @@ async def reserve_ack_rate(store: Store, queue: str, jobs: int) -> float:
                 ]
             )
             done += len(batch)
+        return done
 
     return await in_parallel(jobs, work)
 
