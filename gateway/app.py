@@ -339,13 +339,16 @@ class App:
                 await nursery.start(self.health.run)
                 async with trio.open_nursery() as dispatchers:
                     self._dispatcher_nursery = dispatchers
+                    self._producers = trio.CancelScope()
+                    self._nursery = nursery
+                    # The ports before any job is reserved: one taken (or an address not up
+                    # yet at boot) fails the start with nothing under way.  After, it cut
+                    # deliveries short, and each restart ran the head of the queue again.
+                    self.resp_address = await nursery.start(self._run_producers)
+                    self.http_address = await nursery.start(self.http.run)
                     for queue in config.queues.values():
                         for topic in queue.topics:
                             await self._start_dispatcher(topic, backends[queue.name, topic.name])
-                    self._producers = trio.CancelScope()
-                    self._nursery = nursery
-                    self.resp_address = await nursery.start(self._run_producers)
-                    self.http_address = await nursery.start(self.http.run)
                     await nursery.start(self.telemetry.run)
                     log.info(
                         "busgate running: %d queues, %d topics, store %s",

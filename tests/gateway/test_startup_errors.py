@@ -11,8 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from tests.support.daemon import running_daemon, write_config
+from adapters.storage.fanout import Filter
+from adapters.storage.jobs import NewJob
+from adapters.storage.sqlite import SQLiteStore
+from tests.support.daemon import read_received, running_daemon, write_config
+from tests.support.phpfpm import PhpFpm
 from tests.support.ports import free_port
 from tests.support.redis import RedisServer
 
@@ -115,6 +120,43 @@ def test_a_port_in_use_is_named_with_its_setting(tmp_path: Path, listener: str) 
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     # Which of busgate's ports, not only "[Errno 98] Address already in use".
     assert f"listen.{listener} 127.0.0.1:{port}: Address already in use" in done.stderr
+
+
+async def test_a_port_in_use_fails_the_start_before_any_job_is_delivered(
+    tmp_path: Path, recording_fpm: PhpFpm, record: Path
+) -> None:
+    # The dispatchers started before the ports were bound: jobs went to the backend, were cut
+    # short when the bind failed, and every restart under systemd ran them again.
+    config = write_config(
+        tmp_path / "etc",
+        {
+            "q": f"""\
+            queue: q
+            topics:
+              t:
+                backend: fastcgi://127.0.0.1:{recording_fpm.address.port}
+                script: {recording_fpm.script("record.php")}
+            """
+        },
+    )
+    store = await SQLiteStore.open(str(tmp_path / "etc" / "busgate.db"))
+    await store.push("q", [("t", Filter())], [NewJob(b'{"sleep_ms": 300}')] * 3)
+    await store.aclose()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write_text(
+            config.read_text().replace("http: 127.0.0.1:0", f"http: 127.0.0.1:{port}")
+        )
+        done = await trio.to_thread.run_sync(busgate_run, config)
+    assert done.returncode == 1 and "Address already in use" in done.stderr, done.stderr[-3000:]
+    # Nothing was even reserved (a reserve is released at the stop, logged so).
+    assert "released queue=q" not in done.stderr and read_received(record) == []
+    store = await SQLiteStore.open(str(tmp_path / "etc" / "busgate.db"))
+    stats = await store.stats("q", "t")
+    await store.aclose()
+    assert (stats.ready, stats.leased) == (3, 0)
 
 
 # -- check-config says what `run` would refuse ----------------------------------------------
