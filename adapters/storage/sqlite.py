@@ -82,6 +82,9 @@ Operation = Callable[[sqlite3.Connection], T]
 _MAX_GROUP = 1024  # operations per transaction
 #: How long closing the store waits for the writer to run what is queued (see _Writer.stop).
 CLOSE_GRACE = 5.0
+#: How long a write waits for the lock another process holds (``PRAGMA busy_timeout``), in
+#: seconds; a group of writes waits twice at most (_Writer._commit_group).
+BUSY_TIMEOUT = 5.0
 _PENDING = (State.READY, State.DELAYED, State.LEASED)
 
 #: Bytes of -wal kept once a checkpoint has emptied it (``PRAGMA journal_size_limit``).
@@ -1007,27 +1010,25 @@ class _Writer:
         if synchronous != self._synchronous:  # outside a transaction, as SQLite requires
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             self._synchronous = synchronous
-        results: list[outcome.Outcome[Any]]
-        changes = conn.total_changes
         try:
-            conn.execute(self._begin)
-            results = [outcome.Value(operation(conn)) for operation, _, _ in group]
-            conn.execute("COMMIT")
-        except Exception:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            changes = conn.total_changes
-            # Each alone: one failing operation must not fail the others.  Under a lock held
-            # elsewhere each waits busy_timeout again, which waits out a short lock; a stop
-            # waits for this no longer than CLOSE_GRACE (stop()).
-            results = [self._alone(conn, operation) for operation, _, _ in group]
+            results, changes = self._together(conn, group)
+        except sqlite3.OperationalError:
+            # BEGIN waited busy_timeout for the write lock another process holds (a backup,
+            # an operator's sqlite3 shell), and nothing ran.  Once more, all together, which
+            # waits out a lock held a little longer; then every caller hears it.  Trying
+            # each alone waited busy_timeout once per operation: a group of k held its
+            # callers, a stopping dispatcher's reserve among them, k+1 times as long.
+            try:
+                results, changes = self._together(conn, group)
+            except sqlite3.OperationalError as exc:
+                results, changes = [outcome.Error(exc) for _ in group], conn.total_changes
         no_room = next(
             (r.error for r in results if isinstance(r, outcome.Error) and _out_of_room(r.error)),
             None,
         )
         if no_room is not None:
             self.write_failure = str(no_room)
-        elif conn.total_changes != changes:  # a rolled-back group counts its changes too
+        elif conn.total_changes != changes:
             self.write_failure = None
         for (_, finish, _), result in zip(group, results, strict=True):
             finish(result)
@@ -1047,6 +1048,26 @@ class _Writer:
         for _, finish, _ in group:
             finish(outcome.Error(error))
 
+    def _together(
+        self, conn: sqlite3.Connection, group: list[_Item]
+    ) -> tuple[list[outcome.Outcome[Any]], int]:
+        """The group's operations in one transaction, or each alone if one fails (it must not
+        fail the others); with ``total_changes`` before what was kept.  Raises what BEGIN
+        raised: then nothing ran."""
+        conn.execute(self._begin)
+        changes = conn.total_changes
+        try:
+            results: list[outcome.Outcome[Any]] = [
+                outcome.Value(operation(conn)) for operation, _, _ in group
+            ]
+            conn.execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            changes = conn.total_changes  # a rolled-back group counts its changes too
+            return [self._alone(conn, operation) for operation, _, _ in group], changes
+        return results, changes
+
     def _alone(self, conn: sqlite3.Connection, operation: Operation[Any]) -> outcome.Outcome[Any]:
         try:
             conn.execute(self._begin)
@@ -1065,7 +1086,7 @@ def _connect(path: str) -> sqlite3.Connection:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, uri=is_uri)
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {round(BUSY_TIMEOUT * 1000)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal" and path != ":memory:":
             raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
@@ -1109,7 +1130,7 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
     uri = f"file://{urllib.parse.quote(absolute)}?{options}"
     conn = sqlite3.connect(uri, isolation_level=None, check_same_thread=False, uri=True)
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {round(BUSY_TIMEOUT * 1000)}")
         conn.execute("BEGIN")
         try:
             application_id, version = _stamp(conn, path)

@@ -17,6 +17,7 @@ import trio
 import gateway.app as app_module
 import gateway.dispatcher as dispatch
 from adapters.storage import sqlite as sqlite_module
+from adapters.storage.errors import StoreUnavailable
 from adapters.storage.fanout import Filter
 from adapters.storage.jobs import NewJob
 from adapters.storage.sqlite import SQLiteStore
@@ -79,6 +80,36 @@ async def test_a_push_waits_out_a_lock_a_little_longer_than_the_busy_timeout(
 def _release_after(locker: Locker, seconds: float) -> None:
     time.sleep(seconds)
     locker.release()
+
+
+async def test_a_lock_that_stays_fails_a_group_of_writes_after_two_waits_whatever_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a lock that is not let go, each group of writes hears "database is locked" after
+    two busy timeouts, the second for a lock held a little longer.  Tried write by write, a
+    group of k waited k+1 timeouts: a stop waited behind its idle topics' shielded reserves
+    (85 s for six topics, past systemd's TimeoutStopSec)."""
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 0.4)
+    path = tmp_path / "busgate.db"
+    store = await SQLiteStore.open(str(path))
+    locker = Locker(path)
+    answered: list[float] = []
+    began = trio.current_time()
+
+    async def reserve(topic: str) -> None:
+        with pytest.raises(StoreUnavailable, match="database is locked"):
+            await store.reserve("q", topic, 10, 60)
+        answered.append(trio.current_time() - began)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(8):  # the first may go in a group of its own, the rest in another
+                nursery.start_soon(reserve, f"t{n}")
+    finally:
+        await trio.to_thread.run_sync(locker.release)
+        await store.aclose()
+    # Two groups, two waits each: 1.6 s; write by write, 0.8 + 8 x 0.4 = 4 s.
+    assert len(answered) == 8 and max(answered) < 2 * 2 * 0.4 + 0.8, answered
 
 
 async def test_a_locked_sqlite_file_holds_a_stop_no_longer_than_its_graces(
