@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from gateway import dispatcher as dispatch
 from gateway.app import App
 from gateway.circuit import CircuitState
 from gateway.config import LEASE_MARGIN
+from gateway.dispatcher import Dispatcher
 from gateway.resp import encode_command
 from tests.support.daemon import read_received, running_daemon, wait_received, write_config
 from tests.support.phpfpm import PhpFpm
@@ -329,20 +331,29 @@ async def test_a_stop_gives_the_buffered_jobs_back_at_once_unspent(
     assert stats.done_total == len(received) and stats.ready == 7 - len(received)
 
 
-def release_failing_once(app: App) -> list[int]:
-    """Make the store's first release fail (a blip); the sizes of the releases asked."""
-    store = app.store
-    assert store is not None
-    release, asked = store.release, []
+@asynccontextmanager
+async def two_buffered_and_a_failing_release(
+    fpm: PhpFpm, record: Path, tmp_path: Path, sleep_ms: int
+) -> AsyncIterator[tuple[App, Dispatcher, list[int]]]:
+    """A daemon whose one worker delivers a job for ``sleep_ms`` while two wait in the
+    buffer, one attempt each; the store's first release fails (a blip).  With the topic's
+    dispatcher and the sizes of the releases asked."""
+    config = write_config(tmp_path, {"q": one_worker_topic(fpm, "{max_attempts: 1}")})
+    async with running_daemon(config) as app:
+        store = app.store
+        assert store is not None
+        release, asked = store.release, []
 
-    async def failing_once(jobs: Sequence[Job]) -> int:
-        asked.append(len(jobs))
-        if len(asked) == 1:
-            raise StoreUnavailable("injected: connection reset")
-        return await release(jobs)
+        async def failing_once(jobs: Sequence[Job]) -> int:
+            asked.append(len(jobs))
+            if len(asked) == 1:
+                raise StoreUnavailable("injected: connection reset")
+            return await release(jobs)
 
-    store.release = failing_once  # type: ignore[method-assign]
-    return asked
+        store.release = failing_once  # type: ignore[method-assign]
+        await push(app, b'{"sleep_ms": %d}' % sleep_ms, b'{"n": 1}', b'{"n": 2}')
+        await wait_received(record, 1)
+        yield app, app._dispatchers["q", "t"], asked
 
 
 async def test_buffered_jobs_a_stop_failed_to_give_back_go_with_the_final_release(
@@ -351,13 +362,11 @@ async def test_buffered_jobs_a_stop_failed_to_give_back_go_with_the_final_releas
     # The early give-back failed, and the jobs were let go all the same: the final release,
     # there for what is still held, never saw them.  They stayed leased and, with one attempt
     # allowed, went dead without reaching the backend.
-    topic = one_worker_topic(recording_fpm, "{max_attempts: 1}")
-    config = write_config(tmp_path, {"q": topic})
-    async with running_daemon(config) as app:
-        asked = release_failing_once(app)
-        await push(app, b'{"sleep_ms": 1000}', b'{"n": 1}', b'{"n": 2}')
-        await wait_received(record, 1)
-        dispatcher = app._dispatchers["q", "t"]
+    async with two_buffered_and_a_failing_release(recording_fpm, record, tmp_path, 1000) as (
+        app,
+        dispatcher,
+        asked,
+    ):
         assert dispatcher.statistics().buffered == 2
         app.shutdown(timeout=10)
         with trio.fail_after(10):
@@ -371,13 +380,11 @@ async def test_buffered_jobs_a_stop_failed_to_give_back_go_with_the_final_releas
 async def test_buffered_jobs_a_pause_failed_to_give_back_are_asked_for_again(
     recording_fpm: PhpFpm, record: Path, tmp_path: Path
 ) -> None:
-    topic = one_worker_topic(recording_fpm, "{max_attempts: 1}")
-    config = write_config(tmp_path, {"q": topic})
-    async with running_daemon(config) as app:
-        asked = release_failing_once(app)
-        await push(app, b'{"sleep_ms": 500}', b'{"n": 1}', b'{"n": 2}')
-        await wait_received(record, 1)
-        dispatcher = app._dispatchers["q", "t"]
+    async with two_buffered_and_a_failing_release(recording_fpm, record, tmp_path, 500) as (
+        app,
+        dispatcher,
+        asked,
+    ):
         dispatcher.pause()
         assert app.store is not None
         with trio.fail_after(dispatch.STORE_ERROR_PAUSE + 3):
