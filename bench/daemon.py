@@ -1,10 +1,11 @@
 """Benchmarks of the whole daemon, each against a raw baseline measured in the same run.
 
     e2e      jobs pushed over RESP (100 per LPUSH, one redis-py producer) -> store ->
-             php-fpm no-op (8 static children) -> ack, against a raw trio FastCGI client driving the same pool with 8 connections and
-             sending busgate's own request (the same CGI params and body), measured before
-             and after; a raw client's minimal request is reported too, and the CPU
-             each process spent per job (2 cores: the run is bound by their sum)
+             php-fpm no-op (8 static children) -> ack, against a raw trio FastCGI client
+             driving the same pool with 8 connections and sending busgate's own request
+             (the same CGI params and body), measured before and after; a raw client's
+             minimal request is reported too, and the CPU each process spent per job
+             (2 cores: the run is bound by their sum)
     ingest   redis-benchmark -t lpush (50 clients) against the gateway (queue "mylist",
              topic paused) and against redis-server, unpipelined (-n 100000) and with -P 16
              (-n 1000000); and
