@@ -750,9 +750,11 @@ class RedisStore(Store):
     async def _unreserve(self, queue: str, topic: str) -> None:
         """Give back what the topic's unanswered reserves leased (see ``reserve``)."""
         pending = self._unanswered.pop((queue, topic), None)
+        if pending is None:  # another topic's (one a reload removed, say): nothing to ask
+            return
         now = self._clock()
         # A lease run out is RECOVER's (an attempt spent): it may have been reserved again.
-        pending = [(stamp, token) for stamp, token in pending or () if float(stamp) > now]
+        pending = [(stamp, token) for stamp, token in pending if float(stamp) > now]
         if not pending:
             return
         try:
