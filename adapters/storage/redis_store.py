@@ -438,7 +438,23 @@ class RedisStore(Store):
             self.doorbells.ring(queue, topic)
 
     async def aclose(self) -> None:
+        await self._unreserve_all()
         await self.router.aclose()
+
+    async def _unreserve_all(self) -> None:
+        """At a stop: no next reserve will give back what unanswered reserves leased."""
+        for queue, topic in list(self._unanswered):
+            try:
+                await self._unreserve(queue, topic)
+            except StoreError as exc:
+                # Away still: each other topic would wait its own timeout to learn the same.
+                log.warning(
+                    "the jobs of %d reserves whose answer was lost could not be given back"
+                    " at the stop (%s): they return when their lease runs out",
+                    sum(map(len, self._unanswered.values())),
+                    exc,
+                )
+                return
 
     async def check(self) -> None:
         """Every master answers; and, if the last write was refused (``OOM``, ``MISCONF``,

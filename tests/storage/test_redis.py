@@ -282,6 +282,66 @@ async def test_the_jobs_of_a_reserve_whose_answer_was_lost_go_back_unspent(
         server.stop()
 
 
+async def test_a_stop_gives_back_the_jobs_of_a_reserve_whose_answer_was_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The stop came before the topic's next reserve, which would have given them back.
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    try:
+        store = RedisStore(Standalone(RedisClient(server.address, command_timeout=0.5)))
+        await store.push("orders", ROUTES, [NewJob(p) for p in (b"a", b"b", b"c")])
+        await store.reserve("orders", "email", 1, 30)  # ready counts now known
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUncertain, match=r"no answer within 0\.5s"):
+                await store.reserve("orders", "email", 2, 30)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        with trio.fail_after(5):
+            while server.cli("ZCARD", "bg:{orders}:l:email").strip() != "3":
+                await trio.sleep(0.05)  # Redis ran it once it woke
+        await store.aclose()
+        assert server.cli("ZCARD", "bg:{orders}:l:email").strip() == "1"
+        assert "the answer to a reserve was lost; the 2 jobs it leased are back" in caplog.text
+        async with opened(Standalone(RedisClient(server.address))) as again:
+            jobs = await again.reserve("orders", "email", 2, 30)
+        assert sorted((job.payload, job.attempt) for job in jobs) == [(b"b", 1), (b"c", 1)]
+    finally:
+        server.stop()
+
+
+async def test_a_stop_with_redis_away_leaves_the_jobs_of_a_lost_reserve_to_their_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    try:
+        store = RedisStore(Standalone(RedisClient(server.address, command_timeout=0.5)))
+        for queue in ("orders", "audit"):
+            await store.push(queue, ROUTES, [NewJob(b"a"), NewJob(b"b")])
+            await store.reserve(queue, "email", 1, 30)  # ready counts now known
+        try:
+            for queue in ("orders", "audit"):
+                await store.depth(queue, ["email"])  # connected (again)
+                server.process.send_signal(signal.SIGSTOP)
+                with pytest.raises(StoreUncertain):
+                    await store.reserve(queue, "email", 1, 30)
+                if queue == "orders":
+                    server.process.send_signal(signal.SIGCONT)
+            with trio.fail_after(5):
+                await store.aclose()
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        # Once: the second topic does not wait its own timeout to learn the same.
+        warning = "the jobs of 2 reserves whose answer was lost could not be given back"
+        assert caplog.text.count(warning) == 1
+    finally:
+        server.stop()
+
+
 async def test_error_replies_are_server_errors_at_any_depth(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     server.start()
