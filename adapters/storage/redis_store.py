@@ -227,6 +227,19 @@ _PRIORITIES = tuple(Priority)
 _PUSHED = tuple(Pushed)
 
 
+#: What unpack_record raises for bytes it did not pack: a record written outside busgate.
+_MALFORMED = (struct.error, ValueError, IndexError, TypeError)
+
+
+def read_record(raw: bytes) -> _Record:
+    """``unpack_record`` for a look at a job (``busgate jobs show``, dead letters): a record
+    busgate did not write shows as its raw bytes, not as an error on the whole page."""
+    try:
+        return unpack_record(raw)
+    except _MALFORMED:
+        return _Record(Priority.NORMAL, 0.0, 0.0, "", {}, raw)
+
+
 def unpack_record(raw: bytes) -> _Record:
     priority, enqueued_ms, run_ms, trace, attrs_len = _RECORD_HEAD.unpack_from(raw)
     start = _RECORD_HEAD.size
@@ -741,9 +754,29 @@ class RedisStore(Store):
         if lost:
             self._warn_lost(queue, topic, lost)
         jobs = []
+        malformed: list[Job] = []
         fields = iter(rows)  # flat: id, record, attempt, run_at for each job
         for job_id, raw, attempt, run_at in zip(fields, fields, fields, fields, strict=True):
-            record = unpack_record(raw)
+            try:
+                record = unpack_record(raw)
+            except _MALFORMED:
+                malformed.append(
+                    Job(
+                        job_id.decode(),
+                        queue,
+                        topic,
+                        raw,
+                        {},
+                        Priority.NORMAL,
+                        int(attempt),
+                        0.0,
+                        0.0,
+                        "",
+                        lease_until,
+                        token,
+                    )
+                )
+                continue
             # Positional, in Job's field order: keywords cost a third more, once per job.
             jobs.append(
                 Job(
@@ -761,7 +794,28 @@ class RedisStore(Store):
                     token,
                 )
             )
+        if malformed:
+            await self._bury_malformed(malformed)
         return jobs
+
+    async def _bury_malformed(self, jobs: Sequence[Job]) -> None:
+        """Dead-letter jobs whose record busgate did not write: delivered, they would stop the
+        daemon (and every restart would reserve them again).  The raw record stays, to read."""
+        now = self._clock()
+        error = "its record in Redis is malformed (not written by busgate): never delivered"
+        finishes = [
+            Finish(job, Attempt(job.attempt, now, 0.0, Outcome.DEAD, error=error), Outcome.DEAD)
+            for job in jobs
+        ]
+        try:
+            await self.finish(finishes)
+        except StoreError as exc:  # the lease runs out, and the next reserve tries again
+            log.error("could not dead-letter jobs with a malformed record: %s", exc)
+            return
+        for job in jobs:
+            log.error(
+                "queue %s topic %s job %s: %s; dead-lettered", job.queue, job.topic, job.id, error
+            )
 
     async def _unreserve(self, queue: str, topic: str) -> None:
         """Give back what the topic's unanswered reserves leased (see ``reserve``)."""
@@ -1017,7 +1071,7 @@ class RedisStore(Store):
                         job_id,
                         queue,
                         topic,
-                        unpack_record(raw),
+                        read_record(raw),
                         parsed,
                         delayed_at is not None,
                         history.split(b"\n") if history else [],
@@ -1065,7 +1119,7 @@ class RedisStore(Store):
             raw = records.pop(job_id)
             if raw is None:
                 continue
-            record = unpack_record(raw)
+            record = read_record(raw)
             if where.matches(state.status, state.error, died_at, record.attributes):
                 found.append(
                     DeadJob(

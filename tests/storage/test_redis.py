@@ -19,7 +19,7 @@ from adapters.storage.errors import (
     store_error_text,
 )
 from adapters.storage.fanout import Filter
-from adapters.storage.jobs import NewJob, Priority
+from adapters.storage.jobs import DeadFilter, NewJob, Priority, State
 from adapters.storage.redis_client import RedisAddress, RedisClient, ServerError
 from adapters.storage.redis_routing import SLOTS, Cluster, Router, Standalone, key_slot
 from adapters.storage.redis_store import RedisStore, check_redis_version, prefix_of
@@ -340,6 +340,26 @@ async def test_a_stop_with_redis_away_leaves_the_jobs_of_a_lost_reserve_to_their
         assert caplog.text.count(warning) == 1
     finally:
         server.stop()
+
+
+async def test_a_job_record_busgate_did_not_write_is_dead_lettered_not_delivered(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Written outside busgate (or damaged): unpacking it raised out of reserve, which stopped
+    # the daemon, and every restart reserved it again.
+    async with two_hosts(redis_server) as (store, _):
+        await store.push("orders", ROUTES, [NewJob(p, id=p.decode()) for p in (b"a", b"b", b"c")])
+        redis_server.cli("HSET", "bg:{orders}:J:email", "b", "garbage")
+        jobs = await store.reserve("orders", "email", 3, 30)
+        assert [job.payload for job in jobs] == [b"a", b"c"]
+        assert "queue orders topic email job b: its record in Redis is malformed" in caplog.text
+        page = await store.list_dead("orders", "email", DeadFilter(), None, 10)
+        (dead,) = page.jobs
+        assert (dead.id, dead.payload) == ("b", b"garbage")
+        assert dead.error is not None and "malformed" in dead.error
+        (record,) = await store.get_job("b")
+        assert (record.state, record.payload, record.attempt) == (State.DEAD, b"garbage", 1)
+        assert await store.reserve("orders", "email", 3, 30) == []
 
 
 async def test_error_replies_are_server_errors_at_any_depth(tmp_path: Path) -> None:
