@@ -244,6 +244,10 @@ class Dispatcher:
         """Stop reserving and starting deliveries: in-flight ones finish, buffered jobs go
         back to the store unspent.  Producers can push."""
         self._paused = True
+        # The fetcher gives the buffer back now: with every worker in a long delivery, none
+        # would take a buffered job (and give it back) until its delivery ended.
+        self.store.doorbells.ring(*self.key)
+        self._capacity.set()
 
     def resume(self) -> None:
         self._paused = False
@@ -297,6 +301,9 @@ class Dispatcher:
         window_start, window_count = trio.current_time(), self._started
         while not self._stopping:
             if self._paused:
+                if buffered := self._drain_buffer():
+                    await self._give_back(buffered)
+                    continue
                 self._resumed = trio.Event()
                 await self._resumed.wait()
                 continue

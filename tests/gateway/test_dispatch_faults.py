@@ -397,6 +397,28 @@ async def test_buffered_jobs_a_pause_failed_to_give_back_are_asked_for_again(
     assert [r.attempt for r in read_received(record)] == [1, 1, 1]
 
 
+async def test_a_pause_gives_the_buffer_back_while_every_worker_is_busy(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    # The buffer went back only when a worker took a job from it: after a delivery as long
+    # as the topic's timeout, the jobs stayed leased, and no other daemon could take them.
+    config = write_config(tmp_path, {"q": one_worker_topic(recording_fpm, "{max_attempts: 1}")})
+    async with running_daemon(config) as app:
+        await push(app, b'{"sleep_ms": 3000}', b'{"n": 1}', b'{"n": 2}')
+        await wait_received(record, 1)
+        dispatcher = app._dispatchers["q", "t"]
+        assert dispatcher.statistics().buffered == 2
+        dispatcher.pause()
+        assert app.store is not None
+        with trio.fail_after(1):
+            while (await app.store.stats("q", "t")).ready < 2:
+                await trio.sleep(0.02)
+        assert dispatcher.statistics().in_flight == 1  # still delivering
+        dispatcher.resume()
+        await wait_received(record, 3)
+    assert [r.attempt for r in read_received(record)] == [1, 1, 1]
+
+
 def redis_topic_config(tmp_path: Path, fpm: PhpFpm, redis: RedisServer) -> Path:
     topic = one_worker_topic(fpm, "{max_attempts: 3, backoff: 50ms}")
     return write_config(
