@@ -1411,6 +1411,8 @@ def _permission_problem(path: str, code: int | None, *, read_only: bool = False)
     """
     if code is None or path == ":memory:" or path.startswith("file:"):
         return None
+    if code & 0xFF == sqlite3.SQLITE_CANTOPEN and os.path.isdir(path):
+        return "it is a directory: the store URL names the database file in it"
     user = f"user id {os.geteuid()}"
     directory = os.path.dirname(os.path.abspath(path))
     if code == sqlite3.SQLITE_READONLY_DIRECTORY:

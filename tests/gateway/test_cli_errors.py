@@ -129,6 +129,19 @@ def test_the_log_level_flag_wins_over_the_environment(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_a_store_url_naming_a_directory_is_a_configuration_error(tmp_path: Path) -> None:
+    # "unable to open database file", exit 1: systemd started it again every 5 s for ever.
+    state = tmp_path / "state"
+    state.mkdir()
+    config = write_config(tmp_path / "etc", {"q": QUEUE}, store=f"sqlite://{state}")
+    done = busgate("run", "-c", str(config))
+    refused(
+        done,
+        f"busgate: cannot start: {state}: unable to open database file (it is a directory:"
+        " the store URL names the database file in it)",
+    )
+
+
 @pytest.mark.parametrize("where", ["busgate.db", "state/busgate.db"], ids=["file", "directory"])
 def test_a_store_the_daemon_may_not_create_is_a_configuration_error(
     shared_dir: Path, where: str
