@@ -123,6 +123,11 @@ local ready, delayed, pushed = {}, {}, {}
 -- Records and ready ids are written once per key at the end (variadic HSET and RPUSH);
 -- `stored` remembers this batch's ids so a repeated explicit id is still a duplicate.
 local records, queued, stored = {}, {}, {}
+-- (topic, id) of each producer's own id stored again over a done job: what is left of that
+-- job goes after the new one is written, not before.  Redis refuses a script for a full
+-- memory (maxmemory) only at its first write, if that write is one that may grow it: an
+-- HDEL first let every later write of an explicit-id push through a full Redis.
+local replaced, nreplaced = {}, 0
 -- Where a producer's own id may already be: the topics named here first, then every other
 -- one the queue has had.  Read at the call's first such id: most pushes have none.
 local known
@@ -179,7 +184,9 @@ for j = 1, njobs do
       stored[id] = true
       local is_delayed = run_at ~= ''
       for _, t in ipairs(topics) do
-        if explicit then forget(t, id) end
+        if explicit then
+          nreplaced = nreplaced + 2; replaced[nreplaced - 1] = t; replaced[nreplaced] = id
+        end
         local jobs_key = K('J', t)
         local pairs_of = records[jobs_key]
         if not pairs_of then pairs_of = {}; records[jobs_key] = pairs_of end
@@ -203,6 +210,12 @@ end
 if register then call_many('SADD', prefix .. 'topics', all) end
 for key, pairs_of in pairs(records) do call_many('HSET', key, pairs_of) end
 for list, ids in pairs(queued) do call_many('RPUSH', list, ids) end
+for k = 1, nreplaced, 2 do  -- its record is replaced by the HSET above
+  local t, id = replaced[k], replaced[k + 1]
+  redis.call('HDEL', K('S', t), id)
+  redis.call('ZREM', K('x', t), id)
+  redis.call('ZREM', K('c', t), id)
+end
 for t, n in pairs(pushed) do redis.call('HINCRBY', K('n', t), 'pushed', n) end
 if unmatched > 0 then redis.call('HINCRBY', prefix .. 'n', 'unmatched', unmatched) end
 local ready_list, delayed_list = {}, {}
@@ -335,7 +348,10 @@ local results = {}  -- one result per job: results[k] for the k-th
 local unleased, nunleased = {}, 0
 local finished_ids, nfinished = {c = {}, x = {}}, {c = 0, x = 0}
 local counts = {done = 0, dead = 0, retried = 0}
-local woke_ready, woke_delayed = false, false
+-- Retries, written after the leases are removed: Redis refuses a script for a full memory
+-- (maxmemory) at its first write only, if that may grow it.  A ZREM first, outcomes are
+-- recorded in a full Redis too: refused, each job was delivered again at its lease's end.
+local delayed, ndelayed, ready, nready = {}, 0, {}, 0
 for k = 1, nids do
   local id, attempt, kind, record = ids[k], attempts[k], kinds[k], records[k]
   -- Only state, attempt and run_at survive a finish (the lease names its holder): parse
@@ -356,13 +372,11 @@ for k = 1, nids do
       t = run_at
       if tonumber(run_at) > tonumber(now) then
         new_state = '1'
-        redis.call('ZADD', K('d', topic), run_at, id)
-        woke_delayed = true
+        ndelayed = ndelayed + 2; delayed[ndelayed - 1] = run_at; delayed[ndelayed] = id
         results[k] = 2
       else
         new_state = '0'
-        redis.call('RPUSH', ready_list(topic, id), id)
-        woke_ready = true
+        nready = nready + 2; ready[nready - 1] = ready_list(topic, id); ready[nready] = id
         results[k] = 1
       end
       counts.retried = counts.retried + 1
@@ -393,12 +407,14 @@ if nunleased > 0 then
   for letter, members in pairs(finished_ids) do
     call_many('ZADD', K(letter, topic), members)
   end
+  if ndelayed > 0 then call_many('ZADD', K('d', topic), delayed) end
+  for k = 1, nready, 2 do redis.call('RPUSH', ready[k], ready[k + 1]) end
 end
 for name, count in pairs(counts) do
   if count > 0 then redis.call('HINCRBY', K('n', topic), name, count) end
 end
-if woke_ready then redis.call('PUBLISH', prefix .. 'wake', topic) end
-if woke_delayed then redis.call('PUBLISH', prefix .. 'wake', '~' .. topic) end
+if nready > 0 then redis.call('PUBLISH', prefix .. 'wake', topic) end
+if ndelayed > 0 then redis.call('PUBLISH', prefix .. 'wake', '~' .. topic) end
 return results
 """
 )
@@ -409,9 +425,13 @@ EXTEND = Script(
 local topic, id, attempt, token, lease_until = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = leased(topic, id, attempt, token)
 if not st then return 0 end
+-- Removed and added again, not ZADD XX: Redis refuses a script for a full memory at its
+-- first write only, if that may grow it.  Refused, a long delivery's lease ran out in a
+-- full Redis and RECOVER (a ZREM first) handed the job out again while it ran.
+redis.call('ZREM', K('l', topic), id)
+redis.call('ZADD', K('l', topic), lease_until, id)
 st.l = lease_until .. '/' .. token
 put_state(topic, id, st)
-redis.call('ZADD', K('l', topic), 'XX', lease_until, id)
 return 1
 """
 )
