@@ -168,9 +168,12 @@ class Dispatcher:
         #: Set once run() has returned: deliveries drained, unfinished jobs released.
         self.finished = trio.Event()
         self._delivered = self._done = self._retried = self._dead = self._store_errors = 0
-        #: Store failures (reserve, record, scheduler) and attempt-listener bugs repeat every
-        #: second while they last: logged the first time, then once a minute.
+        #: Store failures (reserve, scheduler, record) and attempt-listener bugs repeat every
+        #: second while they last: logged the first time, then once a minute.  Each its own:
+        #: on a full disk the scheduler's calls, which write nothing, succeed, and each
+        #: success ended the reserve's repeat (two lines a second for every topic).
         self._store_failures = logs.Repeating(log)
+        self._scheduler_failures = logs.Repeating(log)
         self._record_failures = logs.Repeating(log)  # apart: they concern finished attempts
         self._listener_failures = logs.Repeating(log)
         #: trio's clock; run() binds its own reader, without the three calls behind
@@ -849,7 +852,7 @@ class Dispatcher:
             except StoreError as exc:
                 self._store_errors += 1
                 look_again = STORE_ERROR_PAUSE
-                self._store_failures.failed(
+                self._scheduler_failures.failed(
                     logging.ERROR,
                     "scheduler failed queue=%s topic=%s error=%s",
                     queue,
@@ -857,8 +860,8 @@ class Dispatcher:
                     logs.quoted(exc),
                 )
             else:
-                if self._store_failures.failing:
-                    self._store_failures.recovered(
+                if self._scheduler_failures.failing:
+                    self._scheduler_failures.recovered(
                         "the store answers again queue=%s topic=%s", queue, topic
                     )
                 for when in (due.next_at, expired.next_at):

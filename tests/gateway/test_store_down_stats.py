@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from adapters.storage.errors import StoreUnavailable
+from adapters.storage.jobs import Job
 from gateway.app import App
 from tests.gateway.test_admin import TOKEN, api
 from tests.gateway.test_admin_cli import busgate
@@ -102,3 +104,33 @@ async def test_the_stats_say_while_the_store_is_down(
     assert len([m for m in messages if m.startswith("stats sample failed")]) == 1, messages
     assert any(m.startswith("the store answers again queue=jobs topic=work") for m in messages)
     assert any(m.startswith("stats sample succeeded again") for m in messages)
+
+
+async def test_a_reserve_failing_while_the_scheduler_succeeds_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk (SQLite): a reserve writes and fails, the scheduler only reads and
+    # succeeds.  The two shared one repeat, and each success ended it: "reserve failed" and
+    # "the store answers again" took turns every second, for every topic with jobs waiting.
+    caplog.set_level("INFO")
+    queue = QUEUE.replace("paused: true", "paused: false")
+    async with running_daemon(write_config(tmp_path, {"jobs": queue})) as app:
+        store = app.store
+        assert store is not None
+
+        async def full(queue: str, topic: str, limit: int, lease: float) -> list[Job]:
+            raise StoreUnavailable("injected: database or disk is full")
+
+        reserve, store.reserve = store.reserve, full  # type: ignore[method-assign]
+        await trio.to_thread.run_sync(post_job, app)
+        await trio.sleep(3.5)
+        store.reserve = reserve  # type: ignore[method-assign]
+        with trio.fail_after(5):
+            while not any(
+                m.startswith("the store answers again")
+                for m in (r.getMessage() for r in caplog.records)
+            ):
+                await trio.sleep(0.05)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("reserve failed")]) == 1, messages
+    assert len([m for m in messages if m.startswith("the store answers again")]) == 1, messages
