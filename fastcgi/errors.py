@@ -39,6 +39,11 @@ class ConnectError(BackendError):
     """The backend could not be reached (refused, no such socket, unreachable)."""
 
 
+class OutOfDescriptors(ConnectError):
+    """busgate could not open a socket: its open files limit (or the system's) is reached.
+    The backend was never tried, so this says nothing about it."""
+
+
 class ConnectionLost(BackendError):
     """The connection broke while a request was in flight (reset, EOF, protocol error)."""
 

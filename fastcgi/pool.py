@@ -42,8 +42,8 @@ from fastcgi.pooling import (
     PoolLimits,
     PoolStatistics,
     closed_while_idle,
+    connect_error,
     none_inf,
-    os_reason,
     send_all,
 )
 from fastcgi.spec import ProtocolStatus
@@ -445,7 +445,7 @@ class ConnectionPool:
                 else:
                     stream = await trio.open_tcp_stream(address.host, address.port)
             except OSError as exc:
-                raise ConnectError(self._name, f"cannot connect: {os_reason(exc)}") from exc
+                raise connect_error(self._name, exc) from exc
         if scope.cancelled_caught:
             raise ConnectTimeout(self._name, f"not connected within {self.timeouts.connect}s")
         # trio connected it (happy eyeballs, TCP_NODELAY); the exchange uses the socket itself.

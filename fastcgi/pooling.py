@@ -19,6 +19,7 @@ connections to one backend under a hard cap; this module is that part, once:
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import select
@@ -30,7 +31,13 @@ from typing import Generic, TypeVar
 
 import trio
 
-from fastcgi.errors import BackendError, ConnectTimeout, PoolTimeout
+from fastcgi.errors import (
+    BackendError,
+    ConnectError,
+    ConnectTimeout,
+    OutOfDescriptors,
+    PoolTimeout,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,17 +358,40 @@ def os_reason(exc: BaseException) -> str:
     trio's open_tcp_stream raises a summary ("all attempts to connect to ... failed") whose
     cause is a group of the per-address errors; those are what an operator needs.
     """
+    code = os_errno(exc)
+    return str(exc) if code is None else os.strerror(code)
+
+
+def os_errno(exc: BaseException) -> int | None:
+    """The errno behind ``exc`` (see ``os_reason``), if any."""
     pending: list[BaseException] = [exc]
     while pending:
         seen = pending.pop(0)
         if isinstance(seen, OSError) and seen.errno:
-            return os.strerror(seen.errno)
+            return seen.errno
         if isinstance(seen, BaseExceptionGroup):
             pending.extend(seen.exceptions)
         for linked in (seen.__cause__, seen.__context__):
             if linked is not None:
                 pending.append(linked)
-    return str(exc)
+    return None
+
+
+#: socket() failing for want of descriptors, the process's (EMFILE) or the system's.
+_NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def connect_error(name: str, exc: OSError) -> ConnectError:
+    """A failed connect as the error to raise: ``OutOfDescriptors`` when busgate itself
+    could not open a socket, which is no failure of the backend's."""
+    code = os_errno(exc)
+    if code in _NO_DESCRIPTORS:
+        return OutOfDescriptors(
+            name,
+            f"cannot connect: busgate is out of file descriptors ({os.strerror(code or 0)}):"
+            " raise its open files limit (LimitNOFILE)",
+        )
+    return ConnectError(name, f"cannot connect: {os_reason(exc)}")
 
 
 def tls_reason(exc: BaseException) -> str:

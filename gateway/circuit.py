@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters.delivery.base import Delivery
+from adapters.delivery.base import Delivery, Failure
 
 
 class CircuitState(enum.Enum):
@@ -108,6 +108,13 @@ class CircuitBreaker:
 
     def record(self, delivery: Delivery, *, probe: int) -> None:
         """An attempt's outcome; ``probe``: its number from ``started`` (0: no probe)."""
+        if delivery.failure is Failure.NO_DESCRIPTORS:
+            # busgate's own shortage, the backend not tried: counted, it opened the circuit
+            # and kept it open for minutes (the cooldown doubling) after descriptors were
+            # free again.  A probe it stopped goes again.
+            if probe and probe == self._probes:
+                self.probe_withdrawn()
+            return
         if backend_failed(delivery):
             self._failure(probe)
         elif self._failures or self.state is not CircuitState.CLOSED:

@@ -11,18 +11,23 @@ the bytes already read, to trio-websocket.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 import trio
+
+from gateway import logs
 
 log = logging.getLogger("busgate.http")
 
@@ -207,6 +212,69 @@ async def open_listeners(setting: str, host: str, port: int) -> list[trio.Socket
         raise OSError(exc.errno, f"{setting} {where}: {exc.strerror or exc}") from exc
 
 
+#: accept(2) failing for want of resources (a full file table): the connections already
+#: open go on being served, and the port tries again after ACCEPT_PAUSE.
+_ACCEPT_CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE = 0.1
+
+
+async def serve_listeners(
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    listeners: list[trio.SocketListener],
+    *,
+    setting: str,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``trio.serve_listeners``, but a port that cannot accept for want of descriptors says
+    so once a minute, and when it can again: trio's logs a traceback ten times a second
+    (17,000 lines in three minutes) for as long as the limit is reached."""
+    failures = logs.Repeating(log)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(
+                _accept, listener, handler, handler_nursery or nursery, setting, failures
+            )
+        task_status.started(listeners)
+
+
+async def _accept(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    nursery: trio.Nursery,
+    setting: str,
+    failures: logs.Repeating,
+) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY:
+                    raise
+                failures.failed(
+                    logging.ERROR,
+                    "%s cannot accept connections: %s: the open files limit (LimitNOFILE) is"
+                    " reached; the connections open are served, new ones wait",
+                    setting,
+                    os.strerror(exc.errno),
+                )
+                await trio.sleep(ACCEPT_PAUSE)
+                continue
+            if failures.failing:
+                failures.recovered("%s accepts connections again", setting)
+            nursery.start_soon(_serve_stream, handler, stream)
+
+
+async def _serve_stream(
+    handler: Callable[[trio.SocketStream], Awaitable[object]], stream: trio.SocketStream
+) -> None:
+    try:
+        await handler(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
 class HTTPServer:
     def __init__(
         self,
@@ -247,7 +315,9 @@ class HTTPServer:
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info("HTTP: producer API, admin API and dashboard on http://%s/", self.address)
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._serve, listeners)
+            await nursery.start(
+                partial(serve_listeners, self._serve, listeners, setting="listen.http")
+            )
             task_status.started(self.address)
 
     async def drain(self, limit: float) -> None:

@@ -64,7 +64,7 @@ import trio
 from fastcgi.readiness import Readiness
 from gateway import resp
 from gateway.config import Listen, ProducerLimits
-from gateway.http_server import open_listeners
+from gateway.http_server import open_listeners, serve_listeners
 from gateway.producer import FLUSH_GRACE, Directory, PayloadTooLarge, ProducerService
 from gateway.resp_fast import FastRequestParser
 from gateway.resp_session import Peer, PendingPush, RespSession
@@ -464,8 +464,12 @@ class RespServer:
         with self._accepting:
             # Connections run in the server's nursery, not this task's: closing the port
             # (drain) leaves them be.
-            await trio.serve_listeners(
-                self._serve, listeners, handler_nursery=self._nursery, task_status=task_status
+            await serve_listeners(
+                self._serve,
+                listeners,
+                setting="listen.resp",
+                handler_nursery=self._nursery,
+                task_status=task_status,
             )
 
     async def drain(self) -> None:

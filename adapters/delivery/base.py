@@ -23,6 +23,7 @@ from fastcgi.errors import (
     BackendError,
     ConnectError,
     ConnectionLost,
+    OutOfDescriptors,
     PoolTimeout,
     ReadTimeout,
     RemoteProtocolError,
@@ -37,6 +38,9 @@ class Failure(enum.Enum):
     CONNECT = "connect"  # refused, no such socket, unreachable: the job never reached it
     OVERLOADED = "overloaded"  # the backend said so (FCGI_OVERLOADED): it never ran the job
     POOL_TIMEOUT = "pool-timeout"  # no free connection in time: the job never left
+    #: busgate out of file descriptors (its open files limit): the job never left, and the
+    #: backend was not tried, so its circuit does not count it
+    NO_DESCRIPTORS = "no-descriptors"
     TIMEOUT = "timeout"  # no complete response within the topic's timeout
     CONNECTION_LOST = "connection-lost"  # reset or closed mid-request
     PROTOCOL = "protocol"  # the backend's bytes broke the protocol
@@ -45,7 +49,7 @@ class Failure(enum.Enum):
     @property
     def job_never_ran(self) -> bool:
         """The backend provably did not start the job, so no attempt is spent."""
-        return self in (Failure.CONNECT, Failure.OVERLOADED, Failure.POOL_TIMEOUT)
+        return self in _NEVER_RAN
 
 
 @dataclass(slots=True)  # not frozen: one per attempt, and a frozen one costs 5x to build
@@ -64,12 +68,19 @@ class Delivery:
         return find_header(self.headers, name)
 
 
+_NEVER_RAN = frozenset(
+    {Failure.CONNECT, Failure.OVERLOADED, Failure.POOL_TIMEOUT, Failure.NO_DESCRIPTORS}
+)
+
+
 def failure_of(exc: BackendError | RemoteProtocolError) -> Failure:
     """What kind of failure a transport error was (FastCGI and HTTP alike)."""
     if isinstance(exc, RequestRejected):
         return Failure.OVERLOADED if exc.overloaded else Failure.PROTOCOL
     if isinstance(exc, PoolTimeout):
         return Failure.POOL_TIMEOUT
+    if isinstance(exc, OutOfDescriptors):
+        return Failure.NO_DESCRIPTORS
     if isinstance(exc, ConnectError):  # ConnectTimeout included
         return Failure.CONNECT
     if isinstance(exc, ReadTimeout | WriteTimeout):

@@ -40,7 +40,7 @@ from fastcgi.pooling import (
     PoolLimits,
     PoolStatistics,
     closed_while_idle,
-    os_reason,
+    connect_error,
     tls_reason,
 )
 
@@ -347,7 +347,7 @@ class HTTPBackend:
                 # as "Unknown error -2".
                 raise ConnectError(name, f"cannot resolve {self._host}: {exc.strerror}") from exc
             except OSError as exc:
-                raise ConnectError(name, f"cannot connect: {os_reason(exc)}") from exc
+                raise connect_error(name, exc) from exc
             stream: trio.abc.Stream = tcp
             if self._ssl_context is not None:
                 tls = trio.SSLStream(tcp, self._ssl_context, server_hostname=self._host)
