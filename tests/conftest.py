@@ -105,6 +105,15 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
+@pytest.fixture
+def noeviction_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, whose maxmemory refuses writes rather than evict."""
+    server = RedisServer(tmp_path / "redis", args=["--maxmemory-policy", "noeviction"])
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))

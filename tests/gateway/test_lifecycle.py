@@ -9,7 +9,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,15 +187,6 @@ PAUSED_QUEUE = """\
     topics:
       t: {backend: "fastcgi://127.0.0.1:9", script: /srv/x.php, paused: true}
     """
-
-
-@pytest.fixture
-def noeviction_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of the test's own, whose maxmemory refuses writes rather than evict."""
-    server = RedisServer(tmp_path / "redis", args=["--maxmemory-policy", "noeviction"])
-    server.start()
-    yield server
-    server.stop()
 
 
 async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, Any, bytes]:

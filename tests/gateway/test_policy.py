@@ -163,6 +163,28 @@ class Clock:
         return self.now
 
 
+def test_busgate_out_of_descriptors_is_no_failure_of_the_backends() -> None:
+    # Counted, it opened the circuit, and each probe that met it doubled the cooldown: up to
+    # 300 s without a delivery after descriptors were free again.
+    clock = Clock()
+    circuit = CircuitBreaker(failures=2, cooldown=5, clock=clock)
+    short = Delivery(0.0, failure=Failure.NO_DESCRIPTORS, message="Too many open files")
+    for _ in range(5):
+        circuit.record(short, probe=0)
+    assert circuit.statistics().state is CircuitState.CLOSED
+    assert circuit.statistics().consecutive_failures == 0
+    failed = Delivery(0.01, failure=Failure.CONNECT, message="refused")
+    circuit.record(failed, probe=0)
+    circuit.record(failed, probe=0)
+    assert circuit.state is CircuitState.OPEN
+    clock.now += 5
+    assert circuit.allowance() == 1
+    probe = circuit.started()
+    circuit.record(short, probe=probe)  # the probe never reached the backend: another goes
+    assert (circuit.state, circuit.allowance()) == (CircuitState.HALF_OPEN, 1)
+    assert circuit.statistics().consecutive_failures == 2  # and says nothing either way
+
+
 def test_circuit_opens_probes_and_closes() -> None:
     clock = Clock()
     circuit = CircuitBreaker(failures=3, cooldown=10, clock=clock)

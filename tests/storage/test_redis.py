@@ -243,28 +243,49 @@ async def test_a_push_redis_read_but_did_not_answer_in_time_may_be_stored(tmp_pa
         server.stop()
 
 
+@asynccontextmanager
+async def freezable(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, RedisStore]]:
+    """A redis-server of the test's own, to freeze (SIGSTOP), and a store whose calls give
+    up after 0.5 s."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server, RedisStore(Standalone(RedisClient(server.address, command_timeout=0.5)))
+    finally:
+        server.stop()
+
+
+async def lose_a_reserve(
+    server: RedisServer, store: RedisStore, queue: str, limit: int, *, thaw: bool = True
+) -> None:
+    """A reserve sent as Redis freezes past the store's timeout: no answer, and Redis runs it
+    when it wakes (``thaw``: at once), leasing jobs under a token nobody holds."""
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUncertain, match=r"no answer within 0\.5s"):
+            await store.reserve(queue, "email", limit, 30)
+    finally:
+        if thaw:
+            server.process.send_signal(signal.SIGCONT)
+
+
+async def leased_become(server: RedisServer, queue: str, count: int) -> None:
+    with trio.fail_after(5):
+        while server.cli("ZCARD", f"bg:{{{queue}}}:l:email").strip() != str(count):
+            await trio.sleep(0.05)
+
+
 async def test_the_jobs_of_a_reserve_whose_answer_was_lost_go_back_unspent(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Redis frozen past the command timeout as a dispatcher reserves: it runs RESERVE when it
-    # wakes, leasing jobs under a token nobody holds.  They stayed leased until the lease ran
-    # out, then came back with an attempt spent: dead at max_attempts: 1, never delivered.
-    server = RedisServer(tmp_path)
-    server.start()
-    assert server.process is not None
-    try:
-        store = RedisStore(Standalone(RedisClient(server.address, command_timeout=0.5)))
+    # They stayed leased until the lease ran out, then came back with an attempt spent: dead
+    # at max_attempts: 1, never delivered.
+    async with freezable(tmp_path) as (server, store):
         await store.push("orders", ROUTES, [NewJob(p) for p in (b"a", b"b", b"c", b"d")])
         (held,) = await store.reserve("orders", "email", 1, 30)  # ready counts now known
-        server.process.send_signal(signal.SIGSTOP)
-        try:
-            with pytest.raises(StoreUncertain, match=r"no answer within 0\.5s"):
-                await store.reserve("orders", "email", 2, 30)
-        finally:
-            server.process.send_signal(signal.SIGCONT)
-        with trio.fail_after(5):
-            while server.cli("ZCARD", "bg:{orders}:l:email").strip() != "3":
-                await trio.sleep(0.05)  # Redis ran it once it woke
+        await lose_a_reserve(server, store, "orders", 2)
+        await leased_become(server, "orders", 3)  # Redis ran it once it woke
         jobs = await store.reserve("orders", "email", 3, 30)
         # Back at the front of the line (in id order: the lost answer had their order).
         assert sorted((job.payload, job.attempt) for job in jobs) == [
@@ -278,68 +299,44 @@ async def test_the_jobs_of_a_reserve_whose_answer_was_lost_go_back_unspent(
         assert server.cli("ZCARD", "bg:{orders}:l:email").strip() == "4"
         assert await store.extend(held, 30)
         await store.aclose()
-    finally:
-        server.stop()
 
 
 async def test_a_stop_gives_back_the_jobs_of_a_reserve_whose_answer_was_lost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The stop came before the topic's next reserve, which would have given them back.
-    server = RedisServer(tmp_path)
-    server.start()
-    assert server.process is not None
-    try:
-        store = RedisStore(Standalone(RedisClient(server.address, command_timeout=0.5)))
+    async with freezable(tmp_path) as (server, store):
         await store.push("orders", ROUTES, [NewJob(p) for p in (b"a", b"b", b"c")])
         await store.reserve("orders", "email", 1, 30)  # ready counts now known
-        server.process.send_signal(signal.SIGSTOP)
-        try:
-            with pytest.raises(StoreUncertain, match=r"no answer within 0\.5s"):
-                await store.reserve("orders", "email", 2, 30)
-        finally:
-            server.process.send_signal(signal.SIGCONT)
-        with trio.fail_after(5):
-            while server.cli("ZCARD", "bg:{orders}:l:email").strip() != "3":
-                await trio.sleep(0.05)  # Redis ran it once it woke
+        await lose_a_reserve(server, store, "orders", 2)
+        await leased_become(server, "orders", 3)
         await store.aclose()
         assert server.cli("ZCARD", "bg:{orders}:l:email").strip() == "1"
         assert "the answer to a reserve was lost; the 2 jobs it leased are back" in caplog.text
         async with opened(Standalone(RedisClient(server.address))) as again:
             jobs = await again.reserve("orders", "email", 2, 30)
         assert sorted((job.payload, job.attempt) for job in jobs) == [(b"b", 1), (b"c", 1)]
-    finally:
-        server.stop()
 
 
 async def test_a_stop_with_redis_away_leaves_the_jobs_of_a_lost_reserve_to_their_lease(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = RedisServer(tmp_path)
-    server.start()
-    assert server.process is not None
-    try:
-        store = RedisStore(Standalone(RedisClient(server.address, command_timeout=0.5)))
+    async with freezable(tmp_path) as (server, store):
+        assert server.process is not None
         for queue in ("orders", "audit"):
             await store.push(queue, ROUTES, [NewJob(b"a"), NewJob(b"b")])
             await store.reserve(queue, "email", 1, 30)  # ready counts now known
         try:
-            for queue in ("orders", "audit"):
-                await store.depth(queue, ["email"])  # connected (again)
-                server.process.send_signal(signal.SIGSTOP)
-                with pytest.raises(StoreUncertain):
-                    await store.reserve(queue, "email", 1, 30)
-                if queue == "orders":
-                    server.process.send_signal(signal.SIGCONT)
+            await lose_a_reserve(server, store, "orders", 1)
+            await store.depth("audit", ["email"])  # connected again
+            await lose_a_reserve(server, store, "audit", 1, thaw=False)
             with trio.fail_after(5):
                 await store.aclose()
         finally:
             server.process.send_signal(signal.SIGCONT)
-        # Once: the second topic does not wait its own timeout to learn the same.
-        warning = "the jobs of 2 reserves whose answer was lost could not be given back"
-        assert caplog.text.count(warning) == 1
-    finally:
-        server.stop()
+    # Once: the second topic does not wait its own timeout to learn the same.
+    warning = "the jobs of 2 reserves whose answer was lost could not be given back"
+    assert caplog.text.count(warning) == 1
 
 
 async def test_a_job_record_busgate_did_not_write_is_dead_lettered_not_delivered(

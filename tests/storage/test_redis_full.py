@@ -8,7 +8,7 @@ one that may grow memory: the order of each script's writes decides which it is.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,14 +25,6 @@ pytestmark = pytest.mark.trio
 
 ROUTES = [("email", Filter())]
 LATER = 4e9  # a retry's run_at: delayed
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", args=["--maxmemory-policy", "noeviction"])
-    server.start()
-    yield server
-    server.stop()
 
 
 @asynccontextmanager
@@ -56,16 +48,16 @@ def finish(job: Job, outcome: Outcome, run_at: float = 0.0) -> Finish:
 
 
 async def test_a_push_with_the_producers_own_id_is_refused_too(
-    redis: RedisServer, tmp_path: Path
+    noeviction_redis: RedisServer, tmp_path: Path
 ) -> None:
     # Its id is looked for first, and what a done job of that id left was deleted before the
     # new one was written: Redis took the HDEL as the script's first write, and let every
     # later one through.  300 pushes of 20 KB each went past a 3 MB maxmemory.
-    async with opened(redis, tmp_path) as store:
+    async with opened(noeviction_redis, tmp_path) as store:
         await store.push("orders", ROUTES, [NewJob(b"first", id="order-1")])
         (job,) = await store.reserve("orders", "email", 1, 60)
         await store.finish([finish(job, Outcome.DONE)])  # done: its id may be pushed again
-        async with full(redis):
+        async with full(noeviction_redis):
             for new in (NewJob(b"x"), NewJob(b"y", id="order-42"), NewJob(b"z", id="order-1")):
                 with pytest.raises(StoreError, match="OOM"):
                     await store.push("orders", ROUTES, [new])
@@ -81,15 +73,15 @@ async def test_a_push_with_the_producers_own_id_is_refused_too(
 
 
 async def test_outcomes_leases_and_releases_are_taken_by_a_full_redis(
-    redis: RedisServer, tmp_path: Path
+    noeviction_redis: RedisServer, tmp_path: Path
 ) -> None:
     # Refused, a finished job was delivered again when its lease ran out (a batch holding a
     # retry was refused whole, the done outcomes beside it too), and a long delivery's lease
     # ran out while it ran.
-    async with opened(redis, tmp_path) as store:
+    async with opened(noeviction_redis, tmp_path) as store:
         payloads = [b"done", b"later", b"now", b"dead", b"long", b"back"]
         await store.push("orders", ROUTES, [NewJob(p) for p in payloads])
-        async with full(redis):
+        async with full(noeviction_redis):
             jobs = {job.payload: job for job in await store.reserve("orders", "email", 6, 60)}
             assert list(jobs) == payloads
             recorded = await store.finish(
@@ -109,5 +101,5 @@ async def test_outcomes_leases_and_releases_are_taken_by_a_full_redis(
         assert sorted((job.payload, job.attempt) for job in again) == [(b"back", 1), (b"now", 2)]
         (long,) = await store.get_job(jobs[b"long"].id)
         assert long.state is State.LEASED
-        lease_until = float(redis.cli("ZSCORE", "bg:{orders}:l:email", long.id))
+        lease_until = float(noeviction_redis.cli("ZSCORE", "bg:{orders}:l:email", long.id))
         assert lease_until > time.time() + 500
