@@ -121,6 +121,34 @@ async def test_token_is_required(app: App) -> None:
     assert status == 200 and "/v1/queues/{queue}/topics/{topic}/dead/replay" in document["paths"]
 
 
+TOPIC = "/v1/queues/orders/topics/email"
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token-wrong-token"], ids=["none", "wrong"])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/stats"),
+        ("GET", TOPIC),
+        ("GET", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+        ("GET", f"{TOPIC}/dead"),
+        ("POST", f"{TOPIC}/dead/replay"),
+        ("POST", f"{TOPIC}/dead/delete"),
+        ("POST", f"{TOPIC}/pause"),
+        ("POST", f"{TOPIC}/resume"),
+        ("POST", f"{TOPIC}/test-delivery"),
+        ("GET", "/v1/config"),
+        ("GET", "/metrics"),
+    ],
+)
+async def test_every_admin_route_wants_the_token(
+    app: App, method: str, path: str, token: str | None
+) -> None:
+    # Only two routes were checked: any other could have lost its guard unnoticed.
+    body = {"all": True} if method == "POST" else None
+    assert (await api(app, method, path, body, token=token))[0] == 401
+
+
 async def test_admin_api_is_off_without_a_token_file(tmp_path: Path) -> None:
     async with running_daemon(write_config(tmp_path, {})) as app:
         status, document = await api(app, "GET", "/v1/stats")

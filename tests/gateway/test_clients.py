@@ -52,7 +52,7 @@ topics:
   record:
     backend: fastcgi://127.0.0.1:{fpm.address.port}
     script: {fpm.script("record.php")}
-    uri: /jobs/{queue}
+    uri: /jobs/{queue}?source=busgate
     concurrency: {concurrency}
     timeout: 10s
     retry: {{max_attempts: 3, backoff: 100ms, max_backoff: 200ms}}
@@ -143,7 +143,9 @@ def check_deliveries(received: list[Received], queue: str) -> None:
         assert server["HTTP_X_BUSGATE_QUEUE"] == queue
         assert server["HTTP_X_BUSGATE_TOPIC"] == "record"
         assert server["HTTP_X_BUSGATE_ATTEMPT"] == "1"
-        assert server["REQUEST_URI"] == f"/jobs/{queue}"
+        assert server["REQUEST_URI"] == f"/jobs/{queue}?source=busgate"
+        # What a front controller routes on besides REQUEST_URI.
+        assert (server["QUERY_STRING"], server["SCRIPT_NAME"]) == ("source=busgate", "/record.php")
         assert server["CONTENT_LENGTH"] == str(len(entry.body))
         assert server["HTTP_TRACEPARENT"].startswith("00-")
 

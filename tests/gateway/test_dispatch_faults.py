@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -417,6 +418,34 @@ async def test_a_pause_gives_the_buffer_back_while_every_worker_is_busy(
         dispatcher.resume()
         await wait_received(record, 3)
     assert [r.attempt for r in read_received(record)] == [1, 1, 1]
+
+
+async def test_a_buffered_job_whose_lease_another_daemon_took_is_not_delivered(
+    recording_fpm: PhpFpm, record: Path, tmp_path: Path
+) -> None:
+    # The extension before its attempt finds the lease gone: delivered anyway, the job would
+    # run twice, here and on the daemon that holds it now.
+    topic = one_worker_topic(recording_fpm, "{max_attempts: 3}").replace("lease: 1s", "lease: 60s")
+    async with running_daemon(write_config(tmp_path, {"q": topic})) as app:
+        dispatcher = app._dispatchers["q", "t"]
+        dispatcher._lease_may_run_out = lambda lease_until: True  # type: ignore[method-assign]
+        await push(app, b'{"sleep_ms": 1500, "n": 0}', b'{"n": 1}')
+        await wait_received(record, 1)  # n=0 runs, n=1 waits in the buffer
+        with trio.fail_after(5):
+            while dispatcher.statistics().buffered != 1:
+                await trio.sleep(0.02)
+        with sqlite3.connect(tmp_path / "busgate.db") as db:  # recovered and reserved again
+            taken = db.execute(
+                "UPDATE jobs SET lease = 'other' WHERE state = 2 AND lease IS NOT NULL"
+                " AND seq = (SELECT max(seq) FROM jobs)"
+            ).rowcount
+        db.close()
+        assert taken == 1
+        with trio.fail_after(5):
+            while dispatcher.statistics().in_flight or dispatcher.statistics().buffered:
+                await trio.sleep(0.02)
+        await trio.sleep(0.5)
+    assert [json.loads(r.body)["n"] for r in read_received(record)] == [0]
 
 
 def redis_topic_config(tmp_path: Path, fpm: PhpFpm, redis: RedisServer) -> Path:

@@ -185,6 +185,35 @@ def test_busgate_out_of_descriptors_is_no_failure_of_the_backends() -> None:
     assert circuit.statistics().consecutive_failures == 2  # and says nothing either way
 
 
+def fail_the_probe(circuit: CircuitBreaker, clock: Clock) -> None:
+    clock.now = circuit.reopen_at
+    assert circuit.allowance() == 1
+    circuit.record(answer(503), probe=circuit.started())
+
+
+def test_failed_probes_double_the_cooldown_up_to_max_cooldown() -> None:
+    clock = Clock()
+    circuit = CircuitBreaker(failures=1, cooldown=10, clock=clock, max_cooldown=300)
+    circuit.record(answer(503), probe=0)
+    for _ in range(10):  # uncapped: 10,240 s
+        fail_the_probe(circuit, clock)
+    assert circuit.reopen_at - clock.now == 300
+
+
+def test_a_backend_that_recovered_starts_again_from_the_base_cooldown() -> None:
+    clock = Clock()
+    circuit = CircuitBreaker(failures=1, cooldown=10, clock=clock)
+    circuit.record(answer(503), probe=0)
+    fail_the_probe(circuit, clock)
+    fail_the_probe(circuit, clock)  # 40 s now
+    clock.now = circuit.reopen_at
+    assert circuit.allowance() == 1
+    circuit.record(answer(200), probe=circuit.started())
+    assert circuit.state is CircuitState.CLOSED
+    circuit.record(answer(503), probe=0)  # down again, later
+    assert circuit.reopen_at - clock.now == 10
+
+
 def test_circuit_opens_probes_and_closes() -> None:
     clock = Clock()
     circuit = CircuitBreaker(failures=3, cooldown=10, clock=clock)

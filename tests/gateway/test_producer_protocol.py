@@ -4,6 +4,7 @@ only its own connection, and nothing unacknowledged is stored."""
 from __future__ import annotations
 
 import socket
+import sqlite3
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -187,12 +188,37 @@ async def test_an_http_request_is_not_run_as_inline_commands(app: App) -> None:
 
 
 async def test_idle_connection_is_closed_without_a_stray_reply(tmp_path: Path) -> None:
-    config = write_config(tmp_path, QUEUES, main_extra="producer: {idle_timeout: 200ms}\n")
+    config = write_config(tmp_path, QUEUES, main_extra="producer: {idle_timeout: 400ms}\n")
     async with running_daemon(config) as app:
         client = await Client.connect(app)
         assert await client.call("PING") == b"+PONG"
+        idle_since = trio.current_time()
         assert await client.closed()  # EOF, and no error text written before it
         assert client.buffer == b""
+    # At most a quarter of idle_timeout late (README), with room for a loaded machine.
+    assert 0.4 <= trio.current_time() - idle_since < 1.0
+
+
+async def test_replies_go_out_every_max_pipeline_commands(tmp_path: Path) -> None:
+    # With the store stuck on the third command, the two before it are answered at once:
+    # a long pipeline is not answered only at its end.
+    config = write_config(tmp_path, QUEUES, main_extra="producer: {max_pipeline: 2}\n")
+    async with running_daemon(config) as app:
+        client = await Client.connect(app)
+        lock = sqlite3.connect(tmp_path / "busgate.db", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # the push waits for the store
+        try:
+            pipeline = [encode_command("PING"), encode_command("PING")]
+            await client.stream.send_all(
+                b"".join([*pipeline, encode_command("LPUSH", "open", "x")])
+            )
+            with trio.fail_after(1.5):
+                assert [await client.line(), await client.line()] == [b"+PONG", b"+PONG"]
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        with trio.fail_after(10):
+            assert await client.line() == b":1"
 
 
 async def test_a_connection_in_use_is_not_idle(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ foreach ($_SERVER as $k => $v) {
     if (is_string($v) && (str_starts_with($k, 'HTTP_') || in_array($k, [
         'SCRIPT_FILENAME', 'SCRIPT_NAME', 'REQUEST_URI', 'DOCUMENT_ROOT', 'REQUEST_METHOD',
         'CONTENT_TYPE', 'CONTENT_LENGTH', 'SERVER_PROTOCOL', 'GATEWAY_INTERFACE',
-        'SERVER_SOFTWARE', 'REMOTE_ADDR'], true))) {
+        'SERVER_SOFTWARE', 'REMOTE_ADDR', 'QUERY_STRING'], true))) {
         $server[$k] = $v;
     }
 }

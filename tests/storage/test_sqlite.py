@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
 import trio
 
+from adapters.storage import sqlite as sqlite_module
 from adapters.storage.errors import StoreCorrupt, StoreUnavailable
 from adapters.storage.fanout import Filter
 from adapters.storage.jobs import NewJob
@@ -128,3 +130,36 @@ async def test_not_ready_while_the_disk_is_full_and_ready_again_once_there_is_ro
         )
     finally:
         await store.aclose()
+
+
+async def test_every_push_is_written_under_synchronous_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A push is acknowledged once it is on disk (fsync): under NORMAL, a power cut could lose
+    # it.  Reserves in between run under NORMAL, so the level switches back and forth.
+    levels: list[str] = []  # the synchronous level each job insert ran under
+    set_to = ["FULL"]  # the level as each PRAGMA set it
+
+    def trace(statement: str) -> None:
+        if statement.startswith("PRAGMA synchronous"):
+            set_to.append(statement.rsplit("=", 1)[1].strip())
+        elif statement.startswith("INSERT INTO jobs"):
+            levels.append(set_to[-1])
+
+    connect = sqlite_module._connect
+
+    def traced(path: str) -> sqlite3.Connection:
+        conn = connect(path)
+        conn.set_trace_callback(trace)
+        return conn
+
+    monkeypatch.setattr(sqlite_module, "_connect", traced)
+    store = await SQLiteStore.open(str(tmp_path / "busgate.db"))
+    try:
+        for n in range(3):
+            await store.push("orders", [("email", Filter())], [NewJob(b"%d" % n)])
+            await store.reserve("orders", "email", 1, lease=30)
+    finally:
+        await store.aclose()
+    assert levels == ["FULL"] * 3
+    assert "NORMAL" in set_to  # the reserves did switch it
